@@ -1,0 +1,260 @@
+//! [`FrameCodec`]: length-prefixed frames on a byte stream, with a maximum frame length.
+//!
+//! ```text
+//! +----------------+------------------------------------------+
+//! | length: u32 BE | frame body (see `crate::frame`), length  |
+//! |   (4 bytes)    | bytes; at most `max_frame_len`           |
+//! +----------------+------------------------------------------+
+//! ```
+//!
+//! Reading is tokio-util's [`LengthDelimitedCodec`] (4-byte big-endian length, no
+//! adjustment), which resumes across partial reads. Before handing bytes to it the codec
+//! reads the length prefix itself so that an oversized frame is refused with an error
+//! naming its size and the limit, before any buffer is reserved for it.
+//!
+//! Writing produces exactly the same layout but encodes the frame body straight into the
+//! output buffer: `LengthDelimitedCodec`'s encoder takes a finished `Bytes`, which would
+//! mean building every frame in a scratch buffer and copying it a second time. The tests
+//! below check both directions against a stock `LengthDelimitedCodec`.
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+
+use crate::error::{ProtocolError, RpcError};
+use crate::frame::Frame;
+
+/// Size of the length prefix.
+pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// Encodes and decodes [`Frame`]s with a 4-byte big-endian length prefix.
+///
+/// ```
+/// use bytes::BytesMut;
+/// use rpc_core::codec::FrameCodec;
+/// use rpc_core::frame::Frame;
+/// use tokio_util::codec::{Decoder, Encoder};
+///
+/// let mut codec = FrameCodec::new(1024);
+/// let mut buf = BytesMut::new();
+/// codec.encode(&Frame::Ping { nonce: 1 }, &mut buf).unwrap();
+/// assert_eq!(&buf[..4], &[0, 0, 0, 10]); // the body is 10 bytes
+/// assert_eq!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping { nonce: 1 }));
+/// ```
+#[derive(Debug)]
+pub struct FrameCodec {
+    inner: LengthDelimitedCodec,
+    max_frame_len: usize,
+    /// The inner codec has consumed a length prefix and waits for that frame's body.
+    in_body: bool,
+}
+
+impl FrameCodec {
+    /// A codec refusing frame bodies over `max_frame_len` bytes (capped at `u32::MAX`, the
+    /// most the length prefix can express).
+    pub fn new(max_frame_len: usize) -> Self {
+        let max_frame_len = max_frame_len.min(u32::MAX as usize);
+        FrameCodec {
+            inner: LengthDelimitedCodec::builder()
+                .length_field_length(LENGTH_PREFIX_LEN)
+                .big_endian()
+                .max_frame_length(max_frame_len)
+                .new_codec(),
+            max_frame_len,
+            in_body: false,
+        }
+    }
+
+    /// The limit in force.
+    pub fn max_frame_len(&self) -> usize {
+        self.max_frame_len
+    }
+
+    /// Checks a frame against the limit without encoding it: what a sender calls before
+    /// queueing, so that an oversized frame fails its own call, not the connection.
+    pub fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
+        let len = frame.encoded_len()?;
+        if len > self.max_frame_len {
+            return Err(RpcError::FrameTooLarge {
+                size: len as u64,
+                limit: self.max_frame_len,
+            });
+        }
+        Ok(len)
+    }
+}
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = RpcError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, RpcError> {
+        if !self.in_body && src.len() >= LENGTH_PREFIX_LEN {
+            let len = (&src[..LENGTH_PREFIX_LEN]).get_u32();
+            if len as usize > self.max_frame_len {
+                return Err(RpcError::FrameTooLarge {
+                    size: u64::from(len),
+                    limit: self.max_frame_len,
+                });
+            }
+        }
+        let before = src.len();
+        match self.inner.decode(src)? {
+            Some(body) => {
+                self.in_body = false;
+                Ok(Some(Frame::decode(body.freeze())?))
+            }
+            None => {
+                if src.len() < before {
+                    self.in_body = true;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, RpcError> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if src.is_empty() && !self.in_body => Ok(None),
+            None => {
+                let prefix = if self.in_body { LENGTH_PREFIX_LEN } else { 0 };
+                Err(ProtocolError::UnexpectedEof {
+                    buffered: src.len() + prefix,
+                }
+                .into())
+            }
+        }
+    }
+}
+
+impl Encoder<&Frame> for FrameCodec {
+    type Error = RpcError;
+
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), RpcError> {
+        let len = self.check(frame)?;
+        dst.reserve(LENGTH_PREFIX_LEN + len);
+        // `check` capped `len` at `max_frame_len`, which is at most `u32::MAX`.
+        dst.put_u32(len as u32);
+        frame.encode_validated(dst);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::frame::{Request, Response, Status};
+
+    fn request(payload: usize) -> Frame {
+        Frame::Request(Request {
+            id: 1,
+            method: "Echo.echo".into(),
+            payload: Bytes::from(vec![0xAB; payload]),
+            ..Request::default()
+        })
+    }
+
+    #[test]
+    fn encode_is_read_by_a_stock_length_delimited_codec() {
+        let frame = request(100);
+        let mut buf = BytesMut::new();
+        FrameCodec::new(1024).encode(&frame, &mut buf).unwrap();
+        let body = LengthDelimitedCodec::new()
+            .decode(&mut buf)
+            .unwrap()
+            .unwrap();
+        assert_eq!(Frame::decode(body.freeze()).unwrap(), frame);
+    }
+
+    #[test]
+    fn decode_reads_a_stock_length_delimited_codec() {
+        let frame = Frame::Response(Response {
+            id: 9,
+            status: Status::OK,
+            payload: Bytes::from_static(b"hi"),
+            ..Response::default()
+        });
+        let mut body = BytesMut::new();
+        frame.encode(&mut body).unwrap();
+        let mut buf = BytesMut::new();
+        LengthDelimitedCodec::new()
+            .encode(body.freeze(), &mut buf)
+            .unwrap();
+        assert_eq!(FrameCodec::new(1024).decode(&mut buf).unwrap(), Some(frame));
+    }
+
+    #[test]
+    fn read_single_frame_multi_packet() {
+        let mut wire = BytesMut::new();
+        let frame = request(300);
+        FrameCodec::new(1024).encode(&frame, &mut wire).unwrap();
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::new();
+        let mut got = None;
+        for chunk in wire.chunks(7) {
+            buf.extend_from_slice(chunk);
+            if let Some(f) = codec.decode(&mut buf).unwrap() {
+                got = Some(f);
+            }
+        }
+        assert_eq!(got, Some(frame));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn read_oversized_frame_names_size_and_limit_before_reserving() {
+        let mut buf = BytesMut::from(&[0u8, 0x10, 0, 0][..]); // declares 1 MiB
+        let err = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
+        assert!(matches!(
+            err,
+            RpcError::FrameTooLarge {
+                size: 1_048_576,
+                limit: 1024
+            }
+        ));
+        assert!(err.to_string().contains("1048576 bytes"), "{err}");
+        assert!(err.to_string().contains("1024 bytes"), "{err}");
+        assert!(
+            buf.capacity() < 1024,
+            "nothing reserved for the refused frame"
+        );
+    }
+
+    #[test]
+    fn encode_oversized_frame_is_refused_and_writes_nothing() {
+        let mut codec = FrameCodec::new(64);
+        let mut buf = BytesMut::new();
+        let err = codec.encode(&request(100), &mut buf).unwrap_err();
+        assert!(
+            matches!(err, RpcError::FrameTooLarge { limit: 64, .. }),
+            "{err}"
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn eof_between_frames_is_a_clean_close() {
+        let mut codec = FrameCodec::new(1024);
+        assert_eq!(codec.decode_eof(&mut BytesMut::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn eof_in_the_head_or_the_body_is_an_error() {
+        let mut wire = BytesMut::new();
+        FrameCodec::new(1024)
+            .encode(&request(10), &mut wire)
+            .unwrap();
+        for cut in [2, 4, 9] {
+            let mut codec = FrameCodec::new(1024);
+            let mut buf = BytesMut::from(&wire[..cut]);
+            assert_eq!(codec.decode(&mut buf).unwrap(), None);
+            let err = codec.decode_eof(&mut buf).unwrap_err();
+            assert!(
+                matches!(err, RpcError::Protocol(ProtocolError::UnexpectedEof { buffered }) if buffered == cut),
+                "cut at {cut}: {err}"
+            );
+        }
+    }
+}

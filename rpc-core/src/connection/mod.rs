@@ -1,0 +1,285 @@
+//! The connection engine: frames over any byte stream, shared by RPC and the bus.
+//!
+//! [`start`] splits a stream into a [`FrameReader`] (owned by the caller's read loop, so
+//! frames reach their consumer without a channel hop) and a [`FrameSender`] (a cheap,
+//! cloneable handle feeding one writer task).
+//!
+//! * **Writer**: a task that takes every frame queued since its last write, encodes them
+//!   all into one buffer and writes that buffer with one `write_all`: under load, many
+//!   frames share one system call. The queue is bounded ([`ConnectionConfig::send_queue`]);
+//!   a full queue makes senders wait (backpressure).
+//! * **Keepalive**: the writer sends a ping every [`ConnectionConfig::keepalive_interval`];
+//!   the reader answers pings and declares the peer dead when nothing at all arrived for
+//!   [`ConnectionConfig::keepalive_timeout`] (checked once per interval).
+//! * **Close**: a clean end of stream between frames is a close (`None`); an end of stream
+//!   inside a frame, an oversized or undecodable frame is an error. On a protocol error
+//!   the reader sends the peer a go-away naming the problem, then the connection closes.
+//!
+//! The engine knows frames, not what they mean: RPC and bus semantics live above it.
+
+mod reader;
+mod writer;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::CancellationToken;
+
+pub use self::reader::FrameReader;
+use crate::codec::FrameCodec;
+use crate::error::RpcError;
+use crate::frame::{Frame, GoAway};
+
+/// Settings of one connection, on either side.
+///
+/// ```
+/// use std::time::Duration;
+/// use rpc_core::ConnectionConfig;
+///
+/// let config = ConnectionConfig {
+///     max_frame_len: 1024 * 1024,
+///     keepalive_interval: Duration::from_secs(5),
+///     keepalive_timeout: Duration::from_secs(15),
+///     ..ConnectionConfig::default()
+/// };
+/// assert_eq!(config.send_queue, 1024);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionConfig {
+    /// The largest frame body accepted on read and allowed on write, in bytes. Checked
+    /// against the length prefix before anything is reserved for the frame; the error
+    /// names this limit and the size seen. Default 8 MiB ([`Self::DEFAULT_MAX_FRAME_LEN`]).
+    pub max_frame_len: usize,
+    /// How often the writer sends a ping. Default 10 s.
+    pub keepalive_interval: Duration,
+    /// How long the reader waits without receiving any frame before it declares the peer
+    /// dead and closes. Should be a few times the peer's interval. Default 30 s.
+    pub keepalive_timeout: Duration,
+    /// Frames queued for the writer before senders wait. Default 1,024.
+    pub send_queue: usize,
+}
+
+impl ConnectionConfig {
+    /// The default maximum frame length: 8 MiB.
+    pub const DEFAULT_MAX_FRAME_LEN: usize = 8 * 1024 * 1024;
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            max_frame_len: Self::DEFAULT_MAX_FRAME_LEN,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(30),
+            send_queue: 1024,
+        }
+    }
+}
+
+/// A byte stream the engine can split into a read half and a write half.
+///
+/// TCP and Unix streams split without a lock; any other `AsyncRead + AsyncWrite` works
+/// through [`Split`], which uses [`tokio::io::split`].
+pub trait Io: Send + 'static {
+    /// The read half.
+    type Read: AsyncRead + Send + Unpin + 'static;
+    /// The write half.
+    type Write: AsyncWrite + Send + Unpin + 'static;
+    /// Splits the stream.
+    fn split_io(self) -> (Self::Read, Self::Write);
+}
+
+impl Io for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+#[cfg(unix)]
+impl Io for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Io for tokio::io::DuplexStream {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
+/// Adapts any `AsyncRead + AsyncWrite` stream (a TLS stream, a test double) to [`Io`].
+#[derive(Debug)]
+pub struct Split<T>(pub T);
+
+impl<T: AsyncRead + AsyncWrite + Send + 'static> Io for Split<T> {
+    type Read = tokio::io::ReadHalf<T>;
+    type Write = tokio::io::WriteHalf<T>;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self.0)
+    }
+}
+
+/// State shared by the reader, the writer and every sender of one connection.
+#[derive(Debug)]
+struct Shared {
+    /// Asks the writer to write what is queued, then shut the stream down.
+    close: CancellationToken,
+    /// The writer has stopped: nothing more will be written.
+    writer_done: CancellationToken,
+    /// Why the connection ended, when it ended with an error (first cause wins).
+    error: OnceLock<Arc<str>>,
+    max_frame_len: usize,
+}
+
+impl Shared {
+    fn record_error(&self, error: &RpcError) {
+        let _ = self.error.set(error.to_string().into());
+    }
+
+    fn closed_error(&self) -> RpcError {
+        RpcError::ConnectionClosed {
+            reason: self
+                .error
+                .get()
+                .cloned()
+                .unwrap_or_else(|| Arc::from("the connection was closed")),
+        }
+    }
+}
+
+/// Starts the engine on `io`: spawns the writer task on the current runtime and returns
+/// the reader and a sender.
+///
+/// ```
+/// use rpc_core::connection::{self, ConnectionConfig};
+/// use rpc_core::frame::Frame;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let (a, b) = tokio::io::duplex(1024);
+/// let config = ConnectionConfig::default();
+/// let (_a_reader, a_sender) = connection::start(a, &config);
+/// let (mut b_reader, _b_sender) = connection::start(b, &config);
+///
+/// a_sender.send(Frame::Cancel { id: 3 }).await.unwrap();
+/// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 3 });
+/// # }
+/// ```
+pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, FrameSender) {
+    let (read, write) = io.split_io();
+    let (tx, rx) = mpsc::channel(config.send_queue.max(1));
+    let shared = Arc::new(Shared {
+        close: CancellationToken::new(),
+        writer_done: CancellationToken::new(),
+        error: OnceLock::new(),
+        max_frame_len: config.max_frame_len,
+    });
+    let sender = FrameSender {
+        tx,
+        shared: shared.clone(),
+    };
+    tokio::spawn(writer::run(
+        write,
+        rx,
+        FrameCodec::new(config.max_frame_len),
+        config.keepalive_interval,
+        shared.clone(),
+    ));
+    let framed = FramedRead::new(read, FrameCodec::new(config.max_frame_len));
+    let reader = FrameReader::new(framed, sender.clone(), config, shared);
+    (reader, sender)
+}
+
+/// Queues frames for a connection's writer. Cheap to clone; every clone feeds the same
+/// connection.
+#[derive(Clone, Debug)]
+pub struct FrameSender {
+    tx: mpsc::Sender<Frame>,
+    shared: Arc<Shared>,
+}
+
+impl FrameSender {
+    /// Queues `frame`, waiting while the queue is full.
+    ///
+    /// A frame over the maximum frame length is refused here with
+    /// [`RpcError::FrameTooLarge`] and the connection stays up. After the connection
+    /// closed, fails with [`RpcError::ConnectionClosed`].
+    pub async fn send(&self, frame: Frame) -> Result<(), RpcError> {
+        self.check(&frame)?;
+        self.tx
+            .send(frame)
+            .await
+            .map_err(|_| self.shared.closed_error())
+    }
+
+    /// Queues `frame` if there is room now; never waits. For `Drop` implementations.
+    pub fn try_send(&self, frame: Frame) -> Result<(), RpcError> {
+        self.check(&frame)?;
+        self.tx.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => RpcError::Io(std::io::Error::new(
+                std::io::ErrorKind::WouldBlock,
+                "send queue is full (ConnectionConfig::send_queue)",
+            )),
+            mpsc::error::TrySendError::Closed(_) => self.shared.closed_error(),
+        })
+    }
+
+    fn check(&self, frame: &Frame) -> Result<(), RpcError> {
+        if self.shared.close.is_cancelled() {
+            return Err(self.shared.closed_error());
+        }
+        let len = frame.encoded_len()?;
+        if len > self.shared.max_frame_len {
+            return Err(RpcError::FrameTooLarge {
+                size: len as u64,
+                limit: self.shared.max_frame_len,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes what is already queued, then closes the connection.
+    pub fn close(&self) {
+        self.shared.close.cancel();
+    }
+
+    /// Sends `go_away` after what is already queued, then closes the connection. `reason`
+    /// is what local users of the connection see as the cause.
+    pub fn close_with(&self, go_away: GoAway, reason: &RpcError) {
+        self.shared.record_error(reason);
+        // The queue may be full of frames for a peer that stopped reading; the go-away is
+        // best effort then, and the close happens regardless.
+        let _ = self.tx.try_send(Frame::GoAway(go_away));
+        self.shared.close.cancel();
+    }
+
+    /// Whether the connection is closed or closing.
+    pub fn is_closed(&self) -> bool {
+        self.shared.close.is_cancelled() || self.shared.writer_done.is_cancelled()
+    }
+
+    /// Resolves once the writer stopped: the connection is closed for writing.
+    pub async fn closed(&self) {
+        self.shared.writer_done.cancelled().await;
+    }
+
+    /// Why the connection closed, once it has (`None` while it is open or after a clean
+    /// close).
+    pub fn close_reason(&self) -> Option<Arc<str>> {
+        self.shared.error.get().cloned()
+    }
+
+    /// The largest frame body this connection sends or accepts.
+    pub fn max_frame_len(&self) -> usize {
+        self.shared.max_frame_len
+    }
+}

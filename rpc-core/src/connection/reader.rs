@@ -1,0 +1,165 @@
+//! The read side: decodes frames, answers pings, watches for a dead peer.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncRead;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::codec::FramedRead;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+
+use super::{ConnectionConfig, FrameSender, Shared};
+use crate::codec::FrameCodec;
+use crate::error::{ProtocolError, RpcError};
+use crate::frame::{Frame, GoAway};
+
+/// The read half of a connection; see [`super::start`].
+///
+/// Call [`FrameReader::next`] in a loop. Pings and pongs are handled here and never
+/// returned. A reader that is not polled does not read: that is how a server applies
+/// backpressure to a peer.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    framed: FramedRead<R, FrameCodec>,
+    sender: FrameSender,
+    shared: Arc<Shared>,
+    writer_done: Pin<Box<WaitForCancellationFutureOwned>>,
+    keepalive: Keepalive,
+    finished: bool,
+}
+
+/// Dead-peer detection without reading the clock per frame: a flag set by every frame,
+/// inspected once per interval.
+#[derive(Debug)]
+struct Keepalive {
+    tick: Interval,
+    interval: Duration,
+    timeout: Duration,
+    idle: Duration,
+    seen: bool,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(super) fn new(
+        framed: FramedRead<R, FrameCodec>,
+        sender: FrameSender,
+        config: &ConnectionConfig,
+        shared: Arc<Shared>,
+    ) -> Self {
+        let interval = config
+            .keepalive_interval
+            .min(config.keepalive_timeout)
+            .max(Duration::from_millis(1));
+        let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        FrameReader {
+            framed,
+            sender,
+            writer_done: Box::pin(shared.writer_done.clone().cancelled_owned()),
+            shared,
+            keepalive: Keepalive {
+                tick,
+                interval,
+                timeout: config.keepalive_timeout,
+                idle: Duration::ZERO,
+                seen: false,
+            },
+            finished: false,
+        }
+    }
+
+    /// The next frame other than ping and pong.
+    ///
+    /// `None` after a clean close (end of stream between frames, or after an error was
+    /// returned once). `Some(Err(_))` when the connection failed: an I/O error, an end of
+    /// stream inside a frame, a frame that is oversized or cannot be decoded (the peer is
+    /// sent a go-away naming the problem), or a peer silent past the keepalive timeout.
+    pub async fn next(&mut self) -> Option<Result<Frame, RpcError>> {
+        if self.finished {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                item = self.framed.next() => match item {
+                    Some(Ok(frame)) => {
+                        self.keepalive.seen = true;
+                        match frame {
+                            Frame::Ping { nonce } => {
+                                // A closed sender means the connection is going down;
+                                // the next poll sees that.
+                                let _ = self.sender.send(Frame::Pong { nonce }).await;
+                            }
+                            Frame::Pong { .. } => {}
+                            frame => return Some(Ok(frame)),
+                        }
+                    }
+                    Some(Err(error)) => return Some(Err(self.fail(error))),
+                    None => {
+                        self.finished = true;
+                        return None;
+                    }
+                },
+                _ = self.keepalive.tick.tick() => {
+                    let ka = &mut self.keepalive;
+                    if std::mem::take(&mut ka.seen) {
+                        ka.idle = Duration::ZERO;
+                    } else {
+                        ka.idle += ka.interval;
+                        if ka.idle >= ka.timeout {
+                            let error = RpcError::KeepaliveTimeout { timeout: ka.timeout };
+                            return Some(Err(self.fail(error)));
+                        }
+                    }
+                }
+                _ = &mut self.writer_done => {
+                    // The writer stopped (write error, or a local close): nothing more
+                    // can be answered on this connection.
+                    self.finished = true;
+                    return match self.shared.error.get() {
+                        Some(_) => Some(Err(self.shared.closed_error())),
+                        None => None,
+                    };
+                }
+            }
+        }
+    }
+
+    /// Ends the connection because of `error`: tells the peer why when it is the peer's
+    /// fault, records the cause, and asks the writer to close.
+    fn fail(&mut self, error: RpcError) -> RpcError {
+        self.finished = true;
+        let code = match &error {
+            RpcError::FrameTooLarge { .. } => Some(GoAway::FRAME_TOO_LARGE),
+            RpcError::Protocol(_) => Some(GoAway::PROTOCOL_ERROR),
+            RpcError::KeepaliveTimeout { .. } => Some(GoAway::KEEPALIVE_TIMEOUT),
+            _ => None,
+        };
+        match code {
+            Some(code) => {
+                tracing::warn!(error = %error, "closing connection");
+                self.sender
+                    .close_with(GoAway::new(code, error.to_string()), &error);
+            }
+            None => {
+                tracing::debug!(error = %error, "connection failed");
+                self.shared.record_error(&error);
+                self.sender.close();
+            }
+        }
+        error
+    }
+
+    /// Ends the connection because the peer sent a well-formed frame that is not allowed
+    /// here; returns the error for the caller to report.
+    pub fn protocol_violation(&mut self, error: ProtocolError) -> RpcError {
+        self.fail(RpcError::Protocol(error))
+    }
+
+    /// The sender of this connection.
+    pub fn sender(&self) -> &FrameSender {
+        &self.sender
+    }
+}

@@ -1,0 +1,183 @@
+//! Bytes → frame. Pure, and total: any input gives a frame or a [`ProtocolError`].
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+
+use super::{
+    Connect, Frame, GoAway, Kind, Message, ProtocolError, Publish, Request, Response, Status,
+    Subscribe, VERSION,
+};
+use crate::{Metadata, Utf8Bytes};
+
+/// The smallest encoding of one metadata entry: empty key (2) and empty value (4).
+const MIN_METADATA_ENTRY: usize = 6;
+
+impl Frame {
+    /// Decodes one frame body (what follows the length prefix).
+    ///
+    /// The payload and every text field are slices of `body`: nothing is copied.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use rpc_core::frame::{Frame, ProtocolError};
+    ///
+    /// let frame = Frame::decode(Bytes::from_static(&[1, 0x20, 0, 0, 0, 0, 0, 0, 0, 9])).unwrap();
+    /// assert_eq!(frame, Frame::Ping { nonce: 9 });
+    ///
+    /// let err = Frame::decode(Bytes::from_static(&[2, 0x20])).unwrap_err();
+    /// assert_eq!(err, ProtocolError::UnsupportedVersion { version: 2, supported: 1 });
+    /// ```
+    pub fn decode(mut body: Bytes) -> Result<Frame, ProtocolError> {
+        if body.len() < 2 {
+            return Err(ProtocolError::MissingPreamble { len: body.len() });
+        }
+        let version = body.get_u8();
+        if version != VERSION {
+            return Err(ProtocolError::UnsupportedVersion {
+                version,
+                supported: VERSION,
+            });
+        }
+        let kind_byte = body.get_u8();
+        let kind =
+            Kind::from_u8(kind_byte).ok_or(ProtocolError::UnknownKind { kind: kind_byte })?;
+        let mut r = Reader { kind, buf: body };
+        let frame = match kind {
+            Kind::Request => {
+                let id = r.u64("id")?;
+                let micros = r.u64("timeout")?;
+                let method = r.str16("method")?;
+                let metadata = r.metadata()?;
+                Frame::Request(Request {
+                    id,
+                    timeout: (micros != 0).then(|| Duration::from_micros(micros)),
+                    method,
+                    metadata,
+                    payload: r.rest(),
+                })
+            }
+            Kind::Response => Frame::Response(Response {
+                id: r.u64("id")?,
+                status: Status(r.u16("status")?),
+                message: r.str16("message")?,
+                payload: r.rest(),
+            }),
+            Kind::Cancel => Frame::Cancel { id: r.u64("id")? },
+            Kind::Connect => Frame::Connect(Connect {
+                max_frame_len: r.u32("max_frame_len")?,
+                name: r.str16("name")?,
+                token: r.str16("token")?,
+            }),
+            Kind::Pub => Frame::Pub(Publish {
+                subject: r.str16("subject")?,
+                reply: r.str16("reply")?,
+                headers: r.metadata()?,
+                payload: r.rest(),
+            }),
+            Kind::Sub => Frame::Sub(Subscribe {
+                sid: r.u64("sid")?,
+                subject: r.str16("subject")?,
+                queue: r.str16("queue")?,
+            }),
+            Kind::Unsub => Frame::Unsub { sid: r.u64("sid")? },
+            Kind::Msg => Frame::Msg(Message {
+                sid: r.u64("sid")?,
+                subject: r.str16("subject")?,
+                reply: r.str16("reply")?,
+                headers: r.metadata()?,
+                payload: r.rest(),
+            }),
+            Kind::Ping => Frame::Ping {
+                nonce: r.u64("nonce")?,
+            },
+            Kind::Pong => Frame::Pong {
+                nonce: r.u64("nonce")?,
+            },
+            Kind::GoAway => Frame::GoAway(GoAway {
+                code: r.u16("code")?,
+                message: r.str16("message")?,
+            }),
+        };
+        r.finish()?;
+        Ok(frame)
+    }
+}
+
+/// A cursor over a frame body whose every read is bounds-checked.
+struct Reader {
+    kind: Kind,
+    buf: Bytes,
+}
+
+impl Reader {
+    fn need(&self, field: &'static str, needed: usize) -> Result<(), ProtocolError> {
+        if self.buf.remaining() < needed {
+            return Err(ProtocolError::Truncated {
+                kind: self.kind,
+                field,
+                needed,
+                remaining: self.buf.remaining(),
+            });
+        }
+        Ok(())
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, ProtocolError> {
+        self.need(field, 2)?;
+        Ok(self.buf.get_u16())
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, ProtocolError> {
+        self.need(field, 4)?;
+        Ok(self.buf.get_u32())
+    }
+
+    fn u64(&mut self, field: &'static str) -> Result<u64, ProtocolError> {
+        self.need(field, 8)?;
+        Ok(self.buf.get_u64())
+    }
+
+    fn bytes(&mut self, field: &'static str, len: usize) -> Result<Bytes, ProtocolError> {
+        self.need(field, len)?;
+        Ok(self.buf.split_to(len))
+    }
+
+    fn str16(&mut self, field: &'static str) -> Result<Utf8Bytes, ProtocolError> {
+        let len = usize::from(self.u16(field)?);
+        let bytes = self.bytes(field, len)?;
+        Utf8Bytes::try_from(bytes).map_err(|_| ProtocolError::InvalidUtf8 {
+            kind: self.kind,
+            field,
+        })
+    }
+
+    fn metadata(&mut self) -> Result<Metadata, ProtocolError> {
+        let count = usize::from(self.u16("metadata count")?);
+        // Never reserve more entries than the remaining bytes could hold.
+        let mut md = Metadata::with_capacity(count.min(self.buf.remaining() / MIN_METADATA_ENTRY));
+        for _ in 0..count {
+            let key = self.str16("metadata key")?;
+            let len = self.u32("metadata value")?;
+            let len = usize::try_from(len).unwrap_or(usize::MAX);
+            let value = self.bytes("metadata value", len)?;
+            md.push_raw(key, value);
+        }
+        Ok(md)
+    }
+
+    /// The payload: everything left.
+    fn rest(&mut self) -> Bytes {
+        self.buf.split_to(self.buf.remaining())
+    }
+
+    fn finish(self) -> Result<(), ProtocolError> {
+        match self.buf.remaining() {
+            0 => Ok(()),
+            extra => Err(ProtocolError::TrailingBytes {
+                kind: self.kind,
+                extra,
+            }),
+        }
+    }
+}

@@ -1,0 +1,25 @@
+//! rpc-core: the foundation of courier.
+//!
+//! * [`frame`]: the one wire format of RPC, bus and control frames, as pure functions;
+//! * [`codec`]: length-prefixed framing with a maximum frame length;
+//! * [`connection`]: the engine that runs frames over any byte stream (a reader, a
+//!   coalescing writer, keepalive);
+//! * [`format`]: payload serialization ([`format::Bincode`] by default);
+//! * [`client`] and [`server`]: the RPC runtime;
+//! * [`transport`]: TCP, Unix sockets and in-memory pairs.
+//!
+//! Most users depend on the `courier` facade crate instead and never name this one.
+
+pub mod codec;
+pub mod connection;
+mod error;
+pub mod format;
+pub mod frame;
+mod metadata;
+mod text;
+
+pub use connection::ConnectionConfig;
+pub use error::{ProtocolError, RpcError};
+pub use format::{Bincode, Format, FormatError};
+pub use metadata::Metadata;
+pub use text::Utf8Bytes;
