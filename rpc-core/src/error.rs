@@ -139,18 +139,6 @@ impl RpcError {
                 | RpcError::KeepaliveTimeout { .. }
         ) || matches!(self, RpcError::Remote { status, .. } if *status == Status::SHUTTING_DOWN)
     }
-
-    /// The error a pending call sees when its connection closed because of `self`.
-    pub(crate) fn to_closed(&self) -> RpcError {
-        match self {
-            RpcError::ConnectionClosed { reason } => RpcError::ConnectionClosed {
-                reason: reason.clone(),
-            },
-            other => RpcError::ConnectionClosed {
-                reason: other.to_string().into(),
-            },
-        }
-    }
 }
 
 /// A frame that cannot be decoded, or that is not allowed where it arrived.

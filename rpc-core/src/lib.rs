@@ -10,13 +10,16 @@
 //!
 //! Most users depend on the `courier` facade crate instead and never name this one.
 
+pub mod client;
 pub mod codec;
 pub mod connection;
 mod error;
 pub mod format;
 pub mod frame;
 mod metadata;
+pub mod server;
 mod text;
+pub mod transport;
 
 pub use connection::ConnectionConfig;
 pub use error::{ProtocolError, RpcError};

@@ -39,12 +39,10 @@ use crate::frame::{Frame, GoAway};
 /// use std::time::Duration;
 /// use rpc_core::ConnectionConfig;
 ///
-/// let config = ConnectionConfig {
-///     max_frame_len: 1024 * 1024,
-///     keepalive_interval: Duration::from_secs(5),
-///     keepalive_timeout: Duration::from_secs(15),
-///     ..ConnectionConfig::default()
-/// };
+/// let mut config = ConnectionConfig::default();
+/// config.max_frame_len = 1024 * 1024;
+/// config.keepalive_interval = Duration::from_secs(5);
+/// config.keepalive_timeout = Duration::from_secs(15);
 /// assert_eq!(config.send_queue, 1024);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,454 @@
+//! The RPC client: one connection, many calls in flight, reconnects on its own.
+//!
+//! ```no_run
+//! use bytes::Bytes;
+//! use rpc_core::client::{CallOptions, Client, ClientConfig};
+//! use rpc_core::transport::TcpConnector;
+//! use std::time::Duration;
+//!
+//! # async fn f() -> Result<(), rpc_core::RpcError> {
+//! let client = Client::connect(TcpConnector::new("127.0.0.1:7000"), ClientConfig::default()).await?;
+//! let options = CallOptions::default()
+//!     .with_timeout(Duration::from_millis(200))
+//!     .with_metadata("authorization", "Bearer t0ken");
+//! let answer: Bytes = client.call("Echo.echo", Bytes::from_static(b"payload"), &options).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! * **Deadlines.** Every call has one: [`ClientConfig::default_timeout`], or the call's
+//!   own [`CallOptions::timeout`]. It covers waiting for a connection, queueing, the server
+//!   and the answer. The time left is sent with the request and the server aborts the
+//!   handler when it passes.
+//! * **Cancellation.** Dropping a call's future before it resolves sends a cancel; the
+//!   server aborts the handler.
+//! * **Connection loss.** Every call pending on a connection fails with
+//!   [`RpcError::ConnectionClosed`] as soon as the connection is seen to close (end of
+//!   stream, I/O error, or no frame within the keepalive timeout), not at its deadline.
+//! * **Reconnect.** A background task reconnects with [`Backoff`]. Calls made while
+//!   disconnected wait for the new connection until their deadline
+//!   ([`ClientConfig::wait_for_connection`] = true, the default) or fail at once with
+//!   [`RpcError::NotConnected`]. Calls are never resent on their own: a call whose
+//!   connection died may or may not have run, and only the caller knows whether it is
+//!   safe to retry.
+
+mod backoff;
+mod conn;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+pub use self::backoff::Backoff;
+use self::conn::Conn;
+use crate::connection::{self, ConnectionConfig};
+use crate::error::RpcError;
+use crate::frame::{Frame, Request, Response, Status};
+use crate::transport::Connector;
+use crate::{Metadata, Utf8Bytes};
+
+/// Client settings. Every default is stated on its field.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClientConfig {
+    /// Settings of the connection (frame size limit, keepalive).
+    pub connection: ConnectionConfig,
+    /// The deadline of a call that sets none, as time from the call. Default 10 s.
+    pub default_timeout: Duration,
+    /// Metadata sent with every call, before the call's own. Default empty.
+    pub metadata: Metadata,
+    /// Spacing of reconnect attempts. Default [`Backoff::default`].
+    pub reconnect: Backoff,
+    /// While disconnected, calls wait for a reconnect until their deadline (`true`) or
+    /// fail at once with [`RpcError::NotConnected`] (`false`). Default `true`.
+    pub wait_for_connection: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            connection: ConnectionConfig::default(),
+            default_timeout: Duration::from_secs(10),
+            metadata: Metadata::new(),
+            reconnect: Backoff::default(),
+            wait_for_connection: true,
+        }
+    }
+}
+
+/// Per-call settings.
+///
+/// ```
+/// use std::time::Duration;
+/// use rpc_core::client::CallOptions;
+///
+/// let options = CallOptions::default()
+///     .with_timeout(Duration::from_secs(1))
+///     .with_metadata("x-request-id", "42");
+/// assert_eq!(options.metadata.get_str("x-request-id"), Some("42"));
+/// ```
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct CallOptions {
+    /// This call's deadline, as time from now; `None` uses
+    /// [`ClientConfig::default_timeout`].
+    pub timeout: Option<Duration>,
+    /// Sent after the client's metadata.
+    pub metadata: Metadata,
+}
+
+impl CallOptions {
+    /// The same options with a deadline of `timeout` from the call.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The same options with one more metadata entry.
+    pub fn with_metadata(mut self, key: impl Into<Utf8Bytes>, value: impl Into<Bytes>) -> Self {
+        self.metadata.append(key, value);
+        self
+    }
+}
+
+#[derive(Clone, Debug)]
+enum State {
+    Connected(Arc<Conn>),
+    /// Reconnecting; the last error, if any.
+    Connecting(Option<Arc<str>>),
+    /// Gave up (`Some`: why) or was closed (`None`).
+    Closed(Option<Arc<str>>),
+}
+
+/// A handle to one server. Cheap to clone; clones share the connection and may call
+/// concurrently from any task. The connection closes when the last clone (and the last
+/// call in flight) is dropped, or at [`Client::close`].
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    peer: String,
+    next_id: AtomicU64,
+    state: watch::Receiver<State>,
+    shutdown: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+impl Client {
+    /// Connects to a server; fails when the first connection cannot be made. Later
+    /// connection losses are repaired in the background.
+    pub async fn connect<C: Connector>(
+        connector: C,
+        config: ClientConfig,
+    ) -> Result<Client, RpcError> {
+        let peer = connector.describe();
+        let (io, addr) = connector
+            .connect()
+            .await
+            .map_err(|source| RpcError::Connect {
+                peer: peer.clone(),
+                source,
+            })?;
+        let conn = open(io, addr, &config.connection);
+        Ok(Self::spawn(
+            connector,
+            config,
+            peer,
+            State::Connected(conn.clone()),
+            Some(conn),
+        ))
+    }
+
+    /// A client that connects in the background; calls wait for (or fail without) the
+    /// connection as [`ClientConfig::wait_for_connection`] says.
+    pub fn connect_lazy<C: Connector>(connector: C, config: ClientConfig) -> Client {
+        let peer = connector.describe();
+        Self::spawn(connector, config, peer, State::Connecting(None), None)
+    }
+
+    fn spawn<C: Connector>(
+        connector: C,
+        config: ClientConfig,
+        peer: String,
+        initial: State,
+        conn: Option<Arc<Conn>>,
+    ) -> Client {
+        let (tx, rx) = watch::channel(initial);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(supervise(
+            connector,
+            config.clone(),
+            tx,
+            shutdown.clone(),
+            conn,
+        ));
+        Client {
+            inner: Arc::new(Inner {
+                config,
+                peer,
+                next_id: AtomicU64::new(1),
+                state: rx,
+                _stop_on_drop: shutdown.clone().drop_guard(),
+                shutdown,
+            }),
+        }
+    }
+
+    /// The client's settings.
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    /// Whether a connection is up and taking calls right now.
+    pub fn is_connected(&self) -> bool {
+        matches!(&*self.inner.state.borrow(), State::Connected(c) if !c.is_retired())
+    }
+
+    /// Closes the connection and stops reconnecting. Calls pending fail with
+    /// [`RpcError::ConnectionClosed`]; later calls with [`RpcError::ClientClosed`].
+    pub fn close(&self) {
+        self.inner.shutdown.cancel();
+    }
+
+    /// Calls `method` (`"Service.method"`) with serialized arguments; returns the
+    /// serialized return value. Generated clients call this; see the module docs for
+    /// deadlines, cancellation and reconnects.
+    pub async fn call(
+        &self,
+        method: impl Into<Utf8Bytes>,
+        payload: Bytes,
+        options: &CallOptions,
+    ) -> Result<Bytes, RpcError> {
+        let method = method.into();
+        let timeout = options.timeout.unwrap_or(self.inner.config.default_timeout);
+        let deadline = Instant::now() + timeout;
+        let timed_out = || RpcError::Timeout {
+            method: method.to_string(),
+            timeout,
+        };
+
+        let conn = self.connection(deadline).await?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let reply = conn.register(id)?;
+        let guard = CancelOnDrop {
+            conn: &conn,
+            id,
+            armed: true,
+        };
+
+        let metadata = match (
+            self.inner.config.metadata.is_empty(),
+            options.metadata.is_empty(),
+        ) {
+            (true, _) => options.metadata.clone(),
+            (false, true) => self.inner.config.metadata.clone(),
+            (false, false) => {
+                let mut md = self.inner.config.metadata.clone();
+                md.extend(&options.metadata);
+                md
+            }
+        };
+        let request = Request {
+            id,
+            timeout: Some(deadline.saturating_duration_since(Instant::now())),
+            method: method.clone(),
+            metadata,
+            payload,
+        };
+        match tokio::time::timeout_at(deadline, conn.sender.send(Frame::Request(request))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                guard.disarm(); // never sent: nothing to cancel
+                return Err(e);
+            }
+            Err(_) => return Err(timed_out()), // the guard cancels, in case it went out
+        }
+        match tokio::time::timeout_at(deadline, reply).await {
+            Ok(Ok(Ok(response))) => {
+                guard.disarm();
+                into_result(response, &method, timeout)
+            }
+            Ok(Ok(Err(e))) => {
+                guard.disarm();
+                Err(e)
+            }
+            Ok(Err(_)) => {
+                guard.disarm();
+                Err(RpcError::ConnectionClosed {
+                    reason: "connection dropped the call".into(),
+                })
+            }
+            Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// The connection to call on, waiting for one until `deadline` if so configured.
+    async fn connection(&self, deadline: Instant) -> Result<Arc<Conn>, RpcError> {
+        let mut state = self.inner.state.clone();
+        loop {
+            let last_error = match &*state.borrow_and_update() {
+                State::Connected(conn) if !conn.is_retired() => return Ok(conn.clone()),
+                State::Connected(conn) => conn.sender.close_reason(),
+                State::Connecting(last) => last.clone(),
+                State::Closed(None) => return Err(RpcError::ClientClosed),
+                State::Closed(Some(reason)) => {
+                    return Err(self.not_connected(format!("gave up reconnecting: {reason}")));
+                }
+            };
+            let reason = match last_error {
+                Some(e) => format!("reconnecting; last error: {e}"),
+                None => "connecting".to_string(),
+            };
+            if !self.inner.config.wait_for_connection {
+                return Err(self.not_connected(reason));
+            }
+            match tokio::time::timeout_at(deadline, state.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(RpcError::ClientClosed),
+                Err(_) => {
+                    return Err(self.not_connected(format!(
+                        "{reason}; the call's deadline passed while waiting"
+                    )));
+                }
+            }
+        }
+    }
+
+    fn not_connected(&self, reason: String) -> RpcError {
+        RpcError::NotConnected {
+            peer: self.inner.peer.clone(),
+            reason: reason.into(),
+        }
+    }
+}
+
+fn into_result(
+    response: Response,
+    method: &Utf8Bytes,
+    timeout: Duration,
+) -> Result<Bytes, RpcError> {
+    let message = || response.message.to_string();
+    match response.status {
+        Status::OK => Ok(response.payload),
+        Status::UNKNOWN_SERVICE => Err(RpcError::UnknownService { message: message() }),
+        Status::UNKNOWN_METHOD => Err(RpcError::UnknownMethod { message: message() }),
+        Status::DEADLINE_EXCEEDED => Err(RpcError::Timeout {
+            method: method.to_string(),
+            timeout,
+        }),
+        status => Err(RpcError::Remote {
+            status,
+            message: message(),
+        }),
+    }
+}
+
+/// Sends a cancel for a call abandoned before its answer (dropped, or timed out).
+struct CancelOnDrop<'a> {
+    conn: &'a Conn,
+    id: u64,
+    armed: bool,
+}
+
+impl CancelOnDrop<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.armed || !self.conn.unregister(self.id) {
+            return; // answered, failed, or never sent
+        }
+        let cancel = Frame::Cancel { id: self.id };
+        if let Err(RpcError::Io(_)) = self.conn.sender.try_send(cancel.clone()) {
+            // Queue full: send it from a task rather than block in `drop`.
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let sender = self.conn.sender.clone();
+                runtime.spawn(async move { sender.send(cancel).await });
+            }
+        }
+    }
+}
+
+fn open<T: connection::Io>(
+    io: T,
+    peer: crate::transport::PeerAddr,
+    config: &ConnectionConfig,
+) -> Arc<Conn> {
+    let (reader, sender) = connection::start(io, config);
+    tracing::info!(%peer, "connected");
+    let conn = Arc::new(Conn::new(sender, peer));
+    tokio::spawn(conn.clone().read_loop(reader));
+    conn
+}
+
+/// Keeps the client connected: waits for the current connection to retire, reconnects
+/// with backoff, publishes each new connection.
+async fn supervise<C: Connector>(
+    connector: C,
+    config: ClientConfig,
+    state: watch::Sender<State>,
+    shutdown: CancellationToken,
+    mut current: Option<Arc<Conn>>,
+) {
+    let mut failures = 0u32;
+    loop {
+        if let Some(conn) = current.take() {
+            tokio::select! {
+                _ = conn.retired() => {}
+                _ = shutdown.cancelled() => {
+                    conn.fail_all("the client was closed".into());
+                    conn.sender.close();
+                    state.send_replace(State::Closed(None));
+                    return;
+                }
+            }
+            state.send_replace(State::Connecting(conn.sender.close_reason()));
+        }
+        let attempt = tokio::select! {
+            attempt = connector.connect() => attempt,
+            _ = shutdown.cancelled() => {
+                state.send_replace(State::Closed(None));
+                return;
+            }
+        };
+        match attempt {
+            Ok((io, peer)) => {
+                failures = 0;
+                let conn = open(io, peer, &config.connection);
+                state.send_replace(State::Connected(conn.clone()));
+                current = Some(conn);
+            }
+            Err(error) => {
+                failures += 1;
+                let reason: Arc<str> =
+                    format!("could not connect to {}: {error}", connector.describe()).into();
+                if config.reconnect.exhausted(failures) {
+                    tracing::warn!(%reason, failures, "giving up reconnecting (Backoff::max_attempts)");
+                    state.send_replace(State::Closed(Some(reason)));
+                    return;
+                }
+                let delay = config.reconnect.delay(failures);
+                tracing::debug!(%reason, ?delay, "reconnect failed; retrying");
+                state.send_replace(State::Connecting(Some(reason)));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => {
+                        state.send_replace(State::Closed(None));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

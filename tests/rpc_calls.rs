@@ -1,0 +1,292 @@
+//! Calls: transports, concurrency, routing, metadata, handler failures.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Event, Whoami, answer, args, lab};
+use courier::frame::Status;
+use courier::transport::{TcpConnector, memory};
+use courier::{CallOptions, Client, ClientConfig, Metadata, RpcError, Server, ServerConfig};
+
+fn no_options() -> CallOptions {
+    CallOptions::default()
+}
+
+async fn memory_client(server: Server, config: ClientConfig) -> Client {
+    let (listener, connector) = memory::listen();
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    Client::connect(connector, config).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_call_is_answered_over_tcp() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(ServerConfig::default()).add_service(lab().0);
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
+        .await
+        .unwrap();
+    let out = client
+        .call("Lab.double", args(&21u64), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<u64>(&out), 42);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_call_is_answered_over_a_unix_socket() {
+    let path = std::env::temp_dir().join(format!("courier-test-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let server = Server::new(ServerConfig::default()).add_service(lab().0);
+    tokio::spawn(server.serve(listener, std::future::pending()));
+
+    let connector = courier::transport::UnixConnector::new(&path);
+    let client = Client::connect(connector, ClientConfig::default())
+        .await
+        .unwrap();
+    let out = client
+        .call("Lab.double", args(&4u64), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<u64>(&out), 8);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[tokio::test]
+async fn a_call_is_answered_in_memory() {
+    let client = memory_client(
+        Server::new(ServerConfig::default()).add_service(lab().0),
+        ClientConfig::default(),
+    )
+    .await;
+    let out = client
+        .call("Lab.echo", Bytes::from_static(b"ping"), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(&out[..], b"ping");
+}
+
+#[tokio::test]
+async fn ten_thousand_calls_in_flight_on_one_connection_each_get_their_own_answer() {
+    const CALLS: u64 = 10_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (lab, mut probe) = lab();
+    let mut config = ServerConfig::default();
+    config.max_calls_in_flight = CALLS as usize;
+    tokio::spawn(
+        Server::new(config)
+            .add_service(lab)
+            .serve(listener, std::future::pending()),
+    );
+    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
+        .await
+        .unwrap();
+
+    let mut calls = tokio::task::JoinSet::new();
+    for tag in 0..CALLS {
+        let client = client.clone();
+        calls.spawn(async move {
+            let out = client
+                .call(
+                    "Lab.hold",
+                    args(&tag),
+                    &CallOptions::default().with_timeout(Duration::from_secs(60)),
+                )
+                .await
+                .unwrap();
+            (tag, answer::<u64>(&out))
+        });
+    }
+    // Every handler is running at once before any is let go: all 10,000 are in flight.
+    for _ in 0..CALLS {
+        assert!(matches!(probe.next().await, Event::Started(_)));
+    }
+    probe.release(CALLS as usize);
+    let mut answered = 0;
+    while let Some(result) = calls.join_next().await {
+        let (tag, got) = result.unwrap();
+        assert_eq!(got, tag, "call {tag} got another call's answer");
+        answered += 1;
+    }
+    assert_eq!(answered, CALLS);
+}
+
+#[tokio::test]
+async fn unknown_service_and_method_get_error_answers_and_the_connection_stays_usable() {
+    let client = memory_client(
+        Server::new(ServerConfig::default()).add_service(lab().0),
+        ClientConfig::default(),
+    )
+    .await;
+
+    let err = client
+        .call("Nope.x", Bytes::new(), &no_options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::UnknownService { message } if message.contains("`Nope`") && message.contains("Lab")),
+        "{err}"
+    );
+    let err = client
+        .call("Lab.nope", Bytes::new(), &no_options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::UnknownMethod { message } if message.contains("`nope`")),
+        "{err}"
+    );
+    let err = client
+        .call("no-dot", Bytes::new(), &no_options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::UnknownMethod { message } if message.contains("Service.method")),
+        "{err}"
+    );
+
+    let out = client
+        .call("Lab.double", args(&1u64), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<u64>(&out), 2);
+}
+
+#[tokio::test]
+async fn arguments_that_do_not_decode_get_a_bad_request_answer() {
+    let client = memory_client(
+        Server::new(ServerConfig::default()).add_service(lab().0),
+        ClientConfig::default(),
+    )
+    .await;
+    let err = client
+        .call("Lab.double", Bytes::from_static(b"\xff\xff"), &no_options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote { status, message } if *status == Status::BAD_REQUEST && message.contains("request")),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_an_internal_error_and_the_connection_stays_usable() {
+    let client = memory_client(
+        Server::new(ServerConfig::default()).add_service(lab().0),
+        ClientConfig::default(),
+    )
+    .await;
+    let err = client
+        .call("Lab.panic", args(&()), &no_options())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RpcError::Remote { status, message } if *status == Status::INTERNAL && message.contains("panicked")),
+        "{err}"
+    );
+    let out = client
+        .call("Lab.double", args(&5u64), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<u64>(&out), 10);
+}
+
+#[tokio::test]
+async fn client_and_call_metadata_reach_the_handler_with_the_call_context() {
+    let mut metadata = Metadata::new();
+    metadata.insert("authorization", "Bearer client");
+    let mut config = ClientConfig::default();
+    config.metadata = metadata;
+    let client = memory_client(
+        Server::new(ServerConfig::default()).add_service(lab().0),
+        config,
+    )
+    .await;
+
+    let options = CallOptions::default()
+        .with_timeout(Duration::from_secs(5))
+        .with_metadata("x-call", "1");
+    let out = client
+        .call("Lab.whoami", args(&()), &options)
+        .await
+        .unwrap();
+    let who: Whoami = answer(&out);
+    assert_eq!(
+        who.metadata,
+        vec![
+            ("authorization".to_string(), b"Bearer client".to_vec()),
+            ("x-call".to_string(), b"1".to_vec())
+        ]
+    );
+    assert!(who.peer.starts_with("memory://"), "{}", who.peer);
+    assert!(who.request_id > 0);
+    let left = who
+        .time_left_ms
+        .expect("the deadline travels with the call");
+    assert!(left > 4_000 && left <= 5_000, "time left {left} ms");
+}
+
+#[tokio::test]
+async fn one_server_hosts_several_services() {
+    struct Upper;
+    impl courier::Service for Upper {
+        fn name(&self) -> &'static str {
+            "Upper"
+        }
+        fn call(
+            &self,
+            method: &str,
+            _: courier::CallContext,
+            payload: Bytes,
+        ) -> courier::CallFuture {
+            match method {
+                "upper" => Box::pin(async move { Ok(Bytes::from(payload.to_ascii_uppercase())) }),
+                other => courier::ServiceError::unknown_method("Upper", other).into_future(),
+            }
+        }
+    }
+    let server = Server::new(ServerConfig::default())
+        .add_service(lab().0)
+        .add_service(Upper);
+    let client = memory_client(server, ClientConfig::default()).await;
+    let out = client
+        .call("Upper.upper", Bytes::from_static(b"abc"), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(&out[..], b"ABC");
+    let out = client
+        .call("Lab.double", args(&3u64), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<u64>(&out), 6);
+}
+
+#[tokio::test]
+async fn client_clones_share_one_connection() {
+    let (listener, connector) = memory::listen();
+    let (lab, _probe) = lab();
+    tokio::spawn(
+        Server::new(ServerConfig::default())
+            .add_service(lab)
+            .serve(listener, std::future::pending()),
+    );
+    let client = Client::connect(connector, ClientConfig::default())
+        .await
+        .unwrap();
+    let a = client
+        .call("Lab.whoami", args(&()), &no_options())
+        .await
+        .unwrap();
+    let b = client
+        .clone()
+        .call("Lab.whoami", args(&()), &no_options())
+        .await
+        .unwrap();
+    assert_eq!(answer::<Whoami>(&a).peer, answer::<Whoami>(&b).peer);
+}
