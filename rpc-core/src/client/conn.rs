@@ -66,6 +66,11 @@ impl Conn {
         self.pending().calls.remove(&id).is_some()
     }
 
+    /// Why the connection closed, once it has.
+    pub(super) fn close_reason(&self) -> Option<Arc<str>> {
+        self.pending().closed.clone()
+    }
+
     pub(super) fn is_retired(&self) -> bool {
         self.retired.is_cancelled()
     }

@@ -296,7 +296,7 @@ impl Client {
         loop {
             let last_error = match &*state.borrow_and_update() {
                 State::Connected(conn) if !conn.is_retired() => return Ok(conn.clone()),
-                State::Connected(conn) => conn.sender.close_reason(),
+                State::Connected(conn) => conn.close_reason(),
                 State::Connecting(last) => last.clone(),
                 State::Closed(None) => return Err(RpcError::ClientClosed),
                 State::Closed(Some(reason)) => {
@@ -413,7 +413,7 @@ async fn supervise<C: Connector>(
                     return;
                 }
             }
-            state.send_replace(State::Connecting(conn.sender.close_reason()));
+            state.send_replace(State::Connecting(conn.close_reason()));
         }
         let attempt = tokio::select! {
             attempt = connector.connect() => attempt,
