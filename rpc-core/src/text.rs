@@ -65,9 +65,11 @@ impl From<String> for Utf8Bytes {
     }
 }
 
-impl From<&str> for Utf8Bytes {
-    fn from(s: &str) -> Self {
-        Utf8Bytes(Bytes::copy_from_slice(s.as_bytes()))
+/// A string literal is wrapped without copying (as `Bytes: From<&'static str>`); for a
+/// borrowed string, go through `String`.
+impl From<&'static str> for Utf8Bytes {
+    fn from(s: &'static str) -> Self {
+        Utf8Bytes::from_static(s)
     }
 }
 

@@ -64,11 +64,14 @@ pub(super) async fn serve<T: Io>(
     };
     tracing::info!(peer = %conn.peer, "connection opened");
 
-    // Serving: read, run, answer, until the peer leaves or the server drains.
+    // Serving: read, run, answer, until the peer leaves or the server drains. The drain
+    // future is pinned once: a fresh `cancelled()` per frame would register a waiter each time.
+    let draining = drain.cancelled();
+    tokio::pin!(draining);
     let ended = loop {
         let frame = tokio::select! {
             biased;
-            _ = drain.cancelled() => break None,
+            _ = &mut draining => break None,
             frame = reader.next() => frame,
         };
         match frame {
@@ -76,7 +79,7 @@ pub(super) async fn serve<T: Io>(
                 // Backpressure: at the in-flight limit, stop reading until a call ends.
                 let slot = tokio::select! {
                     biased;
-                    _ = drain.cancelled() => {
+                    _ = &mut draining => {
                         conn.refuse_shutting_down(request.id).await;
                         break None;
                     }
