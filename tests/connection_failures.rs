@@ -131,6 +131,7 @@ async fn killing_the_server_fails_every_pending_call_within_a_second_and_the_cli
         assert!(matches!(err, RpcError::ConnectionClosed { .. }), "{err}");
     }
     let failed_after = killed.elapsed();
+    eprintln!("{PENDING} pending calls failed {failed_after:?} after the kill");
     assert!(
         failed_after < Duration::from_secs(1),
         "pending calls failed only after {failed_after:?}"
