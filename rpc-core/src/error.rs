@@ -222,6 +222,17 @@ pub enum ProtocolError {
         /// Where it arrived.
         context: &'static str,
     },
+    /// A payload does not decode as the type the method declares: the peer runs another
+    /// version of the service, or another format.
+    #[error("{what} of `{method}` does not have the declared shape: {error}")]
+    InvalidPayload {
+        /// `"request"` or `"response"`.
+        what: &'static str,
+        /// `"Service.method"`.
+        method: String,
+        /// The format's complaint.
+        error: FormatError,
+    },
     /// A request reused the id of a call still in flight on the connection.
     #[error("request id {id} is already in flight on this connection")]
     DuplicateRequestId {
