@@ -126,7 +126,7 @@ pub mod __private {
     pub use bytes;
     pub use rpc_core;
     pub use rpc_core::client::{CallOptions, Client};
-    pub use rpc_core::format::{Bincode, Format};
+    pub use rpc_core::format::{Bincode, Format, FormatError};
     pub use rpc_core::server::{CallContext, CallFuture, Service, ServiceError};
     pub use rpc_core::{ProtocolError, RpcError, Utf8Bytes};
 

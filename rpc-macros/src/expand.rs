@@ -202,21 +202,27 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
         ..
     } = m;
     let wire = format!("{}.{}", service.name, m.name);
+    let has_doc = carried.iter().any(|a| a.path().is_ident("doc"));
+    let default_doc = (!has_doc).then(|| {
+        let doc = format!("Calls `{wire}` on the server.");
+        quote!(#[doc = #doc])
+    });
     let params = args.iter().map(|(name, ty)| quote!(#name: #ty));
     let names = args.iter().map(|(name, _)| name);
     quote! {
         #(#carried)*
+        #default_doc
         pub async fn #ident(&self, #(#params),*) -> ::core::result::Result<#output, #p::RpcError> {
             let payload = <F as #p::Format>::encode(&(#(&#names,)*))
-                .map_err(|e| #p::RpcError::from(e.context("request")))?;
+                .map_err(|e| <#p::RpcError as ::core::convert::From<#p::FormatError>>::from(e.context("request")))?;
             let answer = self
                 .client
                 .call(#p::Utf8Bytes::from_static(#wire), payload, &self.options)
                 .await?;
             <F as #p::Format>::decode::<#output>(&answer).map_err(|error| {
-                #p::RpcError::from(#p::ProtocolError::InvalidPayload {
+                <#p::RpcError as ::core::convert::From<#p::ProtocolError>>::from(#p::ProtocolError::InvalidPayload {
                     what: "response",
-                    method: ::std::string::String::from(#wire),
+                    method: <::std::string::String as ::core::convert::From<&str>>::from(#wire),
                     error,
                 })
             })
@@ -251,7 +257,7 @@ fn server(service: &Service) -> TokenStream {
                     ::core::result::Result::Ok(args) => args,
                     ::core::result::Result::Err(e) => return #p::ServiceError::bad_request(e).into_future(),
                 };
-                let inner = ::std::sync::Arc::clone(&self.inner);
+                let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&self.inner);
                 ::std::boxed::Box::pin(async move {
                     let ret = <S as #ident>::#method(&*inner, #context #(#names),*).await;
                     <F as #p::Format>::encode(&ret).map_err(#p::ServiceError::encode)

@@ -1,0 +1,6 @@
+#[courier::service]
+trait Store {
+    async fn put<T: serde::Serialize>(&self, value: T);
+}
+
+fn main() {}

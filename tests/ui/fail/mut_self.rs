@@ -1,0 +1,6 @@
+#[courier::service]
+trait Counter {
+    async fn bump(&mut self) -> u64;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[courier::service]
+trait Echo {
+    fn echo(&self, text: String) -> String;
+}
+
+fn main() {}
