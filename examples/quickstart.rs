@@ -1,51 +1,46 @@
-//! courier in one process, no setup: a service, a server, a client, and what happens when
-//! calls succeed, miss their deadline, or name a method that does not exist.
+//! courier in one process, no setup: a service defined as a trait, served, called; then a
+//! deadline, a typed application error, metadata and a graceful shutdown.
 //!
 //! Run it with `cargo run --example quickstart`.
-//!
-//! The service's dispatch is written by hand here (`impl Service`); it is the shape the
-//! `#[courier::service]` macro generates.
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use courier::transport::TcpConnector;
-use courier::{
-    Bincode, CallContext, CallFuture, CallOptions, Client, ClientConfig, Format, RpcError, Server,
-    ServerConfig, Service, ServiceError,
-};
+use courier::{CallContext, Client, ClientConfig, RpcError, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
-/// `Greeter.greet(name) -> String` and `Greeter.slow(ms) -> ()`.
-struct Greeter;
+/// The service's own error type: it reaches the caller as itself.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum GreetError {
+    /// Nobody to greet.
+    EmptyName,
+}
 
-impl Service for Greeter {
-    fn name(&self) -> &'static str {
-        "Greeter"
+/// Greets people.
+#[courier::service]
+trait Greeter {
+    /// A greeting for `name`, or `GreetError::EmptyName`.
+    async fn greet(&self, ctx: &CallContext, name: String) -> Result<String, GreetError>;
+    /// Sleeps for `ms` milliseconds.
+    async fn slow(&self, ms: u64);
+}
+
+struct Hello;
+
+impl Greeter for Hello {
+    async fn greet(&self, ctx: &CallContext, name: String) -> Result<String, GreetError> {
+        if name.is_empty() {
+            return Err(GreetError::EmptyName);
+        }
+        let from = ctx.metadata().get_str("x-client").unwrap_or("someone");
+        Ok(format!(
+            "Hello, {name}! (asked by {from} from {})",
+            ctx.peer()
+        ))
     }
 
-    fn call(&self, method: &str, ctx: CallContext, payload: Bytes) -> CallFuture {
-        match method {
-            "greet" => Box::pin(async move {
-                let name: String = Bincode::decode(&payload).map_err(ServiceError::bad_request)?;
-                let from = ctx
-                    .metadata()
-                    .get_str("x-client")
-                    .unwrap_or("someone")
-                    .to_string();
-                Bincode::encode(&format!(
-                    "Hello, {name}! (asked by {from} from {})",
-                    ctx.peer()
-                ))
-                .map_err(ServiceError::encode)
-            }),
-            "slow" => Box::pin(async move {
-                let ms: u64 = Bincode::decode(&payload).map_err(ServiceError::bad_request)?;
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                Bincode::encode(&()).map_err(ServiceError::encode)
-            }),
-            other => ServiceError::unknown_method("Greeter", other).into_future(),
-        }
+    async fn slow(&self, ms: u64) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
     }
 }
 
@@ -61,71 +56,43 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let stop = CancellationToken::new();
-    let server = Server::new(ServerConfig::default()).add_service(Greeter);
+    let server = Server::new(ServerConfig::default()).add_service(Hello.into_service());
     let serving = tokio::spawn(server.serve(listener, stop.clone().cancelled_owned()));
     println!("server listening on {addr}");
 
-    // A client with metadata sent on every call.
+    // A typed client, with metadata sent on every call.
     let mut config = ClientConfig::default();
     config.metadata.insert("x-client", "quickstart");
-    let client = Client::connect(TcpConnector::from(addr), config).await?;
+    let greeter = GreeterClient::new(Client::connect(TcpConnector::from(addr), config).await?);
 
-    // 1. A call.
-    let answer = client
-        .call(
-            "Greeter.greet",
-            Bincode::encode("courier")?,
-            &CallOptions::default(),
-        )
-        .await?;
-    println!("1. greet        -> {}", Bincode::decode::<String>(&answer)?);
+    // 1. A call. `?` takes off courier's error layer; the service's own Result is left.
+    let greeting = greeter.greet("courier".into()).await?;
+    println!("1. greet(\"courier\")       -> {greeting:?}");
 
-    // 2. Many calls in flight on the one connection.
+    // 2. The service's typed error arrives as itself, distinct from RpcError.
+    let empty = greeter.greet(String::new()).await?;
+    println!("2. greet(\"\")              -> {empty:?}");
+
+    // 3. Many calls in flight on the one connection.
     let calls = (0..1000).map(|i| {
-        let client = client.clone();
-        async move {
-            client
-                .call(
-                    "Greeter.greet",
-                    Bincode::encode(&format!("#{i}"))?,
-                    &CallOptions::default(),
-                )
-                .await
-                .map_err(Box::<dyn std::error::Error>::from)
-        }
+        let greeter = greeter.clone();
+        async move { greeter.greet(format!("#{i}")).await }
     });
     let answers = futures_util::future::try_join_all(calls).await?;
     println!(
-        "2. 1000 calls in flight on one connection -> {} answers",
+        "3. 1000 calls in flight on one connection -> {} answers",
         answers.len()
     );
 
-    // 3. A deadline: the call gives up after 50 ms and the server aborts the handler.
-    let options = CallOptions::default().with_timeout(Duration::from_millis(50));
-    match client
-        .call("Greeter.slow", Bincode::encode(&5_000u64)?, &options)
+    // 4. A deadline: the call gives up after 50 ms and the server aborts the handler.
+    match greeter
+        .with_timeout(Duration::from_millis(50))
+        .slow(5_000)
         .await
     {
-        Err(e @ RpcError::Timeout { .. }) => println!("3. slow (50 ms)  -> {e}"),
-        other => println!("3. slow (50 ms)  -> unexpected: {other:?}"),
+        Err(e @ RpcError::Timeout { .. }) => println!("4. slow(5000) within 50 ms -> {e}"),
+        other => println!("4. slow(5000) within 50 ms -> unexpected: {other:?}"),
     }
-
-    // 4. A method that does not exist: an error answer, and the connection stays usable.
-    match client
-        .call("Greeter.shout", Bytes::new(), &CallOptions::default())
-        .await
-    {
-        Err(e @ RpcError::UnknownMethod { .. }) => println!("4. shout        -> {e}"),
-        other => println!("4. shout        -> unexpected: {other:?}"),
-    }
-    let answer = client
-        .call(
-            "Greeter.greet",
-            Bincode::encode("again")?,
-            &CallOptions::default(),
-        )
-        .await?;
-    println!("   greet        -> {}", Bincode::decode::<String>(&answer)?);
 
     // 5. Graceful shutdown: stop accepting, finish what is in flight, close.
     stop.cancel();
