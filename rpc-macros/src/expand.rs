@@ -20,6 +20,12 @@ pub(crate) fn expand(service: &Service) -> TokenStream {
     quote!(#(#items)*)
 }
 
+/// `<crate>::__private`: the one module generated code reaches into.
+fn private(service: &Service) -> TokenStream {
+    let krate = &service.krate;
+    quote!(#krate::__private)
+}
+
 fn client_ident(service: &Service) -> Ident {
     format_ident!("{}Client", service.name)
 }
@@ -37,11 +43,7 @@ fn const_ident(method: &Method) -> Ident {
 /// written with `async fn`.
 fn trait_def(service: &Service) -> TokenStream {
     let Service {
-        attrs,
-        vis,
-        ident,
-        krate,
-        ..
+        attrs, vis, ident, ..
     } = service;
     let service_ident = service_ident(service);
     let methods = service.methods.iter().map(|m| {
@@ -81,23 +83,14 @@ fn trait_def(service: &Service) -> TokenStream {
                 #service_ident::new(self)
             }
         }
-        const _: () = {
-            // Keep the path checked even when `into_service` is never called.
-            #[allow(unused_imports)]
-            use #krate::__private::Service as _;
-        };
     }
 }
 
 fn client(service: &Service) -> TokenStream {
     let Service {
-        vis,
-        ident,
-        krate,
-        name,
-        ..
+        vis, ident, name, ..
     } = service;
-    let p = quote!(#krate::__private);
+    let p = private(service);
     let client = client_ident(service);
     let doc = format!(
         "Client of the [`{ident}`] service: one `async` method per trait method, returning \
@@ -190,10 +183,7 @@ fn client(service: &Service) -> TokenStream {
 }
 
 fn client_method(service: &Service, m: &Method) -> TokenStream {
-    let p = {
-        let krate = &service.krate;
-        quote!(#krate::__private)
-    };
+    let p = private(service);
     let Method {
         carried,
         ident,
@@ -232,13 +222,9 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
 
 fn server(service: &Service) -> TokenStream {
     let Service {
-        vis,
-        ident,
-        krate,
-        name,
-        ..
+        vis, ident, name, ..
     } = service;
-    let p = quote!(#krate::__private);
+    let p = private(service);
     let server = service_ident(service);
     let doc = format!(
         "Server dispatch of the [`{ident}`] service: add it to a server with \
@@ -327,10 +313,7 @@ fn server(service: &Service) -> TokenStream {
 /// One check per argument and return type, spanned on the type, so that a type serde
 /// cannot carry is reported where it was written.
 fn wire_type_checks(service: &Service) -> TokenStream {
-    let p = {
-        let krate = &service.krate;
-        quote!(#krate::__private)
-    };
+    let p = private(service);
     let checks = service.methods.iter().flat_map(|m| {
         let cfgs = m.cfgs.clone();
         let p = p.clone();
