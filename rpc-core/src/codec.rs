@@ -69,18 +69,24 @@ impl FrameCodec {
         self.max_frame_len
     }
 
-    /// Checks a frame against the limit without encoding it: what a sender calls before
-    /// queueing, so that an oversized frame fails its own call, not the connection.
+    /// Checks a frame against the limit without encoding it; returns its body length.
     pub fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
-        let len = frame.encoded_len()?;
-        if len > self.max_frame_len {
-            return Err(RpcError::FrameTooLarge {
-                size: len as u64,
-                limit: self.max_frame_len,
-            });
-        }
-        Ok(len)
+        check_frame_len(frame, self.max_frame_len)
     }
+}
+
+/// The body length of `frame`, or [`RpcError::FrameTooLarge`] when it exceeds `limit`.
+/// Senders call it before queueing, so that an oversized frame fails its own call rather
+/// than the connection; the encoder calls it again for the length prefix.
+pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, RpcError> {
+    let len = frame.encoded_len()?;
+    if len > limit {
+        return Err(RpcError::FrameTooLarge {
+            size: len as u64,
+            limit,
+        });
+    }
+    Ok(len)
 }
 
 impl Decoder for FrameCodec {

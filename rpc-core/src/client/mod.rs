@@ -45,7 +45,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 pub use self::backoff::Backoff;
 use self::conn::Conn;
-use crate::connection::{self, ConnectionConfig};
+use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
 use crate::frame::{Frame, Request, Response, Status};
 use crate::transport::Connector;
@@ -238,24 +238,13 @@ impl Client {
         let conn = self.connection(deadline).await?;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let reply = conn.register(id)?;
-        let guard = CancelOnDrop {
-            conn: &conn,
-            id,
-            armed: true,
-        };
+        // Until the answer or a failure arrives (either removes the call from the
+        // connection's map), dropping this sends a cancel.
+        let _cancel_on_drop = CancelOnDrop { conn: &conn, id };
 
-        let metadata = match (
-            self.inner.config.metadata.is_empty(),
-            options.metadata.is_empty(),
-        ) {
-            (true, _) => options.metadata.clone(),
-            (false, true) => self.inner.config.metadata.clone(),
-            (false, false) => {
-                let mut md = self.inner.config.metadata.clone();
-                md.extend(&options.metadata);
-                md
-            }
-        };
+        // Cloning empty metadata allocates nothing, nor does extending with it.
+        let mut metadata = self.inner.config.metadata.clone();
+        metadata.extend(&options.metadata);
         let request = Request {
             id,
             timeout: Some(deadline.saturating_duration_since(Instant::now())),
@@ -266,26 +255,17 @@ impl Client {
         match tokio::time::timeout_at(deadline, conn.sender.send(Frame::Request(request))).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                guard.disarm(); // never sent: nothing to cancel
+                conn.unregister(id); // never sent: nothing to cancel
                 return Err(e);
             }
             Err(_) => return Err(timed_out()), // the guard cancels, in case it went out
         }
         match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(Ok(response))) => {
-                guard.disarm();
-                into_result(response, &method, timeout)
-            }
-            Ok(Ok(Err(e))) => {
-                guard.disarm();
-                Err(e)
-            }
-            Ok(Err(_)) => {
-                guard.disarm();
-                Err(RpcError::ConnectionClosed {
-                    reason: "connection dropped the call".into(),
-                })
-            }
+            Ok(Ok(Ok(response))) => into_result(response, &method, timeout),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(RpcError::ConnectionClosed {
+                reason: "connection dropped the call".into(),
+            }),
             Err(_) => Err(timed_out()),
         }
     }
@@ -351,26 +331,22 @@ fn into_result(
     }
 }
 
-/// Sends a cancel for a call abandoned before its answer (dropped, or timed out).
+/// Sends a cancel for a call abandoned before its answer (dropped, or timed out). A call
+/// that was answered, failed, or never sent is no longer in the connection's map, and
+/// nothing is sent.
 struct CancelOnDrop<'a> {
     conn: &'a Conn,
     id: u64,
-    armed: bool,
-}
-
-impl CancelOnDrop<'_> {
-    fn disarm(mut self) {
-        self.armed = false;
-    }
 }
 
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
-        if !self.armed || !self.conn.unregister(self.id) {
-            return; // answered, failed, or never sent
+        if !self.conn.unregister(self.id) {
+            return;
         }
-        let cancel = Frame::Cancel { id: self.id };
-        if let Err(RpcError::Io(_)) = self.conn.sender.try_send(cancel.clone()) {
+        if let Err(TrySendError::Full(cancel)) =
+            self.conn.sender.try_send(Frame::Cancel { id: self.id })
+        {
             // Queue full: send it from a task rather than block in `drop`.
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let sender = self.conn.sender.clone();

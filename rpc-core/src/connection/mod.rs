@@ -29,7 +29,7 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 pub use self::reader::FrameReader;
-use crate::codec::FrameCodec;
+use crate::codec::{FrameCodec, check_frame_len};
 use crate::error::RpcError;
 use crate::frame::{Frame, GoAway};
 
@@ -219,15 +219,20 @@ impl FrameSender {
             .map_err(|_| self.shared.closed_error())
     }
 
-    /// Queues `frame` if there is room now; never waits. For `Drop` implementations.
-    pub fn try_send(&self, frame: Frame) -> Result<(), RpcError> {
-        self.check(&frame)?;
+    /// Queues `frame` if there is room now; never waits. For `Drop` implementations: a
+    /// full queue hands the frame back, to be sent from a task.
+    // The frame is handed back by value on `Full`, as tokio's own `TrySendError<T>` does;
+    // boxing it would allocate on the one path that exists to avoid waiting.
+    #[allow(clippy::result_large_err)]
+    pub fn try_send(&self, frame: Frame) -> Result<(), TrySendError> {
+        if let Err(e) = self.check(&frame) {
+            return Err(TrySendError::Failed(e));
+        }
         self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => RpcError::Io(std::io::Error::new(
-                std::io::ErrorKind::WouldBlock,
-                "send queue is full (ConnectionConfig::send_queue)",
-            )),
-            mpsc::error::TrySendError::Closed(_) => self.shared.closed_error(),
+            mpsc::error::TrySendError::Full(frame) => TrySendError::Full(frame),
+            mpsc::error::TrySendError::Closed(_) => {
+                TrySendError::Failed(self.shared.closed_error())
+            }
         })
     }
 
@@ -235,14 +240,7 @@ impl FrameSender {
         if self.shared.close.is_cancelled() {
             return Err(self.shared.closed_error());
         }
-        let len = frame.encoded_len()?;
-        if len > self.shared.max_frame_len {
-            return Err(RpcError::FrameTooLarge {
-                size: len as u64,
-                limit: self.shared.max_frame_len,
-            });
-        }
-        Ok(())
+        check_frame_len(frame, self.shared.max_frame_len).map(drop)
     }
 
     /// Writes what is already queued, then closes the connection.
@@ -260,24 +258,17 @@ impl FrameSender {
         self.shared.close.cancel();
     }
 
-    /// Whether the connection is closed or closing.
-    pub fn is_closed(&self) -> bool {
-        self.shared.close.is_cancelled() || self.shared.writer_done.is_cancelled()
-    }
-
     /// Resolves once the writer stopped: the connection is closed for writing.
     pub async fn closed(&self) {
         self.shared.writer_done.cancelled().await;
     }
+}
 
-    /// Why the connection closed, once it has (`None` while it is open or after a clean
-    /// close).
-    pub fn close_reason(&self) -> Option<Arc<str>> {
-        self.shared.error.get().cloned()
-    }
-
-    /// The largest frame body this connection sends or accepts.
-    pub fn max_frame_len(&self) -> usize {
-        self.shared.max_frame_len
-    }
+/// Why [`FrameSender::try_send`] did not queue a frame.
+#[derive(Debug)]
+pub enum TrySendError {
+    /// The queue is full right now; the frame is handed back.
+    Full(Frame),
+    /// The frame is refused (too large) or the connection is closed.
+    Failed(RpcError),
 }

@@ -157,9 +157,4 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn protocol_violation(&mut self, error: ProtocolError) -> RpcError {
         self.fail(RpcError::Protocol(error))
     }
-
-    /// The sender of this connection.
-    pub fn sender(&self) -> &FrameSender {
-        &self.sender
-    }
 }
