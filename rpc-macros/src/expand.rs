@@ -43,9 +43,14 @@ fn const_ident(method: &Method) -> Ident {
 /// written with `async fn`.
 fn trait_def(service: &Service) -> TokenStream {
     let Service {
-        attrs, vis, ident, ..
+        attrs,
+        vis,
+        ident,
+        supertraits,
+        ..
     } = service;
     let service_ident = service_ident(service);
+    let supertraits = (!supertraits.is_empty()).then(|| quote!(#supertraits +));
     let methods = service.methods.iter().map(|m| {
         let Method {
             attrs,
@@ -71,7 +76,7 @@ fn trait_def(service: &Service) -> TokenStream {
     });
     quote! {
         #(#attrs)*
-        #vis trait #ident: ::core::marker::Send + ::core::marker::Sync + 'static {
+        #vis trait #ident: #supertraits ::core::marker::Send + ::core::marker::Sync + 'static {
             #(#methods)*
 
             /// Wraps this implementation for a server:

@@ -1,13 +1,16 @@
 //! The service as the expansion sees it: validated, with every name and type resolved.
 
 use proc_macro2::Ident;
-use syn::{Attribute, Path, Type, Visibility};
+use syn::punctuated::Punctuated;
+use syn::{Attribute, Path, Token, Type, TypeParamBound, Visibility};
 
 pub(crate) struct Service {
     /// Attributes of the trait (its docs, among others), kept on the trait.
     pub(crate) attrs: Vec<Attribute>,
     pub(crate) vis: Visibility,
     pub(crate) ident: Ident,
+    /// The user's supertraits, kept beside the `Send + Sync + 'static` the macro adds.
+    pub(crate) supertraits: Punctuated<TypeParamBound, Token![+]>,
     /// The wire name: the trait's name without `r#`.
     pub(crate) name: String,
     pub(crate) methods: Vec<Method>,

@@ -82,6 +82,7 @@ pub(crate) fn validate(parsed: Parsed) -> syn::Result<Service> {
             vis: item.vis,
             name: ident.unraw().to_string(),
             ident,
+            supertraits: item.supertraits,
             methods,
             krate,
         }),
