@@ -20,16 +20,17 @@
 mod reader;
 mod writer;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 pub use self::reader::FrameReader;
-use crate::codec::{FrameCodec, check_frame_len};
+use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
 use crate::error::RpcError;
 use crate::frame::{Frame, GoAway};
 
@@ -44,6 +45,7 @@ use crate::frame::{Frame, GoAway};
 /// config.keepalive_interval = Duration::from_secs(5);
 /// config.keepalive_timeout = Duration::from_secs(15);
 /// assert_eq!(config.send_queue, 1024);
+/// assert_eq!(config.max_queued_bytes, 64 * 1024 * 1024);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -59,6 +61,12 @@ pub struct ConnectionConfig {
     pub keepalive_timeout: Duration,
     /// Frames queued for the writer before senders wait. Default 1,024.
     pub send_queue: usize,
+    /// The most bytes (frame bodies plus length prefixes) that may wait for the writer
+    /// before [`FrameSender::try_send`] reports the queue as full. This is the memory
+    /// bound of a connection whose peer stops reading: a broker fans messages out with
+    /// `try_send` and cuts off a peer that reaches it. [`FrameSender::send`] counts its
+    /// frames too but waits only on [`Self::send_queue`]. Default 64 MiB.
+    pub max_queued_bytes: usize,
 }
 
 impl ConnectionConfig {
@@ -73,6 +81,7 @@ impl Default for ConnectionConfig {
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(30),
             send_queue: 1024,
+            max_queued_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -127,21 +136,72 @@ impl<T: AsyncRead + AsyncWrite + Send + 'static> Io for Split<T> {
     }
 }
 
+/// A round trip waiting for the pong of the ping with this nonce.
+type RoundTrip = (u64, oneshot::Sender<()>);
+
 /// State shared by the reader, the writer and every sender of one connection.
 #[derive(Debug)]
 struct Shared {
     /// Asks the writer to write what is queued, then shut the stream down.
     close: CancellationToken,
+    /// Asks the writer to stop at once, discarding what is queued (see
+    /// [`FrameSender::abort_with`]).
+    abort: CancellationToken,
+    /// The go-away the writer tries to send when aborting.
+    abort_go_away: OnceLock<GoAway>,
     /// The writer has stopped: nothing more will be written.
     writer_done: CancellationToken,
     /// Why the connection ended, when it ended with an error (first cause wins).
     error: OnceLock<Arc<str>>,
     max_frame_len: usize,
+    /// Bytes queued and not yet encoded by the writer.
+    queued_bytes: AtomicUsize,
+    max_queued_bytes: usize,
+    /// Ping nonces, shared by keepalive pings and round trips so that pongs come back in
+    /// nonce order.
+    next_nonce: AtomicU64,
+    /// Round trips waiting for the pong of the ping with their nonce (or a later one);
+    /// `None` once the reader stopped.
+    round_trips: Mutex<Option<Vec<RoundTrip>>>,
 }
 
 impl Shared {
     fn record_error(&self, error: &RpcError) {
         let _ = self.error.set(error.to_string().into());
+    }
+
+    fn next_nonce(&self) -> u64 {
+        self.next_nonce.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The peer answered the ping with `nonce`: it has read everything sent before it,
+    /// and before every earlier ping.
+    fn pong(&self, nonce: u64) {
+        let mut waiting = self.round_trips.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(waiting) = waiting.as_mut() else {
+            return;
+        };
+        let mut i = 0;
+        while i < waiting.len() {
+            if waiting[i].0 <= nonce {
+                let (_, done) = waiting.swap_remove(i);
+                let _ = done.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The reader stopped: no pong will come, so waiting round trips fail.
+    fn reader_done(&self) {
+        self.round_trips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    fn unqueue(&self, bytes: usize) {
+        self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
     fn closed_error(&self) -> RpcError {
@@ -177,9 +237,15 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
     let (tx, rx) = mpsc::channel(config.send_queue.max(1));
     let shared = Arc::new(Shared {
         close: CancellationToken::new(),
+        abort: CancellationToken::new(),
+        abort_go_away: OnceLock::new(),
         writer_done: CancellationToken::new(),
         error: OnceLock::new(),
         max_frame_len: config.max_frame_len,
+        queued_bytes: AtomicUsize::new(0),
+        max_queued_bytes: config.max_queued_bytes,
+        next_nonce: AtomicU64::new(1),
+        round_trips: Mutex::new(Some(Vec::new())),
     });
     let sender = FrameSender {
         tx,
@@ -212,35 +278,96 @@ impl FrameSender {
     /// [`RpcError::FrameTooLarge`] and the connection stays up. After the connection
     /// closed, fails with [`RpcError::ConnectionClosed`].
     pub async fn send(&self, frame: Frame) -> Result<(), RpcError> {
-        self.check(&frame)?;
-        self.tx
-            .send(frame)
-            .await
-            .map_err(|_| self.shared.closed_error())
+        let bytes = self.check(&frame)?;
+        self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.tx.send(frame).await.map_err(|_| {
+            self.shared.unqueue(bytes);
+            self.shared.closed_error()
+        })
     }
 
-    /// Queues `frame` if there is room now; never waits. For `Drop` implementations: a
-    /// full queue hands the frame back, to be sent from a task.
+    /// Queues `frame` if there is room now; never waits. A full queue, in frames
+    /// ([`ConnectionConfig::send_queue`]) or in bytes
+    /// ([`ConnectionConfig::max_queued_bytes`]), hands the frame back: a `Drop`
+    /// implementation sends it from a task instead, a broker treats the peer as a slow
+    /// consumer.
     // The frame is handed back by value on `Full`, as tokio's own `TrySendError<T>` does;
     // boxing it would allocate on the one path that exists to avoid waiting.
     #[allow(clippy::result_large_err)]
     pub fn try_send(&self, frame: Frame) -> Result<(), TrySendError> {
-        if let Err(e) = self.check(&frame) {
-            return Err(TrySendError::Failed(e));
+        let bytes = match self.check(&frame) {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(TrySendError::Failed(e)),
+        };
+        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > self.shared.max_queued_bytes {
+            self.shared.unqueue(bytes);
+            return Err(TrySendError::Full(frame));
         }
-        self.tx.try_send(frame).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(frame) => TrySendError::Full(frame),
-            mpsc::error::TrySendError::Closed(_) => {
-                TrySendError::Failed(self.shared.closed_error())
+        self.tx.try_send(frame).map_err(|e| {
+            self.shared.unqueue(bytes);
+            match e {
+                mpsc::error::TrySendError::Full(frame) => TrySendError::Full(frame),
+                mpsc::error::TrySendError::Closed(_) => {
+                    TrySendError::Failed(self.shared.closed_error())
+                }
             }
         })
     }
 
-    fn check(&self, frame: &Frame) -> Result<(), RpcError> {
+    /// Checks `frame` against the limits; returns what it adds to the queued bytes.
+    fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
         if self.shared.close.is_cancelled() {
             return Err(self.shared.closed_error());
         }
-        check_frame_len(frame, self.shared.max_frame_len).map(drop)
+        check_frame_len(frame, self.shared.max_frame_len).map(|len| len + LENGTH_PREFIX_LEN)
+    }
+
+    /// Bytes queued for the writer and not yet encoded into its buffer (which holds at
+    /// most 256 KiB plus one frame besides).
+    pub fn queued_bytes(&self) -> usize {
+        self.shared.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the peer has read every frame queued before this call: sends a ping
+    /// and waits for its pong. A bus client's `flush` is this round trip.
+    ///
+    /// Fails with [`RpcError::ConnectionClosed`] if the connection closes first.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (mut a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    /// // Both readers must be polled: b's answers the ping, a's receives the pong.
+    /// tokio::spawn(async move { while let Some(_) = b_reader.next().await {} });
+    /// tokio::spawn(async move { while let Some(_) = a_reader.next().await {} });
+    /// a_sender.round_trip().await.unwrap();
+    /// # }
+    /// ```
+    pub async fn round_trip(&self) -> Result<(), RpcError> {
+        let nonce = self.shared.next_nonce();
+        let (done, answered) = oneshot::channel();
+        match self
+            .shared
+            .round_trips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            Some(waiting) => waiting.push((nonce, done)),
+            None => return Err(self.shared.closed_error()),
+        }
+        self.send(Frame::Ping { nonce }).await?;
+        // The reader drops the waiter when it stops; the writer stopping means the ping
+        // may never have left.
+        tokio::select! {
+            answered = answered => answered.map_err(|_| self.shared.closed_error()),
+            _ = self.closed() => Err(self.shared.closed_error()),
+        }
     }
 
     /// Writes what is already queued, then closes the connection.
@@ -258,6 +385,17 @@ impl FrameSender {
         self.shared.close.cancel();
     }
 
+    /// Closes the connection now: frames still queued are discarded, and `go_away` is
+    /// written only if the stream takes it at once (a peer that stopped reading never
+    /// gets it). For a peer that does not keep up, where [`Self::close_with`] would wait
+    /// behind everything the peer is not reading. `reason` is what local users see.
+    pub fn abort_with(&self, go_away: GoAway, reason: &RpcError) {
+        self.shared.record_error(reason);
+        let _ = self.shared.abort_go_away.set(go_away);
+        self.shared.abort.cancel();
+        self.shared.close.cancel();
+    }
+
     /// Resolves once the writer stopped: the connection is closed for writing.
     pub async fn closed(&self) {
         self.shared.writer_done.cancelled().await;
@@ -272,3 +410,6 @@ pub enum TrySendError {
     /// The frame is refused (too large) or the connection is closed.
     Failed(RpcError),
 }
+
+#[cfg(test)]
+mod tests;

@@ -92,13 +92,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                                 // the next poll sees that.
                                 let _ = self.sender.send(Frame::Pong { nonce }).await;
                             }
-                            Frame::Pong { .. } => {}
+                            Frame::Pong { nonce } => self.shared.pong(nonce),
                             frame => return Some(Ok(frame)),
                         }
                     }
                     Some(Err(error)) => return Some(Err(self.fail(error))),
                     None => {
                         self.finished = true;
+                        self.shared.reader_done();
                         return None;
                     }
                 },
@@ -118,6 +119,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     // The writer stopped (write error, or a local close): nothing more
                     // can be answered on this connection.
                     self.finished = true;
+                    self.shared.reader_done();
                     return match self.shared.error.get() {
                         Some(_) => Some(Err(self.shared.closed_error())),
                         None => None,
@@ -131,6 +133,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// fault, records the cause, and asks the writer to close.
     fn fail(&mut self, error: RpcError) -> RpcError {
         self.finished = true;
+        self.shared.reader_done();
         let code = match &error {
             RpcError::FrameTooLarge { .. } => Some(GoAway::FRAME_TOO_LARGE),
             RpcError::Protocol(_) => Some(GoAway::PROTOCOL_ERROR),

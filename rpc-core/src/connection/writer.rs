@@ -20,6 +20,18 @@ const MAX_BATCH: usize = 256;
 const FLUSH_AT: usize = 256 * 1024;
 /// The buffer's usual size; it is shrunk back to this after carrying a large frame.
 const BUF_CAPACITY: usize = 16 * 1024;
+/// How long an aborting writer tries to deliver its go-away.
+const ABORT_GO_AWAY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// How the write loop ended.
+enum End {
+    /// Everything queued was written; shut the stream down.
+    Done,
+    /// Aborted between writes: the go-away can still be framed correctly.
+    AbortedIdle,
+    /// Aborted inside a write: the stream may end mid-frame, so nothing more is written.
+    AbortedMidWrite,
+}
 
 pub(super) async fn run<W: AsyncWrite + Unpin>(
     mut io: W,
@@ -33,15 +45,28 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     let mut ping =
         tokio::time::interval_at(Instant::now() + keepalive_interval, keepalive_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
     // Pinned once: a fresh `cancelled()` per loop would register a waiter per write.
     let close = shared.close.clone().cancelled_owned();
     tokio::pin!(close);
+    let abort = shared.abort.clone().cancelled_owned();
+    tokio::pin!(abort);
 
-    let result: Result<(), RpcError> = async {
+    // A write that the abort token interrupts.
+    macro_rules! write_or_abort {
+        ($write:expr) => {
+            tokio::select! {
+                biased;
+                _ = &mut abort => return Ok(End::AbortedMidWrite),
+                result = $write => result?,
+            }
+        };
+    }
+
+    let result: Result<End, RpcError> = async {
         loop {
             let closing = tokio::select! {
                 biased;
+                _ = &mut abort => return Ok(End::AbortedIdle),
                 _ = &mut close => {
                     // Write what was queued before the close, then stop.
                     while let Ok(frame) = rx.try_recv() {
@@ -51,46 +76,67 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 }
                 n = rx.recv_many(&mut batch, MAX_BATCH) => {
                     if n == 0 {
-                        return Ok(()); // every sender is gone
+                        return Ok(End::Done); // every sender is gone
                     }
                     false
                 }
                 _ = ping.tick() => {
-                    nonce = nonce.wrapping_add(1);
-                    batch.push(Frame::Ping { nonce });
+                    // Encoded directly: keepalive pings were never counted as queued.
+                    let ping = Frame::Ping { nonce: shared.next_nonce() };
+                    if let Err(e) = codec.encode(&ping, &mut buf) {
+                        tracing::error!(error = %e, "cannot encode a ping");
+                    }
                     false
                 }
             };
             for frame in batch.drain(..) {
+                let before = buf.len();
                 // Senders checked the size already; a frame failing here is dropped
                 // alone rather than taking the connection down.
                 if let Err(e) = codec.encode(&frame, &mut buf) {
                     tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
                 }
+                shared.unqueue(buf.len() - before);
                 if buf.len() >= FLUSH_AT {
-                    io.write_all(&buf).await?;
+                    write_or_abort!(io.write_all(&buf));
                     buf.clear();
                 }
             }
             if !buf.is_empty() {
-                io.write_all(&buf).await?;
-                io.flush().await?;
+                write_or_abort!(io.write_all(&buf));
+                write_or_abort!(io.flush());
                 buf.clear();
             }
             if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
                 buf = BytesMut::with_capacity(BUF_CAPACITY);
             }
             if closing {
-                return Ok(());
+                return Ok(End::Done);
             }
         }
     }
     .await;
 
     match result {
-        Ok(()) => {
+        Ok(End::Done) => {
             let _ = io.shutdown().await;
         }
+        Ok(End::AbortedIdle) => {
+            if let Some(go_away) = shared.abort_go_away.get() {
+                buf.clear();
+                if codec
+                    .encode(&Frame::GoAway(go_away.clone()), &mut buf)
+                    .is_ok()
+                {
+                    let _ = tokio::time::timeout(ABORT_GO_AWAY_TIMEOUT, async {
+                        io.write_all(&buf).await?;
+                        io.shutdown().await
+                    })
+                    .await;
+                }
+            }
+        }
+        Ok(End::AbortedMidWrite) => {}
         Err(e) => {
             tracing::debug!(error = %e, "connection writer failed");
             shared.record_error(&e);

@@ -66,6 +66,7 @@ impl Frame {
             Kind::Cancel => Frame::Cancel { id: r.u64("id")? },
             Kind::Connect => Frame::Connect(Connect {
                 max_frame_len: r.u32("max_frame_len")?,
+                max_payload: r.u32("max_payload")?,
                 name: r.str16("name")?,
                 token: r.str16("token")?,
             }),

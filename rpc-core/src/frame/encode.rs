@@ -32,7 +32,7 @@ impl Frame {
             | Frame::Ping { .. }
             | Frame::Pong { .. } => 8,
             Frame::Connect(c) => {
-                4 + str16_len(kind, "name", &c.name)? + str16_len(kind, "token", &c.token)?
+                8 + str16_len(kind, "name", &c.name)? + str16_len(kind, "token", &c.token)?
             }
             Frame::Pub(p) => {
                 str16_len(kind, "subject", &p.subject)?
@@ -109,10 +109,12 @@ impl Frame {
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
             Frame::Connect(Connect {
                 max_frame_len,
+                max_payload,
                 name,
                 token,
             }) => {
                 dst.put_u32(*max_frame_len);
+                dst.put_u32(*max_payload);
                 put_str16(dst, name);
                 put_str16(dst, token);
             }

@@ -249,6 +249,10 @@ impl fmt::Display for Status {
 pub struct Connect {
     /// The largest frame the sender accepts, in bytes (0 = not stated).
     pub max_frame_len: u32,
+    /// The largest message payload the sender accepts in a publish, in bytes (0 = not
+    /// stated). A broker states its limit so that clients refuse oversized publishes
+    /// before sending them.
+    pub max_payload: u32,
     /// A name for logs (client name, broker id).
     pub name: Utf8Bytes,
     /// A shared token the broker may require; empty when none is sent.

@@ -57,10 +57,11 @@ fn golden() -> Vec<(Frame, &'static str)> {
         (
             Frame::Connect(Connect {
                 max_frame_len: 1024,
+                max_payload: 512,
                 name: "c".into(),
                 token: Utf8Bytes::default(),
             }),
-            "01 10  00000400  0001 63  0000",
+            "01 10  00000400  00000200  0001 63  0000",
         ),
         (
             Frame::Pub(Publish {
@@ -278,13 +279,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })
         }),
         any::<u64>().prop_map(|id| Frame::Cancel { id }),
-        (any::<u32>(), text(), text()).prop_map(|(max_frame_len, name, token)| {
-            Frame::Connect(Connect {
-                max_frame_len,
-                name,
-                token,
-            })
-        }),
+        (any::<u32>(), any::<u32>(), text(), text()).prop_map(
+            |(max_frame_len, max_payload, name, token)| {
+                Frame::Connect(Connect {
+                    max_frame_len,
+                    max_payload,
+                    name,
+                    token,
+                })
+            }
+        ),
         (text(), text(), metadata(), payload()).prop_map(|(subject, reply, headers, payload)| {
             Frame::Pub(Publish {
                 subject,

@@ -1,0 +1,134 @@
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+use crate::frame::Message;
+
+fn msg(len: usize) -> Frame {
+    Frame::Msg(Message {
+        sid: 1,
+        subject: "s".into(),
+        payload: Bytes::from(vec![0u8; len]),
+        ..Message::default()
+    })
+}
+
+#[tokio::test]
+async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    let mut accepted = 0;
+    loop {
+        match sender.try_send(msg(1000)) {
+            Ok(()) => accepted += 1,
+            Err(TrySendError::Full(_)) => break,
+            Err(TrySendError::Failed(e)) => panic!("unexpected failure: {e}"),
+        }
+        assert!(accepted < 100, "the byte limit was never applied");
+    }
+    // The peer reads nothing: at most the duplex buffer's worth leaves the queue.
+    assert!(sender.queued_bytes() <= 10_000, "{}", sender.queued_bytes());
+    assert!(
+        accepted >= 9,
+        "only {accepted} frames of ~1 KB fit in 10,000 bytes"
+    );
+}
+
+#[tokio::test]
+async fn queued_bytes_return_to_zero_once_written() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let config = ConnectionConfig::default();
+    let (_reader, sender) = start(a, &config);
+    let (mut b_reader, _b_sender) = start(b, &config);
+    for _ in 0..10 {
+        sender.send(msg(100)).await.unwrap();
+    }
+    for _ in 0..10 {
+        b_reader.next().await.unwrap().unwrap();
+    }
+    assert_eq!(sender.queued_bytes(), 0);
+}
+
+#[tokio::test]
+async fn abort_closes_a_connection_whose_peer_stopped_reading() {
+    let (a, _b) = tokio::io::duplex(64);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    for _ in 0..10 {
+        sender.try_send(msg(1000)).unwrap();
+    }
+    // The writer is stuck writing into a full pipe; a graceful close would wait forever.
+    sender.abort_with(
+        GoAway::new(GoAway::SLOW_CONSUMER, "too slow"),
+        &RpcError::ConnectionClosed {
+            reason: "slow consumer".into(),
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(5), sender.closed())
+        .await
+        .expect("the writer stopped");
+    let err = sender.send(msg(1)).await.unwrap_err();
+    assert!(err.to_string().contains("slow consumer"), "{err}");
+}
+
+#[tokio::test]
+async fn abort_between_writes_still_delivers_the_go_away() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let config = ConnectionConfig::default();
+    let (_reader, sender) = start(a, &config);
+    let (mut b_reader, _b_sender) = start(b, &config);
+    sender.abort_with(
+        GoAway::new(GoAway::SLOW_CONSUMER, "too slow"),
+        &RpcError::ConnectionClosed {
+            reason: "slow consumer".into(),
+        },
+    );
+    match b_reader.next().await {
+        Some(Ok(Frame::GoAway(g))) => assert_eq!(g.code, GoAway::SLOW_CONSUMER),
+        other => panic!("expected a go-away, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn round_trip_waits_for_the_peer_to_answer() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let config = ConnectionConfig::default();
+    let (mut a_reader, a_sender) = start(a, &config);
+    let (mut b_reader, _b_sender) = start(b, &config);
+    tokio::spawn(async move { while a_reader.next().await.is_some() {} });
+    // Nobody reads b yet, so nobody answers the ping.
+    let pending = tokio::time::timeout(Duration::from_millis(50), a_sender.round_trip()).await;
+    assert!(
+        pending.is_err(),
+        "answered without a reader on the other side"
+    );
+    tokio::spawn(async move { while b_reader.next().await.is_some() {} });
+    tokio::time::timeout(Duration::from_secs(5), a_sender.round_trip())
+        .await
+        .expect("answered")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn round_trip_fails_when_the_connection_closes() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (mut a_reader, a_sender) = start(a, &ConnectionConfig::default());
+    tokio::spawn(async move { while a_reader.next().await.is_some() {} });
+    let waiting = a_sender.round_trip();
+    tokio::pin!(waiting);
+    // One poll registers the round trip and queues its ping.
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut waiting)
+            .await
+            .is_err()
+    );
+    drop(b);
+    let result = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("finished");
+    assert!(result.is_err());
+}
