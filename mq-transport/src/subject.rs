@@ -1,0 +1,248 @@
+//! Subjects: `.`-separated tokens, with `*` and `>` wildcards in subscriptions.
+//!
+//! * A **subject** (what is published to) is one or more non-empty tokens without
+//!   wildcards: `orders.eu.created`.
+//! * A **filter** (what is subscribed to) may use whole-token wildcards: `*` matches
+//!   exactly one token, `>` (last token only) matches one or more trailing tokens, so
+//!   `orders.>` matches `orders.eu` and `orders.eu.created` but not `orders`.
+//!
+//! Tokens cannot contain whitespace or control characters, and a wildcard character
+//! inside a longer token (`ord*rs`) is refused rather than taken literally. These are
+//! NATS's rules, so a subject that works on the embedded bus works on a NATS server.
+
+/// The longest subject or filter accepted, in bytes.
+pub const MAX_SUBJECT_LEN: usize = 4096;
+
+/// Why a subject, filter or queue group name was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} `{text}`: {reason}")]
+pub struct SubjectError {
+    what: &'static str,
+    text: String,
+    reason: &'static str,
+}
+
+impl SubjectError {
+    fn new(what: &'static str, text: &str, reason: &'static str) -> Self {
+        let mut text = text.to_owned();
+        if text.len() > 80 {
+            let mut end = 80;
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            text.push('…');
+        }
+        SubjectError { what, text, reason }
+    }
+
+    /// What was refused: `"subject"`, `"subscription subject"` or `"queue group"`.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
+    /// Why it was refused.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+}
+
+/// Checks a subject to publish to: tokens, no wildcards.
+///
+/// ```
+/// use mq_transport::subject::validate_subject;
+/// assert!(validate_subject("orders.eu.created").is_ok());
+/// assert!(validate_subject("orders.*").is_err());
+/// assert!(validate_subject("orders..eu").is_err());
+/// ```
+pub fn validate_subject(subject: &str) -> Result<(), SubjectError> {
+    check_tokens("subject", subject, false)
+}
+
+/// Checks a filter to subscribe to: tokens, with `*` and a trailing `>` allowed.
+///
+/// ```
+/// use mq_transport::subject::validate_filter;
+/// assert!(validate_filter("orders.*.created").is_ok());
+/// assert!(validate_filter("orders.>").is_ok());
+/// assert!(validate_filter("orders.>.created").is_err());
+/// assert!(validate_filter("ord*rs").is_err());
+/// ```
+pub fn validate_filter(filter: &str) -> Result<(), SubjectError> {
+    check_tokens("subscription subject", filter, true)
+}
+
+/// Checks a queue group name: non-empty, no whitespace or control characters.
+pub fn validate_queue(queue: &str) -> Result<(), SubjectError> {
+    const WHAT: &str = "queue group";
+    if queue.is_empty() {
+        return Err(SubjectError::new(WHAT, queue, "it is empty"));
+    }
+    if queue.len() > MAX_SUBJECT_LEN {
+        return Err(SubjectError::new(
+            WHAT,
+            queue,
+            "it is longer than 4096 bytes",
+        ));
+    }
+    if queue.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(SubjectError::new(
+            WHAT,
+            queue,
+            "it contains whitespace or a control character",
+        ));
+    }
+    Ok(())
+}
+
+fn check_tokens(what: &'static str, text: &str, wildcards: bool) -> Result<(), SubjectError> {
+    if text.is_empty() {
+        return Err(SubjectError::new(what, text, "it is empty"));
+    }
+    if text.len() > MAX_SUBJECT_LEN {
+        return Err(SubjectError::new(
+            what,
+            text,
+            "it is longer than 4096 bytes",
+        ));
+    }
+    let mut tokens = text.split('.').peekable();
+    while let Some(token) = tokens.next() {
+        if token.is_empty() {
+            return Err(SubjectError::new(
+                what,
+                text,
+                "it has an empty token (leading, trailing or double `.`)",
+            ));
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(SubjectError::new(
+                what,
+                text,
+                "it contains whitespace or a control character",
+            ));
+        }
+        match token {
+            "*" | ">" if !wildcards => {
+                return Err(SubjectError::new(
+                    what,
+                    text,
+                    "wildcards `*` and `>` are for subscriptions, not for publishing",
+                ));
+            }
+            ">" if tokens.peek().is_some() => {
+                return Err(SubjectError::new(what, text, "`>` must be the last token"));
+            }
+            "*" | ">" => {}
+            _ if token.contains(['*', '>']) => {
+                return Err(SubjectError::new(
+                    what,
+                    text,
+                    "a wildcard must be a whole token",
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `filter` matches `subject`, token by token. Both are assumed valid.
+///
+/// This is the reference definition; the subscription index answers the same question
+/// for many filters at once.
+///
+/// ```
+/// use mq_transport::subject::matches;
+/// assert!(matches("a.*.c", "a.b.c"));
+/// assert!(matches("a.>", "a.b.c"));
+/// assert!(!matches("a.>", "a"));
+/// ```
+pub fn matches(filter: &str, subject: &str) -> bool {
+    let mut f = filter.split('.');
+    let mut s = subject.split('.');
+    loop {
+        match (f.next(), s.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) => return true,
+            (Some("*"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matching_follows_the_nats_rules() {
+        // (filter, subject, matches)
+        let table = [
+            ("a", "a", true),
+            ("a", "b", false),
+            ("a.b", "a.b", true),
+            ("a.b", "a", false),
+            ("a", "a.b", false),
+            ("*", "a", true),
+            ("*", "a.b", false),
+            ("a.*", "a.b", true),
+            ("a.*", "a", false),
+            ("a.*", "a.b.c", false),
+            ("*.b", "a.b", true),
+            ("*.*", "a.b", true),
+            ("a.*.c", "a.b.c", true),
+            ("a.*.c", "a.b.d", false),
+            (">", "a", true),
+            (">", "a.b.c", true),
+            ("a.>", "a", false),
+            ("a.>", "a.b", true),
+            ("a.>", "a.b.c.d", true),
+            ("a.>", "b.c", false),
+            ("a.*.>", "a.b", false),
+            ("a.*.>", "a.b.c", true),
+            ("*.>", "a.b", true),
+            ("*.>", "a", false),
+            ("a.b.>", "a.b", false),
+            ("orders.eu", "orders.eu", true),
+            ("orders.eu", "orders.us", false),
+        ];
+        for (filter, subject, expected) in table {
+            validate_filter(filter).unwrap();
+            validate_subject(subject).unwrap();
+            assert_eq!(matches(filter, subject), expected, "{filter} vs {subject}");
+        }
+    }
+
+    #[test]
+    fn malformed_subjects_are_refused_with_the_reason() {
+        for (bad, reason) in [
+            ("", "empty"),
+            (".a", "empty token"),
+            ("a.", "empty token"),
+            ("a..b", "empty token"),
+            ("a b", "whitespace"),
+            ("a\tb", "whitespace"),
+            ("a.*", "not for publishing"),
+            ("a.>", "not for publishing"),
+            ("a*", "whole token"),
+        ] {
+            let err = validate_subject(bad).unwrap_err();
+            assert!(err.to_string().contains(reason), "{bad:?}: {err}");
+        }
+        for (bad, reason) in [
+            ("a.>.b", "last token"),
+            ("a.b*", "whole token"),
+            ("a.>>", "whole token"),
+            ("", "empty"),
+        ] {
+            let err = validate_filter(bad).unwrap_err();
+            assert!(err.to_string().contains(reason), "{bad:?}: {err}");
+        }
+        assert!(validate_subject(&"a".repeat(MAX_SUBJECT_LEN + 1)).is_err());
+        assert!(validate_queue("workers").is_ok());
+        assert!(validate_queue("").is_err());
+        assert!(validate_queue("a b").is_err());
+    }
+}

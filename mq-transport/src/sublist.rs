@@ -1,0 +1,503 @@
+//! The subscription index: which subscriptions a subject reaches.
+//!
+//! A trie keyed by token. Each node holds the subscriptions whose filter ends there, and
+//! those whose filter continues with `>` from there; `*` is one more child. Matching a
+//! subject of `n` tokens visits at most the literal and `*` child per token, so its cost
+//! depends on the subject and on how many wildcard filters overlap it, not on how many
+//! subscriptions exist.
+//!
+//! Results are cached per subject (up to [`CACHE_CAPACITY`] subjects). Adding or removing
+//! a subscription evicts exactly the cached subjects its filter matches; the trie's write
+//! lock is held while doing so, and a lookup fills the cache under the read lock, so a
+//! stale result can never be cached.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::subject;
+
+/// Subjects whose match results are kept.
+pub const CACHE_CAPACITY: usize = 4096;
+
+/// The subscriptions one subject reaches.
+#[derive(Debug)]
+pub struct Match<T> {
+    /// Plain subscriptions: each gets every message.
+    pub plain: Vec<T>,
+    /// Queue groups, by name: one member of each gets each message.
+    pub groups: Vec<(Box<str>, Vec<T>)>,
+    /// Rotates the member tried first in each group.
+    next: AtomicUsize,
+}
+
+impl<T> Match<T> {
+    /// Whether nothing matched.
+    pub fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+
+    /// Members of `group` in the order to try them for one message: round robin, so
+    /// that a group's members share the load evenly.
+    pub fn group_order<'a>(&self, group: &'a [T]) -> impl Iterator<Item = &'a T> + 'a {
+        let start = if group.is_empty() {
+            0
+        } else {
+            self.next.fetch_add(1, Ordering::Relaxed) % group.len()
+        };
+        group[start..].iter().chain(group[..start].iter())
+    }
+}
+
+/// Subscriptions by key.
+type Keyed<T> = Vec<(u64, T)>;
+
+/// Subscriptions under one filter, or under one filter followed by `>`.
+#[derive(Debug)]
+struct Subs<T> {
+    plain: Keyed<T>,
+    groups: Vec<(Box<str>, Keyed<T>)>,
+}
+
+impl<T> Default for Subs<T> {
+    fn default() -> Self {
+        Subs {
+            plain: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> Subs<T> {
+    fn is_empty(&self) -> bool {
+        self.plain.is_empty() && self.groups.is_empty()
+    }
+
+    fn insert(&mut self, queue: Option<&str>, key: u64, value: T) {
+        match queue {
+            None => self.plain.push((key, value)),
+            Some(queue) => match self.groups.iter_mut().find(|(q, _)| &**q == queue) {
+                Some((_, members)) => members.push((key, value)),
+                None => self.groups.push((queue.into(), vec![(key, value)])),
+            },
+        }
+    }
+
+    fn remove(&mut self, queue: Option<&str>, key: u64) -> Option<T> {
+        let list = match queue {
+            None => &mut self.plain,
+            Some(queue) => {
+                let i = self.groups.iter().position(|(q, _)| &**q == queue)?;
+                let members = &mut self.groups[i].1;
+                let j = members.iter().position(|(k, _)| *k == key)?;
+                let (_, value) = members.swap_remove(j);
+                if members.is_empty() {
+                    self.groups.swap_remove(i);
+                }
+                return Some(value);
+            }
+        };
+        let j = list.iter().position(|(k, _)| *k == key)?;
+        Some(list.swap_remove(j).1)
+    }
+
+    fn collect_into(&self, out: &mut Match<T>) {
+        out.plain.extend(self.plain.iter().map(|(_, v)| v.clone()));
+        for (queue, members) in &self.groups {
+            let values = members.iter().map(|(_, v)| v.clone());
+            match out.groups.iter_mut().find(|(q, _)| q == queue) {
+                Some((_, all)) => all.extend(values),
+                None => out.groups.push((queue.clone(), values.collect())),
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Node<T> {
+    literal: HashMap<Box<str>, Node<T>>,
+    star: Option<Box<Node<T>>>,
+    /// Filters ending at this node.
+    here: Subs<T>,
+    /// Filters ending at this node followed by `>`.
+    rest: Subs<T>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node {
+            literal: HashMap::new(),
+            star: None,
+            here: Subs::default(),
+            rest: Subs::default(),
+        }
+    }
+}
+
+impl<T: Clone> Node<T> {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty()
+            && self.star.is_none()
+            && self.here.is_empty()
+            && self.rest.is_empty()
+    }
+
+    fn collect(&self, tokens: &[&str], out: &mut Match<T>) {
+        let Some((first, rest)) = tokens.split_first() else {
+            self.here.collect_into(out);
+            return;
+        };
+        // `>` here matches the one or more tokens left.
+        self.rest.collect_into(out);
+        if let Some(child) = self.literal.get(*first) {
+            child.collect(rest, out);
+        }
+        if let Some(child) = &self.star {
+            child.collect(rest, out);
+        }
+    }
+
+    /// Removes the entry; returns it, pruning nodes left empty on the way back.
+    fn remove(&mut self, tokens: &[&str], queue: Option<&str>, key: u64) -> Option<T> {
+        match tokens {
+            [] => self.here.remove(queue, key),
+            [">"] => self.rest.remove(queue, key),
+            [first, rest @ ..] => {
+                if *first == "*" {
+                    let child = self.star.as_mut()?;
+                    let value = child.remove(rest, queue, key);
+                    if child.is_empty() {
+                        self.star = None;
+                    }
+                    value
+                } else {
+                    let child = self.literal.get_mut(*first)?;
+                    let value = child.remove(rest, queue, key);
+                    if child.is_empty() {
+                        self.literal.remove(*first);
+                    }
+                    value
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Trie<T> {
+    root: Node<T>,
+    len: usize,
+}
+
+/// An index of subscriptions by filter, with a match cache.
+///
+/// Each subscription is a `T` (the caller's delivery handle) under a filter, an optional
+/// queue group and a `key` unique among the caller's subscriptions, used to remove it.
+///
+/// ```
+/// use mq_transport::sublist::Sublist;
+///
+/// let list = Sublist::new();
+/// list.insert("orders.*", None, 1, "all orders").unwrap();
+/// list.insert("orders.eu", Some("workers"), 2, "worker a").unwrap();
+/// list.insert("orders.eu", Some("workers"), 3, "worker b").unwrap();
+///
+/// let m = list.matches("orders.eu");
+/// assert_eq!(m.plain, vec!["all orders"]);
+/// assert_eq!(m.groups[0].1.len(), 2);
+/// assert!(list.matches("orders.us.east").is_empty());
+/// ```
+#[derive(Debug)]
+pub struct Sublist<T> {
+    trie: RwLock<Trie<T>>,
+    cache: Mutex<HashMap<Box<str>, Arc<Match<T>>>>,
+}
+
+impl<T: Clone> Default for Sublist<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Clone> Sublist<T> {
+    /// An empty index.
+    pub fn new() -> Self {
+        Sublist {
+            trie: RwLock::new(Trie {
+                root: Node::default(),
+                len: 0,
+            }),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds a subscription. The filter and queue name are validated here.
+    pub fn insert(
+        &self,
+        filter: &str,
+        queue: Option<&str>,
+        key: u64,
+        value: T,
+    ) -> Result<(), subject::SubjectError> {
+        subject::validate_filter(filter)?;
+        if let Some(queue) = queue {
+            subject::validate_queue(queue)?;
+        }
+        let mut trie = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        let mut node = &mut trie.root;
+        let mut tokens = filter.split('.').peekable();
+        let mut subs = None;
+        while let Some(token) = tokens.next() {
+            if token == ">" && tokens.peek().is_none() {
+                subs = Some(&mut node.rest);
+                break;
+            }
+            node = if token == "*" {
+                node.star.get_or_insert_with(Box::default)
+            } else {
+                node.literal.entry(token.into()).or_default()
+            };
+        }
+        match subs {
+            Some(rest) => rest.insert(queue, key, value),
+            None => node.here.insert(queue, key, value),
+        }
+        trie.len += 1;
+        self.evict(filter);
+        Ok(())
+    }
+
+    /// Removes the subscription added with these `filter`, `queue` and `key`; returns its
+    /// value, or `None` if there was none.
+    pub fn remove(&self, filter: &str, queue: Option<&str>, key: u64) -> Option<T> {
+        let tokens: Vec<&str> = filter.split('.').collect();
+        let mut trie = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        let value = trie.root.remove(&tokens, queue, key)?;
+        trie.len -= 1;
+        self.evict(filter);
+        Some(value)
+    }
+
+    /// Drops cached results for the subjects `filter` matches (the trie's write lock is
+    /// held by the caller).
+    fn evict(&self, filter: &str) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if !cache.is_empty() {
+            cache.retain(|subject, _| !subject::matches(filter, subject));
+        }
+    }
+
+    /// The subscriptions `subject` reaches. `subject` should be a valid publish subject
+    /// (see [`subject::validate_subject`]); anything else simply matches as its tokens do.
+    pub fn matches(&self, subject: &str) -> Arc<Match<T>> {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(subject)
+        {
+            return hit.clone();
+        }
+        let trie = self.trie.read().unwrap_or_else(|e| e.into_inner());
+        let tokens: Vec<&str> = subject.split('.').collect();
+        let mut out = Match {
+            plain: Vec::new(),
+            groups: Vec::new(),
+            next: AtomicUsize::new(0),
+        };
+        trie.root.collect(&tokens, &mut out);
+        let out = Arc::new(out);
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= CACHE_CAPACITY {
+            // Simple and bounded: start over. Hot subjects come back on their next use.
+            cache.clear();
+        }
+        cache.insert(subject.into(), out.clone());
+        drop(cache);
+        drop(trie);
+        out
+    }
+
+    /// How many subscriptions the index holds.
+    pub fn len(&self) -> usize {
+        self.trie.read().unwrap_or_else(|e| e.into_inner()).len
+    }
+
+    /// Whether the index holds no subscription.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+        v.sort_unstable();
+        v
+    }
+
+    fn all_keys(m: &Match<u64>) -> Vec<u64> {
+        let mut keys = m.plain.clone();
+        for (_, members) in &m.groups {
+            keys.extend(members);
+        }
+        sorted(keys)
+    }
+
+    #[test]
+    fn plain_subscribers_all_match_and_groups_merge_across_filters() {
+        let list = Sublist::new();
+        list.insert("a.b", None, 1, 1).unwrap();
+        list.insert("a.*", None, 2, 2).unwrap();
+        list.insert("a.>", Some("g"), 3, 3).unwrap();
+        list.insert("a.b", Some("g"), 4, 4).unwrap();
+        list.insert("a.b", Some("h"), 5, 5).unwrap();
+        let m = list.matches("a.b");
+        assert_eq!(sorted(m.plain.clone()), vec![1, 2]);
+        let g = &m.groups.iter().find(|(q, _)| &**q == "g").unwrap().1;
+        assert_eq!(sorted(g.clone()), vec![3, 4]);
+        assert_eq!(m.groups.len(), 2);
+    }
+
+    #[test]
+    fn removal_evicts_cached_results_and_prunes_the_trie() {
+        let list = Sublist::new();
+        list.insert("a.*", None, 1, 1).unwrap();
+        assert_eq!(list.matches("a.b").plain, vec![1]);
+        list.insert("a.b", None, 2, 2).unwrap();
+        assert_eq!(sorted(list.matches("a.b").plain.clone()), vec![1, 2]);
+        assert_eq!(list.remove("a.*", None, 1), Some(1));
+        assert_eq!(list.matches("a.b").plain, vec![2]);
+        assert_eq!(list.remove("a.*", None, 1), None, "already removed");
+        assert_eq!(list.remove("a.b", None, 2), Some(2));
+        assert!(list.matches("a.b").is_empty());
+        assert!(list.is_empty());
+        assert!(
+            list.trie.read().unwrap().root.is_empty(),
+            "empty nodes are pruned"
+        );
+    }
+
+    #[test]
+    fn group_order_rotates_through_members() {
+        let list = Sublist::new();
+        for k in 0..3 {
+            list.insert("q", Some("g"), k, k).unwrap();
+        }
+        let m = list.matches("q");
+        let firsts: Vec<u64> = (0..6)
+            .map(|_| *m.group_order(&m.groups[0].1).next().unwrap())
+            .collect();
+        assert_eq!(sorted(firsts), vec![0, 0, 1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn invalid_filters_are_refused() {
+        let list = Sublist::<u64>::new();
+        assert!(list.insert("a.>.b", None, 1, 1).is_err());
+        assert!(list.insert("a", Some("bad group"), 1, 1).is_err());
+        assert!(list.is_empty());
+    }
+
+    #[test]
+    fn one_hundred_thousand_subscriptions_match_exactly() {
+        let list = Sublist::new();
+        for i in 0..100_000u64 {
+            list.insert(&format!("svc.{i}.req"), None, i, i).unwrap();
+        }
+        list.insert("svc.*.req", None, 100_000, 100_000).unwrap();
+        list.insert("svc.>", Some("all"), 100_001, 100_001).unwrap();
+        assert_eq!(list.len(), 100_002);
+        let m = list.matches("svc.4242.req");
+        assert_eq!(sorted(m.plain.clone()), vec![4242, 100_000]);
+        assert_eq!(m.groups[0].1, vec![100_001]);
+        assert!(list.matches("svc.100000.req").plain == vec![100_000]);
+    }
+
+    /// Measures lookups with 100,000 subscriptions (cache misses and hits). Not a test of
+    /// speed: run with `cargo test -p mq-transport --release -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_lookups_with_100k_subscriptions() {
+        let list = Sublist::new();
+        for i in 0..100_000u64 {
+            list.insert(&format!("svc.{}.{}.req", i % 1000, i), None, i, i)
+                .unwrap();
+        }
+        list.insert("svc.*.*.req", None, 1 << 40, 0).unwrap();
+        list.insert("svc.>", Some("g"), 1 << 41, 0).unwrap();
+        let subjects: Vec<String> = (0..10_000u64)
+            .map(|i| format!("svc.{}.{}.req", (i * 7) % 1000, i * 7))
+            .collect();
+        let start = std::time::Instant::now();
+        for s in &subjects {
+            std::hint::black_box(list.matches(s));
+        }
+        let miss = start.elapsed() / subjects.len() as u32;
+        let start = std::time::Instant::now();
+        for _ in 0..10 {
+            for s in &subjects[..1000] {
+                std::hint::black_box(list.matches(s));
+            }
+        }
+        let hit = start.elapsed() / 10_000;
+        println!("100,000 subscriptions: {miss:?} per uncached lookup, {hit:?} per cached lookup");
+    }
+
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof!["a", "b", "c"].prop_map(String::from)
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (
+            prop::collection::vec(prop_oneof![3 => token(), 1 => Just("*".to_string())], 1..4),
+            any::<bool>(),
+        )
+            .prop_map(|(mut tokens, tail)| {
+                if tail {
+                    tokens.push(">".into());
+                }
+                tokens.join(".")
+            })
+    }
+
+    fn subject_() -> impl Strategy<Value = String> {
+        prop::collection::vec(token(), 1..5).prop_map(|t| t.join("."))
+    }
+
+    proptest! {
+        #[test]
+        fn the_trie_agrees_with_the_naive_matcher(
+            filters in prop::collection::vec((filter(), prop::option::of(prop_oneof!["g", "h"])), 1..30),
+            removed in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+            subjects in prop::collection::vec(subject_(), 1..20),
+        ) {
+            let list = Sublist::new();
+            let mut live: Vec<(u64, String, Option<String>)> = Vec::new();
+            for (key, (f, q)) in filters.into_iter().enumerate() {
+                let key = key as u64;
+                list.insert(&f, q.as_deref(), key, key).unwrap();
+                live.push((key, f, q));
+                // Look something up between changes, so that the cache is exercised.
+                let _ = list.matches(&subjects[key as usize % subjects.len()]);
+            }
+            for index in removed {
+                if live.is_empty() { break; }
+                let (key, f, q) = live.remove(index.index(live.len()));
+                prop_assert_eq!(list.remove(&f, q.as_deref(), key), Some(key));
+            }
+            for s in &subjects {
+                let expected: Vec<u64> = live
+                    .iter()
+                    .filter(|(_, f, _)| subject::matches(f, s))
+                    .map(|(k, _, _)| *k)
+                    .collect();
+                let m = list.matches(s);
+                prop_assert_eq!(all_keys(&m), sorted(expected), "subject {}", s);
+            }
+        }
+    }
+}
