@@ -5,8 +5,12 @@
 //! connection, deadlines, cancellation, metadata, typed application errors and graceful
 //! shutdown.
 //!
-//! This crate is the facade users depend on; it re-exports the runtime from `rpc-core`
-//! and the macro from `rpc-macros`.
+//! The same framing drives a message bus ([`bus`]): subjects with wildcards,
+//! publish/subscribe, queue groups and request/reply, embedded in the process by default
+//! ([`Bus::embedded`]) or through courier's broker ([`Bus::connect`], [`Broker`]).
+//!
+//! This crate is the facade users depend on; it re-exports the runtime from `rpc-core`,
+//! the macro from `rpc-macros` and the bus from `mq-transport`.
 
 /// Turns a trait of `async fn` methods into a courier service.
 ///
@@ -119,6 +123,13 @@ pub use rpc_core::{
     Bincode, ConnectionConfig, Format, FormatError, Metadata, ProtocolError, RpcError, Utf8Bytes,
     codec, connection, format, frame, transport,
 };
+
+/// The message bus: subjects, publish/subscribe, queue groups, request/reply; see
+/// [`Bus`].
+pub mod bus {
+    pub use mq_transport::*;
+}
+pub use mq_transport::{Broker, BrokerConfig, Bus, BusError, ConnectOptions, Message, Subscriber};
 
 /// What generated code names; not a public API and not covered by semver.
 #[doc(hidden)]

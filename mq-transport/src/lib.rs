@@ -1,7 +1,40 @@
 //! mq-transport: courier's message bus.
 //!
-//! * [`subject`]: subjects, wildcard filters and their validation;
-//! * [`sublist`]: the subscription index (a trie with a match cache).
+//! One API, [`Bus`], over two backends: **embedded** (in this process, the default, no
+//! setup) and **remote** (a client of courier's own [`Broker`] over TCP). Semantics
+//! follow NATS core, so that code written against one backend runs on another:
+//!
+//! * [`subject`]: `.`-separated tokens, `*` for one token, `>` for one or more trailing
+//!   tokens; malformed subjects are refused with the reason;
+//! * publish/subscribe with [`Subscriber`] as a `Stream`, queue groups (each message to
+//!   one member of each group), request/reply through one inbox per handle, with an
+//!   immediate [`BusError::NoResponders`] when nobody listens;
+//! * order kept per publisher and subject; at-most-once delivery;
+//! * every queue bounded: a subscriber that falls behind loses messages, counted and
+//!   reported ([`Event::SlowConsumer`]); a connection that falls behind on the broker is
+//!   cut off with a go-away saying so.
+//!
+//! The wire frames are rpc-core's (`Connect`, `Pub`, `Sub`, `Unsub`, `Msg`), over its
+//! connection engine; `docs/PROTOCOL.md` at the repository root describes them.
 
+mod broker;
+mod bus;
+mod client;
+mod delivery;
+mod embedded;
+mod error;
+mod event;
+mod message;
 pub mod subject;
 pub mod sublist;
+
+pub use broker::{Broker, BrokerConfig, BrokerStats};
+pub use bus::Bus;
+pub use client::ConnectOptions;
+pub use delivery::{Subscriber, new_inbox};
+pub use embedded::EmbeddedConfig;
+pub use error::BusError;
+pub use event::Event;
+pub use message::{
+    DESCRIPTION_HEADER, Message, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED,
+};

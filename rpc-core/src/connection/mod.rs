@@ -396,6 +396,11 @@ impl FrameSender {
         self.shared.close.cancel();
     }
 
+    /// Whether `other` feeds the same connection as `self`.
+    pub fn same_connection(&self, other: &FrameSender) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
     /// Resolves once the writer stopped: the connection is closed for writing.
     pub async fn closed(&self) {
         self.shared.writer_done.cancelled().await;

@@ -1,0 +1,595 @@
+//! [`Broker`]: courier's own message broker, over TCP.
+//!
+//! Each connection is one task reading frames in order: a publish is routed to its
+//! subscribers before the next frame is read, which keeps order per publisher and
+//! subject. Delivery never waits: a `Msg` frame is queued on the subscriber's connection
+//! with `try_send`, sharing the payload buffer, and that connection's writer coalesces
+//! whatever is queued into one write. A connection whose queue passes
+//! [`ConnectionConfig::max_queued_bytes`] is a slow consumer: it is cut off with a
+//! `SLOW_CONSUMER` go-away and its subscriptions removed, so it never holds up the others.
+//!
+//! Memory per connection is bounded by `max_queued_bytes` (default 64 MiB) plus the
+//! writer's buffer (256 KiB and one frame) plus one frame being read (at most
+//! `max_frame_len`).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rpc_core::connection::{self, FrameReader, FrameSender, TrySendError};
+use rpc_core::frame::{Connect, Frame, GoAway, Message as MsgFrame, Publish, Subscribe};
+use rpc_core::transport::PeerAddr;
+use rpc_core::{ConnectionConfig, ProtocolError, RpcError, Utf8Bytes};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::message::{DESCRIPTION_HEADER, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED};
+use crate::subject;
+use crate::sublist::Sublist;
+
+/// Limits and settings of a [`Broker`].
+///
+/// ```
+/// use mq_transport::BrokerConfig;
+///
+/// let mut config = BrokerConfig::default();
+/// config.max_payload = 64 * 1024;
+/// config.token = Some("s3cret".into());
+/// assert_eq!(config.max_connections, 10_000);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// The largest payload a publish may carry; stated to clients when they connect, so
+    /// that they refuse larger publishes themselves. A client that sends one anyway is
+    /// disconnected with a go-away naming the limit. Default 1 MiB.
+    pub max_payload: usize,
+    /// Connections served at once; one more is refused with a go-away. Default 10,000.
+    pub max_connections: usize,
+    /// Subscriptions per connection; one more is refused (the subscribe call fails with
+    /// the limit named). Default 65,536.
+    pub max_subscriptions: usize,
+    /// When set, clients must present this token on connect.
+    pub token: Option<String>,
+    /// How long a new connection has to send its connect frame. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// Frame size, keepalive and queue limits of every connection. `max_queued_bytes`
+    /// (default 64 MiB) is the slow-consumer threshold.
+    pub connection: ConnectionConfig,
+    /// The broker's name, sent to clients. Default `"courier-broker"`.
+    pub name: String,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_payload: 1024 * 1024,
+            max_connections: 10_000,
+            max_subscriptions: 65_536,
+            token: None,
+            handshake_timeout: Duration::from_secs(5),
+            connection: ConnectionConfig::default(),
+            name: "courier-broker".into(),
+        }
+    }
+}
+
+/// Counters of a running broker; see [`Broker::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Connections open now.
+    pub connections: usize,
+    /// Subscriptions held now.
+    pub subscriptions: usize,
+    /// Publishes received.
+    pub messages_in: u64,
+    /// Messages queued to subscribers.
+    pub messages_out: u64,
+    /// Connections cut off for not keeping up.
+    pub slow_consumers: u64,
+    /// Bytes queued to all connections and not yet written, now.
+    pub queued_bytes: usize,
+}
+
+/// A courier broker listening on TCP, running on the current tokio runtime.
+///
+/// ```
+/// use mq_transport::{Broker, Bus};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let broker = Broker::bind("127.0.0.1:0").await?;
+/// let bus = Bus::connect(broker.local_addr().to_string()).await?;
+/// let mut sub = bus.subscribe("ping").await?;
+/// bus.publish("ping", "hello").await?;
+/// assert_eq!(&sub.next().await.unwrap().payload[..], b"hello");
+/// broker.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Broker {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Broker {
+    /// Listens on `addr` with default limits.
+    pub async fn bind(addr: impl ToSocketAddrs) -> io::Result<Broker> {
+        Broker::bind_with(addr, BrokerConfig::default()).await
+    }
+
+    /// Listens on `addr`.
+    pub async fn bind_with(addr: impl ToSocketAddrs, config: BrokerConfig) -> io::Result<Broker> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            subs: Sublist::new(),
+            config,
+            connections: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            messages_in: AtomicU64::new(0),
+            messages_out: AtomicU64::new(0),
+            slow_consumers: AtomicU64::new(0),
+        });
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(
+            listener,
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+        tracing::info!(addr = %local_addr, "broker listening");
+        Ok(Broker {
+            local_addr,
+            shared,
+            stop,
+            tracker,
+        })
+    }
+
+    /// Where the broker listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> BrokerStats {
+        let connections = self.shared.lock_connections();
+        BrokerStats {
+            connections: connections.len(),
+            subscriptions: self.shared.subs.len(),
+            messages_in: self.shared.messages_in.load(Ordering::Relaxed),
+            messages_out: self.shared.messages_out.load(Ordering::Relaxed),
+            slow_consumers: self.shared.slow_consumers.load(Ordering::Relaxed),
+            queued_bytes: connections.values().map(|c| c.sender.queued_bytes()).sum(),
+        }
+    }
+
+    /// Stops: no new connections; every connection gets a `SHUTDOWN` go-away after what
+    /// is already queued for it, then closes. Returns when all are closed.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        tracing::info!(addr = %self.local_addr, "broker stopped");
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+#[derive(Debug)]
+struct Shared {
+    subs: Sublist<Route>,
+    config: BrokerConfig,
+    connections: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    slow_consumers: AtomicU64,
+}
+
+impl Shared {
+    fn lock_connections(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Delivers a publish to every plain subscriber and one member of each queue group.
+    fn route(&self, publish: &Publish) {
+        let found = self.subs.matches(&publish.subject);
+        if found.is_empty() {
+            if !publish.reply.is_empty() {
+                self.no_responders(publish);
+            }
+            return;
+        }
+        let mut delivered = 0u64;
+        for route in &found.plain {
+            delivered += u64::from(route.deliver(publish, self));
+        }
+        for (_, members) in &found.groups {
+            for route in found.group_order(members) {
+                if route.deliver(publish, self) {
+                    delivered += 1;
+                    break;
+                }
+            }
+        }
+        self.messages_out.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    fn no_responders(&self, request: &Publish) {
+        let mut headers = rpc_core::Metadata::new();
+        headers.insert(STATUS_HEADER, NO_RESPONDERS);
+        headers.insert(
+            DESCRIPTION_HEADER,
+            format!("no responders for `{}`", request.subject),
+        );
+        // The reply subject is one the requester subscribed to; if nobody is, this
+        // simply matches nothing.
+        let status = Publish {
+            subject: request.reply.clone(),
+            reply: Utf8Bytes::default(),
+            headers,
+            payload: bytes::Bytes::new(),
+        };
+        let found = self.subs.matches(&status.subject);
+        for route in found
+            .plain
+            .iter()
+            .chain(found.groups.iter().flat_map(|(_, m)| m.iter().take(1)))
+        {
+            route.deliver(&status, self);
+        }
+    }
+}
+
+/// One subscription's way out: its connection and its sid there.
+#[derive(Clone, Debug)]
+struct Route {
+    conn: Arc<Conn>,
+    sid: u64,
+}
+
+impl Route {
+    /// Queues the message on the subscriber's connection; `false` if it was not queued.
+    fn deliver(&self, publish: &Publish, shared: &Shared) -> bool {
+        let conn = &self.conn;
+        if conn.slow.load(Ordering::Relaxed) {
+            return false;
+        }
+        let frame = Frame::Msg(MsgFrame {
+            sid: self.sid,
+            subject: publish.subject.clone(),
+            reply: publish.reply.clone(),
+            headers: publish.headers.clone(),
+            payload: publish.payload.clone(),
+        });
+        match conn.sender.try_send(frame) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                if !conn.slow.swap(true, Ordering::Relaxed) {
+                    shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    let message = format!(
+                        "slow consumer: {} bytes queued for this connection reached the \
+                         broker's limit of {} bytes (max_queued_bytes); disconnecting",
+                        conn.sender.queued_bytes(),
+                        shared.config.connection.max_queued_bytes
+                    );
+                    tracing::warn!(peer = %conn.peer, name = %conn.name(), "{message}");
+                    conn.sender.abort_with(
+                        GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
+                        &RpcError::ConnectionClosed {
+                            reason: message.into(),
+                        },
+                    );
+                }
+                false
+            }
+            Err(TrySendError::Failed(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conn {
+    peer: PeerAddr,
+    name: Mutex<String>,
+    sender: FrameSender,
+    /// Cut off as a slow consumer: nothing more is queued for it.
+    slow: AtomicBool,
+}
+
+impl Conn {
+    fn name(&self) -> String {
+        self.name.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.cancelled() => return,
+        };
+        let (stream, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        tracker.spawn(serve(
+            stream,
+            PeerAddr::Tcp(addr),
+            shared.clone(),
+            stop.clone(),
+        ));
+    }
+}
+
+/// Serves one connection from handshake to close.
+async fn serve(stream: TcpStream, peer: PeerAddr, shared: Arc<Shared>, stop: CancellationToken) {
+    let config = &shared.config;
+    let (mut reader, sender) = connection::start(stream, &config.connection);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let conn = Arc::new(Conn {
+        peer: peer.clone(),
+        name: Mutex::new(String::new()),
+        sender: sender.clone(),
+        slow: AtomicBool::new(false),
+    });
+    {
+        let mut connections = shared.lock_connections();
+        if connections.len() >= config.max_connections {
+            drop(connections);
+            let message = format!(
+                "too many connections: the broker's limit is {} (max_connections)",
+                config.max_connections
+            );
+            tracing::warn!(%peer, "{message}");
+            let reason = RpcError::ConnectionClosed {
+                reason: message.clone().into(),
+            };
+            sender.close_with(GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message), &reason);
+            return;
+        }
+        connections.insert(id, conn.clone());
+    }
+    let mut session = Session {
+        shared: &shared,
+        conn: &conn,
+        subs: HashMap::new(),
+    };
+    let outcome = tokio::select! {
+        outcome = session.run(&mut reader) => outcome,
+        _ = stop.cancelled() => {
+            sender.close_with(
+                GoAway::new(GoAway::SHUTDOWN, "the broker is shutting down"),
+                &RpcError::ConnectionClosed { reason: "broker shutdown".into() },
+            );
+            Ok(())
+        }
+    };
+    match outcome {
+        Ok(()) => tracing::debug!(%peer, "connection closed"),
+        Err(e) => tracing::info!(%peer, error = %e, "connection ended"),
+    }
+    session.remove_all();
+    shared.lock_connections().remove(&id);
+    sender.close();
+    sender.closed().await;
+}
+
+/// A subscription as its connection knows it.
+struct SessionSub {
+    filter: Utf8Bytes,
+    queue: Option<Utf8Bytes>,
+    /// Its key in the broker's index, assigned by the broker (sids are the client's).
+    key: u64,
+}
+
+/// One connection's protocol state.
+struct Session<'a> {
+    shared: &'a Shared,
+    conn: &'a Arc<Conn>,
+    /// sid → this connection's subscription.
+    subs: HashMap<u64, SessionSub>,
+}
+
+impl Session<'_> {
+    async fn run<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<(), RpcError> {
+        self.handshake(reader).await?;
+        while let Some(frame) = reader.next().await {
+            match frame? {
+                Frame::Pub(publish) => {
+                    if let Err(e) = subject::validate_subject(&publish.subject) {
+                        return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+                    }
+                    if !publish.reply.is_empty() {
+                        if let Err(e) = subject::validate_subject(&publish.reply) {
+                            return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+                        }
+                    }
+                    let max = self.shared.config.max_payload;
+                    if publish.payload.len() > max {
+                        let message = format!(
+                            "payload of {} bytes exceeds the broker's maximum payload of {max} bytes (max_payload)",
+                            publish.payload.len()
+                        );
+                        return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
+                    }
+                    self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
+                    self.shared.route(&publish);
+                }
+                Frame::Sub(sub) => self.subscribe(sub).await?,
+                Frame::Unsub { sid } => self.unsubscribe(sid),
+                Frame::GoAway(g) => {
+                    tracing::debug!(peer = %self.conn.peer, code = g.code, message = %g.message, "client is going away");
+                }
+                other => {
+                    return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                        kind: other.kind(),
+                        context: "a broker accepts pub, sub, unsub and go-away frames after connect",
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first frame must be a connect, within the handshake timeout, with the token
+    /// when one is required.
+    async fn handshake<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<(), RpcError> {
+        let config = &self.shared.config;
+        let first = match tokio::time::timeout(config.handshake_timeout, reader.next()).await {
+            Err(_) => {
+                let message = format!(
+                    "no connect frame within {:?} (handshake_timeout)",
+                    config.handshake_timeout
+                );
+                return Err(self.violation(GoAway::PROTOCOL_ERROR, message));
+            }
+            Ok(None) => {
+                return Err(RpcError::ConnectionClosed {
+                    reason: "closed before connect".into(),
+                });
+            }
+            Ok(Some(first)) => first?,
+        };
+        let Frame::Connect(hello) = first else {
+            return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                kind: first.kind(),
+                context: "a broker expects a connect frame first",
+            }));
+        };
+        if let Some(token) = &config.token {
+            if hello.token.as_str() != token {
+                let message = if hello.token.is_empty() {
+                    "authorization required: this broker needs a token"
+                } else {
+                    "authorization failed: wrong token"
+                };
+                return Err(self.violation(GoAway::AUTHORIZATION, message.into()));
+            }
+        }
+        *self.conn.name.lock().unwrap_or_else(|e| e.into_inner()) = hello.name.to_string();
+        tracing::debug!(peer = %self.conn.peer, name = %hello.name, "client connected");
+        self.conn
+            .sender
+            .send(Frame::Connect(Connect {
+                max_frame_len: config.connection.max_frame_len.min(u32::MAX as usize) as u32,
+                max_payload: config.max_payload.min(u32::MAX as usize) as u32,
+                name: config.name.clone().into(),
+                token: Utf8Bytes::default(),
+            }))
+            .await
+    }
+
+    async fn subscribe(&mut self, sub: Subscribe) -> Result<(), RpcError> {
+        let queue = (!sub.queue.is_empty()).then_some(sub.queue);
+        // A repeated sid replaces the earlier subscription.
+        self.unsubscribe(sub.sid);
+        let limit = self.shared.config.max_subscriptions;
+        let refusal = if self.subs.len() >= limit {
+            Some(format!(
+                "too many subscriptions: this connection has {}, the broker's limit is {limit} (max_subscriptions)",
+                self.subs.len()
+            ))
+        } else {
+            let route = Route {
+                conn: self.conn.clone(),
+                sid: sub.sid,
+            };
+            let key = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+            match self
+                .shared
+                .subs
+                .insert(&sub.subject, queue.as_deref(), key, route)
+            {
+                Ok(()) => {
+                    let entry = SessionSub {
+                        filter: sub.subject,
+                        queue,
+                        key,
+                    };
+                    self.subs.insert(sub.sid, entry);
+                    return Ok(());
+                }
+                Err(e) => Some(e.to_string()),
+            }
+        };
+        match refusal {
+            None => Ok(()),
+            Some(reason) => {
+                tracing::info!(peer = %self.conn.peer, subject = %sub.subject, %reason, "subscription refused");
+                let mut headers = rpc_core::Metadata::new();
+                headers.insert(STATUS_HEADER, SUBSCRIPTION_REFUSED);
+                headers.insert(DESCRIPTION_HEADER, reason);
+                self.conn
+                    .sender
+                    .send(Frame::Msg(MsgFrame {
+                        sid: sub.sid,
+                        subject: sub.subject,
+                        reply: Utf8Bytes::default(),
+                        headers,
+                        payload: bytes::Bytes::new(),
+                    }))
+                    .await?;
+                self.conn.sender.send(Frame::Unsub { sid: sub.sid }).await
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, sid: u64) {
+        if let Some(sub) = self.subs.remove(&sid) {
+            self.shared
+                .subs
+                .remove(&sub.filter, sub.queue.as_deref(), sub.key);
+        }
+    }
+
+    fn remove_all(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            self.shared
+                .subs
+                .remove(&sub.filter, sub.queue.as_deref(), sub.key);
+        }
+    }
+
+    /// Tells the peer why with a go-away and closes the connection.
+    fn violation(&self, code: u16, message: String) -> RpcError {
+        tracing::warn!(peer = %self.conn.peer, %message, "closing connection");
+        let error = RpcError::ConnectionClosed {
+            reason: message.clone().into(),
+        };
+        self.conn
+            .sender
+            .close_with(GoAway::new(code, message), &error);
+        error
+    }
+}

@@ -1,0 +1,238 @@
+//! [`Bus`]: the one API over every backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rpc_core::Utf8Bytes;
+use tokio::sync::broadcast;
+
+use crate::client::ConnectOptions;
+use crate::delivery::{Inbox, Subscriber};
+use crate::embedded::{Embedded, EmbeddedConfig};
+use crate::error::BusError;
+use crate::event::Event;
+use crate::message::{Message, NO_RESPONDERS};
+use crate::subject;
+
+/// A handle to a message bus: publish, subscribe, queue-subscribe, request/reply.
+///
+/// Cheap to clone; clones share one bus (and, for a remote bus, one connection). The
+/// backend is chosen once, when the handle is made, and the code using it does not
+/// change:
+///
+/// * [`Bus::embedded`]: in this process, no setup (the default);
+/// * [`Bus::connect`]: a courier broker over TCP ([`crate::Broker`], `courier broker`).
+///
+/// Semantics are NATS core's: subjects with `*` and `>` wildcards, at-most-once delivery,
+/// queue groups that deliver each message to one member of each group, order kept per
+/// publisher and subject, bounded queues that drop (and count) for slow consumers.
+///
+/// ```
+/// use mq_transport::Bus;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mq_transport::BusError> {
+/// let bus = Bus::embedded();
+///
+/// // A responder in a queue group…
+/// let mut service = bus.queue_subscribe("time.now", "time-service").await?;
+/// let responder = bus.clone();
+/// tokio::spawn(async move {
+///     while let Some(request) = service.next().await {
+///         if let Some(reply) = request.reply {
+///             responder.publish(reply, "12:00").await.ok();
+///         }
+///     }
+/// });
+///
+/// // …and a request to it.
+/// let answer = bus.request("time.now", "").await?;
+/// assert_eq!(&answer.payload[..], b"12:00");
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct Bus {
+    backend: Backend,
+}
+
+#[derive(Clone, Debug)]
+enum Backend {
+    Embedded(Arc<Embedded>),
+    Remote(Arc<crate::client::Client>),
+}
+
+impl Default for Bus {
+    fn default() -> Self {
+        Bus::embedded()
+    }
+}
+
+impl Bus {
+    /// A new bus inside this process, with default settings.
+    pub fn embedded() -> Bus {
+        Bus::embedded_with(EmbeddedConfig::default())
+    }
+
+    /// A new bus inside this process.
+    pub fn embedded_with(config: EmbeddedConfig) -> Bus {
+        Bus {
+            backend: Backend::Embedded(Embedded::new(config)),
+        }
+    }
+
+    /// Connects to a courier broker at `addr` (`host:port`) with default options.
+    ///
+    /// Fails if the first connection cannot be made; after that, the client reconnects
+    /// by itself (see [`ConnectOptions`]).
+    pub async fn connect(addr: impl Into<String>) -> Result<Bus, BusError> {
+        Bus::connect_with(addr, ConnectOptions::default()).await
+    }
+
+    /// Connects to a courier broker at `addr` (`host:port`).
+    pub async fn connect_with(
+        addr: impl Into<String>,
+        options: ConnectOptions,
+    ) -> Result<Bus, BusError> {
+        let client = crate::client::Client::connect(addr.into(), options).await?;
+        Ok(Bus {
+            backend: Backend::Remote(client),
+        })
+    }
+
+    /// Publishes `payload` to `subject` (no wildcards).
+    pub async fn publish(
+        &self,
+        subject: impl Into<Utf8Bytes>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), BusError> {
+        self.publish_message(Message::new(subject, payload)).await
+    }
+
+    /// Publishes a message with its reply subject and headers.
+    ///
+    /// Returns once the message is routed (embedded) or queued for the connection
+    /// (remote); use [`Bus::flush`] to wait until the broker has it.
+    pub async fn publish_message(&self, message: Message) -> Result<(), BusError> {
+        match &self.backend {
+            Backend::Embedded(bus) => bus.publish(message),
+            Backend::Remote(client) => client.remote().publish(message).await,
+        }
+    }
+
+    /// Subscribes to `subject`, which may use wildcards. Returns once the subscription is
+    /// active: a message published after this returns reaches it.
+    pub async fn subscribe(&self, subject: impl Into<Utf8Bytes>) -> Result<Subscriber, BusError> {
+        self.subscribe_inner(subject.into(), None).await
+    }
+
+    /// Subscribes to `subject` as a member of queue group `queue`: each message goes to
+    /// one member of the group.
+    pub async fn queue_subscribe(
+        &self,
+        subject: impl Into<Utf8Bytes>,
+        queue: impl Into<Utf8Bytes>,
+    ) -> Result<Subscriber, BusError> {
+        self.subscribe_inner(subject.into(), Some(queue.into()))
+            .await
+    }
+
+    async fn subscribe_inner(
+        &self,
+        subject: Utf8Bytes,
+        queue: Option<Utf8Bytes>,
+    ) -> Result<Subscriber, BusError> {
+        subject::validate_filter(&subject)?;
+        if let Some(queue) = &queue {
+            subject::validate_queue(queue)?;
+        }
+        match &self.backend {
+            Backend::Embedded(bus) => bus.subscribe(subject, queue),
+            Backend::Remote(client) => client.subscribe(subject, queue).await,
+        }
+    }
+
+    /// Sends a request to `subject` and waits for the first reply, up to the default
+    /// request timeout. Fails at once with [`BusError::NoResponders`] when nobody is
+    /// subscribed to `subject`.
+    pub async fn request(
+        &self,
+        subject: impl Into<Utf8Bytes>,
+        payload: impl Into<Bytes>,
+    ) -> Result<Message, BusError> {
+        let timeout = self.request_timeout();
+        self.request_message(Message::new(subject, payload), timeout)
+            .await
+    }
+
+    /// Sends `message` as a request (its reply subject is replaced by an inbox) and waits
+    /// up to `timeout` for the first reply.
+    pub async fn request_message(
+        &self,
+        mut message: Message,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
+        let (reply, waiting) = self.inbox().register();
+        message.reply = Some(reply);
+        let subject = message.subject.clone();
+        self.publish_message(message).await?;
+        let mut waiting = waiting;
+        match tokio::time::timeout(timeout, &mut waiting.rx).await {
+            Ok(Ok(reply)) if reply.status() == Some(NO_RESPONDERS) => Err(BusError::NoResponders {
+                subject: subject.to_string(),
+            }),
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(BusError::ConnectionLost {
+                subject: subject.to_string(),
+                reason: self.disconnect_reason(),
+            }),
+            Err(_) => Err(BusError::Timeout {
+                subject: subject.to_string(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Waits until everything published through this handle so far has reached the
+    /// broker (a ping and its pong). Immediate on the embedded bus, which routes as it
+    /// publishes.
+    pub async fn flush(&self) -> Result<(), BusError> {
+        match &self.backend {
+            Backend::Embedded(_) => Ok(()),
+            Backend::Remote(client) => client.remote().flush().await,
+        }
+    }
+
+    /// Connection changes and slow-consumer drops; see [`Event`].
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        match &self.backend {
+            Backend::Embedded(bus) => bus.events.subscribe(),
+            Backend::Remote(client) => client.remote().events.subscribe(),
+        }
+    }
+
+    /// A fresh, unique subject to receive replies on.
+    pub fn new_inbox(&self) -> String {
+        crate::delivery::new_inbox()
+    }
+
+    fn request_timeout(&self) -> Duration {
+        match &self.backend {
+            Backend::Embedded(bus) => bus.config.request_timeout,
+            Backend::Remote(client) => client.remote().options.request_timeout,
+        }
+    }
+
+    fn inbox(&self) -> &Arc<Inbox> {
+        match &self.backend {
+            Backend::Embedded(bus) => &bus.inbox,
+            Backend::Remote(client) => &client.remote().inbox,
+        }
+    }
+
+    fn disconnect_reason(&self) -> Arc<str> {
+        match &self.backend {
+            Backend::Embedded(_) => Arc::from("the bus was closed"),
+            Backend::Remote(client) => client.remote().disconnect_reason(),
+        }
+    }
+}

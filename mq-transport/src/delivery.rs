@@ -1,0 +1,363 @@
+//! Where messages end up: subscription queues, the request inbox, and [`Subscriber`].
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
+
+use futures_core::Stream;
+use rpc_core::Utf8Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::event::Event;
+use crate::message::{DESCRIPTION_HEADER, Message, SUBSCRIPTION_REFUSED};
+
+/// What one subscription's queue shares with its [`Subscriber`].
+#[derive(Debug)]
+pub(crate) struct SubState {
+    pub(crate) subject: Utf8Bytes,
+    pub(crate) queue: Option<Utf8Bytes>,
+    dropped: AtomicU64,
+    /// Dropping right now: the next drop is not a new episode.
+    lagging: AtomicBool,
+    /// Why the broker ended this subscription, if it did.
+    refused: OnceLock<String>,
+    events: broadcast::Sender<Event>,
+}
+
+impl SubState {
+    pub(crate) fn refused(&self) -> Option<&str> {
+        self.refused.get().map(String::as_str)
+    }
+}
+
+/// The sending side of a subscription's bounded queue. Delivery never waits: a full
+/// queue drops the message and counts it, so one slow subscriber cannot hold up the
+/// others (or, on a client, the connection's reader).
+#[derive(Clone, Debug)]
+pub(crate) struct SubQueue {
+    tx: mpsc::Sender<Message>,
+    pub(crate) state: Arc<SubState>,
+}
+
+impl SubQueue {
+    /// A queue of `capacity` messages and its receiving side.
+    pub(crate) fn new(
+        subject: Utf8Bytes,
+        queue: Option<Utf8Bytes>,
+        capacity: usize,
+        events: broadcast::Sender<Event>,
+    ) -> (SubQueue, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let state = Arc::new(SubState {
+            subject,
+            queue,
+            dropped: AtomicU64::new(0),
+            lagging: AtomicBool::new(false),
+            refused: OnceLock::new(),
+            events,
+        });
+        (SubQueue { tx, state }, rx)
+    }
+
+    /// Queues `message`; `false` when it was not queued (full, or the subscriber is gone).
+    pub(crate) fn deliver(&self, message: Message) -> bool {
+        match self.tx.try_send(message) {
+            Ok(()) => {
+                if self.state.lagging.load(Ordering::Relaxed) {
+                    self.state.lagging.store(false, Ordering::Relaxed);
+                }
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                let dropped = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if !self.state.lagging.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        subject = %self.state.subject,
+                        dropped,
+                        "slow consumer: subscription queue is full, dropping messages"
+                    );
+                    let _ = self.state.events.send(Event::SlowConsumer {
+                        subject: self.state.subject.to_string(),
+                        dropped,
+                    });
+                }
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// The broker ended this subscription; `message` says why. Ends the subscriber's
+    /// stream once it has read what was queued.
+    pub(crate) fn refuse(&self, message: &Message) {
+        let reason = message
+            .headers
+            .get_str(DESCRIPTION_HEADER)
+            .unwrap_or("refused by the broker");
+        let _ = self.state.refused.set(reason.to_owned());
+    }
+}
+
+/// Whether `message` is the broker's refusal of a subscription.
+pub(crate) fn is_refusal(message: &Message) -> bool {
+    message.status() == Some(SUBSCRIPTION_REFUSED)
+}
+
+/// A delivery target: a subscription queue, or the request inbox.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    Queue(SubQueue),
+    Inbox(Arc<Inbox>),
+}
+
+impl Target {
+    pub(crate) fn deliver(&self, message: Message) -> bool {
+        match self {
+            Target::Queue(q) => q.deliver(message),
+            Target::Inbox(inbox) => inbox.deliver(message),
+        }
+    }
+}
+
+/// Request/reply: one wildcard subscription (`_INBOX.<random>.*`) per bus handle, one
+/// child subject per request, and a map from child to the waiting request.
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    /// `_INBOX.<random>.`
+    prefix: String,
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+}
+
+impl Inbox {
+    pub(crate) fn new() -> Inbox {
+        Inbox {
+            prefix: format!("{}.", new_inbox()),
+            next: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The filter to subscribe the inbox with.
+    pub(crate) fn filter(&self) -> String {
+        format!("{}*", self.prefix)
+    }
+
+    /// Registers a request: its reply subject and where its reply will arrive. The
+    /// registration ends when the returned [`Waiting`] is dropped.
+    pub(crate) fn register(self: &Arc<Self>) -> (Utf8Bytes, Waiting) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(id, tx);
+        let reply = Utf8Bytes::from(format!("{}{id}", self.prefix));
+        (
+            reply,
+            Waiting {
+                inbox: self.clone(),
+                id,
+                rx,
+            },
+        )
+    }
+
+    fn deliver(&self, message: Message) -> bool {
+        let Some(id) = message
+            .subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            return false;
+        };
+        match self.lock().remove(&id) {
+            Some(tx) => tx.send(message).is_ok(),
+            None => false, // a reply after its request gave up, or a second reply
+        }
+    }
+
+    /// Fails every waiting request (the connection their replies would use is gone).
+    pub(crate) fn fail_all(&self) {
+        self.lock().clear();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A request waiting for its reply.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    inbox: Arc<Inbox>,
+    id: u64,
+    pub(crate) rx: oneshot::Receiver<Message>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.inbox.lock().remove(&self.id);
+    }
+}
+
+/// A fresh, unique inbox subject: `_INBOX.` and 22 random characters.
+pub fn new_inbox() -> String {
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let state = std::collections::hash_map::RandomState::new();
+    let mut id = String::with_capacity(7 + 22);
+    id.push_str("_INBOX.");
+    for half in 0..2u64 {
+        let mut bits = state.hash_one((n, half, std::process::id()));
+        for _ in 0..11 {
+            id.push(ALPHABET[(bits % 62) as usize] as char);
+            bits /= 62;
+        }
+    }
+    id
+}
+
+/// How a backend removes a subscription when its [`Subscriber`] is dropped.
+pub(crate) trait Unsubscribe: Send + Sync + 'static {
+    fn unsubscribe(&self, key: u64, state: &SubState);
+}
+
+/// A subscription: a [`Stream`] of the messages that match its subject.
+///
+/// Dropping it unsubscribes. Its queue is bounded (`subscription_capacity`); when the
+/// subscriber does not keep up, new messages are dropped and counted
+/// ([`Subscriber::dropped`], [`Event::SlowConsumer`]) instead of growing memory or
+/// slowing other subscribers.
+///
+/// ```
+/// use mq_transport::Bus;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mq_transport::BusError> {
+/// let bus = Bus::embedded();
+/// let mut sub = bus.subscribe("greetings.*").await?;
+/// bus.publish("greetings.en", "hello").await?;
+/// let message = sub.next().await.expect("subscribed");
+/// assert_eq!(message.subject, "greetings.en");
+/// assert_eq!(sub.dropped(), 0);
+/// # Ok(()) }
+/// ```
+pub struct Subscriber {
+    rx: mpsc::Receiver<Message>,
+    state: Arc<SubState>,
+    key: u64,
+    backend: Arc<dyn Unsubscribe>,
+}
+
+impl std::fmt::Debug for Subscriber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("subject", &self.state.subject)
+            .field("queue", &self.state.queue)
+            .field("dropped", &self.dropped())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Subscriber {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<Message>,
+        state: Arc<SubState>,
+        key: u64,
+        backend: Arc<dyn Unsubscribe>,
+    ) -> Self {
+        Subscriber {
+            rx,
+            state,
+            key,
+            backend,
+        }
+    }
+
+    /// The next message; `None` once the subscription ended (the bus was closed, or the
+    /// broker ended it: see [`Subscriber::ended_by_broker`]).
+    pub async fn next(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// The subject (filter) subscribed to.
+    pub fn subject(&self) -> &str {
+        &self.state.subject
+    }
+
+    /// The queue group, for a queue subscription.
+    pub fn queue(&self) -> Option<&str> {
+        self.state.queue.as_deref()
+    }
+
+    /// Messages dropped because this subscriber's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.state.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Why the broker ended this subscription, if it did.
+    pub fn ended_by_broker(&self) -> Option<&str> {
+        self.state.refused()
+    }
+
+    /// Unsubscribes now (the same as dropping it).
+    pub fn unsubscribe(self) {}
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.backend.unsubscribe(self.key, &self.state);
+    }
+}
+
+impl Stream for Subscriber {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inboxes_are_unique_valid_subjects() {
+        let a = new_inbox();
+        let b = new_inbox();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 29);
+        crate::subject::validate_subject(&a).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_counts_and_reports_once_per_episode() {
+        let (events, mut seen) = broadcast::channel(16);
+        let (q, mut rx) = SubQueue::new("s".into(), None, 2, events);
+        assert!(q.deliver(Message::new("s", "1")));
+        assert!(q.deliver(Message::new("s", "2")));
+        assert!(!q.deliver(Message::new("s", "3")));
+        assert!(!q.deliver(Message::new("s", "4")));
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            Event::SlowConsumer {
+                subject: "s".into(),
+                dropped: 1
+            }
+        );
+        assert!(seen.try_recv().is_err(), "one event per episode");
+        rx.recv().await.unwrap();
+        assert!(q.deliver(Message::new("s", "5")));
+        assert!(!q.deliver(Message::new("s", "6")));
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            Event::SlowConsumer {
+                subject: "s".into(),
+                dropped: 3
+            }
+        );
+        assert_eq!(q.state.dropped.load(Ordering::Relaxed), 3);
+    }
+}

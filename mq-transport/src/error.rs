@@ -1,0 +1,108 @@
+//! [`BusError`]: what can go wrong on the bus.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rpc_core::RpcError;
+
+use crate::subject::SubjectError;
+
+/// Everything a bus operation can fail with. Messages name the limit and its setting
+/// where one was hit.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusError {
+    /// A subject, filter or queue group name is malformed.
+    #[error(transparent)]
+    Subject(#[from] SubjectError),
+    /// A publish carries more payload than the bus accepts.
+    #[error("payload of {size} bytes exceeds the maximum payload of {limit} bytes ({setting})")]
+    PayloadTooLarge {
+        /// The payload's size.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+        /// Where the limit is set.
+        setting: &'static str,
+    },
+    /// A request reached no subscriber at all; reported at once, not at the timeout.
+    #[error("no responders: nobody is subscribed to `{subject}`")]
+    NoResponders {
+        /// The request's subject.
+        subject: String,
+    },
+    /// No reply arrived within the request's timeout.
+    #[error("request to `{subject}` timed out: no reply within {timeout:?}")]
+    Timeout {
+        /// The request's subject.
+        subject: String,
+        /// The timeout in force.
+        timeout: Duration,
+    },
+    /// The broker refused a subscription (for example over its subscription limit).
+    #[error("subscription to `{subject}` refused: {reason}")]
+    SubscriptionRefused {
+        /// The subscription's filter.
+        subject: String,
+        /// The broker's reason.
+        reason: String,
+    },
+    /// Connecting to the broker failed.
+    #[error("could not connect to the broker at {addr}: {reason}")]
+    Connect {
+        /// Where the client tried to connect.
+        addr: String,
+        /// What went wrong (an I/O error, or the broker's refusal naming its reason).
+        reason: String,
+    },
+    /// Not connected right now, and the operation needs a connection (a flush).
+    #[error("not connected to the broker at {addr}: {reason}")]
+    NotConnected {
+        /// The broker's address.
+        addr: String,
+        /// Why the last connection ended.
+        reason: Arc<str>,
+    },
+    /// Publishes made while disconnected exceed the reconnect buffer.
+    #[error(
+        "reconnect buffer is full: {buffered} bytes of publishes wait for the connection, \
+         limit {limit} bytes (ConnectOptions::reconnect_buffer)"
+    )]
+    ReconnectBufferFull {
+        /// Bytes already buffered.
+        buffered: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The connection ended while a request waited for its reply.
+    #[error("connection lost while waiting for a reply from `{subject}`: {reason}")]
+    ConnectionLost {
+        /// The request's subject.
+        subject: String,
+        /// Why the connection ended.
+        reason: Arc<str>,
+    },
+    /// The bus handle was closed.
+    #[error("the bus is closed")]
+    Closed,
+    /// A connection-level error (frame too large, connection closed, …).
+    #[error(transparent)]
+    Connection(#[from] RpcError),
+}
+
+impl BusError {
+    /// Whether trying again later may succeed (connection trouble, timeouts, nobody
+    /// listening yet), as opposed to a malformed or oversized request.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BusError::NoResponders { .. }
+            | BusError::Timeout { .. }
+            | BusError::Connect { .. }
+            | BusError::NotConnected { .. }
+            | BusError::ReconnectBufferFull { .. }
+            | BusError::ConnectionLost { .. } => true,
+            BusError::Connection(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}

@@ -1,0 +1,29 @@
+//! [`Event`]: what a bus reports about itself, besides messages.
+
+/// Connection changes and slow-consumer drops, observable through
+/// [`crate::Bus::events`] (a broadcast channel: a receiver that falls behind loses the
+/// oldest events, and learns how many from `RecvError::Lagged`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Connected (or reconnected) to a broker; subscriptions are restored.
+    Connected {
+        /// The broker's address.
+        server: String,
+    },
+    /// The connection to the broker ended; the client reconnects with backoff.
+    Disconnected {
+        /// Why, including the broker's go-away message when it sent one (for example
+        /// when it cut this client off as a slow consumer).
+        reason: String,
+    },
+    /// A subscription's queue was full, so messages for it were dropped. Reported when
+    /// a subscription starts dropping; `dropped` counts every message it has dropped
+    /// since it was created (also available from [`crate::Subscriber::dropped`]).
+    SlowConsumer {
+        /// The subscription's filter.
+        subject: String,
+        /// Messages dropped so far.
+        dropped: u64,
+    },
+}

@@ -1,0 +1,94 @@
+//! Fixtures shared by the bus tests: one behaviour test runs on every backend.
+
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use courier::bus::{
+    Broker, BrokerConfig, Bus, ConnectOptions, EmbeddedConfig, Message, Subscriber,
+};
+
+/// A bus backend under test: every `bus()` is a separate participant (a clone of the
+/// embedded bus, or its own connection to the broker).
+pub(crate) enum Fixture {
+    Embedded(EmbeddedConfig, Bus),
+    Broker(Broker),
+}
+
+impl Fixture {
+    pub(crate) fn embedded() -> Fixture {
+        Fixture::Embedded(EmbeddedConfig::default(), Bus::embedded())
+    }
+
+    pub(crate) async fn broker() -> Fixture {
+        Fixture::broker_with(BrokerConfig::default()).await
+    }
+
+    pub(crate) async fn broker_with(config: BrokerConfig) -> Fixture {
+        Fixture::Broker(
+            Broker::bind_with("127.0.0.1:0", config)
+                .await
+                .expect("broker binds"),
+        )
+    }
+
+    pub(crate) async fn bus(&self) -> Bus {
+        self.bus_with_capacity(65_536).await
+    }
+
+    /// A participant whose subscriptions queue at most `capacity` messages.
+    pub(crate) async fn bus_with_capacity(&self, capacity: usize) -> Bus {
+        match self {
+            Fixture::Embedded(_, bus) if capacity == 65_536 => bus.clone(),
+            Fixture::Embedded(config, _) => {
+                // Another embedded bus would not share subscriptions; the capacity is
+                // per bus, so tests that need it use one bus for everything.
+                let mut config = config.clone();
+                config.subscription_capacity = capacity;
+                Bus::embedded_with(config)
+            }
+            Fixture::Broker(broker) => {
+                let mut options = ConnectOptions::default();
+                options.subscription_capacity = capacity;
+                Bus::connect_with(broker.local_addr().to_string(), options)
+                    .await
+                    .expect("connects to the broker")
+            }
+        }
+    }
+
+    pub(crate) fn is_embedded(&self) -> bool {
+        matches!(self, Fixture::Embedded(..))
+    }
+}
+
+/// The next message, or a failure naming what was awaited after 10 s.
+pub(crate) async fn next(sub: &mut Subscriber) -> Message {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no message on `{}` within 10 s", sub.subject()))
+        .unwrap_or_else(|| panic!("subscription to `{}` ended", sub.subject()))
+}
+
+/// Generates one `#[tokio::test]` per backend for each behaviour `async fn(Fixture)`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::bus::Fixture::embedded()).await
+                }
+            )*
+        }
+        mod broker {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::bus::Fixture::broker().await).await
+                }
+            )*
+        }
+    };
+}
