@@ -1,0 +1,365 @@
+//! The courier broker: limits, slow consumers, bad peers, restarts.
+
+mod bus;
+
+use std::time::Duration;
+
+use bus::next;
+use courier::bus::{Broker, BrokerConfig, Bus, BusError, ConnectOptions, Event};
+use courier::connection::{self, ConnectionConfig};
+use courier::frame::{Connect, Frame, GoAway, Publish, Subscribe};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A peer speaking raw frames, with no client logic: it reads only when told to.
+async fn raw_peer(
+    broker: &Broker,
+) -> (
+    connection::FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    connection::FrameSender,
+) {
+    let stream = TcpStream::connect(broker.local_addr()).await.unwrap();
+    let (reader, sender) = connection::start(stream, &ConnectionConfig::default());
+    sender
+        .send(Frame::Connect(Connect {
+            name: "raw".into(),
+            ..Connect::default()
+        }))
+        .await
+        .unwrap();
+    (reader, sender)
+}
+
+async fn wait_for<F: Fn() -> bool>(what: &str, condition: F) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+async fn next_event(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("an event within 10 s")
+        .expect("event channel open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_that_never_reads_is_cut_off_within_the_memory_bound() {
+    const LIMIT: usize = 256 * 1024;
+    const N: u32 = 20_000;
+    let mut config = BrokerConfig::default();
+    config.connection.max_queued_bytes = LIMIT;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+
+    // The stuck peer subscribes and never reads its socket again.
+    let (mut stuck_reader, stuck) = raw_peer(&broker).await;
+    stuck
+        .send(Frame::Sub(Subscribe {
+            sid: 1,
+            subject: "feed".into(),
+            queue: "".into(),
+        }))
+        .await
+        .unwrap();
+    let healthy_bus = Bus::connect(addr.clone()).await.unwrap();
+    let mut healthy = healthy_bus.subscribe("feed").await.unwrap();
+    let publisher = Bus::connect(addr).await.unwrap();
+    publisher.flush().await.unwrap();
+    // Two subscriptions to the feed, and each client's inbox.
+    assert_eq!(broker.stats().subscriptions, 4);
+
+    let reader = tokio::spawn(async move {
+        for i in 0..N {
+            let m = next(&mut healthy).await;
+            assert_eq!(
+                m.payload[..4],
+                i.to_be_bytes(),
+                "the healthy subscriber misses nothing"
+            );
+        }
+    });
+    let mut peak = 0;
+    for i in 0..N {
+        let mut payload = vec![0u8; 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        publisher.publish("feed", payload).await.unwrap();
+        if i % 100 == 0 {
+            peak = peak.max(broker.stats().queued_bytes);
+            // Paced so that the healthy subscriber (whose queue has the same limit)
+            // keeps up: its round trip returns once what was queued before is written.
+            publisher.flush().await.unwrap();
+            healthy_bus.flush().await.unwrap();
+        }
+    }
+    publisher.flush().await.unwrap();
+    reader.await.unwrap();
+
+    let stats = broker.stats();
+    assert_eq!(stats.slow_consumers, 1);
+    // Two connections receive messages; each may hold at most LIMIT queued bytes.
+    assert!(
+        peak <= 2 * LIMIT,
+        "queued bytes peaked at {peak}, bound {}",
+        2 * LIMIT
+    );
+    wait_for("the stuck connection to be removed", || {
+        broker.stats().connections == 2
+    })
+    .await;
+    assert_eq!(broker.stats().subscriptions, 3, "its subscription is gone");
+
+    // What the stuck peer finds when it finally reads: part of the feed, then the end of
+    // the connection (the go-away when it could still be written, or the stream ending).
+    let mut delivered = 0u32;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(10), stuck_reader.next()).await {
+            Ok(Some(Ok(Frame::Msg(_)))) => delivered += 1,
+            Ok(Some(Ok(Frame::Connect(_)))) => {}
+            Ok(other) => break format!("{other:?}"),
+            Err(_) => panic!("the stuck peer's connection was never closed"),
+        }
+    };
+    eprintln!("stuck peer: {delivered} messages, then {end}; broker queue peak {peak} bytes");
+    assert!(
+        delivered < N,
+        "cut off before the end: got {delivered} of {N}"
+    );
+    assert!(
+        end.contains("SLOW_CONSUMER")
+            || end.contains("code: 4")
+            || end.contains("Err")
+            || end == "None",
+        "the connection ends: {end}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_cut_off_as_slow_consumer_sees_why_and_reconnects() {
+    let mut config = BrokerConfig::default();
+    // Smaller than a burst of ten 1 KiB messages, routed before the writer runs.
+    config.connection.max_queued_bytes = 4 * 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let mut options = ConnectOptions::default();
+    options.reconnect.initial = Duration::from_millis(10);
+    let victim = Bus::connect_with(addr.clone(), options).await.unwrap();
+    let mut events = victim.events();
+    let mut sub = victim.subscribe("burst").await.unwrap();
+    let publisher = Bus::connect(addr).await.unwrap();
+    for _ in 0..50 {
+        publisher.publish("burst", vec![0u8; 1024]).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let event = next_event(&mut events).await;
+    match &event {
+        Event::Disconnected { reason } => {
+            assert!(reason.contains("slow consumer"), "{reason}");
+            assert!(reason.contains("max_queued_bytes"), "{reason}");
+        }
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    assert_eq!(broker.stats().slow_consumers, 1);
+    // It comes back, and its subscription with it.
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Connected { .. }
+    ));
+    while tokio::time::timeout(Duration::from_millis(10), sub.next())
+        .await
+        .is_ok()
+    {}
+    publisher.publish("burst", "after").await.unwrap();
+    assert_eq!(&next(&mut sub).await.payload[..], b"after");
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_only_that_connection() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let bus = Bus::connect(addr.clone()).await.unwrap();
+    let mut sub = bus.subscribe("alive").await.unwrap();
+
+    let mut garbage = TcpStream::connect(broker.local_addr()).await.unwrap();
+    garbage
+        .write_all(b"\x00\x00\x00\x05\x07\x99hello, this is not a frame")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut answer))
+        .await
+        .expect("the broker closes the garbage connection")
+        .ok();
+    assert!(
+        String::from_utf8_lossy(&answer).contains("unsupported protocol version"),
+        "the go-away names the problem: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    bus.publish("alive", "still").await.unwrap();
+    assert_eq!(&next(&mut sub).await.payload[..], b"still");
+    wait_for("the garbage connection to be removed", || {
+        broker.stats().connections == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_publish_over_the_limit_from_a_raw_peer_closes_its_connection() {
+    let mut config = BrokerConfig::default();
+    config.max_payload = 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let (mut reader, sender) = raw_peer(&broker).await;
+    assert!(matches!(reader.next().await, Some(Ok(Frame::Connect(c))) if c.max_payload == 1024));
+    sender
+        .send(Frame::Pub(Publish {
+            subject: "big".into(),
+            payload: vec![0u8; 2048].into(),
+            ..Publish::default()
+        }))
+        .await
+        .unwrap();
+    match reader.next().await {
+        Some(Ok(Frame::GoAway(g))) => {
+            assert_eq!(g.code, GoAway::LIMIT_EXCEEDED);
+            assert!(g.message.contains("max_payload"), "{}", g.message);
+        }
+        other => panic!("expected a go-away, got {other:?}"),
+    }
+    // A client learns the limit on connect and refuses locally.
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let err = bus.publish("big", vec![0u8; 2048]).await.unwrap_err();
+    assert!(
+        matches!(err, BusError::PayloadTooLarge { limit: 1024, .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn after_a_broker_restart_the_client_reconnects_and_its_subscriptions_work() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let addr = broker.local_addr();
+    let mut options = ConnectOptions::default();
+    options.reconnect.initial = Duration::from_millis(10);
+    options.reconnect.max = Duration::from_millis(50);
+    let bus = Bus::connect_with(addr.to_string(), options).await.unwrap();
+    let mut events = bus.events();
+    let mut plain = bus.subscribe("restart.plain").await.unwrap();
+    let mut grouped = bus.queue_subscribe("restart.work", "g").await.unwrap();
+
+    broker.shutdown().await;
+    match next_event(&mut events).await {
+        Event::Disconnected { reason } => assert!(reason.contains("shutting down"), "{reason}"),
+        other => panic!("expected a disconnect, got {other:?}"),
+    }
+    // Published while disconnected: kept in the reconnect buffer.
+    bus.publish("restart.plain", "while away").await.unwrap();
+    let err = bus.flush().await.unwrap_err();
+    assert!(matches!(err, BusError::NotConnected { .. }), "{err}");
+
+    let broker = Broker::bind(addr).await.unwrap();
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Connected { .. }
+    ));
+    assert_eq!(&next(&mut plain).await.payload[..], b"while away");
+
+    let other = Bus::connect(addr.to_string()).await.unwrap();
+    other.publish("restart.plain", "after").await.unwrap();
+    assert_eq!(&next(&mut plain).await.payload[..], b"after");
+    other.publish("restart.work", "job").await.unwrap();
+    assert_eq!(&next(&mut grouped).await.payload[..], b"job");
+    // Request/reply works again too (the inbox was restored).
+    let mut service = other.subscribe("restart.echo").await.unwrap();
+    let responder = other.clone();
+    tokio::spawn(async move {
+        while let Some(m) = service.next().await {
+            responder
+                .publish(m.reply.unwrap(), m.payload)
+                .await
+                .unwrap();
+        }
+    });
+    assert_eq!(
+        &bus.request("restart.echo", "hi").await.unwrap().payload[..],
+        b"hi"
+    );
+    drop(broker);
+}
+
+#[tokio::test]
+async fn publishes_while_disconnected_are_bounded_by_the_reconnect_buffer() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let mut options = ConnectOptions::default();
+    options.reconnect_buffer = 1000;
+    let bus = Bus::connect_with(broker.local_addr().to_string(), options)
+        .await
+        .unwrap();
+    let mut events = bus.events();
+    broker.shutdown().await;
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::Disconnected { .. }
+    ));
+    bus.publish("x", vec![0u8; 600]).await.unwrap();
+    let err = bus.publish("x", vec![0u8; 600]).await.unwrap_err();
+    assert!(
+        matches!(err, BusError::ReconnectBufferFull { limit: 1000, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("ConnectOptions::reconnect_buffer"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_the_broker_has_one() {
+    let mut config = BrokerConfig::default();
+    config.token = Some("s3cret".into());
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+
+    let err = Bus::connect(addr.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("authorization required"), "{err}");
+    let mut options = ConnectOptions::default();
+    options.token = Some("wrong".into());
+    let err = Bus::connect_with(addr.clone(), options.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("wrong token"), "{err}");
+    options.token = Some("s3cret".into());
+    let bus = Bus::connect_with(addr, options).await.unwrap();
+    bus.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_are_refused_naming_it() {
+    let mut config = BrokerConfig::default();
+    config.max_connections = 1;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let first = Bus::connect(addr.clone()).await.unwrap();
+    let err = Bus::connect(addr).await.unwrap_err();
+    assert!(err.to_string().contains("max_connections"), "{err}");
+    first.flush().await.unwrap();
+}
+
+#[tokio::test]
+async fn subscriptions_over_the_limit_are_refused_and_the_connection_stays() {
+    let mut config = BrokerConfig::default();
+    config.max_subscriptions = 3; // the inbox is one of them
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let mut a = bus.subscribe("a").await.unwrap();
+    let _b = bus.subscribe("b").await.unwrap();
+    let err = bus.subscribe("c").await.unwrap_err();
+    assert!(matches!(err, BusError::SubscriptionRefused { .. }), "{err}");
+    assert!(err.to_string().contains("max_subscriptions"), "{err}");
+    bus.publish("a", "still here").await.unwrap();
+    assert_eq!(&next(&mut a).await.payload[..], b"still here");
+}
