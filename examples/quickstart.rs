@@ -1,12 +1,14 @@
 //! courier in one process, no setup: a service defined as a trait, served, called; then a
-//! deadline, a typed application error, metadata and a graceful shutdown.
+//! deadline, a typed application error, metadata and a graceful shutdown. Then the
+//! message bus, embedded in the process: publish/subscribe with wildcards, a queue group
+//! sharing work, and request/reply.
 //!
 //! Run it with `cargo run --example quickstart`.
 
 use std::time::Duration;
 
 use courier::transport::TcpConnector;
-use courier::{CallContext, Client, ClientConfig, RpcError, Server, ServerConfig};
+use courier::{Bus, BusError, CallContext, Client, ClientConfig, RpcError, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// The service's own error type: it reaches the caller as itself.
@@ -98,5 +100,65 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     stop.cancel();
     serving.await??;
     println!("5. server shut down gracefully");
+
+    bus_tour().await?;
+    Ok(())
+}
+
+/// The message bus, embedded in this process (the default backend: no broker to run).
+async fn bus_tour() -> Result<(), BusError> {
+    let bus = Bus::embedded();
+
+    // 6. Publish/subscribe: `*` matches one token, `>` the rest.
+    let mut eu = bus.subscribe("orders.eu.*").await?;
+    let mut all = bus.subscribe("orders.>").await?;
+    bus.publish("orders.eu.created", "order 1").await?;
+    bus.publish("orders.us.created", "order 2").await?;
+    let first = eu.next().await.expect("subscribed");
+    let (a, b) = (
+        all.next().await.expect("subscribed"),
+        all.next().await.expect("subscribed"),
+    );
+    println!(
+        "6. orders.eu.* got {:?}; orders.> got {:?} and {:?}",
+        first.subject, a.subject, b.subject
+    );
+
+    // 7. A queue group: each message goes to one of its three members.
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(bus.queue_subscribe("jobs", "workers").await?);
+    }
+    for i in 0..300 {
+        bus.publish("jobs", format!("job {i}")).await?;
+    }
+    let mut shares = Vec::new();
+    for worker in &mut workers {
+        let mut n = 0;
+        while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(20), worker.next()).await
+        {
+            n += 1;
+        }
+        shares.push(n);
+    }
+    println!("7. 300 jobs over a queue group of 3 -> {shares:?} (each job once)");
+
+    // 8. Request/reply, and "no responders" at once when nobody listens.
+    let mut service = bus.subscribe("time.now").await?;
+    let responder = bus.clone();
+    tokio::spawn(async move {
+        while let Some(request) = service.next().await {
+            if let Some(reply) = request.reply {
+                responder.publish(reply, "it is noon").await.ok();
+            }
+        }
+    });
+    let answer = bus.request("time.now", "").await?;
+    println!(
+        "8. request time.now -> {:?}",
+        String::from_utf8_lossy(&answer.payload)
+    );
+    let nobody = bus.request("time.later", "").await.unwrap_err();
+    println!("   request time.later -> {nobody}");
     Ok(())
 }
