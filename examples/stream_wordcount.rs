@@ -96,25 +96,24 @@ async fn main() -> Result<(), BusError> {
         }
     }
 
-    let mut last = BTreeMap::new();
-    loop {
+    let last = loop {
         let m = totals.next().await.expect("subscribed");
         let lines: usize = m
             .headers
             .get_str("Lines")
             .and_then(|l| l.parse().ok())
             .unwrap_or(0);
-        last = decode(&String::from_utf8_lossy(&m.payload));
+        let running = decode(&String::from_utf8_lossy(&m.payload));
         println!(
             "running totals after {lines:>4} lines: the={} message={} quick={}",
-            last.get("the").unwrap_or(&0),
-            last.get("message").unwrap_or(&0),
-            last.get("quick").unwrap_or(&0)
+            running.get("the").unwrap_or(&0),
+            running.get("message").unwrap_or(&0),
+            running.get("quick").unwrap_or(&0)
         );
         if lines == total_lines {
-            break;
+            break running;
         }
-    }
+    };
     let per_worker = aggregator.await.expect("aggregator finished");
     println!("lines counted per worker: {per_worker:?}");
 
