@@ -363,3 +363,31 @@ async fn subscriptions_over_the_limit_are_refused_and_the_connection_stays() {
     bus.publish("a", "still here").await.unwrap();
     assert_eq!(&next(&mut a).await.payload[..], b"still here");
 }
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_finishes_even_when_a_peer_stopped_reading() {
+    let mut config = BrokerConfig::default();
+    config.connection.max_queued_bytes = 64 * 1024 * 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let (_stuck_reader, stuck) = raw_peer(&broker).await;
+    stuck
+        .send(Frame::Sub(Subscribe {
+            sid: 1,
+            subject: "feed".into(),
+            queue: "".into(),
+        }))
+        .await
+        .unwrap();
+    let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    // Enough to fill the socket buffers: the stuck peer's writer is blocked mid-write.
+    for _ in 0..200 {
+        publisher
+            .publish("feed", vec![0u8; 64 * 1024])
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), broker.shutdown())
+        .await
+        .expect("shutdown returns despite the stuck peer");
+}

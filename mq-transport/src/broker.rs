@@ -173,7 +173,8 @@ impl Broker {
     }
 
     /// Stops: no new connections; every connection gets a `SHUTDOWN` go-away after what
-    /// is already queued for it, then closes. Returns when all are closed.
+    /// is already queued for it, then closes. Returns when all are closed; a connection
+    /// whose peer does not read what is left within 5 s is cut off.
     pub async fn shutdown(self) {
         self.stop.cancel();
         self.tracker.close();
@@ -396,8 +397,25 @@ async fn serve(stream: TcpStream, peer: PeerAddr, shared: Arc<Shared>, stop: Can
     session.remove_all();
     shared.lock_connections().remove(&id);
     sender.close();
-    sender.closed().await;
+    // A peer that stopped reading would keep the writer from finishing, and a shutdown
+    // from returning: give the writer a bounded time, then cut it off.
+    if tokio::time::timeout(CLOSE_TIMEOUT, sender.closed())
+        .await
+        .is_err()
+    {
+        let reason = "the peer did not read what was left to write within 5 s";
+        sender.abort_with(
+            GoAway::new(GoAway::SLOW_CONSUMER, reason),
+            &RpcError::ConnectionClosed {
+                reason: reason.into(),
+            },
+        );
+        sender.closed().await;
+    }
 }
+
+/// How long a closing connection's writer may take to write what is left.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A subscription as its connection knows it.
 struct SessionSub {
