@@ -391,3 +391,42 @@ async fn shutdown_finishes_even_when_a_peer_stopped_reading() {
         .await
         .expect("shutdown returns despite the stuck peer");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_briefly_behind_on_many_small_messages_is_not_a_slow_consumer() {
+    // 500,000 small frames (~20 MB) are far below the 64 MiB byte limit: however many
+    // frames that is, the byte limit decides, not a frame count.
+    const N: u32 = 500_000;
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let (mut paused_reader, paused) = raw_peer(&broker).await;
+    paused
+        .send(Frame::Sub(Subscribe {
+            sid: 1,
+            subject: "small".into(),
+            queue: "".into(),
+        }))
+        .await
+        .unwrap();
+    let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    publisher.flush().await.unwrap();
+    for i in 0..N {
+        publisher
+            .publish("small", i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    assert_eq!(broker.stats().slow_consumers, 0);
+    // Now it reads, and gets everything in order.
+    let mut expected = 0u32;
+    while expected < N {
+        match paused_reader.next().await {
+            Some(Ok(Frame::Msg(m))) => {
+                assert_eq!(m.payload[..], expected.to_be_bytes());
+                expected += 1;
+            }
+            Some(Ok(Frame::Connect(_))) => {}
+            other => panic!("after {expected} messages: {other:?}"),
+        }
+    }
+}

@@ -58,7 +58,9 @@ pub struct BrokerConfig {
     /// How long a new connection has to send its connect frame. Default 5 s.
     pub handshake_timeout: Duration,
     /// Frame size, keepalive and queue limits of every connection. `max_queued_bytes`
-    /// (default 64 MiB) is the slow-consumer threshold.
+    /// (default 64 MiB) is the slow-consumer threshold. `send_queue` defaults to 4 Mi
+    /// frames here (the queue allocates as it fills), so that the byte limit, not a frame
+    /// count, decides who is slow: 1,024 frames of small messages are only ~40 KiB.
     pub connection: ConnectionConfig,
     /// The broker's name, sent to clients. Default `"courier-broker"`.
     pub name: String,
@@ -72,7 +74,11 @@ impl Default for BrokerConfig {
             max_subscriptions: 65_536,
             token: None,
             handshake_timeout: Duration::from_secs(5),
-            connection: ConnectionConfig::default(),
+            connection: {
+                let mut connection = ConnectionConfig::default();
+                connection.send_queue = 4 * 1024 * 1024;
+                connection
+            },
             name: "courier-broker".into(),
         }
     }
@@ -281,11 +287,14 @@ impl Route {
             Err(TrySendError::Full(_)) => {
                 if !conn.slow.swap(true, Ordering::Relaxed) {
                     shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    let limits = &shared.config.connection;
                     let message = format!(
                         "slow consumer: {} bytes queued for this connection reached the \
-                         broker's limit of {} bytes (max_queued_bytes); disconnecting",
+                         broker's limit of {} bytes (max_queued_bytes) or of {} frames \
+                         (send_queue); disconnecting",
                         conn.sender.queued_bytes(),
-                        shared.config.connection.max_queued_bytes
+                        limits.max_queued_bytes,
+                        limits.send_queue
                     );
                     tracing::warn!(peer = %conn.peer, name = %conn.name(), "{message}");
                     conn.sender.abort_with(
