@@ -30,6 +30,23 @@ async fn raw_peer(
     (reader, sender)
 }
 
+/// A raw peer subscribed to `subject` (sid 1) that reads only when told to.
+async fn raw_subscriber(
+    broker: &Broker,
+    subject: &'static str,
+) -> connection::FrameReader<tokio::net::tcp::OwnedReadHalf> {
+    let (reader, sender) = raw_peer(broker).await;
+    sender
+        .send(Frame::Sub(Subscribe {
+            sid: 1,
+            subject: subject.into(),
+            queue: "".into(),
+        }))
+        .await
+        .unwrap();
+    reader
+}
+
 async fn wait_for<F: Fn() -> bool>(what: &str, condition: F) {
     tokio::time::timeout(Duration::from_secs(10), async {
         while !condition() {
@@ -57,15 +74,7 @@ async fn subscriber_that_never_reads_is_cut_off_within_the_memory_bound() {
     let addr = broker.local_addr().to_string();
 
     // The stuck peer subscribes and never reads its socket again.
-    let (mut stuck_reader, stuck) = raw_peer(&broker).await;
-    stuck
-        .send(Frame::Sub(Subscribe {
-            sid: 1,
-            subject: "feed".into(),
-            queue: "".into(),
-        }))
-        .await
-        .unwrap();
+    let mut stuck_reader = raw_subscriber(&broker, "feed").await;
     let healthy_bus = Bus::connect(addr.clone()).await.unwrap();
     let mut healthy = healthy_bus.subscribe("feed").await.unwrap();
     let publisher = Bus::connect(addr).await.unwrap();
@@ -127,22 +136,22 @@ async fn subscriber_that_never_reads_is_cut_off_within_the_memory_bound() {
         match tokio::time::timeout(Duration::from_secs(10), stuck_reader.next()).await {
             Ok(Some(Ok(Frame::Msg(_)))) => delivered += 1,
             Ok(Some(Ok(Frame::Connect(_)))) => {}
-            Ok(other) => break format!("{other:?}"),
+            Ok(end) => break end,
             Err(_) => panic!("the stuck peer's connection was never closed"),
         }
     };
-    eprintln!("stuck peer: {delivered} messages, then {end}; broker queue peak {peak} bytes");
+    eprintln!("stuck peer: {delivered} messages, then {end:?}; broker queue peak {peak} bytes");
     assert!(
         delivered < N,
         "cut off before the end: got {delivered} of {N}"
     );
-    assert!(
-        end.contains("SLOW_CONSUMER")
-            || end.contains("code: 4")
-            || end.contains("Err")
-            || end == "None",
-        "the connection ends: {end}"
-    );
+    match end {
+        // The go-away, when the writer was between writes…
+        Some(Ok(Frame::GoAway(g))) => assert_eq!(g.code, GoAway::SLOW_CONSUMER, "{}", g.message),
+        // …or the stream cut mid-frame (or, rarely, exactly at a frame boundary).
+        Some(Err(_)) | None => {}
+        Some(Ok(other)) => panic!("unexpected frame after the feed: {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -376,15 +385,7 @@ async fn shutdown_finishes_even_when_a_peer_stopped_reading() {
     let mut config = BrokerConfig::default();
     config.connection.max_queued_bytes = 64 * 1024 * 1024;
     let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
-    let (_stuck_reader, stuck) = raw_peer(&broker).await;
-    stuck
-        .send(Frame::Sub(Subscribe {
-            sid: 1,
-            subject: "feed".into(),
-            queue: "".into(),
-        }))
-        .await
-        .unwrap();
+    let _stuck_reader = raw_subscriber(&broker, "feed").await;
     let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     // Enough to fill the socket buffers: the stuck peer's writer is blocked mid-write.
     for _ in 0..200 {
@@ -405,15 +406,7 @@ async fn a_subscriber_briefly_behind_on_many_small_messages_is_not_a_slow_consum
     // frames that is, the byte limit decides, not a frame count.
     const N: u32 = 500_000;
     let broker = Broker::bind("127.0.0.1:0").await.unwrap();
-    let (mut paused_reader, paused) = raw_peer(&broker).await;
-    paused
-        .send(Frame::Sub(Subscribe {
-            sid: 1,
-            subject: "small".into(),
-            queue: "".into(),
-        }))
-        .await
-        .unwrap();
+    let mut paused_reader = raw_subscriber(&broker, "small").await;
     let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     publisher.flush().await.unwrap();
     for i in 0..N {

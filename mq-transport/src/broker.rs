@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::message::{DESCRIPTION_HEADER, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED};
+use crate::message::{NO_RESPONDERS, SUBSCRIPTION_REFUSED, status_headers};
 use crate::subject;
 use crate::sublist::Sublist;
 
@@ -220,44 +220,20 @@ impl Shared {
             }
             return;
         }
-        let mut delivered = 0u64;
-        for route in &found.plain {
-            delivered += u64::from(route.deliver(publish, self));
-        }
-        for (_, members) in &found.groups {
-            for route in found.group_order(members) {
-                if route.deliver(publish, self) {
-                    delivered += 1;
-                    break;
-                }
-            }
-        }
+        let delivered = found.deliver(|route| route.deliver(publish, self));
         self.messages_out.fetch_add(delivered, Ordering::Relaxed);
     }
 
+    /// Tells a requester at once that its request reached nobody: a status message to
+    /// the reply subject, routed like any publish (it has no reply subject itself).
     fn no_responders(&self, request: &Publish) {
-        let mut headers = rpc_core::Metadata::new();
-        headers.insert(STATUS_HEADER, NO_RESPONDERS);
-        headers.insert(
-            DESCRIPTION_HEADER,
-            format!("no responders for `{}`", request.subject),
-        );
-        // The reply subject is one the requester subscribed to; if nobody is, this
-        // simply matches nothing.
-        let status = Publish {
+        let description = format!("no responders for `{}`", request.subject);
+        self.route(&Publish {
             subject: request.reply.clone(),
             reply: Utf8Bytes::default(),
-            headers,
+            headers: status_headers(NO_RESPONDERS, description),
             payload: bytes::Bytes::new(),
-        };
-        let found = self.subs.matches(&status.subject);
-        for route in found
-            .plain
-            .iter()
-            .chain(found.groups.iter().flat_map(|(_, m)| m.iter().take(1)))
-        {
-            route.deliver(&status, self);
-        }
+        });
     }
 }
 
@@ -574,9 +550,7 @@ impl Session<'_> {
             None => Ok(()),
             Some(reason) => {
                 tracing::info!(peer = %self.conn.peer, subject = %sub.subject, %reason, "subscription refused");
-                let mut headers = rpc_core::Metadata::new();
-                headers.insert(STATUS_HEADER, SUBSCRIPTION_REFUSED);
-                headers.insert(DESCRIPTION_HEADER, reason);
+                let headers = status_headers(SUBSCRIPTION_REFUSED, reason);
                 self.conn
                     .sender
                     .send(Frame::Msg(MsgFrame {

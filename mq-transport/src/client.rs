@@ -347,17 +347,20 @@ impl Remote {
             tracing::info!(broker = %self.addr, %reason, "disconnected from the broker");
             {
                 let mut state = self.lock_state();
-                if let State::Connected(sender) = &*state {
-                    sender.close();
-                }
-                if !matches!(*state, State::Disconnected { .. }) {
-                    *state = State::Disconnected {
-                        buffer: VecDeque::new(),
-                        bytes: 0,
-                        reason: Arc::from(reason.as_str()),
-                    };
-                } else if let State::Disconnected { reason: r, .. } = &mut *state {
-                    *r = Arc::from(reason.as_str());
+                let reason: Arc<str> = Arc::from(reason.as_str());
+                match &mut *state {
+                    // A publisher may have seen the failure first and started buffering.
+                    State::Disconnected { reason: r, .. } => *r = reason,
+                    other => {
+                        if let State::Connected(sender) = other {
+                            sender.close();
+                        }
+                        *other = State::Disconnected {
+                            buffer: VecDeque::new(),
+                            bytes: 0,
+                            reason,
+                        };
+                    }
                 }
             }
             // Replies to requests in flight would come on the lost connection.

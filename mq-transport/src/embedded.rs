@@ -94,16 +94,7 @@ impl Embedded {
             }
             return;
         }
-        for target in &found.plain {
-            target.deliver(message.clone());
-        }
-        for (_, members) in &found.groups {
-            for target in found.group_order(members) {
-                if target.deliver(message.clone()) {
-                    break;
-                }
-            }
-        }
+        found.deliver(|target| target.deliver(message.clone()));
     }
 
     pub(crate) fn subscribe(

@@ -71,8 +71,17 @@ impl Message {
 
     /// A message the bus itself sends to `to`, with a status and a description.
     pub(crate) fn status_message(to: Utf8Bytes, status: &'static str, description: String) -> Self {
-        Message::new(to, Bytes::new())
-            .with_header(STATUS_HEADER, status)
-            .with_header(DESCRIPTION_HEADER, description)
+        Message {
+            headers: status_headers(status, description),
+            ..Message::new(to, Bytes::new())
+        }
     }
+}
+
+/// The headers of a message the bus generates itself.
+pub(crate) fn status_headers(status: &'static str, description: String) -> Metadata {
+    let mut headers = Metadata::new();
+    headers.insert(STATUS_HEADER, status);
+    headers.insert(DESCRIPTION_HEADER, description);
+    headers
 }

@@ -37,9 +37,25 @@ impl<T> Match<T> {
         self.plain.is_empty() && self.groups.is_empty()
     }
 
+    /// Offers one message: to every plain subscription, and to the members of each queue
+    /// group in turn until one takes it (`deliver` returns whether it did). Returns how
+    /// many took it.
+    pub fn deliver(&self, mut deliver: impl FnMut(&T) -> bool) -> u64 {
+        let mut delivered = 0;
+        for target in &self.plain {
+            delivered += u64::from(deliver(target));
+        }
+        for (_, members) in &self.groups {
+            if self.group_order(members).any(&mut deliver) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
     /// Members of `group` in the order to try them for one message: round robin, so
     /// that a group's members share the load evenly.
-    pub fn group_order<'a>(&self, group: &'a [T]) -> impl Iterator<Item = &'a T> + 'a {
+    fn group_order<'a>(&self, group: &'a [T]) -> impl Iterator<Item = &'a T> + 'a {
         let start = if group.is_empty() {
             0
         } else {
@@ -387,11 +403,31 @@ mod tests {
         for k in 0..3 {
             list.insert("q", Some("g"), k, k).unwrap();
         }
+        list.insert("q", None, 9, 9).unwrap();
         let m = list.matches("q");
-        let firsts: Vec<u64> = (0..6)
-            .map(|_| *m.group_order(&m.groups[0].1).next().unwrap())
-            .collect();
-        assert_eq!(sorted(firsts), vec![0, 0, 1, 1, 2, 2]);
+        let mut taken = Vec::new();
+        for _ in 0..6 {
+            assert_eq!(
+                m.deliver(|k| {
+                    taken.push(*k);
+                    true
+                }),
+                2
+            );
+        }
+        assert_eq!(sorted(taken), vec![0, 0, 1, 1, 2, 2, 9, 9, 9, 9, 9, 9]);
+        // A member that refuses is skipped: the next one takes the message.
+        let mut offered = Vec::new();
+        let took = m.deliver(|k| {
+            offered.push(*k);
+            *k == 9 || offered.iter().filter(|o| **o != 9).count() == 2
+        });
+        assert_eq!(took, 2);
+        assert_eq!(
+            offered.len(),
+            3,
+            "plain, then two group members: {offered:?}"
+        );
     }
 
     #[test]
