@@ -8,7 +8,7 @@ use rpc_core::Utf8Bytes;
 use tokio::sync::broadcast;
 
 use crate::client::ConnectOptions;
-use crate::delivery::{Inbox, Subscriber};
+use crate::delivery::{Inbox, Subscriber, Waiting};
 use crate::embedded::{Embedded, EmbeddedConfig};
 use crate::error::BusError;
 use crate::event::Event;
@@ -168,14 +168,34 @@ impl Bus {
     /// up to `timeout` for the first reply.
     pub async fn request_message(
         &self,
-        mut message: Message,
+        message: Message,
         timeout: Duration,
     ) -> Result<Message, BusError> {
-        let (reply, waiting) = self.inbox().register();
-        message.reply = Some(reply);
         let subject = message.subject.clone();
+        let (_reply, waiting) = self.send_request(message).await?;
+        self.await_reply(waiting, &subject, timeout).await
+    }
+
+    /// Publishes `message` with a fresh reply subject of this handle's inbox; returns the
+    /// reply subject and the registration that receives the answer.
+    pub(crate) async fn send_request(
+        &self,
+        mut message: Message,
+    ) -> Result<(Utf8Bytes, Waiting), BusError> {
+        let (reply, waiting) = self.inbox().register();
+        message.reply = Some(reply.clone());
         self.publish_message(message).await?;
-        let mut waiting = waiting;
+        Ok((reply, waiting))
+    }
+
+    /// Waits up to `timeout` for the answer to a request sent with
+    /// [`Bus::send_request`].
+    pub(crate) async fn await_reply(
+        &self,
+        mut waiting: Waiting,
+        subject: &str,
+        timeout: Duration,
+    ) -> Result<Message, BusError> {
         match tokio::time::timeout(timeout, &mut waiting.rx).await {
             Ok(Ok(reply)) if reply.status() == Some(NO_RESPONDERS) => Err(BusError::NoResponders {
                 subject: subject.to_string(),
@@ -207,6 +227,24 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => bus.events.subscribe(),
             Backend::Remote(client) => client.remote().events.subscribe(),
+        }
+    }
+
+    /// Whether messages can reach the bus right now: always for the embedded bus; for a
+    /// remote bus, whether the connection is up (publishes made while it is down are
+    /// buffered).
+    pub fn is_connected(&self) -> bool {
+        match &self.backend {
+            Backend::Embedded(_) => true,
+            Backend::Remote(client) => client.remote().is_connected(),
+        }
+    }
+
+    /// Which backend this handle uses: `"embedded"` or `"broker"`.
+    pub fn backend_name(&self) -> &'static str {
+        match &self.backend {
+            Backend::Embedded(_) => "embedded",
+            Backend::Remote(_) => "broker",
         }
     }
 

@@ -199,6 +199,23 @@ impl Unsubscribe for Client {
             }
         }
     }
+
+    fn drain(
+        self: Arc<Self>,
+        sid: u64,
+        _state: Arc<SubState>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            // The broker handles frames in order: once the pong to a ping sent after the
+            // unsubscribe is back, nothing more can be on its way to this subscription.
+            if let Some(sender) = self.remote.connected() {
+                if sender.send(Frame::Unsub { sid }).await.is_ok() {
+                    let _ = sender.round_trip().await;
+                }
+            }
+            self.remote.lock_subs().remove(&sid);
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -241,6 +258,10 @@ impl Remote {
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        matches!(&*self.lock_state(), State::Connected(_))
     }
 
     fn connected(&self) -> Option<FrameSender> {

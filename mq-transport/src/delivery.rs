@@ -221,7 +221,19 @@ pub fn new_inbox() -> String {
 
 /// How a backend removes a subscription when its [`Subscriber`] is dropped.
 pub(crate) trait Unsubscribe: Send + Sync + 'static {
+    /// Removes the subscription now; what is in flight to it is lost. Idempotent.
     fn unsubscribe(&self, key: u64, state: &SubState);
+
+    /// Removes the subscription once everything already sent to it has arrived in its
+    /// queue. The default suits backends that route synchronously.
+    fn drain(
+        self: Arc<Self>,
+        key: u64,
+        state: Arc<SubState>,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        self.unsubscribe(key, &state);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A subscription: a [`Stream`] of the messages that match its subject.
@@ -248,6 +260,7 @@ pub struct Subscriber {
     state: Arc<SubState>,
     key: u64,
     backend: Arc<dyn Unsubscribe>,
+    drained: bool,
 }
 
 impl std::fmt::Debug for Subscriber {
@@ -272,6 +285,7 @@ impl Subscriber {
             state,
             key,
             backend,
+            drained: false,
         }
     }
 
@@ -303,10 +317,27 @@ impl Subscriber {
 
     /// Unsubscribes now (the same as dropping it).
     pub fn unsubscribe(self) {}
+
+    /// Unsubscribes without losing what was already sent here: returns once the bus has
+    /// removed the subscription and every message routed to it before that is in its
+    /// queue (on a remote bus, after a round trip to the broker). [`Subscriber::next`]
+    /// then yields those messages, then `None`.
+    ///
+    /// A service instance drains to stop taking work without dropping work it was
+    /// already given (NATS calls this draining a subscription).
+    pub async fn drain(&mut self) {
+        if !std::mem::replace(&mut self.drained, true) {
+            self.backend
+                .clone()
+                .drain(self.key, self.state.clone())
+                .await;
+        }
+    }
 }
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
+        // Also completes a drain that was abandoned half-way.
         self.backend.unsubscribe(self.key, &self.state);
     }
 }

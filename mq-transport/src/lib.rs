@@ -25,6 +25,7 @@ mod embedded;
 mod error;
 mod event;
 mod message;
+pub mod rpc;
 pub mod subject;
 pub mod sublist;
 
@@ -38,3 +39,4 @@ pub use event::Event;
 pub use message::{
     DESCRIPTION_HEADER, Message, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED,
 };
+pub use rpc::ServiceInstance;

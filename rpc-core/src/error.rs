@@ -122,6 +122,16 @@ pub enum RpcError {
     /// The client was shut down, or every handle to it was dropped.
     #[error("client is closed")]
     ClientClosed,
+    /// The [`crate::client::Channel`] carrying the call (a message bus, say) failed, for
+    /// a reason none of the variants above describes.
+    #[error("call to `{method}` failed on its channel: {source}")]
+    Channel {
+        /// `"Service.method"`.
+        method: String,
+        /// The channel's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl RpcError {

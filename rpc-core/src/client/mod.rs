@@ -34,6 +34,9 @@
 mod backoff;
 mod conn;
 
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,7 +50,7 @@ pub use self::backoff::Backoff;
 use self::conn::Conn;
 use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
-use crate::frame::{Frame, Request, Response, Status};
+use crate::frame::{Frame, Request, Status};
 use crate::transport::Connector;
 use crate::{Metadata, Utf8Bytes};
 
@@ -124,6 +127,59 @@ enum State {
     Closed(Option<Arc<str>>),
 }
 
+/// A way to carry calls other than a courier connection: for example a message bus, where
+/// a call is a request to the service's subject (`courier::bus::Bus::rpc_client`).
+///
+/// A [`Client`] made with [`Client::with_channel`] applies its defaults (deadline,
+/// metadata) and hands each call over as an [`OutgoingCall`]; generated clients work on
+/// it unchanged.
+pub trait Channel: Send + Sync + fmt::Debug + 'static {
+    /// Sends one call and waits for its answer, at the latest until `call.deadline`.
+    /// Dropping the future abandons the call; the channel tells the server where it can.
+    fn call(&self, call: OutgoingCall) -> ChannelFuture;
+
+    /// Whether calls can be sent right now.
+    fn is_connected(&self) -> bool;
+
+    /// Where calls go, for error messages.
+    fn describe(&self) -> String;
+}
+
+/// The future of one call on a [`Channel`].
+pub type ChannelFuture = Pin<Box<dyn Future<Output = Result<Bytes, RpcError>> + Send + 'static>>;
+
+/// One call, as a [`Client`] hands it to a [`Channel`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct OutgoingCall {
+    /// `"Service.method"`.
+    pub method: Utf8Bytes,
+    /// The serialized arguments.
+    pub payload: Bytes,
+    /// When the caller stops waiting.
+    pub deadline: Instant,
+    /// The deadline as it was given, relative to the call (for error messages).
+    pub timeout: Duration,
+    /// The client's metadata followed by the call's own.
+    pub metadata: Metadata,
+}
+
+impl OutgoingCall {
+    /// The caller's result for an answer with `status`: the payload when it is
+    /// [`Status::OK`], otherwise the same [`RpcError`] a connection client returns.
+    pub fn answer(&self, status: Status, message: &str, payload: Bytes) -> Result<Bytes, RpcError> {
+        into_result(status, message, payload, &self.method, self.timeout)
+    }
+
+    /// The error for a call whose deadline passed.
+    pub fn timed_out(&self) -> RpcError {
+        RpcError::Timeout {
+            method: self.method.to_string(),
+            timeout: self.timeout,
+        }
+    }
+}
+
 /// A handle to one server. Cheap to clone; clones share the connection and may call
 /// concurrently from any task. The connection closes when the last clone (and the last
 /// call in flight) is dropped, or at [`Client::close`].
@@ -136,6 +192,19 @@ pub struct Client {
 struct Inner {
     config: ClientConfig,
     peer: String,
+    route: Route,
+}
+
+#[derive(Debug)]
+enum Route {
+    /// A courier connection, reconnected by a supervisor task.
+    Connection(Direct),
+    /// Some other [`Channel`].
+    Channel(Box<dyn Channel>),
+}
+
+#[derive(Debug)]
+struct Direct {
     next_id: AtomicU64,
     state: watch::Receiver<State>,
     shutdown: CancellationToken,
@@ -194,10 +263,25 @@ impl Client {
             inner: Arc::new(Inner {
                 config,
                 peer,
-                next_id: AtomicU64::new(1),
-                state: rx,
-                _stop_on_drop: shutdown.clone().drop_guard(),
-                shutdown,
+                route: Route::Connection(Direct {
+                    next_id: AtomicU64::new(1),
+                    state: rx,
+                    _stop_on_drop: shutdown.clone().drop_guard(),
+                    shutdown,
+                }),
+            }),
+        }
+    }
+
+    /// A client whose calls travel over `channel` instead of a connection of its own.
+    /// [`ClientConfig::default_timeout`] and [`ClientConfig::metadata`] apply; the
+    /// connection settings do not.
+    pub fn with_channel(channel: impl Channel, config: ClientConfig) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                config,
+                peer: channel.describe(),
+                route: Route::Channel(Box::new(channel)),
             }),
         }
     }
@@ -209,13 +293,21 @@ impl Client {
 
     /// Whether a connection is up and taking calls right now.
     pub fn is_connected(&self) -> bool {
-        matches!(&*self.inner.state.borrow(), State::Connected(c) if !c.is_retired())
+        match &self.inner.route {
+            Route::Connection(direct) => {
+                matches!(&*direct.state.borrow(), State::Connected(c) if !c.is_retired())
+            }
+            Route::Channel(channel) => channel.is_connected(),
+        }
     }
 
     /// Closes the connection and stops reconnecting. Calls pending fail with
     /// [`RpcError::ConnectionClosed`]; later calls with [`RpcError::ClientClosed`].
+    /// A client over a [`Channel`] has no connection of its own: this does nothing.
     pub fn close(&self) {
-        self.inner.shutdown.cancel();
+        if let Route::Connection(direct) = &self.inner.route {
+            direct.shutdown.cancel();
+        }
     }
 
     /// Calls `method` (`"Service.method"`) with serialized arguments; returns the
@@ -230,13 +322,28 @@ impl Client {
         let method = method.into();
         let timeout = options.timeout.unwrap_or(self.inner.config.default_timeout);
         let deadline = Instant::now() + timeout;
+        let direct = match &self.inner.route {
+            Route::Connection(direct) => direct,
+            Route::Channel(channel) => {
+                let mut metadata = self.inner.config.metadata.clone();
+                metadata.extend(&options.metadata);
+                let call = OutgoingCall {
+                    method,
+                    payload,
+                    deadline,
+                    timeout,
+                    metadata,
+                };
+                return channel.call(call).await;
+            }
+        };
         let timed_out = || RpcError::Timeout {
             method: method.to_string(),
             timeout,
         };
 
-        let conn = self.connection(deadline).await?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = self.connection(direct, deadline).await?;
+        let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
         let reply = conn.register(id)?;
         // Until the answer or a failure arrives (either removes the call from the
         // connection's map), dropping this sends a cancel.
@@ -261,7 +368,13 @@ impl Client {
             Err(_) => return Err(timed_out()), // the guard cancels, in case it went out
         }
         match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(Ok(response))) => into_result(response, &method, timeout),
+            Ok(Ok(Ok(response))) => into_result(
+                response.status,
+                &response.message,
+                response.payload,
+                &method,
+                timeout,
+            ),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(RpcError::ConnectionClosed {
                 reason: "connection dropped the call".into(),
@@ -271,8 +384,8 @@ impl Client {
     }
 
     /// The connection to call on, waiting for one until `deadline` if so configured.
-    async fn connection(&self, deadline: Instant) -> Result<Arc<Conn>, RpcError> {
-        let mut state = self.inner.state.clone();
+    async fn connection(&self, direct: &Direct, deadline: Instant) -> Result<Arc<Conn>, RpcError> {
+        let mut state = direct.state.clone();
         loop {
             let last_error = match &*state.borrow_and_update() {
                 State::Connected(conn) if !conn.is_retired() => return Ok(conn.clone()),
@@ -311,13 +424,15 @@ impl Client {
 }
 
 fn into_result(
-    response: Response,
-    method: &Utf8Bytes,
+    status: Status,
+    message: &str,
+    payload: Bytes,
+    method: &str,
     timeout: Duration,
 ) -> Result<Bytes, RpcError> {
-    let message = || response.message.to_string();
-    match response.status {
-        Status::OK => Ok(response.payload),
+    let message = || message.to_string();
+    match status {
+        Status::OK => Ok(payload),
         Status::UNKNOWN_SERVICE => Err(RpcError::UnknownService { message: message() }),
         Status::UNKNOWN_METHOD => Err(RpcError::UnknownMethod { message: message() }),
         Status::DEADLINE_EXCEEDED => Err(RpcError::Timeout {

@@ -27,6 +27,8 @@ pub enum PeerAddr {
     Unix(Option<PathBuf>),
     /// The n-th in-memory connection of a [`memory::MemoryListener`].
     Memory(u64),
+    /// A caller over a message bus, known by the subject its answer goes to.
+    Bus(std::sync::Arc<str>),
 }
 
 impl fmt::Display for PeerAddr {
@@ -36,6 +38,7 @@ impl fmt::Display for PeerAddr {
             PeerAddr::Unix(Some(path)) => write!(f, "unix://{}", path.display()),
             PeerAddr::Unix(None) => f.write_str("unix://(unnamed)"),
             PeerAddr::Memory(n) => write!(f, "memory://{n}"),
+            PeerAddr::Bus(reply) => write!(f, "bus://{reply}"),
         }
     }
 }
