@@ -59,6 +59,8 @@ pub struct Bus {
 enum Backend {
     Embedded(Arc<Embedded>),
     Remote(Arc<crate::client::Client>),
+    #[cfg(feature = "nats")]
+    Nats(Arc<crate::nats::Nats>),
 }
 
 impl Default for Bus {
@@ -99,6 +101,26 @@ impl Bus {
         })
     }
 
+    /// Connects to a NATS server or cluster (cargo feature `nats`) with default options.
+    /// `servers` is one URL or a comma-separated list (`nats://a:4222,nats://b:4222`);
+    /// the client fails over between them and reconnects by itself.
+    #[cfg(feature = "nats")]
+    pub async fn connect_nats(servers: &str) -> Result<Bus, BusError> {
+        Bus::connect_nats_with(servers, crate::nats::NatsOptions::default()).await
+    }
+
+    /// Connects to a NATS server or cluster (cargo feature `nats`) with `options`, which
+    /// carry the NATS connection options (credentials, TLS, reconnect policy, …).
+    #[cfg(feature = "nats")]
+    pub async fn connect_nats_with(
+        servers: &str,
+        options: crate::nats::NatsOptions,
+    ) -> Result<Bus, BusError> {
+        Ok(Bus {
+            backend: Backend::Nats(crate::nats::Nats::connect(servers, options).await?),
+        })
+    }
+
     /// Publishes `payload` to `subject` (no wildcards).
     pub async fn publish(
         &self,
@@ -116,6 +138,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => bus.publish(message),
             Backend::Remote(client) => client.remote().publish(message).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.publish(message).await,
         }
     }
 
@@ -148,6 +172,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => bus.subscribe(subject, queue),
             Backend::Remote(client) => client.subscribe(subject, queue).await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.subscribe(subject, queue).await,
         }
     }
 
@@ -219,6 +245,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(_) => Ok(()),
             Backend::Remote(client) => client.remote().flush().await,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.flush().await,
         }
     }
 
@@ -227,6 +255,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => bus.events.subscribe(),
             Backend::Remote(client) => client.remote().events.subscribe(),
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.events.subscribe(),
         }
     }
 
@@ -237,14 +267,18 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(_) => true,
             Backend::Remote(client) => client.remote().is_connected(),
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.is_connected(),
         }
     }
 
-    /// Which backend this handle uses: `"embedded"` or `"broker"`.
+    /// Which backend this handle uses: `"embedded"`, `"broker"` or `"nats"`.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
             Backend::Embedded(_) => "embedded",
             Backend::Remote(_) => "broker",
+            #[cfg(feature = "nats")]
+            Backend::Nats(_) => "nats",
         }
     }
 
@@ -257,6 +291,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => bus.config.request_timeout,
             Backend::Remote(client) => client.remote().options.request_timeout,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => nats.request_timeout,
         }
     }
 
@@ -264,6 +300,8 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(bus) => &bus.inbox,
             Backend::Remote(client) => &client.remote().inbox,
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => &nats.inbox,
         }
     }
 
@@ -271,6 +309,10 @@ impl Bus {
         match &self.backend {
             Backend::Embedded(_) => Arc::from("the bus was closed"),
             Backend::Remote(client) => client.remote().disconnect_reason(),
+            #[cfg(feature = "nats")]
+            Backend::Nats(nats) => {
+                Arc::from(format!("disconnected from NATS ({})", nats.servers()))
+            }
         }
     }
 }

@@ -82,6 +82,22 @@ pub enum BusError {
         /// Why the connection ended.
         reason: Arc<str>,
     },
+    /// A header the backend cannot carry (NATS headers are text without CR or LF).
+    #[error("header `{name}` cannot be sent: {reason}")]
+    InvalidHeader {
+        /// The header's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The backend (for example the NATS client) failed an operation.
+    #[error("bus backend could not {operation}: {reason}")]
+    Backend {
+        /// What was attempted.
+        operation: &'static str,
+        /// The backend's error.
+        reason: String,
+    },
     /// The bus handle was closed.
     #[error("the bus is closed")]
     Closed,

@@ -25,6 +25,8 @@ mod embedded;
 mod error;
 mod event;
 mod message;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod rpc;
 pub mod subject;
 pub mod sublist;
@@ -39,4 +41,6 @@ pub use event::Event;
 pub use message::{
     DESCRIPTION_HEADER, Message, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED,
 };
+#[cfg(feature = "nats")]
+pub use nats::NatsOptions;
 pub use rpc::ServiceInstance;

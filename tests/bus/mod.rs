@@ -2,6 +2,9 @@
 
 #![allow(dead_code)]
 
+#[cfg(feature = "nats")]
+pub(crate) mod nats_server;
+
 use std::time::Duration;
 
 use courier::bus::{
@@ -13,6 +16,8 @@ use courier::bus::{
 pub(crate) enum Fixture {
     Embedded(EmbeddedConfig, Bus),
     Broker(Broker),
+    #[cfg(feature = "nats")]
+    Nats(nats_server::NatsServer),
 }
 
 impl Fixture {
@@ -30,6 +35,12 @@ impl Fixture {
                 .await
                 .expect("broker binds"),
         )
+    }
+
+    /// A nats-server of its own, on a free loopback port.
+    #[cfg(feature = "nats")]
+    pub(crate) async fn nats() -> Fixture {
+        Fixture::Nats(nats_server::NatsServer::start())
     }
 
     pub(crate) async fn bus(&self) -> Bus {
@@ -53,6 +64,14 @@ impl Fixture {
                 Bus::connect_with(broker.local_addr().to_string(), options)
                     .await
                     .expect("connects to the broker")
+            }
+            #[cfg(feature = "nats")]
+            Fixture::Nats(server) => {
+                let mut options = courier::bus::NatsOptions::default();
+                options.subscription_capacity = capacity;
+                Bus::connect_nats_with(&server.url(), options)
+                    .await
+                    .expect("connects to nats-server")
             }
         }
     }
@@ -87,6 +106,15 @@ macro_rules! on_every_backend {
                 #[tokio::test]
                 async fn $name() {
                     super::$name($crate::bus::Fixture::broker().await).await
+                }
+            )*
+        }
+        #[cfg(feature = "nats")]
+        mod nats {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::bus::Fixture::nats().await).await
                 }
             )*
         }

@@ -1,0 +1,374 @@
+//! The NATS backend (cargo feature `nats`): the same [`Bus`](crate::Bus) API on a NATS
+//! server or cluster, through `async-nats`.
+//!
+//! Each subscription is an `async-nats` subscription whose messages a small task moves
+//! into the same bounded queue the other backends use, so [`Subscriber`], slow-consumer
+//! accounting and [`Event`]s behave alike. Requests use one inbox subscription per bus
+//! handle (`_INBOX.<id>.*`), as on the other backends; NATS's own "no responders" status
+//! (503) becomes [`BusError::NoResponders`].
+//!
+//! NATS headers are text: a header value that is not UTF-8, or that holds a CR or LF, is
+//! refused with [`BusError::InvalidHeader`].
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rpc_core::{Metadata, Utf8Bytes};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{Inbox, SubQueue, SubState, Subscriber, Target, Unsubscribe};
+use crate::error::BusError;
+use crate::event::Event;
+use crate::message::{Message, NO_RESPONDERS, status_headers};
+use crate::subject;
+
+pub use async_nats;
+
+/// How to reach NATS. `connect` passes through everything a NATS user sets (credentials,
+/// TLS, reconnect policy, ping interval, client name, …); the rest is courier's.
+///
+/// ```no_run
+/// use mq_transport::{Bus, NatsOptions};
+/// use mq_transport::nats::async_nats;
+///
+/// # async fn f() -> Result<(), mq_transport::BusError> {
+/// let mut options = NatsOptions::default();
+/// options.connect = async_nats::ConnectOptions::with_user_and_password("app".into(), "s3cret".into())
+///     .name("orders-service")
+///     .max_reconnects(None); // reconnect forever
+/// let bus = Bus::connect_nats_with("nats://10.0.0.1:4222,nats://10.0.0.2:4222", options).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct NatsOptions {
+    /// The `async-nats` connection options. Its event callback is replaced: events arrive
+    /// through [`crate::Bus::events`]. Default `ConnectOptions::default()`.
+    pub connect: async_nats::ConnectOptions,
+    /// Messages queued per subscription before new ones are dropped (and counted).
+    /// Default 65,536.
+    pub subscription_capacity: usize,
+    /// The timeout of [`crate::Bus::request`]. Default 5 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            connect: async_nats::ConnectOptions::default(),
+            subscription_capacity: 65_536,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connection to NATS.
+#[derive(Debug)]
+pub(crate) struct Nats {
+    client: async_nats::Client,
+    servers: String,
+    subs: Mutex<HashMap<u64, Forwarder>>,
+    next_key: AtomicU64,
+    pub(crate) inbox: Arc<Inbox>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) subscription_capacity: usize,
+    pub(crate) request_timeout: Duration,
+    inbox_task: JoinHandle<()>,
+}
+
+/// The task moving one subscription's messages into its queue.
+#[derive(Debug)]
+struct Forwarder {
+    /// The `async-nats` subscription, shared with the task so that an unsubscribe can drop
+    /// it at once: its `Drop` queues the UNSUB before anything sent after it (a flush).
+    slot: Slot,
+    drain: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+type Slot = Arc<Mutex<Option<async_nats::Subscriber>>>;
+
+impl Nats {
+    pub(crate) async fn connect(
+        servers: &str,
+        options: NatsOptions,
+    ) -> Result<Arc<Nats>, BusError> {
+        let addrs: Vec<String> = servers
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let events = broadcast::channel(256).0;
+        let callback_events = events.clone();
+        let callback_servers = servers.to_owned();
+        let connect = options.connect.event_callback(move |event| {
+            let (events, servers) = (callback_events.clone(), callback_servers.clone());
+            async move {
+                let event = match event {
+                    async_nats::Event::Connected => Event::Connected { server: servers },
+                    async_nats::Event::Disconnected => Event::Disconnected {
+                        reason: format!("disconnected from NATS ({servers})"),
+                    },
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS client dropped messages of a slow subscription");
+                        return;
+                    }
+                    other => {
+                        tracing::info!(event = %other, "NATS event");
+                        return;
+                    }
+                };
+                let _ = events.send(event);
+            }
+        });
+        let client = connect
+            .connect(addrs.as_slice())
+            .await
+            .map_err(|e| BusError::Connect {
+                addr: servers.to_owned(),
+                reason: e.to_string(),
+            })?;
+
+        let inbox = Arc::new(Inbox::new());
+        let inbox_sub = client
+            .subscribe(inbox.filter())
+            .await
+            .map_err(|e| backend("subscribe to the request inbox", e))?;
+        let target = Target::Inbox(inbox.clone());
+        let inbox_task = tokio::spawn(async move {
+            let mut sub = inbox_sub;
+            while let Some(message) = sub.next().await {
+                target.deliver(from_nats(message));
+            }
+        });
+        client
+            .flush()
+            .await
+            .map_err(|e| backend("flush the inbox subscription", e))?;
+        let _ = events.send(Event::Connected {
+            server: servers.to_owned(),
+        });
+        Ok(Arc::new(Nats {
+            client,
+            servers: servers.to_owned(),
+            subs: Mutex::new(HashMap::new()),
+            next_key: AtomicU64::new(1),
+            inbox,
+            events,
+            subscription_capacity: options.subscription_capacity,
+            request_timeout: options.request_timeout,
+            inbox_task,
+        }))
+    }
+
+    pub(crate) async fn publish(&self, message: Message) -> Result<(), BusError> {
+        subject::validate_subject(&message.subject)?;
+        if let Some(reply) = &message.reply {
+            subject::validate_subject(reply)?;
+        }
+        let limit = self.client.server_info().max_payload;
+        if limit > 0 && message.payload.len() > limit {
+            return Err(BusError::PayloadTooLarge {
+                size: message.payload.len(),
+                limit,
+                setting: "the NATS server's max_payload",
+            });
+        }
+        let subject = message.subject.to_string();
+        let result = match (message.reply, message.headers.is_empty()) {
+            (None, true) => self.client.publish(subject, message.payload).await,
+            (None, false) => {
+                let headers = to_nats(&message.headers)?;
+                self.client
+                    .publish_with_headers(subject, headers, message.payload)
+                    .await
+            }
+            (Some(reply), true) => {
+                self.client
+                    .publish_with_reply(subject, reply.to_string(), message.payload)
+                    .await
+            }
+            (Some(reply), false) => {
+                let headers = to_nats(&message.headers)?;
+                self.client
+                    .publish_with_reply_and_headers(
+                        subject,
+                        reply.to_string(),
+                        headers,
+                        message.payload,
+                    )
+                    .await
+            }
+        };
+        result.map_err(|e| backend("publish", e))
+    }
+
+    pub(crate) async fn subscribe(
+        self: &Arc<Self>,
+        filter: Utf8Bytes,
+        queue: Option<Utf8Bytes>,
+    ) -> Result<Subscriber, BusError> {
+        let sub = match &queue {
+            None => self.client.subscribe(filter.to_string()).await,
+            Some(queue) => {
+                self.client
+                    .queue_subscribe(filter.to_string(), queue.to_string())
+                    .await
+            }
+        }
+        .map_err(|e| backend("subscribe", e))?;
+        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = SubQueue::new(
+            filter,
+            queue,
+            self.subscription_capacity,
+            self.events.clone(),
+        );
+        let state = tx.state.clone();
+        let drain = CancellationToken::new();
+        let slot = Arc::new(Mutex::new(Some(sub)));
+        let task = tokio::spawn(forward(slot.clone(), tx, drain.clone()));
+        self.lock_subs()
+            .insert(key, Forwarder { slot, drain, task });
+        let subscriber = Subscriber::new(rx, state, key, self.clone());
+        // The server has the subscription once it answers a ping sent after it.
+        self.flush().await?;
+        Ok(subscriber)
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), BusError> {
+        self.client.flush().await.map_err(|e| backend("flush", e))
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub(crate) fn servers(&self) -> &str {
+        &self.servers
+    }
+
+    fn lock_subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Forwarder>> {
+        lock(&self.subs)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.inbox_task.abort();
+    }
+}
+
+impl Unsubscribe for Nats {
+    fn unsubscribe(&self, key: u64, _state: &SubState) {
+        // Dropping the `async-nats` subscriber unsubscribes.
+        if let Some(forwarder) = self.lock_subs().remove(&key) {
+            drop(lock(&forwarder.slot).take());
+            forwarder.task.abort();
+        }
+    }
+
+    fn drain(
+        self: Arc<Self>,
+        key: u64,
+        _state: Arc<SubState>,
+    ) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let forwarder = self.lock_subs().remove(&key);
+        Box::pin(async move {
+            if let Some(forwarder) = forwarder {
+                forwarder.drain.cancel();
+                let _ = forwarder.task.await;
+            }
+        })
+    }
+}
+
+/// Moves messages from the subscription into `queue` until it ends; on `drain`, asks the
+/// server to stop sending and forwards what was already on its way.
+async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
+    let next = || {
+        std::future::poll_fn(|cx| match lock(&slot).as_mut() {
+            Some(sub) => sub.poll_next_unpin(cx),
+            None => std::task::Poll::Ready(None),
+        })
+    };
+    loop {
+        tokio::select! {
+            message = next() => match message {
+                Some(message) => {
+                    queue.deliver(from_nats(message));
+                }
+                None => return,
+            },
+            _ = drain.cancelled() => break,
+        }
+    }
+    let Some(mut sub) = lock(&slot).take() else {
+        return;
+    };
+    if sub.drain().await.is_ok() {
+        while let Some(message) = sub.next().await {
+            queue.deliver(from_nats(message));
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn backend(operation: &'static str, error: impl std::fmt::Display) -> BusError {
+    BusError::Backend {
+        operation,
+        reason: error.to_string(),
+    }
+}
+
+fn to_nats(headers: &Metadata) -> Result<async_nats::HeaderMap, BusError> {
+    let mut map = async_nats::HeaderMap::new();
+    for (name, value) in headers.iter() {
+        let invalid = |reason: String| BusError::InvalidHeader {
+            name: name.to_string(),
+            reason,
+        };
+        let header_name: async_nats::HeaderName =
+            name.as_str().parse().map_err(|e| invalid(format!("{e}")))?;
+        let text = std::str::from_utf8(value)
+            .map_err(|_| invalid("NATS header values are text; this one is not UTF-8".into()))?;
+        let header_value: async_nats::HeaderValue =
+            text.parse().map_err(|e| invalid(format!("{e}")))?;
+        map.append(header_name, header_value);
+    }
+    Ok(map)
+}
+
+fn from_nats(message: async_nats::Message) -> Message {
+    let mut headers = Metadata::new();
+    if let Some(map) = &message.headers {
+        for (name, values) in map.iter() {
+            for value in values {
+                headers.append(name.to_string(), value.to_string());
+            }
+        }
+    }
+    if message.status == Some(async_nats::StatusCode::NO_RESPONDERS) {
+        let description = message
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("no responders for `{}`", message.subject));
+        headers.extend(&status_headers(NO_RESPONDERS, description));
+    }
+    Message {
+        subject: Utf8Bytes::from(message.subject.to_string()),
+        reply: message.reply.map(|r| Utf8Bytes::from(r.to_string())),
+        headers,
+        payload: message.payload,
+    }
+}
