@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 pub(crate) struct NatsServer {
     child: Option<Child>,
     pub(crate) port: u16,
-    pub(crate) cluster_port: Option<u16>,
+    cluster_port: Option<u16>,
+    routes: Vec<String>,
 }
 
 impl NatsServer {
@@ -67,6 +68,7 @@ impl NatsServer {
             child: Some(child),
             port,
             cluster_port,
+            routes: routes.to_vec(),
         };
         server.wait_until_listening();
         server
@@ -82,6 +84,11 @@ impl NatsServer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// A new process with the same ports and routes (after [`NatsServer::kill`]).
+    pub(crate) fn restart(old: &NatsServer) -> NatsServer {
+        NatsServer::spawn(old.port, old.cluster_port, &old.routes)
     }
 
     /// `nats://127.0.0.1:<port>`.
