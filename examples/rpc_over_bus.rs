@@ -17,8 +17,10 @@ use std::time::Duration;
 
 use courier::CallContext;
 
+/// The service's own error, returned to callers as a typed value.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum InventoryError {
+    /// No such item in the catalogue.
     UnknownItem(String),
 }
 
