@@ -2,12 +2,21 @@
 //!
 //! ```text
 //! courier broker --listen 127.0.0.1:7222 --token s3cret
+//! courier sub 'orders.>'                    # prints messages
+//! courier pub orders.created 'order 42'
+//! courier reply time.now                    # an echo responder
+//! courier req time.now ping
+//! courier bench rpc | bus | raw [--json]   # the peers' workloads
 //! ```
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 
+mod bench;
+mod tools;
+
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use mq_transport::{Broker, BrokerConfig};
@@ -27,6 +36,77 @@ struct Cli {
 enum Command {
     /// Runs a message broker until Ctrl-C, then shuts down gracefully.
     Broker(BrokerArgs),
+    /// Publishes DATA to SUBJECT.
+    Pub {
+        /// Where to publish (no wildcards).
+        subject: String,
+        /// The payload.
+        #[arg(default_value = "")]
+        data: String,
+        /// A header, `Name:value`; repeatable.
+        #[arg(long = "header", short = 'H', value_parser = tools::parse_header)]
+        headers: Vec<(String, String)>,
+        /// Publish this many times.
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[command(flatten)]
+        target: tools::Target,
+    },
+    /// Prints messages on SUBJECT (wildcards allowed) until Ctrl-C.
+    Sub {
+        /// What to subscribe to: `orders.*`, `orders.>`, …
+        subject: String,
+        /// Join this queue group: each message goes to one member.
+        #[arg(long)]
+        queue: Option<String>,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        #[command(flatten)]
+        target: tools::Target,
+    },
+    /// Sends a request and prints the reply.
+    Req {
+        /// Where to send it.
+        subject: String,
+        /// The payload.
+        #[arg(default_value = "")]
+        data: String,
+        /// How long to wait for the reply, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+        #[command(flatten)]
+        target: tools::Target,
+    },
+    /// Answers requests on SUBJECT with their own payload and headers (an echo responder).
+    Reply {
+        /// What to answer.
+        subject: String,
+        /// Join this queue group (several responders share the load).
+        #[arg(long)]
+        queue: Option<String>,
+        #[command(flatten)]
+        target: tools::Target,
+    },
+    /// Benchmarks: the workloads of tarpc-bench and nats-bench, on courier.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// RPC: an echo `#[courier::service]`, server in a child process (tarpc-bench's workload).
+    Rpc(bench::RpcFlags),
+    /// The bus: pub/sub and request/reply through a broker child process (nats-bench's workload).
+    Bus(bench::bus::BusFlags),
+    /// The floor: the RPC scenarios on bare tokio + LengthDelimitedCodec.
+    Raw(bench::RpcFlags),
+    /// The RPC bench's server (run by `bench rpc`).
+    #[command(hide = true)]
+    ServeRpc { addr: String },
+    /// The raw bench's server (run by `bench raw`).
+    #[command(hide = true)]
+    ServeRaw { addr: String },
 }
 
 #[derive(Debug, Args)]
@@ -56,7 +136,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log(&cli.command))),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -67,11 +147,53 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Broker(args) => broker(args).await,
+            Command::Pub {
+                subject,
+                data,
+                headers,
+                count,
+                target,
+            } => tools::publish(&target, subject, data, headers, count).await,
+            Command::Sub {
+                subject,
+                queue,
+                count,
+                target,
+            } => tools::subscribe(&target, subject, queue, count).await,
+            Command::Req {
+                subject,
+                data,
+                timeout,
+                target,
+            } => {
+                let timeout = Duration::try_from_secs_f64(timeout)
+                    .map_err(|e| format!("--timeout {timeout}: {e}"))?;
+                tools::request(&target, subject, data, timeout).await
+            }
+            Command::Reply {
+                subject,
+                queue,
+                target,
+            } => tools::reply(&target, subject, queue).await,
+            Command::Bench(BenchCommand::Rpc(flags)) => bench::rpc::run(flags).await,
+            Command::Bench(BenchCommand::Bus(flags)) => bench::bus::run(flags).await,
+            Command::Bench(BenchCommand::Raw(flags)) => bench::raw::run(flags).await,
+            Command::Bench(BenchCommand::ServeRpc { addr }) => bench::rpc::serve(&addr).await,
+            Command::Bench(BenchCommand::ServeRaw { addr }) => bench::raw::serve(&addr).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail(message),
+    }
+}
+
+/// Logs at `info` for the broker; quieter for the tools and benches, whose output is
+/// their results.
+fn default_log(command: &Command) -> &'static str {
+    match command {
+        Command::Broker(_) => "info",
+        _ => "warn",
     }
 }
 

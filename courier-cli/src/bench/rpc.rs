@@ -1,0 +1,216 @@
+//! `courier bench rpc`: tarpc-bench's workload on a `#[courier::service]` echo.
+
+use bytes::Bytes;
+use courier::transport::TcpConnector;
+use courier::{Client, ClientConfig, Server, ServerConfig};
+use serde_json::json;
+
+use super::{Caller, Measured, Report, RpcFlags, fields, progress, whole};
+
+/// The peers' service: `echo(Vec<u8>) -> Vec<u8>`.
+#[courier::service(crate = "courier")]
+pub trait Echo {
+    /// Returns `data`.
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+}
+
+/// The same with a `Bytes` argument, which serde encodes as one byte string.
+#[courier::service(crate = "courier")]
+pub trait EchoBytes {
+    /// Returns `data`.
+    async fn echo(&self, data: Bytes) -> Bytes;
+}
+
+#[derive(Clone, Copy)]
+struct Echoer;
+
+impl Echo for Echoer {
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+}
+
+impl EchoBytes for Echoer {
+    async fn echo(&self, data: Bytes) -> Bytes {
+        data
+    }
+}
+
+/// `courier bench serve-rpc ADDR`: the server, in its own process. Prints
+/// `LISTENING <addr>`, serves until killed or until stdin closes.
+pub(crate) async fn serve(addr: &str) -> Result<(), String> {
+    super::exit_when_stdin_closes();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    println!("LISTENING {local}");
+    let server = Server::new(ServerConfig::default())
+        .add_service(Echo::into_service(Echoer))
+        .add_service(EchoBytes::into_service(Echoer));
+    server
+        .serve(listener, std::future::pending())
+        .await
+        .map_err(|e| format!("server failed: {e}"))
+}
+
+#[derive(Clone)]
+struct VecCaller {
+    client: EchoClient,
+    payload: Vec<u8>,
+}
+
+impl Caller for VecCaller {
+    async fn call(&self) -> Result<(), String> {
+        let echo = self
+            .client
+            .echo(self.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        check(echo.len(), self.payload.len())
+    }
+}
+
+#[derive(Clone)]
+struct BytesCaller {
+    client: EchoBytesClient,
+    payload: Bytes,
+}
+
+impl Caller for BytesCaller {
+    async fn call(&self) -> Result<(), String> {
+        let echo = self
+            .client
+            .echo(self.payload.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        check(echo.len(), self.payload.len())
+    }
+}
+
+pub(crate) fn check(got: usize, sent: usize) -> Result<(), String> {
+    if got == sent {
+        Ok(())
+    } else {
+        Err(format!("echo of {sent} bytes came back with {got}"))
+    }
+}
+
+async fn connect(addr: &str) -> Result<Client, String> {
+    Client::connect(TcpConnector::new(addr), ClientConfig::default())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
+    let (_server, addr) = super::server_or(&flags.connect, &["bench", "serve-rpc", "127.0.0.1:0"])?;
+    let mut report = Report::new(flags.json);
+    let mut clients = Vec::with_capacity(flags.conns.max(1));
+    for _ in 0..flags.conns.max(1) {
+        clients.push(connect(&addr).await?);
+    }
+    for argument in ["Vec<u8>", "Bytes"] {
+        for scenario in ["seq", "concurrent", "multi_conn"] {
+            for &size in &flags.sizes {
+                let conns = match scenario {
+                    "multi_conn" => flags.conns.max(1),
+                    _ => 1,
+                };
+                let bar = progress(format!("rpc {scenario} {size} B {argument}"));
+                let measured = if argument == "Vec<u8>" {
+                    let callers: Vec<VecCaller> = clients[..conns]
+                        .iter()
+                        .map(|c| VecCaller {
+                            client: EchoClient::new(c.clone()),
+                            payload: vec![0xAB; size],
+                        })
+                        .collect();
+                    measure(&flags, scenario, &callers, &bar).await?
+                } else {
+                    let callers: Vec<BytesCaller> = clients[..conns]
+                        .iter()
+                        .map(|c| BytesCaller {
+                            client: EchoBytesClient::new(c.clone()),
+                            payload: Bytes::from(vec![0xAB; size]),
+                        })
+                        .collect();
+                    measure(&flags, scenario, &callers, &bar).await?
+                };
+                bar.finish_and_clear();
+                report.line(
+                    line(
+                        "courier",
+                        scenario,
+                        size,
+                        conns,
+                        &flags,
+                        measured,
+                        Some(argument),
+                    ),
+                    "calls_per_s",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn measure<C: Caller>(
+    flags: &RpcFlags,
+    scenario: &str,
+    callers: &[C],
+    bar: &indicatif::ProgressBar,
+) -> Result<Measured, String> {
+    let secs = std::time::Duration::from_secs_f64;
+    match scenario {
+        "seq" => super::sequential(&callers[0], flags.seq_warmup, flags.seq_calls, bar).await,
+        _ => {
+            super::concurrent(
+                callers,
+                flags.inflight,
+                secs(flags.warmup_s),
+                secs(flags.duration_s),
+                bar,
+            )
+            .await
+        }
+    }
+}
+
+/// One result line in tarpc-bench's fields.
+pub(crate) fn line(
+    system: &str,
+    scenario: &str,
+    size: usize,
+    conns: usize,
+    flags: &RpcFlags,
+    mut m: Measured,
+    argument: Option<&str>,
+) -> serde_json::Map<String, serde_json::Value> {
+    let in_flight = if scenario == "seq" { 1 } else { flags.inflight };
+    let transport = if system == "courier" {
+        "tcp (TCP_NODELAY) + courier frames + bincode 2 (serde)"
+    } else {
+        "tcp (TCP_NODELAY) + LengthDelimitedCodec, 8-byte id + payload, echoed as is"
+    };
+    let mut line = fields(json!({
+        "system": system,
+        "scenario": scenario,
+        "payload_bytes": size,
+        "calls": m.calls,
+        "calls_per_s": whole(m.rate()),
+        "elapsed_s": (m.elapsed.as_secs_f64() * 10_000.0).round() / 10_000.0,
+        "p50_us": m.percentile_us(50.0),
+        "p99_us": m.percentile_us(99.0),
+        "connections": conns,
+        "in_flight_per_conn": in_flight,
+        "transport": transport,
+        "version": env!("CARGO_PKG_VERSION"),
+    }));
+    if let Some(argument) = argument {
+        line.insert("argument".into(), argument.into());
+    }
+    line
+}
