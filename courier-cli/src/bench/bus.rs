@@ -56,9 +56,18 @@ pub(crate) struct BusFlags {
     /// scenario.
     #[arg(long)]
     connect: Option<String>,
+    /// Run only these scenarios (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// One JSON line per scenario instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+impl BusFlags {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 /// A broker for one scenario.

@@ -47,9 +47,22 @@ pub(crate) struct RpcFlags {
     /// Use a server already running there instead of starting one.
     #[arg(long)]
     pub(crate) connect: Option<String>,
+    /// Run only these scenarios (comma-separated: seq, concurrent, multi_conn); all by
+    /// default.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) only: Vec<String>,
+    /// Which argument types `bench rpc` measures (`vec`, `bytes`); both by default.
+    #[arg(long, value_delimiter = ',', default_value = "vec,bytes")]
+    pub(crate) arguments: Vec<String>,
     /// One JSON line per scenario instead of a table.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+impl RpcFlags {
+    pub(crate) fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 /// One client handle able to make an echo call of a fixed payload.

@@ -163,6 +163,9 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
         conns.push(RawConn::connect(&addr).await?);
     }
     for scenario in ["seq", "concurrent", "multi_conn"] {
+        if !flags.wants(scenario) {
+            continue;
+        }
         for &size in &flags.sizes {
             let n = if scenario == "multi_conn" {
                 flags.conns.max(1)

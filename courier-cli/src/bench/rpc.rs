@@ -112,7 +112,14 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
         clients.push(connect(&addr).await?);
     }
     for argument in ["Vec<u8>", "Bytes"] {
+        let short = if argument == "Bytes" { "bytes" } else { "vec" };
+        if !flags.arguments.iter().any(|a| a == short) {
+            continue;
+        }
         for scenario in ["seq", "concurrent", "multi_conn"] {
+            if !flags.wants(scenario) {
+                continue;
+            }
             for &size in &flags.sizes {
                 let conns = match scenario {
                     "multi_conn" => flags.conns.max(1),
