@@ -132,13 +132,14 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
             flags.counts.len()
         ));
     }
-    for (&size, &count) in flags.sizes.iter().zip(&flags.counts) {
-        let line = pubsub(&flags, "pubsub_1to1", 1, size, count).await?;
-        report.line(line, "delivered_msgs_per_s");
-    }
-    for (&size, &count) in flags.sizes.iter().zip(&flags.counts) {
-        let line = pubsub(&flags, "fanout_1toN", flags.fanout, size, count).await?;
-        report.line(line, "delivered_msgs_per_s");
+    for (scenario, subscribers) in [("pubsub_1to1", 1), ("fanout_1toN", flags.fanout)] {
+        if !flags.wants(scenario) {
+            continue;
+        }
+        for (&size, &count) in flags.sizes.iter().zip(&flags.counts) {
+            let line = pubsub(&flags, scenario, subscribers, size, count).await?;
+            report.line(line, "delivered_msgs_per_s");
+        }
     }
     for &size in &flags.req_sizes {
         for (scenario, responders) in [
@@ -146,8 +147,10 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
             ("req_concurrent", 1),
             ("req_queue_group", 2),
         ] {
-            let line = request_reply(&flags, scenario, responders, size).await?;
-            report.line(line, "req_per_s");
+            if flags.wants(scenario) {
+                let line = request_reply(&flags, scenario, responders, size).await?;
+                report.line(line, "req_per_s");
+            }
         }
     }
     Ok(())
