@@ -153,4 +153,57 @@ pub mod __private {
 
     /// Compiles only for types that can cross the network (see [`Wire`]).
     pub fn assert_wire_type<T: Wire>() {}
+
+    /// How generated code sends a `Vec<u8>` argument or return value: as one byte string
+    /// (`serialize_bytes`), not as serde's sequence of `u8` with a call per byte. In
+    /// bincode and postcard both are a length and the raw bytes, so the wire is the same;
+    /// only the cost differs (a 4 KiB payload is one copy instead of 4,096 calls).
+    #[derive(Debug)]
+    pub struct AsBytes<'a, T: ?Sized>(pub &'a T);
+
+    impl<T: AsRef<[u8]> + ?Sized> serde::Serialize for AsBytes<'_, T> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.serialize_bytes(self.0.as_ref())
+        }
+    }
+
+    /// The receiving side of [`AsBytes`]: a `Vec<u8>` read as one byte string (or, from
+    /// formats that send one, as a sequence of `u8`).
+    #[derive(Debug)]
+    pub struct ByteVec(pub Vec<u8>);
+
+    impl<'de> serde::Deserialize<'de> for ByteVec {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Visitor;
+
+            impl<'de> serde::de::Visitor<'de> for Visitor {
+                type Value = ByteVec;
+
+                fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                    f.write_str("a byte string")
+                }
+
+                fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteVec, E> {
+                    Ok(ByteVec(v.to_vec()))
+                }
+
+                fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteVec, E> {
+                    Ok(ByteVec(v))
+                }
+
+                fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                    self,
+                    mut seq: A,
+                ) -> Result<ByteVec, A::Error> {
+                    let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+                    while let Some(b) = seq.next_element()? {
+                        bytes.push(b);
+                    }
+                    Ok(ByteVec(bytes))
+                }
+            }
+
+            deserializer.deserialize_byte_buf(Visitor)
+        }
+    }
 }

@@ -203,18 +203,30 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
         quote!(#[doc = #doc])
     });
     let params = args.iter().map(|(name, ty)| quote!(#name: #ty));
-    let names = args.iter().map(|(name, _)| name);
+    // A `Vec<u8>` goes as one byte string (same wire bytes, no call per byte).
+    let sent = args.iter().map(|(name, ty)| {
+        if is_byte_vec(ty) {
+            quote!(#p::AsBytes(&#name))
+        } else {
+            quote!(&#name)
+        }
+    });
+    let (received, unwrap) = if is_byte_vec(output) {
+        (quote!(#p::ByteVec), quote!(.map(|bytes| bytes.0)))
+    } else {
+        (quote!(#output), quote!())
+    };
     quote! {
         #(#carried)*
         #default_doc
         pub async fn #ident(&self, #(#params),*) -> ::core::result::Result<#output, #p::RpcError> {
-            let payload = <F as #p::Format>::encode(&(#(&#names,)*))
+            let payload = <F as #p::Format>::encode(&(#(#sent,)*))
                 .map_err(|e| <#p::RpcError as ::core::convert::From<#p::FormatError>>::from(e.context("request")))?;
             let answer = self
                 .client
                 .call(#p::Utf8Bytes::from_static(#wire), payload, &self.options)
                 .await?;
-            <F as #p::Format>::decode::<#output>(&answer).map_err(|error| {
+            <F as #p::Format>::decode::<#received>(&answer)#unwrap.map_err(|error| {
                 <#p::RpcError as ::core::convert::From<#p::ProtocolError>>::from(#p::ProtocolError::InvalidPayload {
                     what: "response",
                     method: <::std::string::String as ::core::convert::From<&str>>::from(#wire),
@@ -223,6 +235,41 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
             })
         }
     }
+}
+
+/// Whether `ty` is written `Vec<u8>` (or `std::vec::Vec<u8>`, `alloc::vec::Vec<u8>`):
+/// such values are sent as one byte string.
+fn is_byte_vec(ty: &syn::Type) -> bool {
+    let syn::Type::Path(path) = ty else {
+        return false;
+    };
+    if path.qself.is_some() {
+        return false;
+    }
+    let segments: Vec<_> = path.path.segments.iter().collect();
+    let Some(last) = segments.last() else {
+        return false;
+    };
+    let prefix_ok = match segments.len() {
+        1 => true,
+        3 => {
+            matches!(segments[0].ident.to_string().as_str(), "std" | "alloc")
+                && segments[1].ident == "vec"
+                && segments[..2].iter().all(|s| s.arguments.is_none())
+        }
+        _ => false,
+    };
+    if !prefix_ok || last.ident != "Vec" {
+        return false;
+    }
+    let syn::PathArguments::AngleBracketed(args) = &last.arguments else {
+        return false;
+    };
+    matches!(
+        args.args.iter().collect::<Vec<_>>().as_slice(),
+        [syn::GenericArgument::Type(syn::Type::Path(inner))]
+            if inner.qself.is_none() && inner.path.is_ident("u8")
+    )
 }
 
 fn server(service: &Service) -> TokenStream {
@@ -239,8 +286,19 @@ fn server(service: &Service) -> TokenStream {
         let Method { cfgs, ident: method, args, .. } = m;
         let wire_method = &m.name;
         let names: Vec<_> = args.iter().map(|(name, _)| name).collect();
-        let types = args.iter().map(|(_, ty)| ty);
+        let types = args.iter().map(|(_, ty)| {
+            if is_byte_vec(ty) { quote!(#p::ByteVec) } else { quote!(#ty) }
+        });
+        let unwrap = args
+            .iter()
+            .filter(|(_, ty)| is_byte_vec(ty))
+            .map(|(name, _)| quote!(let #name = #name.0;));
         let context = m.context.as_ref().map(|c| if c.by_ref { quote!(&ctx,) } else { quote!(ctx,) });
+        let encode = if is_byte_vec(&m.output) {
+            quote!(<F as #p::Format>::encode(&#p::AsBytes(&ret)))
+        } else {
+            quote!(<F as #p::Format>::encode(&ret))
+        };
         quote! {
             #(#cfgs)*
             #wire_method => {
@@ -248,10 +306,11 @@ fn server(service: &Service) -> TokenStream {
                     ::core::result::Result::Ok(args) => args,
                     ::core::result::Result::Err(e) => return #p::ServiceError::bad_request(e).into_future(),
                 };
+                #(#unwrap)*
                 let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&self.inner);
                 ::std::boxed::Box::pin(async move {
                     let ret = <S as #ident>::#method(&*inner, #context #(#names),*).await;
-                    <F as #p::Format>::encode(&ret).map_err(#p::ServiceError::encode)
+                    #encode.map_err(#p::ServiceError::encode)
                 })
             }
         }

@@ -1,0 +1,79 @@
+//! `Vec<u8>` arguments and return values travel as one byte string: the same bytes on the
+//! wire as serde's sequence of `u8`, without a serde call per byte.
+
+use courier::__private::{AsBytes, ByteVec};
+use courier::transport::memory;
+use courier::{Bincode, Client, ClientConfig, Format, Server, ServerConfig};
+use proptest::prelude::*;
+
+#[courier::service]
+trait Blobs {
+    /// The bytes reversed, and the tag as it came.
+    async fn reverse(&self, data: Vec<u8>, tag: std::vec::Vec<u8>) -> (Vec<u8>, Vec<u8>);
+    /// The bytes as they came.
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8>;
+}
+
+struct Store;
+
+impl Blobs for Store {
+    async fn reverse(&self, mut data: Vec<u8>, tag: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+        data.reverse();
+        (data, tag)
+    }
+
+    async fn echo(&self, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+}
+
+proptest! {
+    #[test]
+    fn a_byte_string_is_encoded_exactly_like_the_sequence_of_u8(data in proptest::collection::vec(any::<u8>(), 0..600), n in any::<u32>()) {
+        let fast = Bincode::encode(&(AsBytes(&data), n)).unwrap();
+        let slow = Bincode::encode(&(&data, n)).unwrap();
+        prop_assert_eq!(&fast, &slow);
+        let (back, m): (ByteVec, u32) = Bincode::decode(&slow).unwrap();
+        prop_assert_eq!(back.0, data.clone());
+        prop_assert_eq!(m, n);
+        let (back, _): (Vec<u8>, u32) = Bincode::decode(&fast).unwrap();
+        prop_assert_eq!(back, data);
+    }
+}
+
+#[cfg(feature = "postcard")]
+#[test]
+fn postcard_also_encodes_both_alike() {
+    use courier::format::Postcard;
+    let data: Vec<u8> = (0..=255).collect();
+    assert_eq!(
+        Postcard::encode(&AsBytes(&data)).unwrap(),
+        Postcard::encode(&data).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn byte_vectors_of_every_size_round_trip_through_a_service() {
+    let (listener, connector) = memory::listen();
+    let server = Server::new(ServerConfig::default()).add_service(Store.into_service());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let client = BlobsClient::new(
+        Client::connect(connector, ClientConfig::default())
+            .await
+            .unwrap(),
+    );
+    for size in [0usize, 1, 16, 4096, 1 << 20] {
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            client.echo(data.clone()).await.unwrap(),
+            data,
+            "{size} bytes"
+        );
+        let (reversed, tag) = client.reverse(data.clone(), b"t".to_vec()).await.unwrap();
+        assert_eq!(tag, b"t");
+        assert!(
+            reversed.iter().eq(data.iter().rev()),
+            "{size} bytes reversed"
+        );
+    }
+}
