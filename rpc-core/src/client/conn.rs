@@ -1,6 +1,7 @@
 //! One client connection: the calls pending on it and the task that reads its answers.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::io::AsyncRead;
@@ -21,6 +22,9 @@ pub(super) struct Conn {
     pending: Mutex<Pending>,
     /// Set when this connection takes no new calls: it closed, or the server is draining it.
     retired: CancellationToken,
+    /// The same, as a flag every call reads: `CancellationToken::is_cancelled` takes a
+    /// mutex, which calls from many tasks contended on.
+    retired_flag: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -37,7 +41,13 @@ impl Conn {
             peer,
             pending: Mutex::default(),
             retired: CancellationToken::new(),
+            retired_flag: AtomicBool::new(false),
         }
+    }
+
+    fn retire(&self) {
+        self.retired_flag.store(true, Ordering::Release);
+        self.retired.cancel();
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -72,7 +82,7 @@ impl Conn {
     }
 
     pub(super) fn is_retired(&self) -> bool {
-        self.retired.is_cancelled()
+        self.retired_flag.load(Ordering::Acquire)
     }
 
     pub(super) async fn retired(&self) {
@@ -86,7 +96,7 @@ impl Conn {
             pending.closed.get_or_insert(reason.clone());
             std::mem::take(&mut pending.calls)
         };
-        self.retired.cancel();
+        self.retire();
         for (_, reply) in calls {
             let _ = reply.send(Err(RpcError::ConnectionClosed {
                 reason: reason.clone(),
@@ -113,7 +123,7 @@ impl Conn {
                     tracing::info!(peer = %self.peer, code = g.code, message = %g.message, "server is going away");
                     if g.code == GoAway::SHUTDOWN {
                         // Calls in flight will still be answered; new calls go elsewhere.
-                        self.retired.cancel();
+                        self.retire();
                     }
                     going_away = Some(RpcError::GoAway {
                         code: g.code,

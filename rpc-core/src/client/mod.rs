@@ -359,13 +359,20 @@ impl Client {
             metadata,
             payload,
         };
-        match tokio::time::timeout_at(deadline, conn.sender.send(Frame::Request(request))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                conn.unregister(id); // never sent: nothing to cancel
-                return Err(e);
+        // Queued at once when there is room (the common case: no timer needed for it).
+        let sent = match conn.sender.try_send(Frame::Request(request)) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Failed(e)) => Err(e),
+            Err(TrySendError::Full(frame)) => {
+                match tokio::time::timeout_at(deadline, conn.sender.send(frame)).await {
+                    Ok(sent) => sent,
+                    Err(_) => return Err(timed_out()), // the guard cancels, in case it went out
+                }
             }
-            Err(_) => return Err(timed_out()), // the guard cancels, in case it went out
+        };
+        if let Err(e) = sent {
+            conn.unregister(id); // never sent: nothing to cancel
+            return Err(e);
         }
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(Ok(response))) => into_result(

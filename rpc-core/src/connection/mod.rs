@@ -144,6 +144,9 @@ type RoundTrip = (u64, oneshot::Sender<()>);
 struct Shared {
     /// Asks the writer to write what is queued, then shut the stream down.
     close: CancellationToken,
+    /// `close` was cancelled, as a flag every send reads: `is_cancelled` takes the
+    /// token's mutex, which senders on many tasks contended on.
+    closing: std::sync::atomic::AtomicBool,
     /// Asks the writer to stop at once, discarding what is queued (see
     /// [`FrameSender::abort_with`]).
     abort: CancellationToken,
@@ -166,6 +169,12 @@ struct Shared {
 }
 
 impl Shared {
+    /// Cancels `close` (sends are refused from here on).
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.close.cancel();
+    }
+
     fn record_error(&self, error: &RpcError) {
         let _ = self.error.set(error.to_string().into());
     }
@@ -237,6 +246,7 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
     let (tx, rx) = mpsc::channel(config.send_queue.max(1));
     let shared = Arc::new(Shared {
         close: CancellationToken::new(),
+        closing: std::sync::atomic::AtomicBool::new(false),
         abort: CancellationToken::new(),
         abort_go_away: OnceLock::new(),
         writer_done: CancellationToken::new(),
@@ -317,7 +327,7 @@ impl FrameSender {
 
     /// Checks `frame` against the limits; returns what it adds to the queued bytes.
     fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
-        if self.shared.close.is_cancelled() {
+        if self.shared.closing.load(Ordering::Acquire) {
             return Err(self.shared.closed_error());
         }
         check_frame_len(frame, self.shared.max_frame_len).map(|len| len + LENGTH_PREFIX_LEN)
@@ -372,7 +382,7 @@ impl FrameSender {
 
     /// Writes what is already queued, then closes the connection.
     pub fn close(&self) {
-        self.shared.close.cancel();
+        self.shared.close();
     }
 
     /// Sends `go_away` after what is already queued, then closes the connection. `reason`
@@ -382,7 +392,7 @@ impl FrameSender {
         // The queue may be full of frames for a peer that stopped reading; the go-away is
         // best effort then, and the close happens regardless.
         let _ = self.tx.try_send(Frame::GoAway(go_away));
-        self.shared.close.cancel();
+        self.shared.close();
     }
 
     /// Closes the connection now: frames still queued are discarded, and `go_away` is
@@ -393,7 +403,7 @@ impl FrameSender {
         self.shared.record_error(reason);
         let _ = self.shared.abort_go_away.set(go_away);
         self.shared.abort.cancel();
-        self.shared.close.cancel();
+        self.shared.close();
     }
 
     /// Whether `other` feeds the same connection as `self`.

@@ -164,6 +164,6 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
         }
     }
     rx.close();
-    shared.close.cancel();
+    shared.close();
     shared.writer_done.cancel();
 }

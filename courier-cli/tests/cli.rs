@@ -1,0 +1,127 @@
+//! The `courier` binary end to end: a broker, pub/sub, request/reply, and errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+fn courier() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_courier"))
+}
+
+/// A child killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `courier broker` on a free port; returns it and its address.
+fn broker() -> (Running, String) {
+    let mut child = courier()
+        .args(["broker", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("courier broker starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .split_whitespace()
+        .last()
+        .expect("an address")
+        .to_owned();
+    (Running(child), addr)
+}
+
+/// Starts `courier <args>` and waits until it says on stderr that it is listening.
+fn listening(args: &[&str]) -> (Running, BufReader<std::process::ChildStdout>) {
+    let mut child = courier()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("courier starts");
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("listening") || line.contains("echoing"),
+        "unexpected first line: {line}"
+    );
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (Running(child), stdout)
+}
+
+fn run(args: &[&str]) -> Output {
+    courier().args(args).output().expect("courier runs")
+}
+
+#[test]
+fn a_published_message_reaches_a_subscriber_with_its_headers() {
+    let (_broker, addr) = broker();
+    let (sub, mut out) = listening(&["sub", "orders.*", "--count", "1", "-s", &addr]);
+    let published = run(&[
+        "pub",
+        "orders.created",
+        "order 42",
+        "-H",
+        "Trace-Id:abc",
+        "-s",
+        &addr,
+    ]);
+    assert!(published.status.success(), "{published:?}");
+    let mut lines = Vec::new();
+    for _ in 0..3 {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        lines.push(line.trim_end().to_owned());
+    }
+    assert_eq!(lines[0], "[#1] orders.created (8 bytes)");
+    assert_eq!(lines[1], "Trace-Id: abc");
+    assert_eq!(lines[2], "order 42");
+    drop(sub);
+}
+
+#[test]
+fn a_request_is_answered_by_the_echo_responder() {
+    let (_broker, addr) = broker();
+    let (_reply, _) = listening(&["reply", "time.now", "-s", &addr]);
+    let answer = run(&["req", "time.now", "ping", "-s", &addr]);
+    assert!(answer.status.success(), "{answer:?}");
+    let stdout = String::from_utf8_lossy(&answer.stdout);
+    assert!(stdout.lines().any(|l| l == "ping"), "{stdout}");
+}
+
+#[test]
+fn errors_are_one_line_and_a_failing_exit_status() {
+    let (_broker, addr) = broker();
+    let nobody = run(&["req", "nobody.home", "x", "-s", &addr]);
+    assert!(!nobody.status.success());
+    let stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("courier: error: no responders"),
+        "{stderr}"
+    );
+
+    let bad = run(&["pub", "orders.*", "x", "-s", &addr]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("orders.*"), "{stderr}");
+
+    // Nothing listens on port 1.
+    let unreachable = run(&["pub", "a", "x", "-s", "127.0.0.1:1"]);
+    assert!(!unreachable.status.success());
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("courier: error: could not connect"),
+        "{stderr}"
+    );
+}
