@@ -157,8 +157,10 @@ async fn subscriber_that_never_reads_is_cut_off_within_the_memory_bound() {
 #[tokio::test]
 async fn a_client_cut_off_as_slow_consumer_sees_why_and_reconnects() {
     let mut config = BrokerConfig::default();
-    // Smaller than a burst of ten 1 KiB messages, routed before the writer runs.
+    // Smaller than a burst of ten 1 KiB messages, routed before the writer runs; no
+    // grace: a full connection is cut at once.
     config.connection.max_queued_bytes = 4 * 1024;
+    config.slow_consumer_grace = Duration::ZERO;
     let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
     let addr = broker.local_addr().to_string();
     let mut options = ConnectOptions::default();
@@ -191,6 +193,35 @@ async fn a_client_cut_off_as_slow_consumer_sees_why_and_reconnects() {
     {}
     publisher.publish("burst", "after").await.unwrap();
     assert_eq!(&next(&mut sub).await.payload[..], b"after");
+}
+
+#[tokio::test]
+async fn a_subscriber_briefly_behind_is_paced_within_the_grace_not_cut() {
+    let mut config = BrokerConfig::default();
+    // The same burst as above, with the default grace: the publisher waits for room.
+    config.connection.max_queued_bytes = 4 * 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let subscriber = Bus::connect(addr.clone()).await.unwrap();
+    let mut events = subscriber.events();
+    let mut sub = subscriber.subscribe("burst").await.unwrap();
+    let publisher = Bus::connect(addr).await.unwrap();
+    for i in 0..2_000u32 {
+        publisher
+            .publish("burst", [i.to_be_bytes().as_slice(), &[0u8; 1020]].concat())
+            .await
+            .unwrap();
+    }
+    publisher.flush().await.unwrap();
+    for i in 0..2_000u32 {
+        let m = next(&mut sub).await;
+        assert_eq!(m.payload[..4], i.to_be_bytes(), "message {i} in order");
+    }
+    assert_eq!(broker.stats().slow_consumers, 0);
+    assert!(
+        events.try_recv().is_err(),
+        "no disconnect, no slow-consumer event"
+    );
 }
 
 #[tokio::test]

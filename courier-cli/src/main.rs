@@ -129,6 +129,10 @@ struct BrokerArgs {
     /// Require this token from clients.
     #[arg(long)]
     token: Option<String>,
+    /// Milliseconds a publisher waits for room on a full subscriber connection before
+    /// that subscriber is cut off as a slow consumer (0: cut at once).
+    #[arg(long, default_value_t = BrokerConfig::default().slow_consumer_grace.as_millis() as u64)]
+    slow_consumer_grace_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -209,6 +213,7 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
     config.max_subscriptions = args.max_subscriptions;
     config.connection.max_queued_bytes = args.max_queued_bytes;
     config.token = args.token;
+    config.slow_consumer_grace = Duration::from_millis(args.slow_consumer_grace_ms);
     if config.max_payload + 64 * 1024 > config.connection.max_frame_len {
         config.connection.max_frame_len = config.max_payload + 64 * 1024;
     }

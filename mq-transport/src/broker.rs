@@ -2,11 +2,13 @@
 //!
 //! Each connection is one task reading frames in order: a publish is routed to its
 //! subscribers before the next frame is read, which keeps order per publisher and
-//! subject. Delivery never waits: a `Msg` frame is queued on the subscriber's connection
-//! with `try_send`, sharing the payload buffer, and that connection's writer coalesces
-//! whatever is queued into one write. A connection whose queue passes
-//! [`ConnectionConfig::max_queued_bytes`] is a slow consumer: it is cut off with a
-//! `SLOW_CONSUMER` go-away and its subscriptions removed, so it never holds up the others.
+//! subject. A `Msg` frame is queued on the subscriber's connection with `try_send`,
+//! sharing the payload buffer, and that connection's writer coalesces whatever is queued
+//! into one write. A subscriber connection whose queue is at
+//! [`ConnectionConfig::max_queued_bytes`] holds up the publisher that wants to add to it,
+//! for at most [`BrokerConfig::slow_consumer_grace`] (back-pressure, not loss, for a
+//! subscriber briefly behind). Still full after that, it is a slow consumer: cut off with
+//! a `SLOW_CONSUMER` go-away and its subscriptions removed, so it holds up nobody longer.
 //!
 //! Memory per connection is bounded by `max_queued_bytes` (default 64 MiB) plus the
 //! writer's buffer (256 KiB and one frame) plus one frame being read (at most
@@ -64,6 +66,11 @@ pub struct BrokerConfig {
     pub connection: ConnectionConfig,
     /// The broker's name, sent to clients. Default `"courier-broker"`.
     pub name: String,
+    /// How long a publisher waits for room on a subscriber connection that is at
+    /// `max_queued_bytes` before that subscriber is cut off as a slow consumer. While it
+    /// waits, the broker reads nothing more from that publisher (back-pressure through
+    /// TCP). Zero cuts at once. Default 2 s.
+    pub slow_consumer_grace: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -74,6 +81,7 @@ impl Default for BrokerConfig {
             max_subscriptions: 65_536,
             token: None,
             handshake_timeout: Duration::from_secs(5),
+            slow_consumer_grace: Duration::from_secs(2),
             connection: {
                 let mut connection = ConnectionConfig::default();
                 connection.send_queue = 4 * 1024 * 1024;
@@ -211,29 +219,43 @@ impl Shared {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Delivers a publish to every plain subscriber and one member of each queue group.
-    fn route(&self, publish: &Publish) {
+    /// Delivers a publish to every plain subscriber and one member of each queue group;
+    /// waits (up to `slow_consumer_grace`) for room on subscriber connections that are
+    /// full.
+    async fn route(&self, publish: &Publish) {
+        let mut full = Vec::new();
+        self.route_now(publish, &mut full);
+        for (conn, frame) in full {
+            conn.deliver_within(frame, self).await;
+        }
+    }
+
+    /// Queues on every connection with room; collects the frames for full ones.
+    fn route_now(&self, publish: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) {
         let found = self.subs.matches(&publish.subject);
         if found.is_empty() {
             if !publish.reply.is_empty() {
-                self.no_responders(publish);
+                self.no_responders(publish, full);
             }
             return;
         }
-        let delivered = found.deliver(|route| route.deliver(publish, self));
+        let delivered = found.deliver(|route| route.deliver(publish, full));
         self.messages_out.fetch_add(delivered, Ordering::Relaxed);
     }
 
     /// Tells a requester at once that its request reached nobody: a status message to
     /// the reply subject, routed like any publish (it has no reply subject itself).
-    fn no_responders(&self, request: &Publish) {
+    fn no_responders(&self, request: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) {
         let description = format!("no responders for `{}`", request.subject);
-        self.route(&Publish {
-            subject: request.reply.clone(),
-            reply: Utf8Bytes::default(),
-            headers: status_headers(NO_RESPONDERS, description),
-            payload: bytes::Bytes::new(),
-        });
+        self.route_now(
+            &Publish {
+                subject: request.reply.clone(),
+                reply: Utf8Bytes::default(),
+                headers: status_headers(NO_RESPONDERS, description),
+                payload: bytes::Bytes::new(),
+            },
+            full,
+        );
     }
 }
 
@@ -245,8 +267,9 @@ struct Route {
 }
 
 impl Route {
-    /// Queues the message on the subscriber's connection; `false` if it was not queued.
-    fn deliver(&self, publish: &Publish, shared: &Shared) -> bool {
+    /// Queues the message on the subscriber's connection. `false` if it cannot take it
+    /// (cut off, or closed); a full connection gets it later, in `full`.
+    fn deliver(&self, publish: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) -> bool {
         let conn = &self.conn;
         if conn.slow.load(Ordering::Relaxed) {
             return false;
@@ -260,30 +283,49 @@ impl Route {
         });
         match conn.sender.try_send(frame) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                if !conn.slow.swap(true, Ordering::Relaxed) {
-                    shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
-                    let limits = &shared.config.connection;
-                    let message = format!(
-                        "slow consumer: {} bytes queued for this connection reached the \
-                         broker's limit of {} bytes (max_queued_bytes) or of {} frames \
-                         (send_queue); disconnecting",
-                        conn.sender.queued_bytes(),
-                        limits.max_queued_bytes,
-                        limits.send_queue
-                    );
-                    tracing::warn!(peer = %conn.peer, name = %conn.name(), "{message}");
-                    conn.sender.abort_with(
-                        GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
-                        &RpcError::ConnectionClosed {
-                            reason: message.into(),
-                        },
-                    );
-                }
-                false
+            Err(TrySendError::Full(frame)) => {
+                full.push((conn.clone(), frame));
+                true
             }
             Err(TrySendError::Failed(_)) => false,
         }
+    }
+}
+
+impl Conn {
+    /// Queues `frame` once there is room, waiting up to the grace; a connection still
+    /// full after it is cut off as a slow consumer.
+    async fn deliver_within(&self, frame: Frame, shared: &Shared) {
+        if self.slow.load(Ordering::Relaxed) {
+            return;
+        }
+        let grace = shared.config.slow_consumer_grace;
+        if !grace.is_zero() {
+            let Err(TrySendError::Full(_)) = self.sender.send_within(frame, grace).await else {
+                return; // queued, or the connection is gone
+            };
+        }
+        if self.slow.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        let limits = &shared.config.connection;
+        let message = format!(
+            "slow consumer: {} bytes queued for this connection reached the broker's \
+             limit of {} bytes (max_queued_bytes) or of {} frames (send_queue), and did not \
+             drain within {:?} (slow_consumer_grace); disconnecting",
+            self.sender.queued_bytes(),
+            limits.max_queued_bytes,
+            limits.send_queue,
+            grace,
+        );
+        tracing::warn!(peer = %self.peer, name = %self.name(), "{message}");
+        self.sender.abort_with(
+            GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
+            &RpcError::ConnectionClosed {
+                reason: message.into(),
+            },
+        );
     }
 }
 
@@ -444,7 +486,7 @@ impl Session<'_> {
                         return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
                     }
                     self.shared.messages_in.fetch_add(1, Ordering::Relaxed);
-                    self.shared.route(&publish);
+                    self.shared.route(&publish).await;
                 }
                 Frame::Sub(sub) => self.subscribe(sub).await?,
                 Frame::Unsub { sid } => self.unsubscribe(sid),

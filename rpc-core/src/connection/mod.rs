@@ -159,6 +159,9 @@ struct Shared {
     max_frame_len: usize,
     /// Bytes queued and not yet encoded by the writer.
     queued_bytes: AtomicUsize,
+    /// Signalled by the writer after each write, for senders waiting for room
+    /// ([`FrameSender::send_within`]).
+    written: tokio::sync::Notify,
     max_queued_bytes: usize,
     /// Ping nonces, shared by keepalive pings and round trips so that pongs come back in
     /// nonce order.
@@ -256,6 +259,7 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         max_queued_bytes: config.max_queued_bytes,
         next_nonce: AtomicU64::new(1),
         round_trips: Mutex::new(Some(Vec::new())),
+        written: tokio::sync::Notify::new(),
     });
     let sender = FrameSender {
         tx,
@@ -323,6 +327,35 @@ impl FrameSender {
                 }
             }
         })
+    }
+
+    /// Queues `frame` as soon as there is room, waiting at most `wait` for the writer to
+    /// make some: room in frames ([`ConnectionConfig::send_queue`]) and in bytes
+    /// ([`ConnectionConfig::max_queued_bytes`]). A queue still full after `wait` hands
+    /// the frame back, as [`FrameSender::try_send`] does at once.
+    ///
+    /// A broker uses this to pace a publisher to a subscriber that is briefly behind,
+    /// and to tell a stuck subscriber (still full after the grace) from a slow one.
+    #[allow(clippy::result_large_err)] // see try_send
+    pub async fn send_within(&self, frame: Frame, wait: Duration) -> Result<(), TrySendError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut frame = frame;
+        loop {
+            // Registered before the attempt, so that a write in between is not missed.
+            let written = self.shared.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            match self.try_send(frame) {
+                Err(TrySendError::Full(back)) => frame = back,
+                other => return other,
+            }
+            let stopped = self.shared.writer_done.cancelled();
+            tokio::select! {
+                _ = written => {}
+                _ = stopped => return Err(TrySendError::Failed(self.shared.closed_error())),
+                _ = tokio::time::sleep_until(deadline) => return Err(TrySendError::Full(frame)),
+            }
+        }
     }
 
     /// Checks `frame` against the limits; returns what it adds to the queued bytes.

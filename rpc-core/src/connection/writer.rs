@@ -120,6 +120,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 if buf.len() >= FLUSH_AT {
                     write_or_abort!(io.write_all(&buf));
                     buf.clear();
+                    shared.written.notify_waiters();
                 }
             }
             if !buf.is_empty() {
@@ -127,6 +128,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 write_or_abort!(io.flush());
                 buf.clear();
                 last_write = std::time::Instant::now();
+                shared.written.notify_waiters();
             }
             if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
                 buf = BytesMut::with_capacity(BUF_CAPACITY);
