@@ -182,14 +182,17 @@ async fn a_panicking_handler_is_an_internal_error_and_the_connection_stays_usabl
         ClientConfig::default(),
     )
     .await;
-    let err = client
-        .call("Lab.panic", args(&()), &no_options())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(&err, RpcError::Remote { status, message } if *status == Status::INTERNAL && message.contains("panicked")),
-        "{err}"
-    );
+    // At once (the server's first, inline poll) and after waiting (in the call's task).
+    for method in ["Lab.panic", "Lab.panic_later"] {
+        let err = client
+            .call(method, args(&()), &no_options())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RpcError::Remote { status, message } if *status == Status::INTERNAL && message.contains("panicked")),
+            "{method}: {err}"
+        );
+    }
     let out = client
         .call("Lab.double", args(&5u64), &no_options())
         .await

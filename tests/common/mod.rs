@@ -158,6 +158,10 @@ impl Service for Lab {
                 }
             }),
             "panic" => Box::pin(async move { panic!("the panic method panics") }),
+            "panic_later" => Box::pin(async move {
+                tokio::task::yield_now().await;
+                panic!("the panic_later method panics after waiting")
+            }),
             "big" => typed(payload, |n: usize| async move { serde_bytes_vec(n) }),
             other => ServiceError::unknown_method("Lab", other).into_future(),
         }

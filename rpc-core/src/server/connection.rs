@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{CallContext, ServerConfig, ServiceError, Shared};
-use crate::connection::{self, FrameReader, FrameSender, Io};
+use crate::connection::{self, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
@@ -160,34 +160,42 @@ impl Conn {
             Err(e) => e.into_future(),
         };
 
+        if lock(&self.calls).contains_key(&id) {
+            return Err(ProtocolError::DuplicateRequestId { id });
+        }
+        // One poll here first: a handler that finishes without waiting (no I/O, no lock
+        // held elsewhere) is answered from the read loop, with no task, no timer and no
+        // entry in the map of running calls. One that waits becomes a task, which polls
+        // it again with its own waker.
+        let mut future = AssertUnwindSafe(future).catch_unwind();
+        let first = {
+            let _entered = span.enter();
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::pin::Pin::new(&mut future).poll(&mut cx)
+        };
+        if let std::task::Poll::Ready(outcome) = first {
+            drop(slot);
+            respond_now(self, id, finish(outcome));
+            return Ok(());
+        }
+
         // Held while spawning so that a call finishing at once cannot remove its entry
         // before it was inserted.
         let mut running = lock(&self.calls);
-        if running.contains_key(&id) {
-            return Err(ProtocolError::DuplicateRequestId { id });
-        }
         let task = self.tasks.spawn(
             async move {
                 let outcome = match deadline {
-                    Some(deadline) => {
-                        tokio::time::timeout_at(deadline, AssertUnwindSafe(future).catch_unwind())
-                            .await
-                            .unwrap_or_else(|_| {
-                                Ok(Err(ServiceError::new(
-                                    Status::DEADLINE_EXCEEDED,
-                                    "deadline passed before the handler finished; handler aborted",
-                                )))
-                            })
-                    }
-                    None => AssertUnwindSafe(future).catch_unwind().await,
+                    Some(deadline) => tokio::time::timeout_at(deadline, future)
+                        .await
+                        .unwrap_or_else(|_| {
+                            Ok(Err(ServiceError::new(
+                                Status::DEADLINE_EXCEEDED,
+                                "deadline passed before the handler finished; handler aborted",
+                            )))
+                        }),
+                    None => future.await,
                 };
-                let result = outcome.unwrap_or_else(|_| {
-                    tracing::error!("handler panicked");
-                    Err(ServiceError::internal("handler panicked"))
-                });
-                if let Err(e) = &result {
-                    tracing::debug!(status = %e.status, message = %e.message, "call failed");
-                }
+                let result = finish(outcome);
                 lock(&calls).remove(&id);
                 drop(slot);
                 respond(&sender, id, result).await;
@@ -271,7 +279,49 @@ impl Conn {
 }
 
 async fn respond(sender: &FrameSender, id: u64, result: Result<Bytes, ServiceError>) {
-    let response = match result {
+    match sender.send(response(id, result)).await {
+        Ok(()) => {}
+        Err(e) => answer_not_sent(sender, id, e).await,
+    }
+}
+
+/// Queues an answer without waiting when there is room (the common case); otherwise a
+/// task of the connection sends it.
+fn respond_now(conn: &Conn, id: u64, result: Result<Bytes, ServiceError>) {
+    match conn.sender.try_send(response(id, result)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(frame)) => {
+            let sender = conn.sender.clone();
+            conn.tasks.spawn(async move {
+                if let Err(e) = sender.send(frame).await {
+                    answer_not_sent(&sender, id, e).await;
+                }
+            });
+        }
+        Err(TrySendError::Failed(e)) => {
+            let sender = conn.sender.clone();
+            conn.tasks
+                .spawn(async move { answer_not_sent(&sender, id, e).await });
+        }
+    }
+}
+
+/// A handler's outcome as the answer to send: a panic becomes `INTERNAL`.
+fn finish(
+    outcome: Result<Result<Bytes, ServiceError>, Box<dyn std::any::Any + Send>>,
+) -> Result<Bytes, ServiceError> {
+    let result = outcome.unwrap_or_else(|_| {
+        tracing::error!("handler panicked");
+        Err(ServiceError::internal("handler panicked"))
+    });
+    if let Err(e) = &result {
+        tracing::debug!(status = %e.status, message = %e.message, "call failed");
+    }
+    result
+}
+
+fn response(id: u64, result: Result<Bytes, ServiceError>) -> Frame {
+    Frame::Response(match result {
         Ok(payload) => Response {
             id,
             status: Status::OK,
@@ -284,10 +334,14 @@ async fn respond(sender: &FrameSender, id: u64, result: Result<Bytes, ServiceErr
             message: e.message.into(),
             payload: Bytes::new(),
         },
-    };
-    match sender.send(Frame::Response(response)).await {
-        Ok(()) => {}
-        Err(RpcError::FrameTooLarge { size, limit }) => {
+    })
+}
+
+/// An answer could not be queued: one too large is replaced by an error answer saying
+/// so; on a closed connection there is nobody to tell.
+async fn answer_not_sent(sender: &FrameSender, id: u64, error: RpcError) {
+    match error {
+        RpcError::FrameTooLarge { size, limit } => {
             let message = format!(
                 "response of {size} bytes exceeds the maximum frame length of {limit} bytes (ConnectionConfig::max_frame_len)"
             );
@@ -301,6 +355,6 @@ async fn respond(sender: &FrameSender, id: u64, result: Result<Bytes, ServiceErr
             let _ = sender.send(Frame::Response(error)).await;
         }
         // The connection is gone; the caller learns that from its own side.
-        Err(e) => tracing::debug!(id, error = %e, "answer not sent"),
+        e => tracing::debug!(id, error = %e, "answer not sent"),
     }
 }
