@@ -225,6 +225,48 @@ async fn a_subscriber_briefly_behind_is_paced_within_the_grace_not_cut() {
 }
 
 #[tokio::test]
+async fn a_publisher_is_paced_to_a_subscriber_that_reads_slowly() {
+    let mut config = BrokerConfig::default();
+    config.pace_queued_bytes = 64 * 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let mut slow_reader = raw_subscriber(&broker, "paced").await;
+    wait_for("the raw subscription", || broker.stats().subscriptions == 1).await;
+    let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let publishing = tokio::spawn(async move {
+        for i in 0..20_000u32 {
+            let payload = [i.to_be_bytes().as_slice(), &[0u8; 1020]].concat();
+            publisher.publish("paced", payload).await.unwrap();
+        }
+        publisher.flush().await.unwrap();
+    });
+    // The reader does not read yet: the queue grows to the pace mark, and there the
+    // publisher is held (within the grace), instead of queueing all 20 MB (beyond what the sockets' buffers hold).
+    wait_for("the queue to reach the pace mark", || {
+        broker.stats().queued_bytes >= 64 * 1024
+    })
+    .await;
+    // Not a timing assertion: time in which an unpaced publisher would queue everything.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let peak = broker.stats().queued_bytes;
+    assert!(!publishing.is_finished(), "the publisher is held back");
+    let mut i = 0u32;
+    while i < 20_000 {
+        match slow_reader.next().await {
+            Some(Ok(Frame::Msg(m))) => assert_eq!(m.payload[..4], i.to_be_bytes()),
+            Some(Ok(Frame::Connect(_))) => continue,
+            other => panic!("message {i}: {other:?}"),
+        }
+        i += 1;
+    }
+    publishing.await.unwrap();
+    assert_eq!(broker.stats().slow_consumers, 0);
+    assert!(
+        peak <= 64 * 1024 + 256 * 1024,
+        "{peak} bytes queued, far past the 64 KiB pace mark"
+    );
+}
+
+#[tokio::test]
 async fn garbage_bytes_close_only_that_connection() {
     let broker = Broker::bind("127.0.0.1:0").await.unwrap();
     let addr = broker.local_addr().to_string();
@@ -434,9 +476,12 @@ async fn shutdown_finishes_even_when_a_peer_stopped_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_briefly_behind_on_many_small_messages_is_not_a_slow_consumer() {
     // 500,000 small frames (~20 MB) are far below the 64 MiB byte limit: however many
-    // frames that is, the byte limit decides, not a frame count.
+    // frames that is, the byte limit decides, not a frame count. (Pacing, which would
+    // hold the publisher at 1 MiB until this reader reads, is set to the limit here.)
     const N: u32 = 500_000;
-    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let mut config = BrokerConfig::default();
+    config.pace_queued_bytes = config.connection.max_queued_bytes;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
     let mut paused_reader = raw_subscriber(&broker, "small").await;
     let publisher = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     publisher.flush().await.unwrap();

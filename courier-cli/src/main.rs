@@ -133,6 +133,9 @@ struct BrokerArgs {
     /// that subscriber is cut off as a slow consumer (0: cut at once).
     #[arg(long, default_value_t = BrokerConfig::default().slow_consumer_grace.as_millis() as u64)]
     slow_consumer_grace_ms: u64,
+    /// Bytes queued for a subscriber past which its publishers are paced.
+    #[arg(long, default_value_t = BrokerConfig::default().pace_queued_bytes)]
+    pace_queued_bytes: usize,
 }
 
 fn main() -> ExitCode {
@@ -214,6 +217,7 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
     config.connection.max_queued_bytes = args.max_queued_bytes;
     config.token = args.token;
     config.slow_consumer_grace = Duration::from_millis(args.slow_consumer_grace_ms);
+    config.pace_queued_bytes = args.pace_queued_bytes;
     if config.max_payload + 64 * 1024 > config.connection.max_frame_len {
         config.connection.max_frame_len = config.max_payload + 64 * 1024;
     }

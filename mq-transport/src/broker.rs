@@ -71,6 +71,14 @@ pub struct BrokerConfig {
     /// waits, the broker reads nothing more from that publisher (back-pressure through
     /// TCP). Zero cuts at once. Default 2 s.
     pub slow_consumer_grace: Duration,
+    /// Bytes queued for a subscriber connection past which the broker paces the
+    /// publishers adding to it: after routing a message there, a publisher waits until
+    /// that queue is down to half of this. Queues stay short (cache-friendly, low
+    /// latency) instead of filling to `max_queued_bytes` when publishers outrun
+    /// subscribers. A queue that does not get there within `slow_consumer_grace` belongs
+    /// to a subscriber that is not reading: it is cut off as a slow consumer. No pacing
+    /// with a zero grace. Default 1 MiB.
+    pub pace_queued_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -82,6 +90,7 @@ impl Default for BrokerConfig {
             token: None,
             handshake_timeout: Duration::from_secs(5),
             slow_consumer_grace: Duration::from_secs(2),
+            pace_queued_bytes: 1024 * 1024,
             connection: {
                 let mut connection = ConnectionConfig::default();
                 connection.send_queue = 4 * 1024 * 1024;
@@ -223,29 +232,52 @@ impl Shared {
     /// waits (up to `slow_consumer_grace`) for room on subscriber connections that are
     /// full.
     async fn route(&self, publish: &Publish) {
-        let mut full = Vec::new();
-        self.route_now(publish, &mut full);
-        for (conn, frame) in full {
+        let mut later = Later::default();
+        self.route_now(publish, &mut later);
+        for (conn, frame) in later.full {
             conn.deliver_within(frame, self).await;
+        }
+        let pace = self.config.pace_queued_bytes;
+        let grace = self.config.slow_consumer_grace;
+        if grace.is_zero() {
+            return; // no grace, no pacing: cut only at max_queued_bytes, at once
+        }
+        for conn in later.behind {
+            if conn.slow.load(Ordering::Relaxed) {
+                continue;
+            }
+            if !conn.sender.wait_below(pace / 2, grace).await {
+                conn.cut_off(
+                    format!(
+                        "slow consumer: {} bytes queued for this connection did not drain \
+                         below {} bytes (half of pace_queued_bytes) within {grace:?} \
+                         (slow_consumer_grace); disconnecting",
+                        conn.sender.queued_bytes(),
+                        pace / 2,
+                    ),
+                    self,
+                );
+            }
         }
     }
 
     /// Queues on every connection with room; collects the frames for full ones.
-    fn route_now(&self, publish: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) {
+    fn route_now(&self, publish: &Publish, later: &mut Later) {
         let found = self.subs.matches(&publish.subject);
         if found.is_empty() {
             if !publish.reply.is_empty() {
-                self.no_responders(publish, full);
+                self.no_responders(publish, later);
             }
             return;
         }
-        let delivered = found.deliver(|route| route.deliver(publish, full));
+        let pace = self.config.pace_queued_bytes;
+        let delivered = found.deliver(|route| route.deliver(publish, pace, later));
         self.messages_out.fetch_add(delivered, Ordering::Relaxed);
     }
 
     /// Tells a requester at once that its request reached nobody: a status message to
     /// the reply subject, routed like any publish (it has no reply subject itself).
-    fn no_responders(&self, request: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) {
+    fn no_responders(&self, request: &Publish, later: &mut Later) {
         let description = format!("no responders for `{}`", request.subject);
         self.route_now(
             &Publish {
@@ -254,9 +286,18 @@ impl Shared {
                 headers: status_headers(NO_RESPONDERS, description),
                 payload: bytes::Bytes::new(),
             },
-            full,
+            later,
         );
     }
+}
+
+/// What routing a publish left to wait for.
+#[derive(Default)]
+struct Later {
+    /// Frames for connections at `max_queued_bytes`.
+    full: Vec<(Arc<Conn>, Frame)>,
+    /// Connections past `pace_queued_bytes`.
+    behind: Vec<Arc<Conn>>,
 }
 
 /// One subscription's way out: its connection and its sid there.
@@ -268,8 +309,9 @@ struct Route {
 
 impl Route {
     /// Queues the message on the subscriber's connection. `false` if it cannot take it
-    /// (cut off, or closed); a full connection gets it later, in `full`.
-    fn deliver(&self, publish: &Publish, full: &mut Vec<(Arc<Conn>, Frame)>) -> bool {
+    /// (cut off, or closed); a full connection gets it later (`later.full`), and one past
+    /// `pace` is noted to pace the publisher (`later.behind`).
+    fn deliver(&self, publish: &Publish, pace: usize, later: &mut Later) -> bool {
         let conn = &self.conn;
         if conn.slow.load(Ordering::Relaxed) {
             return false;
@@ -282,9 +324,14 @@ impl Route {
             payload: publish.payload.clone(),
         });
         match conn.sender.try_send(frame) {
-            Ok(()) => true,
+            Ok(()) => {
+                if conn.sender.queued_bytes() > pace {
+                    later.behind.push(conn.clone());
+                }
+                true
+            }
             Err(TrySendError::Full(frame)) => {
-                full.push((conn.clone(), frame));
+                later.full.push((conn.clone(), frame));
                 true
             }
             Err(TrySendError::Failed(_)) => false,
@@ -305,10 +352,6 @@ impl Conn {
                 return; // queued, or the connection is gone
             };
         }
-        if self.slow.swap(true, Ordering::Relaxed) {
-            return;
-        }
-        shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
         let limits = &shared.config.connection;
         let message = format!(
             "slow consumer: {} bytes queued for this connection reached the broker's \
@@ -319,6 +362,15 @@ impl Conn {
             limits.send_queue,
             grace,
         );
+        self.cut_off(message, shared);
+    }
+
+    /// Cuts this connection off as a slow consumer, once: go-away, queue discarded.
+    fn cut_off(&self, message: String, shared: &Shared) {
+        if self.slow.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %self.peer, name = %self.name(), "{message}");
         self.sender.abort_with(
             GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),

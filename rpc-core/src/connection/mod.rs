@@ -349,11 +349,43 @@ impl FrameSender {
                 Err(TrySendError::Full(back)) => frame = back,
                 other => return other,
             }
+            // Then wait until the queue is down to half its byte limit (or the frame
+            // queue has room), not merely until one frame fits: a sender woken for every
+            // write would move in lock step with the writer, one frame per wake-up.
+            loop {
+                let stopped = self.shared.writer_done.cancelled();
+                tokio::select! {
+                    _ = &mut written => {}
+                    _ = stopped => return Err(TrySendError::Failed(self.shared.closed_error())),
+                    _ = tokio::time::sleep_until(deadline) => return Err(TrySendError::Full(frame)),
+                }
+                if self.queued_bytes() <= self.shared.max_queued_bytes / 2 {
+                    break;
+                }
+                written.set(self.shared.written.notified());
+                written.as_mut().enable();
+            }
+        }
+    }
+
+    /// Waits until at most `bytes` are queued (`true`), or the connection's writer
+    /// stops (`true`: nothing is queued any more), or `wait` passes (`false`). A broker
+    /// uses it to pace a publisher to a subscriber that is falling behind, long before
+    /// anything is at a limit.
+    pub async fn wait_below(&self, bytes: usize, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let written = self.shared.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if self.queued_bytes() <= bytes {
+                return true;
+            }
             let stopped = self.shared.writer_done.cancelled();
             tokio::select! {
                 _ = written => {}
-                _ = stopped => return Err(TrySendError::Failed(self.shared.closed_error())),
-                _ = tokio::time::sleep_until(deadline) => return Err(TrySendError::Full(frame)),
+                _ = stopped => return true,
+                _ = tokio::time::sleep_until(deadline) => return false,
             }
         }
     }
