@@ -243,8 +243,29 @@ impl Nats {
         Ok(subscriber)
     }
 
+    /// A round trip to the server: everything sent before it has been processed when it
+    /// returns. (`async_nats::Client::flush` only writes the socket out; it does not wait
+    /// for the server.) A message to one of this handle's own inbox subjects comes back
+    /// on the inbox subscription after the server has handled everything sent before it.
     pub(crate) async fn flush(&self) -> Result<(), BusError> {
-        self.client.flush().await.map_err(|e| backend("flush", e))
+        let (subject, waiting) = self.inbox.register();
+        self.client
+            .publish(subject.to_string(), bytes::Bytes::new())
+            .await
+            .map_err(|e| backend("flush", e))?;
+        self.client.flush().await.map_err(|e| backend("flush", e))?;
+        let mut waiting = waiting;
+        match tokio::time::timeout(self.request_timeout, &mut waiting.rx).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(BusError::NotConnected {
+                addr: self.servers.clone(),
+                reason: Arc::from("the connection to NATS was closed during a flush"),
+            }),
+            Err(_) => Err(BusError::Timeout {
+                subject: subject.to_string(),
+                timeout: self.request_timeout,
+            }),
+        }
     }
 
     pub(crate) fn is_connected(&self) -> bool {
