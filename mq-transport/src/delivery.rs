@@ -324,7 +324,9 @@ impl Subscriber {
     /// then yields those messages, then `None`.
     ///
     /// A service instance drains to stop taking work without dropping work it was
-    /// already given (NATS calls this draining a subscription).
+    /// already given (NATS calls this draining a subscription). On the NATS backend this
+    /// is async-nats's drain, which drops messages the server sent before it read the
+    /// unsubscribe.
     pub async fn drain(&mut self) {
         if !std::mem::replace(&mut self.drained, true) {
             self.backend

@@ -79,6 +79,18 @@ impl Fixture {
     pub(crate) fn is_embedded(&self) -> bool {
         matches!(self, Fixture::Embedded(..))
     }
+
+    /// Whether draining a subscription keeps every message already on its way to it.
+    /// Not on NATS: async-nats forgets the subscription as soon as it has written the
+    /// UNSUB, so messages the server sent before reading it are dropped (a known limit,
+    /// documented in the README).
+    pub(crate) fn drains_losslessly(&self) -> bool {
+        #[cfg(feature = "nats")]
+        if matches!(self, Fixture::Nats(_)) {
+            return false;
+        }
+        true
+    }
 }
 
 /// The next message, or a failure naming what was awaited after 10 s.
