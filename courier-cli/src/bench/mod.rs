@@ -169,7 +169,7 @@ async fn phase<C: Caller>(
         for _ in 0..inflight {
             let caller = caller.clone();
             tasks.push(tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(64 * 1024);
+                let mut latencies = Vec::with_capacity(4096);
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     caller.call().await?;
