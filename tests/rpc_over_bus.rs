@@ -94,6 +94,28 @@ async fn instance(fixture: &Fixture, node: Node) -> (Arc<Node>, ServiceInstance)
     (node, instance)
 }
 
+/// Instance `id` whose `hang` handler reports "started" and "dropped" on the receiver.
+async fn reporting_instance(
+    fixture: &Fixture,
+    id: u32,
+) -> (
+    Arc<Node>,
+    ServiceInstance,
+    mpsc::UnboundedReceiver<&'static str>,
+) {
+    let (events_tx, events) = mpsc::unbounded_channel();
+    let (node, instance) = instance(
+        fixture,
+        Node {
+            id,
+            events: Some(events_tx),
+            ..Node::default()
+        },
+    )
+    .await;
+    (node, instance, events)
+}
+
 fn node(id: u32) -> Node {
     Node {
         id,
@@ -176,16 +198,7 @@ async fn an_unknown_method_is_reported_by_the_instance(fixture: Fixture) {
 async fn a_gracefully_stopped_instance_answers_what_it_took_and_the_rest_take_over(
     fixture: Fixture,
 ) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (stopping_node, stopping) = instance(
-        &fixture,
-        Node {
-            id: 0,
-            events: Some(events_tx),
-            ..Node::default()
-        },
-    )
-    .await;
+    let (stopping_node, stopping, mut events) = reporting_instance(&fixture, 0).await;
     let client = client(&fixture).await;
     // A call in progress on the instance that is about to stop.
     let held = tokio::spawn({
@@ -237,16 +250,7 @@ async fn a_gracefully_stopped_instance_answers_what_it_took_and_the_rest_take_ov
 async fn calls_in_flight_to_a_dead_instance_fail_at_their_deadline_and_new_calls_fail_over(
     fixture: Fixture,
 ) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (_, doomed) = instance(
-        &fixture,
-        Node {
-            id: 0,
-            events: Some(events_tx),
-            ..Node::default()
-        },
-    )
-    .await;
+    let (_, doomed, mut events) = reporting_instance(&fixture, 0).await;
     let client = client(&fixture)
         .await
         .with_timeout(Duration::from_millis(500));
@@ -307,15 +311,7 @@ async fn without_waiting_a_call_nobody_serves_fails_at_once_with_no_responders(f
 }
 
 async fn dropping_a_call_aborts_its_handler_on_the_instance(fixture: Fixture) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (_, instance) = instance(
-        &fixture,
-        Node {
-            events: Some(events_tx),
-            ..Node::default()
-        },
-    )
-    .await;
+    let (_, instance, mut events) = reporting_instance(&fixture, 0).await;
     let client = client(&fixture).await;
     let call = tokio::spawn(async move { client.hang().await });
     assert_eq!(events.recv().await, Some("started"));
@@ -329,15 +325,7 @@ async fn dropping_a_call_aborts_its_handler_on_the_instance(fixture: Fixture) {
 }
 
 async fn the_deadline_aborts_the_handler_on_the_instance(fixture: Fixture) {
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (_, _instance) = instance(
-        &fixture,
-        Node {
-            events: Some(events_tx),
-            ..Node::default()
-        },
-    )
-    .await;
+    let (_, _instance, mut events) = reporting_instance(&fixture, 0).await;
     let client = client_with_deadline(&fixture, Duration::from_millis(200)).await;
     let error = client.hang().await.unwrap_err();
     assert!(matches!(error, RpcError::Timeout { .. }), "{error:?}");
@@ -350,7 +338,7 @@ async fn the_deadline_aborts_the_handler_on_the_instance(fixture: Fixture) {
 }
 
 #[tokio::test]
-async fn a_bus_rpc_client_describes_its_channel() {
+async fn a_call_over_the_bus_names_its_method_in_its_error() {
     let client = Bus::embedded().rpc_client();
     assert!(client.is_connected());
     let error = CalcClient::new(client)

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mq_transport::{Bus, Message};
+use mq_transport::{Bus, Message, Subscriber};
 
 /// Where the bus is.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,6 +32,18 @@ impl Target {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// A subscription to `subject`, in queue group `queue` if one is given.
+async fn subscribe_to(bus: &Bus, subject: &str, queue: Option<&str>) -> Result<Subscriber, String> {
+    match queue {
+        Some(queue) => {
+            bus.queue_subscribe(subject.to_owned(), queue.to_owned())
+                .await
+        }
+        None => bus.subscribe(subject.to_owned()).await,
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Headers given as `Name:value`.
@@ -75,11 +87,7 @@ pub(crate) async fn subscribe(
     count: Option<usize>,
 ) -> Result<(), String> {
     let bus = target.connect().await?;
-    let mut sub = match &queue {
-        Some(queue) => bus.queue_subscribe(subject.clone(), queue.clone()).await,
-        None => bus.subscribe(subject.clone()).await,
-    }
-    .map_err(|e| e.to_string())?;
+    let mut sub = subscribe_to(&bus, &subject, queue.as_deref()).await?;
     eprintln!(
         "listening on `{subject}`{}",
         queue
@@ -151,11 +159,7 @@ pub(crate) async fn reply(
     queue: Option<String>,
 ) -> Result<(), String> {
     let bus = target.connect().await?;
-    let mut sub = match &queue {
-        Some(queue) => bus.queue_subscribe(subject.clone(), queue.clone()).await,
-        None => bus.subscribe(subject.clone()).await,
-    }
-    .map_err(|e| e.to_string())?;
+    let mut sub = subscribe_to(&bus, &subject, queue.as_deref()).await?;
     eprintln!("echoing requests on `{subject}`");
     let mut answered = 0u64;
     loop {

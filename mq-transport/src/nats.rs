@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::{Inbox, SubQueue, SubState, Subscriber, Target, Unsubscribe};
 use crate::error::BusError;
 use crate::event::Event;
+use crate::lock;
 use crate::message::{Message, NO_RESPONDERS, status_headers};
 use crate::subject;
 
@@ -339,10 +340,6 @@ async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
             queue.deliver(from_nats(message));
         }
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn backend(operation: &'static str, error: impl std::fmt::Display) -> BusError {

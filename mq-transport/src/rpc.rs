@@ -80,6 +80,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::error::BusError;
+use crate::lock;
 use crate::message::Message;
 
 /// The first token of every call subject: `rpc.Service.method`.
@@ -474,8 +475,4 @@ impl<S: Service> Instance<S> {
             }
         });
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -346,8 +346,22 @@ pub(crate) fn server_or(
     }
 }
 
+/// For a server run as a child (`courier bench serve-*`): binds `addr`, prints
+/// `LISTENING <addr>` for the parent, and exits when the parent closes stdin (or dies).
+pub(crate) async fn child_listener(addr: &str) -> Result<tokio::net::TcpListener, String> {
+    exit_when_stdin_closes();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| format!("no local address: {e}"))?;
+    println!("LISTENING {local}");
+    Ok(listener)
+}
+
 /// For servers run as a child: exit when the parent closes our stdin (or dies).
-pub(crate) fn exit_when_stdin_closes() {
+fn exit_when_stdin_closes() {
     std::thread::spawn(|| {
         let mut sink = String::new();
         while std::io::stdin()

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
@@ -23,14 +23,7 @@ use crate::bench::rpc::{check, line, measure};
 
 /// `courier bench serve-raw ADDR`: the echo server, in its own process.
 pub(crate) async fn serve(addr: &str) -> Result<(), String> {
-    super::exit_when_stdin_closes();
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("no local address: {e}"))?;
-    println!("LISTENING {local}");
+    let listener = super::child_listener(addr).await?;
     loop {
         let (stream, _) = listener
             .accept()

@@ -39,14 +39,7 @@ impl EchoBytes for Echoer {
 /// `courier bench serve-rpc ADDR`: the server, in its own process. Prints
 /// `LISTENING <addr>`, serves until killed or until stdin closes.
 pub(crate) async fn serve(addr: &str) -> Result<(), String> {
-    super::exit_when_stdin_closes();
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| format!("no local address: {e}"))?;
-    println!("LISTENING {local}");
+    let listener = super::child_listener(addr).await?;
     let server = Server::new(ServerConfig::default())
         .add_service(Echo::into_service(Echoer))
         .add_service(EchoBytes::into_service(Echoer));
