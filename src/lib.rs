@@ -127,8 +127,8 @@ pub use rpc_core::server::{
     self, CallContext, CallFuture, Server, ServerConfig, Service, ServiceError,
 };
 pub use rpc_core::{
-    Bincode, ConnectionConfig, Format, FormatError, Metadata, ProtocolError, RpcError, Utf8Bytes,
-    codec, connection, format, frame, transport,
+    Bincode, ConnectionConfig, ConnectionError, Format, FormatError, Metadata, ProtocolError,
+    RpcError, Utf8Bytes, codec, connection, format, frame, transport,
 };
 
 /// The message bus: subjects, publish/subscribe, queue groups, request/reply; see

@@ -210,17 +210,15 @@ fn fail(message: String) -> ExitCode {
 }
 
 async fn broker(args: BrokerArgs) -> Result<(), String> {
-    let mut config = BrokerConfig::default();
-    config.max_payload = args.max_payload;
+    // Frames sized to the payload limit, with the stated headroom for subject, reply and
+    // headers.
+    let mut config = BrokerConfig::default().with_max_payload(args.max_payload);
     config.max_connections = args.max_connections;
     config.max_subscriptions = args.max_subscriptions;
     config.connection.max_queued_bytes = args.max_queued_bytes;
     config.token = args.token;
     config.slow_consumer_grace = Duration::from_millis(args.slow_consumer_grace_ms);
     config.pace_queued_bytes = args.pace_queued_bytes;
-    if config.max_payload + 64 * 1024 > config.connection.max_frame_len {
-        config.connection.max_frame_len = config.max_payload + 64 * 1024;
-    }
     let broker = Broker::bind_with(args.listen, config)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;

@@ -35,8 +35,11 @@ async fn nats(urls: &str) -> Result<Bus, BusError> {
 
 #[cfg(not(feature = "nats"))]
 async fn nats(urls: &str) -> Result<Bus, BusError> {
-    Err(BusError::Connect {
-        addr: urls.to_owned(),
-        reason: "this build has no NATS backend: run the example with `--features nats`".into(),
+    Err(BusError::Backend {
+        operation: "connect to NATS",
+        source: format!(
+            "{urls}: this build has no NATS backend: run the example with `--features nats`"
+        )
+        .into(),
     })
 }

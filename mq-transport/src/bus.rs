@@ -5,15 +5,49 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rpc_core::Utf8Bytes;
+use rpc_core::transport::{Connector, TcpConnector};
 use tokio::sync::broadcast;
 
+use crate::backend::{Backend, Core, dispatch};
 use crate::client::ConnectOptions;
-use crate::delivery::{Inbox, Subscriber, Waiting};
+use crate::delivery::{SubQueue, Subscriber, Waiting};
 use crate::embedded::{Embedded, EmbeddedConfig};
 use crate::error::BusError;
 use crate::event::Event;
 use crate::message::{Message, NO_RESPONDERS};
 use crate::subject;
+
+/// Settings every backend has, with the same defaults; each backend's configuration
+/// carries them as its `bus` field.
+///
+/// ```
+/// use std::time::Duration;
+/// use mq_transport::{Bus, EmbeddedConfig};
+///
+/// let mut config = EmbeddedConfig::default();
+/// config.bus.subscription_capacity = 1024;
+/// config.bus.request_timeout = Duration::from_secs(1);
+/// let bus = Bus::embedded_with(config);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BusOptions {
+    /// Messages queued per subscription. What happens when a queue is full depends on
+    /// where it is: see [`crate::EmbeddedConfig::slow_consumer_grace`] for the embedded
+    /// bus; a remote subscription drops (and counts) what does not fit. Default 65,536.
+    pub subscription_capacity: usize,
+    /// The timeout of [`Bus::request`]. Default 5 s.
+    pub request_timeout: Duration,
+}
+
+impl Default for BusOptions {
+    fn default() -> Self {
+        BusOptions {
+            subscription_capacity: 65_536,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
 
 /// A handle to a message bus: publish, subscribe, queue-subscribe, request/reply.
 ///
@@ -52,11 +86,13 @@ use crate::subject;
 /// ```
 #[derive(Clone, Debug)]
 pub struct Bus {
-    backend: Backend,
+    core: Arc<Core>,
+    backend: Backends,
 }
 
+/// The backends, one variant each; [`dispatch!`] calls the [`Backend`] of any of them.
 #[derive(Clone, Debug)]
-enum Backend {
+pub(crate) enum Backends {
     Embedded(Arc<Embedded>),
     Remote(Arc<crate::client::Client>),
     #[cfg(feature = "nats")]
@@ -77,8 +113,10 @@ impl Bus {
 
     /// A new bus inside this process.
     pub fn embedded_with(config: EmbeddedConfig) -> Bus {
+        let core = Core::new(config.bus.clone());
         Bus {
-            backend: Backend::Embedded(Embedded::new(config)),
+            backend: Backends::Embedded(Embedded::new(config, core.clone())),
+            core,
         }
     }
 
@@ -90,14 +128,41 @@ impl Bus {
         Bus::connect_with(addr, ConnectOptions::default()).await
     }
 
-    /// Connects to a courier broker at `addr` (`host:port`).
+    /// Connects to a courier broker at `addr` (`host:port`) over TCP.
     pub async fn connect_with(
         addr: impl Into<String>,
         options: ConnectOptions,
     ) -> Result<Bus, BusError> {
-        let client = crate::client::Client::connect(addr.into(), options).await?;
+        Bus::connect_via(TcpConnector::new(addr.into()), options).await
+    }
+
+    /// Connects to a courier broker through `connector`: TCP, a Unix socket, or an
+    /// in-memory pair with a broker in the same process (tests on a paused clock). The
+    /// client reconnects through the same connector.
+    ///
+    /// ```
+    /// use mq_transport::{Broker, BrokerConfig, Bus, ConnectOptions};
+    /// use rpc_core::transport::memory;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (listener, connector) = memory::listen();
+    /// let broker = Broker::serve(listener, BrokerConfig::default())?;
+    /// let bus = Bus::connect_via(connector, ConnectOptions::default()).await?;
+    /// let mut sub = bus.subscribe("ping").await?;
+    /// bus.publish("ping", "in memory").await?;
+    /// assert_eq!(&sub.next().await.unwrap().payload[..], b"in memory");
+    /// broker.shutdown().await;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_via(
+        connector: impl Connector,
+        options: ConnectOptions,
+    ) -> Result<Bus, BusError> {
+        let core = Core::new(options.bus.clone());
+        let client = crate::client::Client::connect(connector, options, core.clone()).await?;
         Ok(Bus {
-            backend: Backend::Remote(client),
+            backend: Backends::Remote(client),
+            core,
         })
     }
 
@@ -116,8 +181,11 @@ impl Bus {
         servers: &str,
         options: crate::nats::NatsOptions,
     ) -> Result<Bus, BusError> {
+        let core = Core::new(options.bus.clone());
+        let nats = crate::nats::Nats::connect(servers, options, core.clone()).await?;
         Ok(Bus {
-            backend: Backend::Nats(crate::nats::Nats::connect(servers, options).await?),
+            backend: Backends::Nats(nats),
+            core,
         })
     }
 
@@ -133,14 +201,23 @@ impl Bus {
     /// Publishes a message with its reply subject and headers.
     ///
     /// Returns once the message is routed (embedded) or queued for the connection
-    /// (remote); use [`Bus::flush`] to wait until the broker has it.
+    /// (remote); use [`Bus::flush`] to wait until the broker has it. On the embedded bus
+    /// it may wait for a subscriber whose queue is full (see
+    /// [`EmbeddedConfig::slow_consumer_grace`]).
     pub async fn publish_message(&self, message: Message) -> Result<(), BusError> {
-        match &self.backend {
-            Backend::Embedded(bus) => bus.publish(message),
-            Backend::Remote(client) => client.remote().publish(message).await,
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.publish(message).await,
+        subject::validate_subject(&message.subject)?;
+        if let Some(reply) = &message.reply {
+            subject::validate_subject(reply)?;
         }
+        dispatch!(&self.backend, b => {
+            if let Some((limit, setting)) = b.max_payload() {
+                let size = message.payload.len();
+                if size > limit {
+                    return Err(BusError::PayloadTooLarge { size, limit, setting });
+                }
+            }
+            b.publish(message).await
+        })
     }
 
     /// Subscribes to `subject`, which may use wildcards. Returns once the subscription is
@@ -169,14 +246,26 @@ impl Bus {
         if let Some(queue) = &queue {
             subject::validate_queue(queue)?;
         }
-        match &self.backend {
-            Backend::Embedded(bus) => bus.subscribe(subject, queue),
-            Backend::Remote(client) => client.subscribe(subject, queue).await,
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.subscribe(subject, queue).await,
+        let key = self.core.next_key();
+        let (tx, rx) = SubQueue::new(
+            subject.clone(),
+            queue,
+            self.core.options.subscription_capacity,
+            self.core.events.clone(),
+        );
+        let state = tx.state.clone();
+        let unsubscribe = dispatch!(&self.backend, b => b.subscribe(key, tx).await)?;
+        // From here dropping the subscriber removes the subscription.
+        let subscriber = Subscriber::new(rx, state.clone(), key, unsubscribe);
+        dispatch!(&self.backend, b => b.confirm().await)?;
+        if let Some(reason) = state.refused() {
+            return Err(BusError::SubscriptionRefused {
+                subject: subject.to_string(),
+                reason: reason.to_owned(),
+            });
         }
+        Ok(subscriber)
     }
-
     /// Sends a request to `subject` and waits for the first reply, up to the default
     /// request timeout. Fails at once with [`BusError::NoResponders`] when nobody is
     /// subscribed to `subject`.
@@ -242,43 +331,28 @@ impl Bus {
     /// broker (a ping and its pong). Immediate on the embedded bus, which routes as it
     /// publishes.
     pub async fn flush(&self) -> Result<(), BusError> {
-        match &self.backend {
-            Backend::Embedded(_) => Ok(()),
-            Backend::Remote(client) => client.remote().flush().await,
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.flush().await,
-        }
+        dispatch!(&self.backend, b => b.flush().await)
     }
 
     /// Connection changes and slow-consumer drops; see [`Event`].
     pub fn events(&self) -> broadcast::Receiver<Event> {
-        match &self.backend {
-            Backend::Embedded(bus) => bus.events.subscribe(),
-            Backend::Remote(client) => client.remote().events.subscribe(),
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.events.subscribe(),
-        }
+        self.core.events.subscribe()
     }
 
     /// Whether messages can reach the bus right now: always for the embedded bus; for a
     /// remote bus, whether the connection is up (publishes made while it is down are
     /// buffered).
     pub fn is_connected(&self) -> bool {
-        match &self.backend {
-            Backend::Embedded(_) => true,
-            Backend::Remote(client) => client.remote().is_connected(),
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.is_connected(),
-        }
+        dispatch!(&self.backend, b => b.is_connected())
     }
 
     /// Which backend this handle uses: `"embedded"`, `"broker"` or `"nats"`.
     pub fn backend_name(&self) -> &'static str {
         match &self.backend {
-            Backend::Embedded(_) => "embedded",
-            Backend::Remote(_) => "broker",
+            Backends::Embedded(_) => "embedded",
+            Backends::Remote(_) => "broker",
             #[cfg(feature = "nats")]
-            Backend::Nats(_) => "nats",
+            Backends::Nats(_) => "nats",
         }
     }
 
@@ -288,31 +362,14 @@ impl Bus {
     }
 
     fn request_timeout(&self) -> Duration {
-        match &self.backend {
-            Backend::Embedded(bus) => bus.config.request_timeout,
-            Backend::Remote(client) => client.remote().options.request_timeout,
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => nats.request_timeout,
-        }
+        self.core.options.request_timeout
     }
 
-    fn inbox(&self) -> &Arc<Inbox> {
-        match &self.backend {
-            Backend::Embedded(bus) => &bus.inbox,
-            Backend::Remote(client) => &client.remote().inbox,
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => &nats.inbox,
-        }
+    fn inbox(&self) -> &Arc<crate::delivery::Inbox> {
+        &self.core.inbox
     }
 
     fn disconnect_reason(&self) -> Arc<str> {
-        match &self.backend {
-            Backend::Embedded(_) => Arc::from("the bus was closed"),
-            Backend::Remote(client) => client.remote().disconnect_reason(),
-            #[cfg(feature = "nats")]
-            Backend::Nats(nats) => {
-                Arc::from(format!("disconnected from NATS ({})", nats.servers()))
-            }
-        }
+        dispatch!(&self.backend, b => b.disconnect_reason())
     }
 }

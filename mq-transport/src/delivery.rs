@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures_core::Stream;
 use rpc_core::Utf8Bytes;
@@ -33,13 +34,27 @@ impl SubState {
     }
 }
 
-/// The sending side of a subscription's bounded queue. Delivery never waits: a full
-/// queue drops the message and counts it, so one slow subscriber cannot hold up the
-/// others (or, on a client, the connection's reader).
+/// The sending side of a subscription's bounded queue.
+///
+/// [`SubQueue::deliver`] never waits: a full queue drops the message and counts it, so
+/// that one slow subscriber cannot hold up the connection's reader (remote and NATS
+/// backends). [`SubQueue::deliver_within`] waits a grace period for room first: the
+/// embedded bus paces a publisher to a subscriber that is reading, as the broker does.
 #[derive(Clone, Debug)]
 pub(crate) struct SubQueue {
     tx: mpsc::Sender<Message>,
     pub(crate) state: Arc<SubState>,
+}
+
+/// What [`SubQueue::offer`] did with a message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Offer {
+    /// Queued.
+    Taken,
+    /// The queue is full: nothing was queued or counted.
+    Full,
+    /// The subscriber is gone.
+    Gone,
 }
 
 impl SubQueue {
@@ -62,31 +77,68 @@ impl SubQueue {
         (SubQueue { tx, state }, rx)
     }
 
-    /// Queues `message`; `false` when it was not queued (full, or the subscriber is gone).
-    pub(crate) fn deliver(&self, message: Message) -> bool {
+    /// Queues `message` if there is room now.
+    pub(crate) fn offer(&self, message: Message) -> Offer {
         match self.tx.try_send(message) {
             Ok(()) => {
                 if self.state.lagging.load(Ordering::Relaxed) {
                     self.state.lagging.store(false, Ordering::Relaxed);
                 }
-                true
+                Offer::Taken
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                let dropped = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if !self.state.lagging.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        subject = %self.state.subject,
-                        dropped,
-                        "slow consumer: subscription queue is full, dropping messages"
-                    );
-                    let _ = self.state.events.send(Event::SlowConsumer {
-                        subject: self.state.subject.to_string(),
-                        dropped,
-                    });
-                }
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        }
+    }
+
+    /// Queues `message`; `false` when it was not queued (full, or the subscriber is gone).
+    pub(crate) fn deliver(&self, message: Message) -> bool {
+        match self.offer(message) {
+            Offer::Taken => true,
+            Offer::Full => {
+                self.drop_one();
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Offer::Gone => false,
+        }
+    }
+
+    /// Queues `message`, waiting up to `grace` for room. A subscriber still full after
+    /// the grace is a slow consumer: the message is dropped and counted, and so is every
+    /// later one that finds its queue full, at once, until it has room again.
+    pub(crate) async fn deliver_within(&self, message: Message, grace: Duration) -> bool {
+        let message = match self.tx.try_send(message) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+            Err(mpsc::error::TrySendError::Full(message)) => message,
+        };
+        if grace.is_zero() || self.state.lagging.load(Ordering::Relaxed) {
+            self.drop_one();
+            return false;
+        }
+        match self.tx.send_timeout(message, grace).await {
+            Ok(()) => true,
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                self.drop_one();
+                false
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    /// Counts a dropped message; the first of an episode is logged and reported.
+    fn drop_one(&self) {
+        let dropped = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        if !self.state.lagging.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                subject = %self.state.subject,
+                dropped,
+                "slow consumer: subscription queue is full, dropping messages"
+            );
+            let _ = self.state.events.send(Event::SlowConsumer {
+                subject: self.state.subject.to_string(),
+                dropped,
+            });
         }
     }
 
@@ -163,7 +215,7 @@ impl Inbox {
         )
     }
 
-    fn deliver(&self, message: Message) -> bool {
+    pub(crate) fn deliver(&self, message: Message) -> bool {
         let Some(id) = message
             .subject
             .strip_prefix(self.prefix.as_str())
@@ -183,7 +235,7 @@ impl Inbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
-        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.waiting)
     }
 }
 

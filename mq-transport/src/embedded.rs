@@ -1,26 +1,24 @@
 //! The embedded bus: routing inside the process, no sockets.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use rpc_core::Utf8Bytes;
-use tokio::sync::broadcast;
-
-use crate::delivery::{Inbox, SubQueue, SubState, Subscriber, Target, Unsubscribe};
+use crate::backend::{Backend, Core};
+use crate::bus::BusOptions;
+use crate::delivery::{Offer, SubQueue, SubState, Target, Unsubscribe};
 use crate::error::BusError;
-use crate::event::Event;
 use crate::message::{Message, NO_RESPONDERS};
-use crate::subject;
 use crate::sublist::Sublist;
 
 /// Settings of an embedded bus.
 ///
 /// ```
+/// use std::time::Duration;
 /// use mq_transport::{Bus, EmbeddedConfig};
 ///
 /// let mut config = EmbeddedConfig::default();
-/// config.subscription_capacity = 1024;
+/// config.bus.subscription_capacity = 1024;
+/// config.slow_consumer_grace = Duration::from_millis(500);
 /// let bus = Bus::embedded_with(config);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,19 +26,25 @@ use crate::sublist::Sublist;
 pub struct EmbeddedConfig {
     /// The largest payload a publish may carry. Default 1 MiB, as the broker's.
     pub max_payload: usize,
-    /// Messages queued per subscription before new ones are dropped (and counted).
-    /// Default 65,536.
-    pub subscription_capacity: usize,
-    /// The timeout of [`crate::Bus::request`]. Default 5 s.
-    pub request_timeout: Duration,
+    /// How long a publish waits for room in a subscription queue that is full
+    /// ([`BusOptions::subscription_capacity`] messages), as the broker holds a publisher
+    /// for a subscriber connection that is behind: a subscriber that reads catches up
+    /// and loses nothing. Still full after the grace, the subscriber is a slow consumer:
+    /// that message and every later one that finds its queue full are dropped at once,
+    /// counted ([`crate::Subscriber::dropped`]) and reported
+    /// ([`crate::Event::SlowConsumer`]), until it has room again. Zero drops at once.
+    /// Default 2 s, as the broker's.
+    pub slow_consumer_grace: Duration,
+    /// Settings every backend has.
+    pub bus: BusOptions,
 }
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
         EmbeddedConfig {
             max_payload: 1024 * 1024,
-            subscription_capacity: 65_536,
-            request_timeout: Duration::from_secs(5),
+            slow_consumer_grace: Duration::from_secs(2),
+            bus: BusOptions::default(),
         }
     }
 }
@@ -48,71 +52,89 @@ impl Default for EmbeddedConfig {
 #[derive(Debug)]
 pub(crate) struct Embedded {
     subs: Sublist<Target>,
-    next_key: AtomicU64,
-    pub(crate) config: EmbeddedConfig,
-    pub(crate) inbox: Arc<Inbox>,
-    pub(crate) events: broadcast::Sender<Event>,
+    config: EmbeddedConfig,
 }
 
 impl Embedded {
-    pub(crate) fn new(config: EmbeddedConfig) -> Arc<Embedded> {
-        let inbox = Arc::new(Inbox::new());
+    pub(crate) fn new(config: EmbeddedConfig, core: Arc<Core>) -> Arc<Embedded> {
         let subs = Sublist::new();
-        subs.insert(&inbox.filter(), None, 0, Target::Inbox(inbox.clone()))
-            .expect("an inbox filter is valid");
-        Arc::new(Embedded {
-            subs,
-            next_key: AtomicU64::new(1),
-            config,
-            inbox,
-            events: broadcast::channel(256).0,
-        })
+        subs.insert(
+            &core.inbox.filter(),
+            None,
+            0,
+            Target::Inbox(core.inbox.clone()),
+        )
+        .expect("an inbox filter is valid");
+        Arc::new(Embedded { subs, config })
     }
 
-    pub(crate) fn publish(&self, message: Message) -> Result<(), BusError> {
-        subject::validate_subject(&message.subject)?;
-        if let Some(reply) = &message.reply {
-            subject::validate_subject(reply)?;
-        }
-        if message.payload.len() > self.config.max_payload {
-            return Err(BusError::PayloadTooLarge {
-                size: message.payload.len(),
-                limit: self.config.max_payload,
-                setting: "EmbeddedConfig::max_payload",
-            });
-        }
-        self.route(message);
-        Ok(())
-    }
-
-    fn route(&self, message: Message) {
+    /// Delivers to every target with room; collects the subscription queues that are
+    /// full, to wait for.
+    fn route(&self, message: &Message, full: &mut Vec<SubQueue>) {
         let found = self.subs.matches(&message.subject);
         if found.is_empty() {
-            if let Some(reply) = message.reply {
+            if let Some(reply) = &message.reply {
                 let description = format!("no responders for `{}`", message.subject);
-                self.route(Message::status_message(reply, NO_RESPONDERS, description));
+                let status = Message::status_message(reply.clone(), NO_RESPONDERS, description);
+                self.route(&status, full);
             }
             return;
         }
-        found.deliver(|target| target.deliver(message.clone()));
+        found.deliver(|target| match target {
+            Target::Inbox(inbox) => inbox.deliver(message.clone()),
+            Target::Queue(queue) => match queue.offer(message.clone()) {
+                Offer::Taken => true,
+                Offer::Full => {
+                    full.push(queue.clone());
+                    true
+                }
+                Offer::Gone => false,
+            },
+        });
+    }
+}
+
+impl Backend for Embedded {
+    fn max_payload(&self) -> Option<(usize, &'static str)> {
+        Some((self.config.max_payload, "EmbeddedConfig::max_payload"))
     }
 
-    pub(crate) fn subscribe(
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
+        let mut full = Vec::new(); // allocates only when a queue is full
+        self.route(&message, &mut full);
+        for queue in full {
+            queue
+                .deliver_within(message.clone(), self.config.slow_consumer_grace)
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn subscribe(
         self: &Arc<Self>,
-        filter: Utf8Bytes,
-        queue: Option<Utf8Bytes>,
-    ) -> Result<Subscriber, BusError> {
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = SubQueue::new(
-            filter.clone(),
-            queue.clone(),
-            self.config.subscription_capacity,
-            self.events.clone(),
-        );
-        let state = tx.state.clone();
+        key: u64,
+        queue: SubQueue,
+    ) -> Result<Arc<dyn Unsubscribe>, BusError> {
+        let (filter, group) = (queue.state.subject.clone(), queue.state.queue.clone());
         self.subs
-            .insert(&filter, queue.as_deref(), key, Target::Queue(tx))?;
-        Ok(Subscriber::new(rx, state, key, self.clone()))
+            .insert(&filter, group.as_deref(), key, Target::Queue(queue))?;
+        Ok(self.clone())
+    }
+
+    async fn confirm(&self) -> Result<(), BusError> {
+        Ok(()) // routing is synchronous: a subscription is active once inserted
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    fn is_connected(&self) -> bool {
+        true
+    }
+
+    fn disconnect_reason(&self) -> Arc<str> {
+        Arc::from("the bus was closed")
     }
 }
 
@@ -120,5 +142,47 @@ impl Unsubscribe for Embedded {
     fn unsubscribe(&self, key: u64, state: &SubState) {
         self.subs
             .remove(&state.subject, state.queue.as_deref(), key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Bus;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_publisher_waits_for_a_full_subscriber_that_reads_and_drops_for_one_that_does_not() {
+        let mut config = EmbeddedConfig::default();
+        config.bus.subscription_capacity = 4;
+        let bus = Bus::embedded_with(config);
+        let mut reader = bus.subscribe("s").await.unwrap();
+        let stuck = bus.subscribe("s").await.unwrap();
+        let publisher = tokio::spawn({
+            let bus = bus.clone();
+            async move {
+                for i in 0..100u32 {
+                    bus.publish("s", i.to_string()).await.unwrap();
+                }
+            }
+        });
+        for i in 0..100u32 {
+            let m = reader.next().await.unwrap();
+            assert_eq!(m.payload, i.to_string());
+        }
+        publisher.await.unwrap();
+        assert_eq!(reader.dropped(), 0);
+        assert_eq!(stuck.dropped(), 96, "one grace, then at once");
+    }
+
+    #[tokio::test]
+    async fn a_zero_grace_drops_at_once() {
+        let mut config = EmbeddedConfig::default();
+        config.bus.subscription_capacity = 1;
+        config.slow_consumer_grace = Duration::ZERO;
+        let bus = Bus::embedded_with(config);
+        let sub = bus.subscribe("s").await.unwrap();
+        bus.publish("s", "1").await.unwrap();
+        bus.publish("s", "2").await.unwrap();
+        assert_eq!(sub.dropped(), 1);
     }
 }

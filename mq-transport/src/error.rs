@@ -3,7 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rpc_core::RpcError;
+use rpc_core::ConnectionError;
+use rpc_core::frame::Kind;
 
 use crate::subject::SubjectError;
 
@@ -47,13 +48,15 @@ pub enum BusError {
         /// The broker's reason.
         reason: String,
     },
-    /// Connecting to the broker failed.
-    #[error("could not connect to the broker at {addr}: {reason}")]
+    /// Connecting failed (to a broker, or to NATS).
+    #[error("could not connect to {addr}: {source}")]
     Connect {
         /// Where the client tried to connect.
         addr: String,
-        /// What went wrong (an I/O error, or the broker's refusal naming its reason).
-        reason: String,
+        /// What went wrong: an I/O error, a timeout, the broker's refusal naming its
+        /// reason, …
+        #[source]
+        source: Box<ConnectError>,
     },
     /// Not connected right now, and the operation needs a connection (a flush).
     #[error("not connected to the broker at {addr}: {reason}")]
@@ -91,19 +94,62 @@ pub enum BusError {
         reason: String,
     },
     /// The backend (for example the NATS client) failed an operation.
-    #[error("bus backend could not {operation}: {reason}")]
+    #[error("bus backend could not {operation}: {source}")]
     Backend {
         /// What was attempted.
         operation: &'static str,
         /// The backend's error.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The bus handle was closed.
     #[error("the bus is closed")]
     Closed,
-    /// A connection-level error (frame too large, connection closed, …).
+    /// A connection-level error (frame too large, connection closed, …), from the
+    /// framing layer shared with RPC.
     #[error(transparent)]
-    Connection(#[from] RpcError),
+    Connection(#[from] ConnectionError),
+}
+
+/// Why a connection could not be made; the source of [`BusError::Connect`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// Opening the stream failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// No connection, or no answer to the connect frame, within the timeout.
+    #[error("no {what} within {timeout:?} (ConnectOptions::connect_timeout)")]
+    Timeout {
+        /// `"connection"` or `"answer to connect"`.
+        what: &'static str,
+        /// The timeout in force.
+        timeout: Duration,
+    },
+    /// The broker answered the connect with a go-away (wrong token, too many
+    /// connections, …).
+    #[error("the broker refused the connection: {message} (go-away code {code})")]
+    Refused {
+        /// The go-away code.
+        code: u16,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The broker answered the connect with another frame.
+    #[error("expected the broker's connect frame, got {kind}")]
+    UnexpectedFrame {
+        /// What it sent.
+        kind: Kind,
+    },
+    /// The broker closed the connection before answering.
+    #[error("the broker closed the connection before answering connect")]
+    Closed,
+    /// The framing layer failed during the handshake.
+    #[error(transparent)]
+    Connection(#[from] ConnectionError),
+    /// Another backend's client (NATS) could not connect.
+    #[error(transparent)]
+    Backend(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl BusError {

@@ -1,8 +1,9 @@
 //! mq-transport: courier's message bus.
 //!
-//! One API, [`Bus`], over two backends: **embedded** (in this process, the default, no
-//! setup) and **remote** (a client of courier's own [`Broker`] over TCP). Semantics
-//! follow NATS core, so that code written against one backend runs on another:
+//! One API, [`Bus`], over three backends: **embedded** (in this process, the default, no
+//! setup), **remote** (a client of courier's own [`Broker`], over TCP or any
+//! `rpc_core::transport::Connector`) and **NATS** (feature `nats`). Semantics follow NATS
+//! core, so that code written against one backend runs on another:
 //!
 //! * [`subject`]: `.`-separated tokens, `*` for one token, `>` for one or more trailing
 //!   tokens; malformed subjects are refused with the reason;
@@ -10,13 +11,15 @@
 //!   one member of each group), request/reply through one inbox per handle, with an
 //!   immediate [`BusError::NoResponders`] when nobody listens;
 //! * order kept per publisher and subject; at-most-once delivery;
-//! * every queue bounded: a subscriber that falls behind loses messages, counted and
-//!   reported ([`Event::SlowConsumer`]); a connection that falls behind on the broker is
-//!   cut off with a go-away saying so.
+//! * every queue bounded: a publisher is paced to a subscriber that is briefly behind
+//!   (embedded bus and broker alike); one that does not catch up within a grace period is
+//!   a slow consumer: it loses messages, counted and reported ([`Event::SlowConsumer`]),
+//!   or on the broker is cut off with a go-away saying so.
 //!
 //! The wire frames are rpc-core's (`Connect`, `Pub`, `Sub`, `Unsub`, `Msg`), over its
 //! connection engine; `docs/PROTOCOL.md` at the repository root describes them.
 
+mod backend;
 mod broker;
 mod bus;
 mod client;
@@ -31,12 +34,12 @@ pub mod rpc;
 pub mod subject;
 pub mod sublist;
 
-pub use broker::{Broker, BrokerConfig, BrokerStats};
-pub use bus::Bus;
+pub use broker::{Broker, BrokerConfig, BrokerConfigError, BrokerStats};
+pub use bus::{Bus, BusOptions};
 pub use client::ConnectOptions;
 pub use delivery::{Subscriber, new_inbox};
 pub use embedded::EmbeddedConfig;
-pub use error::BusError;
+pub use error::{BusError, ConnectError};
 pub use event::Event;
 pub use message::{
     DESCRIPTION_HEADER, Message, NO_RESPONDERS, STATUS_HEADER, SUBSCRIPTION_REFUSED,

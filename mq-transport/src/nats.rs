@@ -12,22 +12,20 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use rpc_core::{Metadata, Utf8Bytes};
-use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{Inbox, SubQueue, SubState, Subscriber, Target, Unsubscribe};
-use crate::error::BusError;
+use crate::backend::{Backend, Core};
+use crate::bus::BusOptions;
+use crate::delivery::{SubQueue, SubState, Target, Unsubscribe};
+use crate::error::{BusError, ConnectError};
 use crate::event::Event;
 use crate::lock;
 use crate::message::{Message, NO_RESPONDERS, status_headers};
-use crate::subject;
 
 pub use async_nats;
 
@@ -46,27 +44,14 @@ pub use async_nats;
 /// let bus = Bus::connect_nats_with("nats://10.0.0.1:4222,nats://10.0.0.2:4222", options).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
+#[derive(Debug, Default)]
 #[non_exhaustive]
 pub struct NatsOptions {
     /// The `async-nats` connection options. Its event callback is replaced: events arrive
     /// through [`crate::Bus::events`]. Default `ConnectOptions::default()`.
     pub connect: async_nats::ConnectOptions,
-    /// Messages queued per subscription before new ones are dropped (and counted).
-    /// Default 65,536.
-    pub subscription_capacity: usize,
-    /// The timeout of [`crate::Bus::request`]. Default 5 s.
-    pub request_timeout: Duration,
-}
-
-impl Default for NatsOptions {
-    fn default() -> Self {
-        NatsOptions {
-            connect: async_nats::ConnectOptions::default(),
-            subscription_capacity: 65_536,
-            request_timeout: Duration::from_secs(5),
-        }
-    }
+    /// Settings every backend has (subscription queues, request timeout).
+    pub bus: BusOptions,
 }
 
 /// A connection to NATS.
@@ -75,11 +60,7 @@ pub(crate) struct Nats {
     client: async_nats::Client,
     servers: String,
     subs: Mutex<HashMap<u64, Forwarder>>,
-    next_key: AtomicU64,
-    pub(crate) inbox: Arc<Inbox>,
-    pub(crate) events: broadcast::Sender<Event>,
-    pub(crate) subscription_capacity: usize,
-    pub(crate) request_timeout: Duration,
+    core: Arc<Core>,
     inbox_task: JoinHandle<()>,
 }
 
@@ -99,6 +80,7 @@ impl Nats {
     pub(crate) async fn connect(
         servers: &str,
         options: NatsOptions,
+        core: Arc<Core>,
     ) -> Result<Arc<Nats>, BusError> {
         let addrs: Vec<String> = servers
             .split(',')
@@ -106,8 +88,7 @@ impl Nats {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect();
-        let events = broadcast::channel(256).0;
-        let callback_events = events.clone();
+        let callback_events = core.events.clone();
         let callback_servers = servers.to_owned();
         let connect = options.connect.event_callback(move |event| {
             let (events, servers) = (callback_events.clone(), callback_servers.clone());
@@ -134,10 +115,10 @@ impl Nats {
             .await
             .map_err(|e| BusError::Connect {
                 addr: servers.to_owned(),
-                reason: e.to_string(),
+                source: Box::new(ConnectError::Backend(Box::new(e))),
             })?;
 
-        let inbox = Arc::new(Inbox::new());
+        let inbox = core.inbox.clone();
         let inbox_sub = client
             .subscribe(inbox.filter())
             .await
@@ -153,35 +134,19 @@ impl Nats {
             .flush()
             .await
             .map_err(|e| backend("flush the inbox subscription", e))?;
-        let _ = events.send(Event::Connected {
+        core.report(Event::Connected {
             server: servers.to_owned(),
         });
         Ok(Arc::new(Nats {
             client,
             servers: servers.to_owned(),
             subs: Mutex::new(HashMap::new()),
-            next_key: AtomicU64::new(1),
-            inbox,
-            events,
-            subscription_capacity: options.subscription_capacity,
-            request_timeout: options.request_timeout,
+            core,
             inbox_task,
         }))
     }
 
-    pub(crate) async fn publish(&self, message: Message) -> Result<(), BusError> {
-        subject::validate_subject(&message.subject)?;
-        if let Some(reply) = &message.reply {
-            subject::validate_subject(reply)?;
-        }
-        let limit = self.client.server_info().max_payload;
-        if limit > 0 && message.payload.len() > limit {
-            return Err(BusError::PayloadTooLarge {
-                size: message.payload.len(),
-                limit,
-                setting: "the NATS server's max_payload",
-            });
-        }
+    async fn send(&self, message: Message) -> Result<(), BusError> {
         let subject = message.subject.to_string();
         let result = match (message.reply, message.headers.is_empty()) {
             (None, true) => self.client.publish(subject, message.payload).await,
@@ -211,52 +176,39 @@ impl Nats {
         result.map_err(|e| backend("publish", e))
     }
 
-    pub(crate) async fn subscribe(
+    async fn subscribe_to(
         self: &Arc<Self>,
-        filter: Utf8Bytes,
-        queue: Option<Utf8Bytes>,
-    ) -> Result<Subscriber, BusError> {
-        let sub = match &queue {
-            None => self.client.subscribe(filter.to_string()).await,
-            Some(queue) => {
-                self.client
-                    .queue_subscribe(filter.to_string(), queue.to_string())
-                    .await
-            }
+        key: u64,
+        queue: SubQueue,
+    ) -> Result<Arc<dyn Unsubscribe>, BusError> {
+        let filter = queue.state.subject.to_string();
+        let sub = match &queue.state.queue {
+            None => self.client.subscribe(filter).await,
+            Some(group) => self.client.queue_subscribe(filter, group.to_string()).await,
         }
         .map_err(|e| backend("subscribe", e))?;
-        let key = self.next_key.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = SubQueue::new(
-            filter,
-            queue,
-            self.subscription_capacity,
-            self.events.clone(),
-        );
-        let state = tx.state.clone();
         let drain = CancellationToken::new();
         let slot = Arc::new(Mutex::new(Some(sub)));
-        let task = tokio::spawn(forward(slot.clone(), tx, drain.clone()));
+        let task = tokio::spawn(forward(slot.clone(), queue, drain.clone()));
         self.lock_subs()
             .insert(key, Forwarder { slot, drain, task });
-        let subscriber = Subscriber::new(rx, state, key, self.clone());
-        // The server has the subscription once it answers a ping sent after it.
-        self.flush().await?;
-        Ok(subscriber)
+        Ok(self.clone())
     }
 
     /// A round trip to the server: everything sent before it has been processed when it
     /// returns. (`async_nats::Client::flush` only writes the socket out; it does not wait
     /// for the server.) A message to one of this handle's own inbox subjects comes back
     /// on the inbox subscription after the server has handled everything sent before it.
-    pub(crate) async fn flush(&self) -> Result<(), BusError> {
-        let (subject, waiting) = self.inbox.register();
+    async fn round_trip(&self) -> Result<(), BusError> {
+        let (subject, waiting) = self.core.inbox.register();
         self.client
             .publish(subject.to_string(), bytes::Bytes::new())
             .await
             .map_err(|e| backend("flush", e))?;
         self.client.flush().await.map_err(|e| backend("flush", e))?;
         let mut waiting = waiting;
-        match tokio::time::timeout(self.request_timeout, &mut waiting.rx).await {
+        let timeout = self.core.options.request_timeout;
+        match tokio::time::timeout(timeout, &mut waiting.rx).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(BusError::NotConnected {
                 addr: self.servers.clone(),
@@ -264,21 +216,50 @@ impl Nats {
             }),
             Err(_) => Err(BusError::Timeout {
                 subject: subject.to_string(),
-                timeout: self.request_timeout,
+                timeout,
             }),
         }
     }
 
-    pub(crate) fn is_connected(&self) -> bool {
+    fn lock_subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Forwarder>> {
+        lock(&self.subs)
+    }
+}
+
+impl Backend for Nats {
+    fn max_payload(&self) -> Option<(usize, &'static str)> {
+        match self.client.server_info().max_payload {
+            0 => None,
+            limit => Some((limit, "the NATS server's max_payload")),
+        }
+    }
+
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
+        self.send(message).await
+    }
+
+    async fn subscribe(
+        self: &Arc<Self>,
+        key: u64,
+        queue: SubQueue,
+    ) -> Result<Arc<dyn Unsubscribe>, BusError> {
+        self.subscribe_to(key, queue).await
+    }
+
+    async fn confirm(&self) -> Result<(), BusError> {
+        self.round_trip().await
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        self.round_trip().await
+    }
+
+    fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
-    pub(crate) fn servers(&self) -> &str {
-        &self.servers
-    }
-
-    fn lock_subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Forwarder>> {
-        lock(&self.subs)
+    fn disconnect_reason(&self) -> Arc<str> {
+        Arc::from(format!("disconnected from NATS ({})", self.servers))
     }
 }
 
@@ -342,10 +323,13 @@ async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
     }
 }
 
-fn backend(operation: &'static str, error: impl std::fmt::Display) -> BusError {
+fn backend(
+    operation: &'static str,
+    error: impl std::error::Error + Send + Sync + 'static,
+) -> BusError {
     BusError::Backend {
         operation,
-        reason: error.to_string(),
+        source: Box::new(error),
     }
 }
 

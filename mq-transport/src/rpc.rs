@@ -12,8 +12,9 @@
 //!   neither.
 //! * **Cancellation.** Dropping a call's future before its answer publishes a cancel to
 //!   `rpc-cancel.Service` naming the call's reply subject ([`CALL_HEADER`]); the instance
-//!   running it aborts the handler. Instances also abort a handler when the deadline
-//!   passes.
+//!   running it aborts the handler. A handler still running when the deadline passes is
+//!   aborted and answered `DEADLINE_EXCEEDED` (the caller sees [`RpcError::Timeout`]),
+//!   exactly as over TCP: both run calls through rpc-core's [`InFlight`].
 //! * **No instance.** A call that reaches no instance (the bus answers "no responders")
 //!   was received by nobody, so it is safe to send again: the client retries with a short
 //!   backoff until the call's deadline ([`ClientConfig::wait_for_connection`], the
@@ -61,26 +62,21 @@
 //!
 //! [`ClientConfig::wait_for_connection`]: rpc_core::client::ClientConfig::wait_for_connection
 
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
-use rpc_core::client::{Channel, ChannelFuture, Client, ClientConfig, OutgoingCall};
+use rpc_core::client::{CancelOnDrop, Channel, ChannelFuture, Client, ClientConfig, OutgoingCall};
 use rpc_core::frame::Status;
-use rpc_core::server::{CallContext, Service, ServiceError};
+use rpc_core::server::{InFlight, IncomingCall, Responder, Service, ServiceError};
 use rpc_core::transport::PeerAddr;
 use rpc_core::{Metadata, RpcError, Utf8Bytes};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::bus::Bus;
 use crate::error::BusError;
-use crate::lock;
 use crate::message::Message;
 
 /// The first token of every call subject: `rpc.Service.method`.
@@ -211,13 +207,16 @@ async fn call_over_bus(
             .await
             .map_err(|e| channel_error(&call, e))?;
         // Until an answer or a failure arrives, dropping this future cancels the call.
-        let mut cancel = CancelOnDrop {
-            bus: &bus,
-            service: &service,
-            reply: Some(reply),
-        };
+        let cancel = CancelOnDrop::new(|| {
+            let cancel = Message::new(cancel_subject(&service), Bytes::new())
+                .with_header(CALL_HEADER, Bytes::from(reply.to_string()));
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let bus = bus.clone();
+                runtime.spawn(async move { bus.publish_message(cancel).await });
+            }
+        });
         let answer = bus.await_reply(waiting, &subject, left).await;
-        cancel.reply = None;
+        cancel.disarm();
         match answer {
             Ok(answer) => {
                 let status = answer
@@ -254,27 +253,6 @@ fn channel_error(call: &OutgoingCall, error: BusError) -> RpcError {
     }
 }
 
-/// Publishes a cancel for a call abandoned before its answer.
-struct CancelOnDrop<'a> {
-    bus: &'a Bus,
-    service: &'a str,
-    reply: Option<Utf8Bytes>,
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        let Some(reply) = self.reply.take() else {
-            return;
-        };
-        let cancel = Message::new(cancel_subject(self.service), Bytes::new())
-            .with_header(CALL_HEADER, Bytes::from(reply.to_string()));
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let bus = self.bus.clone();
-            runtime.spawn(async move { bus.publish_message(cancel).await });
-        }
-    }
-}
-
 /// Serves `service` on `bus` as one instance: subscribes to `rpc.<Service>.*` in queue
 /// group `<Service>` (and to `rpc-cancel.<Service>`), and runs each call as its own task.
 /// Returns once both subscriptions are active.
@@ -287,23 +265,25 @@ pub async fn serve(bus: &Bus, service: impl Service) -> Result<ServiceInstance, 
     let requests = bus.queue_subscribe(service_filter(name), name).await?;
     let cancels = bus.subscribe(cancel_subject(name)).await?;
     let stop = CancellationToken::new();
-    let kill = CancellationToken::new();
     let served = Arc::new(AtomicU64::new(0));
     let instance = Instance {
-        bus: bus.clone(),
         service: Arc::new(service),
         prefix: format!("{SUBJECT_PREFIX}.{name}."),
-        running: Arc::new(Mutex::new(HashMap::new())),
-        tasks: TaskTracker::new(),
-        kill: kill.clone(),
-        served: served.clone(),
+        calls: InFlight::new(),
+        next_id: AtomicU64::new(1),
+        answers: Answers {
+            bus: bus.clone(),
+            served: served.clone(),
+            reply: None,
+        },
     };
+    let calls = instance.calls.clone();
     let task = tokio::spawn(instance.run(requests, cancels, stop.clone()));
     Ok(ServiceInstance {
         name,
         served,
         stop,
-        kill,
+        calls,
         task: Some(task),
     })
 }
@@ -314,7 +294,7 @@ pub struct ServiceInstance {
     name: &'static str,
     served: Arc<AtomicU64>,
     stop: CancellationToken,
-    kill: CancellationToken,
+    calls: Arc<InFlight<Utf8Bytes>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -343,23 +323,21 @@ impl Drop for ServiceInstance {
     /// Stops at once: unsubscribes and aborts the calls in progress, which get no answer.
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
-            self.kill.cancel();
             task.abort();
+            self.calls.abort_all();
         }
     }
 }
 
 struct Instance<S> {
-    bus: Bus,
     service: Arc<S>,
     /// `rpc.<Service>.`: what is left of a call's subject is the method.
     prefix: String,
-    /// Calls running, by reply subject, for cancels.
-    running: Arc<Mutex<HashMap<Utf8Bytes, CancellationToken>>>,
-    tasks: TaskTracker,
-    /// Cancelled when the instance is dropped: every call aborts.
-    kill: CancellationToken,
-    served: Arc<AtomicU64>,
+    /// Calls running, by reply subject (what a cancel names).
+    calls: Arc<InFlight<Utf8Bytes>>,
+    /// Request ids, unique among this instance's calls.
+    next_id: AtomicU64,
+    answers: Answers,
 }
 
 impl<S: Service> Instance<S> {
@@ -384,10 +362,10 @@ impl<S: Service> Instance<S> {
             }
         }
         // Every call received is running; keep honouring cancels until they are done.
-        self.tasks.close();
+        self.calls.close();
         loop {
             tokio::select! {
-                _ = self.tasks.wait() => break,
+                _ = self.calls.wait() => break,
                 Some(cancel) = cancels.next() => self.cancel(&cancel),
             }
         }
@@ -397,9 +375,8 @@ impl<S: Service> Instance<S> {
         let Some(reply) = cancel.headers.get_str(CALL_HEADER) else {
             return;
         };
-        if let Some(token) = lock(&self.running).remove(&Utf8Bytes::from(reply.to_owned())) {
+        if self.calls.cancel(&Utf8Bytes::from(reply.to_owned())) {
             tracing::debug!(call = reply, "call cancelled by its caller");
-            token.cancel();
         }
     }
 
@@ -425,54 +402,58 @@ impl<S: Service> Instance<S> {
                 metadata.append(name.clone(), value.clone());
             }
         }
-        let mut context = CallContext::new(
-            format!("{}.{method}", self.service.name()),
-            PeerAddr::Bus(Arc::from(reply.as_str())),
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let call = IncomingCall::new(
+            id,
+            Utf8Bytes::from(format!("{}.{method}", self.service.name())),
+            request.payload,
+            Arc::new(PeerAddr::Bus(Arc::from(reply.as_str()))),
         )
+        .with_deadline(deadline)
         .with_metadata(metadata);
-        if let Some(deadline) = deadline {
-            context = context.with_deadline(deadline);
+        let answers = Answers {
+            reply: Some(reply.clone()),
+            ..self.answers.clone()
+        };
+        let service = &self.service;
+        let started = self.calls.start(
+            reply,
+            call,
+            |ctx, payload| service.call(&method, ctx, payload),
+            answers,
+            None,
+        );
+        if started.is_err() {
+            // Reply subjects are unique per call: a repeat is a duplicate delivery.
+            tracing::debug!(subject = %request.subject, "call already running; duplicate ignored");
         }
-        let future = self.service.call(&method, context, request.payload);
+    }
+}
 
-        let token = self.kill.child_token();
-        lock(&self.running).insert(reply.clone(), token.clone());
-        let running = self.running.clone();
-        let bus = self.bus.clone();
-        let served = self.served.clone();
-        self.tasks.spawn(async move {
-            let work = async {
-                let outcome = AssertUnwindSafe(future).catch_unwind();
-                match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline, outcome).await.ok(),
-                    None => Some(outcome.await),
-                }
-            };
-            let outcome = tokio::select! {
-                outcome = work => outcome,
-                _ = token.cancelled() => return, // cancelled, or the instance was dropped
-            };
-            lock(&running).remove(&reply);
-            let Some(outcome) = outcome else {
-                tracing::debug!(%reply, "deadline passed before the handler finished; aborted");
-                return; // the caller has given up: nobody waits for an answer
-            };
-            let result = outcome.unwrap_or_else(|_| {
-                tracing::error!("handler panicked");
-                Err(ServiceError::internal("handler panicked"))
-            });
-            let answer = match result {
-                Ok(payload) => Message::new(reply, payload),
-                Err(error) => Message::new(reply, Bytes::new())
-                    .with_header(STATUS_HEADER, error.status.0.to_string())
-                    .with_header(MESSAGE_HEADER, error.message),
-            };
-            match bus.publish_message(answer).await {
-                Ok(()) => {
-                    served.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!(error = %e, "could not send an answer"),
+/// Answers as reply messages on the bus.
+#[derive(Clone)]
+struct Answers {
+    bus: Bus,
+    served: Arc<AtomicU64>,
+    reply: Option<Utf8Bytes>,
+}
+
+impl Responder for Answers {
+    async fn respond(&self, _id: u64, result: Result<Bytes, ServiceError>) {
+        let Some(reply) = self.reply.clone() else {
+            return;
+        };
+        let answer = match result {
+            Ok(payload) => Message::new(reply, payload),
+            Err(error) => Message::new(reply, Bytes::new())
+                .with_header(STATUS_HEADER, error.status.0.to_string())
+                .with_header(MESSAGE_HEADER, error.message),
+        };
+        match self.bus.publish_message(answer).await {
+            Ok(()) => {
+                self.served.fetch_add(1, Ordering::Relaxed);
             }
-        });
+            Err(e) => tracing::warn!(error = %e, "could not send an answer"),
+        }
     }
 }

@@ -20,7 +20,7 @@
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
 
-use crate::error::{ProtocolError, RpcError};
+use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::Frame;
 
 /// Size of the length prefix.
@@ -70,18 +70,18 @@ impl FrameCodec {
     }
 
     /// Checks a frame against the limit without encoding it; returns its body length.
-    pub fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
+    pub fn check(&self, frame: &Frame) -> Result<usize, ConnectionError> {
         check_frame_len(frame, self.max_frame_len)
     }
 }
 
-/// The body length of `frame`, or [`RpcError::FrameTooLarge`] when it exceeds `limit`.
+/// The body length of `frame`, or [`ConnectionError::FrameTooLarge`] when it exceeds `limit`.
 /// Senders call it before queueing, so that an oversized frame fails its own call rather
 /// than the connection; the encoder calls it again for the length prefix.
-pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, RpcError> {
+pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, ConnectionError> {
     let len = frame.encoded_len()?;
     if len > limit {
-        return Err(RpcError::FrameTooLarge {
+        return Err(ConnectionError::FrameTooLarge {
             size: len as u64,
             limit,
         });
@@ -91,13 +91,13 @@ pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, RpcE
 
 impl Decoder for FrameCodec {
     type Item = Frame;
-    type Error = RpcError;
+    type Error = ConnectionError;
 
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, RpcError> {
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
         if !self.in_body && src.len() >= LENGTH_PREFIX_LEN {
             let len = (&src[..LENGTH_PREFIX_LEN]).get_u32();
             if len as usize > self.max_frame_len {
-                return Err(RpcError::FrameTooLarge {
+                return Err(ConnectionError::FrameTooLarge {
                     size: u64::from(len),
                     limit: self.max_frame_len,
                 });
@@ -118,7 +118,7 @@ impl Decoder for FrameCodec {
         }
     }
 
-    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, RpcError> {
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
             None if src.is_empty() && !self.in_body => Ok(None),
@@ -134,9 +134,9 @@ impl Decoder for FrameCodec {
 }
 
 impl Encoder<&Frame> for FrameCodec {
-    type Error = RpcError;
+    type Error = ConnectionError;
 
-    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), RpcError> {
+    fn encode(&mut self, frame: &Frame, dst: &mut BytesMut) -> Result<(), ConnectionError> {
         let len = self.check(frame)?;
         dst.reserve(LENGTH_PREFIX_LEN + len);
         // `check` capped `len` at `max_frame_len`, which is at most `u32::MAX`.
@@ -215,7 +215,7 @@ mod tests {
         let err = FrameCodec::new(1024).decode(&mut buf).unwrap_err();
         assert!(matches!(
             err,
-            RpcError::FrameTooLarge {
+            ConnectionError::FrameTooLarge {
                 size: 1_048_576,
                 limit: 1024
             }
@@ -234,7 +234,7 @@ mod tests {
         let mut buf = BytesMut::new();
         let err = codec.encode(&request(100), &mut buf).unwrap_err();
         assert!(
-            matches!(err, RpcError::FrameTooLarge { limit: 64, .. }),
+            matches!(err, ConnectionError::FrameTooLarge { limit: 64, .. }),
             "{err}"
         );
         assert!(buf.is_empty());
@@ -258,7 +258,7 @@ mod tests {
             assert_eq!(codec.decode(&mut buf).unwrap(), None);
             let err = codec.decode_eof(&mut buf).unwrap_err();
             assert!(
-                matches!(err, RpcError::Protocol(ProtocolError::UnexpectedEof { buffered }) if buffered == cut),
+                matches!(err, ConnectionError::Protocol(ProtocolError::UnexpectedEof { buffered }) if buffered == cut),
                 "cut at {cut}: {err}"
             );
         }

@@ -1,5 +1,9 @@
-//! Errors: [`RpcError`], the one enum callers match on, and [`ProtocolError`] for frames
-//! that cannot be decoded.
+//! Errors, by layer:
+//!
+//! * [`ProtocolError`]: a frame that cannot be decoded, or is not allowed where it arrived;
+//! * [`ConnectionError`]: the framing layer (codec, connection engine) failed: shared by
+//!   RPC and the bus, each of which wraps it in its own error type;
+//! * [`RpcError`]: the one enum RPC callers match on.
 
 use std::io;
 use std::sync::Arc;
@@ -72,7 +76,7 @@ pub enum RpcError {
     /// A frame is larger than the maximum frame length, on sending or on receiving.
     #[error(
         "frame of {size} bytes exceeds the maximum frame length of {limit} bytes \
-         (ConnectionConfig::max_frame_len)"
+         (ConnectionConfig::max_frame_len, or the peer's stated limit when lower)"
     )]
     FrameTooLarge {
         /// The size of the frame body.
@@ -132,6 +136,80 @@ pub enum RpcError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// Why the framing layer (the codec and the connection engine, shared by RPC and the bus)
+/// could not carry a frame. RPC and the bus wrap it in their own errors: it converts into
+/// the [`RpcError`] variant of the same name, and into `mq_transport::BusError::Connection`.
+///
+/// ```
+/// use rpc_core::{ConnectionError, RpcError};
+///
+/// let e = ConnectionError::FrameTooLarge { size: 10, limit: 8 };
+/// assert!(e.to_string().contains("limit"));
+/// assert!(matches!(RpcError::from(e), RpcError::FrameTooLarge { size: 10, limit: 8 }));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectionError {
+    /// The connection is closed (or closing): nothing more can be sent on it.
+    #[error("connection closed: {reason}")]
+    Closed {
+        /// Why: end of stream, an I/O error, the peer's go-away, a missed keepalive, …
+        reason: Arc<str>,
+    },
+    /// An I/O error on the stream.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// The peer broke the protocol (or a frame cannot be encoded).
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// A frame is larger than the limit in force, on sending or on receiving.
+    #[error(
+        "frame of {size} bytes exceeds the maximum frame length of {limit} bytes \
+         (ConnectionConfig::max_frame_len, or the peer's stated limit when lower)"
+    )]
+    FrameTooLarge {
+        /// The size of the frame body.
+        size: u64,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// Nothing arrived from the peer within the keepalive timeout: it is presumed dead.
+    #[error(
+        "peer sent nothing within the keepalive timeout of {timeout:?} (ConnectionConfig::keepalive_timeout)"
+    )]
+    KeepaliveTimeout {
+        /// The timeout in force.
+        timeout: Duration,
+    },
+}
+
+impl ConnectionError {
+    /// Whether a new connection may succeed where this one failed (I/O trouble, a closed
+    /// connection, a silent peer), as opposed to a frame that is wrong in itself.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ConnectionError::Closed { .. }
+                | ConnectionError::Io(_)
+                | ConnectionError::KeepaliveTimeout { .. }
+        )
+    }
+}
+
+impl From<ConnectionError> for RpcError {
+    fn from(error: ConnectionError) -> Self {
+        match error {
+            ConnectionError::Closed { reason } => RpcError::ConnectionClosed { reason },
+            ConnectionError::Io(e) => RpcError::Io(e),
+            ConnectionError::Protocol(e) => RpcError::Protocol(e),
+            ConnectionError::FrameTooLarge { size, limit } => {
+                RpcError::FrameTooLarge { size, limit }
+            }
+            ConnectionError::KeepaliveTimeout { timeout } => RpcError::KeepaliveTimeout { timeout },
+        }
+    }
 }
 
 impl RpcError {

@@ -6,7 +6,8 @@
 //!   coalescing writer, keepalive);
 //! * [`format`]: payload serialization ([`format::Bincode`] by default);
 //! * [`client`] and [`server`]: the RPC runtime;
-//! * [`transport`]: TCP, Unix sockets and in-memory pairs.
+//! * [`transport`]: TCP, Unix sockets and in-memory pairs, the accept loop and reconnects;
+//! * [`latch`]: a one-way flag, cheap to read and awaitable.
 //!
 //! Most users depend on the `courier` facade crate instead and never name this one.
 
@@ -16,13 +17,14 @@ pub mod connection;
 mod error;
 pub mod format;
 pub mod frame;
+pub mod latch;
 mod metadata;
 pub mod server;
 mod text;
 pub mod transport;
 
 pub use connection::ConnectionConfig;
-pub use error::{ProtocolError, RpcError};
+pub use error::{ConnectionError, ProtocolError, RpcError};
 pub use format::{Bincode, Format, FormatError};
 pub use metadata::Metadata;
 pub use text::Utf8Bytes;

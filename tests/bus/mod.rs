@@ -10,12 +10,15 @@ use std::time::Duration;
 use courier::bus::{
     Broker, BrokerConfig, Bus, ConnectOptions, EmbeddedConfig, Message, Subscriber,
 };
+use courier::transport::memory::{self, MemoryConnector};
 
 /// A bus backend under test: every `bus()` is a separate participant (a clone of the
 /// embedded bus, or its own connection to the broker).
 pub(crate) enum Fixture {
     Embedded(EmbeddedConfig, Bus),
     Broker(Broker),
+    /// A broker in this process, reached over in-memory connections (no sockets).
+    BrokerInMemory(Broker, MemoryConnector),
     #[cfg(feature = "nats")]
     Nats(nats_server::NatsServer),
 }
@@ -37,6 +40,12 @@ impl Fixture {
         )
     }
 
+    pub(crate) fn broker_in_memory() -> Fixture {
+        let (listener, connector) = memory::listen();
+        let broker = Broker::serve(listener, BrokerConfig::default()).expect("broker serves");
+        Fixture::BrokerInMemory(broker, connector)
+    }
+
     /// A nats-server of its own, on a free loopback port.
     #[cfg(feature = "nats")]
     pub(crate) async fn nats() -> Fixture {
@@ -55,20 +64,27 @@ impl Fixture {
                 // Another embedded bus would not share subscriptions; the capacity is
                 // per bus, so tests that need it use one bus for everything.
                 let mut config = config.clone();
-                config.subscription_capacity = capacity;
+                config.bus.subscription_capacity = capacity;
                 Bus::embedded_with(config)
             }
             Fixture::Broker(broker) => {
                 let mut options = ConnectOptions::default();
-                options.subscription_capacity = capacity;
+                options.bus.subscription_capacity = capacity;
                 Bus::connect_with(broker.local_addr().to_string(), options)
                     .await
                     .expect("connects to the broker")
             }
+            Fixture::BrokerInMemory(_, connector) => {
+                let mut options = ConnectOptions::default();
+                options.bus.subscription_capacity = capacity;
+                Bus::connect_via(connector.clone(), options)
+                    .await
+                    .expect("connects to the in-memory broker")
+            }
             #[cfg(feature = "nats")]
             Fixture::Nats(server) => {
                 let mut options = courier::bus::NatsOptions::default();
-                options.subscription_capacity = capacity;
+                options.bus.subscription_capacity = capacity;
                 Bus::connect_nats_with(&server.url(), options)
                     .await
                     .expect("connects to nats-server")
@@ -78,6 +94,15 @@ impl Fixture {
 
     pub(crate) fn is_embedded(&self) -> bool {
         matches!(self, Fixture::Embedded(..))
+    }
+
+    /// Whether the backend is NATS (whose core makes fewer promises: no pacing).
+    pub(crate) fn is_nats(&self) -> bool {
+        #[cfg(feature = "nats")]
+        if matches!(self, Fixture::Nats(_)) {
+            return true;
+        }
+        false
     }
 
     /// Whether draining a subscription keeps every message already on its way to it.
@@ -118,6 +143,14 @@ macro_rules! on_every_backend {
                 #[tokio::test]
                 async fn $name() {
                     super::$name($crate::bus::Fixture::broker().await).await
+                }
+            )*
+        }
+        mod broker_in_memory {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name($crate::bus::Fixture::broker_in_memory()).await
                 }
             )*
         }

@@ -85,8 +85,8 @@ impl Broker {
 
     async fn connection(&self, flags: &BusFlags) -> Result<Bus, String> {
         let mut options = ConnectOptions::default();
-        options.subscription_capacity = flags.sub_capacity;
-        options.request_timeout = Duration::from_secs(10);
+        options.bus.subscription_capacity = flags.sub_capacity;
+        options.bus.request_timeout = Duration::from_secs(10);
         Bus::connect_with(self.addr.clone(), options)
             .await
             .map_err(|e| e.to_string())

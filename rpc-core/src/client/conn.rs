@@ -1,16 +1,15 @@
 //! One client connection: the calls pending on it and the task that reads its answers.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 use crate::connection::{FrameReader, FrameSender};
 use crate::error::{ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response};
+use crate::latch::Latch;
 use crate::transport::PeerAddr;
 
 type Reply = oneshot::Sender<Result<Response, RpcError>>;
@@ -20,11 +19,9 @@ pub(super) struct Conn {
     pub(super) sender: FrameSender,
     pub(super) peer: PeerAddr,
     pending: Mutex<Pending>,
-    /// Set when this connection takes no new calls: it closed, or the server is draining it.
-    retired: CancellationToken,
-    /// The same, as a flag every call reads: `CancellationToken::is_cancelled` takes a
-    /// mutex, which calls from many tasks contended on.
-    retired_flag: AtomicBool,
+    /// Set when this connection takes no new calls: it closed, or the server is draining
+    /// it. Every call reads it.
+    retired: Latch,
 }
 
 #[derive(Debug, Default)]
@@ -40,14 +37,8 @@ impl Conn {
             sender,
             peer,
             pending: Mutex::default(),
-            retired: CancellationToken::new(),
-            retired_flag: AtomicBool::new(false),
+            retired: Latch::new(),
         }
-    }
-
-    fn retire(&self) {
-        self.retired_flag.store(true, Ordering::Release);
-        self.retired.cancel();
     }
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
@@ -82,11 +73,11 @@ impl Conn {
     }
 
     pub(super) fn is_retired(&self) -> bool {
-        self.retired_flag.load(Ordering::Acquire)
+        self.retired.is_set()
     }
 
     pub(super) async fn retired(&self) {
-        self.retired.cancelled().await;
+        self.retired.wait().await;
     }
 
     /// Fails every pending call with `reason` at once and refuses new ones.
@@ -96,7 +87,7 @@ impl Conn {
             pending.closed.get_or_insert(reason.clone());
             std::mem::take(&mut pending.calls)
         };
-        self.retire();
+        self.retired.set();
         for (_, reply) in calls {
             let _ = reply.send(Err(RpcError::ConnectionClosed {
                 reason: reason.clone(),
@@ -123,7 +114,7 @@ impl Conn {
                     tracing::info!(peer = %self.peer, code = g.code, message = %g.message, "server is going away");
                     if g.code == GoAway::SHUTDOWN {
                         // Calls in flight will still be answered; new calls go elsewhere.
-                        self.retire();
+                        self.retired.set();
                     }
                     going_away = Some(RpcError::GoAway {
                         code: g.code,
@@ -131,12 +122,14 @@ impl Conn {
                     });
                 }
                 Some(Ok(other)) => {
-                    break reader.protocol_violation(ProtocolError::UnexpectedFrame {
-                        kind: other.kind(),
-                        context: "an RPC client accepts only response and go-away frames",
-                    });
+                    break reader
+                        .protocol_violation(ProtocolError::UnexpectedFrame {
+                            kind: other.kind(),
+                            context: "an RPC client accepts only response and go-away frames",
+                        })
+                        .into();
                 }
-                Some(Err(e)) => break e,
+                Some(Err(e)) => break e.into(),
                 None => {
                     break RpcError::ConnectionClosed {
                         reason: "server closed the connection".into(),

@@ -31,7 +31,6 @@
 //!   connection died may or may not have run, and only the caller knows whether it is
 //!   safe to retry.
 
-mod backoff;
 mod conn;
 
 use std::fmt;
@@ -46,12 +45,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-pub use self::backoff::Backoff;
 use self::conn::Conn;
 use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
 use crate::frame::{Frame, Request, Status};
-use crate::transport::Connector;
+pub use crate::transport::Backoff;
+use crate::transport::{Connector, Reconnected, reconnect};
 use crate::{Metadata, Utf8Bytes};
 
 /// Client settings. Every default is stated on its field.
@@ -346,8 +345,15 @@ impl Client {
         let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
         let reply = conn.register(id)?;
         // Until the answer or a failure arrives (either removes the call from the
-        // connection's map), dropping this sends a cancel.
-        let _cancel_on_drop = CancelOnDrop { conn: &conn, id };
+        // connection's map), dropping this sends a cancel. A call answered, failed or
+        // never sent is no longer in the map, and nothing is sent.
+        let _cancel_on_drop = CancelOnDrop::new(|| {
+            if conn.unregister(id) {
+                // Never blocks in `drop`: a full queue takes it from a task. A closed
+                // connection cancelled the call on the server already.
+                let _ = conn.sender.send_soon(Frame::Cancel { id });
+            }
+        });
 
         // Cloning empty metadata allocates nothing, nor does extending with it.
         let mut metadata = self.inner.config.metadata.clone();
@@ -372,7 +378,7 @@ impl Client {
         };
         if let Err(e) = sent {
             conn.unregister(id); // never sent: nothing to cancel
-            return Err(e);
+            return Err(e.into());
         }
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(Ok(response))) => into_result(
@@ -453,28 +459,54 @@ fn into_result(
     }
 }
 
-/// Sends a cancel for a call abandoned before its answer (dropped, or timed out). A call
-/// that was answered, failed, or never sent is no longer in the connection's map, and
-/// nothing is sent.
-struct CancelOnDrop<'a> {
-    conn: &'a Conn,
-    id: u64,
+/// Tells the server that a call was abandoned before its answer (its future dropped, or
+/// its deadline passed): runs its action on drop unless [`CancelOnDrop::disarm`]ed. Every
+/// transport's client uses it (a cancel frame on a connection, a cancel message on a bus).
+///
+/// ```
+/// use rpc_core::client::CancelOnDrop;
+/// use std::cell::Cell;
+///
+/// let cancelled = Cell::new(false);
+/// drop(CancelOnDrop::new(|| cancelled.set(true)));
+/// assert!(cancelled.get());
+///
+/// let answered = Cell::new(false);
+/// CancelOnDrop::new(|| answered.set(true)).disarm();
+/// assert!(!answered.get());
+/// ```
+#[must_use = "dropping it at once runs the cancel"]
+pub struct CancelOnDrop<F: FnOnce()> {
+    action: Option<F>,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl<F: FnOnce()> CancelOnDrop<F> {
+    /// A guard that runs `action` when dropped.
+    pub fn new(action: F) -> Self {
+        CancelOnDrop {
+            action: Some(action),
+        }
+    }
+
+    /// The call was answered: nothing to cancel.
+    pub fn disarm(mut self) {
+        self.action = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for CancelOnDrop<F> {
     fn drop(&mut self) {
-        if !self.conn.unregister(self.id) {
-            return;
+        if let Some(action) = self.action.take() {
+            action();
         }
-        if let Err(TrySendError::Full(cancel)) =
-            self.conn.sender.try_send(Frame::Cancel { id: self.id })
-        {
-            // Queue full: send it from a task rather than block in `drop`.
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                let sender = self.conn.sender.clone();
-                runtime.spawn(async move { sender.send(cancel).await });
-            }
-        }
+    }
+}
+
+impl<F: FnOnce()> fmt::Debug for CancelOnDrop<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CancelOnDrop")
+            .field("armed", &self.action.is_some())
+            .finish()
     }
 }
 
@@ -491,7 +523,7 @@ fn open<T: connection::Io>(
 }
 
 /// Keeps the client connected: waits for the current connection to retire, reconnects
-/// with backoff, publishes each new connection.
+/// with backoff ([`crate::transport::reconnect`]), publishes each new connection.
 async fn supervise<C: Connector>(
     connector: C,
     config: ClientConfig,
@@ -499,7 +531,6 @@ async fn supervise<C: Connector>(
     shutdown: CancellationToken,
     mut current: Option<Arc<Conn>>,
 ) {
-    let mut failures = 0u32;
     loop {
         if let Some(conn) = current.take() {
             tokio::select! {
@@ -513,40 +544,37 @@ async fn supervise<C: Connector>(
             }
             state.send_replace(State::Connecting(conn.close_reason()));
         }
-        let attempt = tokio::select! {
-            attempt = connector.connect() => attempt,
-            _ = shutdown.cancelled() => {
-                state.send_replace(State::Closed(None));
-                return;
-            }
-        };
-        match attempt {
-            Ok((io, peer)) => {
-                failures = 0;
+        let outcome = reconnect(
+            &config.reconnect,
+            &shutdown,
+            || connector.connect(),
+            |error, failures, next| {
+                let reason: Arc<str> =
+                    format!("could not connect to {}: {error}", connector.describe()).into();
+                match next {
+                    Some(delay) => {
+                        tracing::debug!(%reason, failures, ?delay, "reconnect failed; retrying");
+                        state.send_replace(State::Connecting(Some(reason)));
+                    }
+                    None => {
+                        tracing::warn!(%reason, failures, "giving up reconnecting (Backoff::max_attempts)");
+                        state.send_replace(State::Closed(Some(reason)));
+                    }
+                }
+            },
+        )
+        .await;
+        match outcome {
+            Reconnected::Connected((io, peer)) => {
                 let conn = open(io, peer, &config.connection);
                 state.send_replace(State::Connected(conn.clone()));
                 current = Some(conn);
             }
-            Err(error) => {
-                failures += 1;
-                let reason: Arc<str> =
-                    format!("could not connect to {}: {error}", connector.describe()).into();
-                if config.reconnect.exhausted(failures) {
-                    tracing::warn!(%reason, failures, "giving up reconnecting (Backoff::max_attempts)");
-                    state.send_replace(State::Closed(Some(reason)));
-                    return;
-                }
-                let delay = config.reconnect.delay(failures);
-                tracing::debug!(%reason, ?delay, "reconnect failed; retrying");
-                state.send_replace(State::Connecting(Some(reason)));
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => {
-                        state.send_replace(State::Closed(None));
-                        return;
-                    }
-                }
+            Reconnected::Stopped => {
+                state.send_replace(State::Closed(None));
+                return;
             }
+            Reconnected::GaveUp(_) => return,
         }
     }
 }

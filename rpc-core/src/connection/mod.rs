@@ -28,11 +28,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
-use crate::error::RpcError;
+use crate::error::ConnectionError;
 use crate::frame::{Frame, GoAway};
+use crate::latch::Latch;
 
 /// Settings of one connection, on either side.
 ///
@@ -142,11 +144,9 @@ type RoundTrip = (u64, oneshot::Sender<()>);
 /// State shared by the reader, the writer and every sender of one connection.
 #[derive(Debug)]
 struct Shared {
-    /// Asks the writer to write what is queued, then shut the stream down.
-    close: CancellationToken,
-    /// `close` was cancelled, as a flag every send reads: `is_cancelled` takes the
-    /// token's mutex, which senders on many tasks contended on.
-    closing: std::sync::atomic::AtomicBool,
+    /// Asks the writer to write what is queued, then shut the stream down; every send
+    /// reads it, so it is a [`Latch`] (one atomic load).
+    close: Latch,
     /// Asks the writer to stop at once, discarding what is queued (see
     /// [`FrameSender::abort_with`]).
     abort: CancellationToken,
@@ -156,7 +156,13 @@ struct Shared {
     writer_done: CancellationToken,
     /// Why the connection ended, when it ended with an error (first cause wins).
     error: OnceLock<Arc<str>>,
-    max_frame_len: usize,
+    /// The largest frame this side sends: [`ConnectionConfig::max_frame_len`], lowered to
+    /// the peer's stated limit by [`FrameSender::limit_frame_len`].
+    max_frame_len: AtomicUsize,
+    /// Sends that found the queue full and wait for room in a task
+    /// ([`FrameSender::send_soon`]). Closed from the start, so that `wait` means "none
+    /// left".
+    soon: TaskTracker,
     /// Bytes queued and not yet encoded by the writer.
     queued_bytes: AtomicUsize,
     /// Signalled by the writer after each write, for senders waiting for room
@@ -172,13 +178,12 @@ struct Shared {
 }
 
 impl Shared {
-    /// Cancels `close` (sends are refused from here on).
+    /// Sets `close` (sends are refused from here on).
     fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.close.cancel();
+        self.close.set();
     }
 
-    fn record_error(&self, error: &RpcError) {
+    fn record_error(&self, error: &ConnectionError) {
         let _ = self.error.set(error.to_string().into());
     }
 
@@ -216,8 +221,8 @@ impl Shared {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
-    fn closed_error(&self) -> RpcError {
-        RpcError::ConnectionClosed {
+    fn closed_error(&self) -> ConnectionError {
+        ConnectionError::Closed {
             reason: self
                 .error
                 .get()
@@ -247,14 +252,16 @@ impl Shared {
 pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, FrameSender) {
     let (read, write) = io.split_io();
     let (tx, rx) = mpsc::channel(config.send_queue.max(1));
+    let soon = TaskTracker::new();
+    soon.close();
     let shared = Arc::new(Shared {
-        close: CancellationToken::new(),
-        closing: std::sync::atomic::AtomicBool::new(false),
+        close: Latch::new(),
         abort: CancellationToken::new(),
         abort_go_away: OnceLock::new(),
         writer_done: CancellationToken::new(),
         error: OnceLock::new(),
-        max_frame_len: config.max_frame_len,
+        max_frame_len: AtomicUsize::new(config.max_frame_len),
+        soon,
         queued_bytes: AtomicUsize::new(0),
         max_queued_bytes: config.max_queued_bytes,
         next_nonce: AtomicU64::new(1),
@@ -289,9 +296,9 @@ impl FrameSender {
     /// Queues `frame`, waiting while the queue is full.
     ///
     /// A frame over the maximum frame length is refused here with
-    /// [`RpcError::FrameTooLarge`] and the connection stays up. After the connection
-    /// closed, fails with [`RpcError::ConnectionClosed`].
-    pub async fn send(&self, frame: Frame) -> Result<(), RpcError> {
+    /// [`ConnectionError::FrameTooLarge`] and the connection stays up. After the
+    /// connection closed, fails with [`ConnectionError::Closed`].
+    pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
         self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.tx.send(frame).await.map_err(|_| {
@@ -390,12 +397,63 @@ impl FrameSender {
         }
     }
 
+    /// Queues `frame` now if there is room, otherwise from a task that waits for room:
+    /// for frames a caller cannot wait for (a cancel sent from `Drop`, an unsubscribe).
+    /// Fails at once only when the frame is too large or the connection is closed.
+    /// [`FrameSender::settle`] waits for the sends still waiting.
+    pub fn send_soon(&self, frame: Frame) -> Result<(), ConnectionError> {
+        match self.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Failed(e)) => Err(e),
+            Err(TrySendError::Full(frame)) => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    // No runtime to wait on (a drop outside tokio): the connection's own
+                    // tasks are gone too.
+                    return Err(self.shared.closed_error());
+                };
+                let sender = self.clone();
+                self.shared.soon.spawn_on(
+                    async move {
+                        if let Err(e) = sender.send(frame).await {
+                            tracing::debug!(error = %e, "queued send failed");
+                        }
+                    },
+                    &runtime,
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Resolves once every send started by [`FrameSender::send_soon`] has queued its
+    /// frame (or failed).
+    pub async fn settle(&self) {
+        self.shared.soon.wait().await;
+    }
+
+    /// Lowers the largest frame this side sends to `peer_limit`, the limit the peer
+    /// stated when it connected (`0`: not stated, nothing changes). Frames over it are
+    /// refused with [`ConnectionError::FrameTooLarge`] before they are queued, instead of
+    /// reaching a peer that would close the connection over them.
+    pub fn limit_frame_len(&self, peer_limit: usize) {
+        if peer_limit > 0 {
+            self.shared
+                .max_frame_len
+                .fetch_min(peer_limit, Ordering::Relaxed);
+        }
+    }
+
+    /// The largest frame body this side sends now.
+    pub fn max_frame_len(&self) -> usize {
+        self.shared.max_frame_len.load(Ordering::Relaxed)
+    }
+
     /// Checks `frame` against the limits; returns what it adds to the queued bytes.
-    fn check(&self, frame: &Frame) -> Result<usize, RpcError> {
-        if self.shared.closing.load(Ordering::Acquire) {
+    fn check(&self, frame: &Frame) -> Result<usize, ConnectionError> {
+        if self.shared.close.is_set() {
             return Err(self.shared.closed_error());
         }
-        check_frame_len(frame, self.shared.max_frame_len).map(|len| len + LENGTH_PREFIX_LEN)
+        check_frame_len(frame, self.max_frame_len()).map(|len| len + LENGTH_PREFIX_LEN)
     }
 
     /// Bytes queued for the writer and not yet encoded into its buffer (which holds at
@@ -407,7 +465,7 @@ impl FrameSender {
     /// Resolves once the peer has read every frame queued before this call: sends a ping
     /// and waits for its pong. A bus client's `flush` is this round trip.
     ///
-    /// Fails with [`RpcError::ConnectionClosed`] if the connection closes first.
+    /// Fails with [`ConnectionError::Closed`] if the connection closes first.
     ///
     /// ```
     /// use rpc_core::connection::{self, ConnectionConfig};
@@ -423,7 +481,7 @@ impl FrameSender {
     /// a_sender.round_trip().await.unwrap();
     /// # }
     /// ```
-    pub async fn round_trip(&self) -> Result<(), RpcError> {
+    pub async fn round_trip(&self) -> Result<(), ConnectionError> {
         let nonce = self.shared.next_nonce();
         let (done, answered) = oneshot::channel();
         match self
@@ -452,7 +510,7 @@ impl FrameSender {
 
     /// Sends `go_away` after what is already queued, then closes the connection. `reason`
     /// is what local users of the connection see as the cause.
-    pub fn close_with(&self, go_away: GoAway, reason: &RpcError) {
+    pub fn close_with(&self, go_away: GoAway, reason: &ConnectionError) {
         self.shared.record_error(reason);
         // The queue may be full of frames for a peer that stopped reading; the go-away is
         // best effort then, and the close happens regardless.
@@ -464,7 +522,7 @@ impl FrameSender {
     /// written only if the stream takes it at once (a peer that stopped reading never
     /// gets it). For a peer that does not keep up, where [`Self::close_with`] would wait
     /// behind everything the peer is not reading. `reason` is what local users see.
-    pub fn abort_with(&self, go_away: GoAway, reason: &RpcError) {
+    pub fn abort_with(&self, go_away: GoAway, reason: &ConnectionError) {
         self.shared.record_error(reason);
         let _ = self.shared.abort_go_away.set(go_away);
         self.shared.abort.cancel();
@@ -488,7 +546,7 @@ pub enum TrySendError {
     /// The queue is full right now; the frame is handed back.
     Full(Frame),
     /// The frame is refused (too large) or the connection is closed.
-    Failed(RpcError),
+    Failed(ConnectionError),
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnectionConfig, FrameSender, Shared};
 use crate::codec::FrameCodec;
-use crate::error::{ProtocolError, RpcError};
+use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::{Frame, GoAway};
 
 /// The read half of a connection; see [`super::start`].
@@ -76,7 +76,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// returned once). `Some(Err(_))` when the connection failed: an I/O error, an end of
     /// stream inside a frame, a frame that is oversized or cannot be decoded (the peer is
     /// sent a go-away naming the problem), or a peer silent past the keepalive timeout.
-    pub async fn next(&mut self) -> Option<Result<Frame, RpcError>> {
+    pub async fn next(&mut self) -> Option<Result<Frame, ConnectionError>> {
         if self.finished {
             return None;
         }
@@ -110,7 +110,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     } else {
                         ka.idle += ka.interval;
                         if ka.idle >= ka.timeout {
-                            let error = RpcError::KeepaliveTimeout { timeout: ka.timeout };
+                            let error = ConnectionError::KeepaliveTimeout { timeout: ka.timeout };
                             return Some(Err(self.fail(error)));
                         }
                     }
@@ -131,13 +131,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Ends the connection because of `error`: tells the peer why when it is the peer's
     /// fault, records the cause, and asks the writer to close.
-    fn fail(&mut self, error: RpcError) -> RpcError {
+    fn fail(&mut self, error: ConnectionError) -> ConnectionError {
         self.finished = true;
         self.shared.reader_done();
         let code = match &error {
-            RpcError::FrameTooLarge { .. } => Some(GoAway::FRAME_TOO_LARGE),
-            RpcError::Protocol(_) => Some(GoAway::PROTOCOL_ERROR),
-            RpcError::KeepaliveTimeout { .. } => Some(GoAway::KEEPALIVE_TIMEOUT),
+            ConnectionError::FrameTooLarge { .. } => Some(GoAway::FRAME_TOO_LARGE),
+            ConnectionError::Protocol(_) => Some(GoAway::PROTOCOL_ERROR),
+            ConnectionError::KeepaliveTimeout { .. } => Some(GoAway::KEEPALIVE_TIMEOUT),
             _ => None,
         };
         match code {
@@ -157,7 +157,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Ends the connection because the peer sent a well-formed frame that is not allowed
     /// here; returns the error for the caller to report.
-    pub fn protocol_violation(&mut self, error: ProtocolError) -> RpcError {
-        self.fail(RpcError::Protocol(error))
+    pub fn protocol_violation(&mut self, error: ProtocolError) -> ConnectionError {
+        self.fail(ConnectionError::Protocol(error))
     }
 }

@@ -64,7 +64,7 @@ async fn abort_closes_a_connection_whose_peer_stopped_reading() {
     // The writer is stuck writing into a full pipe; a graceful close would wait forever.
     sender.abort_with(
         GoAway::new(GoAway::SLOW_CONSUMER, "too slow"),
-        &RpcError::ConnectionClosed {
+        &ConnectionError::Closed {
             reason: "slow consumer".into(),
         },
     );
@@ -83,7 +83,7 @@ async fn abort_between_writes_still_delivers_the_go_away() {
     let (mut b_reader, _b_sender) = start(b, &config);
     sender.abort_with(
         GoAway::new(GoAway::SLOW_CONSUMER, "too slow"),
-        &RpcError::ConnectionClosed {
+        &ConnectionError::Closed {
             reason: "slow consumer".into(),
         },
     );

@@ -11,7 +11,7 @@ use tokio_util::codec::Encoder;
 
 use super::Shared;
 use crate::codec::FrameCodec;
-use crate::error::RpcError;
+use crate::error::ConnectionError;
 use crate::frame::Frame;
 
 /// Frames taken from the queue per batch.
@@ -50,7 +50,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
         tokio::time::interval_at(Instant::now() + keepalive_interval, keepalive_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // Pinned once: a fresh `cancelled()` per loop would register a waiter per write.
-    let close = shared.close.clone().cancelled_owned();
+    let close = shared.close.wait_owned();
     tokio::pin!(close);
     let abort = shared.abort.clone().cancelled_owned();
     tokio::pin!(abort);
@@ -66,7 +66,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
         };
     }
 
-    let result: Result<End, RpcError> = async {
+    let result: Result<End, ConnectionError> = async {
         loop {
             let closing = tokio::select! {
                 biased;

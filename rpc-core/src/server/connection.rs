@@ -1,43 +1,30 @@
-//! One server connection: reads requests, runs each as a task, writes the answers.
+//! One server connection: reads requests, runs each through [`InFlight`], writes the
+//! answers.
 
-use std::collections::HashMap;
-use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
-use super::{CallContext, ServerConfig, ServiceError, Shared};
-use crate::connection::{self, FrameReader, FrameSender, Io, TrySendError};
-use crate::error::{ProtocolError, RpcError};
+use super::call::{InFlight, IncomingCall, Responder};
+use super::{ServerConfig, ServiceError, Shared};
+use crate::connection::{self, FrameReader, FrameSender, Io};
+use crate::error::{ConnectionError, ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
 
-/// Handlers running on this connection, by request id, so that a cancel can abort one.
-type Calls = Arc<Mutex<HashMap<u64, AbortHandle>>>;
-
-fn lock(calls: &Calls) -> std::sync::MutexGuard<'_, HashMap<u64, AbortHandle>> {
-    // A panic while holding this lock cannot leave the map inconsistent (single inserts
-    // and removes), so a poisoned lock is still good to use.
-    calls.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// Answers a connection over the limit with a go-away naming the limit, then closes it.
-pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, config: ServerConfig) {
-    let limit = config.max_connections;
+pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, config: Arc<Shared>) {
+    let limit = config.config.max_connections;
     tracing::warn!(%peer, limit, "refusing connection: at max_connections");
-    let (_reader, sender) = connection::start(io, &config.connection);
+    let (_reader, sender) = connection::start(io, &config.config.connection);
     let message =
         format!("server is at its connection limit of {limit} (ServerConfig::max_connections)");
-    let error = RpcError::GoAway {
-        code: GoAway::TOO_MANY_CONNECTIONS,
-        message: message.clone(),
+    let error = ConnectionError::Closed {
+        reason: message.clone().into(),
     };
     sender.close_with(GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message), &error);
     sender.closed().await;
@@ -52,15 +39,16 @@ pub(super) async fn serve<T: Io>(
     drain: CancellationToken,
     abort: CancellationToken,
 ) {
-    let config = &server.config;
+    let config: &ServerConfig = &server.config;
     let (mut reader, sender) = connection::start(io, &config.connection);
     let conn = Conn {
         server: server.clone(),
-        sender,
+        answers: Answers {
+            sender: sender.clone(),
+        },
         peer: Arc::new(peer),
-        calls: Calls::default(),
+        calls: InFlight::new(),
         slots: Arc::new(Semaphore::new(config.max_calls_in_flight.max(1))),
-        tasks: TaskTracker::new(),
     };
     tracing::info!(peer = %conn.peer, "connection opened");
 
@@ -68,7 +56,7 @@ pub(super) async fn serve<T: Io>(
     // future is pinned once: a fresh `cancelled()` per frame would register a waiter each time.
     let draining = drain.cancelled();
     tokio::pin!(draining);
-    let ended = loop {
+    let ended: Option<RpcError> = loop {
         let frame = tokio::select! {
             biased;
             _ = &mut draining => break None,
@@ -87,15 +75,15 @@ pub(super) async fn serve<T: Io>(
                 };
                 let Ok(slot) = slot else { break None }; // never closed
                 if let Err(e) = conn.start_call(request, slot) {
-                    break Some(reader.protocol_violation(e));
+                    break Some(reader.protocol_violation(e).into());
                 }
             }
             Some(Ok(frame)) => {
                 if let Err(e) = conn.on_other_frame(frame) {
-                    break Some(reader.protocol_violation(e));
+                    break Some(reader.protocol_violation(e).into());
                 }
             }
-            Some(Err(e)) => break Some(e),
+            Some(Err(e)) => break Some(e.into()),
             None => {
                 break Some(RpcError::ConnectionClosed {
                     reason: "peer closed the connection".into(),
@@ -108,26 +96,26 @@ pub(super) async fn serve<T: Io>(
         Some(reason) => {
             // The peer is gone or broke the protocol: nobody will read the answers.
             tracing::info!(peer = %conn.peer, %reason, "connection closed");
-            conn.abort_all();
+            conn.calls.abort_all();
         }
         None => {
             conn.drain(&mut reader, &abort).await;
             tracing::info!(peer = %conn.peer, "connection closed after shutdown");
         }
     }
-    conn.tasks.close();
-    conn.tasks.wait().await;
-    conn.sender.close();
-    conn.sender.closed().await;
+    conn.calls.close();
+    conn.calls.wait().await;
+    sender.settle().await;
+    sender.close();
+    sender.closed().await;
 }
 
 struct Conn {
     server: Arc<Shared>,
-    sender: FrameSender,
+    answers: Answers,
     peer: Arc<PeerAddr>,
-    calls: Calls,
+    calls: Arc<InFlight<u64>>,
     slots: Arc<Semaphore>,
-    tasks: TaskTracker,
 }
 
 impl Conn {
@@ -143,77 +131,33 @@ impl Conn {
             metadata,
             payload,
         } = request;
-        let span = tracing::info_span!("call", method = %method, id, peer = %self.peer);
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let name = method.clone(); // shares the frame's buffer; no copy
-        let ctx = CallContext {
-            request_id: id,
-            method,
-            deadline,
-            metadata,
-            peer: self.peer.clone(),
-        };
-        let sender = self.sender.clone();
-        let calls = self.calls.clone();
-        let future = match self.server.route(name.as_str()) {
-            Ok((service, name)) => service.call(name, ctx, payload),
-            Err(e) => e.into_future(),
-        };
-
-        if lock(&self.calls).contains_key(&id) {
-            return Err(ProtocolError::DuplicateRequestId { id });
-        }
-        // One poll here first: a handler that finishes without waiting (no I/O, no lock
-        // held elsewhere) is answered from the read loop, with no task, no timer and no
-        // entry in the map of running calls. One that waits becomes a task, which polls
-        // it again with its own waker.
-        let mut future = AssertUnwindSafe(future).catch_unwind();
-        let first = {
-            let _entered = span.enter();
-            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            std::pin::Pin::new(&mut future).poll(&mut cx)
-        };
-        if let std::task::Poll::Ready(outcome) = first {
-            drop(slot);
-            respond_now(self, id, finish(outcome));
-            return Ok(());
-        }
-
-        // Held while spawning so that a call finishing at once cannot remove its entry
-        // before it was inserted.
-        let mut running = lock(&self.calls);
-        let task = self.tasks.spawn(
-            async move {
-                let outcome = match deadline {
-                    Some(deadline) => tokio::time::timeout_at(deadline, future)
-                        .await
-                        .unwrap_or_else(|_| {
-                            Ok(Err(ServiceError::new(
-                                Status::DEADLINE_EXCEEDED,
-                                "deadline passed before the handler finished; handler aborted",
-                            )))
-                        }),
-                    None => future.await,
-                };
-                let result = finish(outcome);
-                lock(&calls).remove(&id);
-                drop(slot);
-                respond(&sender, id, result).await;
-            }
-            .instrument(span),
-        );
-        running.insert(id, task.abort_handle());
-        Ok(())
+        let call = IncomingCall::new(id, method, payload, self.peer.clone())
+            .with_deadline(timeout.map(|t| Instant::now() + t))
+            .with_metadata(metadata);
+        let server = &self.server;
+        self.calls
+            .start(
+                id,
+                call,
+                |ctx, payload| {
+                    let method = ctx.method.clone(); // shares the frame's buffer; no copy
+                    match server.route(method.as_str()) {
+                        Ok((service, name)) => service.call(name, ctx, payload),
+                        Err(e) => e.into_future(),
+                    }
+                },
+                self.answers.clone(),
+                Some(slot),
+            )
+            .map_err(|_| ProtocolError::DuplicateRequestId { id })
     }
 
     fn on_other_frame(&self, frame: Frame) -> Result<(), ProtocolError> {
         match frame {
             Frame::Cancel { id } => {
                 // Unknown ids are normal: the call may have finished as the cancel flew.
-                let handle = lock(&self.calls).remove(&id);
-                if let Some(handle) = handle {
+                if self.calls.cancel(&id) {
                     tracing::debug!(id, peer = %self.peer, "call cancelled by the client");
-                    handle.abort();
                 }
                 Ok(())
             }
@@ -233,7 +177,7 @@ impl Conn {
             Status::SHUTTING_DOWN,
             "server is shutting down; call not started",
         );
-        respond(&self.sender, id, Err(error)).await;
+        self.answers.respond(id, Err(error)).await;
     }
 
     /// Graceful end: tell the client, keep answering cancels (and refusing new calls)
@@ -244,16 +188,17 @@ impl Conn {
         abort: &CancellationToken,
     ) {
         let _ = self
+            .answers
             .sender
             .send(Frame::GoAway(GoAway::new(
                 GoAway::SHUTDOWN,
                 "server is shutting down",
             )))
             .await;
-        self.tasks.close();
+        self.calls.close();
         loop {
             tokio::select! {
-                _ = self.tasks.wait() => return,
+                _ = self.calls.wait() => return,
                 _ = abort.cancelled() => break,
                 frame = reader.next() => match frame {
                     Some(Ok(Frame::Request(r))) => self.refuse_shutting_down(r.id).await,
@@ -267,57 +212,30 @@ impl Conn {
                 },
             }
         }
-        self.abort_all();
-    }
-
-    fn abort_all(&self) {
-        let handles: Vec<_> = lock(&self.calls).drain().map(|(_, h)| h).collect();
-        for handle in handles {
-            handle.abort();
-        }
+        self.calls.abort_all();
     }
 }
 
-async fn respond(sender: &FrameSender, id: u64, result: Result<Bytes, ServiceError>) {
-    match sender.send(response(id, result)).await {
-        Ok(()) => {}
-        Err(e) => answer_not_sent(sender, id, e).await,
-    }
+/// Answers as response frames on the connection.
+#[derive(Clone)]
+struct Answers {
+    sender: FrameSender,
 }
 
-/// Queues an answer without waiting when there is room (the common case); otherwise a
-/// task of the connection sends it.
-fn respond_now(conn: &Conn, id: u64, result: Result<Bytes, ServiceError>) {
-    match conn.sender.try_send(response(id, result)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(frame)) => {
-            let sender = conn.sender.clone();
-            conn.tasks.spawn(async move {
-                if let Err(e) = sender.send(frame).await {
-                    answer_not_sent(&sender, id, e).await;
-                }
-            });
-        }
-        Err(TrySendError::Failed(e)) => {
-            let sender = conn.sender.clone();
-            conn.tasks
-                .spawn(async move { answer_not_sent(&sender, id, e).await });
+impl Responder for Answers {
+    async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
+        if let Err(e) = self.sender.send(response(id, result)).await {
+            answer_not_sent(&self.sender, id, e);
         }
     }
-}
 
-/// A handler's outcome as the answer to send: a panic becomes `INTERNAL`.
-fn finish(
-    outcome: Result<Result<Bytes, ServiceError>, Box<dyn std::any::Any + Send>>,
-) -> Result<Bytes, ServiceError> {
-    let result = outcome.unwrap_or_else(|_| {
-        tracing::error!("handler panicked");
-        Err(ServiceError::internal("handler panicked"))
-    });
-    if let Err(e) = &result {
-        tracing::debug!(status = %e.status, message = %e.message, "call failed");
+    /// Queued at once when there is room (the common case); otherwise the connection
+    /// sends it from a task ([`FrameSender::send_soon`]).
+    fn respond_now(&self, id: u64, result: Result<Bytes, ServiceError>, _tasks: &TaskTracker) {
+        if let Err(e) = self.sender.send_soon(response(id, result)) {
+            answer_not_sent(&self.sender, id, e);
+        }
     }
-    result
 }
 
 fn response(id: u64, result: Result<Bytes, ServiceError>) -> Frame {
@@ -339,9 +257,9 @@ fn response(id: u64, result: Result<Bytes, ServiceError>) -> Frame {
 
 /// An answer could not be queued: one too large is replaced by an error answer saying
 /// so; on a closed connection there is nobody to tell.
-async fn answer_not_sent(sender: &FrameSender, id: u64, error: RpcError) {
+fn answer_not_sent(sender: &FrameSender, id: u64, error: ConnectionError) {
     match error {
-        RpcError::FrameTooLarge { size, limit } => {
+        ConnectionError::FrameTooLarge { size, limit } => {
             let message = format!(
                 "response of {size} bytes exceeds the maximum frame length of {limit} bytes (ConnectionConfig::max_frame_len)"
             );
@@ -352,7 +270,7 @@ async fn answer_not_sent(sender: &FrameSender, id: u64, error: RpcError) {
                 message: message.into(),
                 payload: Bytes::new(),
             };
-            let _ = sender.send(Frame::Response(error)).await;
+            let _ = sender.send_soon(Frame::Response(error));
         }
         // The connection is gone; the caller learns that from its own side.
         e => tracing::debug!(id, error = %e, "answer not sent"),

@@ -23,6 +23,7 @@
 //! # Ok(()) }
 //! ```
 
+mod call;
 mod connection;
 mod service;
 
@@ -32,14 +33,14 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use self::call::{DuplicateCall, InFlight, IncomingCall, Responder};
 pub use self::service::{CallContext, CallFuture, Service, ServiceError};
 use crate::connection::{ConnectionConfig, Io};
 use crate::frame::Status;
-use crate::transport::{Listener, PeerAddr};
+use crate::transport::{Listener, PeerAddr, accept_loop};
 
 /// Server settings. Every default is stated on its field.
 #[derive(Clone, Debug)]
@@ -130,46 +131,39 @@ impl Server {
     /// 3. after [`ServerConfig::shutdown_grace`], calls still running are aborted;
     /// 4. connections close once their answers are written; then this returns.
     ///
-    /// Accept errors (too many open files, …) are logged and retried after a pause; they
-    /// do not end the server.
+    /// Accept errors (too many open files, …) are logged and retried after
+    /// [`crate::transport::ACCEPT_RETRY`]; they do not end the server.
     pub async fn serve<L: Listener>(
         self,
-        mut listener: L,
+        listener: L,
         shutdown: impl Future<Output = ()> + Send,
     ) -> io::Result<()> {
         let local = listener.local_addr()?;
         tracing::info!(addr = %local, "server listening");
         let connections = TaskTracker::new();
-        let slots = Arc::new(Semaphore::new(self.shared.config.max_connections));
         let drain = CancellationToken::new();
         let abort = CancellationToken::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
-                    Ok((io, peer)) => match slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
-                            let shared = self.shared.clone();
-                            let (drain, abort) = (drain.clone(), abort.clone());
-                            connections.spawn(async move {
-                                connection::serve(io, peer, shared, drain, abort).await;
-                                drop(slot);
-                            });
-                        }
-                        Err(_) => {
-                            let config = self.shared.config.clone();
-                            connections.spawn(connection::refuse(io, peer, config));
-                        }
-                    },
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed; retrying in 100 ms");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+        let shared = self.shared.clone();
+        let (serve_drain, serve_abort) = (drain.clone(), abort.clone());
+        accept_loop(
+            listener,
+            self.shared.config.max_connections,
+            shutdown,
+            connections.clone(),
+            move |io, peer, slot| {
+                let shared = shared.clone();
+                let (drain, abort) = (serve_drain.clone(), serve_abort.clone());
+                async move {
+                    connection::serve(io, peer, shared, drain, abort).await;
+                    drop(slot);
                 }
-            }
-        }
-        drop(listener);
+            },
+            {
+                let shared = self.shared.clone();
+                move |io, peer| connection::refuse(io, peer, shared.clone())
+            },
+        )
+        .await;
         tracing::info!(addr = %local, in_flight_connections = connections.len(), "server shutting down");
         drain.cancel();
         connections.close();

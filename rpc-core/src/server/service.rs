@@ -156,7 +156,8 @@ impl CallContext {
         self
     }
 
-    /// The request id, unique among the calls in flight on this connection.
+    /// The request id, unique among the calls in flight on this connection (over a bus,
+    /// on this service instance).
     pub fn request_id(&self) -> u64 {
         self.request_id
     }

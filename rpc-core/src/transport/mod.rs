@@ -3,9 +3,12 @@
 //! A server accepts streams from a [`Listener`]; a client opens them with a [`Connector`],
 //! and opens a new one each time it reconnects. Provided: TCP ([`TcpConnector`],
 //! `tokio::net::TcpListener`), Unix sockets ([`UnixConnector`], `tokio::net::UnixListener`)
-//! and in-process pairs ([`memory::listen`]).
+//! and in-process pairs ([`memory::listen`]). Every server accepts through
+//! [`accept_loop`]; every client reconnects through [`reconnect`] with a [`Backoff`].
 
+mod accept;
 pub mod memory;
+mod reconnect;
 
 use std::fmt;
 use std::future::Future;
@@ -15,6 +18,8 @@ use std::path::PathBuf;
 
 use tokio::net::TcpStream;
 
+pub use self::accept::{ACCEPT_RETRY, ConnectionSlot, accept_loop};
+pub use self::reconnect::{Backoff, Reconnected, reconnect};
 use crate::connection::Io;
 
 /// Who is on the other end of a connection.

@@ -1,29 +1,32 @@
-//! The remote backend: a client of a courier broker over TCP.
+//! The remote backend: a client of a courier broker, over any [`Connector`].
 //!
 //! One connection per [`crate::Bus`] handle (and its clones). A supervisor task owns the
-//! connection's read loop; when the connection ends it reconnects with backoff,
-//! subscribes again to everything still subscribed, then sends the publishes buffered
-//! while disconnected, in order.
+//! connection's read loop; when the connection ends it reconnects with backoff
+//! ([`rpc_core::transport::reconnect`]), subscribes again to everything still subscribed,
+//! then sends the publishes buffered while disconnected, in order.
+
+mod link;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rpc_core::client::Backoff;
-use rpc_core::connection::{self, FrameReader, FrameSender};
-use rpc_core::frame::{Connect, Frame, GoAway, Publish, Subscribe};
-use rpc_core::transport::{Connector, TcpConnector};
-use rpc_core::{ConnectionConfig, ProtocolError, RpcError, Utf8Bytes};
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::sync::broadcast;
+use rpc_core::connection::{FrameReader, FrameSender};
+use rpc_core::frame::{Frame, Publish, Subscribe};
+use rpc_core::transport::{Connector, Reconnected, reconnect};
+use rpc_core::{ConnectionConfig, ConnectionError, ProtocolError, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::delivery::{self, Inbox, SubQueue, SubState, Subscriber, Target, Unsubscribe};
+use self::link::{BoxRead, DynConnector, LinkDown, handshake};
+use crate::backend::{Backend, Core};
+use crate::bus::BusOptions;
+use crate::delivery::{self, SubQueue, SubState, Target, Unsubscribe};
 use crate::error::BusError;
 use crate::event::Event;
+use crate::lock;
 use crate::message::Message;
-use crate::subject;
 
 /// Options of a connection to a courier broker.
 ///
@@ -34,7 +37,7 @@ use crate::subject;
 /// let mut options = ConnectOptions::default();
 /// options.name = "billing".into();
 /// options.token = Some("s3cret".into());
-/// options.request_timeout = Duration::from_secs(2);
+/// options.bus.request_timeout = Duration::from_secs(2);
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -43,11 +46,6 @@ pub struct ConnectOptions {
     pub name: String,
     /// The shared token, when the broker requires one. Default none.
     pub token: Option<String>,
-    /// Messages queued per subscription before new ones are dropped (and counted).
-    /// Default 65,536.
-    pub subscription_capacity: usize,
-    /// The timeout of [`crate::Bus::request`]. Default 5 s.
-    pub request_timeout: Duration,
     /// How long the broker has to answer a connect. Default 5 s.
     pub connect_timeout: Duration,
     /// Spacing of reconnect attempts (default: from 50 ms doubling to 5 s, forever).
@@ -57,8 +55,11 @@ pub struct ConnectOptions {
     /// already handed to a connection that then fails are lost (at-most-once, as in
     /// NATS core). Default 8 MiB.
     pub reconnect_buffer: usize,
-    /// Frame size, keepalive and queue settings of the connection.
+    /// Frame size, keepalive and queue settings of the connection. Frames sent are also
+    /// held to the limit the broker states when it answers the connect.
     pub connection: ConnectionConfig,
+    /// Settings every backend has (subscription queues, request timeout).
+    pub bus: BusOptions,
 }
 
 impl Default for ConnectOptions {
@@ -66,12 +67,11 @@ impl Default for ConnectOptions {
         ConnectOptions {
             name: "courier".into(),
             token: None,
-            subscription_capacity: 65_536,
-            request_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
             reconnect_buffer: 8 * 1024 * 1024,
             connection: ConnectionConfig::default(),
+            bus: BusOptions::default(),
         }
     }
 }
@@ -91,95 +91,119 @@ impl Drop for Client {
 
 impl Client {
     pub(crate) async fn connect(
-        addr: String,
+        connector: impl Connector,
         options: ConnectOptions,
+        core: Arc<Core>,
     ) -> Result<Arc<Client>, BusError> {
-        let connector = TcpConnector::new(addr.clone());
-        let (reader, sender, broker) = handshake(&connector, &options).await?;
+        let connector: Box<dyn DynConnector> = Box::new(connector);
+        let addr = connector.describe();
+        let link = handshake(&*connector, &options)
+            .await
+            .map_err(|source| BusError::Connect {
+                addr: addr.clone(),
+                source: Box::new(source),
+            })?;
         let remote = Arc::new(Remote {
             addr,
             connector,
-            state: Mutex::new(State::Connected(sender.clone())),
+            state: Mutex::new(State::Connected(link.sender.clone())),
             subs: Mutex::new(HashMap::new()),
-            next_sid: AtomicU64::new(1),
-            inbox: Arc::new(Inbox::new()),
-            events: broadcast::channel(256).0,
-            max_payload: AtomicUsize::new(broker.max_payload as usize),
+            max_payload: AtomicUsize::new(link.broker.max_payload as usize),
             shutdown: CancellationToken::new(),
             options,
+            core,
         });
         // The inbox is one more subscription, restored on reconnect like the others.
-        let inbox_sid = remote.next_sid.fetch_add(1, Ordering::Relaxed);
-        let inbox_filter = Utf8Bytes::from(remote.inbox.filter());
+        let inbox_sid = remote.core.next_key();
+        let inbox_filter = Utf8Bytes::from(remote.core.inbox.filter());
         remote.lock_subs().insert(
             inbox_sid,
             SubEntry {
                 filter: inbox_filter.clone(),
                 queue: None,
-                target: Target::Inbox(remote.inbox.clone()),
+                target: Target::Inbox(remote.core.inbox.clone()),
             },
         );
-        sender
+        link.sender
             .send(Frame::Sub(Subscribe {
                 sid: inbox_sid,
                 subject: inbox_filter,
                 queue: Utf8Bytes::default(),
             }))
             .await?;
-        tokio::spawn(remote.clone().supervise(reader));
-        let _ = remote.events.send(Event::Connected {
+        tokio::spawn(remote.clone().supervise(link.reader));
+        remote.core.report(Event::Connected {
             server: remote.addr.clone(),
         });
         Ok(Arc::new(Client { remote }))
     }
+}
 
-    pub(crate) fn remote(&self) -> &Arc<Remote> {
-        &self.remote
+impl Backend for Client {
+    fn max_payload(&self) -> Option<(usize, &'static str)> {
+        match self.remote.max_payload.load(Ordering::Relaxed) {
+            0 => None, // not stated
+            limit => Some((limit, "the broker's max_payload")),
+        }
     }
 
-    pub(crate) async fn subscribe(
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
+        self.remote.publish(message).await
+    }
+
+    async fn subscribe(
         self: &Arc<Self>,
-        filter: Utf8Bytes,
-        queue: Option<Utf8Bytes>,
-    ) -> Result<Subscriber, BusError> {
+        sid: u64,
+        queue: SubQueue,
+    ) -> Result<Arc<dyn Unsubscribe>, BusError> {
         let remote = &self.remote;
-        let sid = remote.next_sid.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = SubQueue::new(
-            filter.clone(),
-            queue.clone(),
-            remote.options.subscription_capacity,
-            remote.events.clone(),
-        );
-        let state = tx.state.clone();
+        let (filter, group) = (queue.state.subject.clone(), queue.state.queue.clone());
         remote.lock_subs().insert(
             sid,
             SubEntry {
                 filter: filter.clone(),
-                queue: queue.clone(),
-                target: Target::Queue(tx),
+                queue: group.clone(),
+                target: Target::Queue(queue),
             },
         );
-        // From here the subscription is the client's: dropping the subscriber removes it.
-        let subscriber = Subscriber::new(rx, state.clone(), sid, self.clone());
         // While disconnected, the reconnect sends it along with the others.
         if let Some(sender) = remote.connected() {
             let frame = Frame::Sub(Subscribe {
                 sid,
-                subject: filter.clone(),
-                queue: queue.unwrap_or_default(),
+                subject: filter,
+                queue: group.unwrap_or_default(),
             });
-            // Confirmed by a round trip: the broker has it (or refused it) before the pong.
-            if sender.send(frame).await.is_ok() {
-                let _ = sender.round_trip().await;
-            }
+            let _ = sender.send(frame).await;
         }
-        if let Some(reason) = state.refused() {
-            return Err(BusError::SubscriptionRefused {
-                subject: filter.to_string(),
-                reason: reason.to_owned(),
-            });
+        Ok(self.clone())
+    }
+
+    async fn confirm(&self) -> Result<(), BusError> {
+        // The broker handles a connection's frames in order: it has every subscription
+        // sent before this ping (or has refused it) once the pong is back. While
+        // disconnected, the reconnect restores them before anything else.
+        if let Some(sender) = self.remote.connected() {
+            let _ = sender.round_trip().await;
         }
-        Ok(subscriber)
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        match self.remote.connected() {
+            Some(sender) => Ok(sender.round_trip().await?),
+            None => Err(BusError::NotConnected {
+                addr: self.remote.addr.clone(),
+                reason: self.remote.disconnect_reason(),
+            }),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        matches!(&*self.remote.lock_state(), State::Connected(_))
+    }
+
+    fn disconnect_reason(&self) -> Arc<str> {
+        self.remote.disconnect_reason()
     }
 }
 
@@ -190,13 +214,8 @@ impl Unsubscribe for Client {
             return; // the broker ended it already
         }
         if let Some(sender) = remote.connected() {
-            if let Err(connection::TrySendError::Full(frame)) =
-                sender.try_send(Frame::Unsub { sid })
-            {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move { sender.send(frame).await });
-                }
-            }
+            // Never waits (this runs in `Drop`); a closed connection forgot it anyway.
+            let _ = sender.send_soon(Frame::Unsub { sid });
         }
     }
 
@@ -236,32 +255,34 @@ enum State {
     Closed,
 }
 
-#[derive(Debug)]
 pub(crate) struct Remote {
     addr: String,
-    connector: TcpConnector,
+    connector: Box<dyn DynConnector>,
     state: Mutex<State>,
     subs: Mutex<HashMap<u64, SubEntry>>,
-    next_sid: AtomicU64,
-    pub(crate) inbox: Arc<Inbox>,
-    pub(crate) events: broadcast::Sender<Event>,
     /// The broker's limit, from its connect frame (0: not stated).
     max_payload: AtomicUsize,
     shutdown: CancellationToken,
-    pub(crate) options: ConnectOptions,
+    options: ConnectOptions,
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for Remote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remote")
+            .field("addr", &self.addr)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Remote {
     fn lock_subs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubEntry>> {
-        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.subs)
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn is_connected(&self) -> bool {
-        matches!(&*self.lock_state(), State::Connected(_))
+        lock(&self.state)
     }
 
     fn connected(&self) -> Option<FrameSender> {
@@ -271,7 +292,7 @@ impl Remote {
         }
     }
 
-    pub(crate) fn disconnect_reason(&self) -> Arc<str> {
+    fn disconnect_reason(&self) -> Arc<str> {
         match &*self.lock_state() {
             State::Connected(_) => Arc::from("the connection was closed"),
             State::Disconnected { reason, .. } => reason.clone(),
@@ -279,19 +300,7 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn publish(&self, message: Message) -> Result<(), BusError> {
-        subject::validate_subject(&message.subject)?;
-        if let Some(reply) = &message.reply {
-            subject::validate_subject(reply)?;
-        }
-        let limit = self.max_payload.load(Ordering::Relaxed);
-        if limit != 0 && message.payload.len() > limit {
-            return Err(BusError::PayloadTooLarge {
-                size: message.payload.len(),
-                limit,
-                setting: "the broker's max_payload",
-            });
-        }
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
         let frame = Frame::Pub(Publish {
             subject: message.subject,
             reply: message.reply.unwrap_or_default(),
@@ -304,7 +313,7 @@ impl Remote {
                 match &mut *state {
                     State::Connected(sender) => sender.clone(),
                     State::Disconnected { buffer, bytes, .. } => {
-                        let size = frame.encoded_len().map_err(RpcError::from)?;
+                        let size = frame.encoded_len().map_err(ConnectionError::from)?;
                         let limit = self.options.reconnect_buffer;
                         if *bytes + size > limit {
                             return Err(BusError::ReconnectBufferFull {
@@ -323,7 +332,7 @@ impl Remote {
             // go to the reconnect buffer if this connection turns out to be dead.
             match sender.send(frame.clone()).await {
                 Ok(()) => return Ok(()),
-                Err(RpcError::ConnectionClosed { reason }) => {
+                Err(ConnectionError::Closed { reason }) => {
                     // The connection died under us: buffer it for the reconnect, unless
                     // the supervisor already has a new connection.
                     let mut state = self.lock_state();
@@ -342,21 +351,11 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn flush(&self) -> Result<(), BusError> {
-        match self.connected() {
-            Some(sender) => Ok(sender.round_trip().await?),
-            None => Err(BusError::NotConnected {
-                addr: self.addr.clone(),
-                reason: self.disconnect_reason(),
-            }),
-        }
-    }
-
     /// Reads until the connection ends, then reconnects, until shut down.
-    async fn supervise(self: Arc<Self>, mut reader: FrameReader<OwnedReadHalf>) {
+    async fn supervise(self: Arc<Self>, mut reader: FrameReader<BoxRead>) {
         loop {
-            let reason = tokio::select! {
-                reason = self.read_loop(&mut reader) => reason,
+            let down = tokio::select! {
+                down = self.read_loop(&mut reader) => down,
                 _ = self.shutdown.cancelled() => {
                     if let State::Connected(sender) = std::mem::replace(&mut *self.lock_state(), State::Closed) {
                         sender.close();
@@ -365,13 +364,13 @@ impl Remote {
                     return;
                 }
             };
+            let reason: Arc<str> = Arc::from(link::describe(&down));
             tracing::info!(broker = %self.addr, %reason, "disconnected from the broker");
             {
                 let mut state = self.lock_state();
-                let reason: Arc<str> = Arc::from(reason.as_str());
                 match &mut *state {
                     // A publisher may have seen the failure first and started buffering.
-                    State::Disconnected { reason: r, .. } => *r = reason,
+                    State::Disconnected { reason: r, .. } => *r = reason.clone(),
                     other => {
                         if let State::Connected(sender) = other {
                             sender.close();
@@ -379,14 +378,16 @@ impl Remote {
                         *other = State::Disconnected {
                             buffer: VecDeque::new(),
                             bytes: 0,
-                            reason,
+                            reason: reason.clone(),
                         };
                     }
                 }
             }
             // Replies to requests in flight would come on the lost connection.
-            self.inbox.fail_all();
-            let _ = self.events.send(Event::Disconnected { reason });
+            self.core.inbox.fail_all();
+            self.core.report(Event::Disconnected {
+                reason: reason.to_string(),
+            });
             match self.reconnect().await {
                 Some(next) => reader = next,
                 None => {
@@ -401,14 +402,14 @@ impl Remote {
     /// Ends every subscriber's stream.
     fn close_subscriptions(&self) {
         self.lock_subs().clear();
-        self.inbox.fail_all();
+        self.core.inbox.fail_all();
     }
 
     /// Returns why the connection ended.
-    async fn read_loop(&self, reader: &mut FrameReader<OwnedReadHalf>) -> String {
-        let mut go_away: Option<GoAway> = None;
+    async fn read_loop(&self, reader: &mut FrameReader<BoxRead>) -> LinkDown {
+        let mut go_away = None;
         loop {
-            match reader.next().await {
+            let error = match reader.next().await {
                 Some(Ok(Frame::Msg(m))) => {
                     let message = Message {
                         subject: m.subject,
@@ -429,84 +430,68 @@ impl Remote {
                             }
                         }
                     }
+                    continue;
                 }
                 Some(Ok(Frame::Unsub { sid })) => {
                     self.lock_subs().remove(&sid);
+                    continue;
                 }
                 Some(Ok(Frame::GoAway(g))) => {
                     tracing::info!(broker = %self.addr, code = g.code, message = %g.message, "broker is going away");
                     go_away = Some(g);
+                    continue;
                 }
                 Some(Ok(other)) => {
-                    let e = reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                    Some(reader.protocol_violation(ProtocolError::UnexpectedFrame {
                         kind: other.kind(),
                         context: "a bus client accepts only msg, unsub and go-away frames",
-                    });
-                    return e.to_string();
+                    }))
                 }
-                Some(Err(e)) => {
-                    return match go_away {
-                        Some(g) => format!("broker went away: {} ({e})", g.message),
-                        None => e.to_string(),
-                    };
-                }
-                None => {
-                    return match go_away {
-                        Some(g) => format!("broker went away: {}", g.message),
-                        None => "the broker closed the connection".into(),
-                    };
-                }
-            }
+                Some(Err(e)) => Some(e),
+                None => None,
+            };
+            return LinkDown::new(go_away, error);
         }
     }
 
     /// Connects again with backoff, restores subscriptions and sends the buffered
     /// publishes. `None` when shut down or out of attempts.
-    async fn reconnect(&self) -> Option<FrameReader<OwnedReadHalf>> {
-        let mut failures = 0u32;
-        loop {
-            if self
-                .options
-                .reconnect
-                .max_attempts
-                .is_some_and(|max| failures >= max)
-            {
-                tracing::error!(broker = %self.addr, attempts = failures, "giving up reconnecting");
-                return None;
-            }
-            let delay = self.options.reconnect.delay(failures + 1);
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.shutdown.cancelled() => return None,
-            }
-            let attempt = tokio::select! {
-                r = handshake(&self.connector, &self.options) => r,
-                _ = self.shutdown.cancelled() => return None,
-            };
-            match attempt {
-                Ok((reader, sender, broker)) => {
-                    self.max_payload
-                        .store(broker.max_payload as usize, Ordering::Relaxed);
-                    if self.restore(&sender).await.is_ok() {
-                        tracing::info!(broker = %self.addr, "reconnected to the broker");
-                        let _ = self.events.send(Event::Connected {
-                            server: self.addr.clone(),
-                        });
-                        return Some(reader);
-                    }
-                    failures += 1;
+    async fn reconnect(&self) -> Option<FrameReader<BoxRead>> {
+        let outcome = reconnect(
+            &self.options.reconnect,
+            &self.shutdown,
+            || async {
+                let link = handshake(&*self.connector, &self.options).await?;
+                self.max_payload
+                    .store(link.broker.max_payload as usize, Ordering::Relaxed);
+                self.restore(&link.sender).await?;
+                Ok::<_, crate::error::ConnectError>(link.reader)
+            },
+            |error, attempt, next| match next {
+                Some(delay) => {
+                    tracing::debug!(broker = %self.addr, %error, attempt, ?delay, "reconnect failed")
                 }
-                Err(e) => {
-                    failures += 1;
-                    tracing::debug!(broker = %self.addr, error = %e, attempt = failures, "reconnect failed");
+                None => {
+                    tracing::error!(broker = %self.addr, %error, attempts = attempt, "giving up reconnecting (Backoff::max_attempts)")
                 }
+            },
+        )
+        .await;
+        match outcome {
+            Reconnected::Connected(reader) => {
+                tracing::info!(broker = %self.addr, "reconnected to the broker");
+                self.core.report(Event::Connected {
+                    server: self.addr.clone(),
+                });
+                Some(reader)
             }
+            Reconnected::Stopped | Reconnected::GaveUp(_) => None,
         }
     }
 
     /// Subscribes again, then drains the reconnect buffer, then marks the connection
     /// live. Publishes made meanwhile land in the buffer and are drained in order.
-    async fn restore(&self, sender: &FrameSender) -> Result<(), RpcError> {
+    async fn restore(&self, sender: &FrameSender) -> Result<(), ConnectionError> {
         let subs: Vec<Frame> = self
             .lock_subs()
             .iter()
@@ -539,54 +524,5 @@ impl Remote {
                 sender.send(frame).await?;
             }
         }
-    }
-}
-
-/// Opens a connection and exchanges connect frames. A go-away instead of the broker's
-/// connect (wrong token, too many connections) is the error.
-async fn handshake(
-    connector: &TcpConnector,
-    options: &ConnectOptions,
-) -> Result<(FrameReader<OwnedReadHalf>, FrameSender, Connect), BusError> {
-    let addr = connector.describe();
-    let fail = |reason: String| BusError::Connect {
-        addr: addr.clone(),
-        reason,
-    };
-    let (io, _peer) = tokio::time::timeout(options.connect_timeout, connector.connect())
-        .await
-        .map_err(|_| {
-            fail(format!(
-                "no connection within {:?}",
-                options.connect_timeout
-            ))
-        })?
-        .map_err(|e| fail(e.to_string()))?;
-    let (mut reader, sender) = connection::start(io, &options.connection);
-    sender
-        .send(Frame::Connect(Connect {
-            max_frame_len: options.connection.max_frame_len.min(u32::MAX as usize) as u32,
-            max_payload: 0,
-            name: options.name.clone().into(),
-            token: options.token.clone().unwrap_or_default().into(),
-        }))
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    match tokio::time::timeout(options.connect_timeout, reader.next()).await {
-        Ok(Some(Ok(Frame::Connect(broker)))) => Ok((reader, sender, broker)),
-        Ok(Some(Ok(Frame::GoAway(g)))) => Err(fail(format!(
-            "the broker refused the connection: {}",
-            g.message
-        ))),
-        Ok(Some(Ok(other))) => Err(fail(format!(
-            "expected the broker's connect frame, got {}",
-            other.kind()
-        ))),
-        Ok(Some(Err(e))) => Err(fail(e.to_string())),
-        Ok(None) => Err(fail("the broker closed the connection".into())),
-        Err(_) => Err(fail(format!(
-            "no answer to connect within {:?}",
-            options.connect_timeout
-        ))),
     }
 }

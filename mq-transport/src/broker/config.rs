@@ -1,0 +1,164 @@
+//! [`BrokerConfig`], its validation, and [`BrokerStats`].
+
+use std::time::Duration;
+
+use rpc_core::ConnectionConfig;
+
+/// Limits and settings of a [`crate::Broker`].
+///
+/// ```
+/// use mq_transport::BrokerConfig;
+///
+/// let mut config = BrokerConfig::default();
+/// config.max_payload = 64 * 1024;
+/// config.token = Some("s3cret".into());
+/// assert_eq!(config.max_connections, 10_000);
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerConfig {
+    /// The largest payload a publish may carry; stated to clients when they connect, so
+    /// that they refuse larger publishes themselves. A client that sends one anyway is
+    /// disconnected with a go-away naming the limit. Must leave
+    /// [`BrokerConfig::FRAME_HEADROOM`] bytes below `connection.max_frame_len` (see
+    /// [`BrokerConfig::validate`]). Default 1 MiB.
+    pub max_payload: usize,
+    /// Connections served at once; one more is refused with a go-away. Default 10,000.
+    pub max_connections: usize,
+    /// Subscriptions per connection; one more is refused (the subscribe call fails with
+    /// the limit named). Default 65,536.
+    pub max_subscriptions: usize,
+    /// When set, clients must present this token on connect.
+    pub token: Option<String>,
+    /// How long a new connection has to send its connect frame. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// Frame size, keepalive and queue limits of every connection. `max_queued_bytes`
+    /// (default 64 MiB) is the slow-consumer threshold. `send_queue` defaults to 4 Mi
+    /// frames here (the queue allocates as it fills), so that the byte limit, not a frame
+    /// count, decides who is slow: 1,024 frames of small messages are only ~40 KiB.
+    /// `max_frame_len` is stated to clients, which send no larger frame; the broker sends
+    /// each client no frame larger than the limit that client states.
+    pub connection: ConnectionConfig,
+    /// The broker's name, sent to clients. Default `"courier-broker"`.
+    pub name: String,
+    /// How long a publisher waits for room on a subscriber connection that is at
+    /// `max_queued_bytes` before that subscriber is cut off as a slow consumer. While it
+    /// waits, the broker reads nothing more from that publisher (back-pressure through
+    /// TCP). Zero cuts at once. Default 2 s.
+    pub slow_consumer_grace: Duration,
+    /// Bytes queued for a subscriber connection past which the broker paces the
+    /// publishers adding to it: after routing a message there, a publisher waits until
+    /// that queue is down to half of this. Queues stay short (cache-friendly, low
+    /// latency) instead of filling to `max_queued_bytes` when publishers outrun
+    /// subscribers. A queue that does not get there within `slow_consumer_grace` belongs
+    /// to a subscriber that is not reading: it is cut off as a slow consumer. No pacing
+    /// with a zero grace. Default 1 MiB.
+    pub pace_queued_bytes: usize,
+}
+
+impl BrokerConfig {
+    /// Room a message frame needs besides its payload: the frame's preamble, the
+    /// subscription id, subject, reply subject and headers. A publish is one frame, so
+    /// `max_payload + FRAME_HEADROOM` must fit in `connection.max_frame_len`. 64 KiB.
+    pub const FRAME_HEADROOM: usize = 64 * 1024;
+
+    /// The same settings with `max_payload` set and the frame limit sized to it:
+    /// `max_payload + FRAME_HEADROOM` (what `courier broker --max-payload` does).
+    ///
+    /// ```
+    /// use mq_transport::BrokerConfig;
+    ///
+    /// let config = BrokerConfig::default().with_max_payload(16 * 1024 * 1024);
+    /// assert_eq!(config.connection.max_frame_len, 16 * 1024 * 1024 + BrokerConfig::FRAME_HEADROOM);
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn with_max_payload(mut self, max_payload: usize) -> Self {
+        self.max_payload = max_payload;
+        self.connection.max_frame_len = max_payload.saturating_add(Self::FRAME_HEADROOM);
+        self
+    }
+
+    /// Checks that the settings fit together: a publish of `max_payload` bytes must fit
+    /// in a frame of `connection.max_frame_len` with [`BrokerConfig::FRAME_HEADROOM`] to
+    /// spare, or the broker would accept payloads its own connections refuse to carry.
+    pub fn validate(&self) -> Result<(), BrokerConfigError> {
+        let needed = self.max_payload.saturating_add(Self::FRAME_HEADROOM);
+        if needed > self.connection.max_frame_len {
+            return Err(BrokerConfigError::FrameTooSmallForPayload {
+                max_payload: self.max_payload,
+                max_frame_len: self.connection.max_frame_len,
+                headroom: Self::FRAME_HEADROOM,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            max_payload: 1024 * 1024,
+            max_connections: 10_000,
+            max_subscriptions: 65_536,
+            token: None,
+            handshake_timeout: Duration::from_secs(5),
+            slow_consumer_grace: Duration::from_secs(2),
+            pace_queued_bytes: 1024 * 1024,
+            connection: {
+                let mut connection = ConnectionConfig::default();
+                connection.send_queue = 4 * 1024 * 1024;
+                connection
+            },
+            name: "courier-broker".into(),
+        }
+    }
+}
+
+/// Settings of a [`BrokerConfig`] that do not fit together.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerConfigError {
+    /// `max_payload` plus the headroom does not fit in the frame limit.
+    #[error(
+        "BrokerConfig::max_payload ({max_payload} bytes) plus {headroom} bytes of headroom \
+         for subject, reply and headers exceeds BrokerConfig::connection.max_frame_len \
+         ({max_frame_len} bytes): raise max_frame_len, lower max_payload, or use \
+         BrokerConfig::with_max_payload, which sizes both"
+    )]
+    FrameTooSmallForPayload {
+        /// The payload limit.
+        max_payload: usize,
+        /// The frame limit.
+        max_frame_len: usize,
+        /// [`BrokerConfig::FRAME_HEADROOM`].
+        headroom: usize,
+    },
+}
+
+impl From<BrokerConfigError> for std::io::Error {
+    fn from(error: BrokerConfigError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, error)
+    }
+}
+
+/// Counters of a running broker; see [`crate::Broker::stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BrokerStats {
+    /// Connections open now.
+    pub connections: usize,
+    /// Subscriptions held now.
+    pub subscriptions: usize,
+    /// Publishes received.
+    pub messages_in: u64,
+    /// Messages queued to subscribers.
+    pub messages_out: u64,
+    /// Messages not delivered to a subscriber because the frame exceeded the limit that
+    /// subscriber's connection stated (each is logged).
+    pub messages_too_large: u64,
+    /// Connections cut off for not keeping up.
+    pub slow_consumers: u64,
+    /// Bytes queued to all connections and not yet written, now.
+    pub queued_bytes: usize,
+}

@@ -1,0 +1,186 @@
+//! Fan-out: a publish to every matching subscription's connection, pacing publishers to
+//! subscribers that fall behind, and cutting off those that stop reading.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rpc_core::connection::TrySendError;
+use rpc_core::frame::{Frame, GoAway, Message as MsgFrame, Publish};
+use rpc_core::{ConnectionError, Utf8Bytes};
+
+use super::Shared;
+use super::connection::Conn;
+use crate::message::{NO_RESPONDERS, status_headers};
+
+/// One subscription's way out: its connection and its sid there.
+#[derive(Clone, Debug)]
+pub(super) struct Route {
+    pub(super) conn: Arc<Conn>,
+    pub(super) sid: u64,
+}
+
+/// What routing a publish left to wait for.
+#[derive(Default)]
+struct Later {
+    /// Frames for connections at `max_queued_bytes`.
+    full: Vec<(Arc<Conn>, Frame)>,
+    /// Connections past `pace_queued_bytes`.
+    behind: Vec<Arc<Conn>>,
+}
+
+impl Shared {
+    /// A publish the session accepted. Every accepted publish passes here, once: this is
+    /// where a stream bound to the subject will capture it (before routing, so that a
+    /// stored message is never one subscribers saw and the log lost).
+    pub(super) async fn publish(&self, publish: &Publish) {
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.route(publish).await;
+    }
+
+    /// Delivers a publish to every plain subscriber and one member of each queue group;
+    /// waits (up to `slow_consumer_grace`) for room on subscriber connections that are
+    /// full, and paces the publisher to those past `pace_queued_bytes`.
+    async fn route(&self, publish: &Publish) {
+        let mut later = Later::default();
+        self.route_now(publish, &mut later);
+        for (conn, frame) in later.full {
+            conn.deliver_within(frame, self).await;
+        }
+        let pace = self.config.pace_queued_bytes;
+        let grace = self.config.slow_consumer_grace;
+        if grace.is_zero() {
+            return; // no grace, no pacing: cut only at max_queued_bytes, at once
+        }
+        for conn in later.behind {
+            if conn.slow.load(Ordering::Relaxed) {
+                continue;
+            }
+            if !conn.sender.wait_below(pace / 2, grace).await {
+                conn.cut_off(
+                    format!(
+                        "slow consumer: {} bytes queued for this connection did not drain \
+                         below {} bytes (half of pace_queued_bytes) within {grace:?} \
+                         (slow_consumer_grace); disconnecting",
+                        conn.sender.queued_bytes(),
+                        pace / 2,
+                    ),
+                    self,
+                );
+            }
+        }
+    }
+
+    /// Queues on every connection with room; collects the frames for full ones.
+    fn route_now(&self, publish: &Publish, later: &mut Later) {
+        let found = self.subs.matches(&publish.subject);
+        if found.is_empty() {
+            if !publish.reply.is_empty() {
+                self.no_responders(publish, later);
+            }
+            return;
+        }
+        let delivered = found.deliver(|route| route.deliver(publish, self, later));
+        self.messages_out.fetch_add(delivered, Ordering::Relaxed);
+    }
+
+    /// Tells a requester at once that its request reached nobody: a status message to
+    /// the reply subject, routed like any publish (it has no reply subject itself).
+    fn no_responders(&self, request: &Publish, later: &mut Later) {
+        let description = format!("no responders for `{}`", request.subject);
+        self.route_now(
+            &Publish {
+                subject: request.reply.clone(),
+                reply: Utf8Bytes::default(),
+                headers: status_headers(NO_RESPONDERS, description),
+                payload: bytes::Bytes::new(),
+            },
+            later,
+        );
+    }
+}
+
+impl Route {
+    /// Queues the message on the subscriber's connection. `false` if it cannot take it
+    /// (cut off, closed, or the frame is over the limit that connection stated); a full
+    /// connection gets it later (`later.full`), and one past the pace mark is noted to
+    /// pace the publisher (`later.behind`).
+    fn deliver(&self, publish: &Publish, shared: &Shared, later: &mut Later) -> bool {
+        let conn = &self.conn;
+        if conn.slow.load(Ordering::Relaxed) {
+            return false;
+        }
+        let frame = Frame::Msg(MsgFrame {
+            sid: self.sid,
+            subject: publish.subject.clone(),
+            reply: publish.reply.clone(),
+            headers: publish.headers.clone(),
+            payload: publish.payload.clone(),
+        });
+        match conn.sender.try_send(frame) {
+            Ok(()) => {
+                if conn.sender.queued_bytes() > shared.config.pace_queued_bytes {
+                    later.behind.push(conn.clone());
+                }
+                true
+            }
+            Err(TrySendError::Full(frame)) => {
+                later.full.push((conn.clone(), frame));
+                true
+            }
+            Err(TrySendError::Failed(ConnectionError::FrameTooLarge { size, limit })) => {
+                shared.messages_too_large.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = %conn.peer,
+                    subject = %publish.subject,
+                    size,
+                    limit,
+                    "message not delivered: its frame exceeds the frame limit this subscriber's connection stated"
+                );
+                false
+            }
+            Err(TrySendError::Failed(_)) => false,
+        }
+    }
+}
+
+impl Conn {
+    /// Queues `frame` once there is room, waiting up to the grace; a connection still
+    /// full after it is cut off as a slow consumer.
+    async fn deliver_within(&self, frame: Frame, shared: &Shared) {
+        if self.slow.load(Ordering::Relaxed) {
+            return;
+        }
+        let grace = shared.config.slow_consumer_grace;
+        if !grace.is_zero() {
+            let Err(TrySendError::Full(_)) = self.sender.send_within(frame, grace).await else {
+                return; // queued, or the connection is gone
+            };
+        }
+        let limits = &shared.config.connection;
+        let message = format!(
+            "slow consumer: {} bytes queued for this connection reached the broker's \
+             limit of {} bytes (max_queued_bytes) or of {} frames (send_queue), and did not \
+             drain within {:?} (slow_consumer_grace); disconnecting",
+            self.sender.queued_bytes(),
+            limits.max_queued_bytes,
+            limits.send_queue,
+            grace,
+        );
+        self.cut_off(message, shared);
+    }
+
+    /// Cuts this connection off as a slow consumer, once: go-away, queue discarded.
+    fn cut_off(&self, message: String, shared: &Shared) {
+        if self.slow.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(peer = %self.peer, name = %self.name(), "{message}");
+        self.sender.abort_with(
+            GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
+            &ConnectionError::Closed {
+                reason: message.into(),
+            },
+        );
+    }
+}

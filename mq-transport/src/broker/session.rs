@@ -1,0 +1,225 @@
+//! The broker side of the bus protocol for one connection: a connect first, then `Pub`,
+//! `Sub`, `Unsub` and `GoAway` frames, one function each.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rpc_core::connection::FrameReader;
+use rpc_core::frame::{Connect, Frame, GoAway, Message as MsgFrame, Publish, Subscribe};
+use rpc_core::{ConnectionError, ProtocolError, Utf8Bytes};
+
+use super::Shared;
+use super::connection::Conn;
+use super::fanout::Route;
+use crate::lock;
+use crate::message::{SUBSCRIPTION_REFUSED, status_headers};
+use crate::subject;
+
+/// A subscription as its connection knows it.
+struct SessionSub {
+    filter: Utf8Bytes,
+    queue: Option<Utf8Bytes>,
+    /// Its key in the broker's index, assigned by the broker (sids are the client's).
+    key: u64,
+}
+
+/// One connection's protocol state.
+pub(super) struct Session<'a> {
+    shared: &'a Shared,
+    conn: &'a Arc<Conn>,
+    /// sid → this connection's subscription.
+    subs: HashMap<u64, SessionSub>,
+}
+
+impl<'a> Session<'a> {
+    pub(super) fn new(shared: &'a Shared, conn: &'a Arc<Conn>) -> Self {
+        Session {
+            shared,
+            conn,
+            subs: HashMap::new(),
+        }
+    }
+
+    /// Runs the protocol until the peer leaves (`Ok`) or breaks it (`Err`, after telling
+    /// the peer why).
+    pub(super) async fn run<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<(), ConnectionError> {
+        self.on_connect(reader).await?;
+        while let Some(frame) = reader.next().await {
+            match frame? {
+                Frame::Pub(publish) => self.on_pub(publish).await?,
+                Frame::Sub(sub) => self.on_sub(sub).await?,
+                Frame::Unsub { sid } => self.on_unsub(sid),
+                Frame::GoAway(g) => self.on_go_away(&g),
+                other => {
+                    return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                        kind: other.kind(),
+                        context: "a broker accepts pub, sub, unsub and go-away frames after connect",
+                    }));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The first frame must be a connect, within the handshake timeout, with the token
+    /// when one is required. The broker answers with its own connect, stating its limits,
+    /// and from then on sends this client no frame over the limit it stated.
+    async fn on_connect<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<(), ConnectionError> {
+        let config = &self.shared.config;
+        let first = match tokio::time::timeout(config.handshake_timeout, reader.next()).await {
+            Err(_) => {
+                let message = format!(
+                    "no connect frame within {:?} (handshake_timeout)",
+                    config.handshake_timeout
+                );
+                return Err(self.violation(GoAway::PROTOCOL_ERROR, message));
+            }
+            Ok(None) => {
+                return Err(ConnectionError::Closed {
+                    reason: "closed before connect".into(),
+                });
+            }
+            Ok(Some(first)) => first?,
+        };
+        let Frame::Connect(hello) = first else {
+            return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                kind: first.kind(),
+                context: "a broker expects a connect frame first",
+            }));
+        };
+        if let Some(token) = &config.token {
+            if hello.token.as_str() != token {
+                let message = if hello.token.is_empty() {
+                    "authorization required: this broker needs a token"
+                } else {
+                    "authorization failed: wrong token"
+                };
+                return Err(self.violation(GoAway::AUTHORIZATION, message.into()));
+            }
+        }
+        *lock(&self.conn.name) = hello.name.to_string();
+        self.conn
+            .sender
+            .limit_frame_len(hello.max_frame_len as usize);
+        tracing::debug!(peer = %self.conn.peer, name = %hello.name, max_frame_len = hello.max_frame_len, "client connected");
+        self.conn
+            .sender
+            .send(Frame::Connect(Connect {
+                max_frame_len: config.connection.max_frame_len.min(u32::MAX as usize) as u32,
+                max_payload: config.max_payload.min(u32::MAX as usize) as u32,
+                name: config.name.clone().into(),
+                token: Utf8Bytes::default(),
+            }))
+            .await
+    }
+
+    /// A publish: checked, then handed to the fan-out.
+    async fn on_pub(&mut self, publish: Publish) -> Result<(), ConnectionError> {
+        if let Err(e) = subject::validate_subject(&publish.subject) {
+            return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+        }
+        if !publish.reply.is_empty() {
+            if let Err(e) = subject::validate_subject(&publish.reply) {
+                return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+            }
+        }
+        let max = self.shared.config.max_payload;
+        if publish.payload.len() > max {
+            let message = format!(
+                "payload of {} bytes exceeds the broker's maximum payload of {max} bytes (max_payload)",
+                publish.payload.len()
+            );
+            return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
+        }
+        self.shared.publish(&publish).await;
+        Ok(())
+    }
+
+    /// A subscription, or its refusal: a status message and an unsubscribe for its sid.
+    async fn on_sub(&mut self, sub: Subscribe) -> Result<(), ConnectionError> {
+        let queue = (!sub.queue.is_empty()).then_some(sub.queue);
+        // A repeated sid replaces the earlier subscription.
+        self.on_unsub(sub.sid);
+        let limit = self.shared.config.max_subscriptions;
+        let refusal = if self.subs.len() >= limit {
+            format!(
+                "too many subscriptions: this connection has {}, the broker's limit is {limit} (max_subscriptions)",
+                self.subs.len()
+            )
+        } else {
+            let route = Route {
+                conn: self.conn.clone(),
+                sid: sub.sid,
+            };
+            let key = self.shared.next_id();
+            match self
+                .shared
+                .subs
+                .insert(&sub.subject, queue.as_deref(), key, route)
+            {
+                Ok(()) => {
+                    let entry = SessionSub {
+                        filter: sub.subject,
+                        queue,
+                        key,
+                    };
+                    self.subs.insert(sub.sid, entry);
+                    return Ok(());
+                }
+                Err(e) => e.to_string(),
+            }
+        };
+        tracing::info!(peer = %self.conn.peer, subject = %sub.subject, reason = %refusal, "subscription refused");
+        let headers = status_headers(SUBSCRIPTION_REFUSED, refusal);
+        self.conn
+            .sender
+            .send(Frame::Msg(MsgFrame {
+                sid: sub.sid,
+                subject: sub.subject,
+                reply: Utf8Bytes::default(),
+                headers,
+                payload: bytes::Bytes::new(),
+            }))
+            .await?;
+        self.conn.sender.send(Frame::Unsub { sid: sub.sid }).await
+    }
+
+    fn on_unsub(&mut self, sid: u64) {
+        if let Some(sub) = self.subs.remove(&sid) {
+            self.shared
+                .subs
+                .remove(&sub.filter, sub.queue.as_deref(), sub.key);
+        }
+    }
+
+    fn on_go_away(&self, g: &GoAway) {
+        tracing::debug!(peer = %self.conn.peer, code = g.code, message = %g.message, "client is going away");
+    }
+
+    /// Removes every subscription of this connection (it is closing).
+    pub(super) fn remove_all(&mut self) {
+        for (_, sub) in std::mem::take(&mut self.subs) {
+            self.shared
+                .subs
+                .remove(&sub.filter, sub.queue.as_deref(), sub.key);
+        }
+    }
+
+    /// Tells the peer why with a go-away and closes the connection.
+    fn violation(&self, code: u16, message: String) -> ConnectionError {
+        tracing::warn!(peer = %self.conn.peer, %message, "closing connection");
+        let error = ConnectionError::Closed {
+            reason: message.clone().into(),
+        };
+        self.conn
+            .sender
+            .close_with(GoAway::new(code, message), &error);
+        error
+    }
+}

@@ -1,0 +1,76 @@
+//! [`Latch`]: a one-way flag that is cheap to read and can be awaited.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+
+/// A flag that goes from unset to set once, and stays set.
+///
+/// [`Latch::is_set`] is one atomic load: `CancellationToken::is_cancelled` takes the
+/// token's mutex, which calls and sends on many tasks contended on when they checked it
+/// on every operation. [`Latch::wait`] resolves once the latch is set.
+///
+/// ```
+/// use rpc_core::latch::Latch;
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let closed = Latch::new();
+/// assert!(!closed.is_set());
+/// closed.set();
+/// assert!(closed.is_set());
+/// closed.wait().await; // already set: resolves at once
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct Latch {
+    flag: AtomicBool,
+    token: CancellationToken,
+}
+
+impl Latch {
+    /// An unset latch.
+    pub fn new() -> Self {
+        Latch::default()
+    }
+
+    /// Sets the latch and wakes every waiter. Idempotent.
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::Release);
+        self.token.cancel();
+    }
+
+    /// Whether the latch is set.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once the latch is set.
+    pub async fn wait(&self) {
+        self.token.cancelled().await;
+    }
+
+    /// A future that resolves once the latch is set, owning what it needs (to pin once
+    /// and poll in a loop).
+    pub fn wait_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.token.clone().cancelled_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_waiter_wakes_when_the_latch_is_set() {
+        let latch = std::sync::Arc::new(Latch::new());
+        let waiter = tokio::spawn({
+            let latch = latch.clone();
+            async move { latch.wait().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        latch.set();
+        waiter.await.unwrap();
+        assert!(latch.is_set());
+    }
+}

@@ -1,0 +1,337 @@
+//! One call's lifecycle, whatever carried it: [`InFlight`] runs the handlers of one
+//! connection (or one bus service instance), and a [`Responder`] sends their answers.
+//!
+//! Both transports give the same answers because this is the only place that decides
+//! them:
+//!
+//! * a handler that returns is answered with its result;
+//! * a handler that panics is answered [`Status::INTERNAL`];
+//! * a handler still running at the call's deadline is aborted and answered
+//!   [`Status::DEADLINE_EXCEEDED`];
+//! * a cancelled call ([`InFlight::cancel`]) is aborted and gets no answer: its caller
+//!   has gone.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::{CallContext, CallFuture, ServiceError};
+use crate::frame::Status;
+use crate::transport::PeerAddr;
+use crate::{Metadata, Utf8Bytes};
+
+/// A call as it arrived, before it runs.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct IncomingCall {
+    /// The request id, unique among the calls in flight where it arrived.
+    pub id: u64,
+    /// `"Service.method"`.
+    pub method: Utf8Bytes,
+    /// When the caller stops waiting, on this side's clock.
+    pub deadline: Option<Instant>,
+    /// The call's metadata.
+    pub metadata: Metadata,
+    /// The serialized arguments.
+    pub payload: Bytes,
+    /// Who called.
+    pub peer: Arc<PeerAddr>,
+}
+
+impl IncomingCall {
+    /// A call with no deadline and no metadata.
+    pub fn new(id: u64, method: Utf8Bytes, payload: Bytes, peer: Arc<PeerAddr>) -> Self {
+        IncomingCall {
+            id,
+            method,
+            deadline: None,
+            metadata: Metadata::new(),
+            payload,
+            peer,
+        }
+    }
+
+    /// The same call with a deadline.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// The same call with metadata.
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// Sends the answers of calls: a frame on a connection, a reply message on a bus.
+pub trait Responder: Clone + Send + Sync + 'static {
+    /// Sends the answer to call `id`, waiting for room if it must.
+    fn respond(
+        &self,
+        id: u64,
+        result: Result<Bytes, ServiceError>,
+    ) -> impl std::future::Future<Output = ()> + Send;
+
+    /// Sends the answer to a call that finished without waiting, from the loop that
+    /// reads calls, so it must not wait: by default a task of `tasks` sends it.
+    fn respond_now(&self, id: u64, result: Result<Bytes, ServiceError>, tasks: &TaskTracker) {
+        let this = self.clone();
+        tasks.spawn(async move { this.respond(id, result).await });
+    }
+}
+
+/// The handlers running for one connection or one service instance, by a key that a
+/// cancel names (the request id on a connection, the reply subject on a bus).
+#[derive(Debug)]
+pub struct InFlight<K> {
+    running: Mutex<HashMap<K, AbortHandle>>,
+    tasks: TaskTracker,
+}
+
+impl<K> Default for InFlight<K> {
+    fn default() -> Self {
+        InFlight {
+            running: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+        }
+    }
+}
+
+/// A call's key is already in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DuplicateCall;
+
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
+    /// No calls yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(InFlight::default())
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<K, AbortHandle>> {
+        // Single inserts and removals: a panic elsewhere cannot leave it half-updated.
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `call`: `start` turns its context and payload into the handler's future.
+    ///
+    /// The handler is polled once at once: one that finishes without waiting is answered
+    /// through [`Responder::respond_now`], with no task, timer or map entry. One that
+    /// waits becomes a task, registered under `key` for [`InFlight::cancel`], bounded by
+    /// the deadline. `slot` (a place under an in-flight limit) is held until the answer
+    /// is handed to the responder. Fails, running nothing, when `key` is in flight.
+    pub fn start<R: Responder>(
+        self: &Arc<Self>,
+        key: K,
+        call: IncomingCall,
+        start: impl FnOnce(CallContext, Bytes) -> CallFuture,
+        responder: R,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<(), DuplicateCall> {
+        let IncomingCall {
+            id,
+            method,
+            deadline,
+            metadata,
+            payload,
+            peer,
+        } = call;
+        if self.running().contains_key(&key) {
+            return Err(DuplicateCall);
+        }
+        let span = tracing::info_span!("call", method = %method, id, peer = %peer);
+        let ctx = CallContext {
+            request_id: id,
+            method,
+            deadline,
+            metadata,
+            peer,
+        };
+        let mut future = AssertUnwindSafe(start(ctx, payload)).catch_unwind();
+        let first = {
+            let _entered = span.enter();
+            let mut cx = Context::from_waker(Waker::noop());
+            std::pin::Pin::new(&mut future).poll(&mut cx)
+        };
+        if let Poll::Ready(outcome) = first {
+            drop(slot);
+            responder.respond_now(id, finish(outcome), &self.tasks);
+            return Ok(());
+        }
+
+        let calls = self.clone();
+        let task_key = key.clone();
+        // Held while spawning so that a call finishing at once cannot remove its entry
+        // before it was inserted.
+        let mut running = self.running();
+        let task = self.tasks.spawn(
+            async move {
+                let outcome = match deadline {
+                    Some(deadline) => tokio::time::timeout_at(deadline, future)
+                        .await
+                        .unwrap_or_else(|_| Ok(Err(deadline_exceeded()))),
+                    None => future.await,
+                };
+                let result = finish(outcome);
+                calls.running().remove(&task_key);
+                drop(slot);
+                responder.respond(id, result).await;
+            }
+            .instrument(span),
+        );
+        running.insert(key, task.abort_handle());
+        Ok(())
+    }
+
+    /// Aborts the call under `key`, which gets no answer; `false` when it is not running
+    /// (it may have finished as the cancel flew, which is normal).
+    pub fn cancel(&self, key: &K) -> bool {
+        let handle = self.running().remove(key);
+        match handle {
+            Some(handle) => {
+                handle.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Aborts every call running; none gets an answer.
+    pub fn abort_all(&self) {
+        let handles: Vec<_> = self.running().drain().map(|(_, h)| h).collect();
+        for handle in handles {
+            handle.abort();
+        }
+    }
+
+    /// Calls running now (not those answered at once).
+    pub fn len(&self) -> usize {
+        self.running().len()
+    }
+
+    /// Whether no call is running.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes no more calls' tasks into account for [`InFlight::wait`]: call before
+    /// waiting for the last ones.
+    pub fn close(&self) {
+        self.tasks.close();
+    }
+
+    /// Resolves once [`InFlight::close`] was called and every call's task (answers sent
+    /// from tasks included) has finished.
+    pub async fn wait(&self) {
+        self.tasks.wait().await;
+    }
+}
+
+fn deadline_exceeded() -> ServiceError {
+    ServiceError::new(
+        Status::DEADLINE_EXCEEDED,
+        "deadline passed before the handler finished; handler aborted",
+    )
+}
+
+/// A handler's outcome as the answer to send: a panic becomes `INTERNAL`.
+fn finish(
+    outcome: Result<Result<Bytes, ServiceError>, Box<dyn std::any::Any + Send>>,
+) -> Result<Bytes, ServiceError> {
+    let result = outcome.unwrap_or_else(|_| {
+        tracing::error!("handler panicked");
+        Err(ServiceError::internal("handler panicked"))
+    });
+    if let Err(e) = &result {
+        tracing::debug!(status = %e.status, message = %e.message, "call failed");
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    #[derive(Clone)]
+    struct Collect(mpsc::UnboundedSender<(u64, Result<Bytes, ServiceError>)>);
+
+    impl Responder for Collect {
+        async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
+            let _ = self.0.send((id, result));
+        }
+    }
+
+    fn call(id: u64) -> IncomingCall {
+        IncomingCall::new(
+            id,
+            "S.m".into(),
+            Bytes::new(),
+            Arc::new(PeerAddr::Memory(0)),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handler_past_its_deadline_is_answered_deadline_exceeded() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = InFlight::<u64>::new();
+        let deadline = Instant::now() + Duration::from_millis(50);
+        calls
+            .start(
+                7,
+                call(7).with_deadline(Some(deadline)),
+                |_, _| Box::pin(std::future::pending()),
+                Collect(tx),
+                None,
+            )
+            .unwrap();
+        let (id, result) = rx.recv().await.unwrap();
+        assert_eq!(id, 7);
+        assert_eq!(result.unwrap_err().status, Status::DEADLINE_EXCEEDED);
+        assert!(calls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_is_answered_internal_and_a_cancelled_one_not_at_all() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = InFlight::<u64>::new();
+        let panics = |_, _| -> CallFuture {
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                panic!("boom")
+            })
+        };
+        calls
+            .start(1, call(1), panics, Collect(tx.clone()), None)
+            .unwrap();
+        let waits = |_, _| -> CallFuture { Box::pin(std::future::pending()) };
+        calls.start(2, call(2), waits, Collect(tx), None).unwrap();
+        let (unused, _) = mpsc::unbounded_channel();
+        assert_eq!(
+            calls.start(2, call(2), waits, Collect(unused), None),
+            Err(DuplicateCall)
+        );
+        assert!(calls.cancel(&2));
+        calls.close();
+        calls.wait().await;
+        let (id, result) = rx.recv().await.unwrap();
+        assert_eq!((id, result.unwrap_err().status), (1, Status::INTERNAL));
+        assert!(
+            rx.recv().await.is_none(),
+            "the cancelled call got no answer"
+        );
+    }
+}
