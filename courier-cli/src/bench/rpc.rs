@@ -5,7 +5,7 @@ use courier::transport::TcpConnector;
 use courier::{Client, ClientConfig, Server, ServerConfig};
 use serde_json::json;
 
-use super::{Caller, Measured, Report, RpcFlags, fields, progress, whole};
+use super::{Caller, Measured, Report, RpcFlags, RpcScenario, fields, progress, whole};
 
 /// The peers' service: `echo(Vec<u8>) -> Vec<u8>`.
 #[courier::service(crate = "courier")]
@@ -109,15 +109,12 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
         if !flags.arguments.iter().any(|a| a == short) {
             continue;
         }
-        for scenario in ["seq", "concurrent", "multi_conn"] {
+        for scenario in RpcScenario::ALL {
             if !flags.wants(scenario) {
                 continue;
             }
             for &size in &flags.sizes {
-                let conns = match scenario {
-                    "multi_conn" => flags.conns.max(1),
-                    _ => 1,
-                };
+                let conns = flags.connections(scenario);
                 let bar = progress(format!("rpc {scenario} {size} B {argument}"));
                 let measured = if argument == "Vec<u8>" {
                     let callers: Vec<VecCaller> = clients[..conns]
@@ -141,7 +138,7 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
                 bar.finish_and_clear();
                 report.line(
                     line(
-                        "courier",
+                        System::Courier,
                         scenario,
                         size,
                         conns,
@@ -159,14 +156,16 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
 
 pub(crate) async fn measure<C: Caller>(
     flags: &RpcFlags,
-    scenario: &str,
+    scenario: RpcScenario,
     callers: &[C],
     bar: &indicatif::ProgressBar,
 ) -> Result<Measured, String> {
     let secs = std::time::Duration::from_secs_f64;
     match scenario {
-        "seq" => super::sequential(&callers[0], flags.seq_warmup, flags.seq_calls, bar).await,
-        _ => {
+        RpcScenario::Seq => {
+            super::sequential(&callers[0], flags.seq_warmup, flags.seq_calls, bar).await
+        }
+        RpcScenario::Concurrent | RpcScenario::MultiConn => {
             super::concurrent(
                 callers,
                 flags.inflight,
@@ -179,25 +178,48 @@ pub(crate) async fn measure<C: Caller>(
     }
 }
 
+/// What an RPC bench line measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum System {
+    /// `bench rpc`.
+    Courier,
+    /// `bench raw`.
+    Raw,
+}
+
+impl System {
+    /// The `"system"` field.
+    fn as_str(self) -> &'static str {
+        match self {
+            System::Courier => "courier",
+            System::Raw => "courier-raw",
+        }
+    }
+
+    /// The `"transport"` field.
+    fn transport(self) -> &'static str {
+        match self {
+            System::Courier => "tcp (TCP_NODELAY) + courier frames + bincode 2 (serde)",
+            System::Raw => {
+                "tcp (TCP_NODELAY) + LengthDelimitedCodec, 8-byte id + payload, echoed as is"
+            }
+        }
+    }
+}
+
 /// One result line in tarpc-bench's fields.
 pub(crate) fn line(
-    system: &str,
-    scenario: &str,
+    system: System,
+    scenario: RpcScenario,
     size: usize,
     conns: usize,
     flags: &RpcFlags,
     mut m: Measured,
     argument: Option<&str>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let in_flight = if scenario == "seq" { 1 } else { flags.inflight };
-    let transport = if system == "courier" {
-        "tcp (TCP_NODELAY) + courier frames + bincode 2 (serde)"
-    } else {
-        "tcp (TCP_NODELAY) + LengthDelimitedCodec, 8-byte id + payload, echoed as is"
-    };
     let mut line = fields(json!({
-        "system": system,
-        "scenario": scenario,
+        "system": system.as_str(),
+        "scenario": scenario.as_str(),
         "payload_bytes": size,
         "calls": m.calls,
         "calls_per_s": whole(m.rate()),
@@ -205,8 +227,8 @@ pub(crate) fn line(
         "p50_us": m.percentile_us(50.0),
         "p99_us": m.percentile_us(99.0),
         "connections": conns,
-        "in_flight_per_conn": in_flight,
-        "transport": transport,
+        "in_flight_per_conn": flags.in_flight_per_conn(scenario),
+        "transport": system.transport(),
         "version": env!("CARGO_PKG_VERSION"),
     }));
     if let Some(argument) = argument {
