@@ -1,25 +1,21 @@
 //! The courier broker: limits, slow consumers, bad peers, restarts.
 
 mod bus;
+mod common;
 
 use std::time::Duration;
 
 use bus::next;
+use common::{RawReader, raw_peer, wait_for};
 use courier::bus::{Broker, BrokerConfig, Bus, BusError, ConnectOptions, Event};
-use courier::connection::{self, ConnectionConfig};
+use courier::connection::FrameSender;
 use courier::frame::{Connect, Frame, GoAway, Publish, Subscribe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// A peer speaking raw frames, with no client logic: it reads only when told to.
-async fn raw_peer(
-    broker: &Broker,
-) -> (
-    connection::FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    connection::FrameSender,
-) {
-    let stream = TcpStream::connect(broker.local_addr()).await.unwrap();
-    let (reader, sender) = connection::start(stream, &ConnectionConfig::default());
+/// A [`raw_peer`] connected to the broker, past the hello: it reads only when told to.
+async fn raw_bus_peer(broker: &Broker) -> (RawReader, FrameSender) {
+    let (reader, sender) = raw_peer(TcpStream::connect(broker.local_addr()).await.unwrap());
     sender
         .send(Frame::Connect(Connect {
             name: "raw".into(),
@@ -31,11 +27,8 @@ async fn raw_peer(
 }
 
 /// A raw peer subscribed to `subject` (sid 1) that reads only when told to.
-async fn raw_subscriber(
-    broker: &Broker,
-    subject: &'static str,
-) -> connection::FrameReader<tokio::net::tcp::OwnedReadHalf> {
-    let (reader, sender) = raw_peer(broker).await;
+async fn raw_subscriber(broker: &Broker, subject: &'static str) -> RawReader {
+    let (reader, sender) = raw_bus_peer(broker).await;
     sender
         .send(Frame::Sub(Subscribe {
             sid: 1,
@@ -45,16 +38,6 @@ async fn raw_subscriber(
         .await
         .unwrap();
     reader
-}
-
-async fn wait_for<F: Fn() -> bool>(what: &str, condition: F) {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while !condition() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
 async fn next_event(events: &mut tokio::sync::broadcast::Receiver<Event>) -> Event {
@@ -302,7 +285,7 @@ async fn a_publish_over_the_limit_from_a_raw_peer_closes_its_connection() {
     let mut config = BrokerConfig::default();
     config.max_payload = 1024;
     let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
-    let (mut reader, sender) = raw_peer(&broker).await;
+    let (mut reader, sender) = raw_bus_peer(&broker).await;
     assert!(matches!(reader.next().await, Some(Ok(Frame::Connect(c))) if c.max_payload == 1024));
     sender
         .send(Frame::Pub(Publish {

@@ -1,9 +1,11 @@
 //! `Vec<u8>` arguments and return values travel as one byte string: the same bytes on the
 //! wire as serde's sequence of `u8`, without a serde call per byte.
 
+mod common;
+
+use common::{Transport, serve_and_connect};
 use courier::__private::{AsBytes, ByteVec};
-use courier::transport::memory;
-use courier::{Bincode, Client, ClientConfig, Format, Server, ServerConfig};
+use courier::{Bincode, Format, Server, ServerConfig};
 use proptest::prelude::*;
 
 #[courier::service]
@@ -54,14 +56,8 @@ fn postcard_also_encodes_both_alike() {
 
 #[tokio::test]
 async fn byte_vectors_of_every_size_round_trip_through_a_service() {
-    let (listener, connector) = memory::listen();
     let server = Server::new(ServerConfig::default()).add_service(Store.into_service());
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    let client = BlobsClient::new(
-        Client::connect(connector, ClientConfig::default())
-            .await
-            .unwrap(),
-    );
+    let client = BlobsClient::new(serve_and_connect(Transport::Memory, server).await);
     for size in [0usize, 1, 16, 4096, 1 << 20] {
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         assert_eq!(

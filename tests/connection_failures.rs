@@ -6,18 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use common::{Event, Lab, answer, args, lab};
+use common::{Endpoint, Event, Lab, Transport, answer, args, lab, no_options, serve_lab, timeout};
 use courier::codec::FrameCodec;
 use courier::frame::{Frame, GoAway, Status};
-use courier::transport::TcpConnector;
-use courier::{CallOptions, Client, ClientConfig, RpcError, Server, ServerConfig};
+use courier::{ClientConfig, RpcError, Server, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
-
-fn timeout(d: Duration) -> CallOptions {
-    CallOptions::default().with_timeout(d)
-}
 
 /// A server on its own runtime, so that it can be killed: shutting the runtime down drops
 /// every task and socket at once, as the death of a server process would.
@@ -77,24 +72,6 @@ impl Drop for ServerProcess {
     }
 }
 
-async fn tcp_server(config: ServerConfig) -> (SocketAddr, common::Probe) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (lab, probe) = lab();
-    tokio::spawn(
-        Server::new(config)
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
-    (addr, probe)
-}
-
-async fn client(addr: SocketAddr, config: ClientConfig) -> Client {
-    Client::connect(TcpConnector::from(addr), config)
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn killing_the_server_fails_every_pending_call_within_a_second_and_the_client_reconnects_when_it_is_back()
  {
@@ -109,7 +86,7 @@ async fn killing_the_server_fails_every_pending_call_within_a_second_and_the_cli
     let mut config = ClientConfig::default();
     config.reconnect.initial = Duration::from_millis(10);
     config.reconnect.max = Duration::from_millis(100);
-    let client = client(addr, config).await;
+    let client = Endpoint::Tcp(addr).client(config).await;
 
     let mut calls = tokio::task::JoinSet::new();
     for tag in 0..PENDING {
@@ -182,8 +159,9 @@ fn go_away(frames: &[Frame]) -> &GoAway {
 
 #[tokio::test]
 async fn garbage_bytes_from_a_raw_socket_close_that_connection_only() {
-    let (addr, _probe) = tcp_server(ServerConfig::default()).await;
-    let good = client(addr, ClientConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, ServerConfig::default()).await;
+    let addr = server.addr();
+    let good = server.client(ClientConfig::default()).await;
     let double = |n: u64| {
         let good = good.clone();
         async move {
@@ -260,17 +238,13 @@ async fn garbage_bytes_from_a_raw_socket_close_that_connection_only() {
 
 #[tokio::test]
 async fn a_call_over_the_client_frame_limit_fails_alone_with_the_limit_named() {
-    let (addr, _probe) = tcp_server(ServerConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, ServerConfig::default()).await;
     let mut config = ClientConfig::default();
     config.connection.max_frame_len = 1024;
-    let client = client(addr, config).await;
+    let client = server.client(config).await;
 
     let err = client
-        .call(
-            "Lab.echo",
-            Bytes::from(vec![0u8; 2000]),
-            &CallOptions::default(),
-        )
+        .call("Lab.echo", Bytes::from(vec![0u8; 2000]), &no_options())
         .await
         .unwrap_err();
     assert!(
@@ -283,11 +257,7 @@ async fn a_call_over_the_client_frame_limit_fails_alone_with_the_limit_named() {
         "{err}"
     );
     let out = client
-        .call(
-            "Lab.echo",
-            Bytes::from(vec![1u8; 500]),
-            &CallOptions::default(),
-        )
+        .call("Lab.echo", Bytes::from(vec![1u8; 500]), &no_options())
         .await
         .unwrap();
     assert_eq!(out.len(), 500);
@@ -297,16 +267,12 @@ async fn a_call_over_the_client_frame_limit_fails_alone_with_the_limit_named() {
 async fn a_frame_over_the_server_limit_closes_that_connection_only_with_the_limit_named() {
     let mut config = ServerConfig::default();
     config.connection.max_frame_len = 1024;
-    let (addr, _probe) = tcp_server(config).await;
-    let offender = client(addr, ClientConfig::default()).await;
-    let bystander = client(addr, ClientConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, config).await;
+    let offender = server.client(ClientConfig::default()).await;
+    let bystander = server.client(ClientConfig::default()).await;
 
     let err = offender
-        .call(
-            "Lab.echo",
-            Bytes::from(vec![0u8; 2000]),
-            &CallOptions::default(),
-        )
+        .call("Lab.echo", Bytes::from(vec![0u8; 2000]), &no_options())
         .await
         .unwrap_err();
     let message = err.to_string();
@@ -317,21 +283,13 @@ async fn a_frame_over_the_server_limit_closes_that_connection_only_with_the_limi
     );
 
     let out = bystander
-        .call(
-            "Lab.echo",
-            Bytes::from_static(b"fine"),
-            &CallOptions::default(),
-        )
+        .call("Lab.echo", Bytes::from_static(b"fine"), &no_options())
         .await
         .unwrap();
     assert_eq!(&out[..], b"fine");
     // The offender reconnects and may go on with frames that fit.
     let out = offender
-        .call(
-            "Lab.echo",
-            Bytes::from_static(b"small"),
-            &CallOptions::default(),
-        )
+        .call("Lab.echo", Bytes::from_static(b"small"), &no_options())
         .await
         .unwrap();
     assert_eq!(&out[..], b"small");
@@ -341,10 +299,10 @@ async fn a_frame_over_the_server_limit_closes_that_connection_only_with_the_limi
 async fn an_answer_over_the_server_frame_limit_becomes_an_error_naming_the_limit() {
     let mut config = ServerConfig::default();
     config.connection.max_frame_len = 1024;
-    let (addr, _probe) = tcp_server(config).await;
-    let client = client(addr, ClientConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, config).await;
+    let client = server.client(ClientConfig::default()).await;
     let err = client
-        .call("Lab.big", args(&5000usize), &CallOptions::default())
+        .call("Lab.big", args(&5000usize), &no_options())
         .await
         .unwrap_err();
     assert!(
@@ -356,12 +314,12 @@ async fn an_answer_over_the_server_frame_limit_becomes_an_error_naming_the_limit
 
 #[tokio::test]
 async fn an_answer_over_the_client_frame_limit_is_refused_by_the_client() {
-    let (addr, _probe) = tcp_server(ServerConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, ServerConfig::default()).await;
     let mut config = ClientConfig::default();
     config.connection.max_frame_len = 1024;
-    let client = client(addr, config).await;
+    let client = server.client(config).await;
     let err = client
-        .call("Lab.big", args(&5000usize), &CallOptions::default())
+        .call("Lab.big", args(&5000usize), &no_options())
         .await
         .unwrap_err();
     assert!(
@@ -375,18 +333,18 @@ async fn an_answer_over_the_client_frame_limit_is_refused_by_the_client() {
 async fn a_connection_past_max_connections_is_told_the_limit_and_closed() {
     let mut config = ServerConfig::default();
     config.max_connections = 1;
-    let (addr, _probe) = tcp_server(config).await;
-    let first = client(addr, ClientConfig::default()).await;
+    let (server, _probe) = serve_lab(Transport::Tcp, config).await;
+    let first = server.client(ClientConfig::default()).await;
     first
-        .call("Lab.double", args(&1u64), &CallOptions::default())
+        .call("Lab.double", args(&1u64), &no_options())
         .await
         .unwrap();
 
     let mut config = ClientConfig::default();
     config.wait_for_connection = false;
-    let second = client(addr, config).await;
+    let second = server.client(config).await;
     let err = second
-        .call("Lab.double", args(&1u64), &CallOptions::default())
+        .call("Lab.double", args(&1u64), &no_options())
         .await
         .unwrap_err();
     assert!(
@@ -396,7 +354,7 @@ async fn a_connection_past_max_connections_is_told_the_limit_and_closed() {
     );
 
     first
-        .call("Lab.double", args(&2u64), &CallOptions::default())
+        .call("Lab.double", args(&2u64), &no_options())
         .await
         .unwrap();
 }

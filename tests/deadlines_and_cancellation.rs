@@ -5,34 +5,17 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Event, answer, args, lab};
-use courier::transport::{Connector, memory};
-use courier::{CallOptions, Client, ClientConfig, RpcError, Server, ServerConfig};
+use common::{
+    Event, Transport, answer, args, lab, lab_client, no_options, raw_peer, serve_lab, timeout,
+};
+use courier::frame::{Frame, Request, Status};
+use courier::transport::{Connector, PeerAddr, memory};
+use courier::{Client, ClientConfig, RpcError, Server, ServerConfig};
 use tokio::time::Instant;
-
-fn timeout(d: Duration) -> CallOptions {
-    CallOptions::default().with_timeout(d)
-}
-
-async fn serve_lab(config: ServerConfig) -> (Client, common::Probe) {
-    let (lab, probe) = lab();
-    let (listener, connector) = memory::listen();
-    tokio::spawn(
-        Server::new(config)
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
-    (
-        Client::connect(connector, ClientConfig::default())
-            .await
-            .unwrap(),
-        probe,
-    )
-}
 
 #[tokio::test(start_paused = true)]
 async fn a_call_past_its_deadline_times_out_and_its_handler_is_stopped() {
-    let (client, mut probe) = serve_lab(ServerConfig::default()).await;
+    let (client, mut probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
     let started = Instant::now();
     let err = client
         .call(
@@ -62,13 +45,9 @@ async fn the_server_stops_a_handler_at_the_deadline_even_without_a_cancel() {
     let (lab, mut probe) = lab();
     let server = Server::new(ServerConfig::default()).add_service(lab);
     let (a, b) = tokio::io::duplex(4096);
-    tokio::spawn(async move {
-        server
-            .serve_connection(b, courier::transport::PeerAddr::Memory(9))
-            .await
-    });
-    let (mut reader, sender) = courier::connection::start(a, &courier::ConnectionConfig::default());
-    let request = courier::frame::Request {
+    tokio::spawn(async move { server.serve_connection(b, PeerAddr::Memory(9)).await });
+    let (mut reader, sender) = raw_peer(a);
+    let request = Request {
         id: 1,
         timeout: Some(Duration::from_millis(250)),
         method: "Lab.sleep".into(),
@@ -76,22 +55,19 @@ async fn the_server_stops_a_handler_at_the_deadline_even_without_a_cancel() {
         payload: args(&(5u64, 60_000u64)),
     };
     let started = Instant::now();
-    sender
-        .send(courier::frame::Frame::Request(request))
-        .await
-        .unwrap();
+    sender.send(Frame::Request(request)).await.unwrap();
     assert_eq!(probe.next().await, Event::Started(5));
     assert_eq!(probe.next().await, Event::Aborted(5));
     assert_eq!(started.elapsed(), Duration::from_millis(250));
-    let Some(Ok(courier::frame::Frame::Response(response))) = reader.next().await else {
+    let Some(Ok(Frame::Response(response))) = reader.next().await else {
         panic!("no answer")
     };
-    assert_eq!(response.status, courier::frame::Status::DEADLINE_EXCEEDED);
+    assert_eq!(response.status, Status::DEADLINE_EXCEEDED);
 }
 
 #[tokio::test(start_paused = true)]
 async fn dropping_a_call_aborts_its_handler_on_the_server() {
-    let (client, mut probe) = serve_lab(ServerConfig::default()).await;
+    let (client, mut probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
     let call = tokio::spawn({
         let client = client.clone();
         async move {
@@ -113,20 +89,14 @@ async fn dropping_a_call_aborts_its_handler_on_the_server() {
 
 #[tokio::test(start_paused = true)]
 async fn the_call_timeout_overrides_the_client_default() {
-    let (lab, _probe) = lab();
-    let (listener, connector) = memory::listen();
-    tokio::spawn(
-        Server::new(ServerConfig::default())
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
+    let (server, _probe) = serve_lab(Transport::Memory, ServerConfig::default()).await;
     let mut config = ClientConfig::default();
     config.default_timeout = Duration::from_millis(50);
-    let client = Client::connect(connector, config).await.unwrap();
+    let client = server.client(config).await;
 
     let started = Instant::now();
     let err = client
-        .call("Lab.hold", args(&1u64), &CallOptions::default())
+        .call("Lab.hold", args(&1u64), &no_options())
         .await
         .unwrap_err();
     assert!(matches!(err, RpcError::Timeout { .. }));
@@ -153,7 +123,7 @@ async fn the_call_timeout_overrides_the_client_default() {
 async fn at_max_calls_in_flight_the_server_stops_reading_instead_of_failing_calls() {
     let mut config = ServerConfig::default();
     config.max_calls_in_flight = 2;
-    let (client, mut probe) = serve_lab(config).await;
+    let (client, mut probe) = lab_client(Transport::Memory, config).await;
     let mut calls = tokio::task::JoinSet::new();
     for tag in 0..5u64 {
         let client = client.clone();
@@ -219,17 +189,11 @@ async fn a_quiet_but_live_connection_survives_many_keepalive_periods() {
     let mut config = ServerConfig::default();
     config.connection.keepalive_interval = Duration::from_secs(1);
     config.connection.keepalive_timeout = Duration::from_secs(3);
-    let (lab, _probe) = lab();
-    let (listener, connector) = memory::listen();
-    tokio::spawn(
-        Server::new(config)
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
+    let (server, _probe) = serve_lab(Transport::Memory, config).await;
     let mut config = ClientConfig::default();
     config.connection.keepalive_interval = Duration::from_secs(1);
     config.connection.keepalive_timeout = Duration::from_secs(3);
-    let client = Client::connect(connector, config).await.unwrap();
+    let client = server.client(config).await;
 
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(client.is_connected());

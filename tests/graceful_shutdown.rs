@@ -4,32 +4,22 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Event, answer, args, lab};
-use courier::connection::{self, ConnectionConfig};
+use common::{Event, Transport, answer, args, lab, serve_until, timeout, wait_for};
 use courier::frame::{Frame, GoAway, Request, Status};
-use courier::transport::{Connector, TcpConnector, memory};
-use courier::{CallOptions, Client, ClientConfig, RpcError, Server, ServerConfig};
-use tokio::net::TcpListener;
+use courier::{ClientConfig, RpcError, Server, ServerConfig};
 use tokio_util::sync::CancellationToken;
-
-fn timeout(d: Duration) -> CallOptions {
-    CallOptions::default().with_timeout(d)
-}
 
 #[tokio::test]
 async fn graceful_shutdown_lets_an_in_flight_call_finish_and_refuses_new_connections() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let (lab, mut probe) = lab();
     let stop = CancellationToken::new();
-    let serving = tokio::spawn(
-        Server::new(ServerConfig::default())
-            .add_service(lab)
-            .serve(listener, stop.clone().cancelled_owned()),
-    );
-    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
-        .await
-        .unwrap();
+    let (server, serving) = serve_until(
+        Transport::Tcp,
+        Server::new(ServerConfig::default()).add_service(lab),
+        stop.clone().cancelled_owned(),
+    )
+    .await;
+    let client = server.client(ClientConfig::default()).await;
 
     let in_flight = tokio::spawn({
         let client = client.clone();
@@ -43,14 +33,13 @@ async fn graceful_shutdown_lets_an_in_flight_call_finish_and_refuses_new_connect
 
     stop.cancel();
     // The client hears the go-away and retires the connection for new calls.
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    wait_for("the client to hear of the shutdown", || {
+        !client.is_connected()
     })
-    .await
-    .expect("the client never heard of the shutdown");
-    let refused = tokio::net::TcpStream::connect(addr).await.unwrap_err();
+    .await;
+    let refused = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .unwrap_err();
     assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     let err = client
         .call(
@@ -81,19 +70,17 @@ async fn graceful_shutdown_lets_an_in_flight_call_finish_and_refuses_new_connect
 
 #[tokio::test(start_paused = true)]
 async fn calls_still_running_after_the_grace_period_are_aborted() {
-    let (listener, connector) = memory::listen();
     let (lab, mut probe) = lab();
     let stop = CancellationToken::new();
     let mut config = ServerConfig::default();
     config.shutdown_grace = Duration::from_secs(5);
-    let serving = tokio::spawn(
-        Server::new(config)
-            .add_service(lab)
-            .serve(listener, stop.clone().cancelled_owned()),
-    );
-    let client = Client::connect(connector, ClientConfig::default())
-        .await
-        .unwrap();
+    let (server, serving) = serve_until(
+        Transport::Memory,
+        Server::new(config).add_service(lab),
+        stop.clone().cancelled_owned(),
+    )
+    .await;
+    let client = server.client(ClientConfig::default()).await;
 
     let stuck = tokio::spawn(async move {
         client
@@ -113,18 +100,17 @@ async fn calls_still_running_after_the_grace_period_are_aborted() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_arriving_while_the_server_drains_is_refused_as_shutting_down() {
-    let (listener, connector) = memory::listen();
     let (lab, mut probe) = lab();
     let stop = CancellationToken::new();
-    tokio::spawn(
-        Server::new(ServerConfig::default())
-            .add_service(lab)
-            .serve(listener, stop.clone().cancelled_owned()),
-    );
+    let (server, _serving) = serve_until(
+        Transport::Memory,
+        Server::new(ServerConfig::default()).add_service(lab),
+        stop.clone().cancelled_owned(),
+    )
+    .await;
 
     // A raw connection, to send a request after the go-away as a careless client might.
-    let (io, _) = connector.connect().await.unwrap();
-    let (mut reader, sender) = connection::start(io, &ConnectionConfig::default());
+    let (mut reader, sender) = server.raw_peer().await;
     let request = |id| {
         Frame::Request(Request {
             id,

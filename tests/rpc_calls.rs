@@ -5,66 +5,22 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Event, Whoami, answer, args, lab};
+use common::{
+    Event, Transport, Whoami, answer, args, lab, lab_client, no_options, serve, serve_and_connect,
+    timeout,
+};
 use courier::frame::Status;
-use courier::transport::{TcpConnector, memory};
-use courier::{CallOptions, Client, ClientConfig, Metadata, RpcError, Server, ServerConfig};
+use courier::{CallOptions, ClientConfig, Metadata, RpcError, Server, ServerConfig};
 
-fn no_options() -> CallOptions {
-    CallOptions::default()
-}
+on_every_transport!(a_call_is_answered);
 
-async fn memory_client(server: Server, config: ClientConfig) -> Client {
-    let (listener, connector) = memory::listen();
-    tokio::spawn(server.serve(listener, std::future::pending()));
-    Client::connect(connector, config).await.unwrap()
-}
-
-#[tokio::test]
-async fn a_call_is_answered_over_tcp() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = Server::new(ServerConfig::default()).add_service(lab().0);
-    tokio::spawn(server.serve(listener, std::future::pending()));
-
-    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
-        .await
-        .unwrap();
+async fn a_call_is_answered(transport: Transport) {
+    let (client, _probe) = lab_client(transport, ServerConfig::default()).await;
     let out = client
         .call("Lab.double", args(&21u64), &no_options())
         .await
         .unwrap();
     assert_eq!(answer::<u64>(&out), 42);
-}
-
-#[cfg(unix)]
-#[tokio::test]
-async fn a_call_is_answered_over_a_unix_socket() {
-    let path = std::env::temp_dir().join(format!("courier-test-{}.sock", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    let server = Server::new(ServerConfig::default()).add_service(lab().0);
-    tokio::spawn(server.serve(listener, std::future::pending()));
-
-    let connector = courier::transport::UnixConnector::new(&path);
-    let client = Client::connect(connector, ClientConfig::default())
-        .await
-        .unwrap();
-    let out = client
-        .call("Lab.double", args(&4u64), &no_options())
-        .await
-        .unwrap();
-    assert_eq!(answer::<u64>(&out), 8);
-    let _ = std::fs::remove_file(&path);
-}
-
-#[tokio::test]
-async fn a_call_is_answered_in_memory() {
-    let client = memory_client(
-        Server::new(ServerConfig::default()).add_service(lab().0),
-        ClientConfig::default(),
-    )
-    .await;
     let out = client
         .call("Lab.echo", Bytes::from_static(b"ping"), &no_options())
         .await
@@ -75,30 +31,16 @@ async fn a_call_is_answered_in_memory() {
 #[tokio::test]
 async fn ten_thousand_calls_in_flight_on_one_connection_each_get_their_own_answer() {
     const CALLS: u64 = 10_000;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (lab, mut probe) = lab();
     let mut config = ServerConfig::default();
     config.max_calls_in_flight = CALLS as usize;
-    tokio::spawn(
-        Server::new(config)
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
-    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
-        .await
-        .unwrap();
+    let (client, mut probe) = lab_client(Transport::Tcp, config).await;
 
     let mut calls = tokio::task::JoinSet::new();
     for tag in 0..CALLS {
         let client = client.clone();
         calls.spawn(async move {
             let out = client
-                .call(
-                    "Lab.hold",
-                    args(&tag),
-                    &CallOptions::default().with_timeout(Duration::from_secs(60)),
-                )
+                .call("Lab.hold", args(&tag), &timeout(Duration::from_secs(60)))
                 .await
                 .unwrap();
             (tag, answer::<u64>(&out))
@@ -120,11 +62,7 @@ async fn ten_thousand_calls_in_flight_on_one_connection_each_get_their_own_answe
 
 #[tokio::test]
 async fn unknown_service_and_method_get_error_answers_and_the_connection_stays_usable() {
-    let client = memory_client(
-        Server::new(ServerConfig::default()).add_service(lab().0),
-        ClientConfig::default(),
-    )
-    .await;
+    let (client, _probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
 
     let err = client
         .call("Nope.x", Bytes::new(), &no_options())
@@ -160,11 +98,7 @@ async fn unknown_service_and_method_get_error_answers_and_the_connection_stays_u
 
 #[tokio::test]
 async fn arguments_that_do_not_decode_get_a_bad_request_answer() {
-    let client = memory_client(
-        Server::new(ServerConfig::default()).add_service(lab().0),
-        ClientConfig::default(),
-    )
-    .await;
+    let (client, _probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
     let err = client
         .call("Lab.double", Bytes::from_static(b"\xff\xff"), &no_options())
         .await
@@ -177,11 +111,7 @@ async fn arguments_that_do_not_decode_get_a_bad_request_answer() {
 
 #[tokio::test]
 async fn a_panicking_handler_is_an_internal_error_and_the_connection_stays_usable() {
-    let client = memory_client(
-        Server::new(ServerConfig::default()).add_service(lab().0),
-        ClientConfig::default(),
-    )
-    .await;
+    let (client, _probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
     // At once (the server's first, inline poll) and after waiting (in the call's task).
     for method in ["Lab.panic", "Lab.panic_later"] {
         let err = client
@@ -206,10 +136,12 @@ async fn client_and_call_metadata_reach_the_handler_with_the_call_context() {
     metadata.insert("authorization", "Bearer client");
     let mut config = ClientConfig::default();
     config.metadata = metadata;
-    let client = memory_client(
+    let client = serve(
+        Transport::Memory,
         Server::new(ServerConfig::default()).add_service(lab().0),
-        config,
     )
+    .await
+    .client(config)
     .await;
 
     let options = CallOptions::default()
@@ -257,7 +189,7 @@ async fn one_server_hosts_several_services() {
     let server = Server::new(ServerConfig::default())
         .add_service(lab().0)
         .add_service(Upper);
-    let client = memory_client(server, ClientConfig::default()).await;
+    let client = serve_and_connect(Transport::Memory, server).await;
     let out = client
         .call("Upper.upper", Bytes::from_static(b"abc"), &no_options())
         .await
@@ -272,16 +204,7 @@ async fn one_server_hosts_several_services() {
 
 #[tokio::test]
 async fn client_clones_share_one_connection() {
-    let (listener, connector) = memory::listen();
-    let (lab, _probe) = lab();
-    tokio::spawn(
-        Server::new(ServerConfig::default())
-            .add_service(lab)
-            .serve(listener, std::future::pending()),
-    );
-    let client = Client::connect(connector, ClientConfig::default())
-        .await
-        .unwrap();
+    let (client, _probe) = lab_client(Transport::Memory, ServerConfig::default()).await;
     let a = client
         .call("Lab.whoami", args(&()), &no_options())
         .await

@@ -1,11 +1,18 @@
-//! Generated clients and servers, over TCP and in memory.
+//! Generated clients and servers, on every transport.
+
+mod common;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use courier::transport::{TcpConnector, memory};
-use courier::{CallContext, Client, ClientConfig, ProtocolError, RpcError, Server, ServerConfig};
-use tokio::sync::{Notify, mpsc};
+use common::{Event, Probe, Reporter, Transport, probe, serve_and_connect};
+use courier::{CallContext, ProtocolError, RpcError, Server, ServerConfig};
+
+on_every_transport!(
+    typed_application_errors_round_trip,
+    call_metadata_reaches_the_handler,
+    a_deadline_or_a_dropped_call_stops_the_handler,
+);
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 enum KvError {
@@ -20,7 +27,7 @@ trait Kv {
     async fn put(&self, key: String, value: Vec<u8>) -> Option<Vec<u8>>;
     /// The value under `key`, or the service's own error.
     async fn get(&self, ctx: &CallContext, key: String) -> Result<Vec<u8>, KvError>;
-    /// Waits until released or aborted, reporting both.
+    /// Waits until released, watched by the probe.
     async fn wait(&self, tag: u32) -> u32;
     async fn clear(&self);
 }
@@ -28,16 +35,18 @@ trait Kv {
 #[derive(Default)]
 struct Store {
     map: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
-    release: Notify,
-    events: Option<mpsc::UnboundedSender<&'static str>>,
+    reporter: Reporter,
 }
 
-struct OnDrop(Option<mpsc::UnboundedSender<&'static str>>);
-impl Drop for OnDrop {
-    fn drop(&mut self) {
-        if let Some(tx) = &self.0 {
-            let _ = tx.send("dropped");
-        }
+impl Store {
+    /// A store whose `wait` handlers the returned probe watches and releases.
+    fn watched() -> (Arc<Store>, Probe) {
+        let (reporter, probe) = probe();
+        let store = Store {
+            reporter,
+            ..Store::default()
+        };
+        (Arc::new(store), probe)
     }
 }
 
@@ -59,11 +68,8 @@ impl Kv for Arc<Store> {
     }
 
     async fn wait(&self, tag: u32) -> u32 {
-        let _guard = OnDrop(self.events.clone());
-        if let Some(tx) = &self.events {
-            let _ = tx.send("started");
-        }
-        self.release.notified().await;
+        let reporter = &self.reporter;
+        reporter.watch(tag.into(), reporter.held()).await;
         tag
     }
 
@@ -72,35 +78,14 @@ impl Kv for Arc<Store> {
     }
 }
 
-enum Transport {
-    Tcp,
-    Memory,
+/// A Kv client of `service`, served on `transport`.
+async fn kv_client(transport: Transport, service: impl courier::Service) -> KvClient {
+    let server = Server::new(ServerConfig::default()).add_service(service);
+    KvClient::new(serve_and_connect(transport, server).await)
 }
 
-async fn start(transport: Transport, store: Arc<Store>) -> KvClient {
-    let server = Server::new(ServerConfig::default()).add_service(KvService::new(store));
-    let client = match transport {
-        Transport::Tcp => {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            tokio::spawn(server.serve(listener, std::future::pending()));
-            Client::connect(TcpConnector::from(addr), ClientConfig::default())
-                .await
-                .unwrap()
-        }
-        Transport::Memory => {
-            let (listener, connector) = memory::listen();
-            tokio::spawn(server.serve(listener, std::future::pending()));
-            Client::connect(connector, ClientConfig::default())
-                .await
-                .unwrap()
-        }
-    };
-    KvClient::new(client)
-}
-
-async fn typed_errors_round_trip(transport: Transport) {
-    let kv = start(transport, Arc::default()).await;
+async fn typed_application_errors_round_trip(transport: Transport) {
+    let kv = kv_client(transport, KvService::new(Arc::default())).await;
     assert_eq!(kv.put("a".into(), b"1".to_vec()).await.unwrap(), None);
     assert_eq!(
         kv.put("a".into(), b"2".to_vec()).await.unwrap(),
@@ -119,18 +104,8 @@ async fn typed_errors_round_trip(transport: Transport) {
     );
 }
 
-#[tokio::test]
-async fn typed_application_errors_round_trip_over_tcp() {
-    typed_errors_round_trip(Transport::Tcp).await;
-}
-
-#[tokio::test]
-async fn typed_application_errors_round_trip_in_memory() {
-    typed_errors_round_trip(Transport::Memory).await;
-}
-
-async fn metadata_reaches_the_handler(transport: Transport) {
-    let kv = start(transport, Arc::default()).await;
+async fn call_metadata_reaches_the_handler(transport: Transport) {
+    let kv = kv_client(transport, KvService::new(Arc::default())).await;
     kv.put("k".into(), vec![1]).await.unwrap();
     assert_eq!(
         kv.with_metadata("role", "guest")
@@ -153,23 +128,9 @@ async fn metadata_reaches_the_handler(transport: Transport) {
     );
 }
 
-#[tokio::test]
-async fn call_metadata_reaches_the_handler_over_tcp() {
-    metadata_reaches_the_handler(Transport::Tcp).await;
-}
-
-#[tokio::test]
-async fn call_metadata_reaches_the_handler_in_memory() {
-    metadata_reaches_the_handler(Transport::Memory).await;
-}
-
-async fn deadline_and_cancel(transport: Transport) {
-    let (tx, mut events) = mpsc::unbounded_channel();
-    let store = Arc::new(Store {
-        events: Some(tx),
-        ..Store::default()
-    });
-    let kv = start(transport, store.clone()).await;
+async fn a_deadline_or_a_dropped_call_stops_the_handler(transport: Transport) {
+    let (store, mut probe) = Store::watched();
+    let kv = kv_client(transport, KvService::new(store)).await;
 
     // A deadline: the call times out and the handler is aborted.
     let err = kv
@@ -181,36 +142,27 @@ async fn deadline_and_cancel(transport: Transport) {
         matches!(&err, RpcError::Timeout { method, .. } if method == KvClient::WAIT),
         "{err}"
     );
-    assert_eq!(events.recv().await, Some("started"));
-    assert_eq!(events.recv().await, Some("dropped"));
+    assert_eq!(probe.next().await, Event::Started(1));
+    assert_eq!(probe.next().await, Event::Aborted(1));
 
     // A dropped call: the cancel reaches the server, which aborts the handler.
     let call = tokio::spawn({
         let kv = kv.clone();
         async move { kv.wait(2).await }
     });
-    assert_eq!(events.recv().await, Some("started"));
+    assert_eq!(probe.next().await, Event::Started(2));
     call.abort();
-    assert_eq!(events.recv().await, Some("dropped"));
+    assert_eq!(probe.next().await, Event::Aborted(2));
 
     // And a call let through answers.
     let call = tokio::spawn({
         let kv = kv.clone();
         async move { kv.wait(3).await }
     });
-    assert_eq!(events.recv().await, Some("started"));
-    store.release.notify_one();
+    assert_eq!(probe.next().await, Event::Started(3));
+    probe.release(1);
     assert_eq!(call.await.unwrap().unwrap(), 3);
-}
-
-#[tokio::test]
-async fn deadline_and_cancel_on_drop_stop_the_handler_over_tcp() {
-    deadline_and_cancel(Transport::Tcp).await;
-}
-
-#[tokio::test]
-async fn deadline_and_cancel_on_drop_stop_the_handler_in_memory() {
-    deadline_and_cancel(Transport::Memory).await;
+    assert_eq!(probe.next().await, Event::Finished(3));
 }
 
 #[tokio::test]
@@ -229,17 +181,7 @@ async fn an_answer_of_the_wrong_shape_is_a_protocol_error_not_a_panic() {
             })
         }
     }
-    let (listener, connector) = memory::listen();
-    tokio::spawn(
-        Server::new(ServerConfig::default())
-            .add_service(Liar)
-            .serve(listener, std::future::pending()),
-    );
-    let kv = KvClient::new(
-        Client::connect(connector, ClientConfig::default())
-            .await
-            .unwrap(),
-    );
+    let kv = kv_client(Transport::Memory, Liar).await;
     let err = kv.get("k".into()).await.unwrap_err();
     assert!(
         matches!(&err, RpcError::Protocol(ProtocolError::InvalidPayload { what: "response", method, .. }) if method == "Kv.get"),
@@ -249,7 +191,7 @@ async fn an_answer_of_the_wrong_shape_is_a_protocol_error_not_a_panic() {
 
 #[tokio::test]
 async fn arguments_of_the_wrong_shape_get_a_bad_request_answer() {
-    let kv = start(Transport::Memory, Arc::default()).await;
+    let kv = kv_client(Transport::Memory, KvService::new(Arc::default())).await;
     let raw = kv
         .client()
         .call(

@@ -1,68 +1,44 @@
-//! A hand-written service for behaviour tests, in the shape `#[courier::service]` generates,
-//! with probes that let a test see handlers start, finish and be aborted.
+//! What the behaviour tests share: a hand-written service in the shape
+//! `#[courier::service]` generates (the Lab), the probe that lets a test see handlers
+//! start, finish and be aborted ([`probe`]), servers and clients on every transport and
+//! raw framed peers ([`transport`]), and small call helpers.
 
 #![allow(dead_code, unreachable_pub)]
 
-use std::sync::Arc;
+pub mod probe;
+pub mod transport;
+
 use std::time::Duration;
 
 use bytes::Bytes;
-use courier::{Bincode, CallContext, CallFuture, Format, Service, ServiceError};
+use courier::{Bincode, CallContext, CallFuture, CallOptions, Format, Service, ServiceError};
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::sync::{Semaphore, mpsc};
 
-/// What a handler did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
-    Started(u64),
-    Finished(u64),
-    /// Dropped before it finished: aborted by a cancel, a deadline or a shutdown.
-    Aborted(u64),
-}
+// What each test crate uses of these differs; the rest is unused there.
+#[allow(unused_imports)]
+pub use probe::{Event, Probe, Reporter, probe};
+#[allow(unused_imports)]
+pub use transport::{
+    Endpoint, RawReader, Transport, lab_client, raw_peer, serve, serve_and_connect, serve_lab,
+    serve_until,
+};
 
 /// The service. Methods:
 /// * `echo(Bytes) -> Bytes` (raw payload, no format)
 /// * `double(u64) -> u64`
-/// * `hold(tag) -> tag`: waits for a permit of the probe's gate
-/// * `sleep((tag, ms)) -> tag`
+/// * `hold(tag) -> tag`: waits for a permit of the probe's gate, watched by the probe
+/// * `sleep((tag, ms)) -> tag`: watched by the probe
 /// * `whoami() -> Whoami`
 /// * `panic()`
 /// * `big(n) -> Bytes` of n bytes (raw)
 #[derive(Clone)]
 pub struct Lab {
-    events: mpsc::UnboundedSender<Event>,
-    gate: Arc<Semaphore>,
-}
-
-/// The test's side of a [`Lab`].
-pub struct Probe {
-    pub events: mpsc::UnboundedReceiver<Event>,
-    pub gate: Arc<Semaphore>,
-}
-
-impl Probe {
-    pub async fn next(&mut self) -> Event {
-        tokio::time::timeout(Duration::from_secs(30), self.events.recv())
-            .await
-            .expect("no handler event within 30 s")
-            .expect("lab dropped")
-    }
-
-    pub fn release(&self, n: usize) {
-        self.gate.add_permits(n);
-    }
+    reporter: Reporter,
 }
 
 pub fn lab() -> (Lab, Probe) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let gate = Arc::new(Semaphore::new(0));
-    (
-        Lab {
-            events: tx,
-            gate: gate.clone(),
-        },
-        Probe { events: rx, gate },
-    )
+    let (reporter, probe) = probe();
+    (Lab { reporter }, probe)
 }
 
 #[derive(Debug, serde::Serialize, serde::Deserialize, PartialEq)]
@@ -71,36 +47,6 @@ pub struct Whoami {
     pub peer: String,
     pub request_id: u64,
     pub time_left_ms: Option<u64>,
-}
-
-/// Reports `Aborted` when dropped before `finish`.
-struct Watch {
-    tag: u64,
-    events: mpsc::UnboundedSender<Event>,
-    done: bool,
-}
-
-impl Watch {
-    fn start(tag: u64, events: &mpsc::UnboundedSender<Event>) -> Self {
-        let _ = events.send(Event::Started(tag));
-        Watch {
-            tag,
-            events: events.clone(),
-            done: false,
-        }
-    }
-    fn finish(mut self) {
-        self.done = true;
-        let _ = self.events.send(Event::Finished(self.tag));
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = self.events.send(Event::Aborted(self.tag));
-        }
-    }
 }
 
 fn typed<A, R, Fut>(payload: Bytes, f: impl FnOnce(A) -> Fut + Send + 'static) -> CallFuture
@@ -125,21 +71,18 @@ impl Service for Lab {
     }
 
     fn call(&self, method: &str, ctx: CallContext, payload: Bytes) -> CallFuture {
-        let events = self.events.clone();
-        let gate = self.gate.clone();
+        let reporter = self.reporter.clone();
         match method {
             "echo" => Box::pin(async move { Ok(payload) }),
             "double" => typed(payload, |n: u64| async move { n * 2 }),
             "hold" => typed(payload, move |tag: u64| async move {
-                let watch = Watch::start(tag, &events);
-                gate.acquire().await.expect("gate closed").forget();
-                watch.finish();
+                reporter.watch(tag, reporter.held()).await;
                 tag
             }),
             "sleep" => typed(payload, move |(tag, ms): (u64, u64)| async move {
-                let watch = Watch::start(tag, &events);
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                watch.finish();
+                reporter
+                    .watch(tag, tokio::time::sleep(Duration::from_millis(ms)))
+                    .await;
                 tag
             }),
             "whoami" => typed(payload, move |(): ()| async move {
@@ -188,4 +131,25 @@ pub fn init_tracing() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
+}
+
+/// Call options with no deadline of their own (the client's default applies).
+pub fn no_options() -> CallOptions {
+    CallOptions::default()
+}
+
+/// Call options with a deadline `d` from now.
+pub fn timeout(d: Duration) -> CallOptions {
+    CallOptions::default().with_timeout(d)
+}
+
+/// Waits until `condition` holds, checking every 5 ms; fails naming `what` after 10 s.
+pub async fn wait_for(what: &str, condition: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }

@@ -7,6 +7,7 @@
 //! `--sub-capacity` messages, as nats-bench's do, so nothing is dropped client-side while
 //! the subscriber keeps up. Lost messages are counted, never hidden.
 
+use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +17,7 @@ use mq_transport::{Bus, ConnectOptions, Event, Message, Subscriber};
 use rpc_core::Utf8Bytes;
 use serde_json::{Value, json};
 
-use super::{Caller, ChildServer, Report, fields, progress, whole};
+use super::{Caller, ChildServer, Report, fields, progress, selected, whole};
 use crate::bench::rpc::check;
 
 /// nats-bench's flags, same defaults.
@@ -65,8 +66,42 @@ pub(crate) struct BusFlags {
 }
 
 impl BusFlags {
-    fn wants(&self, scenario: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    fn wants(&self, scenario: BusScenario) -> bool {
+        selected(&self.only, scenario.as_str())
+    }
+}
+
+/// nats-bench's scenarios, in the order they run (per size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BusScenario {
+    /// One publisher, one subscriber.
+    PubSub1To1,
+    /// One publisher, `--fanout` subscribers.
+    FanOut1ToN,
+    /// One request at a time, one responder.
+    ReqSeq,
+    /// `--inflight` requests in flight, one responder.
+    ReqConcurrent,
+    /// `--inflight` requests in flight, two responders in a queue group.
+    ReqQueueGroup,
+}
+
+impl BusScenario {
+    /// Its name: in `--only`, in the `"scenario"` field and in the table.
+    fn as_str(self) -> &'static str {
+        match self {
+            BusScenario::PubSub1To1 => "pubsub_1to1",
+            BusScenario::FanOut1ToN => "fanout_1toN",
+            BusScenario::ReqSeq => "req_seq",
+            BusScenario::ReqConcurrent => "req_concurrent",
+            BusScenario::ReqQueueGroup => "req_queue_group",
+        }
+    }
+}
+
+impl fmt::Display for BusScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -132,7 +167,10 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
             flags.counts.len()
         ));
     }
-    for (scenario, subscribers) in [("pubsub_1to1", 1), ("fanout_1toN", flags.fanout)] {
+    for (scenario, subscribers) in [
+        (BusScenario::PubSub1To1, 1),
+        (BusScenario::FanOut1ToN, flags.fanout),
+    ] {
         if !flags.wants(scenario) {
             continue;
         }
@@ -143,9 +181,9 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
     }
     for &size in &flags.req_sizes {
         for (scenario, responders) in [
-            ("req_seq", 1),
-            ("req_concurrent", 1),
-            ("req_queue_group", 2),
+            (BusScenario::ReqSeq, 1),
+            (BusScenario::ReqConcurrent, 1),
+            (BusScenario::ReqQueueGroup, 2),
         ] {
             if flags.wants(scenario) {
                 let line = request_reply(&flags, scenario, responders, size).await?;
@@ -186,7 +224,7 @@ async fn receive(mut sub: Subscriber, expected: usize, size: usize) -> Result<Re
 
 async fn pubsub(
     flags: &BusFlags,
-    scenario: &str,
+    scenario: BusScenario,
     subscribers: usize,
     size: usize,
     count: usize,
@@ -246,7 +284,7 @@ async fn pubsub(
     let expected = count * subscribers;
     Ok(fields(json!({
         "system": "courier",
-        "scenario": scenario,
+        "scenario": scenario.as_str(),
         "payload_bytes": size,
         "published": count,
         "publish_msgs_per_s": whole(count as f64 / publish_elapsed.as_secs_f64()),
@@ -286,7 +324,7 @@ impl Caller for Requester {
 
 async fn request_reply(
     flags: &BusFlags,
-    scenario: &str,
+    scenario: BusScenario,
     responders: usize,
     size: usize,
 ) -> Result<serde_json::Map<String, Value>, String> {
@@ -323,13 +361,12 @@ async fn request_reply(
     };
     events.watch(&requester.bus);
     let bar = progress(format!("bus {scenario} {size} B"));
-    let (mut measured, in_flight) = if scenario == "req_seq" {
-        (
+    let (mut measured, in_flight) = match scenario {
+        BusScenario::ReqSeq => (
             super::sequential(&requester, flags.seq_warmup, flags.seq_count, &bar).await?,
             1,
-        )
-    } else {
-        (
+        ),
+        _ => (
             super::concurrent(
                 std::slice::from_ref(&requester),
                 flags.inflight,
@@ -339,13 +376,13 @@ async fn request_reply(
             )
             .await?,
             flags.inflight,
-        )
+        ),
     };
     bar.finish_and_clear();
     let served: Vec<u64> = served.iter().map(|c| c.load(Ordering::Relaxed)).collect();
     Ok(fields(json!({
         "system": "courier",
-        "scenario": scenario,
+        "scenario": scenario.as_str(),
         "payload_bytes": size,
         "requests": measured.calls,
         "req_per_s": whole(measured.rate()),

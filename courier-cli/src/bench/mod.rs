@@ -12,6 +12,7 @@ pub(crate) mod bus;
 pub(crate) mod raw;
 pub(crate) mod rpc;
 
+use std::fmt;
 use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -60,8 +61,64 @@ pub(crate) struct RpcFlags {
 }
 
 impl RpcFlags {
-    pub(crate) fn wants(&self, scenario: &str) -> bool {
-        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    pub(crate) fn wants(&self, scenario: RpcScenario) -> bool {
+        selected(&self.only, scenario.as_str())
+    }
+
+    /// Connections `scenario` calls on.
+    pub(crate) fn connections(&self, scenario: RpcScenario) -> usize {
+        match scenario {
+            RpcScenario::MultiConn => self.conns.max(1),
+            RpcScenario::Seq | RpcScenario::Concurrent => 1,
+        }
+    }
+
+    /// Calls `scenario` keeps in flight on each connection.
+    pub(crate) fn in_flight_per_conn(&self, scenario: RpcScenario) -> usize {
+        match scenario {
+            RpcScenario::Seq => 1,
+            RpcScenario::Concurrent | RpcScenario::MultiConn => self.inflight,
+        }
+    }
+}
+
+/// Whether `--only` (`only`) selects the scenario named `name`: all are selected when it
+/// is empty.
+pub(crate) fn selected(only: &[String], name: &str) -> bool {
+    only.is_empty() || only.iter().any(|s| s == name)
+}
+
+/// The scenarios of `bench rpc` and `bench raw`, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RpcScenario {
+    /// One call at a time on one connection.
+    Seq,
+    /// `--inflight` calls in flight on one connection.
+    Concurrent,
+    /// `--inflight` calls in flight on each of `--conns` connections.
+    MultiConn,
+}
+
+impl RpcScenario {
+    pub(crate) const ALL: [RpcScenario; 3] = [
+        RpcScenario::Seq,
+        RpcScenario::Concurrent,
+        RpcScenario::MultiConn,
+    ];
+
+    /// Its name: in `--only`, in the `"scenario"` field and in the table.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            RpcScenario::Seq => "seq",
+            RpcScenario::Concurrent => "concurrent",
+            RpcScenario::MultiConn => "multi_conn",
+        }
+    }
+}
+
+impl fmt::Display for RpcScenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

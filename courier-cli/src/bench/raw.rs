@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use super::{Caller, Report, RpcFlags, progress};
-use crate::bench::rpc::{check, line, measure};
+use super::{Caller, Report, RpcFlags, RpcScenario, progress};
+use crate::bench::rpc::{System, check, line, measure};
 
 /// `courier bench serve-raw ADDR`: the echo server, in its own process.
 pub(crate) async fn serve(addr: &str) -> Result<(), String> {
@@ -187,16 +187,12 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
     for _ in 0..flags.conns.max(1) {
         conns.push(RawConn::connect(&addr).await?);
     }
-    for scenario in ["seq", "concurrent", "multi_conn"] {
+    for scenario in RpcScenario::ALL {
         if !flags.wants(scenario) {
             continue;
         }
         for &size in &flags.sizes {
-            let n = if scenario == "multi_conn" {
-                flags.conns.max(1)
-            } else {
-                1
-            };
+            let n = flags.connections(scenario);
             let callers: Vec<RawCaller> = conns[..n]
                 .iter()
                 .map(|conn| RawCaller {
@@ -208,7 +204,7 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
             let measured = measure(&flags, scenario, &callers, &bar).await?;
             bar.finish_and_clear();
             report.line(
-                line("courier-raw", scenario, size, n, &flags, measured, None),
+                line(System::Raw, scenario, size, n, &flags, measured, None),
                 "calls_per_s",
             );
         }

@@ -1,11 +1,14 @@
 //! `courier bench rpc`: tarpc-bench's workload on a `#[courier::service]` echo.
 
+use std::fmt;
+use std::future::Future;
+
 use bytes::Bytes;
 use courier::transport::TcpConnector;
-use courier::{Client, ClientConfig, Server, ServerConfig};
+use courier::{Client, ClientConfig, RpcError, Server, ServerConfig};
 use serde_json::json;
 
-use super::{Caller, Measured, Report, RpcFlags, fields, progress, whole};
+use super::{Caller, Measured, Report, RpcFlags, RpcScenario, fields, progress, whole};
 
 /// The peers' service: `echo(Vec<u8>) -> Vec<u8>`.
 #[courier::service(crate = "courier")]
@@ -49,37 +52,108 @@ pub(crate) async fn serve(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("server failed: {e}"))
 }
 
-#[derive(Clone)]
-struct VecCaller {
-    client: EchoClient,
-    payload: Vec<u8>,
+/// The argument type `bench rpc` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Argument {
+    /// `Echo`: `Vec<u8>`.
+    Vec,
+    /// `EchoBytes`: `Bytes`.
+    Bytes,
 }
 
-impl Caller for VecCaller {
-    async fn call(&self) -> Result<(), String> {
-        let echo = self
-            .client
-            .echo(self.payload.clone())
-            .await
-            .map_err(|e| e.to_string())?;
-        check(echo.len(), self.payload.len())
+impl Argument {
+    const ALL: [Argument; 2] = [Argument::Vec, Argument::Bytes];
+
+    /// Its name in `--arguments`.
+    fn flag(self) -> &'static str {
+        match self {
+            Argument::Vec => "vec",
+            Argument::Bytes => "bytes",
+        }
+    }
+
+    /// Its name in the `"argument"` field and in the table.
+    fn as_str(self) -> &'static str {
+        match self {
+            Argument::Vec => "Vec<u8>",
+            Argument::Bytes => "Bytes",
+        }
     }
 }
 
-#[derive(Clone)]
-struct BytesCaller {
-    client: EchoBytesClient,
-    payload: Bytes,
+impl fmt::Display for Argument {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
-impl Caller for BytesCaller {
+/// A generated echo client: [`EchoClient`] (`Vec<u8>`) or [`EchoBytesClient`] (`Bytes`).
+trait EchoStub: Clone + Send + Sync + 'static {
+    /// What its `echo` takes and returns.
+    type Data: From<Vec<u8>> + AsRef<[u8]> + Clone + Send + Sync + 'static;
+
+    /// The client calling over `client`.
+    fn over(client: Client) -> Self;
+
+    /// Its `echo` call.
+    fn send_echo(
+        &self,
+        data: Self::Data,
+    ) -> impl Future<Output = Result<Self::Data, RpcError>> + Send;
+}
+
+impl EchoStub for EchoClient {
+    type Data = Vec<u8>;
+
+    fn over(client: Client) -> Self {
+        EchoClient::new(client)
+    }
+
+    fn send_echo(&self, data: Vec<u8>) -> impl Future<Output = Result<Vec<u8>, RpcError>> + Send {
+        self.echo(data)
+    }
+}
+
+impl EchoStub for EchoBytesClient {
+    type Data = Bytes;
+
+    fn over(client: Client) -> Self {
+        EchoBytesClient::new(client)
+    }
+
+    fn send_echo(&self, data: Bytes) -> impl Future<Output = Result<Bytes, RpcError>> + Send {
+        self.echo(data)
+    }
+}
+
+/// Echoes a fixed payload through a generated client.
+#[derive(Clone)]
+struct EchoCaller<S: EchoStub> {
+    client: S,
+    payload: S::Data,
+}
+
+impl<S: EchoStub> EchoCaller<S> {
+    /// One caller per client, each with its own payload of `size` bytes.
+    fn each(clients: &[Client], size: usize) -> Vec<EchoCaller<S>> {
+        clients
+            .iter()
+            .map(|c| EchoCaller {
+                client: S::over(c.clone()),
+                payload: vec![0xAB; size].into(),
+            })
+            .collect()
+    }
+}
+
+impl<S: EchoStub> Caller for EchoCaller<S> {
     async fn call(&self) -> Result<(), String> {
         let echo = self
             .client
-            .echo(self.payload.clone())
+            .send_echo(self.payload.clone())
             .await
             .map_err(|e| e.to_string())?;
-        check(echo.len(), self.payload.len())
+        check(echo.as_ref().len(), self.payload.as_ref().len())
     }
 }
 
@@ -104,50 +178,38 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
     for _ in 0..flags.conns.max(1) {
         clients.push(connect(&addr).await?);
     }
-    for argument in ["Vec<u8>", "Bytes"] {
-        let short = if argument == "Bytes" { "bytes" } else { "vec" };
-        if !flags.arguments.iter().any(|a| a == short) {
+    for argument in Argument::ALL {
+        if !flags.arguments.iter().any(|a| a == argument.flag()) {
             continue;
         }
-        for scenario in ["seq", "concurrent", "multi_conn"] {
+        for scenario in RpcScenario::ALL {
             if !flags.wants(scenario) {
                 continue;
             }
             for &size in &flags.sizes {
-                let conns = match scenario {
-                    "multi_conn" => flags.conns.max(1),
-                    _ => 1,
-                };
+                let conns = flags.connections(scenario);
+                let clients = &clients[..conns];
                 let bar = progress(format!("rpc {scenario} {size} B {argument}"));
-                let measured = if argument == "Vec<u8>" {
-                    let callers: Vec<VecCaller> = clients[..conns]
-                        .iter()
-                        .map(|c| VecCaller {
-                            client: EchoClient::new(c.clone()),
-                            payload: vec![0xAB; size],
-                        })
-                        .collect();
-                    measure(&flags, scenario, &callers, &bar).await?
-                } else {
-                    let callers: Vec<BytesCaller> = clients[..conns]
-                        .iter()
-                        .map(|c| BytesCaller {
-                            client: EchoBytesClient::new(c.clone()),
-                            payload: Bytes::from(vec![0xAB; size]),
-                        })
-                        .collect();
-                    measure(&flags, scenario, &callers, &bar).await?
+                let measured = match argument {
+                    Argument::Vec => {
+                        let callers = EchoCaller::<EchoClient>::each(clients, size);
+                        measure(&flags, scenario, &callers, &bar).await?
+                    }
+                    Argument::Bytes => {
+                        let callers = EchoCaller::<EchoBytesClient>::each(clients, size);
+                        measure(&flags, scenario, &callers, &bar).await?
+                    }
                 };
                 bar.finish_and_clear();
                 report.line(
                     line(
-                        "courier",
+                        System::Courier,
                         scenario,
                         size,
                         conns,
                         &flags,
                         measured,
-                        Some(argument),
+                        Some(argument.as_str()),
                     ),
                     "calls_per_s",
                 );
@@ -159,14 +221,16 @@ pub(crate) async fn run(flags: RpcFlags) -> Result<(), String> {
 
 pub(crate) async fn measure<C: Caller>(
     flags: &RpcFlags,
-    scenario: &str,
+    scenario: RpcScenario,
     callers: &[C],
     bar: &indicatif::ProgressBar,
 ) -> Result<Measured, String> {
     let secs = std::time::Duration::from_secs_f64;
     match scenario {
-        "seq" => super::sequential(&callers[0], flags.seq_warmup, flags.seq_calls, bar).await,
-        _ => {
+        RpcScenario::Seq => {
+            super::sequential(&callers[0], flags.seq_warmup, flags.seq_calls, bar).await
+        }
+        RpcScenario::Concurrent | RpcScenario::MultiConn => {
             super::concurrent(
                 callers,
                 flags.inflight,
@@ -179,25 +243,48 @@ pub(crate) async fn measure<C: Caller>(
     }
 }
 
+/// What an RPC bench line measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum System {
+    /// `bench rpc`.
+    Courier,
+    /// `bench raw`.
+    Raw,
+}
+
+impl System {
+    /// The `"system"` field.
+    fn as_str(self) -> &'static str {
+        match self {
+            System::Courier => "courier",
+            System::Raw => "courier-raw",
+        }
+    }
+
+    /// The `"transport"` field.
+    fn transport(self) -> &'static str {
+        match self {
+            System::Courier => "tcp (TCP_NODELAY) + courier frames + bincode 2 (serde)",
+            System::Raw => {
+                "tcp (TCP_NODELAY) + LengthDelimitedCodec, 8-byte id + payload, echoed as is"
+            }
+        }
+    }
+}
+
 /// One result line in tarpc-bench's fields.
 pub(crate) fn line(
-    system: &str,
-    scenario: &str,
+    system: System,
+    scenario: RpcScenario,
     size: usize,
     conns: usize,
     flags: &RpcFlags,
     mut m: Measured,
     argument: Option<&str>,
 ) -> serde_json::Map<String, serde_json::Value> {
-    let in_flight = if scenario == "seq" { 1 } else { flags.inflight };
-    let transport = if system == "courier" {
-        "tcp (TCP_NODELAY) + courier frames + bincode 2 (serde)"
-    } else {
-        "tcp (TCP_NODELAY) + LengthDelimitedCodec, 8-byte id + payload, echoed as is"
-    };
     let mut line = fields(json!({
-        "system": system,
-        "scenario": scenario,
+        "system": system.as_str(),
+        "scenario": scenario.as_str(),
         "payload_bytes": size,
         "calls": m.calls,
         "calls_per_s": whole(m.rate()),
@@ -205,8 +292,8 @@ pub(crate) fn line(
         "p50_us": m.percentile_us(50.0),
         "p99_us": m.percentile_us(99.0),
         "connections": conns,
-        "in_flight_per_conn": in_flight,
-        "transport": transport,
+        "in_flight_per_conn": flags.in_flight_per_conn(scenario),
+        "transport": system.transport(),
         "version": env!("CARGO_PKG_VERSION"),
     }));
     if let Some(argument) = argument {
