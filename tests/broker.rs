@@ -489,3 +489,84 @@ async fn a_subscriber_briefly_behind_on_many_small_messages_is_not_a_slow_consum
         }
     }
 }
+
+#[tokio::test]
+async fn a_broker_refuses_a_payload_limit_its_frames_cannot_carry_naming_both_settings() {
+    let mut config = BrokerConfig::default();
+    config.max_payload = 16 * 1024 * 1024; // the frame limit stays at 8 MiB
+    let error = Broker::bind_with("127.0.0.1:0", config.clone())
+        .await
+        .expect_err("a 16 MiB payload limit cannot travel in 8 MiB frames");
+    let text = error.to_string();
+    assert!(text.contains("max_payload"), "{text}");
+    assert!(text.contains("max_frame_len"), "{text}");
+
+    // Sized together, the same payload limit works end to end.
+    let broker = Broker::bind_with("127.0.0.1:0", config.with_max_payload(16 * 1024 * 1024))
+        .await
+        .unwrap();
+    let mut options = ConnectOptions::default();
+    options.connection.max_frame_len = 17 * 1024 * 1024;
+    let bus = Bus::connect_with(broker.local_addr().to_string(), options)
+        .await
+        .unwrap();
+    let mut sub = bus.subscribe("big").await.unwrap();
+    bus.publish("big", vec![7u8; 12 * 1024 * 1024])
+        .await
+        .unwrap();
+    assert_eq!(next(&mut sub).await.payload.len(), 12 * 1024 * 1024);
+}
+
+#[tokio::test]
+async fn a_subscriber_is_sent_no_frame_over_the_limit_it_stated_and_stays_connected() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let mut options = ConnectOptions::default();
+    options.connection.max_frame_len = 64 * 1024;
+    let small = Bus::connect_with(addr.clone(), options).await.unwrap();
+    let mut events = small.events();
+    let mut sub = small.subscribe("feed").await.unwrap();
+    let publisher = Bus::connect(addr).await.unwrap();
+
+    publisher
+        .publish("feed", vec![1u8; 100 * 1024])
+        .await
+        .unwrap();
+    publisher.publish("feed", "small").await.unwrap();
+    assert_eq!(&next(&mut sub).await.payload[..], b"small");
+    assert!(small.is_connected());
+    assert!(
+        events.try_recv().is_err(),
+        "no disconnect: the large message was held back, not sent to a peer that refuses it"
+    );
+    let stats = broker.stats();
+    assert_eq!(stats.messages_too_large, 1, "{stats:?}");
+}
+
+#[tokio::test]
+async fn a_publisher_is_held_to_the_frame_limit_the_broker_stated() {
+    let mut config = BrokerConfig::default();
+    config.max_payload = 64 * 1024;
+    config.connection.max_frame_len = 128 * 1024;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let publisher = Bus::connect(addr.clone()).await.unwrap(); // its own limit is 8 MiB
+    let mut events = publisher.events();
+    let subscriber = Bus::connect(addr).await.unwrap();
+    let mut sub = subscriber.subscribe("h").await.unwrap();
+
+    // A small payload under 200 KiB of headers: over the broker's frame limit.
+    let heavy = courier::bus::Message::new("h", "x").with_header("Big", vec![b'a'; 200 * 1024]);
+    let error = publisher.publish_message(heavy).await.unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            BusError::Connection(courier::ConnectionError::FrameTooLarge { limit: 131_072, .. })
+        ),
+        "{error}"
+    );
+    // Refused here, not by the broker: the connection is still up and in use.
+    publisher.publish("h", "after").await.unwrap();
+    assert_eq!(&next(&mut sub).await.payload[..], b"after");
+    assert!(events.try_recv().is_err(), "no disconnect");
+}

@@ -1,4 +1,5 @@
-//! Bus behaviour, written once and run on every backend (embedded and broker).
+//! Bus behaviour, written once and run on every backend: embedded, the broker over TCP
+//! and over in-memory connections, and (feature `nats`) nats-server.
 
 mod bus;
 
@@ -22,6 +23,8 @@ on_every_backend!(
     oversized_payload_is_refused_naming_the_limit,
     slow_subscriber_drops_and_reports_without_stalling_others,
     subscriber_is_a_stream,
+    a_reading_subscriber_gets_every_message_while_another_never_reads,
+    a_full_wildcard_subscriber_sees_only_what_applications_published,
 );
 
 /// Reads until a message with payload `end` arrives on `end_subject`; returns the subjects
@@ -370,4 +373,65 @@ async fn subscriber_is_a_stream(fx: Fixture) {
     }
     let got: Vec<u8> = sub.take(5).map(|m| m.payload[0]).collect().await;
     assert_eq!(got, [0, 1, 2, 3, 4]);
+}
+
+/// A publisher that outruns a subscriber that reads is paced to it, on the embedded bus as
+/// on the broker; a subscriber that never reads loses messages (counted), and holds up
+/// nobody for longer than the grace. NATS core has no pacing: there the counts are
+/// printed, not asserted.
+async fn a_reading_subscriber_gets_every_message_while_another_never_reads(fx: Fixture) {
+    const N: u64 = 200_000;
+    let reader_bus = fx.bus().await;
+    let stuck_bus = fx.bus().await;
+    let publisher = fx.bus().await;
+    let mut reader = reader_bus.subscribe("flood").await.unwrap();
+    let stuck = stuck_bus.subscribe("flood").await.unwrap();
+    let reading = tokio::spawn(async move {
+        let mut received = 0u64;
+        while received < N {
+            match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+                Ok(Some(_)) => received += 1,
+                _ => break,
+            }
+        }
+        (received, reader.dropped())
+    });
+    let payload = bytes::Bytes::from(vec![0xAB; 1024]);
+    for _ in 0..N {
+        publisher.publish("flood", payload.clone()).await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let (received, dropped) = reading.await.unwrap();
+    println!(
+        "{}: the reading subscriber received {received} of {N} (dropped {dropped}); the \
+         one that never reads dropped {}",
+        publisher.backend_name(),
+        stuck.dropped()
+    );
+    if !fx.is_nats() {
+        assert_eq!((received, dropped), (N, 0), "paced, not dropped");
+    }
+    assert!(
+        stuck.dropped() > 0,
+        "the subscriber that never reads loses messages"
+    );
+}
+
+/// Subscribing, flushing and request/reply put nothing on the bus's subjects besides what
+/// applications publish: a monitor subscribed to `>` sees exactly those messages.
+async fn a_full_wildcard_subscriber_sees_only_what_applications_published(fx: Fixture) {
+    let monitor_bus = fx.bus().await;
+    let mut monitor = monitor_bus.subscribe(">").await.unwrap();
+    let app = fx.bus().await;
+    let other = fx.bus().await;
+    let _a = app.subscribe("app.in").await.unwrap();
+    app.flush().await.unwrap();
+    app.publish("app.one", "1").await.unwrap();
+    let _b = other.queue_subscribe("app.work", "workers").await.unwrap();
+    other.flush().await.unwrap();
+    app.flush().await.unwrap();
+    app.publish("app.two", "2").await.unwrap();
+    app.publish("app.end", "end").await.unwrap();
+    let seen = subjects_until(&mut monitor, "app.end").await;
+    assert_eq!(seen, ["app.one", "app.two"]);
 }

@@ -7,8 +7,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bus::Fixture;
-use courier::bus::{Bus, ServiceInstance};
-use courier::{CallContext, CallOptions, RpcError};
+use courier::bus::rpc::{MESSAGE_HEADER, STATUS_HEADER, TIMEOUT_HEADER};
+use courier::bus::{Bus, Message, ServiceInstance};
+use courier::frame::{Frame, Request, Status};
+use courier::{CallContext, CallOptions, RpcError, Server, ServerConfig};
 use tokio::sync::{Notify, mpsc};
 
 on_every_backend!(
@@ -21,6 +23,7 @@ on_every_backend!(
     without_waiting_a_call_nobody_serves_fails_at_once_with_no_responders,
     dropping_a_call_aborts_its_handler_on_the_instance,
     the_deadline_aborts_the_handler_on_the_instance,
+    handlers_see_a_request_id_unique_on_their_instance,
 );
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -37,6 +40,8 @@ trait Calc {
     async fn inspect(&self, ctx: &CallContext, key: String) -> (Option<String>, Option<u64>);
     /// Reports "started", waits until released, reports "dropped" when it ends or aborts.
     async fn hang(&self) -> u32;
+    /// The call's request id.
+    async fn request_id(&self, ctx: &CallContext) -> u64;
 }
 
 #[derive(Default)]
@@ -80,6 +85,10 @@ impl Calc for Arc<Node> {
         }
         self.release.notified().await;
         self.id
+    }
+
+    async fn request_id(&self, ctx: &CallContext) -> u64 {
+        ctx.request_id()
     }
 }
 
@@ -347,4 +356,76 @@ async fn a_call_over_the_bus_names_its_method_in_its_error() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("Calc.whoami"), "{error}");
+}
+
+async fn handlers_see_a_request_id_unique_on_their_instance(fixture: Fixture) {
+    let (_, _instance) = instance(&fixture, node(0)).await;
+    let client = client(&fixture).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(client.request_id().await.unwrap());
+    }
+    assert!(ids.iter().all(|&id| id != 0), "{ids:?}");
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "distinct ids: {ids:?}");
+}
+
+/// The same handler past the same deadline, asked over TCP and over the bus without a
+/// client of courier's (whose own deadline would hide the server's answer): both answer
+/// `DEADLINE_EXCEEDED` with the same explanation.
+#[tokio::test]
+async fn a_missed_deadline_is_answered_the_same_over_tcp_and_over_the_bus() {
+    const DEADLINE: Duration = Duration::from_millis(50);
+    let no_args = bytes::Bytes::new(); // `hang` takes none
+
+    // Over the bus: a request with the deadline header, answered on our inbox.
+    let bus = Bus::embedded();
+    let _instance = bus.serve(Arc::new(node(0)).into_service()).await.unwrap();
+    let answer = bus
+        .request_message(
+            Message::new("rpc.Calc.hang", no_args.clone())
+                .with_header(TIMEOUT_HEADER, DEADLINE.as_micros().to_string()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the instance answers");
+    let over_bus = (
+        answer.headers.get_str(STATUS_HEADER).map(str::to_owned),
+        answer.headers.get_str(MESSAGE_HEADER).map(str::to_owned),
+    );
+
+    // Over TCP: a request frame with the same deadline, from a raw connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = Server::new(ServerConfig::default()).add_service(Arc::new(node(0)).into_service());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut reader, sender) =
+        courier::connection::start(stream, &courier::ConnectionConfig::default());
+    sender
+        .send(Frame::Request(Request {
+            id: 1,
+            timeout: Some(DEADLINE),
+            method: "Calc.hang".into(),
+            metadata: Default::default(),
+            payload: no_args,
+        }))
+        .await
+        .unwrap();
+    let Some(Ok(Frame::Response(response))) = reader.next().await else {
+        panic!("no response over TCP");
+    };
+    let over_tcp = (
+        Some(response.status.0.to_string()),
+        Some(response.message.to_string()),
+    );
+
+    assert_eq!(
+        over_tcp.0.as_deref(),
+        Some(Status::DEADLINE_EXCEEDED.0.to_string().as_str())
+    );
+    assert_eq!(
+        over_bus, over_tcp,
+        "same status and explanation on both transports"
+    );
 }

@@ -48,8 +48,4 @@ pub use message::{
 pub use nats::NatsOptions;
 pub use rpc::ServiceInstance;
 
-/// Locks `mutex`, going on after a panic elsewhere: every map and state kept behind these
-/// mutexes is updated by single inserts, removals and replacements, never left half-done.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use rpc_core::sync::lock;

@@ -199,10 +199,17 @@ impl Nats {
     /// returns. (`async_nats::Client::flush` only writes the socket out; it does not wait
     /// for the server.) A message to one of this handle's own inbox subjects comes back
     /// on the inbox subscription after the server has handled everything sent before it.
+    ///
+    /// A PING would put nothing on the account's subjects, but async-nats 0.51 has no
+    /// public way to send one and await its PONG. So the round trip is a message, marked
+    /// with [`PROBE_HEADER`]: courier subscribers (a `>` monitor included) drop it; other
+    /// NATS clients subscribed to `_INBOX.>` or `>` see it.
     async fn round_trip(&self) -> Result<(), BusError> {
         let (subject, waiting) = self.core.inbox.register();
+        let mut marker = async_nats::HeaderMap::new();
+        marker.insert(PROBE_HEADER, "flush");
         self.client
-            .publish(subject.to_string(), bytes::Bytes::new())
+            .publish_with_headers(subject.to_string(), marker, bytes::Bytes::new())
             .await
             .map_err(|e| backend("flush", e))?;
         self.client.flush().await.map_err(|e| backend("flush", e))?;
@@ -293,6 +300,18 @@ impl Unsubscribe for Nats {
     }
 }
 
+/// The header marking courier's own round-trip messages on NATS (see
+/// [`Nats::round_trip`]); courier subscribers never receive them.
+const PROBE_HEADER: &str = "Courier-Probe";
+
+/// Whether `message` is another courier handle's round trip, not an application's.
+fn is_probe(message: &async_nats::Message) -> bool {
+    message
+        .headers
+        .as_ref()
+        .is_some_and(|h| h.get(PROBE_HEADER).is_some())
+}
+
 /// Moves messages from the subscription into `queue` until it ends; on `drain`, asks the
 /// server to stop sending and forwards what was already on its way.
 async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
@@ -305,6 +324,7 @@ async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
     loop {
         tokio::select! {
             message = next() => match message {
+                Some(message) if is_probe(&message) => {}
                 Some(message) => {
                     queue.deliver(from_nats(message));
                 }
@@ -318,7 +338,9 @@ async fn forward(slot: Slot, queue: SubQueue, drain: CancellationToken) {
     };
     if sub.drain().await.is_ok() {
         while let Some(message) = sub.next().await {
-            queue.deliver(from_nats(message));
+            if !is_probe(&message) {
+                queue.deliver(from_nats(message));
+            }
         }
     }
 }

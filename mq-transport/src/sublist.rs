@@ -15,6 +15,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use rpc_core::sync::{lock, read, write};
+
 use crate::subject;
 
 /// Subjects whose match results are kept.
@@ -259,7 +261,7 @@ impl<T: Clone> Sublist<T> {
         if let Some(queue) = queue {
             subject::validate_queue(queue)?;
         }
-        let mut trie = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        let mut trie = write(&self.trie);
         let mut node = &mut trie.root;
         let mut tokens = filter.split('.').peekable();
         let mut subs = None;
@@ -287,7 +289,7 @@ impl<T: Clone> Sublist<T> {
     /// value, or `None` if there was none.
     pub fn remove(&self, filter: &str, queue: Option<&str>, key: u64) -> Option<T> {
         let tokens: Vec<&str> = filter.split('.').collect();
-        let mut trie = self.trie.write().unwrap_or_else(|e| e.into_inner());
+        let mut trie = write(&self.trie);
         let value = trie.root.remove(&tokens, queue, key)?;
         trie.len -= 1;
         self.evict(filter);
@@ -297,7 +299,7 @@ impl<T: Clone> Sublist<T> {
     /// Drops cached results for the subjects `filter` matches (the trie's write lock is
     /// held by the caller).
     fn evict(&self, filter: &str) {
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.cache);
         if !cache.is_empty() {
             cache.retain(|subject, _| !subject::matches(filter, subject));
         }
@@ -306,15 +308,10 @@ impl<T: Clone> Sublist<T> {
     /// The subscriptions `subject` reaches. `subject` should be a valid publish subject
     /// (see [`subject::validate_subject`]); anything else simply matches as its tokens do.
     pub fn matches(&self, subject: &str) -> Arc<Match<T>> {
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(subject)
-        {
+        if let Some(hit) = lock(&self.cache).get(subject) {
             return hit.clone();
         }
-        let trie = self.trie.read().unwrap_or_else(|e| e.into_inner());
+        let trie = read(&self.trie);
         let tokens: Vec<&str> = subject.split('.').collect();
         let mut out = Match {
             plain: Vec::new(),
@@ -323,7 +320,7 @@ impl<T: Clone> Sublist<T> {
         };
         trie.root.collect(&tokens, &mut out);
         let out = Arc::new(out);
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(&self.cache);
         if cache.len() >= CACHE_CAPACITY {
             // Simple and bounded: start over. Hot subjects come back on their next use.
             cache.clear();
@@ -336,7 +333,7 @@ impl<T: Clone> Sublist<T> {
 
     /// How many subscriptions the index holds.
     pub fn len(&self) -> usize {
-        self.trie.read().unwrap_or_else(|e| e.into_inner()).len
+        read(&self.trie).len
     }
 
     /// Whether the index holds no subscription.

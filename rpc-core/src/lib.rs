@@ -7,7 +7,7 @@
 //! * [`format`]: payload serialization ([`format::Bincode`] by default);
 //! * [`client`] and [`server`]: the RPC runtime;
 //! * [`transport`]: TCP, Unix sockets and in-memory pairs, the accept loop and reconnects;
-//! * [`latch`]: a one-way flag, cheap to read and awaitable.
+//! * [`sync`]: a one-way flag ([`sync::Latch`]) and poison-tolerant locks.
 //!
 //! Most users depend on the `courier` facade crate instead and never name this one.
 
@@ -17,9 +17,9 @@ pub mod connection;
 mod error;
 pub mod format;
 pub mod frame;
-pub mod latch;
 mod metadata;
 pub mod server;
+pub mod sync;
 mod text;
 pub mod transport;
 

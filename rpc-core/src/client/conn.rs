@@ -1,7 +1,7 @@
 //! One client connection: the calls pending on it and the task that reads its answers.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 use crate::connection::{FrameReader, FrameSender};
 use crate::error::{ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response};
-use crate::latch::Latch;
+use crate::sync::Latch;
 use crate::transport::PeerAddr;
 
 type Reply = oneshot::Sender<Result<Response, RpcError>>;
@@ -43,7 +43,7 @@ impl Conn {
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // Inserts and removes only: a panic elsewhere cannot leave the map half-updated.
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.pending)
     }
 
     /// Registers call `id`; its answer (or the connection's failure) arrives on the receiver.

@@ -34,7 +34,7 @@ pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
 use crate::error::ConnectionError;
 use crate::frame::{Frame, GoAway};
-use crate::latch::Latch;
+use crate::sync::Latch;
 
 /// Settings of one connection, on either side.
 ///
@@ -194,7 +194,7 @@ impl Shared {
     /// The peer answered the ping with `nonce`: it has read everything sent before it,
     /// and before every earlier ping.
     fn pong(&self, nonce: u64) {
-        let mut waiting = self.round_trips.lock().unwrap_or_else(|e| e.into_inner());
+        let mut waiting = crate::sync::lock(&self.round_trips);
         let Some(waiting) = waiting.as_mut() else {
             return;
         };
@@ -211,10 +211,7 @@ impl Shared {
 
     /// The reader stopped: no pong will come, so waiting round trips fail.
     fn reader_done(&self) {
-        self.round_trips
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        crate::sync::lock(&self.round_trips).take();
     }
 
     fn unqueue(&self, bytes: usize) {
@@ -484,13 +481,7 @@ impl FrameSender {
     pub async fn round_trip(&self) -> Result<(), ConnectionError> {
         let nonce = self.shared.next_nonce();
         let (done, answered) = oneshot::channel();
-        match self
-            .shared
-            .round_trips
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()
-        {
+        match crate::sync::lock(&self.shared.round_trips).as_mut() {
             Some(waiting) => waiting.push((nonce, done)),
             None => return Err(self.shared.closed_error()),
         }

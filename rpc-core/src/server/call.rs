@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -120,7 +120,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
 
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<K, AbortHandle>> {
         // Single inserts and removals: a panic elsewhere cannot leave it half-updated.
-        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.running)
     }
 
     /// Runs `call`: `start` turns its context and payload into the handler's future.

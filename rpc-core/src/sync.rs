@@ -1,6 +1,9 @@
-//! [`Latch`]: a one-way flag that is cheap to read and can be awaited.
+//! Small synchronisation pieces used across courier: [`Latch`], a one-way flag that is
+//! cheap to read and can be awaited, and [`lock`], [`read`] and [`write`], which go on
+//! after a panic elsewhere.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio_util::sync::CancellationToken;
 
@@ -11,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 /// on every operation. [`Latch::wait`] resolves once the latch is set.
 ///
 /// ```
-/// use rpc_core::latch::Latch;
+/// use rpc_core::sync::Latch;
 ///
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// let closed = Latch::new();
@@ -54,6 +57,30 @@ impl Latch {
     pub fn wait_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
         self.token.clone().cancelled_owned()
     }
+}
+
+/// Locks `mutex`, going on after a panic in another holder. Every map and state courier
+/// keeps behind a mutex is changed by single inserts, removals and replacements, never
+/// left half-done, so a poisoned lock still guards a consistent value.
+///
+/// ```
+/// use std::sync::Mutex;
+/// let m = Mutex::new(1);
+/// *rpc_core::sync::lock(&m) += 1;
+/// assert_eq!(*rpc_core::sync::lock(&m), 2);
+/// ```
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Read-locks `lock`, going on after a panic elsewhere (see [`lock`]).
+pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Write-locks `lock`, going on after a panic elsewhere (see [`lock`]).
+pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
