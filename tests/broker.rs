@@ -570,3 +570,26 @@ async fn a_publisher_is_held_to_the_frame_limit_the_broker_stated() {
     assert_eq!(&next(&mut sub).await.payload[..], b"after");
     assert!(events.try_recv().is_err(), "no disconnect");
 }
+
+/// The broker over in-memory connections runs on tokio's paused clock: a peer that never
+/// sends its connect is told why at the handshake timeout, with no real time passing.
+#[tokio::test(start_paused = true)]
+async fn a_peer_silent_past_the_handshake_timeout_is_told_why_on_a_paused_clock() {
+    use courier::transport::{Connector, memory};
+    let (listener, connector) = memory::listen();
+    let broker = Broker::serve(listener, BrokerConfig::default()).unwrap();
+    let (io, _) = connector.connect().await.unwrap();
+    let (mut reader, _sender) = raw_peer(io);
+    let started = tokio::time::Instant::now();
+    let Some(Ok(Frame::GoAway(g))) = reader.next().await else {
+        panic!("expected a go-away");
+    };
+    assert_eq!(g.code, GoAway::PROTOCOL_ERROR);
+    assert!(g.message.contains("handshake_timeout"), "{}", g.message);
+    assert_eq!(
+        started.elapsed(),
+        Duration::from_secs(5),
+        "the paused clock's 5 s"
+    );
+    broker.shutdown().await;
+}
