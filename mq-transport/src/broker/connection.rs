@@ -38,17 +38,13 @@ impl Conn {
 /// Answers a connection over `max_connections` with a go-away naming the limit.
 pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, shared: Arc<Shared>) {
     let config = &shared.config;
-    let (_reader, sender) = connection::start(io, &config.connection);
     let message = format!(
         "too many connections: the broker's limit is {} (max_connections)",
         config.max_connections
     );
     tracing::warn!(%peer, "{message}");
-    let reason = ConnectionError::Closed {
-        reason: message.clone().into(),
-    };
-    sender.close_with(GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message), &reason);
-    sender.closed().await;
+    let go_away = GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message);
+    connection::refuse(io, &config.connection, go_away).await;
 }
 
 /// Serves one connection from handshake to close; `stop` is the broker's shutdown.

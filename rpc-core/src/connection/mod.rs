@@ -281,6 +281,18 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
     (reader, sender)
 }
 
+/// Refuses a connection: starts the engine on `io` only to send `go_away` (which names
+/// why, and the limit), then waits until it is written and the stream closed. Servers
+/// use it for a connection over their connection limit.
+pub async fn refuse<T: Io>(io: T, config: &ConnectionConfig, go_away: GoAway) {
+    let (_reader, sender) = start(io, config);
+    let reason = ConnectionError::Closed {
+        reason: go_away.message.to_string().into(),
+    };
+    sender.close_with(go_away, &reason);
+    sender.closed().await;
+}
+
 /// Queues frames for a connection's writer. Cheap to clone; every clone feeds the same
 /// connection.
 #[derive(Clone, Debug)]

@@ -17,17 +17,13 @@ use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
 
 /// Answers a connection over the limit with a go-away naming the limit, then closes it.
-pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, config: Arc<Shared>) {
-    let limit = config.config.max_connections;
+pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, server: Arc<Shared>) {
+    let limit = server.config.max_connections;
     tracing::warn!(%peer, limit, "refusing connection: at max_connections");
-    let (_reader, sender) = connection::start(io, &config.config.connection);
     let message =
         format!("server is at its connection limit of {limit} (ServerConfig::max_connections)");
-    let error = ConnectionError::Closed {
-        reason: message.clone().into(),
-    };
-    sender.close_with(GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message), &error);
-    sender.closed().await;
+    let go_away = GoAway::new(GoAway::TOO_MANY_CONNECTIONS, message);
+    connection::refuse(io, &server.config.connection, go_away).await;
 }
 
 /// Serves one connection until it closes. `drain` starts a graceful shutdown of it;
