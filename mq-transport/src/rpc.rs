@@ -69,7 +69,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use rpc_core::client::{CancelOnDrop, Channel, ChannelFuture, Client, ClientConfig, OutgoingCall};
 use rpc_core::frame::Status;
-use rpc_core::server::{InFlight, IncomingCall, Responder, Service, ServiceError};
+use rpc_core::server::{InFlight, IncomingCall, Responder, Service, ServiceError, Started};
 use rpc_core::transport::PeerAddr;
 use rpc_core::{Metadata, RpcError, Utf8Bytes};
 use tokio::time::Instant;
@@ -355,7 +355,7 @@ impl<S: Service> Instance<S> {
                     requests.drain().await;
                 }
                 request = requests.next() => match request {
-                    Some(request) => self.start(request),
+                    Some(request) => self.start(request).await,
                     None => break,
                 },
                 Some(cancel) = cancels.next() => self.cancel(&cancel),
@@ -380,7 +380,9 @@ impl<S: Service> Instance<S> {
         }
     }
 
-    fn start(&self, request: Message) {
+    /// Runs one call; a handler that finished at once is answered here, before the next
+    /// request is taken.
+    async fn start(&self, request: Message) {
         let Some(reply) = request.reply.clone() else {
             tracing::debug!(subject = %request.subject, "call without a reply subject ignored");
             return;
@@ -420,12 +422,16 @@ impl<S: Service> Instance<S> {
             reply,
             call,
             |ctx, payload| service.call(&method, ctx, payload),
-            answers,
+            answers.clone(),
             None,
         );
-        if started.is_err() {
+        match started {
+            Ok(Started::Answered(result)) => answers.respond(id, result).await,
+            Ok(Started::Running) => {}
             // Reply subjects are unique per call: a repeat is a duplicate delivery.
-            tracing::debug!(subject = %request.subject, "call already running; duplicate ignored");
+            Err(_) => {
+                tracing::debug!(subject = %request.subject, "call already running; duplicate ignored")
+            }
         }
     }
 }

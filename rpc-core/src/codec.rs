@@ -8,9 +8,12 @@
 //! ```
 //!
 //! Reading is tokio-util's [`LengthDelimitedCodec`] (4-byte big-endian length, no
-//! adjustment), which resumes across partial reads. Before handing bytes to it the codec
-//! reads the length prefix itself so that an oversized frame is refused with an error
-//! naming its size and the limit, before any buffer is reserved for it.
+//! adjustment). The codec reads the length prefix itself first, so that an oversized frame
+//! is refused with an error naming its size and the limit, and hands a frame to it only
+//! once the whole frame is buffered: `LengthDelimitedCodec` reserves room for the body as
+//! soon as it has the prefix, which would let a peer that announces a large frame and
+//! sends little of it hold a buffer of the announced size. Here the read buffer grows
+//! with what arrives.
 //!
 //! Writing produces exactly the same layout but encodes the frame body straight into the
 //! output buffer: `LengthDelimitedCodec`'s encoder takes a finished `Bytes`, which would
@@ -44,8 +47,6 @@ pub const LENGTH_PREFIX_LEN: usize = 4;
 pub struct FrameCodec {
     inner: LengthDelimitedCodec,
     max_frame_len: usize,
-    /// The inner codec has consumed a length prefix and waits for that frame's body.
-    in_body: bool,
 }
 
 impl FrameCodec {
@@ -60,7 +61,6 @@ impl FrameCodec {
                 .max_frame_length(max_frame_len)
                 .new_codec(),
             max_frame_len,
-            in_body: false,
         }
     }
 
@@ -94,41 +94,39 @@ impl Decoder for FrameCodec {
     type Error = ConnectionError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
-        if !self.in_body && src.len() >= LENGTH_PREFIX_LEN {
-            let len = (&src[..LENGTH_PREFIX_LEN]).get_u32();
-            if len as usize > self.max_frame_len {
-                return Err(ConnectionError::FrameTooLarge {
-                    size: u64::from(len),
-                    limit: self.max_frame_len,
-                });
-            }
+        if src.len() < LENGTH_PREFIX_LEN {
+            return Ok(None);
         }
-        let before = src.len();
+        let len = (&src[..LENGTH_PREFIX_LEN]).get_u32() as usize;
+        if len > self.max_frame_len {
+            return Err(ConnectionError::FrameTooLarge {
+                size: len as u64,
+                limit: self.max_frame_len,
+            });
+        }
+        if src.len() < LENGTH_PREFIX_LEN + len {
+            // Not all here yet. Nothing is reserved for the rest: the read buffer grows
+            // as bytes arrive, so a peer that sends a length prefix and then trickles (or
+            // nothing) costs what it sent, not what it announced.
+            return Ok(None);
+        }
+        // The whole frame is buffered: the inner codec only splits it off.
         match self.inner.decode(src)? {
-            Some(body) => {
-                self.in_body = false;
-                Ok(Some(Frame::decode(body.freeze())?))
-            }
-            None => {
-                if src.len() < before {
-                    self.in_body = true;
-                }
-                Ok(None)
-            }
+            Some(body) => Ok(Some(Frame::decode(body.freeze())?)),
+            None => Err(ConnectionError::Protocol(ProtocolError::UnexpectedEof {
+                buffered: src.len(),
+            })),
         }
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
         match self.decode(src)? {
             Some(frame) => Ok(Some(frame)),
-            None if src.is_empty() && !self.in_body => Ok(None),
-            None => {
-                let prefix = if self.in_body { LENGTH_PREFIX_LEN } else { 0 };
-                Err(ProtocolError::UnexpectedEof {
-                    buffered: src.len() + prefix,
-                }
-                .into())
+            None if src.is_empty() => Ok(None),
+            None => Err(ProtocolError::UnexpectedEof {
+                buffered: src.len(),
             }
+            .into()),
         }
     }
 }
@@ -226,6 +224,17 @@ mod tests {
             buf.capacity() < 1024,
             "nothing reserved for the refused frame"
         );
+    }
+
+    #[test]
+    fn read_partial_frame_reserves_nothing_beyond_what_arrived() {
+        let mut buf = BytesMut::with_capacity(64);
+        buf.extend_from_slice(&[0, 0x10, 0, 0]); // announces 1 MiB
+        buf.extend_from_slice(&[0xAB; 40]);
+        let mut codec = FrameCodec::new(2 * 1024 * 1024);
+        assert_eq!(codec.decode(&mut buf).unwrap(), None);
+        assert_eq!(buf.len(), 44, "nothing consumed");
+        assert!(buf.capacity() < 1024, "reserved {} bytes", buf.capacity());
     }
 
     #[test]

@@ -115,9 +115,10 @@ pub enum RpcError {
         /// The peer's explanation.
         message: String,
     },
-    /// Nothing arrived from the peer within the keepalive timeout: it is presumed dead.
+    /// No complete frame arrived from the peer within the keepalive timeout: it is
+    /// presumed dead (a peer trickling a partial frame counts as silent).
     #[error(
-        "peer sent nothing within the keepalive timeout of {timeout:?} (ConnectionConfig::keepalive_timeout)"
+        "peer sent no complete frame within the keepalive timeout of {timeout:?} (ConnectionConfig::keepalive_timeout)"
     )]
     KeepaliveTimeout {
         /// The timeout in force.
@@ -175,9 +176,10 @@ pub enum ConnectionError {
         /// The limit in force.
         limit: usize,
     },
-    /// Nothing arrived from the peer within the keepalive timeout: it is presumed dead.
+    /// No complete frame arrived from the peer within the keepalive timeout: it is
+    /// presumed dead (a peer trickling a partial frame counts as silent).
     #[error(
-        "peer sent nothing within the keepalive timeout of {timeout:?} (ConnectionConfig::keepalive_timeout)"
+        "peer sent no complete frame within the keepalive timeout of {timeout:?} (ConnectionConfig::keepalive_timeout)"
     )]
     KeepaliveTimeout {
         /// The timeout in force.

@@ -71,37 +71,47 @@ impl FormatError {
 /// bincode 2 with its standard configuration (little-endian, variable-length integers).
 ///
 /// bincode allocates the length a sequence or string claims before reading it, so decoding
-/// runs with a limit of [`Bincode::DECODE_LIMIT`] bytes: a hostile length prefix gets an
-/// error instead of a huge allocation.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Bincode;
+/// runs with a limit: one decode may claim at most [`Bincode::DECODE_LIMIT`] bytes, the
+/// default maximum frame length (a payload cannot be larger). A hostile length prefix
+/// gets an error instead of an allocation of what it claims. A service whose frames are
+/// allowed to be larger uses [`BincodeWithLimit`] with its own limit.
+pub type Bincode = BincodeWithLimit<{ crate::ConnectionConfig::DEFAULT_MAX_FRAME_LEN }>;
 
-impl Bincode {
-    /// The most bytes one decode may claim: 256 MiB, well above the default maximum frame
-    /// length (see [`crate::ConnectionConfig`]), far below what would exhaust memory.
-    pub const DECODE_LIMIT: usize = 256 * 1024 * 1024;
+/// bincode 2 with a decode limit of `LIMIT` bytes claimed per decode; [`Bincode`] is the
+/// one with the default frame length.
+///
+/// ```
+/// use rpc_core::format::{BincodeWithLimit, Format};
+///
+/// type Big = BincodeWithLimit<{ 64 * 1024 * 1024 }>;
+/// let bytes = Big::encode(&vec![7u8; 10 * 1024 * 1024]).unwrap();
+/// assert_eq!(Big::decode::<Vec<u8>>(&bytes).unwrap().len(), 10 * 1024 * 1024);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BincodeWithLimit<const LIMIT: usize>;
+
+impl<const LIMIT: usize> BincodeWithLimit<LIMIT> {
+    /// The most bytes one decode may claim.
+    pub const DECODE_LIMIT: usize = LIMIT;
+
+    const CONFIG: bincode::config::Configuration<
+        bincode::config::LittleEndian,
+        bincode::config::Varint,
+        bincode::config::Limit<LIMIT>,
+    > = bincode::config::standard().with_limit::<LIMIT>();
 }
 
-type BincodeConfig = bincode::config::Configuration<
-    bincode::config::LittleEndian,
-    bincode::config::Varint,
-    bincode::config::Limit<{ Bincode::DECODE_LIMIT }>,
->;
-
-const BINCODE: BincodeConfig =
-    bincode::config::standard().with_limit::<{ Bincode::DECODE_LIMIT }>();
-
-impl Format for Bincode {
+impl<const LIMIT: usize> Format for BincodeWithLimit<LIMIT> {
     const NAME: &'static str = "bincode";
 
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, FormatError> {
-        bincode::serde::encode_to_vec(value, BINCODE)
+        bincode::serde::encode_to_vec(value, Self::CONFIG)
             .map(Bytes::from)
             .map_err(|e| FormatError::new(Self::NAME, "encode", e))
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
-        let (value, read) = bincode::serde::decode_from_slice(bytes, BINCODE)
+        let (value, read) = bincode::serde::decode_from_slice(bytes, Self::CONFIG)
             .map_err(|e| FormatError::new(Self::NAME, "decode", e))?;
         if read != bytes.len() {
             return Err(FormatError::new(
@@ -155,6 +165,22 @@ mod tests {
         input.extend_from_slice(&(1u64 << 40).to_le_bytes());
         let err = Bincode::decode::<String>(&input).unwrap_err();
         assert_eq!(err.action, "decode");
+    }
+
+    #[test]
+    fn bincode_decode_limit_is_the_frame_limit_so_ten_bytes_cannot_claim_164_mib() {
+        assert_eq!(
+            Bincode::DECODE_LIMIT,
+            crate::ConnectionConfig::DEFAULT_MAX_FRAME_LEN
+        );
+        // varint 0xFC + u32: a string claiming 164 MiB, then 5 bytes of it. bincode
+        // allocates a string's claimed length before reading it.
+        let mut input = vec![0xFC];
+        input.extend_from_slice(&(164u32 * 1024 * 1024).to_le_bytes());
+        input.extend_from_slice(&[1, 2, 3, 4, 5]);
+        assert_eq!(input.len(), 10);
+        let err = Bincode::decode::<String>(&input).unwrap_err();
+        assert!(err.message.to_lowercase().contains("limit"), "{err}");
     }
 
     #[test]

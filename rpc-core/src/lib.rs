@@ -25,6 +25,6 @@ pub mod transport;
 
 pub use connection::ConnectionConfig;
 pub use error::{ConnectionError, ProtocolError, RpcError};
-pub use format::{Bincode, Format, FormatError};
+pub use format::{Bincode, BincodeWithLimit, Format, FormatError};
 pub use metadata::Metadata;
 pub use text::Utf8Bytes;

@@ -9,8 +9,8 @@
 //!   frames share one system call. The queue is bounded ([`ConnectionConfig::send_queue`]);
 //!   a full queue makes senders wait (backpressure).
 //! * **Keepalive**: the writer sends a ping every [`ConnectionConfig::keepalive_interval`];
-//!   the reader answers pings and declares the peer dead when nothing at all arrived for
-//!   [`ConnectionConfig::keepalive_timeout`] (checked once per interval).
+//!   the reader answers pings and declares the peer dead when no complete frame arrived
+//!   for [`ConnectionConfig::keepalive_timeout`] (checked once per interval).
 //! * **Close**: a clean end of stream between frames is a close (`None`); an end of stream
 //!   inside a frame, an oversized or undecodable frame is an error. On a protocol error
 //!   the reader sends the peer a go-away naming the problem, then the connection closes.
@@ -58,16 +58,16 @@ pub struct ConnectionConfig {
     pub max_frame_len: usize,
     /// How often the writer sends a ping. Default 10 s.
     pub keepalive_interval: Duration,
-    /// How long the reader waits without receiving any frame before it declares the peer
-    /// dead and closes. Should be a few times the peer's interval. Default 30 s.
+    /// How long the reader waits without receiving a complete frame before it declares
+    /// the peer dead and closes (bytes of a partial frame do not count, so a peer
+    /// trickling a frame byte by byte is closed too). Should be a few times the peer's interval. Default 30 s.
     pub keepalive_timeout: Duration,
     /// Frames queued for the writer before senders wait. Default 1,024.
     pub send_queue: usize,
-    /// The most bytes (frame bodies plus length prefixes) that may wait for the writer
-    /// before [`FrameSender::try_send`] reports the queue as full. This is the memory
-    /// bound of a connection whose peer stops reading: a broker fans messages out with
-    /// `try_send` and cuts off a peer that reaches it. [`FrameSender::send`] counts its
-    /// frames too but waits only on [`Self::send_queue`]. Default 64 MiB.
+    /// The most bytes (frame bodies plus length prefixes) queued and not yet written to
+    /// the stream: [`FrameSender::try_send`] reports the queue as full past it, and
+    /// [`FrameSender::send`] waits for room. This is the memory bound of a connection
+    /// whose peer stops reading, for every frame this side originates. Default 64 MiB.
     pub max_queued_bytes: usize,
 }
 
@@ -163,7 +163,8 @@ struct Shared {
     /// ([`FrameSender::send_soon`]). Closed from the start, so that `wait` means "none
     /// left".
     soon: TaskTracker,
-    /// Bytes queued and not yet encoded by the writer.
+    /// Bytes queued and not yet written to the stream (the writer subtracts a batch once
+    /// its write completed).
     queued_bytes: AtomicUsize,
     /// Signalled by the writer after each write, for senders waiting for room
     /// ([`FrameSender::send_within`]).
@@ -302,14 +303,18 @@ pub struct FrameSender {
 }
 
 impl FrameSender {
-    /// Queues `frame`, waiting while the queue is full.
+    /// Queues `frame`, waiting while the queue is full: in frames
+    /// ([`ConnectionConfig::send_queue`]) and in bytes
+    /// ([`ConnectionConfig::max_queued_bytes`]; a frame larger than that limit waits for
+    /// an empty queue). Every frame a side originates (answers, pongs, refusals) is held to
+    /// the same memory bound as the frames a broker fans out with `try_send`.
     ///
     /// A frame over the maximum frame length is refused here with
     /// [`ConnectionError::FrameTooLarge`] and the connection stays up. After the
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
-        self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.reserve_bytes(bytes).await?;
         self.tx.send(frame).await.map_err(|_| {
             self.shared.unqueue(bytes);
             self.shared.closed_error()
@@ -457,6 +462,37 @@ impl FrameSender {
         self.shared.max_frame_len.load(Ordering::Relaxed)
     }
 
+    /// Adds `bytes` to the queued bytes once they fit under `max_queued_bytes` (or the
+    /// queue is empty), waiting for the writer to make room.
+    async fn reserve_bytes(&self, bytes: usize) -> Result<(), ConnectionError> {
+        let max = self.shared.max_queued_bytes;
+        let try_reserve = || {
+            self.shared
+                .queued_bytes
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                    (queued == 0 || queued.saturating_add(bytes) <= max).then_some(queued + bytes)
+                })
+                .is_ok()
+        };
+        // The common case, room now, registers no waiter.
+        if try_reserve() {
+            return Ok(());
+        }
+        loop {
+            // Registered before trying again, so that a write in between is not missed.
+            let written = self.shared.written.notified();
+            tokio::pin!(written);
+            written.as_mut().enable();
+            if try_reserve() {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = written => {}
+                _ = self.shared.writer_done.cancelled() => return Err(self.shared.closed_error()),
+            }
+        }
+    }
+
     /// Checks `frame` against the limits; returns what it adds to the queued bytes.
     fn check(&self, frame: &Frame) -> Result<usize, ConnectionError> {
         if self.shared.close.is_set() {
@@ -465,8 +501,8 @@ impl FrameSender {
         check_frame_len(frame, self.max_frame_len()).map(|len| len + LENGTH_PREFIX_LEN)
     }
 
-    /// Bytes queued for the writer and not yet encoded into its buffer (which holds at
-    /// most 256 KiB plus one frame besides).
+    /// Bytes queued and not yet written to the stream (frames waiting for the writer,
+    /// and those in its buffer, which holds at most 256 KiB plus one frame).
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Relaxed)
     }

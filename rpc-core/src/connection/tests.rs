@@ -132,3 +132,55 @@ async fn round_trip_fails_when_the_connection_closes() {
         .expect("finished");
     assert!(result.is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_trickling_a_partial_frame_is_closed_for_sending_no_complete_frame() {
+    use tokio::io::AsyncWriteExt;
+    let (a, mut b) = tokio::io::duplex(1024);
+    let config = ConnectionConfig {
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(3),
+        ..ConnectionConfig::default()
+    };
+    let (mut reader, _sender) = start(a, &config);
+    // A length prefix announcing 100 bytes, and 3 of them: a slowloris.
+    b.write_all(&[0, 0, 0, 100, 1, 2, 3]).await.unwrap();
+    let error = reader.next().await.unwrap().unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("no complete frame within the keepalive timeout"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn send_waits_for_room_under_the_byte_limit() {
+    let (a, b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    // The peer reads nothing: sends stop once about 10,000 bytes wait.
+    let mut sent = 0;
+    while tokio::time::timeout(Duration::from_millis(50), sender.send(msg(1000)))
+        .await
+        .is_ok()
+    {
+        sent += 1;
+        assert!(sent < 100, "send never waited for the byte limit");
+    }
+    assert!(
+        sender.queued_bytes() <= 10_000 + 1_100,
+        "{}",
+        sender.queued_bytes()
+    );
+    // Once the peer reads, sends go through again.
+    let (mut peer_reader, _peer_sender) = start(b, &ConnectionConfig::default());
+    tokio::spawn(async move { while peer_reader.next().await.is_some() {} });
+    tokio::time::timeout(Duration::from_secs(5), sender.send(msg(1000)))
+        .await
+        .expect("room again once the peer reads")
+        .unwrap();
+}

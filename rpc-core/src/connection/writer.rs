@@ -10,7 +10,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
 use super::Shared;
-use crate::codec::FrameCodec;
+use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN};
 use crate::error::ConnectionError;
 use crate::frame::Frame;
 
@@ -46,6 +46,8 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut last_write = std::time::Instant::now();
     let mut buf = BytesMut::with_capacity(BUF_CAPACITY);
+    // Bytes of queued frames in `buf`, subtracted from the queued bytes once written.
+    let mut encoded = 0usize;
     let mut ping =
         tokio::time::interval_at(Instant::now() + keepalive_interval, keepalive_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -113,13 +115,20 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 let before = buf.len();
                 // Senders checked the size already; a frame failing here is dropped
                 // alone rather than taking the connection down.
-                if let Err(e) = codec.encode(&frame, &mut buf) {
-                    tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
+                match codec.encode(&frame, &mut buf) {
+                    Ok(()) => encoded += buf.len() - before,
+                    Err(e) => {
+                        tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
+                        let counted = frame.encoded_len().map_or(0, |len| len + LENGTH_PREFIX_LEN);
+                        shared.unqueue(counted);
+                    }
                 }
-                shared.unqueue(buf.len() - before);
                 if buf.len() >= FLUSH_AT {
                     write_or_abort!(io.write_all(&buf));
                     buf.clear();
+                    // Counted as queued until written: a peer that reads slowly shows as
+                    // bytes still queued, not as an empty queue and a blocked write.
+                    shared.unqueue(std::mem::take(&mut encoded));
                     shared.written.notify_waiters();
                 }
             }
@@ -128,6 +137,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 write_or_abort!(io.flush());
                 buf.clear();
                 last_write = std::time::Instant::now();
+                shared.unqueue(std::mem::take(&mut encoded));
                 shared.written.notify_waiters();
             }
             if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {

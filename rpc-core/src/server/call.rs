@@ -82,13 +82,18 @@ pub trait Responder: Clone + Send + Sync + 'static {
         id: u64,
         result: Result<Bytes, ServiceError>,
     ) -> impl std::future::Future<Output = ()> + Send;
+}
 
-    /// Sends the answer to a call that finished without waiting, from the loop that
-    /// reads calls, so it must not wait: by default a task of `tasks` sends it.
-    fn respond_now(&self, id: u64, result: Result<Bytes, ServiceError>, tasks: &TaskTracker) {
-        let this = self.clone();
-        tasks.spawn(async move { this.respond(id, result).await });
-    }
+/// What [`InFlight::start`] did with a call.
+#[derive(Debug)]
+#[must_use = "an answered call's answer must be sent"]
+pub enum Started {
+    /// The handler finished at its first poll: this is its answer, for the caller to
+    /// send from the loop that reads calls, so that a peer that does not read its
+    /// answers stops that loop (backpressure) instead of piling answers up.
+    Answered(Result<Bytes, ServiceError>),
+    /// The handler runs as a task, which sends its answer through the responder.
+    Running,
 }
 
 /// The handlers running for one connection or one service instance, by a key that a
@@ -125,11 +130,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
 
     /// Runs `call`: `start` turns its context and payload into the handler's future.
     ///
-    /// The handler is polled once at once: one that finishes without waiting is answered
-    /// through [`Responder::respond_now`], with no task, timer or map entry. One that
-    /// waits becomes a task, registered under `key` for [`InFlight::cancel`], bounded by
-    /// the deadline. `slot` (a place under an in-flight limit) is held until the answer
-    /// is handed to the responder. Fails, running nothing, when `key` is in flight.
+    /// The handler is polled once at once: one that finishes without waiting is
+    /// [`Started::Answered`], with no task, timer or map entry. One that waits becomes a
+    /// task, registered under `key` for [`InFlight::cancel`], bounded by the deadline;
+    /// `slot` (a place under an in-flight limit) is held until the responder has queued
+    /// its answer. Fails, running nothing, when `key` is in flight.
     pub fn start<R: Responder>(
         self: &Arc<Self>,
         key: K,
@@ -137,7 +142,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
         start: impl FnOnce(CallContext, Bytes) -> CallFuture,
         responder: R,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> Result<(), DuplicateCall> {
+    ) -> Result<Started, DuplicateCall> {
         let IncomingCall {
             id,
             method,
@@ -164,9 +169,8 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             std::pin::Pin::new(&mut future).poll(&mut cx)
         };
         if let Poll::Ready(outcome) = first {
-            drop(slot);
-            responder.respond_now(id, finish(outcome), &self.tasks);
-            return Ok(());
+            drop(slot); // the caller holds the read loop until the answer is queued
+            return Ok(Started::Answered(finish(outcome)));
         }
 
         let calls = self.clone();
@@ -184,13 +188,13 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
                 };
                 let result = finish(outcome);
                 calls.running().remove(&task_key);
-                drop(slot);
                 responder.respond(id, result).await;
+                drop(slot);
             }
             .instrument(span),
         );
         running.insert(key, task.abort_handle());
-        Ok(())
+        Ok(Started::Running)
     }
 
     /// Aborts the call under `key`, which gets no answer; `false` when it is not running
@@ -289,15 +293,14 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let calls = InFlight::<u64>::new();
         let deadline = Instant::now() + Duration::from_millis(50);
-        calls
-            .start(
-                7,
-                call(7).with_deadline(Some(deadline)),
-                |_, _| Box::pin(std::future::pending()),
-                Collect(tx),
-                None,
-            )
-            .unwrap();
+        let started = calls.start(
+            7,
+            call(7).with_deadline(Some(deadline)),
+            |_, _| Box::pin(std::future::pending()),
+            Collect(tx),
+            None,
+        );
+        assert!(matches!(started, Ok(Started::Running)));
         let (id, result) = rx.recv().await.unwrap();
         assert_eq!(id, 7);
         assert_eq!(result.unwrap_err().status, Status::DEADLINE_EXCEEDED);
@@ -314,16 +317,20 @@ mod tests {
                 panic!("boom")
             })
         };
-        calls
-            .start(1, call(1), panics, Collect(tx.clone()), None)
-            .unwrap();
+        assert!(matches!(
+            calls.start(1, call(1), panics, Collect(tx.clone()), None),
+            Ok(Started::Running)
+        ));
         let waits = |_, _| -> CallFuture { Box::pin(std::future::pending()) };
-        calls.start(2, call(2), waits, Collect(tx), None).unwrap();
+        assert!(matches!(
+            calls.start(2, call(2), waits, Collect(tx), None),
+            Ok(Started::Running)
+        ));
         let (unused, _) = mpsc::unbounded_channel();
-        assert_eq!(
+        assert!(matches!(
             calls.start(2, call(2), waits, Collect(unused), None),
             Err(DuplicateCall)
-        );
+        ));
         assert!(calls.cancel(&2));
         calls.close();
         calls.wait().await;

@@ -2,16 +2,16 @@
 //! answers.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use super::call::{InFlight, IncomingCall, Responder};
+use super::call::{InFlight, IncomingCall, Responder, Started};
 use super::{ServerConfig, ServiceError, Shared};
-use crate::connection::{self, FrameReader, FrameSender, Io};
+use crate::connection::{self, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
@@ -41,6 +41,8 @@ pub(super) async fn serve<T: Io>(
         server: server.clone(),
         answers: Answers {
             sender: sender.clone(),
+            stall: config.connection.keepalive_timeout,
+            abort: abort.clone(),
         },
         peer: Arc::new(peer),
         calls: InFlight::new(),
@@ -70,8 +72,13 @@ pub(super) async fn serve<T: Io>(
                     slot = conn.slots.clone().acquire_owned() => slot,
                 };
                 let Ok(slot) = slot else { break None }; // never closed
-                if let Err(e) = conn.start_call(request, slot) {
-                    break Some(reader.protocol_violation(e).into());
+                let id = request.id;
+                match conn.start_call(request, slot) {
+                    // Answered here, before the next request is read: a peer that does
+                    // not read its answers stops being read (see `Answers::respond`).
+                    Ok(Started::Answered(result)) => conn.answers.respond(id, result).await,
+                    Ok(Started::Running) => {}
+                    Err(e) => break Some(reader.protocol_violation(e).into()),
                 }
             }
             Some(Ok(frame)) => {
@@ -119,7 +126,7 @@ impl Conn {
         &self,
         request: Request,
         slot: OwnedSemaphorePermit,
-    ) -> Result<(), ProtocolError> {
+    ) -> Result<Started, ProtocolError> {
         let Request {
             id,
             timeout,
@@ -216,20 +223,48 @@ impl Conn {
 #[derive(Clone)]
 struct Answers {
     sender: FrameSender,
+    /// How long an answer may wait for room in the connection's queue before the peer is
+    /// taken for one that stopped reading: `ConnectionConfig::keepalive_timeout`.
+    stall: Duration,
+    /// The end of the shutdown grace: nobody waits for answers any more.
+    abort: CancellationToken,
 }
 
 impl Responder for Answers {
+    /// Queues the answer at once when there is room (the common case). Otherwise waits
+    /// for room, holding the call's in-flight slot (and, for an answer from the read
+    /// loop, the read loop): a peer that sends requests but does not read the answers
+    /// stops being read once `max_queued_bytes` of answers wait for it, so the memory it
+    /// costs is bounded. No room within `stall`: the connection is closed with a go-away
+    /// saying why.
     async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
-        if let Err(e) = self.sender.send(response(id, result)).await {
-            answer_not_sent(&self.sender, id, e);
-        }
-    }
-
-    /// Queued at once when there is room (the common case); otherwise the connection
-    /// sends it from a task ([`FrameSender::send_soon`]).
-    fn respond_now(&self, id: u64, result: Result<Bytes, ServiceError>, _tasks: &TaskTracker) {
-        if let Err(e) = self.sender.send_soon(response(id, result)) {
-            answer_not_sent(&self.sender, id, e);
+        let frame = match self.sender.try_send(response(id, result)) {
+            Ok(()) => return,
+            Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
+            Err(TrySendError::Full(frame)) => frame,
+        };
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(self.stall, self.sender.send(frame)) => sent,
+            _ = self.abort.cancelled() => return,
+        };
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => answer_not_sent(&self.sender, id, e),
+            Err(_) => {
+                let message = format!(
+                    "the peer is not reading its answers: {} bytes wait for it and found \
+                     no room under max_queued_bytes within {:?} (keepalive_timeout); closing",
+                    self.sender.queued_bytes(),
+                    self.stall
+                );
+                tracing::warn!(id, "{message}");
+                self.sender.abort_with(
+                    GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
+                    &ConnectionError::Closed {
+                        reason: message.into(),
+                    },
+                );
+            }
         }
     }
 }

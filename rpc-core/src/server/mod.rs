@@ -36,7 +36,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use self::call::{DuplicateCall, InFlight, IncomingCall, Responder};
+pub use self::call::{DuplicateCall, InFlight, IncomingCall, Responder, Started};
 pub use self::service::{CallContext, CallFuture, Service, ServiceError};
 use crate::connection::{ConnectionConfig, Io};
 use crate::frame::Status;
