@@ -338,6 +338,14 @@ async fn after_a_broker_restart_the_client_reconnects_and_its_subscriptions_work
         next_event(&mut events).await,
         Event::Connected { .. }
     ));
+    // The publisher learns that what it published into the gap was sent late.
+    match next_event(&mut events).await {
+        Event::PublishedWhileDisconnected { publishes, bytes } => {
+            assert_eq!(publishes, 1);
+            assert!(bytes > 10, "{bytes}");
+        }
+        other => panic!("expected the replay to be reported, got {other:?}"),
+    }
     assert_eq!(&next(&mut plain).await.payload[..], b"while away");
 
     let other = Bus::connect(addr.to_string()).await.unwrap();
@@ -493,10 +501,10 @@ async fn a_subscriber_briefly_behind_on_many_small_messages_is_not_a_slow_consum
 #[tokio::test]
 async fn a_broker_refuses_a_payload_limit_its_frames_cannot_carry_naming_both_settings() {
     let mut config = BrokerConfig::default();
-    config.max_payload = 16 * 1024 * 1024; // the frame limit stays at 8 MiB
+    config.max_payload = 16 * 1024 * 1024; // the frame limit stays at its default
     let error = Broker::bind_with("127.0.0.1:0", config.clone())
         .await
-        .expect_err("a 16 MiB payload limit cannot travel in 8 MiB frames");
+        .expect_err("a 16 MiB payload limit cannot travel in the default frames");
     let text = error.to_string();
     assert!(text.contains("max_payload"), "{text}");
     assert!(text.contains("max_frame_len"), "{text}");
@@ -544,25 +552,23 @@ async fn a_subscriber_is_sent_no_frame_over_the_limit_it_stated_and_stays_connec
 }
 
 #[tokio::test]
-async fn a_publisher_is_held_to_the_frame_limit_the_broker_stated() {
+async fn a_publisher_is_held_to_the_limits_the_broker_stated() {
     let mut config = BrokerConfig::default();
     config.max_payload = 64 * 1024;
     config.connection.max_frame_len = 128 * 1024;
     let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
     let addr = broker.local_addr().to_string();
-    let publisher = Bus::connect(addr.clone()).await.unwrap(); // its own limit is 8 MiB
+    let publisher = Bus::connect(addr.clone()).await.unwrap(); // its own frame limit is 8 MiB
     let mut events = publisher.events();
     let subscriber = Bus::connect(addr).await.unwrap();
     let mut sub = subscriber.subscribe("h").await.unwrap();
 
-    // A small payload under 200 KiB of headers: over the broker's frame limit.
+    // A small payload under 200 KiB of headers: over the broker's payload limit (headers
+    // count) and its frame limit. Refused by the client, naming the broker's limit.
     let heavy = courier::bus::Message::new("h", "x").with_header("Big", vec![b'a'; 200 * 1024]);
     let error = publisher.publish_message(heavy).await.unwrap_err();
     assert!(
-        matches!(
-            &error,
-            BusError::Connection(courier::ConnectionError::FrameTooLarge { limit: 131_072, .. })
-        ),
+        matches!(&error, BusError::PayloadTooLarge { limit: 65_536, .. }),
         "{error}"
     );
     // Refused here, not by the broker: the connection is still up and in use.
@@ -592,4 +598,95 @@ async fn a_peer_silent_past_the_handshake_timeout_is_told_why_on_a_paused_clock(
         "the paused clock's 5 s"
     );
     broker.shutdown().await;
+}
+
+/// A raw peer's go-away, after it published `publish` to a broker with `config`.
+async fn go_away_after_publishing(config: BrokerConfig, publish: Publish) -> GoAway {
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let (mut reader, sender) = raw_bus_peer(&broker).await;
+    assert!(matches!(reader.next().await, Some(Ok(Frame::Connect(_)))));
+    sender.send(Frame::Pub(publish)).await.unwrap();
+    match reader.next().await {
+        Some(Ok(Frame::GoAway(g))) => g,
+        other => panic!("expected a go-away, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn headers_count_against_max_payload_as_in_nats() {
+    let mut config = BrokerConfig::default();
+    config.max_payload = 1024;
+    let mut headers = courier::Metadata::new();
+    headers.insert("Big", vec![b'h'; 2000]);
+    let g = go_away_after_publishing(
+        config.clone(),
+        Publish {
+            subject: "h".into(),
+            headers: headers.clone(),
+            ..Publish::default()
+        },
+    )
+    .await;
+    assert_eq!(g.code, GoAway::LIMIT_EXCEEDED);
+    assert!(
+        g.message.contains("payload and headers of 2011 bytes"),
+        "{}",
+        g.message
+    );
+    // A client counts them too, before sending.
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let message = courier::bus::Message::new("h", "").with_header("Big", vec![b'h'; 2000]);
+    let err = bus.publish_message(message).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BusError::PayloadTooLarge {
+                size: 2011,
+                limit: 1024,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn the_largest_publish_the_broker_accepts_is_delivered_not_lost() {
+    // Subject and reply at their 4,096-byte maximum, payload and headers at max_payload:
+    // its delivery is 8 bytes larger than the publish, and must still fit the frames.
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let max = BrokerConfig::default().max_payload;
+    let subject = "s".repeat(4096);
+    let mut headers = courier::Metadata::new();
+    headers.insert("H", vec![b'h'; 100]);
+    let payload_len = max - headers.wire_len();
+    let subscriber = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let mut sub = subscriber.subscribe(subject.clone()).await.unwrap();
+    let (mut reader, sender) = raw_bus_peer(&broker).await;
+    assert!(matches!(reader.next().await, Some(Ok(Frame::Connect(_)))));
+    let publish = Publish {
+        subject: subject.clone().into(),
+        reply: "r".repeat(4096).into(),
+        headers,
+        payload: vec![0u8; payload_len].into(),
+    };
+    sender.send(Frame::Pub(publish.clone())).await.unwrap();
+    let got = next(&mut sub).await;
+    assert_eq!(got.payload.len(), payload_len);
+    assert_eq!(broker.stats().messages_too_large, 0);
+
+    // One byte more is refused at publish, naming the limit, not accepted and dropped.
+    let over = Publish {
+        payload: vec![0u8; payload_len + 1].into(),
+        ..publish
+    };
+    sender.send(Frame::Pub(over)).await.unwrap();
+    match reader.next().await {
+        Some(Ok(Frame::GoAway(g))) => {
+            assert_eq!(g.code, GoAway::LIMIT_EXCEEDED);
+            assert!(g.message.contains("max_payload"), "{}", g.message);
+        }
+        other => panic!("expected a go-away, got {other:?}"),
+    }
 }

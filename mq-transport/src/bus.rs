@@ -211,7 +211,7 @@ impl Bus {
         }
         dispatch!(&self.backend, b => {
             if let Some((limit, setting)) = b.max_payload() {
-                let size = message.payload.len();
+                let size = crate::message::counted_size(&message.headers, &message.payload);
                 if size > limit {
                     return Err(BusError::PayloadTooLarge { size, limit, setting });
                 }

@@ -16,15 +16,31 @@ pub enum BusError {
     /// A subject, filter or queue group name is malformed.
     #[error(transparent)]
     Subject(#[from] SubjectError),
-    /// A publish carries more payload than the bus accepts.
-    #[error("payload of {size} bytes exceeds the maximum payload of {limit} bytes ({setting})")]
+    /// A publish carries more payload and headers than the bus accepts (headers count,
+    /// as in NATS).
+    #[error(
+        "payload and headers of {size} bytes exceed the maximum payload of {limit} bytes ({setting})"
+    )]
     PayloadTooLarge {
-        /// The payload's size.
+        /// The payload's size plus the headers' (see `Metadata::wire_len`).
         size: usize,
         /// The limit in force.
         limit: usize,
         /// Where the limit is set.
         setting: &'static str,
+    },
+    /// A message would be delivered in a frame larger than the broker's frame limit
+    /// (its subject, reply and headers besides the payload): refused before it is sent,
+    /// since the broker could not deliver it.
+    #[error(
+        "message of {size} bytes as delivered (subject, reply, headers, payload and an 8-byte \
+         subscription id) exceeds the broker's max_frame_len of {limit} bytes"
+    )]
+    MessageTooLarge {
+        /// The length of the frame that would deliver it.
+        size: usize,
+        /// The broker's frame limit.
+        limit: usize,
     },
     /// A request reached no subscriber at all; reported at once, not at the timeout.
     #[error("no responders: nobody is subscribed to `{subject}`")]

@@ -17,6 +17,17 @@ pub enum Event {
         /// when it cut this client off as a slow consumer).
         reason: String,
     },
+    /// Reconnected after publishes were made while disconnected: they were kept (up to
+    /// `ConnectOptions::reconnect_buffer`) and have now been sent, after this client's
+    /// subscriptions were restored. Delivery is at-most-once: a subscriber that had not
+    /// reconnected to the broker by then did not get them. Durable streams keep messages
+    /// for subscribers that come back.
+    PublishedWhileDisconnected {
+        /// How many publishes.
+        publishes: u64,
+        /// Their size in frames.
+        bytes: usize,
+    },
     /// A subscription's queue was full, so messages for it were dropped. Reported when
     /// a subscription starts dropping; `dropped` counts every message it has dropped
     /// since it was created (also available from [`crate::Subscriber::dropped`]).

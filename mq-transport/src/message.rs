@@ -85,3 +85,14 @@ pub(crate) fn status_headers(status: &'static str, description: String) -> Metad
     headers.insert(DESCRIPTION_HEADER, description);
     headers
 }
+
+/// What a message counts against a maximum payload: its payload and its headers (as
+/// NATS counts them), the headers as they take room in a frame.
+pub(crate) fn counted_size(headers: &Metadata, payload: &Bytes) -> usize {
+    let headers = if headers.is_empty() {
+        0
+    } else {
+        headers.wire_len()
+    };
+    payload.len().saturating_add(headers)
+}

@@ -237,6 +237,15 @@ impl<T: Clone> Default for Sublist<T> {
     }
 }
 
+/// Whether `filter` has no wildcard token: it matches exactly one subject, itself.
+fn is_literal(filter: &str) -> bool {
+    !filter.split('.').any(|token| token == "*" || token == ">")
+}
+
+/// Past this many wildcard filters in one [`Sublist::remove_many`], the match cache is
+/// cleared instead of scanned once per filter.
+const EVICT_SCAN_LIMIT: usize = 8;
+
 impl<T: Clone> Sublist<T> {
     /// An empty index.
     pub fn new() -> Self {
@@ -296,11 +305,58 @@ impl<T: Clone> Sublist<T> {
         Some(value)
     }
 
+    /// Removes several subscriptions under one write lock, evicting the match cache once:
+    /// for a connection that closes with many subscriptions. Callers pass a bounded batch
+    /// (see [`Sublist::REMOVE_BATCH`]) and let others run between batches, since matching
+    /// waits while the lock is held. Returns how many were removed.
+    pub fn remove_many<'a>(
+        &self,
+        subs: impl IntoIterator<Item = (&'a str, Option<&'a str>, u64)>,
+    ) -> usize {
+        let mut trie = write(&self.trie);
+        let mut removed = 0;
+        let mut wildcards = Vec::new();
+        let mut literals = Vec::new();
+        for (filter, queue, key) in subs {
+            let tokens: Vec<&str> = filter.split('.').collect();
+            if trie.root.remove(&tokens, queue, key).is_some() {
+                removed += 1;
+                if is_literal(filter) {
+                    literals.push(filter);
+                } else {
+                    wildcards.push(filter);
+                }
+            }
+        }
+        trie.len -= removed;
+        let mut cache = lock(&self.cache);
+        if wildcards.len() > EVICT_SCAN_LIMIT {
+            cache.clear(); // cheaper than a scan per filter; refilled on use
+        } else {
+            for filter in literals {
+                cache.remove(filter);
+            }
+            if !wildcards.is_empty() && !cache.is_empty() {
+                cache.retain(|subject, _| !wildcards.iter().any(|f| subject::matches(f, subject)));
+            }
+        }
+        removed
+    }
+
+    /// How many subscriptions a caller of [`Sublist::remove_many`] should remove per
+    /// batch: the lock is held for about that many trie removals.
+    pub const REMOVE_BATCH: usize = 256;
+
     /// Drops cached results for the subjects `filter` matches (the trie's write lock is
-    /// held by the caller).
+    /// held by the caller). A literal filter matches one subject, its own: no scan.
     fn evict(&self, filter: &str) {
         let mut cache = lock(&self.cache);
-        if !cache.is_empty() {
+        if cache.is_empty() {
+            return;
+        }
+        if is_literal(filter) {
+            cache.remove(filter);
+        } else {
             cache.retain(|subject, _| !subject::matches(filter, subject));
         }
     }
@@ -358,6 +414,55 @@ mod tests {
             keys.extend(members);
         }
         sorted(keys)
+    }
+
+    #[test]
+    fn remove_many_removes_and_leaves_no_stale_cached_match() {
+        let list = Sublist::new();
+        for key in 0..100u64 {
+            list.insert(&format!("a.{key}"), None, key, key).unwrap();
+        }
+        for key in 100..120u64 {
+            list.insert("a.*", None, key, key).unwrap();
+        }
+        // Warm the cache.
+        assert_eq!(all_keys(&list.matches("a.5")).len(), 21);
+        assert_eq!(all_keys(&list.matches("a.7")).len(), 21);
+        let filters: Vec<String> = (0..100u64).map(|k| format!("a.{k}")).collect();
+        let mut batch: Vec<(&str, Option<&str>, u64)> = filters
+            .iter()
+            .zip(0u64..)
+            .filter(|(_, k)| k % 2 == 1)
+            .map(|(f, k)| (f.as_str(), None, k))
+            .collect();
+        batch.extend((100..120u64).map(|k| ("a.*", None, k)));
+        assert_eq!(list.remove_many(batch), 50 + 20);
+        assert_eq!(list.len(), 50);
+        assert_eq!(all_keys(&list.matches("a.5")), Vec::<u64>::new());
+        assert_eq!(all_keys(&list.matches("a.6")), vec![6]);
+    }
+
+    #[test]
+    fn a_literal_insert_or_remove_evicts_only_its_own_subject() {
+        let list = Sublist::new();
+        list.insert("x.1", None, 1, 1u64).unwrap();
+        let before = list.matches("x.2");
+        list.insert("x.3", None, 3, 3).unwrap();
+        assert!(
+            Arc::ptr_eq(&before, &list.matches("x.2")),
+            "x.2 stays cached"
+        );
+        list.remove("x.1", None, 1);
+        assert!(
+            Arc::ptr_eq(&before, &list.matches("x.2")),
+            "x.2 stays cached"
+        );
+        list.insert("x.*", None, 4, 4).unwrap();
+        assert_eq!(
+            all_keys(&list.matches("x.2")),
+            vec![4],
+            "a wildcard evicts x.2"
+        );
     }
 
     #[test]

@@ -95,6 +95,22 @@ impl Metadata {
         self.entries.is_empty()
     }
 
+    /// The bytes these entries take in a frame: a 2-byte count, then per entry a 2-byte
+    /// key length, the key, a 4-byte value length and the value. What a bus counts,
+    /// besides the payload, against its maximum payload (as NATS counts headers).
+    ///
+    /// ```
+    /// use rpc_core::Metadata;
+    /// let mut md = Metadata::new();
+    /// md.insert("k", "vv");
+    /// assert_eq!(md.wire_len(), 2 + 2 + 1 + 4 + 2);
+    /// ```
+    pub fn wire_len(&self) -> usize {
+        self.entries.iter().fold(2usize, |len, (k, v)| {
+            len.saturating_add(6 + k.len()).saturating_add(v.len())
+        })
+    }
+
     pub(crate) fn with_capacity(n: usize) -> Self {
         Metadata {
             entries: Vec::with_capacity(n),

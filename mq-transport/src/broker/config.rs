@@ -37,8 +37,9 @@ pub struct BrokerConfig {
     /// (default 64 MiB) is the slow-consumer threshold. `send_queue` defaults to 4 Mi
     /// frames here (the queue allocates as it fills), so that the byte limit, not a frame
     /// count, decides who is slow: 1,024 frames of small messages are only ~40 KiB.
-    /// `max_frame_len` is stated to clients, which send no larger frame; the broker sends
-    /// each client no frame larger than the limit that client states.
+    /// `max_frame_len` defaults to `max_payload + FRAME_HEADROOM` (1 MiB + 64 KiB); it is
+    /// stated to clients, which send no larger frame, and the broker sends each client no
+    /// frame larger than the limit that client states.
     pub connection: ConnectionConfig,
     /// The broker's name, sent to clients. Default `"courier-broker"`.
     pub name: String,
@@ -58,9 +59,11 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
-    /// Room a message frame needs besides its payload: the frame's preamble, the
-    /// subscription id, subject, reply subject and headers. A publish is one frame, so
-    /// `max_payload + FRAME_HEADROOM` must fit in `connection.max_frame_len`. 64 KiB.
+    /// Room a message frame needs besides its payload and headers (which count against
+    /// `max_payload` together): the frame's preamble, the subscription id, and subject
+    /// and reply subject (at most 4,096 bytes each). `max_payload + FRAME_HEADROOM` must
+    /// fit in `connection.max_frame_len`; then every publish the broker accepts can be
+    /// delivered. 64 KiB.
     pub const FRAME_HEADROOM: usize = 64 * 1024;
 
     /// The same settings with `max_payload` set and the frame limit sized to it:
@@ -108,6 +111,9 @@ impl Default for BrokerConfig {
             connection: {
                 let mut connection = ConnectionConfig::default();
                 connection.send_queue = 4 * 1024 * 1024;
+                // Sized to the payload limit: a connection holding a partial frame, or a
+                // frame being read, costs at most this.
+                connection.max_frame_len = 1024 * 1024 + Self::FRAME_HEADROOM;
                 connection
             },
             name: "courier-broker".into(),

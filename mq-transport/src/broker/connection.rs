@@ -79,7 +79,7 @@ pub(super) async fn serve<T: Io>(
         Ok(()) => tracing::debug!(%peer, "connection closed"),
         Err(e) => tracing::info!(%peer, error = %e, "connection ended"),
     }
-    session.remove_all();
+    session.remove_all().await;
     lock(&shared.connections).remove(&id);
     sender.close();
     // A peer that stopped reading would keep the writer from finishing, and a shutdown

@@ -12,8 +12,9 @@ use super::Shared;
 use super::connection::Conn;
 use super::fanout::Route;
 use crate::lock;
-use crate::message::{SUBSCRIPTION_REFUSED, status_headers};
+use crate::message::{SUBSCRIPTION_REFUSED, counted_size, status_headers};
 use crate::subject;
+use crate::sublist::Sublist;
 
 /// A subscription as its connection knows it.
 struct SessionSub {
@@ -130,12 +131,26 @@ impl<'a> Session<'a> {
             }
         }
         let max = self.shared.config.max_payload;
-        if publish.payload.len() > max {
+        let size = counted_size(&publish.headers, &publish.payload);
+        if size > max {
             let message = format!(
-                "payload of {} bytes exceeds the broker's maximum payload of {max} bytes (max_payload)",
-                publish.payload.len()
+                "payload and headers of {size} bytes exceed the broker's maximum payload of {max} bytes (max_payload)"
             );
             return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
+        }
+        // Refused here, not accepted and then lost: the Msg frame that would deliver it
+        // must fit the broker's own frame limit.
+        let limit = self.shared.config.connection.max_frame_len;
+        match publish.delivery_len() {
+            Ok(len) if len <= limit => {}
+            Ok(len) => {
+                let message = format!(
+                    "message of {len} bytes as delivered (subject, reply, headers, payload and an \
+                     8-byte subscription id) exceeds the broker's max_frame_len of {limit} bytes"
+                );
+                return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
+            }
+            Err(e) => return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string())),
         }
         self.shared.publish(&publish).await;
         Ok(())
@@ -203,11 +218,17 @@ impl<'a> Session<'a> {
     }
 
     /// Removes every subscription of this connection (it is closing).
-    pub(super) fn remove_all(&mut self) {
-        for (_, sub) in std::mem::take(&mut self.subs) {
-            self.shared
-                .subs
-                .remove(&sub.filter, sub.queue.as_deref(), sub.key);
+    /// A connection may hold 65,536 subscriptions: they go in batches, letting other
+    /// connections' tasks run (and match) between batches.
+    pub(super) async fn remove_all(&mut self) {
+        let subs: Vec<SessionSub> = std::mem::take(&mut self.subs).into_values().collect();
+        for batch in subs.chunks(Sublist::<Route>::REMOVE_BATCH) {
+            self.shared.subs.remove_many(
+                batch
+                    .iter()
+                    .map(|sub| (sub.filter.as_str(), sub.queue.as_deref(), sub.key)),
+            );
+            tokio::task::yield_now().await;
         }
     }
 

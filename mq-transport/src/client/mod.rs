@@ -109,6 +109,7 @@ impl Client {
             state: Mutex::new(State::Connected(link.sender.clone())),
             subs: Mutex::new(HashMap::new()),
             max_payload: AtomicUsize::new(link.broker.max_payload as usize),
+            broker_frame_limit: AtomicUsize::new(link.broker.max_frame_len as usize),
             shutdown: CancellationToken::new(),
             options,
             core,
@@ -237,6 +238,13 @@ impl Unsubscribe for Client {
     }
 }
 
+/// Publishes made while disconnected and sent once reconnected.
+#[derive(Debug, Default)]
+struct Replayed {
+    publishes: u64,
+    bytes: usize,
+}
+
 #[derive(Debug)]
 struct SubEntry {
     filter: Utf8Bytes,
@@ -262,6 +270,8 @@ pub(crate) struct Remote {
     subs: Mutex<HashMap<u64, SubEntry>>,
     /// The broker's limit, from its connect frame (0: not stated).
     max_payload: AtomicUsize,
+    /// The broker's frame limit, from its connect frame (0: not stated).
+    broker_frame_limit: AtomicUsize,
     shutdown: CancellationToken,
     options: ConnectOptions,
     core: Arc<Core>,
@@ -301,12 +311,20 @@ impl Remote {
     }
 
     async fn publish(&self, message: Message) -> Result<(), BusError> {
-        let frame = Frame::Pub(Publish {
+        let publish = Publish {
             subject: message.subject,
             reply: message.reply.unwrap_or_default(),
             headers: message.headers,
             payload: message.payload,
-        });
+        };
+        // The broker delivers it in a frame 8 bytes larger; one it could not deliver is
+        // refused here, not by the broker (which would close the connection).
+        let size = publish.delivery_len().map_err(ConnectionError::from)?;
+        let limit = self.broker_frame_limit.load(Ordering::Relaxed);
+        if limit != 0 && size > limit {
+            return Err(BusError::MessageTooLarge { size, limit });
+        }
+        let frame = Frame::Pub(publish);
         loop {
             let sender = {
                 let mut state = self.lock_state();
@@ -464,8 +482,10 @@ impl Remote {
                 let link = handshake(&*self.connector, &self.options).await?;
                 self.max_payload
                     .store(link.broker.max_payload as usize, Ordering::Relaxed);
-                self.restore(&link.sender).await?;
-                Ok::<_, crate::error::ConnectError>(link.reader)
+                self.broker_frame_limit
+                    .store(link.broker.max_frame_len as usize, Ordering::Relaxed);
+                let replayed = self.restore(&link.sender).await?;
+                Ok::<_, crate::error::ConnectError>((link.reader, replayed))
             },
             |error, attempt, next| match next {
                 Some(delay) => {
@@ -478,11 +498,18 @@ impl Remote {
         )
         .await;
         match outcome {
-            Reconnected::Connected(reader) => {
+            Reconnected::Connected((reader, replayed)) => {
                 tracing::info!(broker = %self.addr, "reconnected to the broker");
                 self.core.report(Event::Connected {
                     server: self.addr.clone(),
                 });
+                if replayed.publishes > 0 {
+                    tracing::info!(broker = %self.addr, publishes = replayed.publishes, bytes = replayed.bytes, "sent the publishes made while disconnected");
+                    self.core.report(Event::PublishedWhileDisconnected {
+                        publishes: replayed.publishes,
+                        bytes: replayed.bytes,
+                    });
+                }
                 Some(reader)
             }
             Reconnected::Stopped | Reconnected::GaveUp(_) => None,
@@ -491,7 +518,7 @@ impl Remote {
 
     /// Subscribes again, then drains the reconnect buffer, then marks the connection
     /// live. Publishes made meanwhile land in the buffer and are drained in order.
-    async fn restore(&self, sender: &FrameSender) -> Result<(), ConnectionError> {
+    async fn restore(&self, sender: &FrameSender) -> Result<Replayed, ConnectionError> {
         let subs: Vec<Frame> = self
             .lock_subs()
             .iter()
@@ -506,22 +533,24 @@ impl Remote {
         for frame in subs {
             sender.send(frame).await?;
         }
+        let mut replayed = Replayed::default();
         loop {
             let buffered = {
                 let mut state = self.lock_state();
                 match &mut *state {
                     State::Disconnected { buffer, bytes, .. } if !buffer.is_empty() => {
-                        *bytes = 0;
+                        replayed.bytes += std::mem::take(bytes);
                         std::mem::take(buffer)
                     }
                     _ => {
                         *state = State::Connected(sender.clone());
-                        return Ok(());
+                        return Ok(replayed);
                     }
                 }
             };
             for frame in buffered {
                 sender.send(frame).await?;
+                replayed.publishes += 1;
             }
         }
     }

@@ -184,3 +184,20 @@ async fn send_waits_for_room_under_the_byte_limit() {
         .expect("room again once the peer reads")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_frame_over_the_limit_the_peer_stated_fails_its_send_not_the_connection() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    sender.limit_frame_len(1000);
+    sender.limit_frame_len(0); // not stated: no change
+    assert_eq!(sender.max_frame_len(), 1000);
+    let error = sender.send(msg(2000)).await.unwrap_err();
+    assert!(
+        matches!(error, ConnectionError::FrameTooLarge { limit: 1000, .. }),
+        "{error}"
+    );
+    sender.send(msg(100)).await.unwrap();
+    assert!(matches!(peer.next().await, Some(Ok(Frame::Msg(_)))));
+}

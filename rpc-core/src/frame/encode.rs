@@ -11,6 +11,21 @@ use crate::{Metadata, Utf8Bytes};
 const U16_MAX: usize = u16::MAX as usize;
 const U32_MAX: usize = u32::MAX as usize;
 
+impl super::Publish {
+    /// The body length of the `Msg` frame that delivers this publish to a subscriber: the
+    /// same fields and an 8-byte subscription id. A broker refuses a publish whose
+    /// delivery would not fit its own frame limit, rather than accept it and lose it.
+    pub fn delivery_len(&self) -> Result<usize, ProtocolError> {
+        let kind = Kind::Msg;
+        Ok(BODY_PREAMBLE_LEN
+            + 8
+            + str16_len(kind, "subject", &self.subject)?
+            + str16_len(kind, "reply", &self.reply)?
+            + metadata_len(kind, &self.headers)?
+            + self.payload.len())
+    }
+}
+
 impl Frame {
     /// The length of this frame's body on the wire (version, kind, header and payload;
     /// without the 4-byte length prefix).
