@@ -11,9 +11,10 @@
 //! briefly behind). Still full after that, it is a slow consumer: cut off with a
 //! `SLOW_CONSUMER` go-away and its subscriptions removed, so it holds up nobody longer.
 //!
-//! Memory per connection is bounded by `max_queued_bytes` (default 64 MiB) plus the
-//! writer's buffer (256 KiB and one frame) plus one frame being read (at most
-//! `max_frame_len`).
+//! Memory per connection is bounded by `max_queued_bytes` (default 64 MiB; every frame
+//! the broker sends counts, pongs and refusals included, and bytes count until written)
+//! plus one frame being read (at most `max_frame_len`, which defaults to `max_payload` +
+//! 64 KiB; a partial frame costs what has arrived).
 //!
 //! The rooms, one job each:
 //!

@@ -64,7 +64,8 @@ pub struct ConnectionConfig {
     pub keepalive_timeout: Duration,
     /// Frames queued for the writer before senders wait. Default 1,024.
     pub send_queue: usize,
-    /// The most bytes (frame bodies plus length prefixes) queued and not yet written to
+    /// The most bytes (frame bodies plus length prefixes, each frame counted as at least
+    /// the memory it takes while queued, about 140 bytes) queued and not yet written to
     /// the stream: [`FrameSender::try_send`] reports the queue as full past it, and
     /// [`FrameSender::send`] waits for room. This is the memory bound of a connection
     /// whose peer stops reading, for every frame this side originates. Default 64 MiB.
@@ -280,6 +281,14 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
     let framed = FramedRead::new(read, FrameCodec::new(config.max_frame_len));
     let reader = FrameReader::new(framed, sender.clone(), config, shared);
     (reader, sender)
+}
+
+/// What a frame of `wire_len` bytes (length prefix included) counts against
+/// [`ConnectionConfig::max_queued_bytes`] while queued: its size on the wire, but at
+/// least the memory a queued frame takes (`size_of::<Frame>()`), so that a flood of
+/// tiny frames (pongs) is bounded by what it really costs.
+pub(crate) fn queued_cost(wire_len: usize) -> usize {
+    wire_len.max(std::mem::size_of::<Frame>())
 }
 
 /// Refuses a connection: starts the engine on `io` only to send `go_away` (which names
@@ -498,7 +507,7 @@ impl FrameSender {
         if self.shared.close.is_set() {
             return Err(self.shared.closed_error());
         }
-        check_frame_len(frame, self.max_frame_len()).map(|len| len + LENGTH_PREFIX_LEN)
+        check_frame_len(frame, self.max_frame_len()).map(|len| queued_cost(len + LENGTH_PREFIX_LEN))
     }
 
     /// Bytes queued and not yet written to the stream (frames waiting for the writer,

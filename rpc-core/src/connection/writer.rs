@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
-use super::Shared;
+use super::{Shared, queued_cost};
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN};
 use crate::error::ConnectionError;
 use crate::frame::Frame;
@@ -116,10 +116,12 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 // Senders checked the size already; a frame failing here is dropped
                 // alone rather than taking the connection down.
                 match codec.encode(&frame, &mut buf) {
-                    Ok(()) => encoded += buf.len() - before,
+                    Ok(()) => encoded += queued_cost(buf.len() - before),
                     Err(e) => {
                         tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
-                        let counted = frame.encoded_len().map_or(0, |len| len + LENGTH_PREFIX_LEN);
+                        let counted = frame
+                            .encoded_len()
+                            .map_or(0, |len| queued_cost(len + LENGTH_PREFIX_LEN));
                         shared.unqueue(counted);
                     }
                 }
