@@ -201,3 +201,21 @@ async fn a_frame_over_the_limit_the_peer_stated_fails_its_send_not_the_connectio
     sender.send(msg(100)).await.unwrap();
     assert!(matches!(peer.next().await, Some(Ok(Frame::Msg(_)))));
 }
+
+#[tokio::test]
+async fn bytes_count_as_queued_until_the_writer_has_written_them() {
+    // A peer that reads nothing: the writer takes the frame, encodes it and blocks in
+    // its write. The frame's bytes are still queued (pacing must see a peer that is
+    // behind), not gone the moment they were encoded.
+    let (a, _b) = tokio::io::duplex(64);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    sender.try_send(msg(10_000)).unwrap();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        sender.queued_bytes() >= 10_000,
+        "{} bytes queued while the write is blocked",
+        sender.queued_bytes()
+    );
+}
