@@ -53,6 +53,9 @@ pub(crate) enum Offer {
     Taken,
     /// The queue is full: nothing was queued or counted.
     Full,
+    /// The queue is full and its subscriber is a slow consumer (it did not drain within
+    /// a grace before): nothing was queued or counted.
+    Behind,
     /// The subscriber is gone.
     Gone,
 }
@@ -86,6 +89,11 @@ impl SubQueue {
                 }
                 Offer::Taken
             }
+            Err(mpsc::error::TrySendError::Full(_))
+                if self.state.lagging.load(Ordering::Relaxed) =>
+            {
+                Offer::Behind
+            }
             Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
             Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
         }
@@ -95,7 +103,7 @@ impl SubQueue {
     pub(crate) fn deliver(&self, message: Message) -> bool {
         match self.offer(message) {
             Offer::Taken => true,
-            Offer::Full => {
+            Offer::Full | Offer::Behind => {
                 self.drop_one();
                 false
             }

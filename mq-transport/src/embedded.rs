@@ -8,7 +8,7 @@ use crate::bus::BusOptions;
 use crate::delivery::{Offer, SubQueue, SubState, Target, Unsubscribe};
 use crate::error::BusError;
 use crate::message::{Message, NO_RESPONDERS};
-use crate::sublist::Sublist;
+use crate::sublist::{Offered, Sublist};
 
 /// Settings of an embedded bus.
 ///
@@ -80,17 +80,29 @@ impl Embedded {
             }
             return;
         }
-        found.deliver(|target| match target {
-            Target::Inbox(inbox) => inbox.deliver(message.clone()),
-            Target::Queue(queue) => match queue.offer(message.clone()) {
-                Offer::Taken => true,
-                Offer::Full => {
-                    full.push(queue.clone());
-                    true
+        let mut waiting = Vec::new(); // allocates only when a queue is full
+        found.offer(
+            |target| match target {
+                Target::Inbox(inbox) => {
+                    if inbox.deliver(message.clone()) {
+                        Offered::Taken
+                    } else {
+                        Offered::Refused
+                    }
                 }
-                Offer::Gone => false,
+                Target::Queue(queue) => match queue.offer(message.clone()) {
+                    Offer::Taken => Offered::Taken,
+                    Offer::Full => Offered::Full,
+                    Offer::Behind => Offered::Behind,
+                    Offer::Gone => Offered::Refused,
+                },
             },
-        });
+            &mut waiting,
+        );
+        full.extend(waiting.into_iter().filter_map(|target| match target {
+            Target::Queue(queue) => Some(queue.clone()),
+            Target::Inbox(_) => None,
+        }));
     }
 }
 
@@ -172,6 +184,34 @@ mod tests {
         publisher.await.unwrap();
         assert_eq!(reader.dropped(), 0);
         assert_eq!(stuck.dropped(), 96, "one grace, then at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_group_member_does_not_hold_the_groups_share() {
+        const N: u64 = 1_000;
+        let mut config = EmbeddedConfig::default();
+        config.bus.subscription_capacity = 2;
+        let bus = Bus::embedded_with(config);
+        let stuck = bus.queue_subscribe("jobs", "workers").await.unwrap();
+        let mut worker = bus.queue_subscribe("jobs", "workers").await.unwrap();
+        let publisher = tokio::spawn({
+            let bus = bus.clone();
+            async move {
+                for i in 0..N {
+                    bus.publish("jobs", i.to_string()).await.unwrap();
+                }
+            }
+        });
+        let mut got = 0u64;
+        while got + 2 + stuck.dropped() < N {
+            worker.next().await.unwrap();
+            got += 1;
+        }
+        publisher.await.unwrap();
+        // The stuck member holds its 2 and is waited for at most once (both full at the
+        // start); from then on the member with room gets every message.
+        assert!(stuck.dropped() <= 1, "{} dropped", stuck.dropped());
+        assert_eq!(got + 2 + stuck.dropped(), N);
     }
 
     #[tokio::test]

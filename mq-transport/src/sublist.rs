@@ -33,6 +33,20 @@ pub struct Match<T> {
     next: AtomicUsize,
 }
 
+/// What became of a message [`Match::offer`] offered to one target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Offered {
+    /// Queued.
+    Taken,
+    /// The target's queue is full: wait for it, or try another member of its group.
+    Full,
+    /// The target's queue is full and it is known to be slow: try every other member of
+    /// its group first; waiting for it is the last resort.
+    Behind,
+    /// The target cannot take it (gone, cut off).
+    Refused,
+}
+
 impl<T> Match<T> {
     /// Whether nothing matched.
     pub fn is_empty(&self) -> bool {
@@ -49,6 +63,52 @@ impl<T> Match<T> {
         }
         for (_, members) in &self.groups {
             if self.group_order(members).any(&mut deliver) {
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    /// Offers one message, to a target that may be full: every plain subscription, and
+    /// per queue group the members in turn until one takes it ([`Offered::Taken`]). A
+    /// full plain subscription is pushed to `full`, to wait for; a group's full member is
+    /// pushed only when no member took it, so that a member with room gets the message
+    /// before anyone waits for a full one. Returns how many took it (or will, from
+    /// `full`).
+    pub fn offer<'a>(&'a self, mut offer: impl FnMut(&T) -> Offered, full: &mut Vec<&'a T>) -> u64 {
+        let mut delivered = 0;
+        for target in &self.plain {
+            match offer(target) {
+                Offered::Taken => delivered += 1,
+                Offered::Full | Offered::Behind => {
+                    full.push(target);
+                    delivered += 1;
+                }
+                Offered::Refused => {}
+            }
+        }
+        for (_, members) in &self.groups {
+            let (mut first_full, mut first_behind) = (None, None);
+            let mut taken = false;
+            for member in self.group_order(members) {
+                match offer(member) {
+                    Offered::Taken => {
+                        taken = true;
+                        break;
+                    }
+                    Offered::Full => {
+                        first_full.get_or_insert(member);
+                    }
+                    Offered::Behind => {
+                        first_behind.get_or_insert(member);
+                    }
+                    Offered::Refused => {}
+                }
+            }
+            if taken {
+                delivered += 1;
+            } else if let Some(member) = first_full.or(first_behind) {
+                full.push(member);
                 delivered += 1;
             }
         }

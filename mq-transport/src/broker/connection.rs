@@ -81,21 +81,8 @@ pub(super) async fn serve<T: Io>(
     }
     session.remove_all().await;
     lock(&shared.connections).remove(&id);
-    sender.close();
     // A peer that stopped reading would keep the writer from finishing, and a shutdown
     // from returning: give the writer a bounded time, then cut it off.
-    if tokio::time::timeout(CLOSE_TIMEOUT, sender.closed())
-        .await
-        .is_err()
-    {
-        let reason = "the peer did not read what was left to write within 5 s";
-        sender.abort_with(
-            GoAway::new(GoAway::SLOW_CONSUMER, reason),
-            &ConnectionError::Closed {
-                reason: reason.into(),
-            },
-        );
-        sender.closed().await;
-    }
+    sender.close_within(CLOSE_TIMEOUT).await;
     drop(slot);
 }

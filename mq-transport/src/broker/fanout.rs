@@ -11,6 +11,7 @@ use rpc_core::{ConnectionError, Utf8Bytes};
 use super::Shared;
 use super::connection::Conn;
 use crate::message::{NO_RESPONDERS, status_headers};
+use crate::sublist::Offered;
 
 /// One subscription's way out: its connection and its sid there.
 #[derive(Clone, Debug)]
@@ -22,8 +23,9 @@ pub(super) struct Route {
 /// What routing a publish left to wait for.
 #[derive(Default)]
 struct Later {
-    /// Frames for connections at `max_queued_bytes`.
-    full: Vec<(Arc<Conn>, Frame)>,
+    /// Subscriptions whose connections are at `max_queued_bytes` (for a queue group: only
+    /// when no member had room).
+    full: Vec<Route>,
     /// Connections past `pace_queued_bytes`.
     behind: Vec<Arc<Conn>>,
 }
@@ -43,8 +45,9 @@ impl Shared {
     async fn route(&self, publish: &Publish) {
         let mut later = Later::default();
         self.route_now(publish, &mut later);
-        for (conn, frame) in later.full {
-            conn.deliver_within(frame, self).await;
+        for route in later.full {
+            let frame = route.frame(publish);
+            route.conn.deliver_within(frame, self).await;
         }
         let pace = self.config.pace_queued_bytes;
         let grace = self.config.slow_consumer_grace;
@@ -79,7 +82,9 @@ impl Shared {
             }
             return;
         }
-        let delivered = found.deliver(|route| route.deliver(publish, self, later));
+        let mut full = Vec::new(); // allocates only when a connection is full
+        let delivered = found.offer(|route| route.deliver(publish, self, later), &mut full);
+        later.full.extend(full.into_iter().cloned());
         self.messages_out.fetch_add(delivered, Ordering::Relaxed);
     }
 
@@ -100,33 +105,35 @@ impl Shared {
 }
 
 impl Route {
-    /// Queues the message on the subscriber's connection. `false` if it cannot take it
-    /// (cut off, closed, or the frame is over the limit that connection stated); a full
-    /// connection gets it later (`later.full`), and one past the pace mark is noted to
-    /// pace the publisher (`later.behind`).
-    fn deliver(&self, publish: &Publish, shared: &Shared, later: &mut Later) -> bool {
-        let conn = &self.conn;
-        if conn.slow.load(Ordering::Relaxed) {
-            return false;
-        }
-        let frame = Frame::Msg(MsgFrame {
+    /// The `Msg` frame that delivers `publish` to this subscription (shares its buffers).
+    fn frame(&self, publish: &Publish) -> Frame {
+        Frame::Msg(MsgFrame {
             sid: self.sid,
             subject: publish.subject.clone(),
             reply: publish.reply.clone(),
             headers: publish.headers.clone(),
             payload: publish.payload.clone(),
-        });
-        match conn.sender.try_send(frame) {
+        })
+    }
+
+    /// Queues the message on the subscriber's connection if it has room. A full
+    /// connection is reported as such (the fan-out tries another member of a queue group
+    /// first, then waits for it); one past the pace mark is noted to pace the publisher
+    /// (`later.behind`); a cut-off or closed connection, or a frame over the limit that
+    /// connection stated, cannot take it.
+    fn deliver(&self, publish: &Publish, shared: &Shared, later: &mut Later) -> Offered {
+        let conn = &self.conn;
+        if conn.slow.load(Ordering::Relaxed) {
+            return Offered::Refused;
+        }
+        match conn.sender.try_send(self.frame(publish)) {
             Ok(()) => {
                 if conn.sender.queued_bytes() > shared.config.pace_queued_bytes {
                     later.behind.push(conn.clone());
                 }
-                true
+                Offered::Taken
             }
-            Err(TrySendError::Full(frame)) => {
-                later.full.push((conn.clone(), frame));
-                true
-            }
+            Err(TrySendError::Full(_)) => Offered::Full,
             Err(TrySendError::Failed(ConnectionError::FrameTooLarge { size, limit })) => {
                 shared.messages_too_large.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -136,9 +143,9 @@ impl Route {
                     limit,
                     "message not delivered: its frame exceeds the frame limit this subscriber's connection stated"
                 );
-                false
+                Offered::Refused
             }
-            Err(TrySendError::Failed(_)) => false,
+            Err(TrySendError::Failed(_)) => Offered::Refused,
         }
     }
 }

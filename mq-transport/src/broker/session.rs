@@ -111,7 +111,7 @@ impl<'a> Session<'a> {
         tracing::debug!(peer = %self.conn.peer, name = %hello.name, max_frame_len = hello.max_frame_len, "client connected");
         self.conn
             .sender
-            .send(Frame::Connect(Connect {
+            .send_or_abort(Frame::Connect(Connect {
                 max_frame_len: config.connection.max_frame_len.min(u32::MAX as usize) as u32,
                 max_payload: config.max_payload.min(u32::MAX as usize) as u32,
                 name: config.name.clone().into(),
@@ -192,9 +192,10 @@ impl<'a> Session<'a> {
         };
         tracing::info!(peer = %self.conn.peer, subject = %sub.subject, reason = %refusal, "subscription refused");
         let headers = status_headers(SUBSCRIPTION_REFUSED, refusal);
+        // A peer that never reads its refusals is cut off after keepalive_timeout.
         self.conn
             .sender
-            .send(Frame::Msg(MsgFrame {
+            .send_or_abort(Frame::Msg(MsgFrame {
                 sid: sub.sid,
                 subject: sub.subject,
                 reply: Utf8Bytes::default(),
@@ -202,7 +203,10 @@ impl<'a> Session<'a> {
                 payload: bytes::Bytes::new(),
             }))
             .await?;
-        self.conn.sender.send(Frame::Unsub { sid: sub.sid }).await
+        self.conn
+            .sender
+            .send_or_abort(Frame::Unsub { sid: sub.sid })
+            .await
     }
 
     fn on_unsub(&mut self, sid: u64) {

@@ -519,35 +519,46 @@ impl Remote {
     /// Subscribes again, then drains the reconnect buffer, then marks the connection
     /// live. Publishes made meanwhile land in the buffer and are drained in order.
     async fn restore(&self, sender: &FrameSender) -> Result<Replayed, ConnectionError> {
-        let subs: Vec<Frame> = self
-            .lock_subs()
-            .iter()
-            .map(|(sid, entry)| {
-                Frame::Sub(Subscribe {
-                    sid: *sid,
-                    subject: entry.filter.clone(),
-                    queue: entry.queue.clone().unwrap_or_default(),
-                })
-            })
-            .collect();
-        for frame in subs {
-            sender.send(frame).await?;
-        }
+        let mut restored = std::collections::HashSet::new();
         let mut replayed = Replayed::default();
         loop {
-            let buffered = {
+            // Subscriptions not sent yet on this connection, then buffered publishes; the
+            // connection goes live only when neither is left, decided under the state
+            // lock, so that a subscribe made meanwhile is either seen here or sees the
+            // connection live and sends its own frame.
+            let (subs, buffered) = {
                 let mut state = self.lock_state();
-                match &mut *state {
-                    State::Disconnected { buffer, bytes, .. } if !buffer.is_empty() => {
+                let subs: Vec<Frame> = self
+                    .lock_subs()
+                    .iter()
+                    .filter(|(sid, _)| !restored.contains(*sid))
+                    .map(|(sid, entry)| {
+                        Frame::Sub(Subscribe {
+                            sid: *sid,
+                            subject: entry.filter.clone(),
+                            queue: entry.queue.clone().unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                let buffered = match &mut *state {
+                    State::Disconnected { buffer, bytes, .. } if subs.is_empty() => {
                         replayed.bytes += std::mem::take(bytes);
                         std::mem::take(buffer)
                     }
-                    _ => {
-                        *state = State::Connected(sender.clone());
-                        return Ok(replayed);
-                    }
+                    _ => VecDeque::new(),
+                };
+                if subs.is_empty() && buffered.is_empty() {
+                    *state = State::Connected(sender.clone());
+                    return Ok(replayed);
                 }
+                (subs, buffered)
             };
+            for frame in subs {
+                if let Frame::Sub(sub) = &frame {
+                    restored.insert(sub.sid);
+                }
+                sender.send(frame).await?;
+            }
             for frame in buffered {
                 sender.send(frame).await?;
                 replayed.publishes += 1;

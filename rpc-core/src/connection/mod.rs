@@ -171,6 +171,8 @@ struct Shared {
     /// ([`FrameSender::send_within`]).
     written: tokio::sync::Notify,
     max_queued_bytes: usize,
+    /// How long [`FrameSender::send_or_abort`] waits for room: `keepalive_timeout`.
+    stall: Duration,
     /// Ping nonces, shared by keepalive pings and round trips so that pongs come back in
     /// nonce order.
     next_nonce: AtomicU64,
@@ -263,6 +265,7 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         soon,
         queued_bytes: AtomicUsize::new(0),
         max_queued_bytes: config.max_queued_bytes,
+        stall: config.keepalive_timeout,
         next_nonce: AtomicU64::new(1),
         round_trips: Mutex::new(Some(Vec::new())),
         written: tokio::sync::Notify::new(),
@@ -323,11 +326,58 @@ impl FrameSender {
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
+        // A place in the frame queue first, then the bytes: no await comes between
+        // counting the bytes and queueing the frame, so a send that is cancelled (a
+        // caller's timeout) never leaves bytes counted for a frame that was not queued.
+        let permit = self
+            .tx
+            .reserve()
+            .await
+            .map_err(|_| self.shared.closed_error())?;
         self.reserve_bytes(bytes).await?;
-        self.tx.send(frame).await.map_err(|_| {
-            self.shared.unqueue(bytes);
-            self.shared.closed_error()
-        })
+        permit.send(frame);
+        Ok(())
+    }
+
+    /// [`FrameSender::send`], for a side that cannot wait on its peer for ever (a reader
+    /// answering pings, a server answering calls or refusing subscriptions): when the
+    /// frame finds no room within the connection's `keepalive_timeout`, the peer is taken
+    /// for one that stopped reading, and the connection is aborted with a
+    /// `SLOW_CONSUMER` go-away saying so.
+    pub async fn send_or_abort(&self, frame: Frame) -> Result<(), ConnectionError> {
+        let stall = self.shared.stall;
+        match tokio::time::timeout(stall, self.send(frame)).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                let message = format!(
+                    "the peer is not reading: {} bytes wait for it and found no room under \
+                     max_queued_bytes within {stall:?} (keepalive_timeout); closing",
+                    self.queued_bytes()
+                );
+                tracing::warn!("{message}");
+                let error = ConnectionError::Closed {
+                    reason: message.clone().into(),
+                };
+                self.abort_with(GoAway::new(GoAway::SLOW_CONSUMER, message), &error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Writes what is queued, then closes; a peer that does not read it within `within`
+    /// is cut off ([`FrameSender::abort_with`]). Returns once the writer has stopped.
+    pub async fn close_within(&self, within: Duration) {
+        self.close();
+        if tokio::time::timeout(within, self.closed()).await.is_err() {
+            let reason = format!("the peer did not read what was left to write within {within:?}");
+            self.abort_with(
+                GoAway::new(GoAway::SLOW_CONSUMER, reason.clone()),
+                &ConnectionError::Closed {
+                    reason: reason.into(),
+                },
+            );
+            self.closed().await;
+        }
     }
 
     /// Queues `frame` if there is room now; never waits. A full queue, in frames
@@ -371,29 +421,28 @@ impl FrameSender {
         let deadline = tokio::time::Instant::now() + wait;
         let mut frame = frame;
         loop {
-            // Registered before the attempt, so that a write in between is not missed.
-            let written = self.shared.written.notified();
-            tokio::pin!(written);
-            written.as_mut().enable();
             match self.try_send(frame) {
                 Err(TrySendError::Full(back)) => frame = back,
                 other => return other,
             }
-            // Then wait until the queue is down to half its byte limit (or the frame
-            // queue has room), not merely until one frame fits: a sender woken for every
-            // write would move in lock step with the writer, one frame per wake-up.
+            // Then wait until the queue is down to half its byte limit, not merely until
+            // one frame fits: a sender woken for every write would move in lock step with
+            // the writer, one frame per wake-up. Each waiter is registered before the
+            // check it guards, so that a write in between is never missed.
             loop {
+                let written = self.shared.written.notified();
+                tokio::pin!(written);
+                written.as_mut().enable();
+                if self.queued_bytes() <= self.shared.max_queued_bytes / 2 {
+                    break;
+                }
                 let stopped = self.shared.writer_done.cancelled();
                 tokio::select! {
                     _ = &mut written => {}
                     _ = stopped => return Err(TrySendError::Failed(self.shared.closed_error())),
-                    _ = tokio::time::sleep_until(deadline) => return Err(TrySendError::Full(frame)),
+                    // One last attempt: full only if it still does not fit.
+                    _ = tokio::time::sleep_until(deadline) => return self.try_send(frame),
                 }
-                if self.queued_bytes() <= self.shared.max_queued_bytes / 2 {
-                    break;
-                }
-                written.set(self.shared.written.notified());
-                written.as_mut().enable();
             }
         }
     }
@@ -437,7 +486,7 @@ impl FrameSender {
                 let sender = self.clone();
                 self.shared.soon.spawn_on(
                     async move {
-                        if let Err(e) = sender.send(frame).await {
+                        if let Err(e) = sender.send_or_abort(frame).await {
                             tracing::debug!(error = %e, "queued send failed");
                         }
                     },
@@ -561,8 +610,16 @@ impl FrameSender {
     pub fn close_with(&self, go_away: GoAway, reason: &ConnectionError) {
         self.shared.record_error(reason);
         // The queue may be full of frames for a peer that stopped reading; the go-away is
-        // best effort then, and the close happens regardless.
-        let _ = self.tx.try_send(Frame::GoAway(go_away));
+        // best effort then, and the close happens regardless. Counted like any frame, since
+        // the writer subtracts what it writes.
+        let frame = Frame::GoAway(go_away);
+        let cost = frame
+            .encoded_len()
+            .map_or(0, |len| queued_cost(len + LENGTH_PREFIX_LEN));
+        self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+        if self.tx.try_send(frame).is_err() {
+            self.shared.unqueue(cost);
+        }
         self.shared.close();
     }
 

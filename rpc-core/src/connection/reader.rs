@@ -89,8 +89,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         match frame {
                             Frame::Ping { nonce } => {
                                 // A closed sender means the connection is going down;
-                                // the next poll sees that.
-                                let _ = self.sender.send(Frame::Pong { nonce }).await;
+                                // the next poll sees that. A peer that pings but reads
+                                // no pongs is cut off after keepalive_timeout.
+                                let _ = self.sender.send_or_abort(Frame::Pong { nonce }).await;
                             }
                             Frame::Pong { nonce } => self.shared.pong(nonce),
                             frame => return Some(Ok(frame)),

@@ -219,3 +219,56 @@ async fn bytes_count_as_queued_until_the_writer_has_written_them() {
         sender.queued_bytes()
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_send_leaves_no_bytes_counted() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        send_queue: 1,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    // Fill it: the writer takes a frame and blocks writing it, one more fills the
+    // one-frame queue; from then on a send waits, and is given up after 5 ms.
+    let mut sent = 0;
+    while tokio::time::timeout(Duration::from_millis(5), sender.send(msg(1000)))
+        .await
+        .is_ok()
+    {
+        sent += 1;
+        assert!(sent < 10, "the queue never filled");
+    }
+    let queued = sender.queued_bytes();
+    for _ in 0..10 {
+        let waited = tokio::time::timeout(Duration::from_millis(5), sender.send(msg(1000))).await;
+        assert!(waited.is_err(), "the queue has no room");
+    }
+    assert_eq!(
+        sender.queued_bytes(),
+        queued,
+        "cancelled sends counted nothing"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_pings_but_never_reads_the_pongs_is_cut_off_after_the_keepalive_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let (a, mut b) = tokio::io::duplex(4096);
+    let config = ConnectionConfig {
+        keepalive_interval: Duration::from_secs(1),
+        keepalive_timeout: Duration::from_secs(3),
+        max_queued_bytes: 2000,
+        ..ConnectionConfig::default()
+    };
+    let (mut reader, _sender) = start(a, &config);
+    let mut ping = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(
+        &mut crate::codec::FrameCodec::new(1024),
+        &Frame::Ping { nonce: 1 },
+        &mut ping,
+    )
+    .unwrap();
+    tokio::spawn(async move { while b.write_all(&ping).await.is_ok() {} });
+    let error = reader.next().await.unwrap().unwrap_err();
+    assert!(error.to_string().contains("not reading"), "{error}");
+}

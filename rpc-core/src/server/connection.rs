@@ -2,7 +2,6 @@
 //! answers.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,7 +40,6 @@ pub(super) async fn serve<T: Io>(
         server: server.clone(),
         answers: Answers {
             sender: sender.clone(),
-            stall: config.connection.keepalive_timeout,
             abort: abort.clone(),
         },
         peer: Arc::new(peer),
@@ -109,8 +107,11 @@ pub(super) async fn serve<T: Io>(
     conn.calls.close();
     conn.calls.wait().await;
     sender.settle().await;
-    sender.close();
-    sender.closed().await;
+    // A peer that stopped reading would keep the writer, and the server's shutdown, from
+    // finishing: it gets keepalive_timeout to read what is left.
+    sender
+        .close_within(server.config.connection.keepalive_timeout)
+        .await;
 }
 
 struct Conn {
@@ -190,14 +191,11 @@ impl Conn {
         reader: &mut FrameReader<R>,
         abort: &CancellationToken,
     ) {
-        let _ = self
-            .answers
-            .sender
-            .send(Frame::GoAway(GoAway::new(
-                GoAway::SHUTDOWN,
-                "server is shutting down",
-            )))
-            .await;
+        let go_away = Frame::GoAway(GoAway::new(GoAway::SHUTDOWN, "server is shutting down"));
+        tokio::select! {
+            _ = self.answers.sender.send_or_abort(go_away) => {}
+            _ = abort.cancelled() => {}
+        }
         self.calls.close();
         loop {
             tokio::select! {
@@ -223,9 +221,6 @@ impl Conn {
 #[derive(Clone)]
 struct Answers {
     sender: FrameSender,
-    /// How long an answer may wait for room in the connection's queue before the peer is
-    /// taken for one that stopped reading: `ConnectionConfig::keepalive_timeout`.
-    stall: Duration,
     /// The end of the shutdown grace: nobody waits for answers any more.
     abort: CancellationToken,
 }
@@ -235,36 +230,21 @@ impl Responder for Answers {
     /// for room, holding the call's in-flight slot (and, for an answer from the read
     /// loop, the read loop): a peer that sends requests but does not read the answers
     /// stops being read once `max_queued_bytes` of answers wait for it, so the memory it
-    /// costs is bounded. No room within `stall`: the connection is closed with a go-away
-    /// saying why.
+    /// costs is bounded. No room within `keepalive_timeout`: the connection is closed with
+    /// a go-away saying why ([`FrameSender::send_or_abort`]).
     async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
         let frame = match self.sender.try_send(response(id, result)) {
             Ok(()) => return,
             Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
             Err(TrySendError::Full(frame)) => frame,
         };
-        let sent = tokio::select! {
-            sent = tokio::time::timeout(self.stall, self.sender.send(frame)) => sent,
-            _ = self.abort.cancelled() => return,
-        };
-        match sent {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => answer_not_sent(&self.sender, id, e),
-            Err(_) => {
-                let message = format!(
-                    "the peer is not reading its answers: {} bytes wait for it and found \
-                     no room under max_queued_bytes within {:?} (keepalive_timeout); closing",
-                    self.sender.queued_bytes(),
-                    self.stall
-                );
-                tracing::warn!(id, "{message}");
-                self.sender.abort_with(
-                    GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
-                    &ConnectionError::Closed {
-                        reason: message.into(),
-                    },
-                );
+        tokio::select! {
+            sent = self.sender.send_or_abort(frame) => {
+                if let Err(e) = sent {
+                    answer_not_sent(&self.sender, id, e);
+                }
             }
+            _ = self.abort.cancelled() => {}
         }
     }
 }
