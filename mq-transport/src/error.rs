@@ -29,19 +29,6 @@ pub enum BusError {
         /// Where the limit is set.
         setting: &'static str,
     },
-    /// A message would be delivered in a frame larger than the broker's frame limit
-    /// (its subject, reply and headers besides the payload): refused before it is sent,
-    /// since the broker could not deliver it.
-    #[error(
-        "message of {size} bytes as delivered (subject, reply, headers, payload and an 8-byte \
-         subscription id) exceeds the broker's max_frame_len of {limit} bytes"
-    )]
-    MessageTooLarge {
-        /// The length of the frame that would deliver it.
-        size: usize,
-        /// The broker's frame limit.
-        limit: usize,
-    },
     /// A request reached no subscriber at all; reported at once, not at the timeout.
     #[error("no responders: nobody is subscribed to `{subject}`")]
     NoResponders {

@@ -271,11 +271,8 @@ pub async fn serve(bus: &Bus, service: impl Service) -> Result<ServiceInstance, 
         prefix: format!("{SUBJECT_PREFIX}.{name}."),
         calls: InFlight::new(),
         next_id: AtomicU64::new(1),
-        answers: Answers {
-            bus: bus.clone(),
-            served: served.clone(),
-            reply: None,
-        },
+        bus: bus.clone(),
+        served: served.clone(),
     };
     let calls = instance.calls.clone();
     let task = tokio::spawn(instance.run(requests, cancels, stop.clone()));
@@ -337,7 +334,9 @@ struct Instance<S> {
     calls: Arc<InFlight<Utf8Bytes>>,
     /// Request ids, unique among this instance's calls.
     next_id: AtomicU64,
-    answers: Answers,
+    bus: Bus,
+    /// Calls answered.
+    served: Arc<AtomicU64>,
 }
 
 impl<S: Service> Instance<S> {
@@ -414,8 +413,9 @@ impl<S: Service> Instance<S> {
         .with_deadline(deadline)
         .with_metadata(metadata);
         let answers = Answers {
-            reply: Some(reply.clone()),
-            ..self.answers.clone()
+            bus: self.bus.clone(),
+            served: self.served.clone(),
+            reply: reply.clone(),
         };
         let service = &self.service;
         let started = self.calls.start(
@@ -436,19 +436,17 @@ impl<S: Service> Instance<S> {
     }
 }
 
-/// Answers as reply messages on the bus.
+/// Answers one call, as a message to its reply subject.
 #[derive(Clone)]
 struct Answers {
     bus: Bus,
     served: Arc<AtomicU64>,
-    reply: Option<Utf8Bytes>,
+    reply: Utf8Bytes,
 }
 
 impl Responder for Answers {
     async fn respond(&self, _id: u64, result: Result<Bytes, ServiceError>) {
-        let Some(reply) = self.reply.clone() else {
-            return;
-        };
+        let reply = self.reply.clone();
         let answer = match result {
             Ok(payload) => Message::new(reply, payload),
             Err(error) => Message::new(reply, Bytes::new())

@@ -57,16 +57,14 @@ impl<T> Match<T> {
     /// group in turn until one takes it (`deliver` returns whether it did). Returns how
     /// many took it.
     pub fn deliver(&self, mut deliver: impl FnMut(&T) -> bool) -> u64 {
-        let mut delivered = 0;
-        for target in &self.plain {
-            delivered += u64::from(deliver(target));
-        }
-        for (_, members) in &self.groups {
-            if self.group_order(members).any(&mut deliver) {
-                delivered += 1;
+        let offered = |target: &T| {
+            if deliver(target) {
+                Offered::Taken
+            } else {
+                Offered::Refused
             }
-        }
-        delivered
+        };
+        self.offer(offered, &mut Vec::new())
     }
 
     /// Offers one message, to a target that may be full: every plain subscription, and

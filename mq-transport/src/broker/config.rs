@@ -66,6 +66,10 @@ impl BrokerConfig {
     /// delivered. 64 KiB.
     pub const FRAME_HEADROOM: usize = 64 * 1024;
 
+    /// The most a `Msg` frame carries besides payload and headers: preamble (2),
+    /// subscription id (8), subject and reply (2 + 4,096 each), the header count (2).
+    const MAX_ENVELOPE: usize = 2 + 8 + 2 * (2 + crate::subject::MAX_SUBJECT_LEN) + 2;
+
     /// The same settings with `max_payload` set and the frame limit sized to it:
     /// `max_payload + FRAME_HEADROOM` (what `courier broker --max-payload` does).
     ///
@@ -97,6 +101,9 @@ impl BrokerConfig {
         Ok(())
     }
 }
+
+// Every publish the broker accepts can be delivered.
+const _: () = assert!(BrokerConfig::MAX_ENVELOPE <= BrokerConfig::FRAME_HEADROOM);
 
 impl Default for BrokerConfig {
     fn default() -> Self {

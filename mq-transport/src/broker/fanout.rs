@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rpc_core::connection::TrySendError;
-use rpc_core::frame::{Frame, GoAway, Message as MsgFrame, Publish};
+use rpc_core::frame::{Frame, Message as MsgFrame, Publish};
 use rpc_core::{ConnectionError, Utf8Bytes};
 
 use super::Shared;
@@ -183,11 +183,6 @@ impl Conn {
         }
         shared.slow_consumers.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(peer = %self.peer, name = %self.name(), "{message}");
-        self.sender.abort_with(
-            GoAway::new(GoAway::SLOW_CONSUMER, message.clone()),
-            &ConnectionError::Closed {
-                reason: message.into(),
-            },
-        );
+        self.sender.cut_off(message);
     }
 }

@@ -138,20 +138,8 @@ impl<'a> Session<'a> {
             );
             return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
         }
-        // Refused here, not accepted and then lost: the Msg frame that would deliver it
-        // must fit the broker's own frame limit.
-        let limit = self.shared.config.connection.max_frame_len;
-        match publish.delivery_len() {
-            Ok(len) if len <= limit => {}
-            Ok(len) => {
-                let message = format!(
-                    "message of {len} bytes as delivered (subject, reply, headers, payload and an \
-                     8-byte subscription id) exceeds the broker's max_frame_len of {limit} bytes"
-                );
-                return Err(self.violation(GoAway::LIMIT_EXCEEDED, message));
-            }
-            Err(e) => return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string())),
-        }
+        // Accepted means deliverable: subjects are at most 4 KiB and headers count in
+        // max_payload, so the Msg frame fits the frame limit (BrokerConfig::validate).
         self.shared.publish(&publish).await;
         Ok(())
     }

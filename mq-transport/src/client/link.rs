@@ -7,7 +7,7 @@ use std::pin::Pin;
 
 use rpc_core::ConnectionError;
 use rpc_core::connection::{self, FrameReader, FrameSender, Io};
-use rpc_core::frame::{Connect, Frame, GoAway};
+use rpc_core::frame::{Connect, Frame, GoAway, Publish};
 use rpc_core::transport::{Connector, PeerAddr};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -100,7 +100,11 @@ pub(super) async fn handshake(
         })?;
     match answer {
         Some(Ok(Frame::Connect(broker))) => {
-            sender.limit_frame_len(broker.max_frame_len as usize);
+            // Held to the broker's limit less the room its delivery adds, so that a
+            // publish the broker could not deliver is refused here (FrameTooLarge), not
+            // by the broker, which would close the connection.
+            let limit = broker.max_frame_len as usize;
+            sender.limit_frame_len(limit.saturating_sub(Publish::DELIVERY_OVERHEAD));
             Ok(Link {
                 reader,
                 sender,

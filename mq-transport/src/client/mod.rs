@@ -109,7 +109,6 @@ impl Client {
             state: Mutex::new(State::Connected(link.sender.clone())),
             subs: Mutex::new(HashMap::new()),
             max_payload: AtomicUsize::new(link.broker.max_payload as usize),
-            broker_frame_limit: AtomicUsize::new(link.broker.max_frame_len as usize),
             shutdown: CancellationToken::new(),
             options,
             core,
@@ -270,8 +269,6 @@ pub(crate) struct Remote {
     subs: Mutex<HashMap<u64, SubEntry>>,
     /// The broker's limit, from its connect frame (0: not stated).
     max_payload: AtomicUsize,
-    /// The broker's frame limit, from its connect frame (0: not stated).
-    broker_frame_limit: AtomicUsize,
     shutdown: CancellationToken,
     options: ConnectOptions,
     core: Arc<Core>,
@@ -317,13 +314,6 @@ impl Remote {
             headers: message.headers,
             payload: message.payload,
         };
-        // The broker delivers it in a frame 8 bytes larger; one it could not deliver is
-        // refused here, not by the broker (which would close the connection).
-        let size = publish.delivery_len().map_err(ConnectionError::from)?;
-        let limit = self.broker_frame_limit.load(Ordering::Relaxed);
-        if limit != 0 && size > limit {
-            return Err(BusError::MessageTooLarge { size, limit });
-        }
         let frame = Frame::Pub(publish);
         loop {
             let sender = {
@@ -482,8 +472,6 @@ impl Remote {
                 let link = handshake(&*self.connector, &self.options).await?;
                 self.max_payload
                     .store(link.broker.max_payload as usize, Ordering::Relaxed);
-                self.broker_frame_limit
-                    .store(link.broker.max_frame_len as usize, Ordering::Relaxed);
                 let replayed = self.restore(&link.sender).await?;
                 Ok::<_, crate::error::ConnectError>((link.reader, replayed))
             },

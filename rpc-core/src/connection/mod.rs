@@ -294,6 +294,14 @@ pub(crate) fn queued_cost(wire_len: usize) -> usize {
     wire_len.max(std::mem::size_of::<Frame>())
 }
 
+/// [`queued_cost`] of `frame` (0 for a frame that cannot be encoded, which no sender
+/// queues).
+pub(crate) fn frame_cost(frame: &Frame) -> usize {
+    frame
+        .encoded_len()
+        .map_or(0, |len| queued_cost(len + LENGTH_PREFIX_LEN))
+}
+
 /// Refuses a connection: starts the engine on `io` only to send `go_away` (which names
 /// why, and the limit), then waits until it is written and the stream closed. Servers
 /// use it for a connection over their connection limit.
@@ -355,11 +363,7 @@ impl FrameSender {
                     self.queued_bytes()
                 );
                 tracing::warn!("{message}");
-                let error = ConnectionError::Closed {
-                    reason: message.clone().into(),
-                };
-                self.abort_with(GoAway::new(GoAway::SLOW_CONSUMER, message), &error);
-                Err(error)
+                Err(self.cut_off(message))
             }
         }
     }
@@ -369,15 +373,22 @@ impl FrameSender {
     pub async fn close_within(&self, within: Duration) {
         self.close();
         if tokio::time::timeout(within, self.closed()).await.is_err() {
-            let reason = format!("the peer did not read what was left to write within {within:?}");
-            self.abort_with(
-                GoAway::new(GoAway::SLOW_CONSUMER, reason.clone()),
-                &ConnectionError::Closed {
-                    reason: reason.into(),
-                },
-            );
+            self.cut_off(format!(
+                "the peer did not read what was left to write within {within:?}"
+            ));
             self.closed().await;
         }
+    }
+
+    /// Cuts off a peer that does not keep up: [`FrameSender::abort_with`] a
+    /// `SLOW_CONSUMER` go-away carrying `message`, which is also what local users see as
+    /// the cause (the returned error).
+    pub fn cut_off(&self, message: String) -> ConnectionError {
+        let error = ConnectionError::Closed {
+            reason: message.clone().into(),
+        };
+        self.abort_with(GoAway::new(GoAway::SLOW_CONSUMER, message), &error);
+        error
     }
 
     /// Queues `frame` if there is room now; never waits. A full queue, in frames
@@ -613,9 +624,7 @@ impl FrameSender {
         // best effort then, and the close happens regardless. Counted like any frame, since
         // the writer subtracts what it writes.
         let frame = Frame::GoAway(go_away);
-        let cost = frame
-            .encoded_len()
-            .map_or(0, |len| queued_cost(len + LENGTH_PREFIX_LEN));
+        let cost = frame_cost(&frame);
         self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
         if self.tx.try_send(frame).is_err() {
             self.shared.unqueue(cost);

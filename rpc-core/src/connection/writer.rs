@@ -9,8 +9,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
-use super::{Shared, queued_cost};
-use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN};
+use super::{Shared, frame_cost, queued_cost};
+use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
 use crate::frame::Frame;
 
@@ -119,10 +119,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     Ok(()) => encoded += queued_cost(buf.len() - before),
                     Err(e) => {
                         tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
-                        let counted = frame
-                            .encoded_len()
-                            .map_or(0, |len| queued_cost(len + LENGTH_PREFIX_LEN));
-                        shared.unqueue(counted);
+                        shared.unqueue(frame_cost(&frame));
                     }
                 }
                 if buf.len() >= FLUSH_AT {

@@ -11,19 +11,10 @@ use crate::{Metadata, Utf8Bytes};
 const U16_MAX: usize = u16::MAX as usize;
 const U32_MAX: usize = u32::MAX as usize;
 
-impl super::Publish {
-    /// The body length of the `Msg` frame that delivers this publish to a subscriber: the
-    /// same fields and an 8-byte subscription id. A broker refuses a publish whose
-    /// delivery would not fit its own frame limit, rather than accept it and lose it.
-    pub fn delivery_len(&self) -> Result<usize, ProtocolError> {
-        let kind = Kind::Msg;
-        Ok(BODY_PREAMBLE_LEN
-            + 8
-            + str16_len(kind, "subject", &self.subject)?
-            + str16_len(kind, "reply", &self.reply)?
-            + metadata_len(kind, &self.headers)?
-            + self.payload.len())
-    }
+impl Publish {
+    /// How much longer the `Msg` frame that delivers a publish is than the `Pub` frame:
+    /// the 8-byte subscription id; every other field is the same.
+    pub const DELIVERY_OVERHEAD: usize = 8;
 }
 
 impl Frame {

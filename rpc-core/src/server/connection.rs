@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use super::call::{InFlight, IncomingCall, Responder, Started};
 use super::{ServerConfig, ServiceError, Shared};
 use crate::connection::{self, FrameReader, FrameSender, Io, TrySendError};
-use crate::error::{ConnectionError, ProtocolError, RpcError};
+use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
 
@@ -52,7 +52,7 @@ pub(super) async fn serve<T: Io>(
     // future is pinned once: a fresh `cancelled()` per frame would register a waiter each time.
     let draining = drain.cancelled();
     tokio::pin!(draining);
-    let ended: Option<RpcError> = loop {
+    let ended: Option<ConnectionError> = loop {
         let frame = tokio::select! {
             biased;
             _ = &mut draining => break None,
@@ -76,17 +76,17 @@ pub(super) async fn serve<T: Io>(
                     // not read its answers stops being read (see `Answers::respond`).
                     Ok(Started::Answered(result)) => conn.answers.respond(id, result).await,
                     Ok(Started::Running) => {}
-                    Err(e) => break Some(reader.protocol_violation(e).into()),
+                    Err(e) => break Some(reader.protocol_violation(e)),
                 }
             }
             Some(Ok(frame)) => {
                 if let Err(e) = conn.on_other_frame(frame) {
-                    break Some(reader.protocol_violation(e).into());
+                    break Some(reader.protocol_violation(e));
                 }
             }
-            Some(Err(e)) => break Some(e.into()),
+            Some(Err(e)) => break Some(e),
             None => {
-                break Some(RpcError::ConnectionClosed {
+                break Some(ConnectionError::Closed {
                     reason: "peer closed the connection".into(),
                 });
             }

@@ -63,7 +63,7 @@ impl Backoff {
     }
 
     /// Whether to stop after `failures` failed attempts in a row.
-    pub fn exhausted(&self, failures: u32) -> bool {
+    pub(crate) fn exhausted(&self, failures: u32) -> bool {
         self.max_attempts.is_some_and(|max| failures >= max)
     }
 }
