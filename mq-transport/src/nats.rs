@@ -235,7 +235,7 @@ impl Nats {
 
 impl Backend for Nats {
     fn max_payload(&self) -> Option<(usize, &'static str)> {
-        match self.client.server_info().max_payload {
+        match self.client.max_payload() {
             0 => None,
             limit => Some((limit, "the NATS server's max_payload")),
         }
