@@ -31,7 +31,7 @@ mod message;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod rpc;
-pub mod subject;
+pub use mq_store::subject;
 pub mod sublist;
 
 pub use broker::{Broker, BrokerConfig, BrokerConfigError, BrokerStats};

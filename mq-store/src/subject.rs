@@ -50,7 +50,7 @@ impl SubjectError {
 /// Checks a subject to publish to: tokens, no wildcards.
 ///
 /// ```
-/// use mq_transport::subject::validate_subject;
+/// use mq_store::subject::validate_subject;
 /// assert!(validate_subject("orders.eu.created").is_ok());
 /// assert!(validate_subject("orders.*").is_err());
 /// assert!(validate_subject("orders..eu").is_err());
@@ -62,7 +62,7 @@ pub fn validate_subject(subject: &str) -> Result<(), SubjectError> {
 /// Checks a filter to subscribe to: tokens, with `*` and a trailing `>` allowed.
 ///
 /// ```
-/// use mq_transport::subject::validate_filter;
+/// use mq_store::subject::validate_filter;
 /// assert!(validate_filter("orders.*.created").is_ok());
 /// assert!(validate_filter("orders.>").is_ok());
 /// assert!(validate_filter("orders.>.created").is_err());
@@ -153,7 +153,7 @@ fn check_tokens(what: &'static str, text: &str, wildcards: bool) -> Result<(), S
 /// for many filters at once.
 ///
 /// ```
-/// use mq_transport::subject::matches;
+/// use mq_store::subject::matches;
 /// assert!(matches("a.*.c", "a.b.c"));
 /// assert!(matches("a.>", "a.b.c"));
 /// assert!(!matches("a.>", "a"));
@@ -167,6 +167,31 @@ pub fn matches(filter: &str, subject: &str) -> bool {
             (Some(">"), Some(_)) => return true,
             (Some("*"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
+            _ => return false,
+        }
+    }
+}
+
+/// Whether some subject matches both filters. Both are assumed valid.
+///
+/// Streams use it to refuse a subject that two streams would both capture.
+///
+/// ```
+/// use mq_store::subject::overlaps;
+/// assert!(overlaps("orders.>", "orders.eu.*"));
+/// assert!(overlaps("a.*.c", "a.b.*"));
+/// assert!(!overlaps("orders.>", "orders"));
+/// assert!(!overlaps("a.*", "a.b.c"));
+/// ```
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let mut a = a.split('.');
+    let mut b = b.split('.');
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return true,
+            (Some(">"), Some(_)) | (Some(_), Some(">")) => return true,
+            (Some("*"), Some(_)) | (Some(_), Some("*")) => {}
+            (Some(x), Some(y)) if x == y => {}
             _ => return false,
         }
     }

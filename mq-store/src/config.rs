@@ -1,0 +1,171 @@
+//! A stream's settings: its subjects, durability and limits.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// When appended messages are forced to disk, and so when a publish is acknowledged.
+///
+/// | setting | acknowledged after | lost on kill -9 | lost on power loss |
+/// | --- | --- | --- | --- |
+/// | `Always` | write + `fdatasync` | nothing | nothing |
+/// | `Every(d)` | write | nothing | up to `d` of acknowledged messages |
+/// | `Never` | write | nothing | whatever the OS had not written back |
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Fsync {
+    /// Group commit: one write and one `fdatasync` per batch of appends; a publish is
+    /// acknowledged only after the `fdatasync` that covers it. The default.
+    #[default]
+    Always,
+    /// Acknowledged once written to the OS; an `fdatasync` at most this long after.
+    Every(Duration),
+    /// Acknowledged once written to the OS, which decides when it reaches the disk.
+    Never,
+}
+
+impl Fsync {
+    /// The label benchmarks and `info` use: `always`, `every=<duration>` or `never`.
+    pub fn label(&self) -> String {
+        match self {
+            Fsync::Always => "always".into(),
+            Fsync::Every(d) => format!("every={d:?}"),
+            Fsync::Never => "never".into(),
+        }
+    }
+}
+
+/// What a full stream does with a new message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Discard {
+    /// Remove the oldest messages to make room. The default.
+    #[default]
+    Old,
+    /// Refuse the new message with an error naming the limit.
+    New,
+}
+
+/// A stream's configuration.
+///
+/// ```
+/// use std::time::Duration;
+/// use mq_store::{Discard, Fsync, StreamConfig};
+/// let config = StreamConfig {
+///     max_msgs: Some(1_000_000),
+///     max_age: Some(Duration::from_secs(24 * 3600)),
+///     discard: Discard::New,
+///     fsync: Fsync::Every(Duration::from_millis(100)),
+///     ..StreamConfig::new("ORDERS", ["orders.>"])
+/// };
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct StreamConfig {
+    /// The stream's name: letters, digits, `-` and `_`, at most 64 bytes.
+    pub name: String,
+    /// The subjects it captures; wildcards allowed. Streams may not overlap.
+    pub subjects: Vec<String>,
+    /// Durability; see [`Fsync`]. Default [`Fsync::Always`].
+    pub fsync: Fsync,
+    /// Messages older than this are removed. Default: no limit.
+    pub max_age: Option<Duration>,
+    /// The most bytes of messages (their records) kept. Default: no limit.
+    pub max_bytes: Option<u64>,
+    /// The most messages kept. Default: no limit.
+    pub max_msgs: Option<u64>,
+    /// The most messages kept per subject. Default: no limit.
+    pub max_msgs_per_subject: Option<u64>,
+    /// The largest message (subject, headers and payload) accepted. Default 1 MiB.
+    pub max_msg_size: u32,
+    /// What a full stream does. Default [`Discard::Old`].
+    pub discard: Discard,
+    /// How long a `Msg-Id` is remembered to refuse duplicates. Default 2 minutes.
+    pub duplicate_window: Duration,
+    /// A segment file is closed and a new one started past this size. Default 64 MiB.
+    pub segment_size: u64,
+}
+
+/// The largest `max_msg_size`: 64 MiB.
+pub const MAX_MSG_SIZE: u32 = 64 * 1024 * 1024;
+/// The largest `segment_size`: 1 GiB (record positions are 32-bit).
+pub const MAX_SEGMENT_SIZE: u64 = 1024 * 1024 * 1024;
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            name: String::new(),
+            subjects: Vec::new(),
+            fsync: Fsync::Always,
+            max_age: None,
+            max_bytes: None,
+            max_msgs: None,
+            max_msgs_per_subject: None,
+            max_msg_size: 1024 * 1024,
+            discard: Discard::Old,
+            duplicate_window: Duration::from_secs(120),
+            segment_size: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl StreamConfig {
+    /// A stream named `name` capturing `subjects`, every other setting its default.
+    pub fn new<S: Into<String>>(name: impl Into<String>, subjects: impl IntoIterator<Item = S>) -> Self {
+        StreamConfig {
+            name: name.into(),
+            subjects: subjects.into_iter().map(Into::into).collect(),
+            ..StreamConfig::default()
+        }
+    }
+
+    /// Checks the settings, naming the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.name)?;
+        if self.subjects.is_empty() {
+            return Err(format!("stream `{}` has no subjects", self.name));
+        }
+        for subject in &self.subjects {
+            crate::subject::validate_filter(subject).map_err(|e| e.to_string())?;
+        }
+        for (i, a) in self.subjects.iter().enumerate() {
+            for b in &self.subjects[i + 1..] {
+                if crate::subject::overlaps(a, b) {
+                    return Err(format!("subjects `{a}` and `{b}` of stream `{}` overlap", self.name));
+                }
+            }
+        }
+        if self.max_msg_size == 0 || self.max_msg_size > MAX_MSG_SIZE {
+            return Err(format!(
+                "max_msg_size {} is outside 1..={MAX_MSG_SIZE}",
+                self.max_msg_size
+            ));
+        }
+        if !(4096..=MAX_SEGMENT_SIZE).contains(&self.segment_size) {
+            return Err(format!(
+                "segment_size {} is outside 4096..={MAX_SEGMENT_SIZE}",
+                self.segment_size
+            ));
+        }
+        if self.fsync == Fsync::Every(Duration::ZERO) {
+            return Err("fsync every 0s: use `always`".into());
+        }
+        Ok(())
+    }
+}
+
+/// Checks a stream name: 1 to 64 bytes of ASCII letters, digits, `-` and `_`, so that
+/// it is a file name, a subject token and a NATS stream name everywhere.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 64 {
+        return Err(format!("stream name `{name}` must be 1 to 64 bytes long"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        return Err(format!(
+            "stream name `{name}` may hold only ASCII letters, digits, `-` and `_`"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,826 @@
+//! One stream's segmented log: its segments, the in-memory index, recovery, appends,
+//! removals and the location of records to read.
+//!
+//! The log is plain state, owned by its stream under a lock. It performs no writes
+//! itself: appends and removals become [`Op`]s, which the stream's committer executes
+//! (one write per segment per batch, then one `fdatasync`). Only segment creation
+//! (an `open`) and recovery touch the file system directly.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::{MAX_MSG_SIZE, StreamConfig};
+use crate::error::StoreError;
+use crate::fs::{File, Fs};
+use crate::message::StoredMessage;
+use crate::record::{self, DecodeError, HEADER_LEN, Kind, Record};
+
+/// The largest record recovery or a read accepts: the largest message and its header.
+pub(crate) const MAX_RECORD_LEN: u32 = MAX_MSG_SIZE + HEADER_LEN as u32;
+
+/// The header that deduplicates publishes.
+pub const MSG_ID_HEADER: &str = "Msg-Id";
+
+const DELETED: u32 = u32::MAX;
+
+/// A message's place in its segment.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    pos: u32,
+    len: u32,
+    /// Index into `Log::names`, or `DELETED`.
+    subject: u32,
+}
+
+#[derive(Debug)]
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
+    file: Arc<dyn File>,
+    /// Bytes in the file, counting those still queued for writing.
+    len: u64,
+    /// `entries[i]` is message `first_seq + i`.
+    entries: Vec<Entry>,
+    live: u64,
+    /// The newest message time in the segment.
+    max_time: i64,
+}
+
+impl Segment {
+    fn end_seq(&self) -> u64 {
+        self.first_seq + self.entries.len() as u64
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SubjectState {
+    id: u32,
+    msgs: u64,
+    first: u64,
+    last: u64,
+}
+
+/// A file operation the committer performs, in order.
+#[derive(Debug)]
+pub(crate) enum Op {
+    /// Write `bytes` at `offset`.
+    Write {
+        file: Arc<dyn File>,
+        path: PathBuf,
+        offset: u64,
+        bytes: Vec<u8>,
+    },
+    /// Remove a segment file (after syncing what was written before it).
+    Remove { path: PathBuf },
+    /// Sync the stream's directory.
+    SyncDir,
+}
+
+/// Where a read finds its records: one segment's span, read with one `pread`.
+#[derive(Debug)]
+pub(crate) struct Span {
+    pub(crate) file: Arc<dyn File>,
+    pub(crate) path: PathBuf,
+    pub(crate) start: u64,
+    pub(crate) len: usize,
+    /// (seq, position relative to `start`, record length)
+    pub(crate) records: Vec<(u64, usize, usize)>,
+}
+
+/// What recovery found besides the log itself.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub(crate) log: Log,
+    /// The last configuration record, if any.
+    pub(crate) config: Option<StreamConfig>,
+    /// `Msg-Id`s of messages younger than `since`: (id, seq, time).
+    pub(crate) msg_ids: Vec<(String, u64, i64)>,
+}
+
+/// A stream's log. See the module documentation.
+#[derive(Debug)]
+pub(crate) struct Log {
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    segment_size: u64,
+    config_json: Vec<u8>,
+    segments: VecDeque<Segment>,
+    next_seq: u64,
+    /// Every message below is gone; messages at and above may be deleted one by one.
+    first_seq: u64,
+    msgs: u64,
+    bytes: u64,
+    subjects: HashMap<Arc<str>, SubjectState>,
+    names: Vec<Option<Arc<str>>>,
+    free: Vec<u32>,
+    ops: Vec<Op>,
+    last_time: i64,
+    last_msg_id: Option<String>,
+}
+
+/// Counts describing a log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) msgs: u64,
+    pub(crate) bytes: u64,
+    pub(crate) first_seq: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) subjects: u64,
+    pub(crate) deleted: u64,
+    pub(crate) segments: u64,
+}
+
+fn segment_name(first_seq: u64) -> String {
+    format!("{first_seq:020}.log")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+impl Log {
+    /// Creates the log of a new stream: its directory and first segment, starting
+    /// with the configuration record, synced, with the directory.
+    pub(crate) fn create(fs: Arc<dyn Fs>, dir: &Path, config: &StreamConfig) -> Result<Log, StoreError> {
+        fs.create_dir_all(dir)
+            .map_err(|e| StoreError::io("create directory", dir, e))?;
+        let mut log = Log::empty(fs, dir, config);
+        log.roll()?;
+        Ok(log)
+    }
+
+    fn empty(fs: Arc<dyn Fs>, dir: &Path, config: &StreamConfig) -> Log {
+        Log {
+            fs,
+            dir: dir.to_owned(),
+            segment_size: config.segment_size,
+            config_json: serde_json::to_vec(config).expect("a config serializes"),
+            segments: VecDeque::new(),
+            next_seq: 1,
+            first_seq: 1,
+            msgs: 0,
+            bytes: 0,
+            subjects: HashMap::new(),
+            names: Vec::new(),
+            free: Vec::new(),
+            ops: Vec::new(),
+            last_time: 0,
+            last_msg_id: None,
+        }
+    }
+
+    /// Opens an existing log: reads and verifies every segment, truncates a torn
+    /// write at the end of the last one, and fails on damage anywhere else.
+    pub(crate) fn open(fs: Arc<dyn Fs>, dir: &Path, ids_since: i64) -> Result<Recovered, StoreError> {
+        let names = fs.list(dir).map_err(|e| StoreError::io("list", dir, e))?;
+        let mut firsts: Vec<u64> = Vec::new();
+        for name in &names {
+            match parse_segment_name(name) {
+                Some(first) => firsts.push(first),
+                None => tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment"),
+            }
+        }
+        firsts.sort_unstable();
+        let mut log = Log::empty(fs.clone(), dir, &StreamConfig::default());
+        let mut config: Option<StreamConfig> = None;
+        let mut msg_ids = Vec::new();
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(segment_name(first));
+            let file = fs.open(&path, false).map_err(|e| StoreError::io("open", &path, e))?;
+            let len = file.len().map_err(|e| StoreError::io("stat", &path, e))?;
+            let mut data = vec![0; len as usize];
+            file.read_exact_at(&mut data, 0)
+                .map_err(|e| StoreError::io("read", &path, e))?;
+            if first < log.next_seq {
+                return Err(StoreError::corrupt(
+                    &path,
+                    0,
+                    format!("segment starts at sequence {first}, below the previous segment's end {}", log.next_seq),
+                ));
+            }
+            log.next_seq = first;
+            log.segments.push_back(Segment {
+                first_seq: first,
+                path: path.clone(),
+                file: file.clone(),
+                len: 0,
+                entries: Vec::new(),
+                live: 0,
+                max_time: i64::MIN,
+            });
+            let mut offset = 0usize;
+            while offset < data.len() {
+                let record = match record::decode(&data[offset..], MAX_RECORD_LEN) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        let last = i + 1 == count;
+                        if !last {
+                            return Err((path, offset as u64, e).into());
+                        }
+                        if let Some(at) = resync(&data, offset + 1, log.next_seq) {
+                            return Err(StoreError::corrupt(
+                                &path,
+                                offset as u64,
+                                format!("{e}; a valid record follows at offset {at}"),
+                            ));
+                        }
+                        let dropped = data.len() - offset;
+                        tracing::warn!(
+                            file = %path.display(),
+                            offset,
+                            bytes = dropped,
+                            "truncating a torn write at the end of the log: {e}"
+                        );
+                        file.set_len(offset as u64)
+                            .and_then(|()| file.sync_data())
+                            .map_err(|e| StoreError::io("truncate", &path, e))?;
+                        break;
+                    }
+                };
+                let len = (record::peek_len(&data[offset..]).expect("decoded")) as usize;
+                log.replay(&record, offset, len, &mut config, &mut msg_ids, ids_since)
+                    .map_err(|reason| StoreError::corrupt(&path, offset as u64, reason))?;
+                offset += len;
+            }
+            log.segments.back_mut().expect("pushed").len = offset as u64;
+        }
+        if let Some(config) = &config {
+            log.segment_size = config.segment_size;
+            log.config_json = serde_json::to_vec(config).expect("a config serializes");
+        }
+        log.advance_first();
+        Ok(Recovered { log, config, msg_ids })
+    }
+
+    /// Applies one record read back during recovery.
+    fn replay(
+        &mut self,
+        record: &Record<'_>,
+        offset: usize,
+        len: usize,
+        config: &mut Option<StreamConfig>,
+        msg_ids: &mut Vec<(String, u64, i64)>,
+        ids_since: i64,
+    ) -> Result<(), String> {
+        match record.kind {
+            Kind::Message => {
+                if record.seq != self.next_seq {
+                    return Err(format!(
+                        "message has sequence {}, expected {}",
+                        record.seq, self.next_seq
+                    ));
+                }
+                let id = record::find_header(record.headers, MSG_ID_HEADER)
+                    .map_err(|e| e.to_string())?;
+                let id = id
+                    .map(|id| std::str::from_utf8(id).map(str::to_owned))
+                    .transpose()
+                    .map_err(|_| "Msg-Id is not UTF-8".to_owned())?;
+                if let Some(id) = &id
+                    && record.time >= ids_since
+                {
+                    msg_ids.push((id.clone(), record.seq, record.time));
+                }
+                self.last_msg_id = id;
+                self.index(record.subject, offset as u32, len as u32, record.time);
+            }
+            Kind::Delete => {
+                self.remove(record.seq);
+            }
+            Kind::Purge => {
+                self.remove_below(record.seq);
+                if record.seq > self.next_seq {
+                    return Err(format!(
+                        "purge up to {} is past the next sequence {}",
+                        record.seq, self.next_seq
+                    ));
+                }
+            }
+            Kind::Config => {
+                let parsed: StreamConfig = serde_json::from_slice(record.payload)
+                    .map_err(|e| format!("configuration record: {e}"))?;
+                *config = Some(parsed);
+            }
+            #[allow(unreachable_patterns)]
+            _ => return Err("unknown record kind".into()),
+        }
+        Ok(())
+    }
+
+    /// Adds a message at `pos` of the last segment to the index.
+    fn index(&mut self, subject: &str, pos: u32, len: u32, time: i64) {
+        let seq = self.next_seq;
+        let id = match self.subjects.get_mut(subject) {
+            Some(state) => {
+                state.msgs += 1;
+                state.last = seq;
+                state.id
+            }
+            None => {
+                let name: Arc<str> = Arc::from(subject);
+                let id = match self.free.pop() {
+                    Some(id) => {
+                        self.names[id as usize] = Some(name.clone());
+                        id
+                    }
+                    None => {
+                        self.names.push(Some(name.clone()));
+                        (self.names.len() - 1) as u32
+                    }
+                };
+                self.subjects.insert(
+                    name,
+                    SubjectState {
+                        id,
+                        msgs: 1,
+                        first: seq,
+                        last: seq,
+                    },
+                );
+                id
+            }
+        };
+        let segment = self.segments.back_mut().expect("a log has a segment");
+        segment.entries.push(Entry {
+            pos,
+            len,
+            subject: id,
+        });
+        segment.live += 1;
+        segment.max_time = segment.max_time.max(time);
+        self.msgs += 1;
+        self.bytes += u64::from(len);
+        self.next_seq += 1;
+        self.last_time = time;
+    }
+
+    /// Replaces the configuration written at the start of every segment; appends it.
+    pub(crate) fn set_config(&mut self, config: &StreamConfig) {
+        self.segment_size = config.segment_size;
+        self.config_json = serde_json::to_vec(config).expect("a config serializes");
+        let json = std::mem::take(&mut self.config_json);
+        self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);
+        self.config_json = json;
+    }
+
+    /// Starts a new segment at `next_seq`, beginning with the configuration.
+    pub(crate) fn roll(&mut self) -> Result<(), StoreError> {
+        let first = self.next_seq;
+        if self.segments.back().is_some_and(|s| s.first_seq == first) {
+            return Ok(()); // the last segment holds no message yet: nothing to roll
+        }
+        let path = self.dir.join(segment_name(first));
+        let file = self
+            .fs
+            .open(&path, true)
+            .map_err(|e| StoreError::io("create segment", &path, e))?;
+        self.segments.push_back(Segment {
+            first_seq: first,
+            path,
+            file,
+            len: 0,
+            entries: Vec::new(),
+            live: 0,
+            max_time: i64::MIN,
+        });
+        self.ops.push(Op::SyncDir);
+        let json = std::mem::take(&mut self.config_json);
+        self.append_record(Kind::Config, first, 0, "", &[], &json);
+        self.config_json = json;
+        Ok(())
+    }
+
+    /// Appends a record to the last segment's pending write; returns its position.
+    fn append_record(
+        &mut self,
+        kind: Kind,
+        seq: u64,
+        time: i64,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+    ) -> u64 {
+        let segment = self.segments.back_mut().expect("a log has a segment");
+        let pos = segment.len;
+        let extend = matches!(
+            self.ops.last(),
+            Some(Op::Write { file, offset, bytes, .. })
+                if Arc::ptr_eq(file, &segment.file) && offset + bytes.len() as u64 == pos
+        );
+        if !extend {
+            self.ops.push(Op::Write {
+                file: segment.file.clone(),
+                path: segment.path.clone(),
+                offset: pos,
+                bytes: Vec::with_capacity(4096),
+            });
+        }
+        let Some(Op::Write { bytes, .. }) = self.ops.last_mut() else {
+            unreachable!("a write was pushed above")
+        };
+        let len = record::encode(bytes, kind, seq, time, subject, headers, payload);
+        segment.len += len as u64;
+        pos
+    }
+
+    /// Appends a message; rolls the segment first when it would pass its size.
+    /// Returns the message's sequence.
+    pub(crate) fn append(
+        &mut self,
+        subject: &str,
+        headers: &[u8],
+        payload: &[u8],
+        time: i64,
+        msg_id: Option<&str>,
+    ) -> Result<u64, StoreError> {
+        let len = record::encoded_len(subject, headers, payload) as u64;
+        let last = self.segments.back().expect("a log has a segment");
+        if last.len + len > self.segment_size && !last.entries.is_empty() {
+            self.roll()?;
+        }
+        let seq = self.next_seq;
+        let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
+        self.index(subject, pos as u32, len as u32, time);
+        self.last_msg_id = msg_id.map(str::to_owned);
+        Ok(seq)
+    }
+
+    /// Removes message `seq` from the index; true if it was there. Does not write.
+    fn remove(&mut self, seq: u64) -> bool {
+        let Some(i) = self.segment_index(seq) else {
+            return false;
+        };
+        let segment = &mut self.segments[i];
+        let entry = &mut segment.entries[(seq - segment.first_seq) as usize];
+        if entry.subject == DELETED {
+            return false;
+        }
+        let id = std::mem::replace(&mut entry.subject, DELETED);
+        let len = entry.len;
+        segment.live -= 1;
+        self.msgs -= 1;
+        self.bytes -= u64::from(len);
+        let name = self.names[id as usize].clone().expect("a live subject is named");
+        let state = self.subjects.get_mut(&name).expect("a live subject has state");
+        state.msgs -= 1;
+        if state.msgs == 0 {
+            self.subjects.remove(&name);
+            self.names[id as usize] = None;
+            self.free.push(id);
+        } else if state.first == seq {
+            let (from, last) = (seq + 1, state.last);
+            let next = self.find_subject(id, from..=last, false).expect("msgs > 0");
+            self.subjects.get_mut(&name).expect("above").first = next;
+        } else if state.last == seq {
+            let (first, to) = (state.first, seq - 1);
+            let prev = self.find_subject(id, first..=to, true).expect("msgs > 0");
+            self.subjects.get_mut(&name).expect("above").last = prev;
+        }
+        if seq == self.first_seq {
+            self.advance_first();
+        }
+        true
+    }
+
+    /// The first (or last) live message of subject `id` in `range`.
+    fn find_subject(&self, id: u32, range: std::ops::RangeInclusive<u64>, backwards: bool) -> Option<u64> {
+        let check = |seq: u64| self.entry(seq).is_some_and(|e| e.subject == id);
+        if backwards {
+            range.rev().find(|&seq| check(seq))
+        } else {
+            range.into_iter().find(|&seq| check(seq))
+        }
+    }
+
+    fn segment_index(&self, seq: u64) -> Option<usize> {
+        let i = match self.segments.binary_search_by_key(&seq, |s| s.first_seq) {
+            Ok(i) => i,
+            Err(0) => return None,
+            Err(i) => i - 1,
+        };
+        (seq < self.segments[i].end_seq()).then_some(i)
+    }
+
+    fn entry(&self, seq: u64) -> Option<Entry> {
+        let segment = &self.segments[self.segment_index(seq)?];
+        let entry = segment.entries[(seq - segment.first_seq) as usize];
+        (entry.subject != DELETED).then_some(entry)
+    }
+
+    /// Moves `first_seq` past deleted messages.
+    fn advance_first(&mut self) {
+        while self.first_seq < self.next_seq && self.entry(self.first_seq).is_none() {
+            match self.segment_index(self.first_seq) {
+                Some(_) => self.first_seq += 1,
+                None => {
+                    // in a gap between segments, or below the first: jump to the next one
+                    let next = self
+                        .segments
+                        .iter()
+                        .map(|s| s.first_seq)
+                        .find(|&f| f > self.first_seq)
+                        .unwrap_or(self.next_seq);
+                    self.first_seq = next;
+                }
+            }
+        }
+    }
+
+    /// Removes every message below `seq` from the index. Does not write.
+    fn remove_below(&mut self, seq: u64) -> u64 {
+        let mut removed = 0;
+        while self.first_seq < seq.min(self.next_seq) {
+            let first = self.first_seq;
+            if self.remove(first) {
+                removed += 1;
+            }
+            if self.first_seq == first {
+                self.first_seq += 1;
+                self.advance_first();
+            }
+        }
+        removed
+    }
+
+    /// Removes the oldest message, recording the new floor. False if the log is empty.
+    pub(crate) fn remove_oldest(&mut self) -> bool {
+        if self.msgs == 0 {
+            return false;
+        }
+        let first = self.first_seq;
+        self.remove_below(first + 1);
+        self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        self.drop_empty_segments();
+        true
+    }
+
+    /// Removes message `seq`, writing a delete record. False if it was not there.
+    pub(crate) fn delete(&mut self, seq: u64) -> bool {
+        if !self.remove(seq) {
+            return false;
+        }
+        if seq < self.first_seq {
+            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        } else {
+            self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+        }
+        self.drop_empty_segments();
+        true
+    }
+
+    /// The oldest message of `subject`, if any.
+    pub(crate) fn first_of(&self, subject: &str) -> Option<u64> {
+        self.subjects.get(subject).map(|s| s.first)
+    }
+
+    /// Messages stored on `subject`.
+    pub(crate) fn msgs_of(&self, subject: &str) -> u64 {
+        self.subjects.get(subject).map_or(0, |s| s.msgs)
+    }
+
+    /// The newest message of `subject`, durable or not, if any.
+    pub(crate) fn last_of(&self, subject: &str) -> Option<u64> {
+        self.subjects.get(subject).map(|s| s.last)
+    }
+
+    /// The newest message of `subject` at or below `upto`, if any.
+    pub(crate) fn last_of_upto(&self, subject: &str, upto: u64) -> Option<u64> {
+        let state = self.subjects.get(subject)?;
+        if state.last <= upto {
+            return Some(state.last);
+        }
+        if state.first > upto {
+            return None;
+        }
+        self.find_subject(state.id, state.first..=upto, true)
+    }
+
+    /// Removes every message whose subject matches `filter` (all with `None`).
+    /// Returns how many were removed.
+    pub(crate) fn purge(&mut self, filter: Option<&str>) -> Result<u64, StoreError> {
+        let Some(filter) = filter else {
+            let removed = self.msgs;
+            if self.segments.back().is_some_and(|s| !s.entries.is_empty()) {
+                self.roll()?;
+            }
+            let next = self.next_seq;
+            self.remove_below(next);
+            self.append_record(Kind::Purge, next, 0, "", &[], &[]);
+            self.drop_empty_segments();
+            return Ok(removed);
+        };
+        let ids: Vec<(u32, u64, u64)> = self
+            .subjects
+            .iter()
+            .filter(|(name, _)| crate::subject::matches(filter, name))
+            .map(|(_, s)| (s.id, s.first, s.last))
+            .collect();
+        let mut seqs = Vec::new();
+        for (id, first, last) in ids {
+            seqs.extend((first..=last).filter(|&seq| self.entry(seq).is_some_and(|e| e.subject == id)));
+        }
+        seqs.sort_unstable();
+        for &seq in &seqs {
+            self.remove(seq);
+            self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+        }
+        self.drop_empty_segments();
+        Ok(seqs.len() as u64)
+    }
+
+    /// Removes whole segments that hold no live message, except the last.
+    fn drop_empty_segments(&mut self) {
+        let before = self.segments.len();
+        let mut i = 0;
+        while i + 1 < self.segments.len() {
+            if self.segments[i].live == 0 {
+                let segment = self.segments.remove(i).expect("in range");
+                self.ops.push(Op::Remove { path: segment.path });
+            } else {
+                i += 1;
+            }
+        }
+        if self.segments.len() != before {
+            self.ops.push(Op::SyncDir);
+        }
+    }
+
+    /// Removes messages older than `cutoff` (whole segments first); true if any.
+    pub(crate) fn expire(&mut self, cutoff: i64) -> Result<bool, StoreError> {
+        let mut removed = false;
+        while self.msgs > 0 {
+            let i = self.segment_index(self.first_seq).expect("a live first message");
+            let segment = &self.segments[i];
+            let to = if segment.max_time < cutoff && i + 1 < self.segments.len() {
+                segment.end_seq()
+            } else {
+                let entry = self.entry(self.first_seq).expect("live");
+                let mut header = [0; HEADER_LEN];
+                segment
+                    .file
+                    .read_exact_at(&mut header, u64::from(entry.pos))
+                    .map_err(|e| StoreError::io("read", &segment.path, e))?;
+                let time = i64::from_le_bytes(header[24..32].try_into().expect("8"));
+                if time >= cutoff {
+                    break;
+                }
+                self.first_seq + 1
+            };
+            self.remove_below(to);
+            removed = true;
+        }
+        if removed {
+            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+            self.drop_empty_segments();
+        }
+        Ok(removed)
+    }
+
+    /// The operations queued since the last call.
+    pub(crate) fn take_ops(&mut self) -> Vec<Op> {
+        std::mem::take(&mut self.ops)
+    }
+
+    /// Whether operations are queued.
+    pub(crate) fn has_ops(&self) -> bool {
+        !self.ops.is_empty()
+    }
+
+    /// The stream's counts.
+    pub(crate) fn counts(&self) -> Counts {
+        let last_seq = self.next_seq - 1;
+        Counts {
+            msgs: self.msgs,
+            bytes: self.bytes,
+            first_seq: self.first_seq,
+            last_seq,
+            subjects: self.subjects.len() as u64,
+            deleted: (last_seq + 1 - self.first_seq) - self.msgs,
+            segments: self.segments.len() as u64,
+        }
+    }
+
+    /// The sequence the next message gets.
+    pub(crate) fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The time of the last message appended.
+    pub(crate) fn last_time(&self) -> i64 {
+        self.last_time
+    }
+
+    /// The `Msg-Id` of the last message appended.
+    pub(crate) fn last_msg_id(&self) -> Option<&str> {
+        self.last_msg_id.as_deref()
+    }
+
+    /// Where to read up to `max_msgs` live messages from `from` to `upto` inclusive,
+    /// at most `max_bytes` of records (at least one message).
+    pub(crate) fn locate(&self, from: u64, upto: u64, max_msgs: usize, max_bytes: usize) -> Vec<Span> {
+        let mut spans: Vec<Span> = Vec::new();
+        let (mut msgs, mut bytes) = (0usize, 0usize);
+        let mut seq = from.max(self.first_seq);
+        let upto = upto.min(self.next_seq.saturating_sub(1));
+        while seq <= upto && msgs < max_msgs {
+            let i = match self.segment_index(seq) {
+                Some(i) => i,
+                None => match self.segments.iter().position(|s| s.first_seq > seq) {
+                    Some(i) => {
+                        seq = self.segments[i].first_seq;
+                        continue;
+                    }
+                    None => break,
+                },
+            };
+            let segment = &self.segments[i];
+            let mut span: Option<Span> = None;
+            while seq < segment.end_seq() && seq <= upto && msgs < max_msgs {
+                let entry = segment.entries[(seq - segment.first_seq) as usize];
+                if entry.subject != DELETED {
+                    if msgs > 0 && bytes + entry.len as usize > max_bytes {
+                        break;
+                    }
+                    let span = span.get_or_insert_with(|| Span {
+                        file: segment.file.clone(),
+                        path: segment.path.clone(),
+                        start: u64::from(entry.pos),
+                        len: 0,
+                        records: Vec::new(),
+                    });
+                    let rel = (u64::from(entry.pos) - span.start) as usize;
+                    span.records.push((seq, rel, entry.len as usize));
+                    span.len = rel + entry.len as usize;
+                    msgs += 1;
+                    bytes += entry.len as usize;
+                }
+                seq += 1;
+            }
+            spans.extend(span);
+            if msgs > 0 && seq < segment.end_seq() && seq <= upto {
+                break; // stopped by a limit
+            }
+        }
+        spans
+    }
+}
+
+/// The offset of the first valid record at or after `from` whose sequence is at least
+/// `min_seq`: evidence that damage at `from - 1` is not a torn tail.
+fn resync(data: &[u8], from: usize, min_seq: u64) -> Option<usize> {
+    (from..data.len().saturating_sub(HEADER_LEN - 1)).find(|&at| {
+        let header = &data[at..at + HEADER_LEN];
+        let kind_ok = (1..=4).contains(&header[8]) && header[9] == 0;
+        let seq = u64::from_le_bytes(header[16..24].try_into().expect("8"));
+        kind_ok && seq >= min_seq && record::decode(&data[at..], MAX_RECORD_LEN).is_ok()
+    })
+}
+
+/// Reads the messages of `spans`, verifying each record.
+pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut out = Vec::with_capacity(spans.iter().map(|s| s.records.len()).sum());
+    for span in spans {
+        let mut buf = vec![0; span.len];
+        span.file
+            .read_exact_at(&mut buf, span.start)
+            .map_err(|e| StoreError::io("read", &span.path, e))?;
+        let buf = Bytes::from(buf);
+        for (seq, rel, len) in span.records {
+            let at = span.start + rel as u64;
+            let bytes = buf.slice(rel..rel + len);
+            out.push(message_from(&span.path, at, seq, &bytes)?);
+        }
+    }
+    Ok(out)
+}
+
+fn message_from(path: &Path, at: u64, seq: u64, bytes: &Bytes) -> Result<StoredMessage, StoreError> {
+    let record = record::decode(bytes, MAX_RECORD_LEN).map_err(|e| StoreError::corrupt(path, at, e))?;
+    if record.kind != Kind::Message || record.seq != seq {
+        return Err(StoreError::corrupt(
+            path,
+            at,
+            format!("expected message {seq}, found {:?} {}", record.kind, record.seq),
+        ));
+    }
+    let subject_at = HEADER_LEN;
+    let headers_at = subject_at + record.subject.len();
+    let payload_at = headers_at + record.headers.len();
+    let headers = bytes.slice(headers_at..payload_at);
+    let headers = record::headers(&headers).map_err(|e: DecodeError| StoreError::corrupt(path, at, e))?;
+    Ok(StoredMessage {
+        seq,
+        time: record.time,
+        subject: record.subject.to_owned(),
+        headers,
+        payload: bytes.slice(payload_at..),
+    })
+}

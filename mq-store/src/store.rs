@@ -1,0 +1,233 @@
+//! The store: a directory (or memory) holding streams, each in a directory of its own.
+//!
+//! ```text
+//! <root>/streams/<name>/00000000000000000001.log   segments, named by first sequence
+//! <root>/streams/<name>/00000000000000004097.log
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::StreamConfig;
+use crate::error::StoreError;
+use crate::fs::{Fs, MemFs, OsFs};
+use crate::stream::{Stream, StreamInfo};
+
+/// Streams kept in a directory, or in memory; clones share them.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// use mq_store::{Publish, Store, StreamConfig};
+/// let store = Store::memory();
+/// let orders = store.create(StreamConfig::new("ORDERS", ["orders.>"])).unwrap();
+/// let ack = orders.publish("orders.eu", &[], b"one", &Publish::default()).await.unwrap().await.unwrap();
+/// assert_eq!((ack.stream.as_str(), ack.seq, ack.duplicate), ("ORDERS", 1, false));
+/// assert_eq!(orders.get(1).unwrap().payload, &b"one"[..]);
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    fs: Arc<dyn Fs>,
+    streams_dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    streams: RwLock<BTreeMap<String, Stream>>,
+    /// (filter, stream) for every subject of every stream, to route publishes.
+    routes: RwLock<Vec<(String, Stream)>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let streams = self.streams.get_mut().unwrap_or_else(|e| e.into_inner());
+        for stream in streams.values() {
+            stream.close();
+        }
+    }
+}
+
+impl Store {
+    /// Opens (or creates) a store in `dir` on the real file system, recovering every
+    /// stream in it.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Store, StoreError> {
+        Store::open_with(Arc::new(OsFs), dir.as_ref(), Arc::new(SystemClock))
+    }
+
+    /// A store in memory: the same engine over files that live in memory.
+    pub fn memory() -> Store {
+        Store::open_with(Arc::new(MemFs::default()), Path::new("/memory"), Arc::new(SystemClock))
+            .expect("a memory store opens")
+    }
+
+    /// Opens a store on any file system (a fault-injecting one in tests) and clock.
+    pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+        let streams_dir = dir.join("streams");
+        fs.create_dir_all(&streams_dir)
+            .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
+        let mut streams = BTreeMap::new();
+        let mut names = fs
+            .list(&streams_dir)
+            .map_err(|e| StoreError::io("list", &streams_dir, e))?;
+        names.sort();
+        for name in names {
+            let path = streams_dir.join(&name);
+            if name.ends_with(".deleted") {
+                fs.remove_dir_all(&path)
+                    .map_err(|e| StoreError::io("remove", &path, e))?;
+                continue;
+            }
+            if crate::config::validate_name(&name).is_err() {
+                tracing::warn!(path = %path.display(), "ignoring an entry that is not a stream");
+                continue;
+            }
+            match Stream::open(fs.clone(), path.clone(), clock.clone())? {
+                Some(stream) => {
+                    streams.insert(name, stream);
+                }
+                None => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "a stream directory without a configuration record (its creation did not complete) is removed"
+                    );
+                    fs.remove_dir_all(&path)
+                        .map_err(|e| StoreError::io("remove", &path, e))?;
+                }
+            }
+        }
+        let store = Store {
+            inner: Arc::new(Inner {
+                fs,
+                streams_dir,
+                clock,
+                streams: RwLock::new(streams),
+                routes: RwLock::new(Vec::new()),
+            }),
+        };
+        store.reroute();
+        Ok(store)
+    }
+
+    fn reroute(&self) {
+        let streams = self.inner.streams.read().unwrap_or_else(|e| e.into_inner());
+        let routes = streams
+            .values()
+            .flat_map(|s| s.config().subjects.into_iter().map(move |f| (f, s.clone())))
+            .collect();
+        *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
+    }
+
+    fn check_overlap(&self, config: &StreamConfig) -> Result<(), StoreError> {
+        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
+        for subject in &config.subjects {
+            for (filter, stream) in routes.iter() {
+                if stream.name() != config.name && crate::subject::overlaps(subject, filter) {
+                    return Err(StoreError::SubjectOverlap {
+                        subject: subject.clone(),
+                        other: stream.name().to_owned(),
+                        other_subject: filter.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates a stream; its files are durable when this returns. Creating one that
+    /// exists with the same configuration returns it.
+    pub fn create(&self, config: StreamConfig) -> Result<Stream, StoreError> {
+        config.validate().map_err(StoreError::InvalidConfig)?;
+        let mut streams = self.inner.streams.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(stream) = streams.get(&config.name) {
+            return if stream.config() == config {
+                Ok(stream.clone())
+            } else {
+                Err(StoreError::StreamExists(config.name))
+            };
+        }
+        self.check_overlap(&config)?;
+        let dir = self.inner.streams_dir.join(&config.name);
+        let stream = Stream::create(self.inner.fs.clone(), dir, self.inner.clock.clone(), config)?;
+        self.sync_streams_dir()?;
+        streams.insert(stream.name().to_owned(), stream.clone());
+        drop(streams);
+        self.reroute();
+        Ok(stream)
+    }
+
+    /// Changes a stream's configuration; lowered limits apply at once.
+    pub async fn update(&self, config: StreamConfig) -> Result<StreamInfo, StoreError> {
+        config.validate().map_err(StoreError::InvalidConfig)?;
+        let stream = self.stream(&config.name)?;
+        self.check_overlap(&config)?;
+        let info = stream.update(config).await?;
+        self.reroute();
+        Ok(info)
+    }
+
+    /// Deletes a stream and its files.
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let stream = self
+            .inner
+            .streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| StoreError::StreamNotFound(name.to_owned()))?;
+        self.reroute();
+        stream.close();
+        let fs = &self.inner.fs;
+        let dir = stream.dir().to_owned();
+        let nanos = self.inner.clock.now();
+        let gone = self.inner.streams_dir.join(format!("{name}.{nanos}.deleted"));
+        fs.rename(&dir, &gone)
+            .map_err(|e| StoreError::io("rename", &dir, e))?;
+        self.sync_streams_dir()?;
+        fs.remove_dir_all(&gone)
+            .map_err(|e| StoreError::io("remove", &gone, e))?;
+        self.sync_streams_dir()
+    }
+
+    fn sync_streams_dir(&self) -> Result<(), StoreError> {
+        let dir = &self.inner.streams_dir;
+        self.inner
+            .fs
+            .sync_dir(dir)
+            .map_err(|e| StoreError::io("sync directory", dir, e))
+    }
+
+    /// The stream named `name`.
+    pub fn stream(&self, name: &str) -> Result<Stream, StoreError> {
+        self.inner
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::StreamNotFound(name.to_owned()))
+    }
+
+    /// Every stream's configuration and counts, by name.
+    pub fn list(&self) -> Vec<StreamInfo> {
+        let streams = self.inner.streams.read().unwrap_or_else(|e| e.into_inner());
+        streams.values().map(Stream::info).collect()
+    }
+
+    /// The stream that captures `subject`, if any.
+    pub fn stream_for(&self, subject: &str) -> Option<Stream> {
+        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
+        routes
+            .iter()
+            .find(|(filter, _)| crate::subject::matches(filter, subject))
+            .map(|(_, stream)| stream.clone())
+    }
+
+    /// Whether the store has no stream (so no publish needs routing).
+    pub fn is_empty(&self) -> bool {
+        self.inner.routes.read().unwrap_or_else(|e| e.into_inner()).is_empty()
+    }
+}

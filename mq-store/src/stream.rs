@@ -1,0 +1,938 @@
+//! A stream: its log, the committer that writes it, deduplication, expectations and
+//! limits.
+//!
+//! Publishing takes the stream's lock only to check the message, give it a sequence
+//! and encode it into the pending write. The committer thread takes everything
+//! pending at once, writes it with one `write` per segment, `fdatasync`s it (under
+//! [`Fsync::Always`]) and only then completes the acknowledgements and makes the
+//! messages readable. Publishes that arrive meanwhile form the next batch: that is
+//! group commit, and why many publishes in flight cost one fsync between them.
+//!
+//! A failed write or fsync poisons the stream. The batch fails, and so does
+//! everything queued behind it; nothing of it is acknowledged. Before it accepts
+//! another publish the stream truncates each file it was writing back to the end of
+//! the last acknowledged batch, reads its log back from disk, verifying it, and starts
+//! a new segment. The failed write is never retried and then assumed good.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::clock::{Clock, nanos};
+use crate::config::{Discard, Fsync, StreamConfig};
+use crate::error::StoreError;
+use crate::fs::{File, Fs};
+use crate::log::{self, Log, MSG_ID_HEADER, Op};
+use crate::message::{PubAck, Publish, StoredMessage};
+use crate::record;
+
+/// A stream's counts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamState {
+    /// Messages stored.
+    pub msgs: u64,
+    /// Bytes of their records.
+    pub bytes: u64,
+    /// The first sequence still stored (last + 1 when empty).
+    pub first_seq: u64,
+    /// The last sequence given out (0 before the first message).
+    pub last_seq: u64,
+    /// Distinct subjects stored.
+    pub subjects: u64,
+    /// Sequences between first and last that were removed.
+    pub deleted: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// When the last message was stored, nanoseconds since the Unix epoch (0: none).
+    pub last_time: i64,
+}
+
+/// A stream's configuration and counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StreamInfo {
+    /// Its configuration.
+    pub config: StreamConfig,
+    /// Its counts.
+    pub state: StreamState,
+}
+
+/// A handle to one stream of a [`crate::Store`]; clones share it.
+#[derive(Clone, Debug)]
+pub struct Stream {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    fs: Arc<dyn Fs>,
+    dir: PathBuf,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    wake: Condvar,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct State {
+    log: Log,
+    config: StreamConfig,
+    dedup: Dedup,
+    waiters: Vec<Waiter>,
+    /// Incremented whenever operations are queued; a waiter completes once the batch
+    /// holding its ticket is done.
+    ticket: u64,
+    done: u64,
+    /// The last sequence readable: written, and synced under `Fsync::Always`.
+    visible: u64,
+    poison: Option<Poison>,
+    heal_waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    closed: bool,
+    unsynced: Vec<(Arc<dyn File>, PathBuf)>,
+    last_sync: Instant,
+    last_expiry: i64,
+}
+
+#[derive(Debug)]
+struct Poison {
+    cause: String,
+    /// Where each file written by the failed batch must be cut back to.
+    truncate: Vec<(Arc<dyn File>, PathBuf, u64)>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    ack: PubAck,
+    tx: Option<oneshot::Sender<Result<PubAck, StoreError>>>,
+}
+
+#[derive(Debug, Default)]
+struct Dedup {
+    window: i64,
+    ids: HashMap<String, (u64, i64)>,
+    order: VecDeque<(i64, String)>,
+}
+
+impl Dedup {
+    fn expire(&mut self, now: i64) {
+        let cutoff = now.saturating_sub(self.window);
+        while let Some((time, _)) = self.order.front() {
+            if *time >= cutoff {
+                break;
+            }
+            let (time, id) = self.order.pop_front().expect("checked");
+            if self.ids.get(&id).is_some_and(|(_, t)| *t == time) {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    fn get(&self, id: &str, now: i64) -> Option<u64> {
+        let (seq, time) = self.ids.get(id)?;
+        (*time >= now.saturating_sub(self.window)).then_some(*seq)
+    }
+
+    fn insert(&mut self, id: String, seq: u64, time: i64) {
+        self.order.push_back((time, id.clone()));
+        self.ids.insert(id, (seq, time));
+    }
+}
+
+/// The acknowledgement of a publish, once the stream says it is durable.
+#[derive(Debug)]
+#[must_use = "a publish is durable only once its acknowledgement arrives"]
+pub struct AckFuture {
+    inner: AckInner,
+    stream: String,
+}
+
+#[derive(Debug)]
+enum AckInner {
+    Ready(Option<Result<PubAck, StoreError>>),
+    Waiting(oneshot::Receiver<Result<PubAck, StoreError>>),
+}
+
+impl Future for AckFuture {
+    type Output = Result<PubAck, StoreError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        match &mut this.inner {
+            AckInner::Ready(result) => Poll::Ready(result.take().expect("polled after completion")),
+            AckInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Closed(this.stream.clone())))),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Stream {
+    /// Creates a new stream's files and starts it.
+    pub(crate) fn create(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        clock: Arc<dyn Clock>,
+        config: StreamConfig,
+    ) -> Result<Stream, StoreError> {
+        let mut log = Log::create(fs.clone(), &dir, &config)?;
+        // The first segment and its configuration are durable before the stream exists.
+        for op in log.take_ops() {
+            match op {
+                Op::Write { file, path, offset, bytes } => file
+                    .write_all_at(&bytes, offset)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| StoreError::io("write", path, e))?,
+                Op::SyncDir | Op::Remove { .. } => {}
+            }
+        }
+        fs.sync_dir(&dir).map_err(|e| StoreError::io("sync directory", &dir, e))?;
+        Ok(Stream::start(fs, dir, clock, log, config, Vec::new()))
+    }
+
+    /// Opens an existing stream's files, recovering them; `None` if they hold no
+    /// configuration (a creation that did not complete).
+    pub(crate) fn open(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Option<Stream>, StoreError> {
+        let since = clock.now().saturating_sub(nanos(Duration::from_secs(24 * 3600)));
+        let recovered = Log::open(fs.clone(), &dir, since)?;
+        let Some(config) = recovered.config else {
+            return Ok(None);
+        };
+        Ok(Some(Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids)))
+    }
+
+    fn start(
+        fs: Arc<dyn Fs>,
+        dir: PathBuf,
+        clock: Arc<dyn Clock>,
+        log: Log,
+        config: StreamConfig,
+        msg_ids: Vec<(String, u64, i64)>,
+    ) -> Stream {
+        let now = clock.now();
+        let mut dedup = Dedup {
+            window: nanos(config.duplicate_window),
+            ..Dedup::default()
+        };
+        for (id, seq, time) in msg_ids {
+            dedup.insert(id, seq, time);
+        }
+        dedup.expire(now);
+        let visible = log.next_seq() - 1;
+        let shared = Arc::new(Shared {
+            name: config.name.clone(),
+            fs,
+            dir,
+            clock,
+            state: Mutex::new(State {
+                log,
+                config,
+                dedup,
+                waiters: Vec::new(),
+                ticket: 0,
+                done: 0,
+                visible,
+                poison: None,
+                heal_waiters: Vec::new(),
+                closed: false,
+                unsynced: Vec::new(),
+                last_sync: Instant::now(),
+                last_expiry: now,
+            }),
+            wake: Condvar::new(),
+            committer: Mutex::new(None),
+        });
+        let runner = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("courier-store-{}", shared.name))
+            .spawn(move || runner.run())
+            .expect("spawning a committer thread");
+        *lock(&shared.committer) = Some(handle);
+        Stream { shared }
+    }
+
+    /// The stream's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Stores a message and returns its acknowledgement, which resolves once the
+    /// message is durable under the stream's `fsync` setting. Many may be in flight:
+    /// acknowledgements complete in sequence order, a batch at a time.
+    ///
+    /// Errors that need no disk (a limit, an expectation, a poisoned stream that cannot
+    /// recover) are returned here; a failed write resolves the acknowledgement with it.
+    pub async fn publish(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &[u8],
+        options: &Publish,
+    ) -> Result<AckFuture, StoreError> {
+        let mut healed = false;
+        loop {
+            match self.enqueue(subject, headers, payload, options, true) {
+                Err(StoreError::Poisoned { .. }) if !healed => {
+                    self.heal().await?;
+                    healed = true;
+                }
+                Ok(inner) => {
+                    return Ok(AckFuture {
+                        inner,
+                        stream: self.shared.name.clone(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores a message without waiting for it to be durable: what a plain publish on
+    /// the bus gets when a stream captures its subject. Returns its sequence (the
+    /// original's, for a duplicate).
+    pub fn store(&self, subject: &str, headers: &[(&str, &[u8])], payload: &[u8]) -> Result<u64, StoreError> {
+        match self.enqueue(subject, headers, payload, &Publish::default(), false)? {
+            AckInner::Ready(Some(Ok(ack))) => Ok(ack.seq),
+            AckInner::Ready(Some(Err(e))) => Err(e),
+            _ => unreachable!("a store without an acknowledgement is answered at once"),
+        }
+    }
+
+    fn enqueue(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &[u8],
+        options: &Publish,
+        acknowledge: bool,
+    ) -> Result<AckInner, StoreError> {
+        let shared = &self.shared;
+        let name = &shared.name;
+        let mut block = Vec::new();
+        let from_header = headers.iter().find(|(n, _)| *n == MSG_ID_HEADER).map(|(_, v)| *v);
+        let msg_id = match (&options.msg_id, from_header) {
+            (Some(id), _) => Some(id.as_str()),
+            (None, Some(id)) => Some(std::str::from_utf8(id).map_err(|_| {
+                StoreError::InvalidConfig(format!("{MSG_ID_HEADER} header is not UTF-8"))
+            })?),
+            (None, None) => None,
+        };
+        record::encode_headers(&mut block, headers.iter().filter(|(n, _)| *n != MSG_ID_HEADER).copied());
+        if let Some(id) = msg_id {
+            record::encode_headers(&mut block, [(MSG_ID_HEADER, id.as_bytes())]);
+        }
+        let mut state = lock(&shared.state);
+        let state = &mut *state;
+        if state.closed {
+            return Err(StoreError::Closed(name.clone()));
+        }
+        if let Some(poison) = &state.poison {
+            return Err(StoreError::Poisoned {
+                stream: name.clone(),
+                cause: poison.cause.clone(),
+            });
+        }
+        let config = &state.config;
+        let size = subject.len() + block.len() + payload.len();
+        if size > config.max_msg_size as usize {
+            return Err(limit(name, "max_msg_size", u64::from(config.max_msg_size)));
+        }
+        let now = shared.clock.now();
+        if let Some(id) = msg_id {
+            state.dedup.expire(now);
+            if let Some(seq) = state.dedup.get(id, now) {
+                let ack = PubAck {
+                    stream: name.clone(),
+                    seq,
+                    duplicate: true,
+                };
+                if seq <= state.visible || !acknowledge {
+                    return Ok(AckInner::Ready(Some(Ok(ack))));
+                }
+                let (tx, rx) = oneshot::channel();
+                state.waiters.push(Waiter {
+                    ticket: state.ticket,
+                    ack,
+                    tx: Some(tx),
+                });
+                return Ok(AckInner::Waiting(rx));
+            }
+        }
+        check_expectations(name, &state.log, subject, options)?;
+        let record_len = record::HEADER_LEN as u64 + size as u64;
+        if let Some(max) = config.max_bytes
+            && record_len > max
+        {
+            return Err(limit(name, "max_bytes", max));
+        }
+        if config.discard == Discard::New {
+            let counts = state.log.counts();
+            if let Some(max) = config.max_msgs
+                && counts.msgs >= max
+            {
+                return Err(limit(name, "max_msgs", max));
+            }
+            if let Some(max) = config.max_bytes
+                && counts.bytes + record_len > max
+            {
+                return Err(limit(name, "max_bytes", max));
+            }
+            if let Some(max) = config.max_msgs_per_subject
+                && state.log.msgs_of(subject) >= max
+            {
+                return Err(limit(name, "max_msgs_per_subject", max));
+            }
+        }
+        if let Some(max_age) = config.max_age
+            && now - state.last_expiry >= nanos(Duration::from_secs(1)).min(nanos(max_age))
+        {
+            state.last_expiry = now;
+            state.log.expire(now.saturating_sub(nanos(max_age)))?;
+        }
+        let seq = state.log.append(subject, &block, payload, now, msg_id)?;
+        if config.discard == Discard::Old {
+            while config.max_msgs.is_some_and(|max| state.log.counts().msgs > max) {
+                state.log.remove_oldest();
+            }
+            while config.max_bytes.is_some_and(|max| state.log.counts().bytes > max) {
+                state.log.remove_oldest();
+            }
+            if let Some(max) = config.max_msgs_per_subject {
+                while state.log.msgs_of(subject) > max {
+                    let oldest = state.log.first_of(subject).expect("msgs > 0");
+                    state.log.delete(oldest);
+                }
+            }
+        }
+        if let Some(id) = msg_id {
+            state.dedup.insert(id.to_owned(), seq, now);
+        }
+        state.ticket += 1;
+        let ack = PubAck {
+            stream: name.clone(),
+            seq,
+            duplicate: false,
+        };
+        let inner = if acknowledge {
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push(Waiter {
+                ticket: state.ticket,
+                ack,
+                tx: Some(tx),
+            });
+            AckInner::Waiting(rx)
+        } else {
+            AckInner::Ready(Some(Ok(ack)))
+        };
+        shared.wake.notify_one();
+        Ok(inner)
+    }
+
+    /// Waits for the committer to recover a poisoned stream.
+    async fn heal(&self) -> Result<(), StoreError> {
+        let rx = {
+            let mut state = lock(&self.shared.state);
+            if state.poison.is_none() {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            state.heal_waiters.push(tx);
+            self.shared.wake.notify_one();
+            rx
+        };
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Closed(self.shared.name.clone())))
+    }
+
+    /// Queues `change` on the log and waits until the committer has made it durable.
+    async fn change<T>(&self, change: impl FnOnce(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.heal().await?;
+        let (value, rx) = {
+            let mut state = lock(&self.shared.state);
+            if state.closed {
+                return Err(StoreError::Closed(self.shared.name.clone()));
+            }
+            let value = change(&mut state)?;
+            if !state.log.has_ops() {
+                return Ok(value);
+            }
+            state.ticket += 1;
+            let (tx, rx) = oneshot::channel();
+            let ack = PubAck {
+                stream: self.shared.name.clone(),
+                seq: 0,
+                duplicate: false,
+            };
+            let ticket = state.ticket;
+            state.waiters.push(Waiter {
+                ticket,
+                ack,
+                tx: Some(tx),
+            });
+            self.shared.wake.notify_one();
+            (value, rx)
+        };
+        match rx.await {
+            Ok(Ok(_)) => Ok(value),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Closed(self.shared.name.clone())),
+        }
+    }
+
+    /// Removes every message (`None`) or those whose subject matches `filter`;
+    /// returns how many. Sequences go on from where they were.
+    pub async fn purge(&self, filter: Option<&str>) -> Result<u64, StoreError> {
+        if let Some(filter) = filter {
+            crate::subject::validate_filter(filter).map_err(|e| StoreError::InvalidConfig(e.to_string()))?;
+        }
+        self.change(|state| state.log.purge(filter)).await
+    }
+
+    /// Removes message `seq`; false if it was not stored.
+    pub async fn delete_message(&self, seq: u64) -> Result<bool, StoreError> {
+        self.change(|state| Ok(seq <= state.visible && state.log.delete(seq))).await
+    }
+
+    /// Replaces the configuration (same name; limits apply at once).
+    pub(crate) async fn update(&self, config: StreamConfig) -> Result<StreamInfo, StoreError> {
+        self.change(|state| {
+            state.log.set_config(&config);
+            state.dedup.window = nanos(config.duplicate_window);
+            state.config = config;
+            let config = state.config.clone();
+            // lowered limits apply at once, whatever the discard policy
+            while config.max_msgs.is_some_and(|max| state.log.counts().msgs > max) {
+                state.log.remove_oldest();
+            }
+            while config.max_bytes.is_some_and(|max| state.log.counts().bytes > max) {
+                state.log.remove_oldest();
+            }
+            Ok(())
+        })
+        .await?;
+        Ok(self.info())
+    }
+
+    /// The message with sequence `seq`, once durable.
+    pub fn get(&self, seq: u64) -> Result<StoredMessage, StoreError> {
+        let spans = {
+            let state = lock(&self.shared.state);
+            if seq == 0 || seq > state.visible {
+                return Err(self.no_message(seq));
+            }
+            state.log.locate(seq, seq, 1, usize::MAX)
+        };
+        let mut messages = log::read_spans(spans)?;
+        match messages.pop() {
+            Some(message) if message.seq == seq => Ok(message),
+            _ => Err(self.no_message(seq)),
+        }
+    }
+
+    /// The last durable message on `subject` (a literal subject), found without a scan.
+    pub fn last(&self, subject: &str) -> Result<StoredMessage, StoreError> {
+        let seq = {
+            let state = lock(&self.shared.state);
+            state.log.last_of_upto(subject, state.visible)
+        };
+        match seq {
+            Some(seq) => self.get(seq),
+            None => Err(StoreError::NoMessageOnSubject {
+                stream: self.shared.name.clone(),
+                subject: subject.to_owned(),
+            }),
+        }
+    }
+
+    /// Up to `max_msgs` durable messages from sequence `from` on, at most `max_bytes`
+    /// of records (but at least one message), read with one `pread` per segment.
+    pub fn range(&self, from: u64, max_msgs: usize, max_bytes: usize) -> Result<Vec<StoredMessage>, StoreError> {
+        let spans = {
+            let state = lock(&self.shared.state);
+            state.log.locate(from, state.visible, max_msgs, max_bytes)
+        };
+        log::read_spans(spans)
+    }
+
+    /// The configuration and counts.
+    pub fn info(&self) -> StreamInfo {
+        let state = lock(&self.shared.state);
+        let counts = state.log.counts();
+        StreamInfo {
+            config: state.config.clone(),
+            state: StreamState {
+                msgs: counts.msgs,
+                bytes: counts.bytes,
+                first_seq: counts.first_seq,
+                last_seq: counts.last_seq,
+                subjects: counts.subjects,
+                deleted: counts.deleted,
+                segments: counts.segments,
+                last_time: state.log.last_time(),
+            },
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> StreamConfig {
+        lock(&self.shared.state).config.clone()
+    }
+
+    /// Whether `subject` is one this stream captures.
+    pub fn captures(&self, subject: &str) -> bool {
+        lock(&self.shared.state)
+            .config
+            .subjects
+            .iter()
+            .any(|filter| crate::subject::matches(filter, subject))
+    }
+
+    /// Stops the committer after it has written (and synced) everything queued.
+    pub(crate) fn close(&self) {
+        lock(&self.shared.state).closed = true;
+        self.shared.wake.notify_all();
+        let handle = lock(&self.shared.committer).take();
+        if let Some(handle) = handle
+            && handle.thread().id() != std::thread::current().id()
+        {
+            let _ = handle.join();
+        }
+    }
+
+    /// The stream's directory.
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.shared.dir
+    }
+
+    fn no_message(&self, seq: u64) -> StoreError {
+        StoreError::NoMessage {
+            stream: self.shared.name.clone(),
+            seq,
+        }
+    }
+}
+
+fn limit(stream: &str, limit: &'static str, value: u64) -> StoreError {
+    StoreError::LimitReached {
+        stream: stream.to_owned(),
+        limit,
+        value,
+    }
+}
+
+fn check_expectations(stream: &str, log: &Log, subject: &str, options: &Publish) -> Result<(), StoreError> {
+    let wrong = |what: String, expected: String, found: String| StoreError::WrongLast {
+        stream: stream.to_owned(),
+        what,
+        expected,
+        found,
+    };
+    if let Some(expected) = options.expected_last_seq {
+        let found = log.next_seq() - 1;
+        if found != expected {
+            return Err(wrong("last sequence".into(), expected.to_string(), found.to_string()));
+        }
+    }
+    if let Some(expected) = options.expected_last_subject_seq {
+        let found = log.last_of(subject).unwrap_or(0);
+        if found != expected {
+            return Err(wrong(
+                format!("last sequence on `{subject}`"),
+                expected.to_string(),
+                found.to_string(),
+            ));
+        }
+    }
+    if let Some(expected) = &options.expected_last_msg_id {
+        let found = log.last_msg_id();
+        if found != Some(expected.as_str()) {
+            return Err(wrong(
+                "last message id".into(),
+                format!("`{expected}`"),
+                found.map_or_else(|| "none".to_owned(), |id| format!("`{id}`")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a batch wrote, to truncate if it fails.
+struct Batch {
+    first_writes: Vec<(Arc<dyn File>, PathBuf, u64)>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// The committer thread.
+    fn run(self: Arc<Self>) {
+        let mut state = self.lock();
+        loop {
+            if let Fsync::Every(every) = state.config.fsync
+                && !state.unsynced.is_empty()
+                && state.last_sync.elapsed() >= every
+            {
+                state = self.sync_unsynced(state);
+            }
+            if state.poison.is_none() && state.log.has_ops() {
+                let ops = state.log.take_ops();
+                let ticket = state.ticket;
+                let upto = state.log.next_seq() - 1;
+                let fsync = state.config.fsync;
+                drop(state);
+                let mut batch = Batch {
+                    first_writes: Vec::new(),
+                };
+                let result = self.execute(ops, fsync, &mut batch);
+                state = self.lock();
+                let completed = match result {
+                    Ok(written) => {
+                        state.visible = state.visible.max(upto);
+                        state.done = ticket;
+                        if fsync != Fsync::Always {
+                            for (file, path) in written {
+                                if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                                    state.unsynced.push((file, path));
+                                }
+                            }
+                        }
+                        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
+                            state.waiters.drain(..).partition(|w| w.ticket <= ticket);
+                        state.waiters = waiting;
+                        done.into_iter().map(|w| (w, None)).collect::<Vec<_>>()
+                    }
+                    Err(error) => self.poison(&mut state, error, batch.first_writes),
+                };
+                drop(state);
+                complete(completed);
+                state = self.lock();
+                continue;
+            }
+            if !state.heal_waiters.is_empty() {
+                let result = self.heal(&mut state);
+                let waiters = std::mem::take(&mut state.heal_waiters);
+                for tx in waiters {
+                    let _ = tx.send(result.clone());
+                }
+                continue;
+            }
+            if state.closed {
+                if !state.unsynced.is_empty() {
+                    state = self.sync_unsynced(state);
+                }
+                let waiters = std::mem::take(&mut state.waiters);
+                drop(state);
+                let closed = StoreError::Closed(self.name.clone());
+                complete(waiters.into_iter().map(|w| (w, Some(closed.clone()))).collect());
+                return;
+            }
+            // Idle: wait for work or the next timer.
+            let mut timeout = Duration::from_secs(1);
+            if let Fsync::Every(every) = state.config.fsync
+                && !state.unsynced.is_empty()
+            {
+                let due = state.last_sync + every;
+                timeout = timeout.min(due.saturating_duration_since(Instant::now()));
+                if timeout.is_zero() {
+                    state = self.sync_unsynced(state);
+                    continue;
+                }
+            }
+            let (guard, waited) = self
+                .wake
+                .wait_timeout(state, timeout)
+                .unwrap_or_else(PoisonError::into_inner);
+            state = guard;
+            if waited.timed_out()
+                && let Some(max_age) = state.config.max_age
+                && state.poison.is_none()
+            {
+                let now = self.clock.now();
+                state.last_expiry = now;
+                if let Err(e) = state.log.expire(now.saturating_sub(nanos(max_age))) {
+                    tracing::warn!(stream = %self.name, "removing expired messages: {e}");
+                }
+            }
+        }
+    }
+
+    /// Performs a batch's operations: each write, then one `fdatasync` per file under
+    /// `Fsync::Always`, then the directory sync. Returns the files written.
+    fn execute(
+        &self,
+        ops: Vec<Op>,
+        fsync: Fsync,
+        batch: &mut Batch,
+    ) -> Result<Vec<(Arc<dyn File>, PathBuf)>, StoreError> {
+        for op in &ops {
+            if let Op::Write { file, path, offset, .. } = op
+                && !batch.first_writes.iter().any(|(f, _, _)| Arc::ptr_eq(f, file))
+            {
+                batch.first_writes.push((file.clone(), path.clone(), *offset));
+            }
+        }
+        let mut written: Vec<(Arc<dyn File>, PathBuf)> = Vec::new();
+        let mut sync_dir = false;
+        let sync = |written: &[(Arc<dyn File>, PathBuf)]| -> Result<(), StoreError> {
+            for (file, path) in written {
+                file.sync_data().map_err(|e| StoreError::io("fsync", path, e))?;
+            }
+            Ok(())
+        };
+        for op in ops {
+            match op {
+                Op::Write { file, path, offset, bytes } => {
+                    file.write_all_at(&bytes, offset)
+                        .map_err(|e| StoreError::io("write", &path, e))?;
+                    if !written.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                        written.push((file, path));
+                    }
+                }
+                Op::Remove { path } => {
+                    // what says the segment's messages are gone must be durable first
+                    sync(&written)?;
+                    match self.fs.remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(StoreError::io("remove", &path, e)),
+                    }
+                    sync_dir = true;
+                }
+                Op::SyncDir => sync_dir = true,
+            }
+        }
+        if fsync == Fsync::Always {
+            sync(&written)?;
+        }
+        if sync_dir {
+            self.fs
+                .sync_dir(&self.dir)
+                .map_err(|e| StoreError::io("sync directory", &self.dir, e))?;
+        }
+        Ok(written)
+    }
+
+    /// Syncs the files written since the last sync (`Fsync::Every` and `Never` on close).
+    fn sync_unsynced<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        let files = std::mem::take(&mut state.unsynced);
+        drop(state);
+        let mut result = Ok(());
+        for (file, path) in &files {
+            if let Err(e) = file.sync_data() {
+                result = Err(StoreError::io("fsync", path, e));
+                break;
+            }
+        }
+        let mut state = self.lock();
+        state.last_sync = Instant::now();
+        if let Err(error) = result {
+            // Acknowledged already (that is what this setting means): nothing to cut back.
+            tracing::error!(stream = %self.name, "{error}; acknowledged messages may not be on disk");
+            let failed = self.poison(&mut state, error, Vec::new());
+            drop(state);
+            complete(failed);
+            state = self.lock();
+        }
+        state
+    }
+
+    /// Fails the batch and everything queued behind it, and tries to recover at once.
+    fn poison(
+        &self,
+        state: &mut State,
+        error: StoreError,
+        truncate: Vec<(Arc<dyn File>, PathBuf, u64)>,
+    ) -> Vec<(Waiter, Option<StoreError>)> {
+        tracing::error!(stream = %self.name, "{error}; unacknowledged writes are discarded");
+        let dropped = state.log.take_ops();
+        drop(dropped);
+        let unacknowledged = state.log.next_seq() - 1 - state.visible;
+        if unacknowledged > 0 {
+            tracing::warn!(
+                stream = %self.name,
+                messages = unacknowledged,
+                "messages were not stored (publishers with acknowledgements get the error)"
+            );
+        }
+        state.poison = Some(Poison {
+            cause: error.to_string(),
+            truncate,
+        });
+        let failed: Vec<(Waiter, Option<StoreError>)> = state
+            .waiters
+            .drain(..)
+            .map(|w| (w, Some(error.clone())))
+            .collect();
+        if let Err(e) = self.heal(state) {
+            tracing::warn!(stream = %self.name, "recovery after a failed write did not succeed yet: {e}");
+        }
+        failed
+    }
+
+    /// Recovers from a failed write: cuts each file back to the end of what was
+    /// acknowledged, reads the log back from disk, starts a new segment.
+    fn heal(&self, state: &mut State) -> Result<(), StoreError> {
+        let Some(poison) = &state.poison else {
+            return Ok(());
+        };
+        let cause = poison.cause.clone();
+        let failed = |e: StoreError| StoreError::Poisoned {
+            stream: self.name.clone(),
+            cause: format!("{cause}; recovering: {e}"),
+        };
+        for (file, path, offset) in &poison.truncate {
+            file.set_len(*offset)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| failed(StoreError::io("truncate", path, e)))?;
+        }
+        let now = self.clock.now();
+        let since = now.saturating_sub(nanos(state.config.duplicate_window));
+        let recovered = Log::open(self.fs.clone(), &self.dir, since).map_err(failed)?;
+        let mut log = recovered.log;
+        log.roll().map_err(failed)?;
+        let mut dedup = Dedup {
+            window: nanos(state.config.duplicate_window),
+            ..Dedup::default()
+        };
+        for (id, seq, time) in recovered.msg_ids {
+            dedup.insert(id, seq, time);
+        }
+        state.visible = log.next_seq() - 1;
+        state.log = log;
+        state.dedup = dedup;
+        state.unsynced.clear();
+        state.poison = None;
+        tracing::info!(stream = %self.name, "recovered after a failed write; continuing in a new segment");
+        Ok(())
+    }
+}
+
+fn complete(waiters: Vec<(Waiter, Option<StoreError>)>) {
+    for (mut waiter, error) in waiters {
+        if let Some(tx) = waiter.tx.take() {
+            let _ = tx.send(match error {
+                None => Ok(waiter.ack),
+                Some(e) => Err(e),
+            });
+        }
+    }
+}
