@@ -62,7 +62,6 @@ pub enum Discard {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-#[non_exhaustive]
 pub struct StreamConfig {
     /// The stream's name: letters, digits, `-` and `_`, at most 64 bytes.
     pub name: String,

@@ -19,8 +19,8 @@
 //! file.sync_data().unwrap();
 //! fs.sync_dir(Path::new("/d")).unwrap();
 //! file.write_all_at(b" and not", 6).unwrap();
-//! fs.power_loss(None);
-//! let file = fs.open(Path::new("/d/f"), false).unwrap();
+//! let after = fs.power_loss(None);
+//! let file = after.open(Path::new("/d/f"), false).unwrap();
 //! assert_eq!(file.len().unwrap(), 6);
 //! ```
 
@@ -112,21 +112,24 @@ impl SimFs {
         )
     }
 
-    /// Loses power: every file goes back to its last synced bytes, files whose
-    /// directory entry was not synced vanish (or come back, if their removal was not).
+    /// Loses power: returns the disk as it comes back, with every file at its last
+    /// synced bytes, and files whose directory entry was not synced gone (or back, if
+    /// their removal was not synced). `self` is left as it was, so that a store still
+    /// running on it cannot change what survived; drop it and open a store on the
+    /// returned disk.
     ///
     /// With `tear: Some(seed)`, the first 4 KiB page past each file's durable end was
     /// being written: a prefix of its 512-byte sectors (chosen from `seed`) holds the
-    /// new bytes and the rest of the page holds garbage. Open files of the store must
-    /// not be used afterwards; open the store again.
-    pub fn power_loss(&self, tear: Option<u64>) {
-        let mut state = self.state();
+    /// new bytes and the rest of the page holds garbage.
+    pub fn power_loss(&self, tear: Option<u64>) -> SimFs {
+        let state = self.state();
+        let after = SimFs::default();
         let mut seed = tear.unwrap_or(0);
         let mut files = BTreeMap::new();
-        for (path, file) in state.durable_files.clone() {
-            let mut data = lock(&file.data);
+        for (path, file) in &state.durable_files {
+            let data = lock(&file.data);
             let durable = data.durable.clone();
-            let mut after = durable.clone();
+            let mut image = durable.clone();
             if tear.is_some() && data.current.len() > durable.len() {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
@@ -135,16 +138,26 @@ impl SimFs {
                 let sectors = (seed >> 33) as usize % 9; // 0..=8 sectors of 512 bytes
                 let kept_end = (durable.len() / 512 + sectors) * 512;
                 let kept_end = kept_end.clamp(durable.len(), page_end.min(data.current.len()));
-                after.extend_from_slice(&data.current[durable.len()..kept_end]);
+                image.extend_from_slice(&data.current[durable.len()..kept_end]);
                 let torn_end = page_end.min(data.current.len());
-                after.extend((kept_end..torn_end).map(|i| (i as u8) ^ 0xA5));
+                image.extend((kept_end..torn_end).map(|i| (i as u8) ^ 0xA5));
             }
-            data.current = after.clone();
-            data.durable = durable;
-            drop(data);
-            files.insert(path, file);
+            let file = Arc::new(SimFile {
+                disk: Arc::downgrade(&after.disk),
+                data: Mutex::new(FileData {
+                    current: image,
+                    durable,
+                }),
+            });
+            files.insert(path.clone(), file);
         }
-        state.files = files;
+        {
+            let mut next = after.state();
+            next.dirs = state.dirs.clone();
+            next.durable_files = files.clone();
+            next.files = files;
+        }
+        after
     }
 }
 
@@ -216,6 +229,24 @@ impl Fs for SimFs {
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         let mut state = self.state();
+        let state = &mut *state;
+        let moved = |path: &Path| to.join(path.strip_prefix(from).expect("under `from`"));
+        if state.dirs.contains(from) {
+            // a directory: its entries move with it, durably (the store syncs the parent)
+            let dirs: Vec<PathBuf> = state.dirs.iter().filter(|p| p.starts_with(from)).cloned().collect();
+            for dir in dirs {
+                state.dirs.remove(&dir);
+                state.dirs.insert(moved(&dir));
+            }
+            for files in [&mut state.files, &mut state.durable_files] {
+                let paths: Vec<PathBuf> = files.keys().filter(|p| p.starts_with(from)).cloned().collect();
+                for path in paths {
+                    let file = files.remove(&path).expect("listed");
+                    files.insert(moved(&path), file);
+                }
+            }
+            return Ok(());
+        }
         let file = state.files.remove(from).ok_or_else(|| not_found(from))?;
         state.files.insert(to.to_owned(), file);
         Ok(())
@@ -335,7 +366,7 @@ mod tests {
         kept.write_all_at(&[2; 5000], 5000).unwrap();
         lost.write_all_at(&[3; 10], 0).unwrap();
         lost.sync_data().unwrap();
-        fs.power_loss(Some(7));
+        let fs = fs.power_loss(Some(7));
         assert_eq!(fs.list(Path::new("/d")).unwrap(), vec!["kept".to_string()]);
         let kept = fs.open(Path::new("/d/kept"), false).unwrap();
         let len = kept.len().unwrap();

@@ -98,6 +98,8 @@ pub(crate) struct Recovered {
     pub(crate) config: Option<StreamConfig>,
     /// `Msg-Id`s of messages younger than `since`: (id, seq, time).
     pub(crate) msg_ids: Vec<(String, u64, i64)>,
+    /// Damage found: the log holds what precedes it, and must not be written to.
+    pub(crate) damage: Option<StoreError>,
 }
 
 /// A stream's log. See the module documentation.
@@ -176,8 +178,10 @@ impl Log {
         }
     }
 
-    /// Opens an existing log: reads and verifies every segment, truncates a torn
-    /// write at the end of the last one, and fails on damage anywhere else.
+    /// Opens an existing log: reads and verifies every segment and truncates a torn
+    /// write at the end of the last one. Damage anywhere else stops the reading there:
+    /// what precedes it is kept and readable, and the damage is returned, naming the
+    /// file and offset, for the stream to refuse writes.
     pub(crate) fn open(fs: Arc<dyn Fs>, dir: &Path, ids_since: i64) -> Result<Recovered, StoreError> {
         let names = fs.list(dir).map_err(|e| StoreError::io("list", dir, e))?;
         let mut firsts: Vec<u64> = Vec::new();
@@ -192,7 +196,8 @@ impl Log {
         let mut config: Option<StreamConfig> = None;
         let mut msg_ids = Vec::new();
         let count = firsts.len();
-        for (i, first) in firsts.into_iter().enumerate() {
+        let mut damage = None;
+        'segments: for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
             let file = fs.open(&path, false).map_err(|e| StoreError::io("open", &path, e))?;
             let len = file.len().map_err(|e| StoreError::io("stat", &path, e))?;
@@ -200,11 +205,15 @@ impl Log {
             file.read_exact_at(&mut data, 0)
                 .map_err(|e| StoreError::io("read", &path, e))?;
             if first < log.next_seq {
-                return Err(StoreError::corrupt(
+                damage = Some(StoreError::corrupt(
                     &path,
                     0,
-                    format!("segment starts at sequence {first}, below the previous segment's end {}", log.next_seq),
+                    format!(
+                        "segment starts at sequence {first}, below the previous segment's end {}",
+                        log.next_seq
+                    ),
                 ));
+                break;
             }
             log.next_seq = first;
             log.segments.push_back(Segment {
@@ -223,14 +232,16 @@ impl Log {
                     Err(e) => {
                         let last = i + 1 == count;
                         if !last {
-                            return Err((path, offset as u64, e).into());
+                            damage = Some((path, offset as u64, e).into());
+                            break 'segments;
                         }
                         if let Some(at) = resync(&data, offset + 1, log.next_seq) {
-                            return Err(StoreError::corrupt(
+                            damage = Some(StoreError::corrupt(
                                 &path,
                                 offset as u64,
                                 format!("{e}; a valid record follows at offset {at}"),
                             ));
+                            break 'segments;
                         }
                         let dropped = data.len() - offset;
                         tracing::warn!(
@@ -246,18 +257,30 @@ impl Log {
                     }
                 };
                 let len = (record::peek_len(&data[offset..]).expect("decoded")) as usize;
-                log.replay(&record, offset, len, &mut config, &mut msg_ids, ids_since)
-                    .map_err(|reason| StoreError::corrupt(&path, offset as u64, reason))?;
+                if let Err(reason) =
+                    log.replay(&record, offset, len, &mut config, &mut msg_ids, ids_since)
+                {
+                    damage = Some(StoreError::corrupt(&path, offset as u64, reason));
+                    break 'segments;
+                }
                 offset += len;
+                log.segments.back_mut().expect("pushed").len = offset as u64;
             }
-            log.segments.back_mut().expect("pushed").len = offset as u64;
+        }
+        if let Some(damage) = &damage {
+            tracing::error!("{damage}; the stream serves the messages before it and refuses writes");
         }
         if let Some(config) = &config {
             log.segment_size = config.segment_size;
             log.config_json = serde_json::to_vec(config).expect("a config serializes");
         }
         log.advance_first();
-        Ok(Recovered { log, config, msg_ids })
+        Ok(Recovered {
+            log,
+            config,
+            msg_ids,
+            damage,
+        })
     }
 
     /// Applies one record read back during recovery.
@@ -374,8 +397,17 @@ impl Log {
     /// Starts a new segment at `next_seq`, beginning with the configuration.
     pub(crate) fn roll(&mut self) -> Result<(), StoreError> {
         let first = self.next_seq;
-        if self.segments.back().is_some_and(|s| s.first_seq == first) {
-            return Ok(()); // the last segment holds no message yet: nothing to roll
+        if let Some(last) = self.segments.back()
+            && last.first_seq == first
+        {
+            // The last segment holds no message yet: nothing to roll. It must still
+            // start with the configuration (it is empty after a failed first write).
+            if last.len == 0 {
+                let json = std::mem::take(&mut self.config_json);
+                self.append_record(Kind::Config, first, 0, "", &[], &json);
+                self.config_json = json;
+            }
+            return Ok(());
         }
         let path = self.dir.join(segment_name(first));
         let file = self

@@ -44,7 +44,6 @@ pub struct PubAck {
 /// let publish = Publish { msg_id: Some("order-17".into()), expected_last_seq: Some(41), ..Publish::default() };
 /// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct Publish {
     /// Deduplicates retries within the stream's duplicate window; stored as the
     /// `Msg-Id` header.

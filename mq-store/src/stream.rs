@@ -107,6 +107,8 @@ struct Poison {
     cause: String,
     /// Where each file written by the failed batch must be cut back to.
     truncate: Vec<(Arc<dyn File>, PathBuf, u64)>,
+    /// Damage found on disk: nothing the stream can do by itself repairs it.
+    permanent: bool,
 }
 
 #[derive(Debug)]
@@ -213,9 +215,27 @@ impl Stream {
         let since = clock.now().saturating_sub(nanos(Duration::from_secs(24 * 3600)));
         let recovered = Log::open(fs.clone(), &dir, since)?;
         let Some(config) = recovered.config else {
+            if let Some(damage) = recovered.damage {
+                return Err(damage);
+            }
+            if recovered.log.next_seq() > 1 {
+                return Err(StoreError::corrupt(
+                    &dir,
+                    0,
+                    "messages but no configuration record in any segment",
+                ));
+            }
             return Ok(None);
         };
-        Ok(Some(Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids)))
+        let stream = Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids);
+        if let Some(damage) = recovered.damage {
+            lock(&stream.shared.state).poison = Some(Poison {
+                cause: damage.to_string(),
+                truncate: Vec::new(),
+                permanent: true,
+            });
+        }
+        Ok(Some(stream))
     }
 
     fn start(
@@ -876,6 +896,7 @@ impl Shared {
         state.poison = Some(Poison {
             cause: error.to_string(),
             truncate,
+            permanent: false,
         });
         let failed: Vec<(Waiter, Option<StoreError>)> = state
             .waiters
@@ -895,6 +916,12 @@ impl Shared {
             return Ok(());
         };
         let cause = poison.cause.clone();
+        if poison.permanent {
+            return Err(StoreError::Poisoned {
+                stream: self.name.clone(),
+                cause,
+            });
+        }
         let failed = |e: StoreError| StoreError::Poisoned {
             stream: self.name.clone(),
             cause: format!("{cause}; recovering: {e}"),
@@ -907,6 +934,9 @@ impl Shared {
         let now = self.clock.now();
         let since = now.saturating_sub(nanos(state.config.duplicate_window));
         let recovered = Log::open(self.fs.clone(), &self.dir, since).map_err(failed)?;
+        if let Some(damage) = recovered.damage {
+            return Err(failed(damage));
+        }
         let mut log = recovered.log;
         log.roll().map_err(failed)?;
         let mut dedup = Dedup {
