@@ -32,7 +32,7 @@ pub enum StoreError {
     },
     /// An earlier write or fsync failed; the stream refuses publishes until it has
     /// recovered (on the next publish, once the disk works again).
-    #[error("stream `{stream}` stopped after a failed write: {cause}")]
+    #[error("stream `{stream}` refuses writes: {cause}")]
     Poisoned {
         /// The stream.
         stream: String,
