@@ -112,7 +112,10 @@ impl Default for StreamConfig {
 
 impl StreamConfig {
     /// A stream named `name` capturing `subjects`, every other setting its default.
-    pub fn new<S: Into<String>>(name: impl Into<String>, subjects: impl IntoIterator<Item = S>) -> Self {
+    pub fn new<S: Into<String>>(
+        name: impl Into<String>,
+        subjects: impl IntoIterator<Item = S>,
+    ) -> Self {
         StreamConfig {
             name: name.into(),
             subjects: subjects.into_iter().map(Into::into).collect(),
@@ -132,7 +135,10 @@ impl StreamConfig {
         for (i, a) in self.subjects.iter().enumerate() {
             for b in &self.subjects[i + 1..] {
                 if crate::subject::overlaps(a, b) {
-                    return Err(format!("subjects `{a}` and `{b}` of stream `{}` overlap", self.name));
+                    return Err(format!(
+                        "subjects `{a}` and `{b}` of stream `{}` overlap",
+                        self.name
+                    ));
                 }
             }
         }
@@ -161,7 +167,10 @@ pub fn validate_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 64 {
         return Err(format!("stream name `{name}` must be 1 to 64 bytes long"));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         return Err(format!(
             "stream name `{name}` may hold only ASCII letters, digits, `-` and `_`"
         ));

@@ -73,7 +73,10 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 fn not_found(path: &Path) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("{}: not found", path.display()))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("{}: not found", path.display()),
+    )
 }
 
 impl SimFs {
@@ -100,7 +103,11 @@ impl SimFs {
     /// The bytes all files hold now.
     pub fn used(&self) -> u64 {
         let state = self.state();
-        state.files.values().map(|f| lock(&f.data).current.len() as u64).sum()
+        state
+            .files
+            .values()
+            .map(|f| lock(&f.data).current.len() as u64)
+            .sum()
     }
 
     /// How many writes, file syncs and directory syncs were made so far.
@@ -198,7 +205,10 @@ impl Fs for SimFs {
             return Err(not_found(path));
         }
         if let Some(kind) = state.write_error {
-            return Err(io::Error::new(kind, "cannot create a file (injected fault)"));
+            return Err(io::Error::new(
+                kind,
+                "cannot create a file (injected fault)",
+            ));
         }
         let file = Arc::new(SimFile {
             disk: Arc::downgrade(&self.disk),
@@ -233,13 +243,22 @@ impl Fs for SimFs {
         let moved = |path: &Path| to.join(path.strip_prefix(from).expect("under `from`"));
         if state.dirs.contains(from) {
             // a directory: its entries move with it, durably (the store syncs the parent)
-            let dirs: Vec<PathBuf> = state.dirs.iter().filter(|p| p.starts_with(from)).cloned().collect();
+            let dirs: Vec<PathBuf> = state
+                .dirs
+                .iter()
+                .filter(|p| p.starts_with(from))
+                .cloned()
+                .collect();
             for dir in dirs {
                 state.dirs.remove(&dir);
                 state.dirs.insert(moved(&dir));
             }
             for files in [&mut state.files, &mut state.durable_files] {
-                let paths: Vec<PathBuf> = files.keys().filter(|p| p.starts_with(from)).cloned().collect();
+                let paths: Vec<PathBuf> = files
+                    .keys()
+                    .filter(|p| p.starts_with(from))
+                    .cloned()
+                    .collect();
                 for path in paths {
                     let file = files.remove(&path).expect("listed");
                     files.insert(moved(&path), file);
@@ -264,7 +283,9 @@ impl Fs for SimFs {
             .filter(|(path, _)| path.parent() == Some(dir))
             .map(|(path, file)| (path.clone(), file.clone()))
             .collect();
-        state.durable_files.retain(|path, _| path.parent() != Some(dir));
+        state
+            .durable_files
+            .retain(|path, _| path.parent() != Some(dir));
         state.durable_files.extend(current);
         Ok(())
     }

@@ -150,7 +150,11 @@ fn parse_segment_name(name: &str) -> Option<u64> {
 impl Log {
     /// Creates the log of a new stream: its directory and first segment, starting
     /// with the configuration record, synced, with the directory.
-    pub(crate) fn create(fs: Arc<dyn Fs>, dir: &Path, config: &StreamConfig) -> Result<Log, StoreError> {
+    pub(crate) fn create(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        config: &StreamConfig,
+    ) -> Result<Log, StoreError> {
         fs.create_dir_all(dir)
             .map_err(|e| StoreError::io("create directory", dir, e))?;
         let mut log = Log::empty(fs, dir, config);
@@ -182,13 +186,19 @@ impl Log {
     /// write at the end of the last one. Damage anywhere else stops the reading there:
     /// what precedes it is kept and readable, and the damage is returned, naming the
     /// file and offset, for the stream to refuse writes.
-    pub(crate) fn open(fs: Arc<dyn Fs>, dir: &Path, ids_since: i64) -> Result<Recovered, StoreError> {
+    pub(crate) fn open(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        ids_since: i64,
+    ) -> Result<Recovered, StoreError> {
         let names = fs.list(dir).map_err(|e| StoreError::io("list", dir, e))?;
         let mut firsts: Vec<u64> = Vec::new();
         for name in &names {
             match parse_segment_name(name) {
                 Some(first) => firsts.push(first),
-                None => tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment"),
+                None => {
+                    tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment")
+                }
             }
         }
         firsts.sort_unstable();
@@ -199,7 +209,9 @@ impl Log {
         let mut damage = None;
         'segments: for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
-            let file = fs.open(&path, false).map_err(|e| StoreError::io("open", &path, e))?;
+            let file = fs
+                .open(&path, false)
+                .map_err(|e| StoreError::io("open", &path, e))?;
             let len = file.len().map_err(|e| StoreError::io("stat", &path, e))?;
             let mut data = vec![0; len as usize];
             file.read_exact_at(&mut data, 0)
@@ -268,7 +280,9 @@ impl Log {
             }
         }
         if let Some(damage) = &damage {
-            tracing::error!("{damage}; the stream serves the messages before it and refuses writes");
+            tracing::error!(
+                "{damage}; the stream serves the messages before it and refuses writes"
+            );
         }
         if let Some(config) = &config {
             log.segment_size = config.segment_size;
@@ -500,8 +514,13 @@ impl Log {
         segment.live -= 1;
         self.msgs -= 1;
         self.bytes -= u64::from(len);
-        let name = self.names[id as usize].clone().expect("a live subject is named");
-        let state = self.subjects.get_mut(&name).expect("a live subject has state");
+        let name = self.names[id as usize]
+            .clone()
+            .expect("a live subject is named");
+        let state = self
+            .subjects
+            .get_mut(&name)
+            .expect("a live subject has state");
         state.msgs -= 1;
         if state.msgs == 0 {
             self.subjects.remove(&name);
@@ -523,7 +542,12 @@ impl Log {
     }
 
     /// The first (or last) live message of subject `id` in `range`.
-    fn find_subject(&self, id: u32, range: std::ops::RangeInclusive<u64>, backwards: bool) -> Option<u64> {
+    fn find_subject(
+        &self,
+        id: u32,
+        range: std::ops::RangeInclusive<u64>,
+        backwards: bool,
+    ) -> Option<u64> {
         let check = |seq: u64| self.entry(seq).is_some_and(|e| e.subject == id);
         if backwards {
             range.rev().find(|&seq| check(seq))
@@ -657,7 +681,9 @@ impl Log {
             .collect();
         let mut seqs = Vec::new();
         for (id, first, last) in ids {
-            seqs.extend((first..=last).filter(|&seq| self.entry(seq).is_some_and(|e| e.subject == id)));
+            seqs.extend(
+                (first..=last).filter(|&seq| self.entry(seq).is_some_and(|e| e.subject == id)),
+            );
         }
         seqs.sort_unstable();
         for &seq in &seqs {
@@ -689,7 +715,9 @@ impl Log {
     pub(crate) fn expire(&mut self, cutoff: i64) -> Result<bool, StoreError> {
         let mut removed = false;
         while self.msgs > 0 {
-            let i = self.segment_index(self.first_seq).expect("a live first message");
+            let i = self
+                .segment_index(self.first_seq)
+                .expect("a live first message");
             let segment = &self.segments[i];
             let to = if segment.max_time < cutoff && i + 1 < self.segments.len() {
                 segment.end_seq()
@@ -757,7 +785,13 @@ impl Log {
 
     /// Where to read up to `max_msgs` live messages from `from` to `upto` inclusive,
     /// at most `max_bytes` of records (at least one message).
-    pub(crate) fn locate(&self, from: u64, upto: u64, max_msgs: usize, max_bytes: usize) -> Vec<Span> {
+    pub(crate) fn locate(
+        &self,
+        from: u64,
+        upto: u64,
+        max_msgs: usize,
+        max_bytes: usize,
+    ) -> Vec<Span> {
         let mut spans: Vec<Span> = Vec::new();
         let (mut msgs, mut bytes) = (0usize, 0usize);
         let mut seq = from.max(self.first_seq);
@@ -834,20 +868,30 @@ pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreEr
     Ok(out)
 }
 
-fn message_from(path: &Path, at: u64, seq: u64, bytes: &Bytes) -> Result<StoredMessage, StoreError> {
-    let record = record::decode(bytes, MAX_RECORD_LEN).map_err(|e| StoreError::corrupt(path, at, e))?;
+fn message_from(
+    path: &Path,
+    at: u64,
+    seq: u64,
+    bytes: &Bytes,
+) -> Result<StoredMessage, StoreError> {
+    let record =
+        record::decode(bytes, MAX_RECORD_LEN).map_err(|e| StoreError::corrupt(path, at, e))?;
     if record.kind != Kind::Message || record.seq != seq {
         return Err(StoreError::corrupt(
             path,
             at,
-            format!("expected message {seq}, found {:?} {}", record.kind, record.seq),
+            format!(
+                "expected message {seq}, found {:?} {}",
+                record.kind, record.seq
+            ),
         ));
     }
     let subject_at = HEADER_LEN;
     let headers_at = subject_at + record.subject.len();
     let payload_at = headers_at + record.headers.len();
     let headers = bytes.slice(headers_at..payload_at);
-    let headers = record::headers(&headers).map_err(|e: DecodeError| StoreError::corrupt(path, at, e))?;
+    let headers =
+        record::headers(&headers).map_err(|e: DecodeError| StoreError::corrupt(path, at, e))?;
     Ok(StoredMessage {
         seq,
         time: record.time,

@@ -223,7 +223,10 @@ pub fn decode(bytes: &[u8], limit: u32) -> Result<Record<'_>, DecodeError> {
 ///
 /// Names longer than 65,535 bytes or values longer than 4 GiB cannot be encoded; the
 /// callers' payload limits are far below that.
-pub fn encode_headers<'a>(buf: &mut Vec<u8>, headers: impl IntoIterator<Item = (&'a str, &'a [u8])>) {
+pub fn encode_headers<'a>(
+    buf: &mut Vec<u8>,
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+) {
     for (name, value) in headers {
         buf.extend_from_slice(&(name.len() as u16).to_le_bytes());
         buf.extend_from_slice(name.as_bytes());
@@ -261,8 +264,8 @@ fn next_header<'a>(rest: &mut &'a [u8]) -> Result<(&'a str, &'a [u8]), DecodeErr
     let bytes = *rest;
     let name_len = u16::from_le_bytes(bytes.get(..2).ok_or(BAD)?.try_into().expect("2")) as usize;
     let name = bytes.get(2..2 + name_len).ok_or(BAD)?;
-    let name =
-        std::str::from_utf8(name).map_err(|_| DecodeError::Malformed("header name is not UTF-8"))?;
+    let name = std::str::from_utf8(name)
+        .map_err(|_| DecodeError::Malformed("header name is not UTF-8"))?;
     let at = 2 + name_len;
     let value_len =
         u32::from_le_bytes(bytes.get(at..at + 4).ok_or(BAD)?.try_into().expect("4")) as usize;

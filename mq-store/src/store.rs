@@ -60,12 +60,20 @@ impl Store {
 
     /// A store in memory: the same engine over files that live in memory.
     pub fn memory() -> Store {
-        Store::open_with(Arc::new(MemFs::default()), Path::new("/memory"), Arc::new(SystemClock))
-            .expect("a memory store opens")
+        Store::open_with(
+            Arc::new(MemFs::default()),
+            Path::new("/memory"),
+            Arc::new(SystemClock),
+        )
+        .expect("a memory store opens")
     }
 
     /// Opens a store on any file system (a fault-injecting one in tests) and clock.
-    pub fn open_with(fs: Arc<dyn Fs>, dir: &Path, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+    pub fn open_with(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Store, StoreError> {
         let streams_dir = dir.join("streams");
         fs.create_dir_all(&streams_dir)
             .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
@@ -141,7 +149,11 @@ impl Store {
     /// exists with the same configuration returns it.
     pub fn create(&self, config: StreamConfig) -> Result<Stream, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
-        let mut streams = self.inner.streams.write().unwrap_or_else(|e| e.into_inner());
+        let mut streams = self
+            .inner
+            .streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(stream) = streams.get(&config.name) {
             return if stream.config() == config {
                 Ok(stream.clone())
@@ -183,7 +195,10 @@ impl Store {
         let fs = &self.inner.fs;
         let dir = stream.dir().to_owned();
         let nanos = self.inner.clock.now();
-        let gone = self.inner.streams_dir.join(format!("{name}.{nanos}.deleted"));
+        let gone = self
+            .inner
+            .streams_dir
+            .join(format!("{name}.{nanos}.deleted"));
         fs.rename(&dir, &gone)
             .map_err(|e| StoreError::io("rename", &dir, e))?;
         self.sync_streams_dir()?;
@@ -228,6 +243,10 @@ impl Store {
 
     /// Whether the store has no stream (so no publish needs routing).
     pub fn is_empty(&self) -> bool {
-        self.inner.routes.read().unwrap_or_else(|e| e.into_inner()).is_empty()
+        self.inner
+            .routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 }

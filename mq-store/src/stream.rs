@@ -156,6 +156,15 @@ impl Dedup {
 pub struct AckFuture {
     inner: AckInner,
     stream: String,
+    duplicate: bool,
+}
+
+impl AckFuture {
+    /// Whether the publish was recognised as a duplicate (its `Msg-Id` seen within the
+    /// window), known before the acknowledgement resolves.
+    pub fn is_duplicate(&self) -> bool {
+        self.duplicate
+    }
 }
 
 #[derive(Debug)]
@@ -194,14 +203,20 @@ impl Stream {
         // The first segment and its configuration are durable before the stream exists.
         for op in log.take_ops() {
             match op {
-                Op::Write { file, path, offset, bytes } => file
+                Op::Write {
+                    file,
+                    path,
+                    offset,
+                    bytes,
+                } => file
                     .write_all_at(&bytes, offset)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| StoreError::io("write", path, e))?,
                 Op::SyncDir | Op::Remove { .. } => {}
             }
         }
-        fs.sync_dir(&dir).map_err(|e| StoreError::io("sync directory", &dir, e))?;
+        fs.sync_dir(&dir)
+            .map_err(|e| StoreError::io("sync directory", &dir, e))?;
         Ok(Stream::start(fs, dir, clock, log, config, Vec::new()))
     }
 
@@ -212,7 +227,9 @@ impl Stream {
         dir: PathBuf,
         clock: Arc<dyn Clock>,
     ) -> Result<Option<Stream>, StoreError> {
-        let since = clock.now().saturating_sub(nanos(Duration::from_secs(24 * 3600)));
+        let since = clock
+            .now()
+            .saturating_sub(nanos(Duration::from_secs(24 * 3600)));
         let recovered = Log::open(fs.clone(), &dir, since)?;
         let Some(config) = recovered.config else {
             if let Some(damage) = recovered.damage {
@@ -313,10 +330,11 @@ impl Stream {
                     self.heal().await?;
                     healed = true;
                 }
-                Ok(inner) => {
+                Ok((inner, duplicate)) => {
                     return Ok(AckFuture {
                         inner,
                         stream: self.shared.name.clone(),
+                        duplicate,
                     });
                 }
                 Err(e) => return Err(e),
@@ -327,8 +345,16 @@ impl Stream {
     /// Stores a message without waiting for it to be durable: what a plain publish on
     /// the bus gets when a stream captures its subject. Returns its sequence (the
     /// original's, for a duplicate).
-    pub fn store(&self, subject: &str, headers: &[(&str, &[u8])], payload: &[u8]) -> Result<u64, StoreError> {
-        match self.enqueue(subject, headers, payload, &Publish::default(), false)? {
+    pub fn store(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &[u8],
+    ) -> Result<u64, StoreError> {
+        match self
+            .enqueue(subject, headers, payload, &Publish::default(), false)?
+            .0
+        {
             AckInner::Ready(Some(Ok(ack))) => Ok(ack.seq),
             AckInner::Ready(Some(Err(e))) => Err(e),
             _ => unreachable!("a store without an acknowledgement is answered at once"),
@@ -342,11 +368,14 @@ impl Stream {
         payload: &[u8],
         options: &Publish,
         acknowledge: bool,
-    ) -> Result<AckInner, StoreError> {
+    ) -> Result<(AckInner, bool), StoreError> {
         let shared = &self.shared;
         let name = &shared.name;
         let mut block = Vec::new();
-        let from_header = headers.iter().find(|(n, _)| *n == MSG_ID_HEADER).map(|(_, v)| *v);
+        let from_header = headers
+            .iter()
+            .find(|(n, _)| *n == MSG_ID_HEADER)
+            .map(|(_, v)| *v);
         let msg_id = match (&options.msg_id, from_header) {
             (Some(id), _) => Some(id.as_str()),
             (None, Some(id)) => Some(std::str::from_utf8(id).map_err(|_| {
@@ -354,7 +383,10 @@ impl Stream {
             })?),
             (None, None) => None,
         };
-        record::encode_headers(&mut block, headers.iter().filter(|(n, _)| *n != MSG_ID_HEADER).copied());
+        record::encode_headers(
+            &mut block,
+            headers.iter().filter(|(n, _)| *n != MSG_ID_HEADER).copied(),
+        );
         if let Some(id) = msg_id {
             record::encode_headers(&mut block, [(MSG_ID_HEADER, id.as_bytes())]);
         }
@@ -384,7 +416,7 @@ impl Stream {
                     duplicate: true,
                 };
                 if seq <= state.visible || !acknowledge {
-                    return Ok(AckInner::Ready(Some(Ok(ack))));
+                    return Ok((AckInner::Ready(Some(Ok(ack))), true));
                 }
                 let (tx, rx) = oneshot::channel();
                 state.waiters.push(Waiter {
@@ -392,7 +424,7 @@ impl Stream {
                     ack,
                     tx: Some(tx),
                 });
-                return Ok(AckInner::Waiting(rx));
+                return Ok((AckInner::Waiting(rx), true));
             }
         }
         check_expectations(name, &state.log, subject, options)?;
@@ -428,10 +460,16 @@ impl Stream {
         }
         let seq = state.log.append(subject, &block, payload, now, msg_id)?;
         if config.discard == Discard::Old {
-            while config.max_msgs.is_some_and(|max| state.log.counts().msgs > max) {
+            while config
+                .max_msgs
+                .is_some_and(|max| state.log.counts().msgs > max)
+            {
                 state.log.remove_oldest();
             }
-            while config.max_bytes.is_some_and(|max| state.log.counts().bytes > max) {
+            while config
+                .max_bytes
+                .is_some_and(|max| state.log.counts().bytes > max)
+            {
                 state.log.remove_oldest();
             }
             if let Some(max) = config.max_msgs_per_subject {
@@ -462,7 +500,7 @@ impl Stream {
             AckInner::Ready(Some(Ok(ack)))
         };
         shared.wake.notify_one();
-        Ok(inner)
+        Ok((inner, false))
     }
 
     /// Waits for the committer to recover a poisoned stream.
@@ -482,7 +520,10 @@ impl Stream {
     }
 
     /// Queues `change` on the log and waits until the committer has made it durable.
-    async fn change<T>(&self, change: impl FnOnce(&mut State) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    async fn change<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         self.heal().await?;
         let (value, rx) = {
             let mut state = lock(&self.shared.state);
@@ -520,14 +561,16 @@ impl Stream {
     /// returns how many. Sequences go on from where they were.
     pub async fn purge(&self, filter: Option<&str>) -> Result<u64, StoreError> {
         if let Some(filter) = filter {
-            crate::subject::validate_filter(filter).map_err(|e| StoreError::InvalidConfig(e.to_string()))?;
+            crate::subject::validate_filter(filter)
+                .map_err(|e| StoreError::InvalidConfig(e.to_string()))?;
         }
         self.change(|state| state.log.purge(filter)).await
     }
 
     /// Removes message `seq`; false if it was not stored.
     pub async fn delete_message(&self, seq: u64) -> Result<bool, StoreError> {
-        self.change(|state| Ok(seq <= state.visible && state.log.delete(seq))).await
+        self.change(|state| Ok(seq <= state.visible && state.log.delete(seq)))
+            .await
     }
 
     /// Replaces the configuration (same name; limits apply at once).
@@ -538,10 +581,16 @@ impl Stream {
             state.config = config;
             let config = state.config.clone();
             // lowered limits apply at once, whatever the discard policy
-            while config.max_msgs.is_some_and(|max| state.log.counts().msgs > max) {
+            while config
+                .max_msgs
+                .is_some_and(|max| state.log.counts().msgs > max)
+            {
                 state.log.remove_oldest();
             }
-            while config.max_bytes.is_some_and(|max| state.log.counts().bytes > max) {
+            while config
+                .max_bytes
+                .is_some_and(|max| state.log.counts().bytes > max)
+            {
                 state.log.remove_oldest();
             }
             Ok(())
@@ -583,7 +632,12 @@ impl Stream {
 
     /// Up to `max_msgs` durable messages from sequence `from` on, at most `max_bytes`
     /// of records (but at least one message), read with one `pread` per segment.
-    pub fn range(&self, from: u64, max_msgs: usize, max_bytes: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    pub fn range(
+        &self,
+        from: u64,
+        max_msgs: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let spans = {
             let state = lock(&self.shared.state);
             state.log.locate(from, state.visible, max_msgs, max_bytes)
@@ -657,7 +711,12 @@ fn limit(stream: &str, limit: &'static str, value: u64) -> StoreError {
     }
 }
 
-fn check_expectations(stream: &str, log: &Log, subject: &str, options: &Publish) -> Result<(), StoreError> {
+fn check_expectations(
+    stream: &str,
+    log: &Log,
+    subject: &str,
+    options: &Publish,
+) -> Result<(), StoreError> {
     let wrong = |what: String, expected: String, found: String| StoreError::WrongLast {
         stream: stream.to_owned(),
         what,
@@ -667,7 +726,11 @@ fn check_expectations(stream: &str, log: &Log, subject: &str, options: &Publish)
     if let Some(expected) = options.expected_last_seq {
         let found = log.next_seq() - 1;
         if found != expected {
-            return Err(wrong("last sequence".into(), expected.to_string(), found.to_string()));
+            return Err(wrong(
+                "last sequence".into(),
+                expected.to_string(),
+                found.to_string(),
+            ));
         }
     }
     if let Some(expected) = options.expected_last_subject_seq {
@@ -762,7 +825,12 @@ impl Shared {
                 let waiters = std::mem::take(&mut state.waiters);
                 drop(state);
                 let closed = StoreError::Closed(self.name.clone());
-                complete(waiters.into_iter().map(|w| (w, Some(closed.clone()))).collect());
+                complete(
+                    waiters
+                        .into_iter()
+                        .map(|w| (w, Some(closed.clone())))
+                        .collect(),
+                );
                 return;
             }
             // Idle: wait for work or the next timer.
@@ -804,23 +872,36 @@ impl Shared {
         batch: &mut Batch,
     ) -> Result<Vec<(Arc<dyn File>, PathBuf)>, StoreError> {
         for op in &ops {
-            if let Op::Write { file, path, offset, .. } = op
-                && !batch.first_writes.iter().any(|(f, _, _)| Arc::ptr_eq(f, file))
+            if let Op::Write {
+                file, path, offset, ..
+            } = op
+                && !batch
+                    .first_writes
+                    .iter()
+                    .any(|(f, _, _)| Arc::ptr_eq(f, file))
             {
-                batch.first_writes.push((file.clone(), path.clone(), *offset));
+                batch
+                    .first_writes
+                    .push((file.clone(), path.clone(), *offset));
             }
         }
         let mut written: Vec<(Arc<dyn File>, PathBuf)> = Vec::new();
         let mut sync_dir = false;
         let sync = |written: &[(Arc<dyn File>, PathBuf)]| -> Result<(), StoreError> {
             for (file, path) in written {
-                file.sync_data().map_err(|e| StoreError::io("fsync", path, e))?;
+                file.sync_data()
+                    .map_err(|e| StoreError::io("fsync", path, e))?;
             }
             Ok(())
         };
         for op in ops {
             match op {
-                Op::Write { file, path, offset, bytes } => {
+                Op::Write {
+                    file,
+                    path,
+                    offset,
+                    bytes,
+                } => {
                     file.write_all_at(&bytes, offset)
                         .map_err(|e| StoreError::io("write", &path, e))?;
                     if !written.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {

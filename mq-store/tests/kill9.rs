@@ -38,7 +38,12 @@ async fn child(dir: &Path, cycle: &str) {
     for i in 0.. {
         let body = payload(cycle, i);
         let ack = stream
-            .publish(&format!("kill9.{}", i % 7), &[], body.as_bytes(), &Publish::default())
+            .publish(
+                &format!("kill9.{}", i % 7),
+                &[],
+                body.as_bytes(),
+                &Publish::default(),
+            )
             .await
             .expect("publish");
         in_flight.push_back((body, ack));
@@ -77,7 +82,10 @@ fn main() {
         let kill_after = 400 + cycle * 373;
         let mut read = 0;
         while read < kill_after {
-            let line = lines.next().expect("the child publishes until killed").expect("utf-8");
+            let line = lines
+                .next()
+                .expect("the child publishes until killed")
+                .expect("utf-8");
             let (seq, body) = line.split_once(' ').expect("seq payload");
             acknowledged.push((seq.parse().expect("a sequence"), body.to_owned()));
             read += 1;

@@ -13,7 +13,12 @@ use mq_store::{Discard, Fsync, PubAck, Publish, Store, StoreError, Stream, Strea
 const ROOT: &str = "/data";
 
 fn open(fs: &SimFs, clock: &ManualClock) -> Store {
-    Store::open_with(Arc::new(fs.clone()), Path::new(ROOT), Arc::new(clock.clone())).unwrap()
+    Store::open_with(
+        Arc::new(fs.clone()),
+        Path::new(ROOT),
+        Arc::new(clock.clone()),
+    )
+    .unwrap()
 }
 
 fn clock() -> ManualClock {
@@ -24,7 +29,12 @@ async fn publish(stream: &Stream, subject: &str, payload: &[u8]) -> Result<PubAc
     publish_with(stream, subject, payload, &Publish::default()).await
 }
 
-async fn publish_with(stream: &Stream, subject: &str, payload: &[u8], options: &Publish) -> Result<PubAck, StoreError> {
+async fn publish_with(
+    stream: &Stream,
+    subject: &str,
+    payload: &[u8],
+    options: &Publish,
+) -> Result<PubAck, StoreError> {
     stream.publish(subject, &[], payload, options).await?.await
 }
 
@@ -36,7 +46,9 @@ fn with_id(id: &str) -> Publish {
 }
 
 fn segments(fs: &SimFs, stream: &str) -> Vec<String> {
-    let mut names = fs.list(&Path::new(ROOT).join("streams").join(stream)).unwrap();
+    let mut names = fs
+        .list(&Path::new(ROOT).join("streams").join(stream))
+        .unwrap();
     names.sort();
     names
 }
@@ -47,23 +59,56 @@ async fn published_messages_are_read_back_by_sequence_subject_and_range() {
     let stream = store.create(StreamConfig::new("S", ["a.>"])).unwrap();
     for i in 1..=5u64 {
         let subject = if i % 2 == 0 { "a.even" } else { "a.odd" };
-        let ack = publish(&stream, subject, format!("m{i}").as_bytes()).await.unwrap();
-        assert_eq!(ack, PubAck { stream: "S".into(), seq: i, duplicate: false });
+        let ack = publish(&stream, subject, format!("m{i}").as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            ack,
+            PubAck {
+                stream: "S".into(),
+                seq: i,
+                duplicate: false
+            }
+        );
     }
     let headers: [(&str, &[u8]); 2] = [("k", b"v"), ("k", b"w")];
-    let ack = stream.publish("a.h", &headers, b"with headers", &Publish::default()).await.unwrap().await.unwrap();
+    let ack = stream
+        .publish("a.h", &headers, b"with headers", &Publish::default())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     assert_eq!(stream.get(3).unwrap().payload, &b"m3"[..]);
     assert_eq!(stream.last("a.even").unwrap().seq, 4);
     assert_eq!(stream.last("a.odd").unwrap().payload, &b"m5"[..]);
     let with_headers = stream.get(ack.seq).unwrap();
     assert_eq!(with_headers.headers.len(), 2);
     assert_eq!(with_headers.header("k").unwrap(), &b"v"[..]);
-    let range: Vec<u64> = stream.range(2, 3, usize::MAX).unwrap().iter().map(|m| m.seq).collect();
+    let range: Vec<u64> = stream
+        .range(2, 3, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
     assert_eq!(range, [2, 3, 4]);
-    assert!(matches!(stream.get(99), Err(StoreError::NoMessage { seq: 99, .. })));
-    assert!(matches!(stream.last("a.none"), Err(StoreError::NoMessageOnSubject { .. })));
+    assert!(matches!(
+        stream.get(99),
+        Err(StoreError::NoMessage { seq: 99, .. })
+    ));
+    assert!(matches!(
+        stream.last("a.none"),
+        Err(StoreError::NoMessageOnSubject { .. })
+    ));
     let info = stream.info();
-    assert_eq!((info.state.msgs, info.state.first_seq, info.state.last_seq, info.state.subjects), (6, 1, 6, 3));
+    assert_eq!(
+        (
+            info.state.msgs,
+            info.state.first_seq,
+            info.state.last_seq,
+            info.state.subjects
+        ),
+        (6, 1, 6, 3)
+    );
 }
 
 #[tokio::test]
@@ -88,7 +133,13 @@ async fn segments_roll_at_the_configured_size_and_everything_survives_a_reopen()
     };
     let stream = store.create(config).unwrap();
     for i in 0..200u32 {
-        publish(&stream, &format!("r.{}", i % 7), &i.to_le_bytes().repeat(25)).await.unwrap();
+        publish(
+            &stream,
+            &format!("r.{}", i % 7),
+            &i.to_le_bytes().repeat(25),
+        )
+        .await
+        .unwrap();
     }
     let names = segments(&fs, "ROLL");
     assert!(names.len() > 5, "{names:?}");
@@ -123,12 +174,17 @@ async fn a_torn_last_record_is_cut_off_and_the_stream_goes_on_from_the_record_be
     let stream = store.stream("T").unwrap();
     assert_eq!(stream.info().state.last_seq, 9);
     assert_eq!(stream.get(9).unwrap().payload, &[8; 50][..]);
-    assert_eq!(file.len().unwrap(), len - (32 + 1 + 50), "the partial record is gone from the file");
+    assert_eq!(
+        file.len().unwrap(),
+        len - (32 + 1 + 50),
+        "the partial record is gone from the file"
+    );
     assert_eq!(publish(&stream, "t", b"again").await.unwrap().seq, 10);
 }
 
 #[tokio::test]
-async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier_records_stay_readable() {
+async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier_records_stay_readable()
+ {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
     let stream = store.create(StreamConfig::new("F", ["f"])).unwrap();
@@ -151,7 +207,9 @@ async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier
     // A running stream re-verifies what it reads.
     let err = stream.get(5).unwrap_err();
     println!("read: {err}");
-    assert!(matches!(&err, StoreError::Corrupt { file, offset, .. } if *file == path && *offset == fifth));
+    assert!(
+        matches!(&err, StoreError::Corrupt { file, offset, .. } if *file == path && *offset == fifth)
+    );
     drop((stream, store));
 
     // Reopened, it serves what precedes the damage and refuses writes, naming it.
@@ -164,11 +222,15 @@ async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier
     let err = publish(&stream, "f", b"x").await.unwrap_err();
     println!("publish: {err}");
     let text = err.to_string();
-    assert!(text.contains("00000000000000000001.log") && text.contains(&format!("offset {fifth}")), "{text}");
+    assert!(
+        text.contains("00000000000000000001.log") && text.contains(&format!("offset {fifth}")),
+        "{text}"
+    );
 }
 
 #[tokio::test]
-async fn a_full_disk_fails_the_publish_acknowledges_nothing_unwritten_and_recovers_once_there_is_room() {
+async fn a_full_disk_fails_the_publish_acknowledges_nothing_unwritten_and_recovers_once_there_is_room()
+ {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
     let stream = store.create(StreamConfig::new("D", ["d"])).unwrap();
@@ -192,7 +254,12 @@ async fn a_full_disk_fails_the_publish_acknowledges_nothing_unwritten_and_recove
     drop((stream, store));
     let store = open(&fs, &clock);
     let stream = store.stream("D").unwrap();
-    let payloads: Vec<u8> = stream.range(1, 100, usize::MAX).unwrap().iter().map(|m| m.payload[0]).collect();
+    let payloads: Vec<u8> = stream
+        .range(1, 100, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|m| m.payload[0])
+        .collect();
     assert_eq!(payloads, [1, 1, 1, 1, 1, 2, 4]);
 }
 
@@ -214,7 +281,12 @@ async fn a_failed_fsync_fails_the_batch_and_is_never_retried_as_if_it_had_worked
     drop((stream, store));
     let store = open(&fs, &clock);
     let stream = store.stream("Y").unwrap();
-    let payloads: Vec<_> = stream.range(1, 10, usize::MAX).unwrap().into_iter().map(|m| m.payload).collect();
+    let payloads: Vec<_> = stream
+        .range(1, 10, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
     assert_eq!(payloads, [&b"durable"[..], &b"after"[..]]);
 }
 
@@ -226,10 +298,19 @@ async fn group_commit_writes_and_syncs_once_per_batch_of_publishes_in_flight() {
     let (writes0, syncs0, _) = fs.counts();
     let mut acks = Vec::new();
     for i in 0..1000u32 {
-        acks.push(stream.publish("g", &[], &i.to_le_bytes(), &Publish::default()).await.unwrap());
+        acks.push(
+            stream
+                .publish("g", &[], &i.to_le_bytes(), &Publish::default())
+                .await
+                .unwrap(),
+        );
     }
     for (i, ack) in acks.into_iter().enumerate() {
-        assert_eq!(ack.await.unwrap().seq, i as u64 + 1, "acknowledged in order");
+        assert_eq!(
+            ack.await.unwrap().seq,
+            i as u64 + 1,
+            "acknowledged in order"
+        );
     }
     let (writes, syncs, _) = fs.counts();
     let (writes, syncs) = (writes - writes0, syncs - syncs0);
@@ -254,7 +335,15 @@ async fn power_loss_under_fsync_always_keeps_every_acknowledged_message() {
         let mut crashed = None;
         for i in 0..2000usize {
             let payload = format!("message {i} {}", "x".repeat(i % 300));
-            let ack = stream.publish(&format!("p.{}", i % 5), &[], payload.as_bytes(), &Publish::default()).await.unwrap();
+            let ack = stream
+                .publish(
+                    &format!("p.{}", i % 5),
+                    &[],
+                    payload.as_bytes(),
+                    &Publish::default(),
+                )
+                .await
+                .unwrap();
             pending.push_back((payload, ack));
             while pending.len() > 16 {
                 let (payload, ack) = pending.pop_front().unwrap();
@@ -272,9 +361,17 @@ async fn power_loss_under_fsync_always_keeps_every_acknowledged_message() {
         let stored = stream.range(1, usize::MAX, usize::MAX).unwrap();
         let lost = acked
             .iter()
-            .filter(|(seq, payload)| !stored.iter().any(|m| m.seq == *seq && m.payload == payload.as_bytes()))
+            .filter(|(seq, payload)| {
+                !stored
+                    .iter()
+                    .any(|m| m.seq == *seq && m.payload == payload.as_bytes())
+            })
             .count();
-        println!("seed {seed}: acknowledged {}, recovered {}, acknowledged but lost: {lost}", acked.len(), stored.len());
+        println!(
+            "seed {seed}: acknowledged {}, recovered {}, acknowledged but lost: {lost}",
+            acked.len(),
+            stored.len()
+        );
         assert_eq!(lost, 0);
         for (i, message) in stored.iter().enumerate() {
             assert_eq!(message.seq, i as u64 + 1, "recovered messages are a prefix");
@@ -289,8 +386,12 @@ async fn a_msg_id_is_deduplicated_within_the_window_and_after_a_restart_but_not_
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
     let stream = store.create(StreamConfig::new("ID", ["id"])).unwrap();
-    let first = publish_with(&stream, "id", b"one", &with_id("order-1")).await.unwrap();
-    let again = publish_with(&stream, "id", b"one", &with_id("order-1")).await.unwrap();
+    let first = publish_with(&stream, "id", b"one", &with_id("order-1"))
+        .await
+        .unwrap();
+    let again = publish_with(&stream, "id", b"one", &with_id("order-1"))
+        .await
+        .unwrap();
     assert_eq!((again.seq, again.duplicate), (first.seq, true));
     assert_eq!(stream.info().state.msgs, 1, "nothing is stored twice");
 
@@ -298,21 +399,34 @@ async fn a_msg_id_is_deduplicated_within_the_window_and_after_a_restart_but_not_
     drop((stream, store));
     let store = open(&fs, &clock);
     let stream = store.stream("ID").unwrap();
-    let after_restart = publish_with(&stream, "id", b"one", &with_id("order-1")).await.unwrap();
+    let after_restart = publish_with(&stream, "id", b"one", &with_id("order-1"))
+        .await
+        .unwrap();
     assert_eq!((after_restart.seq, after_restart.duplicate), (1, true));
 
     clock.advance(Duration::from_secs(61)); // 121 s after the first: outside 2 minutes
-    let outside = publish_with(&stream, "id", b"one", &with_id("order-1")).await.unwrap();
+    let outside = publish_with(&stream, "id", b"one", &with_id("order-1"))
+        .await
+        .unwrap();
     assert_eq!((outside.seq, outside.duplicate), (2, false));
-    assert_eq!(stream.get(2).unwrap().header("Msg-Id").unwrap(), &b"order-1"[..]);
+    assert_eq!(
+        stream.get(2).unwrap().header("Msg-Id").unwrap(),
+        &b"order-1"[..]
+    );
 }
 
 #[tokio::test]
 async fn a_duplicate_of_a_publish_still_in_flight_is_acknowledged_once_the_original_is_durable() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("IF", ["if"])).unwrap();
-    let original = stream.publish("if", &[], b"x", &with_id("a")).await.unwrap();
-    let duplicate = stream.publish("if", &[], b"x", &with_id("a")).await.unwrap();
+    let original = stream
+        .publish("if", &[], b"x", &with_id("a"))
+        .await
+        .unwrap();
+    let duplicate = stream
+        .publish("if", &[], b"x", &with_id("a"))
+        .await
+        .unwrap();
     let (original, duplicate) = (original.await.unwrap(), duplicate.await.unwrap());
     assert_eq!((original.seq, original.duplicate), (1, false));
     assert_eq!((duplicate.seq, duplicate.duplicate), (1, true));
@@ -322,29 +436,63 @@ async fn a_duplicate_of_a_publish_still_in_flight_is_acknowledged_once_the_origi
 async fn expectations_that_do_not_hold_are_refused_saying_what_was_expected_and_found() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("E", ["e.*"])).unwrap();
-    let empty = Publish { expected_last_seq: Some(0), ..Publish::default() };
+    let empty = Publish {
+        expected_last_seq: Some(0),
+        ..Publish::default()
+    };
     publish_with(&stream, "e.a", b"1", &empty).await.unwrap();
-    let err = publish_with(&stream, "e.a", b"2", &empty).await.unwrap_err();
-    assert_eq!(err.to_string(), "stream `E`: expected last sequence 0, found 1");
+    let err = publish_with(&stream, "e.a", b"2", &empty)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stream `E`: expected last sequence 0, found 1"
+    );
 
-    let subject = Publish { expected_last_subject_seq: Some(1), ..Publish::default() };
+    let subject = Publish {
+        expected_last_subject_seq: Some(1),
+        ..Publish::default()
+    };
     publish_with(&stream, "e.a", b"2", &subject).await.unwrap();
-    let err = publish_with(&stream, "e.a", b"3", &subject).await.unwrap_err();
-    assert_eq!(err.to_string(), "stream `E`: expected last sequence on `e.a` 1, found 2");
-    let none_yet = Publish { expected_last_subject_seq: Some(0), ..Publish::default() };
+    let err = publish_with(&stream, "e.a", b"3", &subject)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stream `E`: expected last sequence on `e.a` 1, found 2"
+    );
+    let none_yet = Publish {
+        expected_last_subject_seq: Some(0),
+        ..Publish::default()
+    };
     publish_with(&stream, "e.b", b"1", &none_yet).await.unwrap();
 
-    publish_with(&stream, "e.a", b"4", &with_id("m-4")).await.unwrap();
-    let after_m4 = Publish { expected_last_msg_id: Some("m-4".into()), ..Publish::default() };
+    publish_with(&stream, "e.a", b"4", &with_id("m-4"))
+        .await
+        .unwrap();
+    let after_m4 = Publish {
+        expected_last_msg_id: Some("m-4".into()),
+        ..Publish::default()
+    };
     publish_with(&stream, "e.a", b"5", &after_m4).await.unwrap();
-    let err = publish_with(&stream, "e.a", b"6", &after_m4).await.unwrap_err();
-    assert_eq!(err.to_string(), "stream `E`: expected last message id `m-4`, found none");
+    let err = publish_with(&stream, "e.a", b"6", &after_m4)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stream `E`: expected last message id `m-4`, found none"
+    );
 }
 
 #[tokio::test]
 async fn a_full_stream_discards_its_oldest_or_refuses_naming_the_limit() {
     let store = Store::memory();
-    let old = store.create(StreamConfig { max_msgs: Some(3), ..StreamConfig::new("OLD", ["old"]) }).unwrap();
+    let old = store
+        .create(StreamConfig {
+            max_msgs: Some(3),
+            ..StreamConfig::new("OLD", ["old"])
+        })
+        .unwrap();
     for i in 1..=5u8 {
         publish(&old, "old", &[i]).await.unwrap();
     }
@@ -352,15 +500,25 @@ async fn a_full_stream_discards_its_oldest_or_refuses_naming_the_limit() {
     assert_eq!((info.msgs, info.first_seq, info.last_seq), (3, 3, 5));
     assert!(old.get(2).is_err());
 
-    let new = StreamConfig { max_msgs: Some(3), discard: Discard::New, ..StreamConfig::new("NEW", ["new"]) };
+    let new = StreamConfig {
+        max_msgs: Some(3),
+        discard: Discard::New,
+        ..StreamConfig::new("NEW", ["new"])
+    };
     let new = store.create(new).unwrap();
     for i in 1..=3u8 {
         publish(&new, "new", &[i]).await.unwrap();
     }
     let err = publish(&new, "new", &[4]).await.unwrap_err();
-    assert_eq!(err.to_string(), "stream `NEW` refused the message: max_msgs 3 reached");
+    assert_eq!(
+        err.to_string(),
+        "stream `NEW` refused the message: max_msgs 3 reached"
+    );
 
-    let bytes = StreamConfig { max_bytes: Some(3 * (32 + 1 + 10)), ..StreamConfig::new("BYTES", ["b"]) };
+    let bytes = StreamConfig {
+        max_bytes: Some(3 * (32 + 1 + 10)),
+        ..StreamConfig::new("BYTES", ["b"])
+    };
     let bytes = store.create(bytes).unwrap();
     for i in 1..=5u8 {
         publish(&bytes, "b", &[i; 10]).await.unwrap();
@@ -369,22 +527,40 @@ async fn a_full_stream_discards_its_oldest_or_refuses_naming_the_limit() {
     let err = publish(&bytes, "b", &[0; 1000]).await.unwrap_err();
     assert!(err.to_string().contains("max_bytes"), "{err}");
 
-    let big = StreamConfig { max_msg_size: 16, ..StreamConfig::new("SIZE", ["size"]) };
+    let big = StreamConfig {
+        max_msg_size: 16,
+        ..StreamConfig::new("SIZE", ["size"])
+    };
     let big = store.create(big).unwrap();
     let err = publish(&big, "size", &[0; 16]).await.unwrap_err();
-    assert_eq!(err.to_string(), "stream `SIZE` refused the message: max_msg_size 16 reached");
+    assert_eq!(
+        err.to_string(),
+        "stream `SIZE` refused the message: max_msg_size 16 reached"
+    );
 }
 
 #[tokio::test]
 async fn a_per_subject_limit_keeps_the_newest_of_each_subject_across_a_restart() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
-    let config = StreamConfig { max_msgs_per_subject: Some(2), ..StreamConfig::new("KV", ["kv.*"]) };
+    let config = StreamConfig {
+        max_msgs_per_subject: Some(2),
+        ..StreamConfig::new("KV", ["kv.*"])
+    };
     let stream = store.create(config).unwrap();
     for i in 0..10u8 {
-        publish(&stream, &format!("kv.{}", i % 3), &[i]).await.unwrap();
+        publish(&stream, &format!("kv.{}", i % 3), &[i])
+            .await
+            .unwrap();
     }
-    let kept = |stream: &Stream| -> Vec<u8> { stream.range(1, 100, usize::MAX).unwrap().iter().map(|m| m.payload[0]).collect() };
+    let kept = |stream: &Stream| -> Vec<u8> {
+        stream
+            .range(1, 100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|m| m.payload[0])
+            .collect()
+    };
     assert_eq!(kept(&stream), [4, 5, 6, 7, 8, 9]);
     drop((stream, store));
     let store = open(&fs, &clock);
@@ -411,7 +587,10 @@ async fn messages_older_than_max_age_are_removed_whole_segments_first() {
     publish(&stream, "age", b"fresh").await.unwrap();
     let info = stream.info().state;
     assert_eq!((info.msgs, info.first_seq), (1, 101));
-    assert!(segments(&fs, "AGE").len() < segments_before, "expired segments are deleted");
+    assert!(
+        segments(&fs, "AGE").len() < segments_before,
+        "expired segments are deleted"
+    );
     drop((stream, store));
     let store = open(&fs, &clock);
     assert_eq!(store.stream("AGE").unwrap().info().state.first_seq, 101);
@@ -421,9 +600,20 @@ async fn messages_older_than_max_age_are_removed_whole_segments_first() {
 async fn purge_removes_all_or_one_subject_and_sequences_go_on() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
-    let stream = store.create(StreamConfig { segment_size: 4096, ..StreamConfig::new("PG", ["pg.>"]) }).unwrap();
+    let stream = store
+        .create(StreamConfig {
+            segment_size: 4096,
+            ..StreamConfig::new("PG", ["pg.>"])
+        })
+        .unwrap();
     for i in 0..100u8 {
-        publish(&stream, if i % 2 == 0 { "pg.even" } else { "pg.odd" }, &[i; 60]).await.unwrap();
+        publish(
+            &stream,
+            if i % 2 == 0 { "pg.even" } else { "pg.odd" },
+            &[i; 60],
+        )
+        .await
+        .unwrap();
     }
     assert_eq!(stream.purge(Some("pg.odd")).await.unwrap(), 50);
     assert!(stream.last("pg.odd").is_err());
@@ -447,20 +637,41 @@ async fn purge_removes_all_or_one_subject_and_sequences_go_on() {
 async fn streams_are_created_updated_listed_and_deleted_and_may_not_overlap() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
-    store.create(StreamConfig::new("ORDERS", ["orders.>"])).unwrap();
-    store.create(StreamConfig::new("ORDERS", ["orders.>"])).unwrap(); // same config: fine
-    let err = store.create(StreamConfig::new("ORDERS", ["orders.eu"])).unwrap_err();
-    assert_eq!(err.to_string(), "stream `ORDERS` already exists with a different configuration");
-    let err = store.create(StreamConfig::new("EU", ["orders.eu.*"])).unwrap_err();
-    assert_eq!(err.to_string(), "subject `orders.eu.*` overlaps `orders.>` of stream `ORDERS`");
-    let err = store.create(StreamConfig::new("bad name", ["x"])).unwrap_err();
+    store
+        .create(StreamConfig::new("ORDERS", ["orders.>"]))
+        .unwrap();
+    store
+        .create(StreamConfig::new("ORDERS", ["orders.>"]))
+        .unwrap(); // same config: fine
+    let err = store
+        .create(StreamConfig::new("ORDERS", ["orders.eu"]))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "stream `ORDERS` already exists with a different configuration"
+    );
+    let err = store
+        .create(StreamConfig::new("EU", ["orders.eu.*"]))
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "subject `orders.eu.*` overlaps `orders.>` of stream `ORDERS`"
+    );
+    let err = store
+        .create(StreamConfig::new("bad name", ["x"]))
+        .unwrap_err();
     assert!(err.to_string().contains("stream name"), "{err}");
-    store.create(StreamConfig::new("USERS", ["users.*"])).unwrap();
+    store
+        .create(StreamConfig::new("USERS", ["users.*"]))
+        .unwrap();
     assert_eq!(store.stream_for("orders.eu.1").unwrap().name(), "ORDERS");
     assert!(store.stream_for("other").is_none());
 
     let info = store
-        .update(StreamConfig { max_msgs: Some(10), ..StreamConfig::new("USERS", ["users.*", "people.*"]) })
+        .update(StreamConfig {
+            max_msgs: Some(10),
+            ..StreamConfig::new("USERS", ["users.*", "people.*"])
+        })
         .await
         .unwrap();
     assert_eq!(info.config.max_msgs, Some(10));
@@ -469,12 +680,18 @@ async fn streams_are_created_updated_listed_and_deleted_and_may_not_overlap() {
     assert_eq!(names, ["ORDERS", "USERS"]);
 
     store.delete("ORDERS").unwrap();
-    assert!(matches!(store.stream("ORDERS"), Err(StoreError::StreamNotFound(_))));
+    assert!(matches!(
+        store.stream("ORDERS"),
+        Err(StoreError::StreamNotFound(_))
+    ));
     drop(store);
     let store = open(&fs, &clock);
     let names: Vec<String> = store.list().into_iter().map(|i| i.config.name).collect();
     assert_eq!(names, ["USERS"]);
-    assert_eq!(store.stream("USERS").unwrap().config().subjects, ["users.*", "people.*"]);
+    assert_eq!(
+        store.stream("USERS").unwrap().config().subjects,
+        ["users.*", "people.*"]
+    );
 }
 
 #[tokio::test]
@@ -482,7 +699,12 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
     for fsync in [Fsync::Every(Duration::from_secs(3600)), Fsync::Never] {
         let (fs, clock) = (SimFs::default(), clock());
         let store = open(&fs, &clock);
-        let stream = store.create(StreamConfig { fsync, ..StreamConfig::new("N", ["n"]) }).unwrap();
+        let stream = store
+            .create(StreamConfig {
+                fsync,
+                ..StreamConfig::new("N", ["n"])
+            })
+            .unwrap();
         let (_, syncs0, _) = fs.counts();
         for _ in 0..10 {
             publish(&stream, "n", b"x").await.unwrap();
@@ -491,6 +713,10 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
         drop((stream, store)); // a clean close syncs
         let after = fs.power_loss(None);
         let store = open(&after, &clock);
-        assert_eq!(store.stream("N").unwrap().info().state.msgs, 10, "{fsync:?}");
+        assert_eq!(
+            store.stream("N").unwrap().info().state.msgs,
+            10,
+            "{fsync:?}"
+        );
     }
 }

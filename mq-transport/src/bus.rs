@@ -198,6 +198,28 @@ impl Bus {
         self.publish_message(Message::new(subject, payload)).await
     }
 
+    /// Durable streams on this bus: see [`crate::streams`].
+    ///
+    /// On the embedded bus they live where [`EmbeddedConfig::storage`] says (memory by
+    /// default); this fails if that directory could not be opened, with the reason.
+    /// The broker and NATS backends do not serve them yet, and say so.
+    pub fn streams(&self) -> Result<crate::Streams, BusError> {
+        match &self.backend {
+            Backends::Embedded(embedded) => crate::Streams::embedded(embedded),
+            Backends::Remote(_) => Err(BusError::Unsupported {
+                feature: "durable streams",
+                backend: "broker",
+                reason: "the broker does not host streams yet; use an embedded bus with a storage directory",
+            }),
+            #[cfg(feature = "nats")]
+            Backends::Nats(_) => Err(BusError::Unsupported {
+                feature: "durable streams",
+                backend: "NATS",
+                reason: "streams are not mapped onto JetStream yet; use an embedded bus with a storage directory",
+            }),
+        }
+    }
+
     /// Publishes a message with its reply subject and headers.
     ///
     /// Returns once the message is routed (embedded) or queued for the connection

@@ -1,7 +1,10 @@
 //! The embedded bus: routing inside the process, no sockets.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use mq_store::Store;
 
 use crate::backend::{Backend, Core};
 use crate::bus::BusOptions;
@@ -35,8 +38,33 @@ pub struct EmbeddedConfig {
     /// ([`crate::Event::SlowConsumer`]), until it has room again. Zero drops at once.
     /// Default 2 s, as the broker's.
     pub slow_consumer_grace: Duration,
+    /// Where durable streams ([`crate::Streams`]) keep their data. Default
+    /// [`Storage::Memory`].
+    pub storage: Storage,
     /// Settings every backend has.
     pub bus: BusOptions,
+}
+
+/// Where an embedded bus keeps its durable streams.
+///
+/// ```
+/// use mq_transport::{Bus, EmbeddedConfig, Storage};
+/// let dir = std::env::temp_dir().join(format!("courier-doc-storage-{}", std::process::id()));
+/// let mut config = EmbeddedConfig::default();
+/// config.storage = Storage::Directory(dir.clone());
+/// let bus = Bus::embedded_with(config);
+/// assert!(bus.streams().is_ok());
+/// # drop(bus); std::fs::remove_dir_all(dir).unwrap();
+/// ```
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Storage {
+    /// In memory: streams last as long as the bus. The default.
+    #[default]
+    Memory,
+    /// In this directory (created if missing): streams survive restarts, and each
+    /// stream's `fsync` setting says what survives a power loss.
+    Directory(PathBuf),
 }
 
 impl Default for EmbeddedConfig {
@@ -44,6 +72,7 @@ impl Default for EmbeddedConfig {
         EmbeddedConfig {
             max_payload: 1024 * 1024,
             slow_consumer_grace: Duration::from_secs(2),
+            storage: Storage::Memory,
             bus: BusOptions::default(),
         }
     }
@@ -53,6 +82,8 @@ impl Default for EmbeddedConfig {
 pub(crate) struct Embedded {
     subs: Sublist<Target>,
     config: EmbeddedConfig,
+    /// The durable streams, or why their storage could not be opened.
+    pub(crate) store: Result<Store, mq_store::StoreError>,
 }
 
 impl Embedded {
@@ -65,7 +96,46 @@ impl Embedded {
             Target::Inbox(core.inbox.clone()),
         )
         .expect("an inbox filter is valid");
-        Arc::new(Embedded { subs, config })
+        let store = match &config.storage {
+            Storage::Memory => Ok(Store::memory()),
+            Storage::Directory(dir) => Store::open(dir),
+        };
+        if let Err(e) = &store {
+            tracing::error!("durable streams are unavailable: {e}");
+        }
+        Arc::new(Embedded {
+            subs,
+            config,
+            store,
+        })
+    }
+
+    /// Stores a plain publish in the stream that captures its subject, if any: a
+    /// stream records what is published to its subjects, however it was published.
+    fn capture(&self, message: &Message) {
+        let Ok(store) = &self.store else { return };
+        if store.is_empty() {
+            return;
+        }
+        let Some(stream) = store.stream_for(&message.subject) else {
+            return;
+        };
+        let headers = store_headers(&message.headers);
+        if let Err(e) = stream.store(&message.subject, &headers, &message.payload) {
+            tracing::warn!(subject = %message.subject, "a published message was not stored: {e}");
+        }
+    }
+
+    /// Delivers a message to the subscribers, waiting (within the grace) for full
+    /// queues, without capturing it in a stream.
+    pub(crate) async fn deliver(&self, message: Message) {
+        let mut full = Vec::new(); // allocates only when a queue is full
+        self.route(&message, &mut full);
+        for queue in full {
+            queue
+                .deliver_within(message.clone(), self.config.slow_consumer_grace)
+                .await;
+        }
     }
 
     /// Delivers to every target with room; collects the subscription queues that are
@@ -112,13 +182,8 @@ impl Backend for Embedded {
     }
 
     async fn publish(&self, message: Message) -> Result<(), BusError> {
-        let mut full = Vec::new(); // allocates only when a queue is full
-        self.route(&message, &mut full);
-        for queue in full {
-            queue
-                .deliver_within(message.clone(), self.config.slow_consumer_grace)
-                .await;
-        }
+        self.capture(&message);
+        self.deliver(message).await;
         Ok(())
     }
 
@@ -148,6 +213,11 @@ impl Backend for Embedded {
     fn disconnect_reason(&self) -> Arc<str> {
         Arc::from("the bus was closed")
     }
+}
+
+/// A message's headers as the store takes them.
+pub(crate) fn store_headers(headers: &rpc_core::Metadata) -> Vec<(&str, &[u8])> {
+    headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect()
 }
 
 impl Unsubscribe for Embedded {

@@ -13,6 +13,20 @@ use crate::subject::SubjectError;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BusError {
+    /// A durable stream refused or failed an operation; the error names the stream,
+    /// and the limit, expectation, file or offset concerned.
+    #[error(transparent)]
+    Stream(#[from] mq_store::StoreError),
+    /// The backend does not offer a feature.
+    #[error("{feature} are not available on the {backend} backend: {reason}")]
+    Unsupported {
+        /// The feature.
+        feature: &'static str,
+        /// The backend.
+        backend: &'static str,
+        /// Why, and what to use instead.
+        reason: &'static str,
+    },
     /// A subject, filter or queue group name is malformed.
     #[error(transparent)]
     Subject(#[from] SubjectError),

@@ -31,6 +31,7 @@ mod message;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod rpc;
+pub mod streams;
 pub use mq_store::subject;
 pub mod sublist;
 
@@ -38,7 +39,7 @@ pub use broker::{Broker, BrokerConfig, BrokerConfigError, BrokerStats};
 pub use bus::{Bus, BusOptions};
 pub use client::ConnectOptions;
 pub use delivery::{Subscriber, new_inbox};
-pub use embedded::EmbeddedConfig;
+pub use embedded::{EmbeddedConfig, Storage};
 pub use error::{BusError, ConnectError};
 pub use event::Event;
 pub use message::{
@@ -47,5 +48,9 @@ pub use message::{
 #[cfg(feature = "nats")]
 pub use nats::NatsOptions;
 pub use rpc::ServiceInstance;
+pub use streams::{
+    Discard, Fsync, PubAck, PubAckFuture, Publish, StoredMessage, StreamConfig, StreamInfo,
+    StreamState, Streams,
+};
 
 pub(crate) use rpc_core::sync::lock;

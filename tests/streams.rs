@@ -1,0 +1,263 @@
+//! Durable streams on the bus: what a user of `Bus::streams` can count on.
+
+use std::time::Duration;
+
+use courier::bus::{
+    Bus, BusError, ConnectOptions, EmbeddedConfig, Message, Publish, Storage, StreamConfig,
+};
+
+async fn timeout<F: std::future::Future>(future: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("in time")
+}
+
+fn bus_in(dir: &std::path::Path) -> Bus {
+    let mut config = EmbeddedConfig::default();
+    config.storage = Storage::Directory(dir.to_owned());
+    Bus::embedded_with(config)
+}
+
+#[tokio::test]
+async fn a_durable_publish_is_acknowledged_with_its_sequence_and_plain_subscribers_still_get_it() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("ORDERS", ["orders.>"]))
+        .await
+        .unwrap();
+    let mut plain = bus.subscribe("orders.*").await.unwrap();
+    let ack = streams
+        .publish("orders.eu", "first")
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!(
+        (ack.stream.as_str(), ack.seq, ack.duplicate),
+        ("ORDERS", 1, false)
+    );
+    let seen = timeout(plain.next()).await.unwrap();
+    assert_eq!(&seen.payload[..], b"first");
+    assert_eq!(
+        &streams.get("ORDERS", 1).await.unwrap().payload[..],
+        b"first"
+    );
+}
+
+#[tokio::test]
+async fn a_plain_publish_to_a_stream_subject_is_stored_too() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("LOG", ["log.*"]))
+        .await
+        .unwrap();
+    let mut message = Message::new("log.app", "plain");
+    message.headers.insert("trace", "t-1");
+    bus.publish_message(message).await.unwrap();
+    bus.publish("elsewhere", "not captured").await.unwrap();
+    // the store makes a plain publish readable once written: a durable one after it
+    // is acknowledged only when both are
+    streams
+        .publish("log.app", "durable")
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let stored = streams.range("LOG", 1, 10, usize::MAX).await.unwrap();
+    assert_eq!(stored.len(), 2);
+    assert_eq!(&stored[0].payload[..], b"plain");
+    assert_eq!(&stored[0].header("trace").unwrap()[..], b"t-1");
+}
+
+#[tokio::test]
+async fn many_publishes_in_flight_are_acknowledged_in_order() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("PIPE", ["pipe"]))
+        .await
+        .unwrap();
+    let mut pending = Vec::new();
+    for i in 0..5_000u32 {
+        pending.push(
+            streams
+                .publish("pipe", i.to_le_bytes().to_vec())
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, ack) in pending.into_iter().enumerate() {
+        assert_eq!(ack.await.unwrap().seq, i as u64 + 1);
+    }
+}
+
+#[tokio::test]
+async fn a_retried_publish_is_stored_and_delivered_once() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("PAY", ["pay"]))
+        .await
+        .unwrap();
+    let mut plain = bus.subscribe("pay").await.unwrap();
+    let once = Publish {
+        msg_id: Some("payment-7".into()),
+        ..Publish::default()
+    };
+    let first = streams
+        .publish_with("pay", "7 EUR", once.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let retry = streams
+        .publish_with("pay", "7 EUR", once)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert_eq!((retry.seq, retry.duplicate), (first.seq, true));
+    assert_eq!(streams.info("PAY").await.unwrap().state.msgs, 1);
+    bus.publish("pay", "marker").await.unwrap();
+    assert_eq!(&timeout(plain.next()).await.unwrap().payload[..], b"7 EUR");
+    assert_eq!(
+        &timeout(plain.next()).await.unwrap().payload[..],
+        b"marker",
+        "the retry was not delivered"
+    );
+}
+
+#[tokio::test]
+async fn streams_in_a_directory_outlive_the_bus_that_wrote_them() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let bus = bus_in(dir.path());
+        let streams = bus.streams().unwrap();
+        streams
+            .create(StreamConfig::new("KEEP", ["keep.*"]))
+            .await
+            .unwrap();
+        for i in 0..100u32 {
+            streams
+                .publish(format!("keep.{}", i % 3), i.to_string())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    }
+    let bus = bus_in(dir.path());
+    let streams = bus.streams().unwrap();
+    let info = streams.info("KEEP").await.unwrap();
+    assert_eq!((info.state.msgs, info.state.last_seq), (100, 100));
+    assert_eq!(
+        &streams.last("KEEP", "keep.0").await.unwrap().payload[..],
+        b"99"
+    );
+    assert_eq!(
+        streams
+            .publish("keep.1", "more")
+            .await
+            .unwrap()
+            .await
+            .unwrap()
+            .seq,
+        101
+    );
+}
+
+#[tokio::test]
+async fn admin_operations_create_update_list_purge_and_delete() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("A", ["a.>"]))
+        .await
+        .unwrap();
+    let err = streams
+        .create(StreamConfig::new("B", ["a.b"]))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "subject `a.b` overlaps `a.>` of stream `A`"
+    );
+    streams.create(StreamConfig::new("B", ["b"])).await.unwrap();
+    for _ in 0..5 {
+        streams.publish("a.x", "x").await.unwrap().await.unwrap();
+        streams.publish("a.y", "y").await.unwrap().await.unwrap();
+    }
+    assert_eq!(streams.purge_subject("A", "a.x").await.unwrap(), 5);
+    let info = streams
+        .update(StreamConfig {
+            max_msgs: Some(2),
+            ..StreamConfig::new("A", ["a.>"])
+        })
+        .await
+        .unwrap();
+    assert_eq!(info.state.msgs, 2);
+    assert_eq!(streams.purge("A").await.unwrap(), 2);
+    let names: Vec<String> = streams
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.config.name)
+        .collect();
+    assert_eq!(names, ["A", "B"]);
+    streams.delete("B").await.unwrap();
+    assert!(streams.info("B").await.is_err());
+    let err = streams.publish("b", "x").await.unwrap_err();
+    assert_eq!(err.to_string(), "no stream captures subject `b`");
+}
+
+#[tokio::test]
+async fn an_expectation_that_does_not_hold_is_refused_naming_both_values() {
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("CAS", ["cas"]))
+        .await
+        .unwrap();
+    streams.publish("cas", "1").await.unwrap().await.unwrap();
+    let stale = Publish {
+        expected_last_seq: Some(0),
+        ..Publish::default()
+    };
+    let err = streams.publish_with("cas", "2", stale).await.unwrap_err();
+    assert!(matches!(err, BusError::Stream(_)));
+    assert_eq!(
+        err.to_string(),
+        "stream `CAS`: expected last sequence 0, found 1"
+    );
+}
+
+#[tokio::test]
+async fn a_storage_directory_that_cannot_be_opened_makes_streams_fail_with_the_reason() {
+    let file = tempfile::NamedTempFile::new().unwrap(); // a file, not a directory
+    let bus = bus_in(file.path());
+    let err = bus.streams().unwrap_err();
+    assert!(
+        err.to_string().contains(&file.path().display().to_string()),
+        "{err}"
+    );
+    bus.publish("plain", "still works").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broker_connection_says_streams_are_not_served_there_yet() {
+    let broker = courier::bus::Broker::bind("127.0.0.1:0").await.unwrap();
+    let addr = broker.local_addr().to_string();
+    let bus = Bus::connect_with(addr, ConnectOptions::default())
+        .await
+        .unwrap();
+    let err = bus.streams().unwrap_err();
+    assert!(matches!(err, BusError::Unsupported { .. }));
+    assert!(
+        err.to_string()
+            .starts_with("durable streams are not available on the broker backend"),
+        "{err}"
+    );
+}
