@@ -29,6 +29,7 @@ pub trait Fs: Send + Sync + fmt::Debug + 'static {
 }
 
 /// An open file, read and written at explicit offsets.
+#[allow(clippy::len_without_is_empty)] // a fallible length; `len()? == 0` reads as well
 pub trait File: Send + Sync + fmt::Debug {
     /// Reads up to `buf.len()` bytes at `offset`; 0 at the end of the file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;

@@ -288,7 +288,7 @@ mod tests {
         assert_eq!(record.kind, Kind::Message);
         assert_eq!((record.seq, record.time, record.subject), (42, -5, "a.b"));
         assert_eq!(record.payload, b"payload");
-        let parsed = headers(&Bytes::copy_from_slice(record.headers)).unwrap();
+        let parsed = super::headers(&Bytes::copy_from_slice(record.headers)).unwrap();
         assert_eq!(parsed[0], ("Msg-Id".to_owned(), Bytes::from_static(b"a1")));
         assert_eq!(find_header(record.headers, "k").unwrap(), Some(&b""[..]));
         assert_eq!(find_header(record.headers, "none").unwrap(), None);

@@ -97,7 +97,7 @@ struct State {
     poison: Option<Poison>,
     heal_waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
     closed: bool,
-    unsynced: Vec<(Arc<dyn File>, PathBuf)>,
+    unsynced: Vec<Written>,
     last_sync: Instant,
     last_expiry: i64,
 }
@@ -756,6 +756,9 @@ fn check_expectations(
     Ok(())
 }
 
+/// A file written to, with its path for errors.
+type Written = (Arc<dyn File>, PathBuf);
+
 /// What a batch wrote, to truncate if it fails.
 struct Batch {
     first_writes: Vec<(Arc<dyn File>, PathBuf, u64)>,
@@ -870,7 +873,7 @@ impl Shared {
         ops: Vec<Op>,
         fsync: Fsync,
         batch: &mut Batch,
-    ) -> Result<Vec<(Arc<dyn File>, PathBuf)>, StoreError> {
+    ) -> Result<Vec<Written>, StoreError> {
         for op in &ops {
             if let Op::Write {
                 file, path, offset, ..
@@ -885,9 +888,9 @@ impl Shared {
                     .push((file.clone(), path.clone(), *offset));
             }
         }
-        let mut written: Vec<(Arc<dyn File>, PathBuf)> = Vec::new();
+        let mut written: Vec<Written> = Vec::new();
         let mut sync_dir = false;
-        let sync = |written: &[(Arc<dyn File>, PathBuf)]| -> Result<(), StoreError> {
+        let sync = |written: &[Written]| -> Result<(), StoreError> {
             for (file, path) in written {
                 file.sync_data()
                     .map_err(|e| StoreError::io("fsync", path, e))?;
