@@ -900,3 +900,100 @@ fn message_from(
         payload: bytes.slice(payload_at..),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fs::MemFs;
+
+    fn log() -> Log {
+        let config = StreamConfig {
+            segment_size: 4096,
+            ..StreamConfig::new("L", ["l.*"])
+        };
+        Log::create(Arc::new(MemFs::default()), Path::new("/l"), &config).unwrap()
+    }
+
+    #[test]
+    fn segment_names_are_twenty_digits_and_nothing_else_parses() {
+        assert_eq!(segment_name(42), "00000000000000000042.log");
+        assert_eq!(parse_segment_name("00000000000000000042.log"), Some(42));
+        for bad in [
+            "42.log",
+            "0000000000000000004x.log",
+            "00000000000000000042.tmp",
+        ] {
+            assert_eq!(parse_segment_name(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn appends_roll_segments_and_locate_spans_each_segment_once() {
+        let mut log = log();
+        for i in 0..100u64 {
+            let seq = log
+                .append(
+                    if i % 2 == 0 { "l.a" } else { "l.b" },
+                    &[],
+                    &[0; 100],
+                    0,
+                    None,
+                )
+                .unwrap();
+            assert_eq!(seq, i + 1);
+        }
+        let counts = log.counts();
+        assert!(counts.segments >= 3, "{counts:?}");
+        let spans = log.locate(1, 100, usize::MAX, usize::MAX);
+        assert_eq!(spans.len() as u64, counts.segments);
+        assert_eq!(spans.iter().map(|s| s.records.len()).sum::<usize>(), 100);
+        assert_eq!(log.locate(5, 100, 3, usize::MAX)[0].records.len(), 3);
+    }
+
+    #[test]
+    fn removing_a_subjects_first_or_last_message_moves_its_bounds() {
+        let mut log = log();
+        for subject in ["l.a", "l.b", "l.a", "l.b", "l.a"] {
+            log.append(subject, &[], b"x", 0, None).unwrap();
+        }
+        assert_eq!(
+            (log.first_of("l.a"), log.last_of("l.a")),
+            (Some(1), Some(5))
+        );
+        assert!(log.delete(5));
+        assert_eq!(log.last_of("l.a"), Some(3));
+        assert!(log.delete(1));
+        assert_eq!((log.first_of("l.a"), log.msgs_of("l.a")), (Some(3), 1));
+        assert_eq!(log.counts().first_seq, 2);
+        assert!(!log.delete(1), "already gone");
+        assert!(log.delete(3));
+        assert_eq!(log.first_of("l.a"), None);
+        assert_eq!(log.last_of_upto("l.b", 3), Some(2));
+    }
+
+    #[test]
+    fn removing_every_message_of_a_segment_removes_the_segment_file() {
+        let mut log = log();
+        for _ in 0..100 {
+            log.append("l.a", &[], &[0; 100], 0, None).unwrap();
+        }
+        let before = log.counts().segments;
+        log.take_ops();
+        while log.counts().first_seq < 60 {
+            log.remove_oldest();
+        }
+        let ops = log.take_ops();
+        let removed = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Remove { .. }))
+            .count() as u64;
+        assert!(removed >= 1);
+        assert_eq!(log.counts().segments, before - removed);
+        let first_remove = ops.iter().position(|op| matches!(op, Op::Remove { .. }));
+        let last_sync = ops.iter().rposition(|op| matches!(op, Op::SyncDir));
+        assert!(
+            first_remove < last_sync,
+            "the directory is synced after a removal"
+        );
+    }
+}

@@ -76,6 +76,7 @@ impl Store {
     ) -> Result<Store, StoreError> {
         let streams_dir = dir.join("streams");
         fs.create_dir_all(&streams_dir)
+            .and_then(|()| fs.sync_dir(dir))
             .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
         let mut streams = BTreeMap::new();
         let mut names = fs

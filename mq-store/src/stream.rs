@@ -1021,8 +1021,6 @@ impl Shared {
         if let Some(damage) = recovered.damage {
             return Err(failed(damage));
         }
-        let mut log = recovered.log;
-        log.roll().map_err(failed)?;
         let mut dedup = Dedup {
             window: nanos(state.config.duplicate_window),
             ..Dedup::default()
@@ -1030,10 +1028,15 @@ impl Shared {
         for (id, seq, time) in recovered.msg_ids {
             dedup.insert(id, seq, time);
         }
-        state.visible = log.next_seq() - 1;
-        state.log = log;
+        // What is on disk is the state from here on, even if the new segment fails.
+        state.visible = recovered.log.next_seq() - 1;
+        state.log = recovered.log;
         state.dedup = dedup;
         state.unsynced.clear();
+        if let Some(poison) = &mut state.poison {
+            poison.truncate.clear(); // done: the files end where the log does
+        }
+        state.log.roll().map_err(failed)?;
         state.poison = None;
         tracing::info!(stream = %self.name, "recovered after a failed write; continuing in a new segment");
         Ok(())

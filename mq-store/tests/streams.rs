@@ -264,6 +264,34 @@ async fn a_full_disk_fails_the_publish_acknowledges_nothing_unwritten_and_recove
 }
 
 #[tokio::test]
+async fn an_injected_write_error_fails_the_publish_and_the_stream_recovers_once_writes_succeed() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("W", ["w"])).unwrap();
+    publish(&stream, "w", b"before").await.unwrap();
+    fs.fail_writes(Some(std::io::ErrorKind::Other));
+    for _ in 0..3 {
+        let err = publish(&stream, "w", b"lost").await.unwrap_err();
+        println!("write error: {err}");
+        assert!(err.to_string().contains("injected fault"), "{err}");
+    }
+    assert_eq!(
+        stream.info().state.last_seq,
+        1,
+        "nothing unwritten is counted"
+    );
+    fs.fail_writes(None);
+    assert_eq!(publish(&stream, "w", b"after").await.unwrap().seq, 2);
+    let payloads: Vec<_> = stream
+        .range(1, 10, usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(payloads, [&b"before"[..], &b"after"[..]]);
+}
+
+#[tokio::test]
 async fn a_failed_fsync_fails_the_batch_and_is_never_retried_as_if_it_had_worked() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
