@@ -458,21 +458,11 @@ impl Stream {
             state.last_expiry = now;
             state.log.expire(now.saturating_sub(nanos(max_age)))?;
         }
+        let (discard, per_subject) = (config.discard, config.max_msgs_per_subject);
         let seq = state.log.append(subject, &block, payload, now, msg_id)?;
-        if config.discard == Discard::Old {
-            while config
-                .max_msgs
-                .is_some_and(|max| state.log.counts().msgs > max)
-            {
-                state.log.remove_oldest();
-            }
-            while config
-                .max_bytes
-                .is_some_and(|max| state.log.counts().bytes > max)
-            {
-                state.log.remove_oldest();
-            }
-            if let Some(max) = config.max_msgs_per_subject {
+        if discard == Discard::Old {
+            state.trim();
+            if let Some(max) = per_subject {
                 while state.log.msgs_of(subject) > max {
                     let oldest = state.log.first_of(subject).expect("msgs > 0");
                     state.log.delete(oldest);
@@ -579,20 +569,7 @@ impl Stream {
             state.log.set_config(&config);
             state.dedup.window = nanos(config.duplicate_window);
             state.config = config;
-            let config = state.config.clone();
-            // lowered limits apply at once, whatever the discard policy
-            while config
-                .max_msgs
-                .is_some_and(|max| state.log.counts().msgs > max)
-            {
-                state.log.remove_oldest();
-            }
-            while config
-                .max_bytes
-                .is_some_and(|max| state.log.counts().bytes > max)
-            {
-                state.log.remove_oldest();
-            }
+            state.trim(); // lowered limits apply at once, whatever the discard policy
             Ok(())
         })
         .await?;
@@ -754,6 +731,22 @@ fn check_expectations(
         }
     }
     Ok(())
+}
+
+impl State {
+    /// Removes the oldest messages while the stream holds more than its `max_msgs` or
+    /// `max_bytes`.
+    fn trim(&mut self) {
+        let (max_msgs, max_bytes) = (self.config.max_msgs, self.config.max_bytes);
+        loop {
+            let counts = self.log.counts();
+            let over = max_msgs.is_some_and(|max| counts.msgs > max)
+                || max_bytes.is_some_and(|max| counts.bytes > max);
+            if !over || !self.log.remove_oldest() {
+                return;
+            }
+        }
+    }
 }
 
 /// A file written to, with its path for errors.
