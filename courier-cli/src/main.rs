@@ -101,6 +101,8 @@ enum BenchCommand {
     Bus(bench::bus::BusFlags),
     /// The floor: the RPC scenarios on bare tokio + LengthDelimitedCodec.
     Raw(bench::RpcFlags),
+    /// Durable streams: JetStream's publish and replay scenarios on the embedded bus.
+    Stream(bench::stream::StreamFlags),
     /// The RPC bench's server (run by `bench rpc`).
     #[command(hide = true)]
     ServeRpc { addr: String },
@@ -185,6 +187,7 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Rpc(flags)) => bench::rpc::run(flags).await,
             Command::Bench(BenchCommand::Bus(flags)) => bench::bus::run(flags).await,
             Command::Bench(BenchCommand::Raw(flags)) => bench::raw::run(flags).await,
+            Command::Bench(BenchCommand::Stream(flags)) => bench::stream::run(flags).await,
             Command::Bench(BenchCommand::ServeRpc { addr }) => bench::rpc::serve(&addr).await,
             Command::Bench(BenchCommand::ServeRaw { addr }) => bench::raw::serve(&addr).await,
         }

@@ -11,6 +11,7 @@
 pub(crate) mod bus;
 pub(crate) mod raw;
 pub(crate) mod rpc;
+pub(crate) mod stream;
 
 use std::fmt;
 use std::future::Future;
