@@ -81,7 +81,8 @@ pub struct StreamConfig {
     pub max_msg_size: u32,
     /// What a full stream does. Default [`Discard::Old`].
     pub discard: Discard,
-    /// How long a `Msg-Id` is remembered to refuse duplicates. Default 2 minutes.
+    /// How long a `Msg-Id` is remembered to refuse duplicates, also across a restart.
+    /// Default 2 minutes, at most 24 hours.
     pub duplicate_window: Duration,
     /// A segment file is closed and a new one started past this size. Default 64 MiB.
     pub segment_size: u64,
@@ -89,6 +90,9 @@ pub struct StreamConfig {
 
 /// The largest `max_msg_size`: 64 MiB.
 pub const MAX_MSG_SIZE: u32 = 64 * 1024 * 1024;
+/// The longest `duplicate_window`: 24 hours. Message ids are found again on open by
+/// reading the log, as far back as this.
+pub const MAX_DUPLICATE_WINDOW: Duration = Duration::from_secs(24 * 3600);
 /// The largest `segment_size`: 1 GiB (record positions are 32-bit).
 pub const MAX_SEGMENT_SIZE: u64 = 1024 * 1024 * 1024;
 
@@ -152,6 +156,12 @@ impl StreamConfig {
             return Err(format!(
                 "segment_size {} is outside 4096..={MAX_SEGMENT_SIZE}",
                 self.segment_size
+            ));
+        }
+        if self.duplicate_window > MAX_DUPLICATE_WINDOW {
+            return Err(format!(
+                "duplicate_window {:?} is longer than {MAX_DUPLICATE_WINDOW:?}",
+                self.duplicate_window
             ));
         }
         if self.fsync == Fsync::Every(Duration::ZERO) {

@@ -44,7 +44,10 @@ mod store;
 mod stream;
 pub mod subject;
 
-pub use config::{Discard, Fsync, MAX_MSG_SIZE, MAX_SEGMENT_SIZE, StreamConfig, validate_name};
+pub use config::{
+    Discard, Fsync, MAX_DUPLICATE_WINDOW, MAX_MSG_SIZE, MAX_SEGMENT_SIZE, StreamConfig,
+    validate_name,
+};
 pub use error::StoreError;
 pub use log::MSG_ID_HEADER;
 pub use message::{PubAck, Publish, StoredMessage};

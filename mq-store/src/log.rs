@@ -75,6 +75,10 @@ pub(crate) enum Op {
     },
     /// Remove a segment file (after syncing what was written before it).
     Remove { path: PathBuf },
+    /// Sync a segment that is sealed, whatever the stream's `fsync` setting: a power
+    /// loss may tear only the last segment, where recovery can tell a torn write from
+    /// damage.
+    Sync { file: Arc<dyn File>, path: PathBuf },
     /// Sync the stream's directory.
     SyncDir,
 }
@@ -119,6 +123,9 @@ pub(crate) struct Log {
     names: Vec<Option<Arc<str>>>,
     free: Vec<u32>,
     ops: Vec<Op>,
+    /// Messages were removed from the front since the last batch: a purge record with
+    /// the new floor goes at the end of the batch (one per batch, not one per removal).
+    purge_pending: bool,
     last_time: i64,
     last_msg_id: Option<String>,
 }
@@ -177,6 +184,7 @@ impl Log {
             names: Vec::new(),
             free: Vec::new(),
             ops: Vec::new(),
+            purge_pending: false,
             last_time: 0,
             last_msg_id: None,
         }
@@ -247,7 +255,7 @@ impl Log {
                             damage = Some((path, offset as u64, e).into());
                             break 'segments;
                         }
-                        if let Some(at) = resync(&data, offset + 1, log.next_seq) {
+                        if let Some(at) = resync(&data, offset + 1) {
                             damage = Some(StoreError::corrupt(
                                 &path,
                                 offset as u64,
@@ -333,13 +341,13 @@ impl Log {
                 self.remove(record.seq);
             }
             Kind::Purge => {
-                self.remove_below(record.seq);
                 if record.seq > self.next_seq {
                     return Err(format!(
                         "purge up to {} is past the next sequence {}",
                         record.seq, self.next_seq
                     ));
                 }
+                self.remove_below(record.seq);
             }
             Kind::Config => {
                 let parsed: StreamConfig = serde_json::from_slice(record.payload)
@@ -428,6 +436,14 @@ impl Log {
             .fs
             .open(&path, true)
             .map_err(|e| StoreError::io("create segment", &path, e))?;
+        if let Some(sealed) = self.segments.back()
+            && sealed.len > 0
+        {
+            self.ops.push(Op::Sync {
+                file: sealed.file.clone(),
+                path: sealed.path.clone(),
+            });
+        }
         self.segments.push_back(Segment {
             first_seq: first,
             path,
@@ -613,7 +629,7 @@ impl Log {
         }
         let first = self.first_seq;
         self.remove_below(first + 1);
-        self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        self.purge_pending = true;
         self.drop_empty_segments();
         true
     }
@@ -624,7 +640,7 @@ impl Log {
             return false;
         }
         if seq < self.first_seq {
-            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+            self.purge_pending = true;
         } else {
             self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
         }
@@ -645,6 +661,15 @@ impl Log {
     /// The newest message of `subject`, durable or not, if any.
     pub(crate) fn last_of(&self, subject: &str) -> Option<u64> {
         self.subjects.get(subject).map(|s| s.last)
+    }
+
+    /// The subjects holding more than `max` messages.
+    pub(crate) fn subjects_over(&self, max: u64) -> Vec<Arc<str>> {
+        self.subjects
+            .iter()
+            .filter(|(_, s)| s.msgs > max)
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// The newest message of `subject` at or below `upto`, if any.
@@ -695,39 +720,71 @@ impl Log {
     }
 
     /// Removes whole segments that hold no live message, except the last.
+    ///
+    /// Delete records live in the segment that was last when they were written, and
+    /// concern messages of that segment or older ones. Removing a segment that is not
+    /// the oldest could therefore take with it the record of a deletion in an older
+    /// segment that stays: such deletions are written again, in the last segment.
     fn drop_empty_segments(&mut self) {
         let before = self.segments.len();
+        let mut behind_a_survivor = false;
         let mut i = 0;
         while i + 1 < self.segments.len() {
             if self.segments[i].live == 0 {
+                behind_a_survivor |= i > 0;
                 let segment = self.segments.remove(i).expect("in range");
                 self.ops.push(Op::Remove { path: segment.path });
             } else {
                 i += 1;
             }
         }
-        if self.segments.len() != before {
-            self.ops.push(Op::SyncDir);
+        if self.segments.len() == before {
+            return;
+        }
+        self.ops.push(Op::SyncDir);
+        if behind_a_survivor {
+            let first = self.first_seq;
+            let last = self.segments.len() - 1;
+            let deleted: Vec<u64> = self
+                .segments
+                .iter()
+                .take(last)
+                .flat_map(|s| {
+                    (s.first_seq..s.end_seq())
+                        .zip(&s.entries)
+                        .filter(move |(seq, e)| e.subject == DELETED && *seq >= first)
+                        .map(|(seq, _)| seq)
+                })
+                .collect();
+            self.purge_pending = true;
+            for seq in deleted {
+                self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+            }
         }
     }
 
-    /// Removes messages older than `cutoff` (whole segments first); true if any.
-    pub(crate) fn expire(&mut self, cutoff: i64) -> Result<bool, StoreError> {
+    /// Removes messages older than `cutoff` (whole segments first), looking only at
+    /// messages up to `upto` (those written to their files). True if any were removed.
+    pub(crate) fn expire(&mut self, cutoff: i64, upto: u64) -> Result<bool, StoreError> {
         let mut removed = false;
-        while self.msgs > 0 {
+        let mut result = Ok(());
+        while self.msgs > 0 && self.first_seq <= upto {
             let i = self
                 .segment_index(self.first_seq)
                 .expect("a live first message");
             let segment = &self.segments[i];
             let to = if segment.max_time < cutoff && i + 1 < self.segments.len() {
-                segment.end_seq()
+                segment.end_seq().min(upto + 1)
             } else {
                 let entry = self.entry(self.first_seq).expect("live");
                 let mut header = [0; HEADER_LEN];
-                segment
+                if let Err(e) = segment
                     .file
                     .read_exact_at(&mut header, u64::from(entry.pos))
-                    .map_err(|e| StoreError::io("read", &segment.path, e))?;
+                {
+                    result = Err(StoreError::io("read", &segment.path, e));
+                    break;
+                }
                 let time = i64::from_le_bytes(header[24..32].try_into().expect("8"));
                 if time >= cutoff {
                     break;
@@ -738,20 +795,30 @@ impl Log {
             removed = true;
         }
         if removed {
-            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+            self.purge_pending = true;
             self.drop_empty_segments();
         }
-        Ok(removed)
+        result.map(|()| removed)
     }
 
-    /// The operations queued since the last call.
+    /// The operations queued since the last call, ending with the purge record of
+    /// front removals made meanwhile.
     pub(crate) fn take_ops(&mut self) -> Vec<Op> {
+        if std::mem::take(&mut self.purge_pending) {
+            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        }
         std::mem::take(&mut self.ops)
+    }
+
+    /// Forgets queued operations (their batch failed; the log is read back from disk).
+    pub(crate) fn discard_ops(&mut self) {
+        self.purge_pending = false;
+        self.ops.clear();
     }
 
     /// Whether operations are queued.
     pub(crate) fn has_ops(&self) -> bool {
-        !self.ops.is_empty()
+        !self.ops.is_empty() || self.purge_pending
     }
 
     /// The stream's counts.
@@ -839,14 +906,14 @@ impl Log {
     }
 }
 
-/// The offset of the first valid record at or after `from` whose sequence is at least
-/// `min_seq`: evidence that damage at `from - 1` is not a torn tail.
-fn resync(data: &[u8], from: usize, min_seq: u64) -> Option<usize> {
+/// The offset of the first valid record at or after `from`: evidence that damage at
+/// `from - 1` is not a torn tail. (A torn write leaves nothing valid behind it: the
+/// bytes after the tear were never written.)
+fn resync(data: &[u8], from: usize) -> Option<usize> {
     (from..data.len().saturating_sub(HEADER_LEN - 1)).find(|&at| {
         let header = &data[at..at + HEADER_LEN];
-        let kind_ok = (1..=4).contains(&header[8]) && header[9] == 0;
-        let seq = u64::from_le_bytes(header[16..24].try_into().expect("8"));
-        kind_ok && seq >= min_seq && record::decode(&data[at..], MAX_RECORD_LEN).is_ok()
+        let plausible = (1..=4).contains(&header[8]) && header[9] == 0;
+        plausible && record::decode(&data[at..], MAX_RECORD_LEN).is_ok()
     })
 }
 

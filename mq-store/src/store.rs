@@ -38,6 +38,8 @@ struct Inner {
     streams_dir: PathBuf,
     clock: Arc<dyn Clock>,
     streams: RwLock<BTreeMap<String, Stream>>,
+    /// Streams whose files could not be opened, and why: their names stay taken.
+    broken: BTreeMap<String, StoreError>,
     /// (filter, stream) for every subject of every stream, to route publishes.
     routes: RwLock<Vec<(String, Stream)>>,
 }
@@ -79,6 +81,7 @@ impl Store {
             .and_then(|()| fs.sync_dir(dir))
             .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
         let mut streams = BTreeMap::new();
+        let mut broken = BTreeMap::new();
         let mut names = fs
             .list(&streams_dir)
             .map_err(|e| StoreError::io("list", &streams_dir, e))?;
@@ -94,11 +97,16 @@ impl Store {
                 tracing::warn!(path = %path.display(), "ignoring an entry that is not a stream");
                 continue;
             }
-            match Stream::open(fs.clone(), path.clone(), clock.clone())? {
-                Some(stream) => {
+            match Stream::open(fs.clone(), path.clone(), clock.clone()) {
+                Ok(Some(stream)) => {
                     streams.insert(name, stream);
                 }
-                None => {
+                Err(e) => {
+                    // One stream that cannot be opened does not keep the others down.
+                    tracing::error!(path = %path.display(), "stream `{name}` cannot be opened: {e}");
+                    broken.insert(name, e);
+                }
+                Ok(None) => {
                     tracing::warn!(
                         path = %path.display(),
                         "a stream directory without a configuration record (its creation did not complete) is removed"
@@ -114,6 +122,7 @@ impl Store {
                 streams_dir,
                 clock,
                 streams: RwLock::new(streams),
+                broken,
                 routes: RwLock::new(Vec::new()),
             }),
         };
@@ -150,6 +159,9 @@ impl Store {
     /// exists with the same configuration returns it.
     pub fn create(&self, config: StreamConfig) -> Result<Stream, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
+        if let Some(e) = self.inner.broken.get(&config.name) {
+            return Err(e.clone());
+        }
         let mut streams = self
             .inner
             .streams
@@ -216,8 +228,11 @@ impl Store {
             .map_err(|e| StoreError::io("sync directory", dir, e))
     }
 
-    /// The stream named `name`.
+    /// The stream named `name`; for a stream whose files could not be opened, why.
     pub fn stream(&self, name: &str) -> Result<Stream, StoreError> {
+        if let Some(e) = self.inner.broken.get(name) {
+            return Err(e.clone());
+        }
         self.inner
             .streams
             .read()

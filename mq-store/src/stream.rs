@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::clock::{Clock, nanos};
-use crate::config::{Discard, Fsync, StreamConfig};
+use crate::config::{Discard, Fsync, MAX_DUPLICATE_WINDOW, StreamConfig};
 use crate::error::StoreError;
 use crate::fs::{File, Fs};
 use crate::log::{self, Log, MSG_ID_HEADER, Op};
@@ -212,7 +212,7 @@ impl Stream {
                     .write_all_at(&bytes, offset)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| StoreError::io("write", path, e))?,
-                Op::SyncDir | Op::Remove { .. } => {}
+                Op::SyncDir | Op::Remove { .. } | Op::Sync { .. } => {}
             }
         }
         fs.sync_dir(&dir)
@@ -227,10 +227,8 @@ impl Stream {
         dir: PathBuf,
         clock: Arc<dyn Clock>,
     ) -> Result<Option<Stream>, StoreError> {
-        let since = clock
-            .now()
-            .saturating_sub(nanos(Duration::from_secs(24 * 3600)));
-        let recovered = Log::open(fs.clone(), &dir, since)?;
+        let since = clock.now().saturating_sub(nanos(MAX_DUPLICATE_WINDOW));
+        let mut recovered = Log::open(fs.clone(), &dir, since)?;
         let Some(config) = recovered.config else {
             if let Some(damage) = recovered.damage {
                 return Err(damage);
@@ -244,6 +242,11 @@ impl Stream {
             }
             return Ok(None);
         };
+        if recovered.damage.is_none() {
+            // A last segment left empty (its first write lost) gets its configuration
+            // record again, so that every segment starts with one.
+            recovered.log.roll()?;
+        }
         let stream = Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids);
         if let Some(damage) = recovered.damage {
             lock(&stream.shared.state).poison = Some(Poison {
@@ -456,7 +459,12 @@ impl Stream {
             && now - state.last_expiry >= nanos(Duration::from_secs(1)).min(nanos(max_age))
         {
             state.last_expiry = now;
-            state.log.expire(now.saturating_sub(nanos(max_age)))?;
+            if let Err(e) = state
+                .log
+                .expire(now.saturating_sub(nanos(max_age)), state.visible)
+            {
+                tracing::warn!(stream = %name, "removing expired messages: {e}");
+            }
         }
         let (discard, per_subject) = (config.discard, config.max_msgs_per_subject);
         let seq = state.log.append(subject, &block, payload, now, msg_id)?;
@@ -570,6 +578,14 @@ impl Stream {
             state.dedup.window = nanos(config.duplicate_window);
             state.config = config;
             state.trim(); // lowered limits apply at once, whatever the discard policy
+            if let Some(max) = state.config.max_msgs_per_subject {
+                for subject in state.log.subjects_over(max) {
+                    while state.log.msgs_of(&subject) > max {
+                        let oldest = state.log.first_of(&subject).expect("msgs > max");
+                        state.log.delete(oldest);
+                    }
+                }
+            }
             Ok(())
         })
         .await?;
@@ -852,7 +868,11 @@ impl Shared {
             {
                 let now = self.clock.now();
                 state.last_expiry = now;
-                if let Err(e) = state.log.expire(now.saturating_sub(nanos(max_age))) {
+                let visible = state.visible;
+                if let Err(e) = state
+                    .log
+                    .expire(now.saturating_sub(nanos(max_age)), visible)
+                {
                     tracing::warn!(stream = %self.name, "removing expired messages: {e}");
                 }
             }
@@ -914,6 +934,10 @@ impl Shared {
                     }
                     sync_dir = true;
                 }
+                Op::Sync { file, path } => {
+                    file.sync_data()
+                        .map_err(|e| StoreError::io("fsync", &path, e))?;
+                }
                 Op::SyncDir => sync_dir = true,
             }
         }
@@ -960,8 +984,7 @@ impl Shared {
         truncate: Vec<(Arc<dyn File>, PathBuf, u64)>,
     ) -> Vec<(Waiter, Option<StoreError>)> {
         tracing::error!(stream = %self.name, "{error}; unacknowledged writes are discarded");
-        let dropped = state.log.take_ops();
-        drop(dropped);
+        state.log.discard_ops();
         let unacknowledged = state.log.next_seq() - 1 - state.visible;
         if unacknowledged > 0 {
             tracing::warn!(

@@ -748,3 +748,170 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_deletion_outlives_the_removal_of_the_segment_that_recorded_it() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let config = StreamConfig {
+        segment_size: 4096,
+        ..StreamConfig::new("DEL", ["del.*"])
+    };
+    let stream = store.create(config).unwrap();
+    publish(&stream, "del.keep", &[1; 100]).await.unwrap();
+    publish(&stream, "del.gone", &[2; 100]).await.unwrap();
+    assert!(stream.delete_message(2).await.unwrap()); // recorded in segment 1
+    for _ in 0..60 {
+        publish(&stream, "del.later", &[3; 100]).await.unwrap(); // segments 2, 3, …
+    }
+    // Emptying a middle segment removes it; the record of deleting 2 must survive.
+    assert_eq!(stream.purge(Some("del.later")).await.unwrap(), 60);
+    drop((stream, store));
+    let store = open(&fs, &clock);
+    let seqs: Vec<u64> = store
+        .stream("DEL")
+        .unwrap()
+        .range(1, 100, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, [1]);
+}
+
+#[tokio::test]
+async fn a_power_loss_after_a_segment_roll_under_fsync_never_leaves_the_stream_writable() {
+    for seed in 0..8 {
+        let (fs, clock) = (SimFs::default(), clock());
+        let store = open(&fs, &clock);
+        let config = StreamConfig {
+            segment_size: 4096,
+            fsync: Fsync::Never,
+            ..StreamConfig::new("NV", ["nv"])
+        };
+        let stream = store.create(config).unwrap();
+        for i in 0..(100 + seed * 7) {
+            publish(&stream, "nv", &[i as u8; 90]).await.unwrap();
+        }
+        let after = fs.power_loss(Some(seed as u64));
+        drop((stream, store));
+        let store = open(&after, &clock);
+        let stream = store
+            .stream("NV")
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let stored = stream.info().state.msgs;
+        let ack = publish(&stream, "nv", b"after")
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(ack.seq, stored + 1);
+        // its segments all start with the configuration, so removing old ones is safe
+        stream.purge(None).await.unwrap();
+        drop((stream, store));
+        let store = open(&after, &clock);
+        assert!(store.stream("NV").is_ok(), "seed {seed}");
+    }
+}
+
+#[tokio::test]
+async fn age_expiry_never_fails_a_publish_or_reads_what_is_not_written_yet() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let config = StreamConfig {
+        max_age: Some(Duration::from_secs(1)),
+        ..StreamConfig::new("TTL", ["ttl"])
+    };
+    let stream = store.create(config).unwrap();
+    let mut pending = Vec::new();
+    for i in 0..300u32 {
+        pending.push(
+            stream
+                .publish("ttl", &[], &i.to_le_bytes(), &Publish::default())
+                .await
+                .unwrap(),
+        );
+        clock.advance(Duration::from_millis(200));
+    }
+    for ack in pending {
+        ack.await.unwrap();
+    }
+    // Once written, the old ones go at the next check.
+    clock.advance(Duration::from_secs(1));
+    publish(&stream, "ttl", b"last").await.unwrap();
+    let info = stream.info().state;
+    assert_eq!((info.msgs, info.first_seq, info.last_seq), (1, 301, 301));
+}
+
+#[tokio::test]
+async fn a_flipped_byte_in_an_acknowledged_delete_record_is_damage_not_a_torn_write() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("DR", ["dr"])).unwrap();
+    for _ in 0..4 {
+        publish(&stream, "dr", b"m").await.unwrap();
+    }
+    for seq in [2, 3, 4] {
+        assert!(stream.delete_message(seq).await.unwrap());
+    }
+    drop((stream, store));
+    let path = Path::new(ROOT).join("streams/DR/00000000000000000001.log");
+    let file = fs.open(&path, false).unwrap();
+    let len = file.len().unwrap();
+    let first_delete = len - 3 * 32;
+    file.write_all_at(&[0xFF], first_delete + 20).unwrap(); // inside the first delete's seq
+    let store = open(&fs, &clock);
+    let stream = store.stream("DR").unwrap();
+    let err = publish(&stream, "dr", b"x").await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("offset {first_delete}")),
+        "{err}"
+    );
+    assert_eq!(file.len().unwrap(), len, "nothing was cut off");
+}
+
+#[tokio::test]
+async fn lowering_the_per_subject_limit_applies_at_once() {
+    let store = Store::memory();
+    let stream = store.create(StreamConfig::new("PS", ["ps.*"])).unwrap();
+    for i in 0..5u8 {
+        publish(&stream, "ps.a", &[i]).await.unwrap();
+        publish(&stream, "ps.b", &[i]).await.unwrap();
+    }
+    let lowered = StreamConfig {
+        max_msgs_per_subject: Some(1),
+        ..StreamConfig::new("PS", ["ps.*"])
+    };
+    assert_eq!(store.update(lowered).await.unwrap().state.msgs, 2);
+    assert_eq!(stream.last("ps.a").unwrap().payload, &[4][..]);
+}
+
+#[tokio::test]
+async fn a_stream_that_cannot_be_opened_does_not_keep_the_others_down() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    for name in ["GOOD", "BAD"] {
+        let stream = store
+            .create(StreamConfig::new(name, [name.to_lowercase()]))
+            .unwrap();
+        publish(&stream, &name.to_lowercase(), b"m").await.unwrap();
+    }
+    drop(store);
+    // BAD's only segment loses its configuration record but keeps a message
+    let path = Path::new(ROOT).join("streams/BAD/00000000000000000001.log");
+    let file = fs.open(&path, false).unwrap();
+    let mut len = [0; 4];
+    file.read_exact_at(&mut len, 0).unwrap();
+    let config_len = u32::from_le_bytes(len) as u64;
+    let mut rest = vec![0; (file.len().unwrap() - config_len) as usize];
+    file.read_exact_at(&mut rest, config_len).unwrap();
+    file.set_len(0).unwrap();
+    file.write_all_at(&rest, 0).unwrap();
+
+    let store = open(&fs, &clock);
+    assert_eq!(store.stream("GOOD").unwrap().info().state.msgs, 1);
+    let err = store.stream("BAD").unwrap_err();
+    assert!(err.to_string().contains("no configuration record"), "{err}");
+    assert!(
+        store.create(StreamConfig::new("BAD", ["bad"])).is_err(),
+        "its name stays taken"
+    );
+}
