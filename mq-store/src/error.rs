@@ -39,6 +39,9 @@ pub enum StoreError {
         /// The failure, and the recovery attempt's if that failed too.
         cause: String,
     },
+    /// A message cannot be stored as it is (a malformed subject, a header name too long).
+    #[error("invalid message: {0}")]
+    InvalidMessage(String),
     /// A configuration is invalid.
     #[error("invalid stream configuration: {0}")]
     InvalidConfig(String),

@@ -26,6 +26,13 @@ pub const MSG_ID_HEADER: &str = "Msg-Id";
 
 const DELETED: u32 = u32::MAX;
 
+/// The highest sequence a segment may start at: far beyond any real stream, low enough
+/// that no sequence arithmetic can overflow.
+const MAX_SEQ: u64 = u64::MAX >> 2;
+
+/// The largest segment file recovery reads: record positions are 32-bit.
+const MAX_SEGMENT_FILE: u64 = u32::MAX as u64;
+
 /// A message's place in its segment.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -47,9 +54,24 @@ struct Segment {
     live: u64,
     /// The newest message time in the segment.
     max_time: i64,
+    /// The sequences whose delete records this segment holds.
+    deletes: Vec<u64>,
 }
 
 impl Segment {
+    fn new(first_seq: u64, path: PathBuf, file: Arc<dyn File>) -> Segment {
+        Segment {
+            first_seq,
+            path,
+            file,
+            len: 0,
+            entries: Vec::new(),
+            live: 0,
+            max_time: i64::MIN,
+            deletes: Vec::new(),
+        }
+    }
+
     fn end_seq(&self) -> u64 {
         self.first_seq + self.entries.len() as u64
     }
@@ -102,8 +124,8 @@ pub(crate) struct Recovered {
     pub(crate) config: Option<StreamConfig>,
     /// `Msg-Id`s of messages younger than `since`: (id, seq, time).
     pub(crate) msg_ids: Vec<(String, u64, i64)>,
-    /// Damage found: the log holds what precedes it, and must not be written to.
-    pub(crate) damage: Option<StoreError>,
+    /// Damage found and skipped: each names the file and offset.
+    pub(crate) damage: Vec<StoreError>,
 }
 
 /// A stream's log. See the module documentation.
@@ -190,10 +212,16 @@ impl Log {
         }
     }
 
-    /// Opens an existing log: reads and verifies every segment and truncates a torn
-    /// write at the end of the last one. Damage anywhere else stops the reading there:
-    /// what precedes it is kept and readable, and the damage is returned, naming the
-    /// file and offset, for the stream to refuse writes.
+    /// Opens an existing log: reads and verifies every segment.
+    ///
+    /// * Segment files at the end that are empty (their first write was lost) are
+    ///   removed, so that the segment before them is the last.
+    /// * A bad record at the end of the last segment, with nothing valid after it, is a
+    ///   torn write: the file is cut there, and a warning says how many bytes went.
+    /// * Any other bad record is damage: reported (file and offset) and skipped up to
+    ///   the next valid record of its segment, or to the segment's end; a record that
+    ///   is valid but does not fit (a message out of sequence, …) is reported and
+    ///   skipped too. Nothing damaged is served, and the stream goes on.
     pub(crate) fn open(
         fs: Arc<dyn Fs>,
         dir: &Path,
@@ -210,64 +238,89 @@ impl Log {
             }
         }
         firsts.sort_unstable();
+        let mut emptied = false;
+        while let Some(&last) = firsts.last() {
+            let path = dir.join(segment_name(last));
+            let file = fs
+                .open(&path, false)
+                .map_err(|e| StoreError::io("open", &path, e))?;
+            if file.len().map_err(|e| StoreError::io("stat", &path, e))? != 0 {
+                break;
+            }
+            fs.remove_file(&path)
+                .map_err(|e| StoreError::io("remove", &path, e))?;
+            firsts.pop();
+            emptied = true;
+        }
+        if emptied {
+            fs.sync_dir(dir)
+                .map_err(|e| StoreError::io("sync directory", dir, e))?;
+        }
         let mut log = Log::empty(fs.clone(), dir, &StreamConfig::default());
         let mut config: Option<StreamConfig> = None;
         let mut msg_ids = Vec::new();
+        let mut damage = Vec::new();
         let count = firsts.len();
-        let mut damage = None;
-        'segments: for (i, first) in firsts.into_iter().enumerate() {
+        for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
             let file = fs
                 .open(&path, false)
                 .map_err(|e| StoreError::io("open", &path, e))?;
             let len = file.len().map_err(|e| StoreError::io("stat", &path, e))?;
+            let skip = if len > MAX_SEGMENT_FILE {
+                Some(format!("a segment of {len} bytes is over 4 GiB"))
+            } else if first > MAX_SEQ {
+                Some(format!("a segment may not start at sequence {first}"))
+            } else if first < log.next_seq {
+                Some(format!(
+                    "the segment starts at sequence {first}, below the previous segment's end {}",
+                    log.next_seq
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = skip {
+                damage.push(StoreError::corrupt(
+                    &path,
+                    0,
+                    format!("{reason}; skipped whole"),
+                ));
+                continue;
+            }
             let mut data = vec![0; len as usize];
             file.read_exact_at(&mut data, 0)
                 .map_err(|e| StoreError::io("read", &path, e))?;
-            if first < log.next_seq {
-                damage = Some(StoreError::corrupt(
-                    &path,
-                    0,
-                    format!(
-                        "segment starts at sequence {first}, below the previous segment's end {}",
-                        log.next_seq
-                    ),
-                ));
-                break;
-            }
             log.next_seq = first;
-            log.segments.push_back(Segment {
-                first_seq: first,
-                path: path.clone(),
-                file: file.clone(),
-                len: 0,
-                entries: Vec::new(),
-                live: 0,
-                max_time: i64::MIN,
-            });
+            log.segments
+                .push_back(Segment::new(first, path.clone(), file.clone()));
             let mut offset = 0usize;
+            let mut skipped = 0usize; // bytes skipped since the last message read
             while offset < data.len() {
                 let record = match record::decode(&data[offset..], MAX_RECORD_LEN) {
                     Ok(record) => record,
                     Err(e) => {
-                        let last = i + 1 == count;
-                        if !last {
-                            damage = Some((path, offset as u64, e).into());
-                            break 'segments;
-                        }
                         if let Some(at) = resync(&data, offset + 1) {
-                            damage = Some(StoreError::corrupt(
+                            damage.push(StoreError::corrupt(
                                 &path,
                                 offset as u64,
-                                format!("{e}; a valid record follows at offset {at}"),
+                                format!("{e}; skipped to the valid record at offset {at}"),
                             ));
-                            break 'segments;
+                            skipped += at - offset;
+                            offset = at;
+                            continue;
                         }
-                        let dropped = data.len() - offset;
+                        if i + 1 < count {
+                            damage.push(StoreError::corrupt(
+                                &path,
+                                offset as u64,
+                                format!("{e}; the rest of the segment is skipped"),
+                            ));
+                            break;
+                        }
                         tracing::warn!(
                             file = %path.display(),
                             offset,
-                            bytes = dropped,
+                            bytes = data.len() - offset,
                             "truncating a torn write at the end of the log: {e}"
                         );
                         file.set_len(offset as u64)
@@ -276,21 +329,44 @@ impl Log {
                         break;
                     }
                 };
-                let len = (record::peek_len(&data[offset..]).expect("decoded")) as usize;
-                if let Err(reason) =
-                    log.replay(&record, offset, len, &mut config, &mut msg_ids, ids_since)
-                {
-                    damage = Some(StoreError::corrupt(&path, offset as u64, reason));
-                    break 'segments;
+                let len = record::peek_len(&data[offset..]).expect("decoded") as usize;
+                if record.kind == Kind::Message && record.seq > log.next_seq {
+                    // messages lost in the bytes skipped: at most one per record header
+                    let missing = record.seq - log.next_seq;
+                    if missing <= (skipped / HEADER_LEN) as u64 {
+                        damage.push(StoreError::corrupt(
+                            &path,
+                            offset as u64,
+                            format!(
+                                "messages {}..={} were in the damaged bytes before this record",
+                                log.next_seq,
+                                record.seq - 1
+                            ),
+                        ));
+                        log.skip_to(record.seq);
+                    }
+                }
+                match log.replay(&record, offset, len, &mut config, &mut msg_ids, ids_since) {
+                    Ok(()) => {
+                        if record.kind == Kind::Message {
+                            skipped = 0;
+                        }
+                    }
+                    Err(reason) => {
+                        damage.push(StoreError::corrupt(
+                            &path,
+                            offset as u64,
+                            format!("{reason}; the record is skipped"),
+                        ));
+                        skipped += len;
+                    }
                 }
                 offset += len;
                 log.segments.back_mut().expect("pushed").len = offset as u64;
             }
         }
-        if let Some(damage) = &damage {
-            tracing::error!(
-                "{damage}; the stream serves the messages before it and refuses writes"
-            );
+        for report in &damage {
+            tracing::error!("{report}");
         }
         if let Some(config) = &config {
             log.segment_size = config.segment_size;
@@ -303,6 +379,20 @@ impl Log {
             msg_ids,
             damage,
         })
+    }
+
+    /// Marks messages `next_seq..seq` of the last segment as lost (recovery, after
+    /// damaged bytes).
+    fn skip_to(&mut self, seq: u64) {
+        let segment = self.segments.back_mut().expect("a log has a segment");
+        while self.next_seq < seq {
+            segment.entries.push(Entry {
+                pos: 0,
+                len: 0,
+                subject: DELETED,
+            });
+            self.next_seq += 1;
+        }
     }
 
     /// Applies one record read back during recovery.
@@ -339,6 +429,8 @@ impl Log {
             }
             Kind::Delete => {
                 self.remove(record.seq);
+                let segment = self.segments.back_mut().expect("a log has a segment");
+                segment.deletes.push(record.seq);
             }
             Kind::Purge => {
                 if record.seq > self.next_seq {
@@ -444,15 +536,7 @@ impl Log {
                 path: sealed.path.clone(),
             });
         }
-        self.segments.push_back(Segment {
-            first_seq: first,
-            path,
-            file,
-            len: 0,
-            entries: Vec::new(),
-            live: 0,
-            max_time: i64::MIN,
-        });
+        self.segments.push_back(Segment::new(first, path, file));
         self.ops.push(Op::SyncDir);
         let json = std::mem::take(&mut self.config_json);
         self.append_record(Kind::Config, first, 0, "", &[], &json);
@@ -470,6 +554,15 @@ impl Log {
         headers: &[u8],
         payload: &[u8],
     ) -> u64 {
+        let len = record::encoded_len(subject, headers, payload) as u64;
+        let last = self.segments.back().expect("a log has a segment");
+        if kind != Kind::Message && last.len > 0 && last.len + len > self.segment_size {
+            // Deletes and purges roll segments too, so that no file outgrows the 32-bit
+            // positions of the index; if the new file cannot be made, the old one grows.
+            if let Err(e) = self.roll() {
+                tracing::warn!("{e}; the segment grows past segment_size");
+            }
+        }
         let segment = self.segments.back_mut().expect("a log has a segment");
         let pos = segment.len;
         let extend = matches!(
@@ -642,7 +735,7 @@ impl Log {
         if seq < self.first_seq {
             self.purge_pending = true;
         } else {
-            self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+            self.write_delete(seq);
         }
         self.drop_empty_segments();
         true
@@ -713,54 +806,55 @@ impl Log {
         seqs.sort_unstable();
         for &seq in &seqs {
             self.remove(seq);
-            self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+            self.write_delete(seq);
         }
         self.drop_empty_segments();
         Ok(seqs.len() as u64)
     }
 
+    /// Appends a delete record for `seq`, remembered by the segment that holds it.
+    fn write_delete(&mut self, seq: u64) {
+        self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
+        let segment = self.segments.back_mut().expect("a log has a segment");
+        segment.deletes.push(seq);
+    }
+
     /// Removes whole segments that hold no live message, except the last.
     ///
-    /// Delete records live in the segment that was last when they were written, and
-    /// concern messages of that segment or older ones. Removing a segment that is not
-    /// the oldest could therefore take with it the record of a deletion in an older
-    /// segment that stays: such deletions are written again, in the last segment.
+    /// A delete record concerns a message of its own segment or an older one, so
+    /// removing a segment could take with it the record of a deletion in an older
+    /// segment that stays. Before any segment goes, such deletions are written again
+    /// into the last segment, with a purge record for the floor, and the removals are
+    /// queued after those writes: the committer syncs what was written before it
+    /// removes a file.
     fn drop_empty_segments(&mut self) {
-        let before = self.segments.len();
-        let mut behind_a_survivor = false;
-        let mut i = 0;
-        while i + 1 < self.segments.len() {
-            if self.segments[i].live == 0 {
-                behind_a_survivor |= i > 0;
-                let segment = self.segments.remove(i).expect("in range");
-                self.ops.push(Op::Remove { path: segment.path });
-            } else {
-                i += 1;
-            }
-        }
-        if self.segments.len() == before {
+        let last = self.segments.len() - 1;
+        let going: Vec<usize> = (0..last).filter(|&i| self.segments[i].live == 0).collect();
+        if going.is_empty() {
             return;
         }
-        self.ops.push(Op::SyncDir);
-        if behind_a_survivor {
-            let first = self.first_seq;
-            let last = self.segments.len() - 1;
-            let deleted: Vec<u64> = self
-                .segments
-                .iter()
-                .take(last)
-                .flat_map(|s| {
-                    (s.first_seq..s.end_seq())
-                        .zip(&s.entries)
-                        .filter(move |(seq, e)| e.subject == DELETED && *seq >= first)
-                        .map(|(seq, _)| seq)
-                })
-                .collect();
-            self.purge_pending = true;
-            for seq in deleted {
-                self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
-            }
+        let mut restate: Vec<u64> = going
+            .iter()
+            .flat_map(|&i| self.segments[i].deletes.iter().copied())
+            .filter(|&seq| {
+                seq >= self.first_seq
+                    && self
+                        .segment_index(seq)
+                        .is_some_and(|j| j < last && !going.contains(&j))
+            })
+            .collect();
+        restate.sort_unstable();
+        restate.dedup();
+        self.purge_pending = false;
+        self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        for seq in restate {
+            self.write_delete(seq);
         }
+        for &i in going.iter().rev() {
+            let segment = self.segments.remove(i).expect("in range");
+            self.ops.push(Op::Remove { path: segment.path });
+        }
+        self.ops.push(Op::SyncDir);
     }
 
     /// Removes messages older than `cutoff` (whole segments first), looking only at

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::StreamConfig;
@@ -40,6 +40,8 @@ struct Inner {
     streams: RwLock<BTreeMap<String, Stream>>,
     /// Streams whose files could not be opened, and why: their names stay taken.
     broken: BTreeMap<String, StoreError>,
+    /// Held while streams are created, updated or deleted: one at a time.
+    admin: Mutex<()>,
     /// (filter, stream) for every subject of every stream, to route publishes.
     routes: RwLock<Vec<(String, Stream)>>,
 }
@@ -123,6 +125,7 @@ impl Store {
                 clock,
                 streams: RwLock::new(streams),
                 broken,
+                admin: Mutex::new(()),
                 routes: RwLock::new(Vec::new()),
             }),
         };
@@ -159,6 +162,7 @@ impl Store {
     /// exists with the same configuration returns it.
     pub fn create(&self, config: StreamConfig) -> Result<Stream, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
+        let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = self.inner.broken.get(&config.name) {
             return Err(e.clone());
         }
@@ -188,14 +192,22 @@ impl Store {
     pub async fn update(&self, config: StreamConfig) -> Result<StreamInfo, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
         let stream = self.stream(&config.name)?;
-        self.check_overlap(&config)?;
-        let info = stream.update(config).await?;
-        self.reroute();
-        Ok(info)
+        stream.heal().await?;
+        let settled = {
+            // checked and applied under the admin lock: no create or update between
+            let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
+            self.check_overlap(&config)?;
+            let settled = stream.update_now(config)?;
+            self.reroute();
+            settled
+        };
+        stream.settle(settled).await?;
+        Ok(stream.info())
     }
 
     /// Deletes a stream and its files.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
         let stream = self
             .inner
             .streams

@@ -80,6 +80,8 @@ struct Shared {
     state: Mutex<State>,
     wake: Condvar,
     committer: Mutex<Option<JoinHandle<()>>>,
+    /// Damage recovery found and skipped, each naming its file and offset.
+    damage: Mutex<Vec<StoreError>>,
 }
 
 #[derive(Debug)]
@@ -96,6 +98,10 @@ struct State {
     visible: u64,
     poison: Option<Poison>,
     heal_waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// A plain store found the stream poisoned: recover when next due.
+    heal_requested: bool,
+    /// When recovery was last tried, on the stream's clock.
+    last_heal: Option<i64>,
     closed: bool,
     unsynced: Vec<Written>,
     last_sync: Instant,
@@ -107,8 +113,6 @@ struct Poison {
     cause: String,
     /// Where each file written by the failed batch must be cut back to.
     truncate: Vec<(Arc<dyn File>, PathBuf, u64)>,
-    /// Damage found on disk: nothing the stream can do by itself repairs it.
-    permanent: bool,
 }
 
 #[derive(Debug)]
@@ -187,6 +191,12 @@ impl Future for AckFuture {
     }
 }
 
+/// How often plain stores to a poisoned stream make it try to recover.
+const HEAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest header name a record can hold (its length is 16 bits).
+const MAX_HEADER_NAME: usize = u16::MAX as usize;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -228,9 +238,9 @@ impl Stream {
         clock: Arc<dyn Clock>,
     ) -> Result<Option<Stream>, StoreError> {
         let since = clock.now().saturating_sub(nanos(MAX_DUPLICATE_WINDOW));
-        let mut recovered = Log::open(fs.clone(), &dir, since)?;
+        let recovered = Log::open(fs.clone(), &dir, since)?;
         let Some(config) = recovered.config else {
-            if let Some(damage) = recovered.damage {
+            if let Some(damage) = recovered.damage.into_iter().next() {
                 return Err(damage);
             }
             if recovered.log.next_seq() > 1 {
@@ -242,19 +252,8 @@ impl Stream {
             }
             return Ok(None);
         };
-        if recovered.damage.is_none() {
-            // A last segment left empty (its first write lost) gets its configuration
-            // record again, so that every segment starts with one.
-            recovered.log.roll()?;
-        }
         let stream = Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids);
-        if let Some(damage) = recovered.damage {
-            lock(&stream.shared.state).poison = Some(Poison {
-                cause: damage.to_string(),
-                truncate: Vec::new(),
-                permanent: true,
-            });
-        }
+        *lock(&stream.shared.damage) = recovered.damage;
         Ok(Some(stream))
     }
 
@@ -291,6 +290,8 @@ impl Stream {
                 visible,
                 poison: None,
                 heal_waiters: Vec::new(),
+                heal_requested: false,
+                last_heal: None,
                 closed: false,
                 unsynced: Vec::new(),
                 last_sync: Instant::now(),
@@ -298,6 +299,7 @@ impl Stream {
             }),
             wake: Condvar::new(),
             committer: Mutex::new(None),
+            damage: Mutex::new(Vec::new()),
         });
         let runner = shared.clone();
         let handle = std::thread::Builder::new()
@@ -346,20 +348,19 @@ impl Stream {
     }
 
     /// Stores a message without waiting for it to be durable: what a plain publish on
-    /// the bus gets when a stream captures its subject. Returns its sequence (the
-    /// original's, for a duplicate).
+    /// the bus gets when a stream captures its subject. Returns its sequence, and
+    /// whether it was a duplicate (then the sequence is the original's).
     pub fn store(
         &self,
         subject: &str,
         headers: &[(&str, &[u8])],
         payload: &[u8],
-    ) -> Result<u64, StoreError> {
+    ) -> Result<PubAck, StoreError> {
         match self
             .enqueue(subject, headers, payload, &Publish::default(), false)?
             .0
         {
-            AckInner::Ready(Some(Ok(ack))) => Ok(ack.seq),
-            AckInner::Ready(Some(Err(e))) => Err(e),
+            AckInner::Ready(Some(result)) => result,
             _ => unreachable!("a store without an acknowledgement is answered at once"),
         }
     }
@@ -374,6 +375,17 @@ impl Stream {
     ) -> Result<(AckInner, bool), StoreError> {
         let shared = &self.shared;
         let name = &shared.name;
+        crate::subject::validate_subject(subject)
+            .map_err(|e| StoreError::InvalidMessage(e.to_string()))?;
+        if let Some((long, _)) = headers
+            .iter()
+            .find(|(n, _)| n.is_empty() || n.len() > MAX_HEADER_NAME)
+        {
+            return Err(StoreError::InvalidMessage(format!(
+                "a header name must be 1 to {MAX_HEADER_NAME} bytes long, not {}",
+                long.len()
+            )));
+        }
         let mut block = Vec::new();
         let from_header = headers
             .iter()
@@ -399,10 +411,15 @@ impl Stream {
             return Err(StoreError::Closed(name.clone()));
         }
         if let Some(poison) = &state.poison {
-            return Err(StoreError::Poisoned {
+            let error = StoreError::Poisoned {
                 stream: name.clone(),
                 cause: poison.cause.clone(),
-            });
+            };
+            if !acknowledge {
+                state.heal_requested = true;
+                shared.wake.notify_one();
+            }
+            return Err(error);
         }
         let config = &state.config;
         let size = subject.len() + block.len() + payload.len();
@@ -502,7 +519,7 @@ impl Stream {
     }
 
     /// Waits for the committer to recover a poisoned stream.
-    async fn heal(&self) -> Result<(), StoreError> {
+    pub(crate) async fn heal(&self) -> Result<(), StoreError> {
         let rx = {
             let mut state = lock(&self.shared.state);
             if state.poison.is_none() {
@@ -517,42 +534,64 @@ impl Stream {
             .unwrap_or_else(|_| Err(StoreError::Closed(self.shared.name.clone())))
     }
 
-    /// Queues `change` on the log and waits until the committer has made it durable.
+    /// Applies `change` to the log now and queues its writes; returns its value and,
+    /// if it wrote anything, what [`Stream::settle`] waits on.
+    fn change_now<T>(
+        &self,
+        change: impl FnOnce(&mut State) -> Result<T, StoreError>,
+    ) -> Result<(T, Option<Settled>), StoreError> {
+        let mut state = lock(&self.shared.state);
+        if state.closed {
+            return Err(StoreError::Closed(self.shared.name.clone()));
+        }
+        if let Some(poison) = &state.poison {
+            return Err(StoreError::Poisoned {
+                stream: self.shared.name.clone(),
+                cause: poison.cause.clone(),
+            });
+        }
+        let value = change(&mut state)?;
+        if !state.log.has_ops() {
+            return Ok((value, None));
+        }
+        state.ticket += 1;
+        let (tx, rx) = oneshot::channel();
+        let ack = PubAck {
+            stream: self.shared.name.clone(),
+            seq: 0,
+            duplicate: false,
+        };
+        let ticket = state.ticket;
+        state.waiters.push(Waiter {
+            ticket,
+            ack,
+            tx: Some(tx),
+        });
+        self.shared.wake.notify_one();
+        Ok((value, Some(Settled(rx))))
+    }
+
+    /// Waits until the writes of a change are durable.
+    pub(crate) async fn settle(&self, settled: Option<Settled>) -> Result<(), StoreError> {
+        let Some(Settled(rx)) = settled else {
+            return Ok(());
+        };
+        match rx.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Closed(self.shared.name.clone())),
+        }
+    }
+
+    /// Applies `change` and waits until it is durable.
     async fn change<T>(
         &self,
         change: impl FnOnce(&mut State) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         self.heal().await?;
-        let (value, rx) = {
-            let mut state = lock(&self.shared.state);
-            if state.closed {
-                return Err(StoreError::Closed(self.shared.name.clone()));
-            }
-            let value = change(&mut state)?;
-            if !state.log.has_ops() {
-                return Ok(value);
-            }
-            state.ticket += 1;
-            let (tx, rx) = oneshot::channel();
-            let ack = PubAck {
-                stream: self.shared.name.clone(),
-                seq: 0,
-                duplicate: false,
-            };
-            let ticket = state.ticket;
-            state.waiters.push(Waiter {
-                ticket,
-                ack,
-                tx: Some(tx),
-            });
-            self.shared.wake.notify_one();
-            (value, rx)
-        };
-        match rx.await {
-            Ok(Ok(_)) => Ok(value),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Closed(self.shared.name.clone())),
-        }
+        let (value, settled) = self.change_now(change)?;
+        self.settle(settled).await?;
+        Ok(value)
     }
 
     /// Removes every message (`None`) or those whose subject matches `filter`;
@@ -571,9 +610,10 @@ impl Stream {
             .await
     }
 
-    /// Replaces the configuration (same name; limits apply at once).
-    pub(crate) async fn update(&self, config: StreamConfig) -> Result<StreamInfo, StoreError> {
-        self.change(|state| {
+    /// Replaces the configuration (same name; limits apply at once) and queues its
+    /// record; [`Stream::settle`] waits for it.
+    pub(crate) fn update_now(&self, config: StreamConfig) -> Result<Option<Settled>, StoreError> {
+        let ((), settled) = self.change_now(|state| {
             state.log.set_config(&config);
             state.dedup.window = nanos(config.duplicate_window);
             state.config = config;
@@ -587,9 +627,14 @@ impl Stream {
                 }
             }
             Ok(())
-        })
-        .await?;
-        Ok(self.info())
+        })?;
+        Ok(settled)
+    }
+
+    /// Damage that recovery found and skipped when the stream was opened (or last
+    /// recovered), each naming its file and offset. Nothing of it is served.
+    pub fn damage(&self) -> Vec<StoreError> {
+        lock(&self.shared.damage).clone()
     }
 
     /// The message with sequence `seq`, once durable.
@@ -765,6 +810,10 @@ impl State {
     }
 }
 
+/// What waits for a change's writes to be durable.
+#[derive(Debug)]
+pub(crate) struct Settled(oneshot::Receiver<Result<PubAck, StoreError>>);
+
 /// A file written to, with its path for errors.
 type Written = (Arc<dyn File>, PathBuf);
 
@@ -822,7 +871,12 @@ impl Shared {
                 state = self.lock();
                 continue;
             }
-            if !state.heal_waiters.is_empty() {
+            let now = self.clock.now();
+            let heal_due = state.heal_requested
+                && state
+                    .last_heal
+                    .is_none_or(|at| now.saturating_sub(at) >= nanos(HEAL_INTERVAL));
+            if !state.heal_waiters.is_empty() || heal_due {
                 let result = self.heal(&mut state);
                 let waiters = std::mem::take(&mut state.heal_waiters);
                 for tx in waiters {
@@ -847,6 +901,9 @@ impl Shared {
             }
             // Idle: wait for work or the next timer.
             let mut timeout = Duration::from_secs(1);
+            if state.heal_requested {
+                timeout = HEAL_INTERVAL;
+            }
             if let Fsync::Every(every) = state.config.fsync
                 && !state.unsynced.is_empty()
             {
@@ -976,7 +1033,7 @@ impl Shared {
         state
     }
 
-    /// Fails the batch and everything queued behind it, and tries to recover at once.
+    /// Fails the batch and everything queued behind it.
     fn poison(
         &self,
         state: &mut State,
@@ -996,16 +1053,14 @@ impl Shared {
         state.poison = Some(Poison {
             cause: error.to_string(),
             truncate,
-            permanent: false,
         });
         let failed: Vec<(Waiter, Option<StoreError>)> = state
             .waiters
             .drain(..)
             .map(|w| (w, Some(error.clone())))
             .collect();
-        if let Err(e) = self.heal(state) {
-            tracing::warn!(stream = %self.name, "recovery after a failed write did not succeed yet: {e}");
-        }
+        // Recovery waits until something asks for it (a publish, or a plain store on
+        // the idle timer): retrying at once would spin on a full disk.
         failed
     }
 
@@ -1016,17 +1071,14 @@ impl Shared {
             return Ok(());
         };
         let cause = poison.cause.clone();
-        if poison.permanent {
-            return Err(StoreError::Poisoned {
-                stream: self.name.clone(),
-                cause,
-            });
-        }
+        let truncate = poison.truncate.clone();
+        state.last_heal = Some(self.clock.now());
+        state.heal_requested = false;
         let failed = |e: StoreError| StoreError::Poisoned {
             stream: self.name.clone(),
             cause: format!("{cause}; recovering: {e}"),
         };
-        for (file, path, offset) in &poison.truncate {
+        for (file, path, offset) in &truncate {
             file.set_len(*offset)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| failed(StoreError::io("truncate", path, e)))?;
@@ -1034,9 +1086,7 @@ impl Shared {
         let now = self.clock.now();
         let since = now.saturating_sub(nanos(state.config.duplicate_window));
         let recovered = Log::open(self.fs.clone(), &self.dir, since).map_err(failed)?;
-        if let Some(damage) = recovered.damage {
-            return Err(failed(damage));
-        }
+        *lock(&self.damage) = recovered.damage;
         let mut dedup = Dedup {
             window: nanos(state.config.duplicate_window),
             ..Dedup::default()

@@ -183,7 +183,7 @@ async fn a_torn_last_record_is_cut_off_and_the_stream_goes_on_from_the_record_be
 }
 
 #[tokio::test]
-async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier_records_stay_readable()
+async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_the_other_records_stay_readable()
  {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
@@ -212,20 +212,31 @@ async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_earlier
     );
     drop((stream, store));
 
-    // Reopened, it serves what precedes the damage and refuses writes, naming it.
+    // Reopened, it reports the damage, skips that record and serves every other one.
     let store = open(&fs, &clock);
     let stream = store.stream("F").unwrap();
-    for seq in 1..=4 {
+    let damage = stream.damage();
+    for report in &damage {
+        println!("on open: {report}");
+    }
+    assert_eq!(
+        damage.len(),
+        2,
+        "the bad bytes, and the message lost in them"
+    );
+    assert!(
+        damage[1].to_string().contains("messages 5..=5"),
+        "{}",
+        damage[1]
+    );
+    assert!(
+        matches!(&damage[0], StoreError::Corrupt { file, offset, .. } if *file == path && *offset == fifth)
+    );
+    for seq in (1..=10).filter(|&seq| seq != 5) {
         assert_eq!(stream.get(seq).unwrap().payload, &[seq as u8 - 1; 50][..]);
     }
-    assert!(stream.get(5).is_err());
-    let err = publish(&stream, "f", b"x").await.unwrap_err();
-    println!("publish: {err}");
-    let text = err.to_string();
-    assert!(
-        text.contains("00000000000000000001.log") && text.contains(&format!("offset {fifth}")),
-        "{text}"
-    );
+    assert!(stream.get(5).is_err(), "the damaged record is never served");
+    assert_eq!(publish(&stream, "f", b"x").await.unwrap().seq, 11);
 }
 
 #[tokio::test]
@@ -842,7 +853,7 @@ async fn age_expiry_never_fails_a_publish_or_reads_what_is_not_written_yet() {
 }
 
 #[tokio::test]
-async fn a_flipped_byte_in_an_acknowledged_delete_record_is_damage_not_a_torn_write() {
+async fn a_flipped_byte_in_an_acknowledged_delete_record_is_reported_not_cut_off_as_a_torn_write() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
     let stream = store.create(StreamConfig::new("DR", ["dr"])).unwrap();
@@ -860,12 +871,24 @@ async fn a_flipped_byte_in_an_acknowledged_delete_record_is_damage_not_a_torn_wr
     file.write_all_at(&[0xFF], first_delete + 20).unwrap(); // inside the first delete's seq
     let store = open(&fs, &clock);
     let stream = store.stream("DR").unwrap();
-    let err = publish(&stream, "dr", b"x").await.unwrap_err();
+    let damage = stream.damage();
+    assert_eq!(damage.len(), 1, "{damage:?}");
     assert!(
-        err.to_string().contains(&format!("offset {first_delete}")),
-        "{err}"
+        damage[0]
+            .to_string()
+            .contains(&format!("offset {first_delete}")),
+        "{}",
+        damage[0]
     );
     assert_eq!(file.len().unwrap(), len, "nothing was cut off");
+    // That delete is lost with its record (and reported); the later ones hold.
+    let seqs: Vec<u64> = stream
+        .range(1, 10, usize::MAX)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2]);
 }
 
 #[tokio::test]
@@ -914,4 +937,138 @@ async fn a_stream_that_cannot_be_opened_does_not_keep_the_others_down() {
         store.create(StreamConfig::new("BAD", ["bad"])).is_err(),
         "its name stays taken"
     );
+}
+
+#[tokio::test]
+async fn restated_deletions_reach_the_disk_before_the_segment_that_recorded_them_goes() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let config = StreamConfig {
+        segment_size: 4096,
+        fsync: Fsync::Every(Duration::from_secs(3600)),
+        ..StreamConfig::new("RS", ["rs.*"])
+    };
+    let stream = store.create(config).unwrap();
+    publish(&stream, "rs.keep", &[1; 100]).await.unwrap();
+    publish(&stream, "rs.gone", &[2; 100]).await.unwrap();
+    for _ in 0..30 {
+        publish(&stream, "rs.filler", &[0; 100]).await.unwrap();
+    }
+    assert!(stream.delete_message(2).await.unwrap()); // recorded in segment 2
+    for _ in 0..60 {
+        publish(&stream, "rs.later", &[3; 100]).await.unwrap();
+    }
+    stream.purge(Some("rs.later")).await.unwrap(); // empties and removes segment 2, 3, …
+    let after = fs.power_loss(None);
+    drop((stream, store));
+    let store = open(&after, &clock);
+    let stream = store.stream("RS").unwrap();
+    assert!(
+        stream.get(2).is_err(),
+        "the deletion survived the removal of its segment"
+    );
+    assert_eq!(stream.get(1).unwrap().payload, &[1; 100][..]);
+}
+
+#[tokio::test]
+async fn a_disk_that_stays_full_neither_spins_nor_keeps_the_store_from_closing() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("FULL", ["full"])).unwrap();
+    publish(&stream, "full", b"one").await.unwrap();
+    fs.set_capacity(Some(fs.used() + 10));
+    assert!(publish(&stream, "full", &[0; 100]).await.is_err());
+    let (writes, _, _) = fs.counts();
+    tokio::time::sleep(Duration::from_millis(300)).await; // real time: the committer is a thread
+    let (idle_writes, _, _) = fs.counts();
+    println!("writes while idle on a full disk: {}", idle_writes - writes);
+    assert!(
+        idle_writes - writes <= 2,
+        "the committer retried {} times",
+        idle_writes - writes
+    );
+    let closing = std::thread::spawn(move || drop((stream, store)));
+    for _ in 0..100 {
+        if closing.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(closing.is_finished(), "the store closes on a full disk");
+}
+
+#[tokio::test]
+async fn plain_stores_to_a_poisoned_stream_make_it_recover_once_the_disk_works() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("PL", ["pl"])).unwrap();
+    stream.store("pl", &[], b"one").unwrap();
+    publish(&stream, "pl", b"two").await.unwrap();
+    fs.fail_writes(Some(std::io::ErrorKind::Other));
+    stream.store("pl", &[], b"lost").unwrap(); // queued; its batch fails
+    assert!(publish(&stream, "pl", b"fails").await.is_err());
+    fs.fail_writes(None);
+    // Plain stores alone bring it back: each asks the committer to recover, which it
+    // tries at most once a second of the stream's clock.
+    clock.advance(Duration::from_secs(1));
+    let mut stored = None;
+    for _ in 0..300 {
+        if let Ok(ack) = stream.store("pl", &[], b"back") {
+            stored = Some(ack.seq);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stored, Some(3));
+}
+
+#[tokio::test]
+async fn subjects_and_header_names_that_a_record_cannot_hold_are_refused() {
+    let store = Store::memory();
+    let stream = store.create(StreamConfig::new("BIG", [">"])).unwrap();
+    let long_name = "n".repeat(70_000);
+    let err = stream
+        .publish("a", &[(long_name.as_str(), b"v")], b"", &Publish::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidMessage(_)), "{err}");
+    let long_subject = "s".repeat(70_000);
+    let err = stream
+        .publish(&long_subject, &[], b"", &Publish::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidMessage(_)), "{err}");
+    assert!(
+        stream
+            .publish("a.*", &[], b"", &Publish::default())
+            .await
+            .is_err(),
+        "no wildcards"
+    );
+}
+
+#[tokio::test]
+async fn a_segment_named_past_any_real_sequence_is_reported_not_a_panic() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    store.create(StreamConfig::new("HUGE", ["huge"])).unwrap();
+    drop(store);
+    let dir = Path::new(ROOT).join("streams/HUGE");
+    let real = fs
+        .open(&dir.join("00000000000000000001.log"), false)
+        .unwrap();
+    let mut bytes = vec![0; real.len().unwrap() as usize];
+    real.read_exact_at(&mut bytes, 0).unwrap();
+    let forged = fs
+        .open(&dir.join("18446744073709551615.log"), true)
+        .unwrap();
+    forged.write_all_at(&bytes, 0).unwrap();
+    let store = open(&fs, &clock);
+    let stream = store.stream("HUGE").unwrap();
+    assert!(
+        stream.damage()[0]
+            .to_string()
+            .contains("18446744073709551615.log")
+    );
+    assert_eq!(publish(&stream, "huge", b"x").await.unwrap().seq, 1);
 }

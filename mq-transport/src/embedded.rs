@@ -112,17 +112,24 @@ impl Embedded {
 
     /// Stores a plain publish in the stream that captures its subject, if any: a
     /// stream records what is published to its subjects, however it was published.
-    fn capture(&self, message: &Message) {
-        let Ok(store) = &self.store else { return };
+    /// Returns false for a duplicate (a `Msg-Id` the stream has seen within its
+    /// window), which is then not delivered either.
+    fn capture(&self, message: &Message) -> bool {
+        let Ok(store) = &self.store else { return true };
         if store.is_empty() {
-            return;
+            return true;
         }
         let Some(stream) = store.stream_for(&message.subject) else {
-            return;
+            return true;
         };
         let headers = store_headers(&message.headers);
-        if let Err(e) = stream.store(&message.subject, &headers, &message.payload) {
-            tracing::warn!(subject = %message.subject, "a published message was not stored: {e}");
+        match stream.store(&message.subject, &headers, &message.payload) {
+            Ok(ack) => !ack.duplicate,
+            Err(e) => {
+                // at-most-once, as every plain publish: delivered, but not stored
+                tracing::warn!(subject = %message.subject, "a published message was not stored: {e}");
+                true
+            }
         }
     }
 
@@ -182,8 +189,9 @@ impl Backend for Embedded {
     }
 
     async fn publish(&self, message: Message) -> Result<(), BusError> {
-        self.capture(&message);
-        self.deliver(message).await;
+        if self.capture(&message) {
+            self.deliver(message).await;
+        }
         Ok(())
     }
 
