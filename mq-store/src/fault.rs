@@ -53,6 +53,7 @@ struct DiskState {
     durable_files: BTreeMap<PathBuf, Arc<SimFile>>,
     write_error: Option<io::ErrorKind>,
     sync_error: bool,
+    dir_sync_error: bool,
     capacity: Option<u64>,
 }
 
@@ -92,6 +93,12 @@ impl SimFs {
     /// From now on every `fsync` fails (`false`: they succeed again).
     pub fn fail_syncs(&self, fail: bool) {
         self.state().sync_error = fail;
+    }
+
+    /// From now on every directory sync fails (`false`: they succeed again); file
+    /// syncs are not affected.
+    pub fn fail_dir_syncs(&self, fail: bool) {
+        self.state().dir_sync_error = fail;
     }
 
     /// Limits the bytes all files may hold together; a write past it stores what fits
@@ -196,6 +203,12 @@ impl Fs for SimFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
         let mut state = self.state();
         if let Some(file) = state.files.get(path) {
+            if create {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists already", path.display()),
+                ));
+            }
             return Ok(file.clone());
         }
         if !create {
@@ -274,7 +287,7 @@ impl Fs for SimFs {
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         self.disk.dir_syncs.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state();
-        if state.sync_error {
+        if state.sync_error || state.dir_sync_error {
             return Err(io::Error::other("directory fsync failed (injected fault)"));
         }
         let current: Vec<(PathBuf, Arc<SimFile>)> = state

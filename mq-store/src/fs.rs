@@ -16,7 +16,8 @@ pub trait Fs: Send + Sync + fmt::Debug + 'static {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
     /// The names of the entries of `dir`.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
-    /// Opens `path` for reading and writing, creating it when `create` is set.
+    /// Opens `path` for reading and writing; with `create`, creates it and fails with
+    /// `AlreadyExists` if it is there.
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>>;
     /// Removes a file.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
@@ -85,8 +86,7 @@ impl Fs for OsFs {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create(create)
-            .truncate(false)
+            .create_new(create)
             .open(path)?;
         Ok(Arc::new(OsFile(file)))
     }
@@ -226,6 +226,10 @@ impl Fs for MemFs {
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
         let mut entries = self.lock();
         match entries.get(path) {
+            Some(_) if create => Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists already", path.display()),
+            )),
             Some(Entry::File(file)) => Ok(file.clone()),
             Some(Entry::Dir) => Err(io::Error::other(format!(
                 "{} is a directory",

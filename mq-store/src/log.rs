@@ -261,6 +261,7 @@ impl Log {
         let mut msg_ids = Vec::new();
         let mut damage = Vec::new();
         let count = firsts.len();
+        let nexts: Vec<Option<u64>> = (0..count).map(|i| firsts.get(i + 1).copied()).collect();
         for (i, first) in firsts.into_iter().enumerate() {
             let path = dir.join(segment_name(first));
             let file = fs
@@ -326,6 +327,13 @@ impl Log {
                         file.set_len(offset as u64)
                             .and_then(|()| file.sync_data())
                             .map_err(|e| StoreError::io("truncate", &path, e))?;
+                        if offset == 0 {
+                            // nothing of it was whole, not even its configuration
+                            log.segments.pop_back();
+                            fs.remove_file(&path)
+                                .and_then(|()| fs.sync_dir(dir))
+                                .map_err(|e| StoreError::io("remove", &path, e))?;
+                        }
                         break;
                     }
                 };
@@ -333,7 +341,8 @@ impl Log {
                 if record.kind == Kind::Message && record.seq > log.next_seq {
                     // messages lost in the bytes skipped: at most one per record header
                     let missing = record.seq - log.next_seq;
-                    if missing <= (skipped / HEADER_LEN) as u64 {
+                    let below_next_segment = nexts[i].is_none_or(|next| record.seq < next);
+                    if missing <= (skipped / HEADER_LEN) as u64 && below_next_segment {
                         damage.push(StoreError::corrupt(
                             &path,
                             offset as u64,
@@ -499,6 +508,28 @@ impl Log {
         self.last_time = time;
     }
 
+    /// Takes `config` as the one written at the start of every new segment, without
+    /// writing it now (recovery found none on disk).
+    pub(crate) fn use_config(&mut self, config: &StreamConfig) {
+        self.segment_size = config.segment_size;
+        self.config_json = serde_json::to_vec(config).expect("a config serializes");
+    }
+
+    /// Makes the next message get `seq` at least: messages below it are missing. The
+    /// next [`Log::roll`] starts a segment named after it, which makes that durable.
+    pub(crate) fn continue_from(&mut self, seq: u64) {
+        if seq <= self.next_seq {
+            return;
+        }
+        if self.segments.is_empty() {
+            self.next_seq = seq;
+            self.first_seq = seq;
+        } else {
+            self.skip_to(seq);
+            self.advance_first();
+        }
+    }
+
     /// Replaces the configuration written at the start of every segment; appends it.
     pub(crate) fn set_config(&mut self, config: &StreamConfig) {
         self.segment_size = config.segment_size;
@@ -524,6 +555,7 @@ impl Log {
             return Ok(());
         }
         let path = self.dir.join(segment_name(first));
+        // created new: a file of that name (one recovery skipped) is never written into
         let file = self
             .fs
             .open(&path, true)

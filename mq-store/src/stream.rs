@@ -522,6 +522,9 @@ impl Stream {
     pub(crate) async fn heal(&self) -> Result<(), StoreError> {
         let rx = {
             let mut state = lock(&self.shared.state);
+            if state.closed {
+                return Err(StoreError::Closed(self.shared.name.clone()));
+            }
             if state.poison.is_none() {
                 return Ok(());
             }
@@ -888,6 +891,10 @@ impl Shared {
                 if !state.unsynced.is_empty() {
                     state = self.sync_unsynced(state);
                 }
+                let closed = StoreError::Closed(self.name.clone());
+                for tx in std::mem::take(&mut state.heal_waiters) {
+                    let _ = tx.send(Err(closed.clone()));
+                }
                 let waiters = std::mem::take(&mut state.waiters);
                 drop(state);
                 let closed = StoreError::Closed(self.name.clone());
@@ -959,6 +966,7 @@ impl Shared {
             }
         }
         let mut written: Vec<Written> = Vec::new();
+        let mut ends: Vec<(Arc<dyn File>, u64)> = Vec::new();
         let mut sync_dir = false;
         let sync = |written: &[Written]| -> Result<(), StoreError> {
             for (file, path) in written {
@@ -977,13 +985,29 @@ impl Shared {
                 } => {
                     file.write_all_at(&bytes, offset)
                         .map_err(|e| StoreError::io("write", &path, e))?;
+                    let end = offset + bytes.len() as u64;
+                    if let Some(at) = ends.iter_mut().find(|(f, _)| Arc::ptr_eq(f, &file)) {
+                        at.1 = at.1.max(end);
+                    } else {
+                        ends.push((file.clone(), end));
+                    }
                     if !written.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
                         written.push((file, path));
                     }
                 }
                 Op::Remove { path } => {
-                    // what says the segment's messages are gone must be durable first
+                    // What says the segment's messages are gone must be durable first;
+                    // once it is, a later failure of the batch must not cut it away.
                     sync(&written)?;
+                    for (file, end) in &ends {
+                        if let Some(first) = batch
+                            .first_writes
+                            .iter_mut()
+                            .find(|(f, _, _)| Arc::ptr_eq(f, file))
+                        {
+                            first.2 = *end;
+                        }
+                    }
                     match self.fs.remove_file(&path) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1050,9 +1074,29 @@ impl Shared {
                 "messages were not stored (publishers with acknowledgements get the error)"
             );
         }
+        // Cut the failed writes off now (shrinking needs no space): nothing of them
+        // may be read back, even after a restart. What cannot be cut yet is kept, with
+        // what an earlier failure could not cut, for recovery to try again.
+        let mut pending: Vec<(Arc<dyn File>, PathBuf, u64)> =
+            state.poison.take().map(|p| p.truncate).unwrap_or_default();
+        for (file, path, offset) in truncate {
+            match pending.iter_mut().find(|(f, _, _)| Arc::ptr_eq(f, &file)) {
+                Some(earlier) => earlier.2 = earlier.2.min(offset),
+                None => pending.push((file, path, offset)),
+            }
+        }
+        pending.retain(|(file, path, offset)| {
+            match file.set_len(*offset).and_then(|()| file.sync_data()) {
+                Ok(()) => false,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), "cutting off a failed write: {e}; recovery will try again");
+                    true
+                }
+            }
+        });
         state.poison = Some(Poison {
             cause: error.to_string(),
-            truncate,
+            truncate: pending,
         });
         let failed: Vec<(Waiter, Option<StoreError>)> = state
             .waiters
@@ -1095,8 +1139,22 @@ impl Shared {
             dedup.insert(id, seq, time);
         }
         // What is on disk is the state from here on, even if the new segment fails.
-        state.visible = recovered.log.next_seq() - 1;
-        state.log = recovered.log;
+        let mut log = recovered.log;
+        match recovered.config {
+            Some(config) => state.config = config, // an update that failed is undone
+            None => log.use_config(&state.config),
+        }
+        if log.next_seq() <= state.visible {
+            tracing::error!(
+                stream = %self.name,
+                "acknowledged messages {}..={} are missing from disk; sequences go on after them",
+                log.next_seq(),
+                state.visible
+            );
+            log.continue_from(state.visible + 1);
+        }
+        state.visible = log.next_seq() - 1;
+        state.log = log;
         state.dedup = dedup;
         state.unsynced.clear();
         if let Some(poison) = &mut state.poison {
