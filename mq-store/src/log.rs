@@ -214,14 +214,17 @@ impl Log {
 
     /// Opens an existing log: reads and verifies every segment.
     ///
-    /// * Segment files at the end that are empty (their first write was lost) are
-    ///   removed, so that the segment before them is the last.
+    /// * Empty segment files at the end (a segment whose first write was lost) hold
+    ///   nothing: they are removed, except that the newest is kept (and gets its
+    ///   configuration record again) where it is the only trace of where sequences went
+    ///   on. The segment before them counts as the last.
     /// * A bad record at the end of the last segment, with nothing valid after it, is a
     ///   torn write: the file is cut there, and a warning says how many bytes went.
     /// * Any other bad record is damage: reported (file and offset) and skipped up to
     ///   the next valid record of its segment, or to the segment's end; a record that
     ///   is valid but does not fit (a message out of sequence, …) is reported and
-    ///   skipped too. Nothing damaged is served, and the stream goes on.
+    ///   skipped too. A segment that cannot be read at all is reported and moved aside
+    ///   (renamed `….damaged`). Nothing damaged is served, and the stream goes on.
     pub(crate) fn open(
         fs: Arc<dyn Fs>,
         dir: &Path,
@@ -232,42 +235,37 @@ impl Log {
         for name in &names {
             match parse_segment_name(name) {
                 Some(first) => firsts.push(first),
+                None if name.ends_with(".damaged") => {}
                 None => {
                     tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment")
                 }
             }
         }
         firsts.sort_unstable();
-        let mut emptied = false;
-        while let Some(&last) = firsts.last() {
-            let path = dir.join(segment_name(last));
-            let file = fs
-                .open(&path, false)
-                .map_err(|e| StoreError::io("open", &path, e))?;
-            if file.len().map_err(|e| StoreError::io("stat", &path, e))? != 0 {
-                break;
-            }
-            fs.remove_file(&path)
-                .map_err(|e| StoreError::io("remove", &path, e))?;
-            firsts.pop();
-            emptied = true;
-        }
-        if emptied {
-            fs.sync_dir(dir)
-                .map_err(|e| StoreError::io("sync directory", dir, e))?;
-        }
-        let mut log = Log::empty(fs.clone(), dir, &StreamConfig::default());
-        let mut config: Option<StreamConfig> = None;
-        let mut msg_ids = Vec::new();
-        let mut damage = Vec::new();
-        let count = firsts.len();
-        let nexts: Vec<Option<u64>> = (0..count).map(|i| firsts.get(i + 1).copied()).collect();
-        for (i, first) in firsts.into_iter().enumerate() {
+        let mut segments = Vec::with_capacity(firsts.len());
+        for first in firsts {
             let path = dir.join(segment_name(first));
             let file = fs
                 .open(&path, false)
                 .map_err(|e| StoreError::io("open", &path, e))?;
             let len = file.len().map_err(|e| StoreError::io("stat", &path, e))?;
+            segments.push((first, path, file, len));
+        }
+        // the segments holding data; the empty ones after them are dealt with at the end
+        let data_count = segments
+            .iter()
+            .rposition(|(_, _, _, len)| *len > 0)
+            .map_or(0, |i| i + 1);
+        let nexts: Vec<Option<u64>> = (0..segments.len())
+            .map(|i| segments.get(i + 1).map(|s| s.0))
+            .collect();
+        let mut log = Log::empty(fs.clone(), dir, &StreamConfig::default());
+        let mut config: Option<StreamConfig> = None;
+        let mut msg_ids = Vec::new();
+        let mut damage = Vec::new();
+        let mut dir_changed = false;
+        for (i, (first, path, file, len)) in segments.iter().take(data_count).enumerate() {
+            let (first, len) = (*first, *len);
             let skip = if len > MAX_SEGMENT_FILE {
                 Some(format!("a segment of {len} bytes is over 4 GiB"))
             } else if first > MAX_SEQ {
@@ -281,16 +279,26 @@ impl Log {
                 None
             };
             if let Some(reason) = skip {
+                // moved aside, so that no segment is ever started under its name
+                let aside = path.with_extension("log.damaged");
+                let moved = fs.rename(path, &aside).is_ok();
+                dir_changed |= moved;
+                let whereto = if moved {
+                    format!("; moved to {}", aside.display())
+                } else {
+                    String::new()
+                };
                 damage.push(StoreError::corrupt(
-                    &path,
+                    path,
                     0,
-                    format!("{reason}; skipped whole"),
+                    format!("{reason}; skipped whole{whereto}"),
                 ));
                 continue;
             }
             let mut data = vec![0; len as usize];
             file.read_exact_at(&mut data, 0)
-                .map_err(|e| StoreError::io("read", &path, e))?;
+                .map_err(|e| StoreError::io("read", path, e))?;
+            let prev_end = log.next_seq;
             log.next_seq = first;
             log.segments
                 .push_back(Segment::new(first, path.clone(), file.clone()));
@@ -302,7 +310,7 @@ impl Log {
                     Err(e) => {
                         if let Some(at) = resync(&data, offset + 1) {
                             damage.push(StoreError::corrupt(
-                                &path,
+                                path,
                                 offset as u64,
                                 format!("{e}; skipped to the valid record at offset {at}"),
                             ));
@@ -310,9 +318,9 @@ impl Log {
                             offset = at;
                             continue;
                         }
-                        if i + 1 < count {
+                        if i + 1 < data_count {
                             damage.push(StoreError::corrupt(
-                                &path,
+                                path,
                                 offset as u64,
                                 format!("{e}; the rest of the segment is skipped"),
                             ));
@@ -326,13 +334,14 @@ impl Log {
                         );
                         file.set_len(offset as u64)
                             .and_then(|()| file.sync_data())
-                            .map_err(|e| StoreError::io("truncate", &path, e))?;
-                        if offset == 0 {
-                            // nothing of it was whole, not even its configuration
+                            .map_err(|e| StoreError::io("truncate", path, e))?;
+                        if offset == 0 && first == prev_end {
+                            // nothing of it was whole, and its name says nothing the
+                            // segment before does not: it goes
                             log.segments.pop_back();
-                            fs.remove_file(&path)
-                                .and_then(|()| fs.sync_dir(dir))
-                                .map_err(|e| StoreError::io("remove", &path, e))?;
+                            fs.remove_file(path)
+                                .map_err(|e| StoreError::io("remove", path, e))?;
+                            dir_changed = true;
                         }
                         break;
                     }
@@ -344,7 +353,7 @@ impl Log {
                     let below_next_segment = nexts[i].is_none_or(|next| record.seq < next);
                     if missing <= (skipped / HEADER_LEN) as u64 && below_next_segment {
                         damage.push(StoreError::corrupt(
-                            &path,
+                            path,
                             offset as u64,
                             format!(
                                 "messages {}..={} were in the damaged bytes before this record",
@@ -363,7 +372,7 @@ impl Log {
                     }
                     Err(reason) => {
                         damage.push(StoreError::corrupt(
-                            &path,
+                            path,
                             offset as u64,
                             format!("{reason}; the record is skipped"),
                         ));
@@ -374,12 +383,34 @@ impl Log {
                 log.segments.back_mut().expect("pushed").len = offset as u64;
             }
         }
+        // Empty segments at the end: only the newest can say something (that sequences
+        // go on from its name, past the end of the data); the rest go.
+        let empties = &segments[data_count..];
+        let keep = empties
+            .last()
+            .filter(|(first, _, _, _)| *first > log.next_seq && *first <= MAX_SEQ);
+        for (first, path, _, _) in empties {
+            if keep.is_some_and(|k| k.0 == *first) {
+                continue;
+            }
+            fs.remove_file(path)
+                .map_err(|e| StoreError::io("remove", path, e))?;
+            dir_changed = true;
+        }
+        if let Some((first, path, file, _)) = keep {
+            log.next_seq = *first;
+            log.segments
+                .push_back(Segment::new(*first, path.clone(), file.clone()));
+        }
+        if dir_changed {
+            fs.sync_dir(dir)
+                .map_err(|e| StoreError::io("sync directory", dir, e))?;
+        }
         for report in &damage {
             tracing::error!("{report}");
         }
         if let Some(config) = &config {
-            log.segment_size = config.segment_size;
-            log.config_json = serde_json::to_vec(config).expect("a config serializes");
+            log.use_config(config);
         }
         log.advance_first();
         Ok(Recovered {
@@ -388,6 +419,16 @@ impl Log {
             msg_ids,
             damage,
         })
+    }
+
+    /// Writes the configuration into the last segment if it is empty (its first write
+    /// was lost): every segment starts with one.
+    pub(crate) fn ensure_config(&mut self) {
+        if self.segments.back().is_some_and(|s| s.len == 0) {
+            let json = std::mem::take(&mut self.config_json);
+            self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);
+            self.config_json = json;
+        }
     }
 
     /// Marks messages `next_seq..seq` of the last segment as lost (recovery, after

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::clock::{Clock, SystemClock};
@@ -42,6 +43,8 @@ struct Inner {
     broken: BTreeMap<String, StoreError>,
     /// Held while streams are created, updated or deleted: one at a time.
     admin: Mutex<()>,
+    /// Raised by a stream whose configuration recovery changed: re-route.
+    stale: Arc<AtomicBool>,
     /// (filter, stream) for every subject of every stream, to route publishes.
     routes: RwLock<Vec<(String, Stream)>>,
 }
@@ -126,9 +129,19 @@ impl Store {
                 streams: RwLock::new(streams),
                 broken,
                 admin: Mutex::new(()),
+                stale: Arc::new(AtomicBool::new(false)),
                 routes: RwLock::new(Vec::new()),
             }),
         };
+        for stream in store
+            .inner
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            stream.watch_config(store.inner.stale.clone());
+        }
         store.reroute();
         Ok(store)
     }
@@ -142,16 +155,20 @@ impl Store {
         *self.inner.routes.write().unwrap_or_else(|e| e.into_inner()) = routes;
     }
 
+    /// Refuses `config` if a subject of it overlaps one of another stream, as that
+    /// stream is configured now (an update in flight included).
     fn check_overlap(&self, config: &StreamConfig) -> Result<(), StoreError> {
-        let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
-        for subject in &config.subjects {
-            for (filter, stream) in routes.iter() {
-                if stream.name() != config.name && crate::subject::overlaps(subject, filter) {
-                    return Err(StoreError::SubjectOverlap {
-                        subject: subject.clone(),
-                        other: stream.name().to_owned(),
-                        other_subject: filter.clone(),
-                    });
+        let streams = self.inner.streams.read().unwrap_or_else(|e| e.into_inner());
+        for other in streams.values().filter(|s| s.name() != config.name) {
+            for filter in other.config().subjects {
+                for subject in &config.subjects {
+                    if crate::subject::overlaps(subject, &filter) {
+                        return Err(StoreError::SubjectOverlap {
+                            subject: subject.clone(),
+                            other: other.name().to_owned(),
+                            other_subject: filter,
+                        });
+                    }
                 }
             }
         }
@@ -166,24 +183,46 @@ impl Store {
         if let Some(e) = self.inner.broken.get(&config.name) {
             return Err(e.clone());
         }
-        let mut streams = self
+        let existing = self
             .inner
             .streams
-            .write()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(stream) = streams.get(&config.name) {
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&config.name)
+            .cloned();
+        if let Some(stream) = existing {
             return if stream.config() == config {
-                Ok(stream.clone())
+                Ok(stream)
             } else {
                 Err(StoreError::StreamExists(config.name))
             };
         }
         self.check_overlap(&config)?;
         let dir = self.inner.streams_dir.join(&config.name);
-        let stream = Stream::create(self.inner.fs.clone(), dir, self.inner.clock.clone(), config)?;
-        self.sync_streams_dir()?;
-        streams.insert(stream.name().to_owned(), stream.clone());
-        drop(streams);
+        let fs = &self.inner.fs;
+        let created = Stream::create(fs.clone(), dir.clone(), self.inner.clock.clone(), config)
+            .and_then(|stream| match self.sync_streams_dir() {
+                Ok(()) => Ok(stream),
+                Err(e) => {
+                    stream.close();
+                    Err(e)
+                }
+            });
+        let stream = match created {
+            Ok(stream) => stream,
+            Err(e) => {
+                // nothing half-made stays behind to block a retry or come back later
+                let _ = fs.remove_dir_all(&dir);
+                let _ = self.sync_streams_dir();
+                return Err(e);
+            }
+        };
+        stream.watch_config(self.inner.stale.clone());
+        self.inner
+            .streams
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(stream.name().to_owned(), stream.clone());
         self.reroute();
         Ok(stream)
     }
@@ -195,13 +234,14 @@ impl Store {
         stream.heal().await?;
         let settled = {
             // checked and applied under the admin lock: no create or update between
+            // (the overlap check sees the stream's new subjects from here on)
             let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
             self.check_overlap(&config)?;
-            let settled = stream.update_now(config)?;
-            self.reroute();
-            settled
+            stream.update_now(config)?
         };
-        stream.settle(settled).await?;
+        let settled = stream.settle(settled).await;
+        self.reroute(); // to the subjects the update left in force, whether or not it held
+        settled?;
         Ok(stream.info())
     }
 
@@ -262,6 +302,9 @@ impl Store {
 
     /// The stream that captures `subject`, if any.
     pub fn stream_for(&self, subject: &str) -> Option<Stream> {
+        if self.inner.stale.swap(false, Ordering::AcqRel) {
+            self.reroute();
+        }
         let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());
         routes
             .iter()

@@ -9,10 +9,13 @@
 //! group commit, and why many publishes in flight cost one fsync between them.
 //!
 //! A failed write or fsync poisons the stream. The batch fails, and so does
-//! everything queued behind it; nothing of it is acknowledged. Before it accepts
-//! another publish the stream truncates each file it was writing back to the end of
-//! the last acknowledged batch, reads its log back from disk, verifying it, and starts
-//! a new segment. The failed write is never retried and then assumed good.
+//! everything queued behind it; none of their publishers is acknowledged. At once, each
+//! file the batch wrote is cut back to where the batch began (or, if the batch had
+//! removed a segment, to what it synced before that removal, which the removal relies
+//! on: those records stay, although their publishers got the error). When a publish
+//! next asks, the stream reads its log back from disk, verifying it, syncs its
+//! directory and starts a new segment. The failed write is never retried and then
+//! assumed good.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -82,6 +85,8 @@ struct Shared {
     committer: Mutex<Option<JoinHandle<()>>>,
     /// Damage recovery found and skipped, each naming its file and offset.
     damage: Mutex<Vec<StoreError>>,
+    /// Raised when recovery changes the configuration, for the store to re-route.
+    config_changed: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug)]
@@ -98,6 +103,9 @@ struct State {
     visible: u64,
     poison: Option<Poison>,
     heal_waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// The next batch is synced whatever the setting: it holds appends queued under
+    /// `Fsync::Always` before an update lowered it.
+    force_sync: bool,
     /// A plain store found the stream poisoned: recover when next due.
     heal_requested: bool,
     /// When recovery was last tried, on the stream's clock.
@@ -252,7 +260,9 @@ impl Stream {
             }
             return Ok(None);
         };
-        let stream = Stream::start(fs, dir, clock, recovered.log, config, recovered.msg_ids);
+        let mut log = recovered.log;
+        log.ensure_config();
+        let stream = Stream::start(fs, dir, clock, log, config, recovered.msg_ids);
         *lock(&stream.shared.damage) = recovered.damage;
         Ok(Some(stream))
     }
@@ -291,6 +301,7 @@ impl Stream {
                 poison: None,
                 heal_waiters: Vec::new(),
                 heal_requested: false,
+                force_sync: false,
                 last_heal: None,
                 closed: false,
                 unsynced: Vec::new(),
@@ -300,6 +311,7 @@ impl Stream {
             wake: Condvar::new(),
             committer: Mutex::new(None),
             damage: Mutex::new(Vec::new()),
+            config_changed: std::sync::OnceLock::new(),
         });
         let runner = shared.clone();
         let handle = std::thread::Builder::new()
@@ -617,6 +629,10 @@ impl Stream {
     /// record; [`Stream::settle`] waits for it.
     pub(crate) fn update_now(&self, config: StreamConfig) -> Result<Option<Settled>, StoreError> {
         let ((), settled) = self.change_now(|state| {
+            if state.config.fsync == Fsync::Always && state.log.has_ops() {
+                // what was queued under `always` is synced before it is acknowledged
+                state.force_sync = true;
+            }
             state.log.set_config(&config);
             state.dedup.window = nanos(config.duplicate_window);
             state.config = config;
@@ -632,6 +648,12 @@ impl Stream {
             Ok(())
         })?;
         Ok(settled)
+    }
+
+    /// Raises `flag` whenever recovery changes the configuration (undoing an update
+    /// whose write failed).
+    pub(crate) fn watch_config(&self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.shared.config_changed.set(flag);
     }
 
     /// Damage that recovery found and skipped when the stream was opened (or last
@@ -844,7 +866,11 @@ impl Shared {
                 let ops = state.log.take_ops();
                 let ticket = state.ticket;
                 let upto = state.log.next_seq() - 1;
-                let fsync = state.config.fsync;
+                let fsync = if std::mem::take(&mut state.force_sync) {
+                    Fsync::Always
+                } else {
+                    state.config.fsync
+                };
                 drop(state);
                 let mut batch = Batch {
                     first_writes: Vec::new(),
@@ -1127,10 +1153,28 @@ impl Shared {
                 .and_then(|()| file.sync_data())
                 .map_err(|e| failed(StoreError::io("truncate", path, e)))?;
         }
-        let now = self.clock.now();
-        let since = now.saturating_sub(nanos(state.config.duplicate_window));
+        let since = self.clock.now().saturating_sub(nanos(MAX_DUPLICATE_WINDOW));
         let recovered = Log::open(self.fs.clone(), &self.dir, since).map_err(failed)?;
+        // Whatever the failed batch left undone in the directory (a removal, a new
+        // segment's entry) is made durable before anything more is acknowledged.
+        self.fs
+            .sync_dir(&self.dir)
+            .map_err(|e| failed(StoreError::io("sync directory", &self.dir, e)))?;
         *lock(&self.damage) = recovered.damage;
+        // What is on disk is the state from here on, even if the new segment fails.
+        let mut log = recovered.log;
+        match recovered.config {
+            Some(config) if config != state.config => {
+                // an update whose write failed is undone
+                state.config = config;
+                if let Some(flag) = self.config_changed.get() {
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+            Some(_) => {}
+            None => log.use_config(&state.config),
+        }
+        let now = self.clock.now();
         let mut dedup = Dedup {
             window: nanos(state.config.duplicate_window),
             ..Dedup::default()
@@ -1138,12 +1182,7 @@ impl Shared {
         for (id, seq, time) in recovered.msg_ids {
             dedup.insert(id, seq, time);
         }
-        // What is on disk is the state from here on, even if the new segment fails.
-        let mut log = recovered.log;
-        match recovered.config {
-            Some(config) => state.config = config, // an update that failed is undone
-            None => log.use_config(&state.config),
-        }
+        dedup.expire(now);
         if log.next_seq() <= state.visible {
             tracing::error!(
                 stream = %self.name,
