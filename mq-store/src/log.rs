@@ -402,7 +402,14 @@ impl Log {
             log.segments
                 .push_back(Segment::new(*first, path.clone(), file.clone()));
         }
-        if dir_changed {
+        // What a killed process wrote but never synced is about to be served and
+        // counted on: make it durable first, with the directory entries.
+        if let Some(last) = log.segments.back() {
+            last.file
+                .sync_data()
+                .map_err(|e| StoreError::io("fsync", &last.path, e))?;
+        }
+        if dir_changed || !log.segments.is_empty() {
             fs.sync_dir(dir)
                 .map_err(|e| StoreError::io("sync directory", dir, e))?;
         }
@@ -575,9 +582,9 @@ impl Log {
     pub(crate) fn set_config(&mut self, config: &StreamConfig) {
         self.segment_size = config.segment_size;
         self.config_json = serde_json::to_vec(config).expect("a config serializes");
-        let json = std::mem::take(&mut self.config_json);
+        // a clone: the append may roll, and the new segment starts with this config too
+        let json = self.config_json.clone();
         self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);
-        self.config_json = json;
     }
 
     /// Starts a new segment at `next_seq`, beginning with the configuration.
