@@ -16,10 +16,15 @@ use crate::config::{MAX_MSG_SIZE, StreamConfig};
 use crate::error::StoreError;
 use crate::fs::{File, Fs};
 use crate::message::StoredMessage;
-use crate::record::{self, DecodeError, HEADER_LEN, Kind, Record};
+use crate::record::{
+    self, DecodeError, HEADER_LEN, Kind, Record, SEGMENT_HEADER_LEN, SegmentHeader,
+};
 
 /// The largest record recovery or a read accepts: the largest message and its header.
 pub(crate) const MAX_RECORD_LEN: u32 = MAX_MSG_SIZE + HEADER_LEN as u32;
+
+/// The payload size at which a `MsgIds` record is closed and another begun.
+const MSG_IDS_RECORD: usize = 1 << 20;
 
 /// The header that deduplicates publishes.
 pub const MSG_ID_HEADER: &str = "Msg-Id";
@@ -45,6 +50,8 @@ struct Entry {
 #[derive(Debug)]
 struct Segment {
     first_seq: u64,
+    /// From the segment's header: part of every record's checksum.
+    salt: u64,
     path: PathBuf,
     file: Arc<dyn File>,
     /// Bytes in the file, counting those still queued for writing.
@@ -59,9 +66,10 @@ struct Segment {
 }
 
 impl Segment {
-    fn new(first_seq: u64, path: PathBuf, file: Arc<dyn File>) -> Segment {
+    fn new(first_seq: u64, salt: u64, path: PathBuf, file: Arc<dyn File>) -> Segment {
         Segment {
             first_seq,
+            salt,
             path,
             file,
             len: 0,
@@ -110,10 +118,81 @@ pub(crate) enum Op {
 pub(crate) struct Span {
     pub(crate) file: Arc<dyn File>,
     pub(crate) path: PathBuf,
+    pub(crate) salt: u64,
     pub(crate) start: u64,
     pub(crate) len: usize,
     /// (seq, position relative to `start`, record length)
     pub(crate) records: Vec<(u64, usize, usize)>,
+}
+
+/// The `Msg-Id`s seen within the duplicate window: id to (sequence, time).
+#[derive(Debug, Default)]
+pub(crate) struct Dedup {
+    /// The window, in nanoseconds.
+    pub(crate) window: i64,
+    ids: HashMap<String, (u64, i64)>,
+    /// Ids by time, oldest first, to expire them.
+    order: VecDeque<(i64, String)>,
+}
+
+impl Dedup {
+    /// An empty window of `window` nanoseconds.
+    pub(crate) fn new(window: i64) -> Dedup {
+        Dedup {
+            window,
+            ..Dedup::default()
+        }
+    }
+
+    /// Forgets the ids older than the window.
+    pub(crate) fn expire(&mut self, now: i64) {
+        let cutoff = now.saturating_sub(self.window);
+        while let Some((time, _)) = self.order.front() {
+            if *time >= cutoff {
+                break;
+            }
+            let (time, id) = self.order.pop_front().expect("checked");
+            if self.ids.get(&id).is_some_and(|(_, t)| *t == time) {
+                self.ids.remove(&id);
+            }
+        }
+    }
+
+    /// The sequence of the message stored with `id`, if within the window at `now`.
+    pub(crate) fn get(&self, id: &str, now: i64) -> Option<u64> {
+        let (seq, time) = self.ids.get(id)?;
+        (*time >= now.saturating_sub(self.window)).then_some(*seq)
+    }
+
+    /// Remembers `id` for message `seq` stored at `time`. Ids must come in time order.
+    pub(crate) fn insert(&mut self, id: String, seq: u64, time: i64) {
+        self.order.push_back((time, id.clone()));
+        self.ids.insert(id, (seq, time));
+    }
+
+    /// Builds the window from ids read back (in any order), as of `now`.
+    pub(crate) fn rebuild(window: i64, mut ids: Vec<(String, u64, i64)>, now: i64) -> Dedup {
+        ids.sort_by_key(|(_, seq, time)| (*time, *seq));
+        let mut dedup = Dedup::new(window);
+        for (id, seq, time) in ids {
+            dedup.insert(id, seq, time);
+        }
+        dedup.expire(now);
+        dedup
+    }
+
+    /// The ids stored at or after `since` of the messages `which` picks: (seq, time,
+    /// id).
+    fn select(&self, since: i64, which: impl Fn(u64) -> bool) -> Vec<(u64, i64, &str)> {
+        let mut out: Vec<_> = self
+            .ids
+            .iter()
+            .filter(|(_, (seq, time))| *time >= since && which(*seq))
+            .map(|(id, (seq, time))| (*seq, *time, id.as_str()))
+            .collect();
+        out.sort_unstable();
+        out
+    }
 }
 
 /// What recovery found besides the log itself.
@@ -150,6 +229,9 @@ pub(crate) struct Log {
     purge_pending: bool,
     last_time: i64,
     last_msg_id: Option<String>,
+    /// The duplicate window. Recovery rebuilds it from message records and from the
+    /// `MsgIds` records that restate the ids of removed messages.
+    pub(crate) dedup: Dedup,
 }
 
 /// Counts describing a log.
@@ -209,6 +291,7 @@ impl Log {
             purge_pending: false,
             last_time: 0,
             last_msg_id: None,
+            dedup: Dedup::default(),
         }
     }
 
@@ -279,36 +362,69 @@ impl Log {
                 None
             };
             if let Some(reason) = skip {
-                // moved aside, so that no segment is ever started under its name
-                let aside = path.with_extension("log.damaged");
-                let moved = fs.rename(path, &aside).is_ok();
-                dir_changed |= moved;
-                let whereto = if moved {
-                    format!("; moved to {}", aside.display())
-                } else {
-                    String::new()
-                };
-                damage.push(StoreError::corrupt(
-                    path,
-                    0,
-                    format!("{reason}; skipped whole{whereto}"),
-                ));
+                dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
                 continue;
             }
             let mut data = vec![0; len as usize];
             file.read_exact_at(&mut data, 0)
                 .map_err(|e| StoreError::io("read", path, e))?;
             let prev_end = log.next_seq;
+            let header = record::decode_segment_header(&data).and_then(|header| {
+                if header.first_seq == first {
+                    Ok(header)
+                } else {
+                    Err(DecodeError::Malformed(
+                        "the header's first sequence is not the file name's",
+                    ))
+                }
+            });
+            let salt = match header {
+                Ok(header) => header.salt,
+                Err(e) if i + 1 < data_count => {
+                    let reason = format!("segment header: {e}");
+                    dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
+                    continue;
+                }
+                Err(e) => {
+                    // The header goes out in the segment's first write, synced before
+                    // anything in the segment is acknowledged: this is a torn write.
+                    tracing::warn!(
+                        file = %path.display(),
+                        bytes = data.len(),
+                        "truncating a segment whose first write is torn: {e}"
+                    );
+                    file.set_len(0)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| StoreError::io("truncate", path, e))?;
+                    if first == prev_end {
+                        fs.remove_file(path)
+                            .map_err(|e| StoreError::io("remove", path, e))?;
+                        dir_changed = true;
+                    } else {
+                        // kept empty: the only trace that sequences go on from its name
+                        log.next_seq = first;
+                        let salt = new_salt(path)?;
+                        log.segments.push_back(Segment::new(
+                            first,
+                            salt,
+                            path.clone(),
+                            file.clone(),
+                        ));
+                    }
+                    continue;
+                }
+            };
             log.next_seq = first;
-            log.segments
-                .push_back(Segment::new(first, path.clone(), file.clone()));
-            let mut offset = 0usize;
+            let mut segment = Segment::new(first, salt, path.clone(), file.clone());
+            segment.len = SEGMENT_HEADER_LEN as u64;
+            log.segments.push_back(segment);
+            let mut offset = SEGMENT_HEADER_LEN;
             let mut skipped = 0usize; // bytes skipped since the last message read
             while offset < data.len() {
-                let record = match record::decode(&data[offset..], MAX_RECORD_LEN) {
+                let record = match record::decode(&data[offset..], salt, MAX_RECORD_LEN) {
                     Ok(record) => record,
                     Err(e) => {
-                        if let Some(at) = resync(&data, offset + 1) {
+                        if let Some(at) = resync(&data, offset + 1, salt) {
                             damage.push(StoreError::corrupt(
                                 path,
                                 offset as u64,
@@ -332,10 +448,18 @@ impl Log {
                             bytes = data.len() - offset,
                             "truncating a torn write at the end of the log: {e}"
                         );
-                        file.set_len(offset as u64)
+                        // Nothing but the header left: the segment is empty again, and
+                        // gets its header and configuration anew if it stays.
+                        let cut = if offset == SEGMENT_HEADER_LEN {
+                            0
+                        } else {
+                            offset
+                        };
+                        file.set_len(cut as u64)
                             .and_then(|()| file.sync_data())
                             .map_err(|e| StoreError::io("truncate", path, e))?;
-                        if offset == 0 && first == prev_end {
+                        log.segments.back_mut().expect("pushed").len = cut as u64;
+                        if cut == 0 && first == prev_end {
                             // nothing of it was whole, and its name says nothing the
                             // segment before does not: it goes
                             log.segments.pop_back();
@@ -399,8 +523,9 @@ impl Log {
         }
         if let Some((first, path, file, _)) = keep {
             log.next_seq = *first;
+            let salt = new_salt(path)?;
             log.segments
-                .push_back(Segment::new(*first, path.clone(), file.clone()));
+                .push_back(Segment::new(*first, salt, path.clone(), file.clone()));
         }
         // What a killed process wrote but never synced is about to be served and
         // counted on: make it durable first, with the directory entries.
@@ -428,14 +553,28 @@ impl Log {
         })
     }
 
-    /// Writes the configuration into the last segment if it is empty (its first write
-    /// was lost): every segment starts with one.
+    /// Writes the segment header and the configuration into the last segment if it is
+    /// empty (its first write was lost): every segment starts with both.
     pub(crate) fn ensure_config(&mut self) {
         if self.segments.back().is_some_and(|s| s.len == 0) {
-            let json = std::mem::take(&mut self.config_json);
-            self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);
-            self.config_json = json;
+            self.begin_segment();
         }
+    }
+
+    /// Writes the header and the configuration record into the last segment, which is
+    /// empty.
+    fn begin_segment(&mut self) {
+        let segment = self.segments.back_mut().expect("a log has a segment");
+        debug_assert_eq!(segment.len, 0);
+        let header = SegmentHeader {
+            first_seq: segment.first_seq,
+            salt: segment.salt,
+        };
+        record::encode_segment_header(write_buffer(&mut self.ops, segment), &header);
+        segment.len += SEGMENT_HEADER_LEN as u64;
+        let json = std::mem::take(&mut self.config_json);
+        self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);
+        self.config_json = json;
     }
 
     /// Marks messages `next_seq..seq` of the last segment as lost (recovery, after
@@ -496,7 +635,22 @@ impl Log {
                         record.seq, self.next_seq
                     ));
                 }
+                let id = record::find_header(record.headers, MSG_ID_HEADER)
+                    .map_err(|e| e.to_string())?
+                    .map(|id| std::str::from_utf8(id).map(str::to_owned))
+                    .transpose()
+                    .map_err(|_| "Msg-Id is not UTF-8".to_owned())?;
                 self.remove_below(record.seq);
+                self.last_time = record.time;
+                self.last_msg_id = id;
+            }
+            Kind::MsgIds => {
+                let ids = record::msg_ids(record.payload).map_err(|e| e.to_string())?;
+                msg_ids.extend(
+                    ids.into_iter()
+                        .filter(|(_, time, _)| *time >= ids_since)
+                        .map(|(seq, time, id)| (id.to_owned(), seq, time)),
+                );
             }
             Kind::Config => {
                 let parsed: StreamConfig = serde_json::from_slice(record.payload)
@@ -594,15 +748,15 @@ impl Log {
             && last.first_seq == first
         {
             // The last segment holds no message yet: nothing to roll. It must still
-            // start with the configuration (it is empty after a failed first write).
+            // start with its header and configuration (it is empty after a failed
+            // first write).
             if last.len == 0 {
-                let json = std::mem::take(&mut self.config_json);
-                self.append_record(Kind::Config, first, 0, "", &[], &json);
-                self.config_json = json;
+                self.begin_segment();
             }
             return Ok(());
         }
         let path = self.dir.join(segment_name(first));
+        let salt = new_salt(&path)?;
         // created new: a file of that name (one recovery skipped) is never written into
         let file = self
             .fs
@@ -616,11 +770,10 @@ impl Log {
                 path: sealed.path.clone(),
             });
         }
-        self.segments.push_back(Segment::new(first, path, file));
+        self.segments
+            .push_back(Segment::new(first, salt, path, file));
         self.ops.push(Op::SyncDir);
-        let json = std::mem::take(&mut self.config_json);
-        self.append_record(Kind::Config, first, 0, "", &[], &json);
-        self.config_json = json;
+        self.begin_segment();
         Ok(())
     }
 
@@ -645,23 +798,15 @@ impl Log {
         }
         let segment = self.segments.back_mut().expect("a log has a segment");
         let pos = segment.len;
-        let extend = matches!(
-            self.ops.last(),
-            Some(Op::Write { file, offset, bytes, .. })
-                if Arc::ptr_eq(file, &segment.file) && offset + bytes.len() as u64 == pos
-        );
-        if !extend {
-            self.ops.push(Op::Write {
-                file: segment.file.clone(),
-                path: segment.path.clone(),
-                offset: pos,
-                bytes: Vec::with_capacity(4096),
-            });
-        }
-        let Some(Op::Write { bytes, .. }) = self.ops.last_mut() else {
-            unreachable!("a write was pushed above")
+        let record = Record {
+            kind,
+            seq,
+            time,
+            subject,
+            headers,
+            payload,
         };
-        let len = record::encode(bytes, kind, seq, time, subject, headers, payload);
+        let len = record::encode(write_buffer(&mut self.ops, segment), segment.salt, &record);
         segment.len += len as u64;
         pos
     }
@@ -867,7 +1012,7 @@ impl Log {
             }
             let next = self.next_seq;
             self.remove_below(next);
-            self.append_record(Kind::Purge, next, 0, "", &[], &[]);
+            self.write_purge(next);
             self.drop_empty_segments();
             return Ok(removed);
         };
@@ -892,6 +1037,38 @@ impl Log {
         Ok(seqs.len() as u64)
     }
 
+    /// Appends a purge record: every message below `floor` is gone. It repeats the
+    /// newest message's time and `Msg-Id`, which a restart would otherwise lose with
+    /// the message.
+    fn write_purge(&mut self, floor: u64) {
+        let mut headers = Vec::new();
+        if let Some(id) = &self.last_msg_id {
+            record::encode_headers(&mut headers, [(MSG_ID_HEADER, id.as_bytes())]);
+        }
+        let time = self.last_time;
+        self.append_record(Kind::Purge, floor, time, "", &headers, &[]);
+    }
+
+    /// Appends `MsgIds` records restating the ids still in the duplicate window of the
+    /// messages outside every segment in `staying`: those whose message record, or
+    /// an earlier restatement, may be about to be removed.
+    fn restate_msg_ids(&mut self, staying: &[std::ops::Range<u64>]) {
+        let since = self.last_time.saturating_sub(self.dedup.window);
+        let gone = |seq| !staying.iter().any(|r| r.contains(&seq));
+        let mut payloads = vec![Vec::new()];
+        for (seq, time, id) in self.dedup.select(since, gone) {
+            let last = payloads.last_mut().expect("one at least");
+            if !last.is_empty() && last.len() + 20 + id.len() > MSG_IDS_RECORD {
+                payloads.push(Vec::new());
+            }
+            let last = payloads.last_mut().expect("one at least");
+            record::encode_msg_id(last, seq, time, id);
+        }
+        for payload in payloads.into_iter().filter(|p| !p.is_empty()) {
+            self.append_record(Kind::MsgIds, 0, 0, "", &[], &payload);
+        }
+    }
+
     /// Appends a delete record for `seq`, remembered by the segment that holds it.
     fn write_delete(&mut self, seq: u64) {
         self.append_record(Kind::Delete, seq, 0, "", &[], &[]);
@@ -904,7 +1081,8 @@ impl Log {
     /// A delete record concerns a message of its own segment or an older one, so
     /// removing a segment could take with it the record of a deletion in an older
     /// segment that stays. Before any segment goes, such deletions are written again
-    /// into the last segment, with a purge record for the floor, and the removals are
+    /// into the last segment, with a purge record for the floor and the `Msg-Id`s of
+    /// its messages that are still inside the duplicate window, and the removals are
     /// queued after those writes: the committer syncs what was written before it
     /// removes a file.
     fn drop_empty_segments(&mut self) {
@@ -925,11 +1103,16 @@ impl Log {
             .collect();
         restate.sort_unstable();
         restate.dedup();
+        let staying: Vec<_> = (0..self.segments.len())
+            .filter(|i| !going.contains(i))
+            .map(|i| self.segments[i].first_seq..self.segments[i].end_seq())
+            .collect();
         self.purge_pending = false;
-        self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+        self.write_purge(self.first_seq);
         for seq in restate {
             self.write_delete(seq);
         }
+        self.restate_msg_ids(&staying);
         for &i in going.iter().rev() {
             let segment = self.segments.remove(i).expect("in range");
             self.ops.push(Op::Remove { path: segment.path });
@@ -979,7 +1162,7 @@ impl Log {
     /// front removals made meanwhile.
     pub(crate) fn take_ops(&mut self) -> Vec<Op> {
         if std::mem::take(&mut self.purge_pending) {
-            self.append_record(Kind::Purge, self.first_seq, 0, "", &[], &[]);
+            self.write_purge(self.first_seq);
         }
         std::mem::take(&mut self.ops)
     }
@@ -1059,6 +1242,7 @@ impl Log {
                     let span = span.get_or_insert_with(|| Span {
                         file: segment.file.clone(),
                         path: segment.path.clone(),
+                        salt: segment.salt,
                         start: u64::from(entry.pos),
                         len: 0,
                         records: Vec::new(),
@@ -1083,12 +1267,67 @@ impl Log {
 /// The offset of the first valid record at or after `from`: evidence that damage at
 /// `from - 1` is not a torn tail. (A torn write leaves nothing valid behind it: the
 /// bytes after the tear were never written.)
-fn resync(data: &[u8], from: usize) -> Option<usize> {
+///
+/// Only a record of this segment (checksummed with its `salt`) counts: records written
+/// into a message's payload by a publisher do not, as the salt is never revealed.
+fn resync(data: &[u8], from: usize, salt: u64) -> Option<usize> {
     (from..data.len().saturating_sub(HEADER_LEN - 1)).find(|&at| {
         let header = &data[at..at + HEADER_LEN];
-        let plausible = (1..=4).contains(&header[8]) && header[9] == 0;
-        plausible && record::decode(&data[at..], MAX_RECORD_LEN).is_ok()
+        let plausible = (1..=5).contains(&header[8]) && header[9] == 0;
+        plausible && record::decode(&data[at..], salt, MAX_RECORD_LEN).is_ok()
     })
+}
+
+/// The pending write to `segment`'s end, the last of `ops` (a new one if the last op
+/// is anything else).
+fn write_buffer<'a>(ops: &'a mut Vec<Op>, segment: &Segment) -> &'a mut Vec<u8> {
+    let pos = segment.len;
+    let extend = matches!(
+        ops.last(),
+        Some(Op::Write { file, offset, bytes, .. })
+            if Arc::ptr_eq(file, &segment.file) && offset + bytes.len() as u64 == pos
+    );
+    if !extend {
+        ops.push(Op::Write {
+            file: segment.file.clone(),
+            path: segment.path.clone(),
+            offset: pos,
+            bytes: Vec::with_capacity(4096),
+        });
+    }
+    let Some(Op::Write { bytes, .. }) = ops.last_mut() else {
+        unreachable!("a write was pushed above")
+    };
+    bytes
+}
+
+/// A new segment's salt, from the operating system's random source.
+fn new_salt(path: &Path) -> Result<u64, StoreError> {
+    getrandom::u64().map_err(|e| {
+        StoreError::io(
+            "draw a random salt for",
+            path,
+            std::io::Error::other(e.to_string()),
+        )
+    })
+}
+
+/// Moves a segment that cannot be read at all aside (`….log.damaged`), so that no
+/// segment is ever started under its name, and reports it. True if it was moved.
+fn move_aside(fs: &dyn Fs, path: &Path, reason: String, damage: &mut Vec<StoreError>) -> bool {
+    let aside = path.with_extension("log.damaged");
+    let moved = fs.rename(path, &aside).is_ok();
+    let whereto = if moved {
+        format!("; moved to {}", aside.display())
+    } else {
+        String::new()
+    };
+    damage.push(StoreError::corrupt(
+        path,
+        0,
+        format!("{reason}; skipped whole{whereto}"),
+    ));
+    moved
 }
 
 /// Reads the messages of `spans`, verifying each record.
@@ -1103,7 +1342,7 @@ pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreEr
         for (seq, rel, len) in span.records {
             let at = span.start + rel as u64;
             let bytes = buf.slice(rel..rel + len);
-            out.push(message_from(&span.path, at, seq, &bytes)?);
+            out.push(message_from(&span.path, span.salt, at, seq, &bytes)?);
         }
     }
     Ok(out)
@@ -1111,12 +1350,13 @@ pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreEr
 
 fn message_from(
     path: &Path,
+    salt: u64,
     at: u64,
     seq: u64,
     bytes: &Bytes,
 ) -> Result<StoredMessage, StoreError> {
-    let record =
-        record::decode(bytes, MAX_RECORD_LEN).map_err(|e| StoreError::corrupt(path, at, e))?;
+    let record = record::decode(bytes, salt, MAX_RECORD_LEN)
+        .map_err(|e| StoreError::corrupt(path, at, e))?;
     if record.kind != Kind::Message || record.seq != seq {
         return Err(StoreError::corrupt(
             path,

@@ -1,13 +1,23 @@
-//! The record: the unit of a segment file, byte by byte.
+//! The segment file format, byte by byte: a segment header, then records.
 //!
-//! Every record, whatever its kind, is a 32-byte header followed by three variable
-//! fields. All integers are little-endian.
+//! Every segment file starts with a 32-byte header. All integers are little-endian.
+//!
+//! | offset | size | field |
+//! | --- | --- | --- |
+//! | 0 | 8 | magic: `COURSEG\0` |
+//! | 8 | 2 | `version`: 1 |
+//! | 10 | 2 | `flags`: 0 (reserved; a header with another value is refused) |
+//! | 12 | 8 | `first_seq`: the first message sequence the segment may hold (its name) |
+//! | 20 | 8 | `salt`: random, drawn when the segment is created |
+//! | 28 | 4 | `crc`: CRC32C of bytes `0..28` |
+//!
+//! Records follow, each a 32-byte header and three variable fields:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
 //! | 0 | 4 | `len`: the whole record's length in bytes, this field included |
-//! | 4 | 4 | `crc`: CRC32C (Castagnoli) of bytes `8..len` |
-//! | 8 | 1 | `kind`: 1 message, 2 delete, 3 stream config, 4 purge |
+//! | 4 | 4 | `crc`: CRC32C of the segment's `salt` (8 bytes) followed by bytes `8..len` |
+//! | 8 | 1 | `kind`: 1 message, 2 delete, 3 stream config, 4 purge, 5 message ids |
 //! | 9 | 1 | `flags`: 0 (reserved; a record with another value is refused) |
 //! | 10 | 2 | `subject_len` |
 //! | 12 | 4 | `headers_len` |
@@ -20,6 +30,10 @@
 //! The headers block is a run of entries, each `name_len: u16`, the name (UTF-8),
 //! `value_len: u32`, the value. `docs/STORAGE.md` repeats this with worked examples.
 //!
+//! The salt makes a record valid in its own segment only. Recovery looks for the next
+//! valid record after damage; without the salt, a record a publisher wrote into a
+//! message's payload would pass for one of the store's own there.
+//!
 //! Decoding trusts nothing: a record is accepted only if its length is within the
 //! limit and the file, its checksum matches, and every field fits inside it.
 
@@ -27,6 +41,79 @@ use bytes::Bytes;
 
 /// Length of the fixed record header.
 pub const HEADER_LEN: usize = 32;
+
+/// Length of the header at the start of every segment file.
+pub const SEGMENT_HEADER_LEN: usize = 32;
+
+/// The first eight bytes of every segment file.
+pub const SEGMENT_MAGIC: [u8; 8] = *b"COURSEG\0";
+
+/// The segment format version written, and the only one read.
+pub const SEGMENT_VERSION: u16 = 1;
+
+/// What a segment header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The first message sequence the segment may hold.
+    pub first_seq: u64,
+    /// Mixed into the checksum of every record of the segment.
+    pub salt: u64,
+}
+
+/// Appends a segment header to `buf`.
+///
+/// ```
+/// use mq_store::record::{decode_segment_header, encode_segment_header, SegmentHeader};
+/// let header = SegmentHeader { first_seq: 1, salt: 0x0123_4567_89AB_CDEF };
+/// let mut buf = Vec::new();
+/// encode_segment_header(&mut buf, &header);
+/// assert_eq!(&buf[..8], b"COURSEG\0");
+/// assert_eq!(decode_segment_header(&buf), Ok(header));
+/// ```
+pub fn encode_segment_header(buf: &mut Vec<u8>, header: &SegmentHeader) {
+    let start = buf.len();
+    buf.extend_from_slice(&SEGMENT_MAGIC);
+    buf.extend_from_slice(&SEGMENT_VERSION.to_le_bytes());
+    buf.extend_from_slice(&0u16.to_le_bytes());
+    buf.extend_from_slice(&header.first_seq.to_le_bytes());
+    buf.extend_from_slice(&header.salt.to_le_bytes());
+    let crc = crc32c::crc32c(&buf[start..]);
+    buf.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes the segment header at the start of `bytes`.
+pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, DecodeError> {
+    let Some(bytes) = bytes.get(..SEGMENT_HEADER_LEN) else {
+        return Err(DecodeError::Incomplete {
+            needed: SEGMENT_HEADER_LEN,
+            available: bytes.len(),
+        });
+    };
+    let stored = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
+    let computed = crc32c::crc32c(&bytes[..28]);
+    if stored != computed {
+        return Err(DecodeError::BadChecksum { stored, computed });
+    }
+    if bytes[..8] != SEGMENT_MAGIC {
+        return Err(DecodeError::Malformed("not a segment file (bad magic)"));
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != SEGMENT_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    if bytes[10..12] != [0, 0] {
+        return Err(DecodeError::Malformed("unknown segment flags"));
+    }
+    Ok(SegmentHeader {
+        first_seq: u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes")),
+        salt: u64::from_le_bytes(bytes[20..28].try_into().expect("8 bytes")),
+    })
+}
+
+/// The checksum of a record's bytes `8..` in a segment with `salt`.
+fn checksum(salt: u64, bytes: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&salt.to_le_bytes()), bytes)
+}
 
 /// What a record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,8 +126,12 @@ pub enum Kind {
     /// The stream's configuration (JSON in the payload), written at the start of
     /// every segment and on every update; `seq` is the next message's sequence.
     Config,
-    /// Every message below `seq` was removed.
+    /// Every message below `seq` was removed. `time` and a `Msg-Id` header repeat
+    /// the newest message's, which may be among those removed.
     Purge,
+    /// `Msg-Id`s still inside the duplicate window whose messages were removed: a run
+    /// of entries in the payload (see [`encode_msg_ids`]).
+    MsgIds,
 }
 
 impl Kind {
@@ -50,6 +141,7 @@ impl Kind {
             Kind::Delete => 2,
             Kind::Config => 3,
             Kind::Purge => 4,
+            Kind::MsgIds => 5,
         }
     }
 
@@ -59,6 +151,7 @@ impl Kind {
             2 => Kind::Delete,
             3 => Kind::Config,
             4 => Kind::Purge,
+            5 => Kind::MsgIds,
             _ => return None,
         })
     }
@@ -112,29 +205,43 @@ pub enum DecodeError {
     /// The checksum matches but a field is malformed.
     #[error("malformed record: {0}")]
     Malformed(&'static str),
+    /// A segment header of a format version this code does not read.
+    #[error("segment format version {0} is not supported (this build reads version 1)")]
+    UnsupportedVersion(u16),
 }
 
-/// Encodes one record at the end of `buf`; returns its length.
+/// Encodes `record` at the end of `buf`, for a segment with `salt`; returns its
+/// length.
 ///
-/// `headers` is an already encoded headers block (see [`encode_headers`]).
+/// `record.headers` is an already encoded headers block (see [`encode_headers`]).
 ///
 /// ```
-/// use mq_store::record::{decode, encode, Kind};
+/// use mq_store::record::{decode, encode, Kind, Record};
+/// let salt = 0x0123_4567_89AB_CDEF;
 /// let mut buf = Vec::new();
-/// let len = encode(&mut buf, Kind::Message, 7, 1_000, "orders.eu", &[], b"hi");
+/// let record = Record {
+///     kind: Kind::Message,
+///     seq: 7,
+///     time: 1_000,
+///     subject: "orders.eu",
+///     headers: &[],
+///     payload: b"hi",
+/// };
+/// let len = encode(&mut buf, salt, &record);
 /// assert_eq!(len, 32 + 9 + 2);
-/// let record = decode(&buf, u32::MAX).unwrap();
-/// assert_eq!((record.seq, record.subject, record.payload), (7, "orders.eu", &b"hi"[..]));
+/// assert_eq!(decode(&buf, salt, u32::MAX), Ok(record));
+/// // valid in its own segment only
+/// assert!(decode(&buf, salt + 1, u32::MAX).is_err());
 /// ```
-pub fn encode(
-    buf: &mut Vec<u8>,
-    kind: Kind,
-    seq: u64,
-    time: i64,
-    subject: &str,
-    headers: &[u8],
-    payload: &[u8],
-) -> usize {
+pub fn encode(buf: &mut Vec<u8>, salt: u64, record: &Record<'_>) -> usize {
+    let Record {
+        kind,
+        seq,
+        time,
+        subject,
+        headers,
+        payload,
+    } = *record;
     let len = HEADER_LEN + subject.len() + headers.len() + payload.len();
     let start = buf.len();
     buf.reserve(len);
@@ -149,7 +256,7 @@ pub fn encode(
     buf.extend_from_slice(subject.as_bytes());
     buf.extend_from_slice(headers);
     buf.extend_from_slice(payload);
-    let crc = crc32c::crc32c(&buf[start + 8..]);
+    let crc = checksum(salt, &buf[start + 8..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     len
 }
@@ -164,8 +271,9 @@ pub fn peek_len(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?))
 }
 
-/// Decodes the record at the start of `bytes`, refusing one longer than `limit`.
-pub fn decode(bytes: &[u8], limit: u32) -> Result<Record<'_>, DecodeError> {
+/// Decodes the record at the start of `bytes`, in a segment with `salt`, refusing
+/// one longer than `limit`.
+pub fn decode(bytes: &[u8], salt: u64, limit: u32) -> Result<Record<'_>, DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Incomplete {
             needed: HEADER_LEN,
@@ -187,7 +295,7 @@ pub fn decode(bytes: &[u8], limit: u32) -> Result<Record<'_>, DecodeError> {
         });
     }
     let stored = u32_at(4);
-    let computed = crc32c::crc32c(&bytes[8..len]);
+    let computed = checksum(salt, &bytes[8..len]);
     if stored != computed {
         return Err(DecodeError::BadChecksum { stored, computed });
     }
@@ -259,6 +367,34 @@ pub fn find_header<'a>(block: &'a [u8], wanted: &str) -> Result<Option<&'a [u8]>
     Ok(None)
 }
 
+/// Appends one entry of a [`Kind::MsgIds`] payload: `seq: u64`, `time: i64`,
+/// `id_len: u32`, the id (UTF-8).
+pub fn encode_msg_id(buf: &mut Vec<u8>, seq: u64, time: i64, id: &str) {
+    buf.extend_from_slice(&seq.to_le_bytes());
+    buf.extend_from_slice(&time.to_le_bytes());
+    buf.extend_from_slice(&(id.len() as u32).to_le_bytes());
+    buf.extend_from_slice(id.as_bytes());
+}
+
+/// The entries of a [`Kind::MsgIds`] payload: (seq, time, id).
+pub fn msg_ids(payload: &[u8]) -> Result<Vec<(u64, i64, &str)>, DecodeError> {
+    const BAD: DecodeError = DecodeError::Malformed("message id entry is truncated");
+    let mut out = Vec::new();
+    let mut rest = payload;
+    while !rest.is_empty() {
+        let fixed = rest.get(..20).ok_or(BAD)?;
+        let seq = u64::from_le_bytes(fixed[..8].try_into().expect("8"));
+        let time = i64::from_le_bytes(fixed[8..16].try_into().expect("8"));
+        let len = u32::from_le_bytes(fixed[16..20].try_into().expect("4")) as usize;
+        let id = rest.get(20..20 + len).ok_or(BAD)?;
+        let id = std::str::from_utf8(id)
+            .map_err(|_| DecodeError::Malformed("message id is not UTF-8"))?;
+        out.push((seq, time, id));
+        rest = &rest[20 + len..];
+    }
+    Ok(out)
+}
+
 fn next_header<'a>(rest: &mut &'a [u8]) -> Result<(&'a str, &'a [u8]), DecodeError> {
     const BAD: DecodeError = DecodeError::Malformed("headers block is truncated");
     let bytes = *rest;
@@ -278,13 +414,36 @@ fn next_header<'a>(rest: &mut &'a [u8]) -> Result<(&'a str, &'a [u8]), DecodeErr
 mod tests {
     use super::*;
 
+    const SALT: u64 = 0x5A17;
+
+    fn message<'a>(
+        seq: u64,
+        time: i64,
+        subject: &'a str,
+        headers: &'a [u8],
+        payload: &'a [u8],
+    ) -> Record<'a> {
+        Record {
+            kind: Kind::Message,
+            seq,
+            time,
+            subject,
+            headers,
+            payload,
+        }
+    }
+
     #[test]
     fn a_record_round_trips_with_its_headers() {
         let mut headers = Vec::new();
         encode_headers(&mut headers, [("Msg-Id", &b"a1"[..]), ("k", &b""[..])]);
         let mut buf = vec![0xFF]; // records may start anywhere in a buffer
-        encode(&mut buf, Kind::Message, 42, -5, "a.b", &headers, b"payload");
-        let record = decode(&buf[1..], 1 << 20).unwrap();
+        encode(
+            &mut buf,
+            SALT,
+            &message(42, -5, "a.b", &headers, b"payload"),
+        );
+        let record = decode(&buf[1..], SALT, 1 << 20).unwrap();
         assert_eq!(record.kind, Kind::Message);
         assert_eq!((record.seq, record.time, record.subject), (42, -5, "a.b"));
         assert_eq!(record.payload, b"payload");
@@ -297,12 +456,15 @@ mod tests {
     #[test]
     fn every_flipped_bit_is_caught() {
         let mut buf = Vec::new();
-        encode(&mut buf, Kind::Message, 1, 2, "s", b"", b"0123456789");
+        encode(&mut buf, SALT, &message(1, 2, "s", b"", b"0123456789"));
         for byte in 0..buf.len() {
             for bit in 0..8 {
                 let mut bad = buf.clone();
                 bad[byte] ^= 1 << bit;
-                assert!(decode(&bad, 1 << 20).is_err(), "byte {byte} bit {bit}");
+                assert!(
+                    decode(&bad, SALT, 1 << 20).is_err(),
+                    "byte {byte} bit {bit}"
+                );
             }
         }
     }
@@ -310,15 +472,15 @@ mod tests {
     #[test]
     fn short_and_oversized_records_are_refused_without_reading_past_the_buffer() {
         let mut buf = Vec::new();
-        encode(&mut buf, Kind::Message, 1, 2, "s", b"", b"abc");
+        encode(&mut buf, SALT, &message(1, 2, "s", b"", b"abc"));
         for cut in 0..buf.len() {
             assert!(matches!(
-                decode(&buf[..cut], 1 << 20),
+                decode(&buf[..cut], SALT, 1 << 20),
                 Err(DecodeError::Incomplete { .. })
             ));
         }
         assert_eq!(
-            decode(&buf, 33),
+            decode(&buf, SALT, 33),
             Err(DecodeError::BadLength {
                 len: buf.len() as u32,
                 limit: 33
@@ -331,5 +493,54 @@ mod tests {
         let block = Bytes::from_static(&[5, 0, b'a']);
         assert!(headers(&block).is_err());
         assert!(find_header(&[1, 0, b'a', 9, 0, 0, 0, 1], "a").is_err());
+    }
+
+    #[test]
+    fn a_record_is_valid_only_under_its_segments_salt() {
+        let mut buf = Vec::new();
+        encode(&mut buf, SALT, &message(1, 2, "s", b"", b"abc"));
+        assert!(decode(&buf, SALT, 1 << 20).is_ok());
+        assert!(matches!(
+            decode(&buf, SALT ^ 1, 1 << 20),
+            Err(DecodeError::BadChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn every_flipped_bit_of_a_segment_header_is_caught() {
+        let mut buf = Vec::new();
+        let header = SegmentHeader {
+            first_seq: 9,
+            salt: SALT,
+        };
+        encode_segment_header(&mut buf, &header);
+        assert_eq!(buf.len(), SEGMENT_HEADER_LEN);
+        assert_eq!(decode_segment_header(&buf), Ok(header));
+        for byte in 0..buf.len() {
+            for bit in 0..8 {
+                let mut bad = buf.clone();
+                bad[byte] ^= 1 << bit;
+                assert!(
+                    decode_segment_header(&bad).is_err(),
+                    "byte {byte} bit {bit}"
+                );
+            }
+        }
+        for cut in 0..buf.len() {
+            assert!(decode_segment_header(&buf[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn message_id_entries_round_trip_and_truncation_is_an_error() {
+        let mut payload = Vec::new();
+        encode_msg_id(&mut payload, 3, -1, "a");
+        encode_msg_id(&mut payload, 4, 7, "");
+        assert_eq!(msg_ids(&payload).unwrap(), [(3, -1, "a"), (4, 7, "")]);
+        for cut in 1..payload.len() {
+            if cut != 21 {
+                assert!(msg_ids(&payload[..cut]).is_err(), "cut at {cut}");
+            }
+        }
     }
 }

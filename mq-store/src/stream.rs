@@ -17,7 +17,6 @@
 //! directory and starts a new segment. The failed write is never retried and then
 //! assumed good.
 
-use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -32,7 +31,7 @@ use crate::clock::{Clock, nanos};
 use crate::config::{Discard, Fsync, MAX_DUPLICATE_WINDOW, StreamConfig};
 use crate::error::StoreError;
 use crate::fs::{File, Fs};
-use crate::log::{self, Log, MSG_ID_HEADER, Op};
+use crate::log::{self, Dedup, Log, MSG_ID_HEADER, Op};
 use crate::message::{PubAck, Publish, StoredMessage};
 use crate::record;
 
@@ -93,7 +92,6 @@ struct Shared {
 struct State {
     log: Log,
     config: StreamConfig,
-    dedup: Dedup,
     waiters: Vec<Waiter>,
     /// Incremented whenever operations are queued; a waiter completes once the batch
     /// holding its ticket is done.
@@ -128,38 +126,6 @@ struct Waiter {
     ticket: u64,
     ack: PubAck,
     tx: Option<oneshot::Sender<Result<PubAck, StoreError>>>,
-}
-
-#[derive(Debug, Default)]
-struct Dedup {
-    window: i64,
-    ids: HashMap<String, (u64, i64)>,
-    order: VecDeque<(i64, String)>,
-}
-
-impl Dedup {
-    fn expire(&mut self, now: i64) {
-        let cutoff = now.saturating_sub(self.window);
-        while let Some((time, _)) = self.order.front() {
-            if *time >= cutoff {
-                break;
-            }
-            let (time, id) = self.order.pop_front().expect("checked");
-            if self.ids.get(&id).is_some_and(|(_, t)| *t == time) {
-                self.ids.remove(&id);
-            }
-        }
-    }
-
-    fn get(&self, id: &str, now: i64) -> Option<u64> {
-        let (seq, time) = self.ids.get(id)?;
-        (*time >= now.saturating_sub(self.window)).then_some(*seq)
-    }
-
-    fn insert(&mut self, id: String, seq: u64, time: i64) {
-        self.order.push_back((time, id.clone()));
-        self.ids.insert(id, (seq, time));
-    }
 }
 
 /// The acknowledgement of a publish, once the stream says it is durable.
@@ -276,14 +242,8 @@ impl Stream {
         msg_ids: Vec<(String, u64, i64)>,
     ) -> Stream {
         let now = clock.now();
-        let mut dedup = Dedup {
-            window: nanos(config.duplicate_window),
-            ..Dedup::default()
-        };
-        for (id, seq, time) in msg_ids {
-            dedup.insert(id, seq, time);
-        }
-        dedup.expire(now);
+        let mut log = log;
+        log.dedup = Dedup::rebuild(nanos(config.duplicate_window), msg_ids, now);
         let visible = log.next_seq() - 1;
         let shared = Arc::new(Shared {
             name: config.name.clone(),
@@ -293,7 +253,6 @@ impl Stream {
             state: Mutex::new(State {
                 log,
                 config,
-                dedup,
                 waiters: Vec::new(),
                 ticket: 0,
                 done: 0,
@@ -440,8 +399,8 @@ impl Stream {
         }
         let now = shared.clock.now();
         if let Some(id) = msg_id {
-            state.dedup.expire(now);
-            if let Some(seq) = state.dedup.get(id, now) {
+            state.log.dedup.expire(now);
+            if let Some(seq) = state.log.dedup.get(id, now) {
                 let ack = PubAck {
                     stream: name.clone(),
                     seq,
@@ -507,7 +466,7 @@ impl Stream {
             }
         }
         if let Some(id) = msg_id {
-            state.dedup.insert(id.to_owned(), seq, now);
+            state.log.dedup.insert(id.to_owned(), seq, now);
         }
         state.ticket += 1;
         let ack = PubAck {
@@ -634,7 +593,7 @@ impl Stream {
                 state.force_sync = true;
             }
             state.log.set_config(&config);
-            state.dedup.window = nanos(config.duplicate_window);
+            state.log.dedup.window = nanos(config.duplicate_window);
             state.config = config;
             state.trim(); // lowered limits apply at once, whatever the discard policy
             if let Some(max) = state.config.max_msgs_per_subject {
@@ -1174,15 +1133,11 @@ impl Shared {
             Some(_) => {}
             None => log.use_config(&state.config),
         }
-        let now = self.clock.now();
-        let mut dedup = Dedup {
-            window: nanos(state.config.duplicate_window),
-            ..Dedup::default()
-        };
-        for (id, seq, time) in recovered.msg_ids {
-            dedup.insert(id, seq, time);
-        }
-        dedup.expire(now);
+        log.dedup = Dedup::rebuild(
+            nanos(state.config.duplicate_window),
+            recovered.msg_ids,
+            self.clock.now(),
+        );
         if log.next_seq() <= state.visible {
             tracing::error!(
                 stream = %self.name,
@@ -1194,7 +1149,6 @@ impl Shared {
         }
         state.visible = log.next_seq() - 1;
         state.log = log;
-        state.dedup = dedup;
         state.unsynced.clear();
         if let Some(poison) = &mut state.poison {
             poison.truncate.clear(); // done: the files end where the log does

@@ -4,7 +4,7 @@
 //! out below, decoded back, and compared with the hex dumps and field tables of
 //! `docs/STORAGE.md` (found by their `<!-- golden: … -->` markers), so that the code,
 //! this file and the document cannot drift apart. A last test has a real stream write
-//! them all into its first segment. A change to any of these bytes is a change of the
+//! them into its first segment. A change to any of these bytes is a change of the
 //! on-disk format: existing stores would no longer open.
 
 use std::path::Path;
@@ -15,7 +15,10 @@ use bytes::Bytes;
 use mq_store::clock::ManualClock;
 use mq_store::fault::SimFs;
 use mq_store::fs::Fs;
-use mq_store::record::{self, Kind, Record, decode, encode, encode_headers};
+use mq_store::record::{
+    self, Kind, Record, SegmentHeader, decode, decode_segment_header, encode, encode_headers,
+    encode_segment_header,
+};
 use mq_store::{MAX_MSG_SIZE, Publish, Store, StreamConfig};
 
 /// The document the vectors must agree with.
@@ -27,10 +30,23 @@ const LIMIT: u32 = MAX_MSG_SIZE + record::HEADER_LEN as u32;
 /// Every message vector's time: 2023-11-14T22:13:20Z, in nanoseconds since the epoch.
 const T: i64 = 1_700_000_000_000_000_000;
 
+/// The salt of the vectors' segment. (A real segment draws its own at random.)
+const SALT: u64 = 0x0123_4567_89AB_CDEF;
+
+/// (s) The header of segment 1, with [`SALT`].
+const SEGMENT_HEADER: [u8; 32] = [
+    0x43, 0x4F, 0x55, 0x52, 0x53, 0x45, 0x47, 0x00, // magic "COURSEG\0"
+    0x01, 0x00, // version 1
+    0x00, 0x00, // flags
+    0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // first_seq 1
+    0xEF, 0xCD, 0xAB, 0x89, 0x67, 0x45, 0x23, 0x01, // salt 0x0123456789ABCDEF
+    0x33, 0xFB, 0xBC, 0xAA, // crc 0xAABCFB33
+];
+
 /// (a) Message 1 on `orders.eu`, no headers, payload `hi`, at `T`.
 const MESSAGE: [u8; 43] = [
     0x2B, 0x00, 0x00, 0x00, // len 43
-    0xB4, 0x4C, 0xBE, 0xA6, // crc 0xA6BE4CB4
+    0xA5, 0x19, 0x8A, 0xEC, // crc 0xEC8A19A5
     0x01, // kind: message
     0x00, // flags
     0x09, 0x00, // subject_len 9
@@ -57,7 +73,7 @@ const HEADERS_BLOCK: [u8; 28] = [
 /// (b) Message 2 on `orders.eu` with [`HEADERS_BLOCK`], payload `ok`, at `T` + 1 ms.
 const MESSAGE_WITH_HEADERS: [u8; 71] = [
     0x47, 0x00, 0x00, 0x00, // len 71
-    0xAF, 0xD5, 0xBE, 0x4A, // crc 0x4ABED5AF
+    0x91, 0xFE, 0x73, 0xB3, // crc 0xB373FE91
     0x01, // kind: message
     0x00, // flags
     0x09, 0x00, // subject_len 9
@@ -73,7 +89,7 @@ const MESSAGE_WITH_HEADERS: [u8; 71] = [
 /// (c) Message 2 was removed.
 const DELETE: [u8; 32] = [
     0x20, 0x00, 0x00, 0x00, // len 32
-    0x0E, 0x72, 0x7C, 0x14, // crc 0x147C720E
+    0xA2, 0xF0, 0x55, 0x29, // crc 0x2955F0A2
     0x02, // kind: delete
     0x00, // flags
     0x00, 0x00, // subject_len 0
@@ -82,16 +98,23 @@ const DELETE: [u8; 32] = [
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // time 0
 ];
 
-/// (d) Every message below 3 is gone.
-const PURGE: [u8; 32] = [
-    0x20, 0x00, 0x00, 0x00, // len 32
-    0xC7, 0x6B, 0xE4, 0x75, // crc 0x75E46BC7
+/// The headers block of (d): the newest message's `Msg-Id: 42`.
+const MSG_ID_BLOCK: [u8; 14] = [
+    0x06, 0x00, 0x4D, 0x73, 0x67, 0x2D, 0x49, 0x64, 0x02, 0x00, 0x00, 0x00, 0x34, 0x32,
+];
+
+/// (d) Every message below 3 is gone; the newest was stored at `T` + 1 ms with
+/// `Msg-Id` 42.
+const PURGE: [u8; 46] = [
+    0x2E, 0x00, 0x00, 0x00, // len 46
+    0xF8, 0xF8, 0xE0, 0xDF, // crc 0xDFE0F8F8
     0x04, // kind: purge
     0x00, // flags
     0x00, 0x00, // subject_len 0
-    0x00, 0x00, 0x00, 0x00, // headers_len 0
+    0x0E, 0x00, 0x00, 0x00, // headers_len 14
     0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq 3
-    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // time 0
+    0x40, 0x42, 0x39, 0x36, 0xFE, 0x9C, 0x97, 0x17, // time T + 1 ms
+    0x06, 0x00, 0x4D, 0x73, 0x67, 0x2D, 0x49, 0x64, 0x02, 0x00, 0x00, 0x00, 0x34, 0x32, //
 ];
 
 /// (e) The configuration of `StreamConfig::new("ORDERS", ["orders.>"])`, as JSON.
@@ -101,13 +124,29 @@ const CONFIG_JSON: &str = r#"{"name":"ORDERS","subjects":["orders.>"],"fsync":"a
 /// [`CONFIG_JSON`] follows it.
 const CONFIG_HEADER: [u8; 32] = [
     0x0F, 0x01, 0x00, 0x00, // len 271 = 32 + 239 bytes of JSON
-    0x5C, 0xE9, 0x57, 0xCB, // crc 0xCB57E95C
+    0x65, 0xBD, 0xB5, 0x0C, // crc 0x0CB5BD65
     0x03, // kind: config
     0x00, // flags
     0x00, 0x00, // subject_len 0
     0x00, 0x00, 0x00, 0x00, // headers_len 0
     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq 1: the next message's
     0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // time 0
+];
+
+/// (f) The `Msg-Id` 42 of message 2, stored at `T` + 1 ms, restated.
+const MSG_IDS: [u8; 54] = [
+    0x36, 0x00, 0x00, 0x00, // len 54
+    0x9C, 0x66, 0xF5, 0xFE, // crc 0xFEF5669C
+    0x05, // kind: message ids
+    0x00, // flags
+    0x00, 0x00, // subject_len 0
+    0x00, 0x00, 0x00, 0x00, // headers_len 0
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq 0
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // time 0
+    0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // entry: seq 2
+    0x40, 0x42, 0x39, 0x36, 0xFE, 0x9C, 0x97, 0x17, // time T + 1 ms
+    0x02, 0x00, 0x00, 0x00, // id_len 2
+    0x34, 0x32, // "42"
 ];
 
 fn config() -> StreamConfig {
@@ -123,7 +162,15 @@ fn encoded(
     payload: &[u8],
 ) -> Vec<u8> {
     let mut buf = Vec::new();
-    let len = encode(&mut buf, kind, seq, time, subject, headers, payload);
+    let record = Record {
+        kind,
+        seq,
+        time,
+        subject,
+        headers,
+        payload,
+    };
+    let len = encode(&mut buf, SALT, &record);
     assert_eq!(len, buf.len(), "encode returns the record's length");
     assert_eq!(len, record::encoded_len(subject, headers, payload));
     buf
@@ -150,7 +197,7 @@ fn a_message_record_without_headers_is_encoded_exactly_as_storage_md_shows() {
     let bytes = encoded(Kind::Message, 1, T, "orders.eu", &[], b"hi");
     assert_bytes(&bytes, &MESSAGE, "message (a)");
 
-    let record = decode(&MESSAGE, LIMIT).unwrap();
+    let record = decode(&MESSAGE, SALT, LIMIT).unwrap();
     assert_eq!(
         record,
         Record {
@@ -198,7 +245,7 @@ fn a_message_record_with_a_msg_id_and_another_header_is_encoded_exactly_as_stora
     );
     assert_bytes(&bytes, &MESSAGE_WITH_HEADERS, "message (b)");
 
-    let record = decode(&MESSAGE_WITH_HEADERS, LIMIT).unwrap();
+    let record = decode(&MESSAGE_WITH_HEADERS, SALT, LIMIT).unwrap();
     assert_eq!(
         record,
         Record {
@@ -217,7 +264,7 @@ fn a_delete_record_is_encoded_exactly_as_storage_md_shows() {
     let bytes = encoded(Kind::Delete, 2, 0, "", &[], &[]);
     assert_bytes(&bytes, &DELETE, "delete (c)");
 
-    let record = decode(&DELETE, LIMIT).unwrap();
+    let record = decode(&DELETE, SALT, LIMIT).unwrap();
     assert_eq!(
         record,
         Record {
@@ -233,21 +280,58 @@ fn a_delete_record_is_encoded_exactly_as_storage_md_shows() {
 
 #[test]
 fn a_purge_record_is_encoded_exactly_as_storage_md_shows() {
-    let bytes = encoded(Kind::Purge, 3, 0, "", &[], &[]);
+    let mut block = Vec::new();
+    encode_headers(&mut block, [("Msg-Id", &b"42"[..])]);
+    assert_bytes(&block, &MSG_ID_BLOCK, "purge headers block");
+    let bytes = encoded(Kind::Purge, 3, T + 1_000_000, "", &MSG_ID_BLOCK, &[]);
     assert_bytes(&bytes, &PURGE, "purge (d)");
 
-    let record = decode(&PURGE, LIMIT).unwrap();
+    let record = decode(&PURGE, SALT, LIMIT).unwrap();
     assert_eq!(
         record,
         Record {
             kind: Kind::Purge,
             seq: 3,
-            time: 0,
+            time: T + 1_000_000,
             subject: "",
-            headers: &[],
+            headers: &MSG_ID_BLOCK,
             payload: &[],
         }
     );
+}
+
+#[test]
+fn a_segment_header_is_encoded_exactly_as_storage_md_shows() {
+    let header = SegmentHeader {
+        first_seq: 1,
+        salt: SALT,
+    };
+    let mut bytes = Vec::new();
+    encode_segment_header(&mut bytes, &header);
+    assert_bytes(&bytes, &SEGMENT_HEADER, "segment header (s)");
+    assert_eq!(decode_segment_header(&SEGMENT_HEADER), Ok(header));
+}
+
+#[test]
+fn a_message_ids_record_is_encoded_exactly_as_storage_md_shows() {
+    let mut payload = Vec::new();
+    record::encode_msg_id(&mut payload, 2, T + 1_000_000, "42");
+    let bytes = encoded(Kind::MsgIds, 0, 0, "", &[], &payload);
+    assert_bytes(&bytes, &MSG_IDS, "message ids (f)");
+
+    let record = decode(&MSG_IDS, SALT, LIMIT).unwrap();
+    assert_eq!((record.kind, record.seq, record.time), (Kind::MsgIds, 0, 0));
+    assert_eq!(
+        record::msg_ids(record.payload).unwrap(),
+        [(2, T + 1_000_000, "42")]
+    );
+}
+
+#[test]
+fn a_record_is_refused_under_another_segments_salt() {
+    for vector in [&MESSAGE[..], &DELETE, &PURGE, &MSG_IDS] {
+        assert!(decode(vector, SALT ^ 1, LIMIT).is_err());
+    }
 }
 
 #[test]
@@ -260,7 +344,7 @@ fn a_config_record_is_the_header_storage_md_shows_followed_by_the_configs_json()
     assert_bytes(&bytes[..32], &CONFIG_HEADER, "config header (e)");
     assert_eq!(&bytes[32..], CONFIG_JSON.as_bytes());
 
-    let record = decode(&bytes, LIMIT).unwrap();
+    let record = decode(&bytes, SALT, LIMIT).unwrap();
     assert_eq!(
         (record.kind, record.seq, record.time, record.subject),
         (Kind::Config, 1, 0, "")
@@ -326,13 +410,15 @@ fn table_bytes(rows: &[&str]) -> Vec<u8> {
 
 #[test]
 fn storage_md_shows_the_same_bytes_as_this_test() {
-    let vectors: [(&str, &[u8]); 6] = [
+    let vectors: [(&str, &[u8]); 8] = [
+        ("segment-header", &SEGMENT_HEADER),
         ("message", &MESSAGE),
         ("headers-block", &HEADERS_BLOCK),
         ("message-with-headers", &MESSAGE_WITH_HEADERS),
         ("delete", &DELETE),
         ("purge", &PURGE),
         ("config-header", &CONFIG_HEADER),
+        ("msg-ids", &MSG_IDS),
     ];
     for (name, expected) in vectors {
         let (block, table) = golden_section(name);
@@ -391,16 +477,26 @@ async fn a_stream_writes_exactly_these_records_into_its_first_segment() {
     let file = fs.open(path, false).unwrap();
     let mut written = vec![0; file.len().unwrap() as usize];
     file.read_exact_at(&mut written, 0).unwrap();
-    let expected = [
-        &CONFIG_HEADER[..],
-        CONFIG_JSON.as_bytes(),
-        &MESSAGE,
-        &MESSAGE_WITH_HEADERS,
-        &DELETE,
-        &PURGE,
-    ]
-    .concat();
-    assert_eq!(expected.len(), 449);
+    // The segment drew its own salt: the vectors' checksums are recomputed with it,
+    // every other byte is as shown.
+    let header = decode_segment_header(&written).unwrap();
+    assert_eq!(header.first_seq, 1);
+    let mut expected = Vec::new();
+    encode_segment_header(&mut expected, &header);
+    assert_bytes(&expected[..20], &SEGMENT_HEADER[..20], "segment header (s)");
+    for vector in [
+        [&CONFIG_HEADER[..], CONFIG_JSON.as_bytes()].concat(),
+        MESSAGE.to_vec(),
+        MESSAGE_WITH_HEADERS.to_vec(),
+        DELETE.to_vec(),
+        PURGE.to_vec(),
+    ] {
+        let record = decode(&vector, SALT, LIMIT).unwrap();
+        let at = expected.len();
+        encode(&mut expected, header.salt, &record);
+        assert_bytes(&expected[at..][8..], &vector[8..], "a record");
+    }
+    assert_eq!(expected.len(), 32 + 271 + 43 + 71 + 32 + 46);
     assert_bytes(&written, &expected, "segment 1");
     drop((stream, store));
 

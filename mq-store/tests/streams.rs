@@ -193,13 +193,14 @@ async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_the_oth
     }
     let path = Path::new(ROOT).join("streams/F/00000000000000000001.log");
     let file = fs.open(&path, false).unwrap();
-    let config_len = stream.range(1, 1, usize::MAX).map(|_| ()).map(|()| {
+    // the segment header, then the configuration record
+    let config_end = stream.range(1, 1, usize::MAX).map(|_| ()).map(|()| {
         let mut len = [0; 4];
-        file.read_exact_at(&mut len, 0).unwrap();
-        u32::from_le_bytes(len) as u64
+        file.read_exact_at(&mut len, 32).unwrap();
+        32 + u32::from_le_bytes(len) as u64
     });
     let record = 32 + 1 + 50;
-    let fifth = config_len.unwrap() + 4 * record; // where message 5 starts
+    let fifth = config_end.unwrap() + 4 * record; // where message 5 starts
     let mut byte = [0; 1];
     file.read_exact_at(&mut byte, fifth + 40).unwrap();
     file.write_all_at(&[byte[0] ^ 0x10], fifth + 40).unwrap();
@@ -922,16 +923,17 @@ async fn a_stream_that_cannot_be_opened_does_not_keep_the_others_down() {
         publish(&stream, &name.to_lowercase(), b"m").await.unwrap();
     }
     drop(store);
-    // BAD's only segment loses its configuration record but keeps a message
+    // BAD's only segment loses its configuration record (after the 32-byte segment
+    // header) but keeps a message
     let path = Path::new(ROOT).join("streams/BAD/00000000000000000001.log");
     let file = fs.open(&path, false).unwrap();
     let mut len = [0; 4];
-    file.read_exact_at(&mut len, 0).unwrap();
-    let config_len = u32::from_le_bytes(len) as u64;
-    let mut rest = vec![0; (file.len().unwrap() - config_len) as usize];
-    file.read_exact_at(&mut rest, config_len).unwrap();
-    file.set_len(0).unwrap();
-    file.write_all_at(&rest, 0).unwrap();
+    file.read_exact_at(&mut len, 32).unwrap();
+    let config_end = 32 + u32::from_le_bytes(len) as u64;
+    let mut rest = vec![0; (file.len().unwrap() - config_end) as usize];
+    file.read_exact_at(&mut rest, config_end).unwrap();
+    file.set_len(32).unwrap();
+    file.write_all_at(&rest, 32).unwrap();
 
     let store = open(&fs, &clock);
     assert_eq!(store.stream("GOOD").unwrap().info().state.msgs, 1);
