@@ -44,6 +44,7 @@ struct Disk {
     writes: AtomicU64,
     syncs: AtomicU64,
     dir_syncs: AtomicU64,
+    bytes_read: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +116,11 @@ impl SimFs {
             .values()
             .map(|f| lock(&f.data).current.len() as u64)
             .sum()
+    }
+
+    /// How many bytes were read from files so far.
+    pub fn bytes_read(&self) -> u64 {
+        self.disk.bytes_read.load(Ordering::Relaxed)
     }
 
     /// How many writes, file syncs and directory syncs were made so far.
@@ -318,6 +324,9 @@ impl File for SimFile {
         let start = (offset as usize).min(data.current.len());
         let n = buf.len().min(data.current.len() - start);
         buf[..n].copy_from_slice(&data.current[start..start + n]);
+        if let Ok(disk) = self.disk() {
+            disk.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+        }
         Ok(n)
     }
 

@@ -106,8 +106,10 @@ struct State {
     force_sync: bool,
     /// A plain store found the stream poisoned: recover when next due.
     heal_requested: bool,
-    /// When recovery was last tried, on the stream's clock.
-    last_heal: Option<i64>,
+    /// Recovery attempts since the last batch that was written: each waits longer.
+    heal_attempts: u32,
+    /// When recovery may next be tried, on the stream's clock.
+    next_heal: i64,
     closed: bool,
     unsynced: Vec<Written>,
     last_sync: Instant,
@@ -165,8 +167,16 @@ impl Future for AckFuture {
     }
 }
 
-/// How often plain stores to a poisoned stream make it try to recover.
+/// The wait before the second attempt to recover a poisoned stream; it doubles with
+/// each attempt after that, up to [`MAX_HEAL_BACKOFF`], until a batch is written.
 const HEAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest wait between two attempts to recover.
+const MAX_HEAL_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Recovery re-reads the whole log: the wait after an attempt is at least this many
+/// times what the attempt took, so that at most a tenth of the time goes to it.
+const HEAL_COST_FACTOR: u32 = 10;
 
 /// The longest header name a record can hold (its length is 16 bits).
 const MAX_HEADER_NAME: usize = u16::MAX as usize;
@@ -261,7 +271,8 @@ impl Stream {
                 heal_waiters: Vec::new(),
                 heal_requested: false,
                 force_sync: false,
-                last_heal: None,
+                heal_attempts: 0,
+                next_heal: i64::MIN,
                 closed: false,
                 unsynced: Vec::new(),
                 last_sync: Instant::now(),
@@ -840,6 +851,9 @@ impl Shared {
                     Ok(written) => {
                         state.visible = state.visible.max(upto);
                         state.done = ticket;
+                        // writes work again: a later failure is recovered from at once
+                        state.heal_attempts = 0;
+                        state.next_heal = i64::MIN;
                         if fsync != Fsync::Always {
                             for (file, path) in written {
                                 if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
@@ -860,14 +874,37 @@ impl Shared {
                 continue;
             }
             let now = self.clock.now();
-            let heal_due = state.heal_requested
-                && state
-                    .last_heal
-                    .is_none_or(|at| now.saturating_sub(at) >= nanos(HEAL_INTERVAL));
-            if !state.heal_waiters.is_empty() || heal_due {
+            let asked = !state.heal_waiters.is_empty() || state.heal_requested;
+            if asked && state.poison.is_some() && now >= state.next_heal {
+                let started = Instant::now();
                 let result = self.heal(&mut state);
+                state.heal_attempts = state.heal_attempts.saturating_add(1);
+                let backoff = HEAL_INTERVAL
+                    .saturating_mul(1 << (state.heal_attempts - 1).min(5))
+                    .min(MAX_HEAL_BACKOFF)
+                    .max(started.elapsed().saturating_mul(HEAL_COST_FACTOR));
+                state.next_heal = self.clock.now().saturating_add(nanos(backoff));
                 let waiters = std::mem::take(&mut state.heal_waiters);
                 for tx in waiters {
+                    let _ = tx.send(result.clone());
+                }
+                continue;
+            }
+            if !state.heal_waiters.is_empty() {
+                // Not due (or no longer poisoned): answer at once rather than re-read
+                // the log for every caller.
+                let result = match &state.poison {
+                    Some(poison) => Err(StoreError::Poisoned {
+                        stream: self.name.clone(),
+                        cause: format!(
+                            "{}; recovery is next tried in {} ms",
+                            poison.cause,
+                            state.next_heal.saturating_sub(now) / 1_000_000
+                        ),
+                    }),
+                    None => Ok(()),
+                };
+                for tx in std::mem::take(&mut state.heal_waiters) {
                     let _ = tx.send(result.clone());
                 }
                 continue;
@@ -893,8 +930,10 @@ impl Shared {
             }
             // Idle: wait for work or the next timer.
             let mut timeout = Duration::from_secs(1);
-            if state.heal_requested {
-                timeout = HEAL_INTERVAL;
+            if state.heal_requested && state.poison.is_some() {
+                let wait = state.next_heal.saturating_sub(self.clock.now()).max(0);
+                timeout =
+                    timeout.min(Duration::from_nanos(wait as u64).max(Duration::from_millis(1)));
             }
             if let Fsync::Every(every) = state.config.fsync
                 && !state.unsynced.is_empty()
@@ -1101,7 +1140,6 @@ impl Shared {
         };
         let cause = poison.cause.clone();
         let truncate = poison.truncate.clone();
-        state.last_heal = Some(self.clock.now());
         state.heal_requested = false;
         let failed = |e: StoreError| StoreError::Poisoned {
             stream: self.name.clone(),

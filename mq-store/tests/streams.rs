@@ -260,6 +260,13 @@ async fn a_full_disk_fails_the_publish_acknowledges_nothing_unwritten_and_recove
     assert_eq!(stream.get(6).unwrap().payload, &[2; 100][..]);
 
     fs.set_capacity(None);
+    // Recovery is tried again once its backoff has passed (1 s, then 2 s, … 30 s).
+    let err = publish(&stream, "d", &[4; 100]).await.unwrap_err();
+    assert!(
+        err.to_string().contains("recovery is next tried in"),
+        "{err}"
+    );
+    clock.advance(Duration::from_secs(30));
     let ack = publish(&stream, "d", &[4; 100]).await.unwrap();
     assert_eq!(ack.seq, 7, "the failed publishes took no sequence");
     assert_eq!(stream.get(7).unwrap().payload, &[4; 100][..]);
@@ -293,6 +300,7 @@ async fn an_injected_write_error_fails_the_publish_and_the_stream_recovers_once_
         "nothing unwritten is counted"
     );
     fs.fail_writes(None);
+    clock.advance(Duration::from_secs(30)); // recovery's backoff
     assert_eq!(publish(&stream, "w", b"after").await.unwrap().seq, 2);
     let payloads: Vec<_> = stream
         .range(1, 10, usize::MAX)
@@ -1001,6 +1009,37 @@ async fn a_disk_that_stays_full_neither_spins_nor_keeps_the_store_from_closing()
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(closing.is_finished(), "the store closes on a full disk");
+}
+
+#[tokio::test]
+async fn a_disk_that_stays_full_is_not_read_back_for_every_failed_publish() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("RR", ["rr"])).unwrap();
+    for _ in 0..100 {
+        publish(&stream, "rr", &[7; 10_000]).await.unwrap();
+    }
+    fs.set_capacity(Some(fs.used()));
+    assert!(publish(&stream, "rr", b"x").await.is_err(), "poisons");
+    let before = fs.bytes_read();
+    for _ in 0..20 {
+        let err = publish(&stream, "rr", b"x").await.unwrap_err();
+        assert!(err.to_string().contains("no space left"), "{err}");
+    }
+    let read = fs.bytes_read() - before;
+    println!(
+        "20 failed publishes on a full disk read {read} bytes of a {} byte log",
+        fs.used()
+    );
+    assert!(
+        read < 2 * fs.used(),
+        "recovery re-read the log for each publish"
+    );
+    // Recovery is tried again after its backoff, and only then.
+    clock.advance(Duration::from_secs(1));
+    let before = fs.bytes_read();
+    assert!(publish(&stream, "rr", b"x").await.is_err());
+    assert!(fs.bytes_read() > before, "tried again once due");
 }
 
 #[tokio::test]
