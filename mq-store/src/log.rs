@@ -655,6 +655,9 @@ impl Log {
             Kind::Config => {
                 let parsed: StreamConfig = serde_json::from_slice(record.payload)
                     .map_err(|e| format!("configuration record: {e}"))?;
+                parsed
+                    .validate()
+                    .map_err(|e| format!("configuration record: {e}"))?;
                 *config = Some(parsed);
             }
             #[allow(unreachable_patterns)]

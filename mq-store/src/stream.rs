@@ -236,6 +236,17 @@ impl Stream {
             }
             return Ok(None);
         };
+        let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if config.name != dir_name {
+            return Err(StoreError::corrupt(
+                &dir,
+                0,
+                format!(
+                    "the configuration names stream `{}`, the directory `{dir_name}`",
+                    config.name
+                ),
+            ));
+        }
         let mut log = recovered.log;
         log.ensure_config();
         let stream = Stream::start(fs, dir, clock, log, config, recovered.msg_ids);

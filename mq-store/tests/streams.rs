@@ -8,6 +8,7 @@ use std::time::Duration;
 use mq_store::clock::ManualClock;
 use mq_store::fault::SimFs;
 use mq_store::fs::Fs;
+use mq_store::record;
 use mq_store::{Discard, Fsync, PubAck, Publish, Store, StoreError, Stream, StreamConfig};
 
 const ROOT: &str = "/data";
@@ -1090,6 +1091,49 @@ async fn subjects_and_header_names_that_a_record_cannot_hold_are_refused() {
             .is_err(),
         "no wildcards"
     );
+}
+
+#[tokio::test]
+async fn a_configuration_record_read_back_is_validated_like_one_given_to_create() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    store.create(StreamConfig::new("CFG", ["cfg"])).unwrap();
+    drop(store);
+    // A well-formed record, with the segment's own salt, holding an impossible config.
+    let path = Path::new(ROOT).join("streams/CFG/00000000000000000001.log");
+    let file = fs.open(&path, false).unwrap();
+    let mut header = [0; 32];
+    file.read_exact_at(&mut header, 0).unwrap();
+    let salt = record::decode_segment_header(&header).unwrap().salt;
+    let bad = StreamConfig {
+        segment_size: 0,
+        ..StreamConfig::new("CFG", ["elsewhere"])
+    };
+    let json = serde_json::to_vec(&bad).unwrap();
+    let mut bytes = Vec::new();
+    let forged = record::Record {
+        kind: record::Kind::Config,
+        seq: 1,
+        time: 0,
+        subject: "",
+        headers: &[],
+        payload: &json,
+    };
+    record::encode(&mut bytes, salt, &forged);
+    let end = file.len().unwrap();
+    file.write_all_at(&bytes, end).unwrap();
+
+    let store = open(&fs, &clock);
+    let stream = store.stream("CFG").unwrap();
+    let damage = stream.damage();
+    println!("{}", damage[0]);
+    assert!(
+        matches!(&damage[0], StoreError::Corrupt { offset, reason, .. }
+            if *offset == end && reason.contains("segment_size")),
+        "{damage:?}"
+    );
+    assert_eq!(stream.config().subjects, ["cfg"], "the valid one stays");
+    assert_eq!(publish(&stream, "cfg", b"x").await.unwrap().seq, 1);
 }
 
 #[tokio::test]
