@@ -11,7 +11,7 @@
 //! | 20 | 8 | `salt`: random, drawn when the segment is created |
 //! | 28 | 4 | `crc`: CRC32C of bytes `0..28` |
 //!
-//! Records follow, each a 32-byte header and three variable fields:
+//! Records follow, each a 36-byte header and three variable fields:
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -23,7 +23,8 @@
 //! | 12 | 4 | `headers_len` |
 //! | 16 | 8 | `seq` |
 //! | 24 | 8 | `time`: nanoseconds since the Unix epoch, signed |
-//! | 32 | `subject_len` | the subject, UTF-8 |
+//! | 32 | 4 | `hcrc`: CRC32C of the `salt`, bytes `0..4` and bytes `8..32` |
+//! | 36 | `subject_len` | the subject, UTF-8 |
 //! | … | `headers_len` | the headers block (below) |
 //! | … | the rest | the payload |
 //!
@@ -32,7 +33,8 @@
 //!
 //! The salt makes a record valid in its own segment only. Recovery looks for the next
 //! valid record after damage; without the salt, a record a publisher wrote into a
-//! message's payload would pass for one of the store's own there.
+//! message's payload would pass for one of the store's own there. The header checksum
+//! lets that search reject a candidate after 36 bytes, however long it claims to be.
 //!
 //! Decoding trusts nothing: a record is accepted only if its length is within the
 //! limit and the file, its checksum matches, and every field fits inside it.
@@ -40,7 +42,7 @@
 use bytes::Bytes;
 
 /// Length of the fixed record header.
-pub const HEADER_LEN: usize = 32;
+pub const HEADER_LEN: usize = 36;
 
 /// Length of the header at the start of every segment file.
 pub const SEGMENT_HEADER_LEN: usize = 32;
@@ -115,6 +117,13 @@ fn checksum(salt: u64, bytes: &[u8]) -> u32 {
     crc32c::crc32c_append(crc32c::crc32c(&salt.to_le_bytes()), bytes)
 }
 
+/// The checksum of a record header's fixed fields (`header` is its first 32 bytes):
+/// the length and bytes `8..32`, in a segment with `salt`.
+fn header_checksum(salt: u64, header: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&salt.to_le_bytes()), &header[..4]);
+    crc32c::crc32c_append(crc, &header[8..32])
+}
+
 /// What a record says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -187,12 +196,20 @@ pub enum DecodeError {
         available: usize,
     },
     /// The length field is impossible or over the limit.
-    #[error("record length {len} is outside 32..={limit}")]
+    #[error("record length {len} is outside 36..={limit}")]
     BadLength {
         /// The length found.
         len: u32,
         /// The largest record accepted.
         limit: u32,
+    },
+    /// The header checksum does not match the header's bytes.
+    #[error("header checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
+    BadHeaderChecksum {
+        /// The checksum in the header.
+        stored: u32,
+        /// The checksum of its bytes.
+        computed: u32,
     },
     /// The checksum does not match the bytes.
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
@@ -228,7 +245,7 @@ pub enum DecodeError {
 ///     payload: b"hi",
 /// };
 /// let len = encode(&mut buf, salt, &record);
-/// assert_eq!(len, 32 + 9 + 2);
+/// assert_eq!(len, 36 + 9 + 2);
 /// assert_eq!(decode(&buf, salt, u32::MAX), Ok(record));
 /// // valid in its own segment only
 /// assert!(decode(&buf, salt + 1, u32::MAX).is_err());
@@ -253,6 +270,8 @@ pub fn encode(buf: &mut Vec<u8>, salt: u64, record: &Record<'_>) -> usize {
     buf.extend_from_slice(&(headers.len() as u32).to_le_bytes());
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.extend_from_slice(&time.to_le_bytes());
+    let hcrc = header_checksum(salt, &buf[start..]);
+    buf.extend_from_slice(&hcrc.to_le_bytes());
     buf.extend_from_slice(subject.as_bytes());
     buf.extend_from_slice(headers);
     buf.extend_from_slice(payload);
@@ -286,6 +305,11 @@ pub fn decode(bytes: &[u8], salt: u64, limit: u32) -> Result<Record<'_>, DecodeE
     let len = u32_at(0);
     if (len as usize) < HEADER_LEN || len > limit {
         return Err(DecodeError::BadLength { len, limit });
+    }
+    let stored = u32_at(32);
+    let computed = header_checksum(salt, bytes);
+    if stored != computed {
+        return Err(DecodeError::BadHeaderChecksum { stored, computed });
     }
     let len = len as usize;
     if bytes.len() < len {
@@ -502,7 +526,24 @@ mod tests {
         assert!(decode(&buf, SALT, 1 << 20).is_ok());
         assert!(matches!(
             decode(&buf, SALT ^ 1, 1 << 20),
-            Err(DecodeError::BadChecksum { .. })
+            Err(DecodeError::BadHeaderChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn a_header_claiming_a_long_record_is_refused_from_its_own_36_bytes() {
+        // What a publisher can write into a payload: plausible fields, a guessed salt.
+        let mut forged = Vec::new();
+        encode(&mut forged, 0, &message(1, 0, "s", b"", &[0xAB; 1000]));
+        let header = &forged[..HEADER_LEN];
+        assert!(matches!(
+            decode(header, SALT, 1 << 20),
+            Err(DecodeError::BadHeaderChecksum { .. })
+        ));
+        // under the right salt the same header only lacks its body
+        assert!(matches!(
+            decode(header, 0, 1 << 20),
+            Err(DecodeError::Incomplete { .. })
         ));
     }
 

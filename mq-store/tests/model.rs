@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use mq_store::clock::{Clock, ManualClock};
 use mq_store::fault::SimFs;
+use mq_store::record::HEADER_LEN;
 use mq_store::{Discard, Publish, Store, StoreError, Stream, StreamConfig};
 use proptest::prelude::*;
 
@@ -324,7 +325,7 @@ fn real_msgs(stream: &Stream) -> BTreeMap<u64, Msg> {
             let id = m
                 .header("Msg-Id")
                 .map(|v| String::from_utf8(v.to_vec()).unwrap());
-            let len = (32 + m.subject.len() + hdr_len(&id) + m.payload.len()) as u64;
+            let len = (HEADER_LEN + m.subject.len() + hdr_len(&id) + m.payload.len()) as u64;
             (
                 m.seq,
                 Msg {
@@ -454,7 +455,7 @@ impl H {
                 let msg_id = msg_id.map(|i| format!("id{i}"));
                 let payload = vec![(step % 251) as u8; *size];
                 let window = (WINDOW_SECS as i64) * SEC;
-                let record_len = (32 + subject.len() + hdr_len(&msg_id) + size) as u64;
+                let record_len = (HEADER_LEN + subject.len() + hdr_len(&msg_id) + size) as u64;
                 let now_if = self.clock.now() + i64::from(advance) * SEC;
                 let entry = msg_id
                     .as_ref()
@@ -919,7 +920,8 @@ fn run_case_crash(
                             msg_id = None; // uncertain: keep the burst deterministic
                         }
                         let payload = vec![((step + i) % 251) as u8; *size];
-                        let record_len = (32 + subject.len() + hdr_len(&msg_id) + size) as u64;
+                        let record_len =
+                            (HEADER_LEN + subject.len() + hdr_len(&msg_id) + size) as u64;
                         let dup = msg_id
                             .as_ref()
                             .and_then(|id| model.dedup.get(id))
@@ -1012,7 +1014,7 @@ fn model_only(model: &Model, op: &Op, step: usize, now: i64) -> Model {
         } => {
             let subject = SUBJECTS[*subject];
             let msg_id = msg_id.map(|i| format!("id{i}"));
-            let record_len = (32 + subject.len() + hdr_len(&msg_id) + size) as u64;
+            let record_len = (HEADER_LEN + subject.len() + hdr_len(&msg_id) + size) as u64;
             m.last_seq += 1;
             m.msgs.insert(
                 m.last_seq,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use mq_store::clock::ManualClock;
 use mq_store::fault::SimFs;
 use mq_store::fs::Fs;
-use mq_store::record;
+use mq_store::record::{self, HEADER_LEN};
 use mq_store::{Discard, Fsync, PubAck, Publish, Store, StoreError, Stream, StreamConfig};
 
 const ROOT: &str = "/data";
@@ -119,7 +119,7 @@ async fn a_byte_budget_limits_a_range_read_but_one_message_is_always_returned() 
     for _ in 0..10 {
         publish(&stream, "a", &[7; 100]).await.unwrap();
     }
-    let record = 32 + 1 + 100;
+    let record = HEADER_LEN + 1 + 100;
     assert_eq!(stream.range(1, 100, 3 * record).unwrap().len(), 3);
     assert_eq!(stream.range(1, 100, 1).unwrap().len(), 1);
 }
@@ -177,7 +177,7 @@ async fn a_torn_last_record_is_cut_off_and_the_stream_goes_on_from_the_record_be
     assert_eq!(stream.get(9).unwrap().payload, &[8; 50][..]);
     assert_eq!(
         file.len().unwrap(),
-        len - (32 + 1 + 50),
+        len - (HEADER_LEN as u64 + 1 + 50),
         "the partial record is gone from the file"
     );
     assert_eq!(publish(&stream, "t", b"again").await.unwrap().seq, 10);
@@ -200,7 +200,7 @@ async fn a_flipped_byte_mid_segment_is_reported_with_file_and_offset_and_the_oth
         file.read_exact_at(&mut len, 32).unwrap();
         32 + u32::from_le_bytes(len) as u64
     });
-    let record = 32 + 1 + 50;
+    let record = HEADER_LEN as u64 + 1 + 50;
     let fifth = config_end.unwrap() + 4 * record; // where message 5 starts
     let mut byte = [0; 1];
     file.read_exact_at(&mut byte, fifth + 40).unwrap();
@@ -565,7 +565,7 @@ async fn a_full_stream_discards_its_oldest_or_refuses_naming_the_limit() {
     );
 
     let bytes = StreamConfig {
-        max_bytes: Some(3 * (32 + 1 + 10)),
+        max_bytes: Some(3 * (HEADER_LEN as u64 + 1 + 10)),
         ..StreamConfig::new("BYTES", ["b"])
     };
     let bytes = store.create(bytes).unwrap();
@@ -881,7 +881,7 @@ async fn a_flipped_byte_in_an_acknowledged_delete_record_is_reported_not_cut_off
     let path = Path::new(ROOT).join("streams/DR/00000000000000000001.log");
     let file = fs.open(&path, false).unwrap();
     let len = file.len().unwrap();
-    let first_delete = len - 3 * 32;
+    let first_delete = len - 3 * HEADER_LEN as u64;
     file.write_all_at(&[0xFF], first_delete + 20).unwrap(); // inside the first delete's seq
     let store = open(&fs, &clock);
     let stream = store.stream("DR").unwrap();

@@ -20,7 +20,7 @@
 //! subdirectory (and a fresh bus) for every row; deleted, and the subdirectory removed,
 //! after it. Subjects `bench.js.<seq|async|read>.<size>`, payload `0xAB` fill. Every row
 //! reports the stream's state after the timed phase: `stream_messages`, `stream_bytes`
-//! (courier counts a 32 B record header + subject + headers + payload per message;
+//! (courier counts a 36 B record header + subject + headers + payload per message;
 //! JetStream 22 B + subject + payload + 8 B hash), `stream_first_seq`,
 //! `stream_last_seq`, `stream_segments`.
 //!
