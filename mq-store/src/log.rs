@@ -365,6 +365,15 @@ impl Log {
                 dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
                 continue;
             }
+            if len == 0 {
+                // Not the last (that one holds data): an empty file says nothing a later
+                // segment's name does not.
+                fs.remove_file(path)
+                    .map_err(|e| StoreError::io("remove", path, e))?;
+                dir_changed = true;
+                continue;
+            }
+            let last = i + 1 == data_count;
             let mut data = vec![0; len as usize];
             file.read_exact_at(&mut data, 0)
                 .map_err(|e| StoreError::io("read", path, e))?;
@@ -380,38 +389,59 @@ impl Log {
             });
             let salt = match header {
                 Ok(header) => header.salt,
-                Err(e) if i + 1 < data_count => {
-                    let reason = format!("segment header: {e}");
-                    dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
-                    continue;
-                }
                 Err(e) => {
-                    // The header goes out in the segment's first write, synced before
-                    // anything in the segment is acknowledged: this is a torn write.
-                    tracing::warn!(
-                        file = %path.display(),
-                        bytes = data.len(),
-                        "truncating a segment whose first write is torn: {e}"
-                    );
-                    file.set_len(0)
-                        .and_then(|()| file.sync_data())
-                        .map_err(|e| StoreError::io("truncate", path, e))?;
-                    if first == prev_end {
-                        fs.remove_file(path)
-                            .map_err(|e| StoreError::io("remove", path, e))?;
-                        dir_changed = true;
-                    } else {
-                        // kept empty: the only trace that sequences go on from its name
-                        log.next_seq = first;
-                        let salt = new_salt(path)?;
-                        log.segments.push_back(Segment::new(
-                            first,
-                            salt,
-                            path.clone(),
-                            file.clone(),
-                        ));
+                    // Damage to the header alone leaves the records readable with the
+                    // salt it names, if that survived.
+                    let salt = data
+                        .get(20..28)
+                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+                        .filter(|&salt| resync(&data, SEGMENT_HEADER_LEN, salt).is_some());
+                    match salt {
+                        Some(salt) => {
+                            damage.push(StoreError::corrupt(
+                                path,
+                                0,
+                                format!("segment header: {e}; its records are read with the salt it names"),
+                            ));
+                            salt
+                        }
+                        None if !last => {
+                            let reason = format!("segment header: {e}");
+                            dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
+                            continue;
+                        }
+                        None => {
+                            // The header goes out in the segment's first write, synced
+                            // before anything in the segment is acknowledged: a torn
+                            // write. Moved aside (kept whole, in case it is not).
+                            let aside = path.with_extension("log.damaged");
+                            tracing::warn!(
+                                file = %path.display(),
+                                bytes = data.len(),
+                                "a segment whose first write is torn ({e}) is moved to {}",
+                                aside.display()
+                            );
+                            fs.rename(path, &aside)
+                                .map_err(|e| StoreError::io("rename", path, e))?;
+                            dir_changed = true;
+                            if first != prev_end {
+                                // its name is the only trace that sequences went on
+                                // from there: an empty segment takes it
+                                let file = fs
+                                    .open(path, true)
+                                    .map_err(|e| StoreError::io("create segment", path, e))?;
+                                log.next_seq = first;
+                                let salt = new_salt(path)?;
+                                log.segments.push_back(Segment::new(
+                                    first,
+                                    salt,
+                                    path.clone(),
+                                    file,
+                                ));
+                            }
+                            continue;
+                        }
                     }
-                    continue;
                 }
             };
             log.next_seq = first;
@@ -420,6 +450,8 @@ impl Log {
             log.segments.push_back(segment);
             let mut offset = SEGMENT_HEADER_LEN;
             let mut skipped = 0usize; // bytes skipped since the last message read
+            // where the last segment is cut: a torn write (or nothing after the header)
+            let mut torn = (last && data.len() == SEGMENT_HEADER_LEN).then_some(offset);
             while offset < data.len() {
                 let record = match record::decode(&data[offset..], salt, MAX_RECORD_LEN) {
                     Ok(record) => record,
@@ -434,7 +466,7 @@ impl Log {
                             offset = at;
                             continue;
                         }
-                        if i + 1 < data_count {
+                        if !last {
                             damage.push(StoreError::corrupt(
                                 path,
                                 offset as u64,
@@ -448,25 +480,7 @@ impl Log {
                             bytes = data.len() - offset,
                             "truncating a torn write at the end of the log: {e}"
                         );
-                        // Nothing but the header left: the segment is empty again, and
-                        // gets its header and configuration anew if it stays.
-                        let cut = if offset == SEGMENT_HEADER_LEN {
-                            0
-                        } else {
-                            offset
-                        };
-                        file.set_len(cut as u64)
-                            .and_then(|()| file.sync_data())
-                            .map_err(|e| StoreError::io("truncate", path, e))?;
-                        log.segments.back_mut().expect("pushed").len = cut as u64;
-                        if cut == 0 && first == prev_end {
-                            // nothing of it was whole, and its name says nothing the
-                            // segment before does not: it goes
-                            log.segments.pop_back();
-                            fs.remove_file(path)
-                                .map_err(|e| StoreError::io("remove", path, e))?;
-                            dir_changed = true;
-                        }
+                        torn = Some(offset);
                         break;
                     }
                 };
@@ -506,6 +520,27 @@ impl Log {
                 offset += len;
                 log.segments.back_mut().expect("pushed").len = offset as u64;
             }
+            if let Some(offset) = torn {
+                // Nothing but the header left: the segment is empty again, and gets its
+                // header and configuration anew if it stays.
+                let cut = if offset == SEGMENT_HEADER_LEN {
+                    0
+                } else {
+                    offset
+                };
+                file.set_len(cut as u64)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| StoreError::io("truncate", path, e))?;
+                log.segments.back_mut().expect("pushed").len = cut as u64;
+                if cut == 0 && first == prev_end {
+                    // nothing of it was whole, and its name says nothing the segment
+                    // before does not: it goes
+                    log.segments.pop_back();
+                    fs.remove_file(path)
+                        .map_err(|e| StoreError::io("remove", path, e))?;
+                    dir_changed = true;
+                }
+            }
         }
         // Empty segments at the end: only the newest can say something (that sequences
         // go on from its name, past the end of the data); the rest go.
@@ -522,6 +557,13 @@ impl Log {
             dir_changed = true;
         }
         if let Some((first, path, file, _)) = keep {
+            if let Some(empty) = log.segments.back().filter(|s| s.len == 0) {
+                // a newer empty segment carries the sequence further
+                fs.remove_file(&empty.path)
+                    .map_err(|e| StoreError::io("remove", &empty.path, e))?;
+                log.segments.pop_back();
+                dir_changed = true;
+            }
             log.next_seq = *first;
             let salt = new_salt(path)?;
             log.segments

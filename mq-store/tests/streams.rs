@@ -1137,6 +1137,95 @@ async fn a_configuration_record_read_back_is_validated_like_one_given_to_create(
 }
 
 #[tokio::test]
+async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_readable() {
+    for (segment, byte) in [(0, 3), (0, 14), (1, 3), (1, 30)] {
+        let (fs, clock) = (SimFs::default(), clock());
+        let store = open(&fs, &clock);
+        let config = StreamConfig {
+            segment_size: 4096,
+            ..StreamConfig::new("HDR", ["hdr"])
+        };
+        let stream = store.create(config).unwrap();
+        for i in 0..12u8 {
+            publish(&stream, "hdr", &[i; 1000]).await.unwrap();
+        }
+        drop((stream, store));
+        let dir = Path::new(ROOT).join("streams/HDR");
+        let mut names = fs.list(&dir).unwrap();
+        names.sort();
+        assert!(names.len() >= 3, "{names:?}");
+        // the first segment, or the last (written to, where a torn write is possible)
+        let name = if segment == 0 {
+            &names[0]
+        } else {
+            names.last().unwrap()
+        };
+        let path = dir.join(name);
+        let file = fs.open(&path, false).unwrap();
+        let mut bit = [0; 1];
+        file.read_exact_at(&mut bit, byte).unwrap();
+        file.write_all_at(&[bit[0] ^ 0x04], byte).unwrap();
+
+        let store = open(&fs, &clock);
+        let stream = store.stream("HDR").unwrap();
+        let damage = stream.damage();
+        println!("{name} byte {byte}: {}", damage[0]);
+        assert!(
+            matches!(&damage[0], StoreError::Corrupt { file, offset: 0, reason }
+                if *file == path && reason.contains("segment header")),
+            "{damage:?}"
+        );
+        let payloads: Vec<u8> = stream
+            .range(1, 100, usize::MAX)
+            .unwrap()
+            .iter()
+            .map(|m| m.payload[0])
+            .collect();
+        assert_eq!(payloads, (0..12).collect::<Vec<u8>>(), "nothing lost");
+        assert_eq!(publish(&stream, "hdr", b"next").await.unwrap().seq, 13);
+    }
+}
+
+#[tokio::test]
+async fn a_last_segment_holding_only_its_header_gets_its_configuration_again() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let config = StreamConfig {
+        segment_size: 4096,
+        ..StreamConfig::new("HO", ["ho"])
+    };
+    let stream = store.create(config).unwrap();
+    for i in 0..6u8 {
+        publish(&stream, "ho", &[i; 1000]).await.unwrap();
+    }
+    drop((stream, store));
+    let dir = Path::new(ROOT).join("streams/HO");
+    let mut names = fs.list(&dir).unwrap();
+    names.sort();
+    let name = names.last().unwrap();
+    // the messages of the segments before it stay
+    let kept = name.trim_end_matches(".log").parse::<u64>().unwrap() - 1;
+    let last = fs.open(&dir.join(name), false).unwrap();
+    last.set_len(32).unwrap(); // the segment header, and nothing of its first record
+
+    let store = open(&fs, &clock);
+    let stream = store.stream("HO").unwrap();
+    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+    assert_eq!(stream.info().state.last_seq, kept);
+    publish(&stream, "ho", b"after").await.unwrap();
+    // every older segment goes: the configuration must be in what is left
+    for seq in 1..=kept {
+        assert!(stream.delete_message(seq).await.unwrap());
+    }
+    assert_eq!(stream.info().state.segments, 1);
+    drop((stream, store));
+    let store = open(&fs, &clock);
+    let stream = store.stream("HO").unwrap();
+    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+    assert_eq!(stream.config().subjects, ["ho"]);
+}
+
+#[tokio::test]
 async fn a_segment_named_past_any_real_sequence_is_reported_not_a_panic() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
