@@ -231,7 +231,7 @@ impl Store {
     pub async fn update(&self, config: StreamConfig) -> Result<StreamInfo, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
         let stream = self.stream(&config.name)?;
-        stream.heal().await?;
+        stream.heal(true).await?;
         let settled = {
             // checked and applied under the admin lock: no create or update between
             // (the overlap check sees the stream's new subjects from here on)

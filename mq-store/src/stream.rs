@@ -100,7 +100,11 @@ struct State {
     /// The last sequence readable: written, and synced under `Fsync::Always`.
     visible: u64,
     poison: Option<Poison>,
+    /// Callers waiting for an attempt to recover.
     heal_waiters: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// One of them is a delete, purge or update, which gets an attempt even before the
+    /// backoff allows one: those are rare, and asked for by an operator.
+    heal_forced: bool,
     /// The next batch is synced whatever the setting: it holds appends queued under
     /// `Fsync::Always` before an update lowered it.
     force_sync: bool,
@@ -108,8 +112,13 @@ struct State {
     heal_requested: bool,
     /// Recovery attempts since the last batch that was written: each waits longer.
     heal_attempts: u32,
-    /// When recovery may next be tried, on the stream's clock.
+    /// When recovery may next be tried, and when it last was, on the stream's clock
+    /// (a clock set back makes it due).
     next_heal: i64,
+    last_heal: i64,
+    /// Messages were written under `Every(d)` since recovery: the backoff ends once
+    /// they are synced.
+    heal_reset_on_sync: bool,
     closed: bool,
     unsynced: Vec<Written>,
     last_sync: Instant,
@@ -280,10 +289,13 @@ impl Stream {
                 visible,
                 poison: None,
                 heal_waiters: Vec::new(),
+                heal_forced: false,
                 heal_requested: false,
                 force_sync: false,
                 heal_attempts: 0,
                 next_heal: i64::MIN,
+                last_heal: i64::MIN,
+                heal_reset_on_sync: false,
                 closed: false,
                 unsynced: Vec::new(),
                 last_sync: Instant::now(),
@@ -325,7 +337,7 @@ impl Stream {
         loop {
             match self.enqueue(subject, headers, payload, options, true) {
                 Err(StoreError::Poisoned { .. }) if !healed => {
-                    self.heal().await?;
+                    self.heal(false).await?;
                     healed = true;
                 }
                 Ok((inner, duplicate)) => {
@@ -512,7 +524,9 @@ impl Stream {
     }
 
     /// Waits for the committer to recover a poisoned stream.
-    pub(crate) async fn heal(&self) -> Result<(), StoreError> {
+    /// `force`: attempt it even if the backoff does not allow one yet (a delete,
+    /// purge or update; publishes do not force).
+    pub(crate) async fn heal(&self, force: bool) -> Result<(), StoreError> {
         let rx = {
             let mut state = lock(&self.shared.state);
             if state.closed {
@@ -523,6 +537,7 @@ impl Stream {
             }
             let (tx, rx) = oneshot::channel();
             state.heal_waiters.push(tx);
+            state.heal_forced |= force;
             self.shared.wake.notify_one();
             rx
         };
@@ -584,7 +599,7 @@ impl Stream {
         &self,
         change: impl FnOnce(&mut State) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.heal().await?;
+        self.heal(true).await?;
         let (value, settled) = self.change_now(change)?;
         self.settle(settled).await?;
         Ok(value)
@@ -860,11 +875,17 @@ impl Shared {
                 state = self.lock();
                 let completed = match result {
                     Ok(written) => {
+                        let visible_before = state.visible;
                         state.visible = state.visible.max(upto);
                         state.done = ticket;
-                        // writes work again: a later failure is recovered from at once
-                        state.heal_attempts = 0;
-                        state.next_heal = i64::MIN;
+                        // Messages reached the disk again (not just recovery's own new
+                        // segment): a later failure is recovered from at once.
+                        if upto > visible_before {
+                            match fsync {
+                                Fsync::Every(_) => state.heal_reset_on_sync = true,
+                                Fsync::Always | Fsync::Never => reset_heal_backoff(&mut state),
+                            }
+                        }
                         if fsync != Fsync::Always {
                             for (file, path) in written {
                                 if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
@@ -886,7 +907,10 @@ impl Shared {
             }
             let now = self.clock.now();
             let asked = !state.heal_waiters.is_empty() || state.heal_requested;
-            if asked && state.poison.is_some() && now >= state.next_heal {
+            let due = now >= state.next_heal || now < state.last_heal;
+            if asked && state.poison.is_some() && (due || state.heal_forced) {
+                state.heal_forced = false;
+                state.last_heal = now;
                 let started = Instant::now();
                 let result = self.heal(&mut state);
                 state.heal_attempts = state.heal_attempts.saturating_add(1);
@@ -1081,6 +1105,9 @@ impl Shared {
         }
         let mut state = self.lock();
         state.last_sync = Instant::now();
+        if result.is_ok() && std::mem::take(&mut state.heal_reset_on_sync) {
+            reset_heal_backoff(&mut state);
+        }
         if let Err(error) = result {
             // Acknowledged already (that is what this setting means): nothing to cut back.
             tracing::error!(stream = %self.name, "{error}; acknowledged messages may not be on disk");
@@ -1207,6 +1234,13 @@ impl Shared {
         tracing::info!(stream = %self.name, "recovered after a failed write; continuing in a new segment");
         Ok(())
     }
+}
+
+fn reset_heal_backoff(state: &mut State) {
+    state.heal_attempts = 0;
+    state.next_heal = i64::MIN;
+    state.last_heal = i64::MIN;
+    state.heal_reset_on_sync = false;
 }
 
 fn complete(waiters: Vec<(Waiter, Option<StoreError>)>) {
