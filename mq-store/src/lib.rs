@@ -49,7 +49,7 @@ pub use config::{
     validate_name,
 };
 pub use error::StoreError;
-pub use log::MSG_ID_HEADER;
+pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};
 pub use message::{PubAck, Publish, StoredMessage};
 pub use store::Store;
 pub use stream::{AckFuture, Stream, StreamInfo, StreamState};

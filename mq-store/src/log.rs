@@ -29,6 +29,10 @@ const MSG_IDS_RECORD: usize = 1 << 20;
 /// The header that deduplicates publishes.
 pub const MSG_ID_HEADER: &str = "Msg-Id";
 
+/// The longest `Msg-Id`, in bytes. (Ids are kept in memory for the duplicate window,
+/// and restated on disk when their messages are removed.)
+pub const MAX_MSG_ID_LEN: usize = 1024;
+
 const DELETED: u32 = u32::MAX;
 
 /// The highest sequence a segment may start at: far beyond any real stream, low enough

@@ -31,7 +31,7 @@ use crate::clock::{Clock, nanos};
 use crate::config::{Discard, Fsync, MAX_DUPLICATE_WINDOW, StreamConfig};
 use crate::error::StoreError;
 use crate::fs::{File, Fs};
-use crate::log::{self, Dedup, Log, MSG_ID_HEADER, Op};
+use crate::log::{self, Dedup, Log, MAX_MSG_ID_LEN, MSG_ID_HEADER, Op};
 use crate::message::{PubAck, Publish, StoredMessage};
 use crate::record;
 
@@ -399,10 +399,18 @@ impl Stream {
         let msg_id = match (&options.msg_id, from_header) {
             (Some(id), _) => Some(id.as_str()),
             (None, Some(id)) => Some(std::str::from_utf8(id).map_err(|_| {
-                StoreError::InvalidConfig(format!("{MSG_ID_HEADER} header is not UTF-8"))
+                StoreError::InvalidMessage(format!("{MSG_ID_HEADER} header is not UTF-8"))
             })?),
             (None, None) => None,
         };
+        if let Some(id) = msg_id
+            && id.len() > MAX_MSG_ID_LEN
+        {
+            return Err(StoreError::InvalidMessage(format!(
+                "a {MSG_ID_HEADER} may be at most {MAX_MSG_ID_LEN} bytes long, not {}",
+                id.len()
+            )));
+        }
         record::encode_headers(
             &mut block,
             headers.iter().filter(|(n, _)| *n != MSG_ID_HEADER).copied(),

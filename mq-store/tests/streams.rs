@@ -482,6 +482,33 @@ async fn a_duplicate_of_a_publish_still_in_flight_is_acknowledged_once_the_origi
 }
 
 #[tokio::test]
+async fn a_msg_id_over_its_limit_or_not_utf8_is_refused_naming_the_problem() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("ID", ["id"])).unwrap();
+    let long = "x".repeat(mq_store::MAX_MSG_ID_LEN + 1);
+    let err = stream
+        .publish("id", &[], b"x", &with_id(&long))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::InvalidMessage(m) if m.contains("at most 1024 bytes")),
+        "{err}"
+    );
+    let err = stream
+        .publish("id", &[("Msg-Id", &[0xFF][..])], b"x", &Publish::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::InvalidMessage(m) if m.contains("not UTF-8")),
+        "{err}"
+    );
+    let fits = "y".repeat(mq_store::MAX_MSG_ID_LEN);
+    let ack = stream.publish("id", &[], b"x", &with_id(&fits)).await;
+    assert_eq!(ack.unwrap().await.unwrap().seq, 1);
+}
+
+#[tokio::test]
 async fn expectations_that_do_not_hold_are_refused_saying_what_was_expected_and_found() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("E", ["e.*"])).unwrap();
