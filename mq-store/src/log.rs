@@ -129,12 +129,26 @@ pub(crate) struct Span {
     pub(crate) records: Vec<(u64, usize, usize)>,
 }
 
-/// The `Msg-Id`s seen within the duplicate window: id to (sequence, time).
+/// A `Msg-Id` read back by recovery: (id, sequence, time, first sequence of the
+/// segment whose record states it).
+pub(crate) type SeenId = (String, u64, i64, u64);
+
+/// Where a `Msg-Id` was seen.
+#[derive(Clone, Copy, Debug)]
+struct Seen {
+    seq: u64,
+    time: i64,
+    /// The first sequence of the segment holding the newest record that states the id
+    /// (its message, or a restatement): the id must be restated before it goes.
+    holder: u64,
+}
+
+/// The `Msg-Id`s seen within the duplicate window.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
     /// The window, in nanoseconds.
     pub(crate) window: i64,
-    ids: HashMap<String, (u64, i64)>,
+    ids: HashMap<String, Seen>,
     /// Ids by time, oldest first, to expire them.
     order: VecDeque<(i64, String)>,
 }
@@ -156,7 +170,7 @@ impl Dedup {
                 break;
             }
             let (time, id) = self.order.pop_front().expect("checked");
-            if self.ids.get(&id).is_some_and(|(_, t)| *t == time) {
+            if self.ids.get(&id).is_some_and(|seen| seen.time == time) {
                 self.ids.remove(&id);
             }
         }
@@ -164,35 +178,36 @@ impl Dedup {
 
     /// The sequence of the message stored with `id`, if within the window at `now`.
     pub(crate) fn get(&self, id: &str, now: i64) -> Option<u64> {
-        let (seq, time) = self.ids.get(id)?;
-        (*time >= now.saturating_sub(self.window)).then_some(*seq)
+        let seen = self.ids.get(id)?;
+        (seen.time >= now.saturating_sub(self.window)).then_some(seen.seq)
     }
 
-    /// Remembers `id` for message `seq` stored at `time`. Ids must come in time order.
-    pub(crate) fn insert(&mut self, id: String, seq: u64, time: i64) {
+    /// Remembers `id` for message `seq` stored at `time`, stated by a record in the
+    /// segment starting at `holder`. Ids must come in time order.
+    fn insert(&mut self, id: String, seq: u64, time: i64, holder: u64) {
         self.order.push_back((time, id.clone()));
-        self.ids.insert(id, (seq, time));
+        self.ids.insert(id, Seen { seq, time, holder });
     }
 
     /// Builds the window from ids read back (in any order), as of `now`.
-    pub(crate) fn rebuild(window: i64, mut ids: Vec<(String, u64, i64)>, now: i64) -> Dedup {
-        ids.sort_by_key(|(_, seq, time)| (*time, *seq));
+    pub(crate) fn rebuild(window: i64, mut ids: Vec<SeenId>, now: i64) -> Dedup {
+        // the newest statement of an id wins
+        ids.sort_by_key(|(_, seq, time, holder)| (*time, *seq, *holder));
         let mut dedup = Dedup::new(window);
-        for (id, seq, time) in ids {
-            dedup.insert(id, seq, time);
+        for (id, seq, time, holder) in ids {
+            dedup.insert(id, seq, time, holder);
         }
         dedup.expire(now);
         dedup
     }
 
-    /// The ids stored at or after `since` of the messages `which` picks: (seq, time,
-    /// id).
-    fn select(&self, since: i64, which: impl Fn(u64) -> bool) -> Vec<(u64, i64, &str)> {
+    /// The ids stored at or after `since` whose holder is in `going`, sorted.
+    fn held_by(&self, since: i64, going: &[u64]) -> Vec<(u64, i64, String)> {
         let mut out: Vec<_> = self
             .ids
             .iter()
-            .filter(|(_, (seq, time))| *time >= since && which(*seq))
-            .map(|(id, (seq, time))| (*seq, *time, id.as_str()))
+            .filter(|(_, seen)| seen.time >= since && going.contains(&seen.holder))
+            .map(|(id, seen)| (seen.seq, seen.time, id.clone()))
             .collect();
         out.sort_unstable();
         out
@@ -206,7 +221,7 @@ pub(crate) struct Recovered {
     /// The last configuration record, if any.
     pub(crate) config: Option<StreamConfig>,
     /// `Msg-Id`s of messages younger than `since`: (id, seq, time).
-    pub(crate) msg_ids: Vec<(String, u64, i64)>,
+    pub(crate) msg_ids: Vec<SeenId>,
     /// Damage found and skipped: each names the file and offset.
     pub(crate) damage: Vec<StoreError>,
 }
@@ -644,7 +659,7 @@ impl Log {
         offset: usize,
         len: usize,
         config: &mut Option<StreamConfig>,
-        msg_ids: &mut Vec<(String, u64, i64)>,
+        msg_ids: &mut Vec<SeenId>,
         ids_since: i64,
     ) -> Result<(), String> {
         match record.kind {
@@ -664,7 +679,8 @@ impl Log {
                 if let Some(id) = &id
                     && record.time >= ids_since
                 {
-                    msg_ids.push((id.clone(), record.seq, record.time));
+                    let holder = self.segments.back().expect("a log has a segment").first_seq;
+                    msg_ids.push((id.clone(), record.seq, record.time, holder));
                 }
                 self.last_msg_id = id;
                 self.index(record.subject, offset as u32, len as u32, record.time);
@@ -692,10 +708,11 @@ impl Log {
             }
             Kind::MsgIds => {
                 let ids = record::msg_ids(record.payload).map_err(|e| e.to_string())?;
+                let holder = self.segments.back().expect("a log has a segment").first_seq;
                 msg_ids.extend(
                     ids.into_iter()
                         .filter(|(_, time, _)| *time >= ids_since)
-                        .map(|(seq, time, id)| (id.to_owned(), seq, time)),
+                        .map(|(seq, time, id)| (id.to_owned(), seq, time, holder)),
                 );
             }
             Kind::Config => {
@@ -878,6 +895,10 @@ impl Log {
         let seq = self.next_seq;
         let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
         self.index(subject, pos as u32, len as u32, time);
+        if let Some(id) = msg_id {
+            let holder = self.segments.back().expect("a log has a segment").first_seq;
+            self.dedup.insert(id.to_owned(), seq, time, holder);
+        }
         self.last_msg_id = msg_id.map(str::to_owned);
         Ok(seq)
     }
@@ -1098,23 +1119,31 @@ impl Log {
         self.append_record(Kind::Purge, floor, time, "", &headers, &[]);
     }
 
-    /// Appends `MsgIds` records restating the ids still in the duplicate window of the
-    /// messages outside every segment in `staying`: those whose message record, or
-    /// an earlier restatement, may be about to be removed.
-    fn restate_msg_ids(&mut self, staying: &[std::ops::Range<u64>]) {
+    /// Appends `MsgIds` records restating the ids still in the duplicate window whose
+    /// newest statement (their message, or a restatement) is in a segment of `going`,
+    /// about to be removed; they are held by the segment written to from then on.
+    fn restate_msg_ids(&mut self, going: &[u64]) {
         let since = self.last_time.saturating_sub(self.dedup.window);
-        let gone = |seq| !staying.iter().any(|r| r.contains(&seq));
-        let mut payloads = vec![Vec::new()];
-        for (seq, time, id) in self.dedup.select(since, gone) {
-            let last = payloads.last_mut().expect("one at least");
-            if !last.is_empty() && last.len() + 20 + id.len() > MSG_IDS_RECORD {
-                payloads.push(Vec::new());
+        let ids = self.dedup.held_by(since, going);
+        let mut chunk: Vec<&(u64, i64, String)> = Vec::new();
+        let mut payload = Vec::new();
+        for (i, entry) in ids.iter().enumerate() {
+            let (seq, time, id) = entry;
+            record::encode_msg_id(&mut payload, *seq, *time, id);
+            chunk.push(entry);
+            let full = ids
+                .get(i + 1)
+                .is_none_or(|next| payload.len() + 20 + next.2.len() > MSG_IDS_RECORD);
+            if full {
+                self.append_record(Kind::MsgIds, 0, 0, "", &[], &payload);
+                let holder = self.segments.back().expect("a log has a segment").first_seq;
+                for (_, _, id) in chunk.drain(..) {
+                    if let Some(seen) = self.dedup.ids.get_mut(id) {
+                        seen.holder = holder;
+                    }
+                }
+                payload.clear();
             }
-            let last = payloads.last_mut().expect("one at least");
-            record::encode_msg_id(last, seq, time, id);
-        }
-        for payload in payloads.into_iter().filter(|p| !p.is_empty()) {
-            self.append_record(Kind::MsgIds, 0, 0, "", &[], &payload);
         }
     }
 
@@ -1152,16 +1181,13 @@ impl Log {
             .collect();
         restate.sort_unstable();
         restate.dedup();
-        let staying: Vec<_> = (0..self.segments.len())
-            .filter(|i| !going.contains(i))
-            .map(|i| self.segments[i].first_seq..self.segments[i].end_seq())
-            .collect();
+        let going_firsts: Vec<u64> = going.iter().map(|&i| self.segments[i].first_seq).collect();
         self.purge_pending = false;
         self.write_purge(self.first_seq);
         for seq in restate {
             self.write_delete(seq);
         }
-        self.restate_msg_ids(&staying);
+        self.restate_msg_ids(&going_firsts);
         for &i in going.iter().rev() {
             let segment = self.segments.remove(i).expect("in range");
             self.ops.push(Op::Remove { path: segment.path });

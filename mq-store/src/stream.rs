@@ -269,7 +269,7 @@ impl Stream {
         clock: Arc<dyn Clock>,
         log: Log,
         config: StreamConfig,
-        msg_ids: Vec<(String, u64, i64)>,
+        msg_ids: Vec<log::SeenId>,
     ) -> Stream {
         let now = clock.now();
         let mut log = log;
@@ -506,9 +506,6 @@ impl Stream {
                     state.log.delete(oldest);
                 }
             }
-        }
-        if let Some(id) = msg_id {
-            state.log.dedup.insert(id.to_owned(), seq, now);
         }
         state.ticket += 1;
         let ack = PubAck {

@@ -1183,6 +1183,73 @@ fn a_msg_id_whose_segment_a_limit_removed_is_still_a_duplicate_after_a_restart()
     });
 }
 
+/// Every `Msg-Id` restated in the stream's segments, in file order.
+fn restated_ids(fs: &SimFs) -> Vec<String> {
+    use mq_store::fs::Fs;
+    use mq_store::record::{self, Kind};
+    let dir = Path::new(ROOT).join("streams/M");
+    let mut names = fs.list(&dir).unwrap();
+    names.sort();
+    let mut ids = Vec::new();
+    for name in names {
+        let file = fs.open(&dir.join(name), false).unwrap();
+        let mut data = vec![0; file.len().unwrap() as usize];
+        file.read_exact_at(&mut data, 0).unwrap();
+        let salt = record::decode_segment_header(&data).unwrap().salt;
+        let mut at = record::SEGMENT_HEADER_LEN;
+        while at < data.len() {
+            let rec = record::decode(&data[at..], salt, u32::MAX).unwrap();
+            if rec.kind == Kind::MsgIds {
+                for (_, _, id) in record::msg_ids(rec.payload).unwrap() {
+                    ids.push(id.to_owned());
+                }
+            }
+            at += record::peek_len(&data[at..]).unwrap() as usize;
+        }
+    }
+    ids
+}
+
+/// Only the ids whose newest statement goes with a removed segment are written again:
+/// not those of segments that stay, nor those already restated in one that stays.
+#[test]
+fn msg_ids_are_restated_only_when_the_segment_stating_them_goes() {
+    rt().block_on(async {
+        let fs = SimFs::default();
+        let clock = ManualClock::new(1_700_000_000_000_000_000);
+        let store = open_plain(&fs, &clock);
+        let config = StreamConfig {
+            segment_size: 4096,
+            ..StreamConfig::new("M", ["s.>"])
+        };
+        let stream = store.create(config).unwrap();
+        // two messages (about 1.5 KiB each) per segment: a b | c d | e f
+        for id in ["a", "b", "c", "d", "e", "f"] {
+            pubw(&stream, "s.a", &[0; 1500], Some(id)).await.unwrap();
+        }
+        assert_eq!(stream.info().state.segments, 3);
+        for seq in [1, 2] {
+            stream.delete_message(seq).await.unwrap();
+        }
+        assert_eq!(restated_ids(&fs), ["a", "b"], "the first segment went");
+        for seq in [3, 4] {
+            stream.delete_message(seq).await.unwrap();
+        }
+        assert_eq!(
+            restated_ids(&fs),
+            ["a", "b", "c", "d"],
+            "the second went; a and b are stated in the last segment, which stays"
+        );
+        drop((stream, store));
+        let store = open_plain(&fs, &clock);
+        let stream = store.stream("M").unwrap();
+        for (id, seq) in [("a", 1), ("c", 3), ("f", 6)] {
+            let retry = pubw(&stream, "s.a", &[0; 1500], Some(id)).await.unwrap();
+            assert_eq!((retry.duplicate, retry.seq), (true, seq), "{id}");
+        }
+    });
+}
+
 /// The last message's time and `Msg-Id` (which `expected_last_msg_id` checks) survive
 /// a purge of everything and a restart.
 #[test]
