@@ -1032,6 +1032,8 @@ impl Shared {
         let mut written: Vec<Written> = Vec::new();
         let mut ends: Vec<(Arc<dyn File>, u64)> = Vec::new();
         let mut sync_dir = false;
+        // A directory sync is due before the next removal (a segment was created).
+        let mut created = false;
         let sync = |written: &[Written]| -> Result<(), StoreError> {
             for (file, path) in written {
                 file.sync_data()
@@ -1060,9 +1062,16 @@ impl Shared {
                     }
                 }
                 Op::Remove { path } => {
-                    // What says the segment's messages are gone must be durable first;
-                    // once it is, a later failure of the batch must not cut it away.
+                    // What says the segment's messages are gone must be durable first,
+                    // with the name of a segment it was written into (created in this
+                    // batch); once it is, a later failure of the batch must not cut it
+                    // away.
                     sync(&written)?;
+                    if std::mem::take(&mut created) {
+                        self.fs
+                            .sync_dir(&self.dir)
+                            .map_err(|e| StoreError::io("sync directory", &self.dir, e))?;
+                    }
                     for (file, end) in &ends {
                         if let Some(first) = batch
                             .first_writes
@@ -1083,7 +1092,10 @@ impl Shared {
                     file.sync_data()
                         .map_err(|e| StoreError::io("fsync", &path, e))?;
                 }
-                Op::SyncDir => sync_dir = true,
+                Op::SyncDir => {
+                    sync_dir = true;
+                    created = true;
+                }
             }
         }
         if fsync == Fsync::Always {

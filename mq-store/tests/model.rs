@@ -1439,6 +1439,87 @@ fn a_record_a_killed_process_never_synced_is_synced_before_its_retry_is_acknowle
     });
 }
 
+/// Records the directory operations made through it.
+#[derive(Debug, Clone)]
+struct RecordFs {
+    inner: SimFs,
+    ops: Arc<std::sync::Mutex<Vec<String>>>,
+}
+impl RecordFs {
+    fn note(&self, op: String) {
+        self.ops.lock().unwrap().push(op);
+    }
+}
+impl mq_store::fs::Fs for RecordFs {
+    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.create_dir_all(dir)
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        self.inner.list(dir)
+    }
+    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
+        if create {
+            self.note(format!("create {}", path.display()));
+        }
+        self.inner.open(path, create)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        self.note(format!("remove {}", path.display()));
+        self.inner.remove_file(path)
+    }
+    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
+        self.inner.remove_dir_all(dir)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        self.note("sync_dir".into());
+        self.inner.sync_dir(dir)
+    }
+}
+
+/// A purge of everything starts a segment and removes the others in one batch: the new
+/// segment's directory entry is synced before any removal, so that no crash can leave
+/// the directory without a segment holding the configuration.
+#[test]
+fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal() {
+    rt().block_on(async {
+        let fs = RecordFs {
+            inner: SimFs::default(),
+            ops: Arc::default(),
+        };
+        let clock = ManualClock::new(1_700_000_000_000_000_000);
+        let store = Store::open_with(
+            Arc::new(fs.clone()),
+            Path::new(ROOT),
+            Arc::new(clock.clone()),
+        )
+        .unwrap();
+        let config = StreamConfig {
+            segment_size: 4096,
+            ..StreamConfig::new("M", ["s.>"])
+        };
+        let stream = store.create(config).unwrap();
+        for _ in 0..6 {
+            pubw(&stream, "s.a", &[0; 1500], None).await.unwrap();
+        }
+        fs.ops.lock().unwrap().clear();
+        stream.purge(None).await.unwrap();
+        let ops = fs.ops.lock().unwrap().clone();
+        println!("{ops:?}");
+        let created = ops.iter().position(|op| op.starts_with("create")).unwrap();
+        let removed = ops.iter().position(|op| op.starts_with("remove")).unwrap();
+        assert!(created < removed, "{ops:?}");
+        assert!(
+            ops[created..removed].iter().any(|op| op == "sync_dir"),
+            "no directory sync between {} and {}",
+            ops[created],
+            ops[removed]
+        );
+    });
+}
+
 /// Takes a power-loss image (with a torn page) at the first fsync after being armed.
 #[derive(Debug, Clone)]
 struct TearFs {
