@@ -1397,29 +1397,66 @@ async fn a_segment_file_recovery_skipped_is_moved_aside_never_written_into() {
 async fn a_removal_whose_directory_sync_failed_is_made_durable_before_the_next_ack() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
+    let config = StreamConfig {
+        segment_size: 4096,
+        ..StreamConfig::new("DR", ["dr"])
+    };
+    let stream = store.create(config).unwrap();
+    for i in 1..=4u8 {
+        publish(&stream, "dr", &[i; 1500]).await.unwrap(); // two per segment
+    }
+    // Removing the first segment's messages removes it; the sync after that fails.
+    fs.fail_dir_syncs(true);
+    stream.delete_message(1).await.unwrap();
+    assert!(stream.delete_message(2).await.is_err());
+    fs.fail_dir_syncs(false);
+    let ack = publish(&stream, "dr", b"after").await.unwrap();
+    assert_eq!(ack.seq, 5);
+    let after = fs.power_loss(None);
+    drop((stream, store));
+    let store = open(&after, &clock);
+    let stream = store.stream("DR").unwrap();
+    let messages = stream.range(1, 10, usize::MAX).unwrap();
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        seqs,
+        [3, 4, 5],
+        "the removal held; the acknowledged message is there"
+    );
+}
+
+#[tokio::test]
+async fn a_purge_whose_new_segment_cannot_be_made_durable_removes_nothing() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
     let stream = store.create(StreamConfig::new("DS", ["ds"])).unwrap();
     for i in 1..=3u8 {
         publish(&stream, "ds", &[i]).await.unwrap();
     }
+    let seqs = |stream: &Stream| -> Vec<u64> {
+        let messages = stream.range(1, 10, usize::MAX).unwrap();
+        messages.iter().map(|m| m.seq).collect()
+    };
+    // The purge starts a segment; the directory sync that must make it durable before
+    // the old segments go fails: nothing is removed, and the purge fails as a whole.
     fs.fail_dir_syncs(true);
     assert!(stream.purge(None).await.is_err());
     fs.fail_dir_syncs(false);
     let ack = publish(&stream, "ds", b"after").await.unwrap();
     assert_eq!(ack.seq, 4);
+    assert_eq!(seqs(&stream), [1, 2, 3, 4], "the failed purge is undone");
+    // Once the removal is under way, a failed sync after it cannot undo it.
+    fs.fail_writes(None);
+    assert!(stream.purge(None).await.is_ok());
+    publish(&stream, "ds", b"last").await.unwrap();
     let after = fs.power_loss(None);
     drop((stream, store));
     let store = open(&after, &clock);
     let stream = store.stream("DS").unwrap();
-    let seqs: Vec<u64> = stream
-        .range(1, 10, usize::MAX)
-        .unwrap()
-        .iter()
-        .map(|m| m.seq)
-        .collect();
     assert_eq!(
-        seqs,
-        [4],
-        "the purge held and the acknowledged message is there"
+        seqs(&stream),
+        [5],
+        "the purge held; what was acknowledged is there"
     );
 }
 
