@@ -224,6 +224,8 @@ pub(crate) struct Recovered {
     pub(crate) msg_ids: Vec<SeenId>,
     /// Damage found and skipped: each names the file and offset.
     pub(crate) damage: Vec<StoreError>,
+    /// Segments moved aside as torn first writes (kept, in case they are not).
+    pub(crate) set_aside: Vec<PathBuf>,
 }
 
 /// A stream's log. See the module documentation.
@@ -365,6 +367,7 @@ impl Log {
         let mut config: Option<StreamConfig> = None;
         let mut msg_ids = Vec::new();
         let mut damage = Vec::new();
+        let mut set_aside = Vec::new();
         let mut dir_changed = false;
         for (i, (first, path, file, len)) in segments.iter().take(data_count).enumerate() {
             let (first, len) = (*first, *len);
@@ -442,6 +445,7 @@ impl Log {
                             );
                             fs.rename(path, &aside)
                                 .map_err(|e| StoreError::io("rename", path, e))?;
+                            set_aside.push(aside);
                             dir_changed = true;
                             if first != prev_end {
                                 // its name is the only trace that sequences went on
@@ -611,6 +615,7 @@ impl Log {
             config,
             msg_ids,
             damage,
+            set_aside,
         })
     }
 

@@ -243,6 +243,15 @@ impl Stream {
                     "messages but no configuration record in any segment",
                 ));
             }
+            if let Some(aside) = recovered.set_aside.first() {
+                // Most likely a creation that did not complete; but the file is kept,
+                // and so is the stream's name, rather than deleted unread.
+                return Err(StoreError::corrupt(
+                    aside,
+                    0,
+                    "no readable segment is left: the first segment's header is unreadable (a torn first write, or damage), and the file was moved aside",
+                ));
+            }
             return Ok(None);
         };
         let dir_name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use mq_store::clock::SystemClock;
 use mq_store::fault::SimFs;
 use mq_store::fs::Fs;
-use mq_store::{Publish, Store, StreamConfig};
+use mq_store::{Publish, Store, StoreError, StreamConfig};
 use proptest::prelude::*;
 
 fn run<F: std::future::Future>(future: F) -> F::Output {
@@ -107,7 +107,13 @@ proptest! {
 
             let store = Store::open_with(Arc::new(fs.clone()), Path::new("/u"), Arc::new(SystemClock));
             let Ok(store) = store else { return Ok(()) };
-            let Ok(stream) = store.stream("U") else { return Ok(()) };
+            let stream = match store.stream("U") {
+                Ok(stream) => stream,
+                Err(StoreError::StreamNotFound(_)) => {
+                    return Err(TestCaseError::fail("a damaged stream was removed, not reported"));
+                }
+                Err(_) => return Ok(()), // reported: it cannot be opened
+            };
             let info = stream.info();
             let last = info.state.last_seq;
             for seq in 1..=last + 1 {
