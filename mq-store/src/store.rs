@@ -39,8 +39,9 @@ struct Inner {
     streams_dir: PathBuf,
     clock: Arc<dyn Clock>,
     streams: RwLock<BTreeMap<String, Stream>>,
-    /// Streams whose files could not be opened, and why: their names stay taken.
-    broken: BTreeMap<String, StoreError>,
+    /// Streams whose files could not be opened, and why: their names stay taken
+    /// until they are deleted.
+    broken: Mutex<BTreeMap<String, StoreError>>,
     /// Held while streams are created, updated or deleted: one at a time.
     admin: Mutex<()>,
     /// Raised by a stream whose configuration recovery changed: re-route.
@@ -127,7 +128,7 @@ impl Store {
                 streams_dir,
                 clock,
                 streams: RwLock::new(streams),
-                broken,
+                broken: Mutex::new(broken),
                 admin: Mutex::new(()),
                 stale: Arc::new(AtomicBool::new(false)),
                 routes: RwLock::new(Vec::new()),
@@ -180,8 +181,8 @@ impl Store {
     pub fn create(&self, config: StreamConfig) -> Result<Stream, StoreError> {
         config.validate().map_err(StoreError::InvalidConfig)?;
         let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = self.inner.broken.get(&config.name) {
-            return Err(e.clone());
+        if let Some(e) = self.broken(&config.name) {
+            return Err(e);
         }
         let existing = self
             .inner
@@ -245,20 +246,36 @@ impl Store {
         Ok(stream.info())
     }
 
-    /// Deletes a stream and its files.
+    /// Why the stream named `name` could not be opened, if it could not.
+    fn broken(&self, name: &str) -> Option<StoreError> {
+        let broken = self.inner.broken.lock().unwrap_or_else(|e| e.into_inner());
+        broken.get(name).cloned()
+    }
+
+    /// Deletes a stream and its files; also one whose files could not be opened.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
         let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let stream = self
+        let removed = self
             .inner
             .streams
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name)
-            .ok_or_else(|| StoreError::StreamNotFound(name.to_owned()))?;
-        self.reroute();
-        stream.close();
+            .remove(name);
+        let dir = match removed {
+            Some(stream) => {
+                self.reroute();
+                stream.close();
+                stream.dir().to_owned()
+            }
+            None => {
+                let mut broken = self.inner.broken.lock().unwrap_or_else(|e| e.into_inner());
+                broken
+                    .remove(name)
+                    .ok_or_else(|| StoreError::StreamNotFound(name.to_owned()))?;
+                self.inner.streams_dir.join(name)
+            }
+        };
         let fs = &self.inner.fs;
-        let dir = stream.dir().to_owned();
         let nanos = self.inner.clock.now();
         let gone = self
             .inner
@@ -282,8 +299,8 @@ impl Store {
 
     /// The stream named `name`; for a stream whose files could not be opened, why.
     pub fn stream(&self, name: &str) -> Result<Stream, StoreError> {
-        if let Some(e) = self.inner.broken.get(name) {
-            return Err(e.clone());
+        if let Some(e) = self.broken(name) {
+            return Err(e);
         }
         self.inner
             .streams

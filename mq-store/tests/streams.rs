@@ -979,6 +979,14 @@ async fn a_stream_that_cannot_be_opened_does_not_keep_the_others_down() {
         store.create(StreamConfig::new("BAD", ["bad"])).is_err(),
         "its name stays taken"
     );
+    // until an operator deletes it
+    store.delete("BAD").unwrap();
+    assert!(matches!(
+        store.stream("BAD"),
+        Err(StoreError::StreamNotFound(_))
+    ));
+    let stream = store.create(StreamConfig::new("BAD", ["bad"])).unwrap();
+    assert_eq!(publish(&stream, "bad", b"new").await.unwrap().seq, 1);
 }
 
 #[tokio::test]
