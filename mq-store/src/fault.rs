@@ -8,6 +8,11 @@
 //!
 //! Directories themselves are taken as durable once created.
 //!
+//! A hook ([`SimFs::set_hook`]) sees every operation that changes the disk just
+//! before it is made: tests use it to crash at any one of them, to take the disk as a
+//! killed process leaves it at a given moment, to record their order, or to hold the
+//! caller inside a write.
+//!
 //! ```
 //! use std::path::Path;
 //! use mq_store::fault::SimFs;
@@ -38,9 +43,48 @@ pub struct SimFs {
     disk: Arc<Disk>,
 }
 
+/// An operation that changes a [`SimFs`], as its hook sees it, just before it is made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SimOp<'a> {
+    /// `create_dir_all`.
+    CreateDir(&'a Path),
+    /// `open` of a new file.
+    Create(&'a Path),
+    /// `remove_file`.
+    Remove(&'a Path),
+    /// `remove_dir_all`.
+    RemoveDir(&'a Path),
+    /// `rename(from, to)`.
+    Rename(&'a Path, &'a Path),
+    /// `sync_dir`.
+    SyncDir(&'a Path),
+    /// A write to a file.
+    Write,
+    /// An `fsync` of a file.
+    Sync,
+    /// A file's length set.
+    SetLen,
+}
+
+/// What [`SimFs::set_hook`] takes: called with the disk and the operation about to be
+/// made on it.
+pub type Hook = Arc<dyn Fn(&SimFs, SimOp<'_>) + Send + Sync>;
+
+#[derive(Default)]
+struct HookSlot(Mutex<Option<Hook>>);
+
+impl std::fmt::Debug for HookSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = lock(&self.0).is_some();
+        f.debug_struct("Hook").field("set", &set).finish()
+    }
+}
+
 #[derive(Debug, Default)]
 struct Disk {
     state: Mutex<DiskState>,
+    hook: HookSlot,
     writes: AtomicU64,
     syncs: AtomicU64,
     dir_syncs: AtomicU64,
@@ -84,6 +128,32 @@ fn not_found(path: &Path) -> io::Error {
 impl SimFs {
     fn state(&self) -> MutexGuard<'_, DiskState> {
         lock(&self.disk.state)
+    }
+
+    /// Calls `hook` just before every operation that changes this disk (`None`: no
+    /// hook). The hook may inspect or snapshot the disk, or block.
+    ///
+    /// ```
+    /// use std::path::Path;
+    /// use std::sync::{Arc, Mutex};
+    /// use mq_store::fault::{SimFs, SimOp};
+    /// use mq_store::fs::Fs;
+    /// let fs = SimFs::default();
+    /// let seen = Arc::new(Mutex::new(Vec::new()));
+    /// let log = seen.clone();
+    /// fs.set_hook(Some(Arc::new(move |_: &SimFs, op: SimOp<'_>| {
+    ///     log.lock().unwrap().push(format!("{op:?}"));
+    /// })));
+    /// fs.create_dir_all(Path::new("/d")).unwrap();
+    /// fs.sync_dir(Path::new("/d")).unwrap();
+    /// assert_eq!(*seen.lock().unwrap(), ["CreateDir(\"/d\")", "SyncDir(\"/d\")"]);
+    /// ```
+    pub fn set_hook(&self, hook: Option<Hook>) {
+        *lock(&self.disk.hook.0) = hook;
+    }
+
+    fn before(&self, op: SimOp<'_>) {
+        before(&self.disk, op);
     }
 
     /// From now on every write fails with `kind` (`None`: writes succeed again).
@@ -181,8 +251,17 @@ impl SimFs {
     }
 }
 
+/// Calls `disk`'s hook, if any, outside every lock of the disk.
+fn before(disk: &Arc<Disk>, op: SimOp<'_>) {
+    let hook = lock(&disk.hook.0).clone();
+    if let Some(hook) = hook {
+        hook(&SimFs { disk: disk.clone() }, op);
+    }
+}
+
 impl Fs for SimFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.before(SimOp::CreateDir(dir));
         let mut state = self.state();
         for dir in dir.ancestors() {
             if !dir.as_os_str().is_empty() {
@@ -207,6 +286,9 @@ impl Fs for SimFs {
     }
 
     fn open(&self, path: &Path, create: bool) -> io::Result<Arc<dyn File>> {
+        if create {
+            self.before(SimOp::Create(path));
+        }
         let mut state = self.state();
         if let Some(file) = state.files.get(path) {
             if create {
@@ -238,6 +320,7 @@ impl Fs for SimFs {
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.before(SimOp::Remove(path));
         match self.state().files.remove(path) {
             Some(_) => Ok(()),
             None => Err(not_found(path)),
@@ -245,6 +328,7 @@ impl Fs for SimFs {
     }
 
     fn remove_dir_all(&self, dir: &Path) -> io::Result<()> {
+        self.before(SimOp::RemoveDir(dir));
         let mut state = self.state();
         if !state.dirs.remove(dir) {
             return Err(not_found(dir));
@@ -257,6 +341,7 @@ impl Fs for SimFs {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.before(SimOp::Rename(from, to));
         let mut state = self.state();
         let state = &mut *state;
         let moved = |path: &Path| to.join(path.strip_prefix(from).expect("under `from`"));
@@ -291,6 +376,7 @@ impl Fs for SimFs {
     }
 
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.before(SimOp::SyncDir(dir));
         self.disk.dir_syncs.fetch_add(1, Ordering::Relaxed);
         let mut state = self.state();
         if state.sync_error || state.dir_sync_error {
@@ -332,6 +418,7 @@ impl File for SimFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         let disk = self.disk()?;
+        before(&disk, SimOp::Write);
         disk.writes.fetch_add(1, Ordering::Relaxed);
         let (error, capacity, used) = {
             let state = lock(&disk.state);
@@ -374,6 +461,7 @@ impl File for SimFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let disk = self.disk()?;
+        before(&disk, SimOp::Sync);
         disk.syncs.fetch_add(1, Ordering::Relaxed);
         if lock(&disk.state).sync_error {
             return Err(io::Error::other("fsync failed (injected fault)"));
@@ -384,6 +472,9 @@ impl File for SimFile {
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
+        if let Ok(disk) = self.disk() {
+            before(&disk, SimOp::SetLen);
+        }
         lock(&self.data).current.resize(len as usize, 0);
         Ok(())
     }

@@ -10,11 +10,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mq_store::clock::{Clock, ManualClock};
-use mq_store::fault::SimFs;
+use mq_store::fault::{SimFs, SimOp};
 use mq_store::record::HEADER_LEN;
 use mq_store::{Discard, Publish, Store, StoreError, Stream, StreamConfig};
 use proptest::prelude::*;
@@ -206,18 +207,18 @@ impl Model {
     }
 }
 
-/// Takes a power-loss snapshot of the disk just before file operation number `target`.
+/// Takes a power-loss snapshot of the disk just before the operation number `target`
+/// that changes it.
 #[derive(Debug, Clone)]
-struct CrashFs {
-    inner: SimFs,
+struct CrashPoint {
     counter: Arc<std::sync::atomic::AtomicU64>,
     target: u64,
     tear: Option<u64>,
-    slot: Arc<std::sync::Mutex<Option<SimFs>>>,
+    slot: Arc<Mutex<Option<SimFs>>>,
 }
 
-impl CrashFs {
-    fn tick(&self) {
+impl CrashPoint {
+    fn tick(&self, fs: &SimFs) {
         let n = self
             .counter
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -235,71 +236,16 @@ impl CrashFs {
             );
         }
         if n == self.target {
-            *self.slot.lock().unwrap() = Some(self.inner.power_loss(self.tear));
+            *self.slot.lock().unwrap() = Some(fs.power_loss(self.tear));
         }
     }
-}
 
-#[derive(Debug)]
-struct CrashFile {
-    fs: CrashFs,
-    inner: Arc<dyn mq_store::fs::File>,
-}
-
-impl mq_store::fs::Fs for CrashFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.tick();
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
-        if create {
-            self.tick();
-        }
-        let inner = self.inner.open(path, create)?;
-        Ok(Arc::new(CrashFile {
-            fs: self.clone(),
-            inner,
-        }))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.tick();
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.tick();
-        self.inner.remove_dir_all(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.tick();
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.tick();
-        self.inner.sync_dir(dir)
-    }
-}
-
-impl mq_store::fs::File for CrashFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.fs.tick();
-        self.inner.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.fs.tick();
-        self.inner.sync_data()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.fs.tick();
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
+    /// Counts every operation that changes `fs` from now on.
+    fn arm(&self, fs: &SimFs) {
+        let point = self.clone();
+        fs.set_hook(Some(Arc::new(move |fs: &SimFs, _: SimOp<'_>| {
+            point.tick(fs)
+        })));
     }
 }
 
@@ -308,7 +254,7 @@ fn hdr_len(id: &Option<String>) -> usize {
 }
 
 struct H {
-    crash: Option<CrashFs>,
+    crash: Option<CrashPoint>,
     fs: SimFs,
     clock: ManualClock,
     store: Option<Store>,
@@ -419,13 +365,10 @@ impl H {
     fn reopen(&mut self) {
         self.stream = None;
         self.store = None;
-        let fs: Arc<dyn mq_store::fs::Fs> = match &mut self.crash {
-            Some(c) => {
-                c.inner = self.fs.clone();
-                Arc::new(c.clone())
-            }
-            None => Arc::new(self.fs.clone()),
-        };
+        if let Some(crash) = &self.crash {
+            crash.arm(&self.fs); // a disk after a power loss is a new one
+        }
+        let fs = Arc::new(self.fs.clone());
         let store = Store::open_with(fs, Path::new(ROOT), Arc::new(self.clock.clone())).unwrap();
         self.stream = Some(store.stream("M").unwrap());
         self.store = Some(store);
@@ -686,17 +629,16 @@ fn run_case_crash(
             fsync,
             ..StreamConfig::new("M", ["s.>"])
         };
-        let crash = crash.map(|(target, tear)| CrashFs {
-            inner: fs.clone(),
+        let crash = crash.map(|(target, tear)| CrashPoint {
             counter: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             target,
             tear,
-            slot: Arc::new(std::sync::Mutex::new(None)),
+            slot: Arc::new(Mutex::new(None)),
         });
-        let root_fs: Arc<dyn mq_store::fs::Fs> = match &crash {
-            Some(c) => Arc::new(c.clone()),
-            None => Arc::new(fs.clone()),
-        };
+        if let Some(crash) = &crash {
+            crash.arm(&fs);
+        }
+        let root_fs = Arc::new(fs.clone());
         let store = Store::open_with(root_fs, Path::new(ROOT), Arc::new(clock.clone())).unwrap();
         let stream = store.create(config.clone()).unwrap();
         let mut h = H {
@@ -1323,74 +1265,17 @@ fn kill_image(fs: &SimFs, dirs: &[&str]) -> SimFs {
     out
 }
 
-/// Takes a kill image at the first fsync after being armed.
-#[derive(Debug, Clone)]
-struct KillFs {
-    inner: SimFs,
-    armed: Arc<std::sync::atomic::AtomicBool>,
-    slot: Arc<std::sync::Mutex<Option<SimFs>>>,
-}
-
-#[derive(Debug)]
-struct KillFile {
-    fs: KillFs,
-    inner: Arc<dyn mq_store::fs::File>,
-}
-
-impl mq_store::fs::Fs for KillFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
-        let inner = self.inner.open(path, create)?;
-        Ok(Arc::new(KillFile {
-            fs: self.clone(),
-            inner,
-        }))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(dir)
-    }
-}
-
-impl mq_store::fs::File for KillFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self
-            .fs
-            .armed
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            *self.fs.slot.lock().unwrap() = Some(kill_image(
-                &self.fs.inner,
-                &["/m", "/m/streams", "/m/streams/M"],
-            ));
+/// Takes a kill image of `fs` (into the returned slot) at its first fsync after
+/// `armed` is set.
+fn kill_at_next_fsync(fs: &SimFs, armed: &Arc<AtomicBool>) -> Arc<Mutex<Option<SimFs>>> {
+    let slot: Arc<Mutex<Option<SimFs>>> = Arc::default();
+    let (armed, image) = (armed.clone(), slot.clone());
+    fs.set_hook(Some(Arc::new(move |fs: &SimFs, op: SimOp<'_>| {
+        if op == SimOp::Sync && armed.swap(false, Ordering::SeqCst) {
+            *image.lock().unwrap() = Some(kill_image(fs, &["/m", "/m/streams", "/m/streams/M"]));
         }
-        self.inner.sync_data()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
+    })));
+    slot
 }
 
 /// kill -9 between a batch's write and its fsync (fsync=always): on restart, recovery
@@ -1401,24 +1286,16 @@ fn a_record_a_killed_process_never_synced_is_synced_before_its_retry_is_acknowle
     rt().block_on(async {
         let fs = SimFs::default();
         let clock = ManualClock::new(1_700_000_000_000_000_000);
-        let kill = KillFs {
-            inner: fs.clone(),
-            armed: Arc::default(),
-            slot: Arc::default(),
-        };
-        let store = Store::open_with(
-            Arc::new(kill.clone()),
-            Path::new(ROOT),
-            Arc::new(clock.clone()),
-        )
-        .unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let slot = kill_at_next_fsync(&fs, &armed);
+        let store = open_plain(&fs, &clock);
         let stream = store.create(StreamConfig::new("M", ["s.>"])).unwrap();
         pubw(&stream, "s.a", b"first", Some("one")).await.unwrap();
-        kill.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        armed.store(true, Ordering::SeqCst);
         // the process is "killed" at this batch's fsync: the publisher never gets its ack
         let _ = pubw(&stream, "s.a", b"second", Some("two")).await;
         drop((stream, store));
-        let killed = kill.slot.lock().unwrap().clone().expect("kill image taken");
+        let killed = slot.lock().unwrap().clone().expect("kill image taken");
 
         // restart after the kill; the publisher retries its unacknowledged publish
         let store = open_plain(&killed, &clock);
@@ -1439,63 +1316,15 @@ fn a_record_a_killed_process_never_synced_is_synced_before_its_retry_is_acknowle
     });
 }
 
-/// Records the directory operations made through it.
-#[derive(Debug, Clone)]
-struct RecordFs {
-    inner: SimFs,
-    ops: Arc<std::sync::Mutex<Vec<String>>>,
-}
-impl RecordFs {
-    fn note(&self, op: String) {
-        self.ops.lock().unwrap().push(op);
-    }
-}
-impl mq_store::fs::Fs for RecordFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
-        if create {
-            self.note(format!("create {}", path.display()));
-        }
-        self.inner.open(path, create)
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.note(format!("remove {}", path.display()));
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.note("sync_dir".into());
-        self.inner.sync_dir(dir)
-    }
-}
-
 /// A purge of everything starts a segment and removes the others in one batch: the new
 /// segment's directory entry is synced before any removal, so that no crash can leave
 /// the directory without a segment holding the configuration.
 #[test]
 fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal() {
     rt().block_on(async {
-        let fs = RecordFs {
-            inner: SimFs::default(),
-            ops: Arc::default(),
-        };
+        let fs = SimFs::default();
         let clock = ManualClock::new(1_700_000_000_000_000_000);
-        let store = Store::open_with(
-            Arc::new(fs.clone()),
-            Path::new(ROOT),
-            Arc::new(clock.clone()),
-        )
-        .unwrap();
+        let store = open_plain(&fs, &clock);
         let config = StreamConfig {
             segment_size: 4096,
             ..StreamConfig::new("M", ["s.>"])
@@ -1504,9 +1333,19 @@ fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal(
         for _ in 0..6 {
             pubw(&stream, "s.a", &[0; 1500], None).await.unwrap();
         }
-        fs.ops.lock().unwrap().clear();
+        let recorded: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = recorded.clone();
+        fs.set_hook(Some(Arc::new(move |_: &SimFs, op: SimOp<'_>| {
+            let op = match op {
+                SimOp::Create(path) => format!("create {}", path.display()),
+                SimOp::Remove(path) => format!("remove {}", path.display()),
+                SimOp::SyncDir(_) => "sync_dir".to_owned(),
+                _ => return,
+            };
+            record.lock().unwrap().push(op);
+        })));
         stream.purge(None).await.unwrap();
-        let ops = fs.ops.lock().unwrap().clone();
+        let ops = recorded.lock().unwrap().clone();
         println!("{ops:?}");
         let created = ops.iter().position(|op| op.starts_with("create")).unwrap();
         let removed = ops.iter().position(|op| op.starts_with("remove")).unwrap();
@@ -1520,69 +1359,21 @@ fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal(
     });
 }
 
-/// Takes a power-loss image (with a torn page) at the first fsync after being armed.
-#[derive(Debug, Clone)]
-struct TearFs {
-    inner: SimFs,
-    armed: Arc<std::sync::atomic::AtomicBool>,
+/// Takes a power-loss image of `fs` with a page torn by `seed` (into the returned
+/// slot) at its first fsync after `armed` is set.
+fn lose_power_at_next_fsync(
+    fs: &SimFs,
+    armed: &Arc<AtomicBool>,
     seed: u64,
-    slot: Arc<std::sync::Mutex<Option<SimFs>>>,
-}
-#[derive(Debug)]
-struct TearFile {
-    fs: TearFs,
-    inner: Arc<dyn mq_store::fs::File>,
-}
-impl mq_store::fs::Fs for TearFs {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
-        let inner = self.inner.open(path, create)?;
-        Ok(Arc::new(TearFile {
-            fs: self.clone(),
-            inner,
-        }))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(dir)
-    }
-}
-impl mq_store::fs::File for TearFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self
-            .fs
-            .armed
-            .swap(false, std::sync::atomic::Ordering::SeqCst)
-        {
-            *self.fs.slot.lock().unwrap() = Some(self.fs.inner.power_loss(Some(self.fs.seed)));
+) -> Arc<Mutex<Option<SimFs>>> {
+    let slot: Arc<Mutex<Option<SimFs>>> = Arc::default();
+    let (armed, image) = (armed.clone(), slot.clone());
+    fs.set_hook(Some(Arc::new(move |fs: &SimFs, op: SimOp<'_>| {
+        if op == SimOp::Sync && armed.swap(false, Ordering::SeqCst) {
+            *image.lock().unwrap() = Some(fs.power_loss(Some(seed)));
         }
-        self.inner.sync_data()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
+    })));
+    slot
 }
 
 /// A publisher's payload holding bytes that form valid records (purges, a
@@ -1606,18 +1397,9 @@ fn records_a_publisher_writes_into_a_payload_are_never_replayed_after_a_torn_wri
         rt().block_on(async {
             let fs = SimFs::default();
             let clock = ManualClock::new(1_700_000_000_000_000_000);
-            let tear = TearFs {
-                inner: fs.clone(),
-                armed: Arc::default(),
-                seed,
-                slot: Arc::default(),
-            };
-            let store = Store::open_with(
-                Arc::new(tear.clone()),
-                Path::new(ROOT),
-                Arc::new(clock.clone()),
-            )
-            .unwrap();
+            let armed = Arc::new(AtomicBool::new(false));
+            let slot = lose_power_at_next_fsync(&fs, &armed, seed);
+            let store = open_plain(&fs, &clock);
             let stream = store.create(StreamConfig::new("M", ["s.>"])).unwrap();
             for i in 0..3u8 {
                 pubw(&stream, "s.a", &[i; 10], None).await.unwrap();
@@ -1636,10 +1418,10 @@ fn records_a_publisher_writes_into_a_payload_are_never_replayed_after_a_torn_wri
             let json: &'static [u8] = serde_json::to_vec(&evil).unwrap().leak();
             encode(&mut payload, 0, &rec(Kind::Config, 0, json));
             payload.resize(20_000, 0xEE);
-            tear.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+            armed.store(true, Ordering::SeqCst);
             let _ = pubw(&stream, "s.a", &payload, None).await; // power is lost before its fsync
             drop((stream, store));
-            let after = tear.slot.lock().unwrap().clone().unwrap();
+            let after = slot.lock().unwrap().clone().unwrap();
             let store = open_plain(&after, &clock);
             let stream = store.stream("M").unwrap();
             let have: Vec<u64> = stream

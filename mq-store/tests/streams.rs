@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mq_store::clock::ManualClock;
-use mq_store::fault::SimFs;
+use mq_store::fault::{SimFs, SimOp};
 use mq_store::fs::Fs;
 use mq_store::record::{self, HEADER_LEN};
 use mq_store::{Discard, Fsync, PubAck, Publish, Store, StoreError, Stream, StreamConfig};
@@ -1528,98 +1528,43 @@ async fn an_empty_or_torn_last_segment_past_the_data_keeps_sequences_from_going_
     }
 }
 
-/// A file system whose writes wait while a gate is closed: holds the committer inside
-/// a batch.
-#[derive(Clone, Debug)]
-struct Gated {
-    inner: SimFs,
+/// A gate on a disk's writes: while it is closed, a write waits (holding the committer
+/// inside its batch).
+#[derive(Clone, Debug, Default)]
+struct Gate {
     closed: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
     held: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-#[derive(Debug)]
-struct GatedFile {
-    inner: Arc<dyn mq_store::fs::File>,
-    closed: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
-    held: Arc<std::sync::atomic::AtomicUsize>,
-}
+impl Gate {
+    fn install(&self, fs: &SimFs) {
+        let gate = self.clone();
+        fs.set_hook(Some(Arc::new(move |_: &SimFs, op: SimOp<'_>| {
+            if op != SimOp::Write {
+                return;
+            }
+            let (lock, opened) = &*gate.closed;
+            let closed = lock.lock().unwrap();
+            if *closed {
+                gate.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(opened.wait_while(closed, |closed| *closed).unwrap());
+            }
+        })));
+    }
 
-impl Gated {
     fn set(&self, closed: bool) {
         *self.closed.0.lock().unwrap() = closed;
         self.closed.1.notify_all();
     }
 }
 
-impl Fs for Gated {
-    fn create_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.create_dir_all(dir)
-    }
-    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
-        self.inner.list(dir)
-    }
-    fn open(&self, path: &Path, create: bool) -> std::io::Result<Arc<dyn mq_store::fs::File>> {
-        let inner = self.inner.open(path, create)?;
-        Ok(Arc::new(GatedFile {
-            inner,
-            closed: self.closed.clone(),
-            held: self.held.clone(),
-        }))
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        self.inner.remove_file(path)
-    }
-    fn remove_dir_all(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.remove_dir_all(dir)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        self.inner.sync_dir(dir)
-    }
-}
-
-impl mq_store::fs::File for GatedFile {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        let (lock, opened) = &*self.closed;
-        let mut closed = lock.lock().unwrap();
-        if *closed {
-            self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            closed = opened.wait_while(closed, |closed| *closed).unwrap();
-        }
-        drop(closed);
-        self.inner.write_all_at(buf, offset)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-}
-
 #[tokio::test]
 async fn publishes_queued_under_fsync_always_are_synced_even_if_an_update_lowers_it_meanwhile() {
     let sim = SimFs::default();
-    let gated = Gated {
-        inner: sim.clone(),
-        closed: Arc::default(),
-        held: Arc::default(),
-    };
+    let gated = Gate::default();
+    gated.install(&sim);
     let clock = clock();
-    let store = Store::open_with(
-        Arc::new(gated.clone()),
-        Path::new(ROOT),
-        Arc::new(clock.clone()),
-    )
-    .unwrap();
+    let store = open(&sim, &clock);
     let stream = store.create(StreamConfig::new("LOW", ["low"])).unwrap();
     publish(&stream, "low", b"one").await.unwrap();
     gated.set(true);
