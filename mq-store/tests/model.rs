@@ -198,6 +198,20 @@ impl Model {
             }
         }
     }
+    /// Applies an acknowledged, stored publish: the next sequence, limits, its id.
+    fn store(&mut self, msg: Msg) -> u64 {
+        self.last_seq += 1;
+        let (subject, msg_id, time) = (msg.subject.clone(), msg.msg_id.clone(), msg.time);
+        self.published.insert(self.last_seq, msg.clone());
+        self.msgs.insert(self.last_seq, msg);
+        self.trim();
+        self.per_subject(&subject);
+        if let Some(id) = msg_id {
+            self.dedup.insert(id, (self.last_seq, time, true));
+        }
+        self.last_seq
+    }
+
     fn forget_unsure(&mut self) {
         for e in self.dedup.values_mut() {
             if !self.msgs.contains_key(&e.0) {
@@ -452,25 +466,14 @@ impl H {
                         model.msgs.retain(|_, m| m.time >= cutoff);
                     }
                 }
-                model.last_seq += 1;
-                prop_assert_eq!(ack.seq, model.last_seq, "{}", when);
-                model.msgs.insert(
-                    model.last_seq,
-                    Msg {
-                        subject: subject.to_owned(),
-                        payload,
-                        time: now,
-                        msg_id: msg_id.clone(),
-                        len: record_len,
-                    },
-                );
-                let m = model.msgs[&model.last_seq].clone();
-                model.published.insert(model.last_seq, m);
-                model.trim();
-                model.per_subject(subject);
-                if let Some(id) = msg_id {
-                    model.dedup.insert(id, (model.last_seq, now, true));
-                }
+                let seq = model.store(Msg {
+                    subject: subject.to_owned(),
+                    payload,
+                    time: now,
+                    msg_id,
+                    len: record_len,
+                });
+                prop_assert_eq!(ack.seq, seq, "{}", when);
             }
             Op::Delete(at, existing) => {
                 let seq = if *existing && !model.msgs.is_empty() {
@@ -894,25 +897,14 @@ fn run_case_crash(
                         let expected = match dup {
                             Some(seq) => (seq, true),
                             None => {
-                                model.last_seq += 1;
-                                model.msgs.insert(
-                                    model.last_seq,
-                                    Msg {
-                                        subject: subject.to_owned(),
-                                        payload,
-                                        time: now,
-                                        msg_id: msg_id.clone(),
-                                        len: record_len,
-                                    },
-                                );
-                                let m = model.msgs[&model.last_seq].clone();
-                                model.published.insert(model.last_seq, m);
-                                model.trim();
-                                model.per_subject(subject);
-                                if let Some(id) = msg_id {
-                                    model.dedup.insert(id, (model.last_seq, now, true));
-                                }
-                                (model.last_seq, false)
+                                let msg = Msg {
+                                    subject: subject.to_owned(),
+                                    payload,
+                                    time: now,
+                                    msg_id,
+                                    len: record_len,
+                                };
+                                (model.store(msg), false)
                             }
                         };
                         pending.push((ack, expected));

@@ -1,7 +1,7 @@
 //! Behaviour of streams on a store: appends, reads, segments, recovery, limits,
 //! purge, deduplication, expectations, and what write errors and power loss do.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1171,31 +1171,40 @@ async fn a_configuration_record_read_back_is_validated_like_one_given_to_create(
     assert_eq!(publish(&stream, "cfg", b"x").await.unwrap().seq, 1);
 }
 
+/// Creates stream `name` (its subject: the name in lower case) with 4 KiB segments,
+/// stores `count` messages of 1000 bytes (message `i + 1` is bytes `i`), closes the
+/// store and returns the stream's segment files, oldest first.
+async fn segments_of(fs: &SimFs, clock: &ManualClock, name: &str, count: u8) -> Vec<PathBuf> {
+    let store = open(fs, clock);
+    let subject = name.to_lowercase();
+    let config = StreamConfig {
+        segment_size: 4096,
+        ..StreamConfig::new(name, [subject.as_str()])
+    };
+    let stream = store.create(config).unwrap();
+    for i in 0..count {
+        publish(&stream, &subject, &[i; 1000]).await.unwrap();
+    }
+    drop((stream, store));
+    let dir = Path::new(ROOT).join("streams").join(name);
+    let mut names = fs.list(&dir).unwrap();
+    names.sort();
+    names.iter().map(|name| dir.join(name)).collect()
+}
+
 #[tokio::test]
 async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_readable() {
     for (segment, byte) in [(0, 3), (0, 14), (1, 3), (1, 30)] {
         let (fs, clock) = (SimFs::default(), clock());
-        let store = open(&fs, &clock);
-        let config = StreamConfig {
-            segment_size: 4096,
-            ..StreamConfig::new("HDR", ["hdr"])
-        };
-        let stream = store.create(config).unwrap();
-        for i in 0..12u8 {
-            publish(&stream, "hdr", &[i; 1000]).await.unwrap();
-        }
-        drop((stream, store));
-        let dir = Path::new(ROOT).join("streams/HDR");
-        let mut names = fs.list(&dir).unwrap();
-        names.sort();
-        assert!(names.len() >= 3, "{names:?}");
+        let paths = segments_of(&fs, &clock, "HDR", 12).await;
+        assert!(paths.len() >= 3, "{paths:?}");
         // the first segment, or the last (written to, where a torn write is possible)
-        let name = if segment == 0 {
-            &names[0]
+        let path = if segment == 0 {
+            paths[0].clone()
         } else {
-            names.last().unwrap()
+            paths.last().unwrap().clone()
         };
-        let path = dir.join(name);
+        let name = path.file_name().unwrap().to_string_lossy();
         let file = fs.open(&path, false).unwrap();
         let mut bit = [0; 1];
         file.read_exact_at(&mut bit, byte).unwrap();
@@ -1224,23 +1233,12 @@ async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_read
 #[tokio::test]
 async fn a_last_segment_holding_only_its_header_gets_its_configuration_again() {
     let (fs, clock) = (SimFs::default(), clock());
-    let store = open(&fs, &clock);
-    let config = StreamConfig {
-        segment_size: 4096,
-        ..StreamConfig::new("HO", ["ho"])
-    };
-    let stream = store.create(config).unwrap();
-    for i in 0..6u8 {
-        publish(&stream, "ho", &[i; 1000]).await.unwrap();
-    }
-    drop((stream, store));
-    let dir = Path::new(ROOT).join("streams/HO");
-    let mut names = fs.list(&dir).unwrap();
-    names.sort();
-    let name = names.last().unwrap();
+    let paths = segments_of(&fs, &clock, "HO", 6).await;
+    let path = paths.last().unwrap();
     // the messages of the segments before it stay
+    let name = path.file_name().unwrap().to_str().unwrap();
     let kept = name.trim_end_matches(".log").parse::<u64>().unwrap() - 1;
-    let last = fs.open(&dir.join(name), false).unwrap();
+    let last = fs.open(path, false).unwrap();
     last.set_len(32).unwrap(); // the segment header, and nothing of its first record
 
     let store = open(&fs, &clock);
