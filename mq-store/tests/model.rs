@@ -1257,14 +1257,18 @@ fn kill_image(fs: &SimFs, dirs: &[&str]) -> SimFs {
     out
 }
 
-/// Takes a kill image of `fs` (into the returned slot) at its first fsync after
-/// `armed` is set.
-fn kill_at_next_fsync(fs: &SimFs, armed: &Arc<AtomicBool>) -> Arc<Mutex<Option<SimFs>>> {
+/// Takes `image` of `fs` (into the returned slot) at its first fsync after `armed` is
+/// set.
+fn snapshot_at_next_fsync(
+    fs: &SimFs,
+    armed: &Arc<AtomicBool>,
+    image: impl Fn(&SimFs) -> SimFs + Send + Sync + 'static,
+) -> Arc<Mutex<Option<SimFs>>> {
     let slot: Arc<Mutex<Option<SimFs>>> = Arc::default();
-    let (armed, image) = (armed.clone(), slot.clone());
+    let (armed, taken) = (armed.clone(), slot.clone());
     fs.set_hook(Some(Arc::new(move |fs: &SimFs, op: SimOp<'_>| {
         if op == SimOp::Sync && armed.swap(false, Ordering::SeqCst) {
-            *image.lock().unwrap() = Some(kill_image(fs, &["/m", "/m/streams", "/m/streams/M"]));
+            *taken.lock().unwrap() = Some(image(fs));
         }
     })));
     slot
@@ -1279,7 +1283,9 @@ fn a_record_a_killed_process_never_synced_is_synced_before_its_retry_is_acknowle
         let fs = SimFs::default();
         let clock = ManualClock::new(1_700_000_000_000_000_000);
         let armed = Arc::new(AtomicBool::new(false));
-        let slot = kill_at_next_fsync(&fs, &armed);
+        let slot = snapshot_at_next_fsync(&fs, &armed, |fs| {
+            kill_image(fs, &["/m", "/m/streams", "/m/streams/M"])
+        });
         let store = open_plain(&fs, &clock);
         let stream = store.create(StreamConfig::new("M", ["s.>"])).unwrap();
         pubw(&stream, "s.a", b"first", Some("one")).await.unwrap();
@@ -1351,23 +1357,6 @@ fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal(
     });
 }
 
-/// Takes a power-loss image of `fs` with a page torn by `seed` (into the returned
-/// slot) at its first fsync after `armed` is set.
-fn lose_power_at_next_fsync(
-    fs: &SimFs,
-    armed: &Arc<AtomicBool>,
-    seed: u64,
-) -> Arc<Mutex<Option<SimFs>>> {
-    let slot: Arc<Mutex<Option<SimFs>>> = Arc::default();
-    let (armed, image) = (armed.clone(), slot.clone());
-    fs.set_hook(Some(Arc::new(move |fs: &SimFs, op: SimOp<'_>| {
-        if op == SimOp::Sync && armed.swap(false, Ordering::SeqCst) {
-            *image.lock().unwrap() = Some(fs.power_loss(Some(seed)));
-        }
-    })));
-    slot
-}
-
 /// A publisher's payload holding bytes that form valid records (purges, a
 /// configuration), checksummed with guessed salts: when power is lost while that
 /// message is being written and the write is torn, recovery's search for the next valid
@@ -1390,7 +1379,7 @@ fn records_a_publisher_writes_into_a_payload_are_never_replayed_after_a_torn_wri
             let fs = SimFs::default();
             let clock = ManualClock::new(1_700_000_000_000_000_000);
             let armed = Arc::new(AtomicBool::new(false));
-            let slot = lose_power_at_next_fsync(&fs, &armed, seed);
+            let slot = snapshot_at_next_fsync(&fs, &armed, move |fs| fs.power_loss(Some(seed)));
             let store = open_plain(&fs, &clock);
             let stream = store.create(StreamConfig::new("M", ["s.>"])).unwrap();
             for i in 0..3u8 {
