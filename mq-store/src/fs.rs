@@ -27,7 +27,19 @@ pub trait Fs: Send + Sync + fmt::Debug + 'static {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Makes `dir`'s entries durable: needed after creating, renaming or removing a file.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on the file `path` (created if missing) for as long as
+    /// the returned guard lives; fails with `WouldBlock` if another holder has it. A
+    /// file system no other process can see needs none: the default takes none.
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        let _ = path;
+        Ok(Box::new(()))
+    }
 }
+
+/// What [`Fs::lock`] returns: the lock is held until it is dropped.
+pub trait LockGuard: Send + Sync + fmt::Debug {}
+
+impl<T: Send + Sync + fmt::Debug> LockGuard for T {}
 
 /// An open file, read and written at explicit offsets.
 #[allow(clippy::len_without_is_empty)] // a fallible length; `len()? == 0` reads as well
@@ -112,6 +124,22 @@ impl Fs for OsFs {
         {
             let _ = dir; // directory entries cannot be synced apart from files here
             Ok(())
+        }
+    }
+
+    fn lock(&self, path: &Path) -> io::Result<Box<dyn LockGuard>> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Box::new(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "held by another store (in this process or another)",
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }
 }

@@ -51,5 +51,5 @@ pub use config::{
 pub use error::StoreError;
 pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};
 pub use message::{PubAck, Publish, StoredMessage};
-pub use store::Store;
+pub use store::{LOCK_FILE, Store};
 pub use stream::{AckFuture, Stream, StreamInfo, StreamState};

@@ -16,6 +16,9 @@ use crate::error::StoreError;
 use crate::fs::{Fs, MemFs, OsFs};
 use crate::stream::{Stream, StreamInfo};
 
+/// The file in a store's directory that one store at a time holds a lock on.
+pub const LOCK_FILE: &str = "LOCK";
+
 /// Streams kept in a directory, or in memory; clones share them.
 ///
 /// ```
@@ -44,6 +47,8 @@ struct Inner {
     broken: Mutex<BTreeMap<String, StoreError>>,
     /// Held while streams are created, updated or deleted: one at a time.
     admin: Mutex<()>,
+    /// The directory's lock, released when the store (and so every stream) is closed.
+    _lock: Box<dyn crate::fs::LockGuard>,
     /// Raised by a stream whose configuration recovery changed: re-route.
     stale: Arc<AtomicBool>,
     /// (filter, stream) for every subject of every stream, to route publishes.
@@ -86,6 +91,16 @@ impl Store {
         fs.create_dir_all(&streams_dir)
             .and_then(|()| fs.sync_dir(dir))
             .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // the store's own directory entry, if it was just created
+            fs.sync_dir(parent)
+                .map_err(|e| StoreError::io("sync directory", parent, e))?;
+        }
+        // One store per directory: two would write the same segments.
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = fs
+            .lock(&lock_path)
+            .map_err(|e| StoreError::io("lock", &lock_path, e))?;
         let mut streams = BTreeMap::new();
         let mut broken = BTreeMap::new();
         let mut names = fs
@@ -129,6 +144,7 @@ impl Store {
                 clock,
                 streams: RwLock::new(streams),
                 broken: Mutex::new(broken),
+                _lock: lock,
                 admin: Mutex::new(()),
                 stale: Arc::new(AtomicBool::new(false)),
                 routes: RwLock::new(Vec::new()),

@@ -1259,6 +1259,23 @@ async fn a_last_segment_holding_only_its_header_gets_its_configuration_again() {
 }
 
 #[tokio::test]
+async fn a_store_directory_is_open_in_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Store::open(dir.path()).unwrap();
+    let stream = first.create(StreamConfig::new("ONE", ["one"])).unwrap();
+    publish(&stream, "one", b"x").await.unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    println!("second open: {err}");
+    assert!(
+        err.to_string().contains("LOCK") && err.to_string().contains("held by another store"),
+        "{err}"
+    );
+    drop((stream, first));
+    let again = Store::open(dir.path()).unwrap();
+    assert_eq!(again.stream("ONE").unwrap().info().state.msgs, 1);
+}
+
+#[tokio::test]
 async fn a_segment_named_past_any_real_sequence_is_reported_not_a_panic() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
