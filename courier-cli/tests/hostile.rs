@@ -489,7 +489,7 @@ async fn dropping_65536_subscriptions_at_once_stalls_nobody() {
                     .await
                     .unwrap();
                 i += 1;
-                if i % 256 == 0 {
+                if i.is_multiple_of(256) {
                     churn.flush().await.unwrap();
                 }
             }

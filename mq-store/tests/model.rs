@@ -459,12 +459,12 @@ impl H {
                     Err(e) => panic!("{when}: {e}"),
                 };
                 prop_assert!(!ack.duplicate, "{}", when);
-                if let Some(age) = model.config.max_age {
-                    if now - model.last_expiry >= SEC.min(age.as_nanos() as i64) {
-                        model.last_expiry = now;
-                        let cutoff = now - age.as_nanos() as i64;
-                        model.msgs.retain(|_, m| m.time >= cutoff);
-                    }
+                if let Some(age) = model.config.max_age
+                    && now - model.last_expiry >= SEC.min(age.as_nanos() as i64)
+                {
+                    model.last_expiry = now;
+                    let cutoff = now - age.as_nanos() as i64;
+                    model.msgs.retain(|_, m| m.time >= cutoff);
                 }
                 let seq = model.store(Msg {
                     subject: subject.to_owned(),

@@ -847,7 +847,7 @@ async fn publish_window(
 
 /// Moves `bar` to `i` every [`BAR_STEP`] messages.
 fn tick(bar: &ProgressBar, i: usize) {
-    if i as u64 % BAR_STEP == 0 {
+    if (i as u64).is_multiple_of(BAR_STEP) {
         bar.set_position(i as u64);
     }
 }

@@ -94,15 +94,15 @@ impl<'a> Session<'a> {
                 context: "a broker expects a connect frame first",
             }));
         };
-        if let Some(token) = &config.token {
-            if hello.token.as_str() != token {
-                let message = if hello.token.is_empty() {
-                    "authorization required: this broker needs a token"
-                } else {
-                    "authorization failed: wrong token"
-                };
-                return Err(self.violation(GoAway::AUTHORIZATION, message.into()));
-            }
+        if let Some(token) = &config.token
+            && hello.token.as_str() != token
+        {
+            let message = if hello.token.is_empty() {
+                "authorization required: this broker needs a token"
+            } else {
+                "authorization failed: wrong token"
+            };
+            return Err(self.violation(GoAway::AUTHORIZATION, message.into()));
         }
         *lock(&self.conn.name) = hello.name.to_string();
         self.conn
@@ -125,10 +125,10 @@ impl<'a> Session<'a> {
         if let Err(e) = subject::validate_subject(&publish.subject) {
             return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
         }
-        if !publish.reply.is_empty() {
-            if let Err(e) = subject::validate_subject(&publish.reply) {
-                return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
-            }
+        if !publish.reply.is_empty()
+            && let Err(e) = subject::validate_subject(&publish.reply)
+        {
+            return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
         }
         let max = self.shared.config.max_payload;
         let size = counted_size(&publish.headers, &publish.payload);

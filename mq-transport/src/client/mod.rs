@@ -227,10 +227,10 @@ impl Unsubscribe for Client {
         Box::pin(async move {
             // The broker handles frames in order: once the pong to a ping sent after the
             // unsubscribe is back, nothing more can be on its way to this subscription.
-            if let Some(sender) = self.remote.connected() {
-                if sender.send(Frame::Unsub { sid }).await.is_ok() {
-                    let _ = sender.round_trip().await;
-                }
+            if let Some(sender) = self.remote.connected()
+                && sender.send(Frame::Unsub { sid }).await.is_ok()
+            {
+                let _ = sender.round_trip().await;
             }
             self.remote.lock_subs().remove(&sid);
         })
@@ -344,14 +344,14 @@ impl Remote {
                     // The connection died under us: buffer it for the reconnect, unless
                     // the supervisor already has a new connection.
                     let mut state = self.lock_state();
-                    if let State::Connected(current) = &*state {
-                        if current.same_connection(&sender) {
-                            *state = State::Disconnected {
-                                buffer: VecDeque::new(),
-                                bytes: 0,
-                                reason,
-                            };
-                        }
+                    if let State::Connected(current) = &*state
+                        && current.same_connection(&sender)
+                    {
+                        *state = State::Disconnected {
+                            buffer: VecDeque::new(),
+                            bytes: 0,
+                            reason,
+                        };
                     }
                 }
                 Err(e) => return Err(e.into()),
