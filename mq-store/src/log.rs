@@ -476,7 +476,8 @@ impl Log {
             // where the last segment is cut: a torn write (or nothing after the header)
             let mut torn = (last && data.len() == SEGMENT_HEADER_LEN).then_some(offset);
             while offset < data.len() {
-                let record = match record::decode(&data[offset..], salt, MAX_RECORD_LEN) {
+                let record = match record::decode_at_boundary(&data[offset..], salt, MAX_RECORD_LEN)
+                {
                     Ok(record) => record,
                     Err(e) => {
                         if let Some(at) = resync(&data, offset + 1, salt) {
@@ -551,6 +552,14 @@ impl Log {
                 } else {
                     offset
                 };
+                // Most likely a torn write, whose bytes were never acknowledged; but
+                // damage at the very end looks the same, so the bytes are kept aside.
+                if offset < data.len() {
+                    let aside = keep_aside(fs.as_ref(), path, offset, &data[offset..])?;
+                    tracing::warn!(file = %path.display(), "the bytes cut off are kept in {}", aside.display());
+                    set_aside.push(aside);
+                    dir_changed = true;
+                }
                 file.set_len(cut as u64)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| StoreError::io("truncate", path, e))?;
@@ -1392,6 +1401,27 @@ fn new_salt(path: &Path) -> Result<u64, StoreError> {
     })
 }
 
+/// Writes `bytes`, cut from `path` at `offset`, to a file beside it
+/// (`….log.cut-<offset>.damaged`), synced; returns its path.
+fn keep_aside(
+    fs: &dyn Fs,
+    path: &Path,
+    offset: usize,
+    bytes: &[u8],
+) -> Result<PathBuf, StoreError> {
+    let aside = path.with_extension(format!("log.cut-{offset}.damaged"));
+    match fs.open(&aside, true) {
+        Ok(file) => file
+            .write_all_at(bytes, 0)
+            .and_then(|()| file.sync_data())
+            .map_err(|e| StoreError::io("write", &aside, e))?,
+        // kept by an earlier recovery that did not finish
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(StoreError::io("create", &aside, e)),
+    }
+    Ok(aside)
+}
+
 /// Moves a segment that cannot be read at all aside (`….log.damaged`), so that no
 /// segment is ever started under its name, and reports it. True if it was moved.
 fn move_aside(fs: &dyn Fs, path: &Path, reason: String, damage: &mut Vec<StoreError>) -> bool {
@@ -1435,7 +1465,7 @@ fn message_from(
     seq: u64,
     bytes: &Bytes,
 ) -> Result<StoredMessage, StoreError> {
-    let record = record::decode(bytes, salt, MAX_RECORD_LEN)
+    let record = record::decode_at_boundary(bytes, salt, MAX_RECORD_LEN)
         .map_err(|e| StoreError::corrupt(path, at, e))?;
     if record.kind != Kind::Message || record.seq != seq {
         return Err(StoreError::corrupt(

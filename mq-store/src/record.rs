@@ -293,6 +293,24 @@ pub fn peek_len(bytes: &[u8]) -> Option<u32> {
 /// Decodes the record at the start of `bytes`, in a segment with `salt`, refusing
 /// one longer than `limit`.
 pub fn decode(bytes: &[u8], salt: u64, limit: u32) -> Result<Record<'_>, DecodeError> {
+    decode_with(bytes, salt, limit, true)
+}
+
+/// [`decode`] for a record where one is known to start (the next record of a segment
+/// read in order, or one the index points at): the header checksum is not checked
+/// apart, as the record's checksum covers it and a wrong length makes that one fail.
+/// What looks for records anywhere (recovery after damage) must use [`decode`], which
+/// refuses a forged header after 36 bytes.
+pub fn decode_at_boundary(bytes: &[u8], salt: u64, limit: u32) -> Result<Record<'_>, DecodeError> {
+    decode_with(bytes, salt, limit, false)
+}
+
+fn decode_with(
+    bytes: &[u8],
+    salt: u64,
+    limit: u32,
+    check_header: bool,
+) -> Result<Record<'_>, DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Incomplete {
             needed: HEADER_LEN,
@@ -306,10 +324,12 @@ pub fn decode(bytes: &[u8], salt: u64, limit: u32) -> Result<Record<'_>, DecodeE
     if (len as usize) < HEADER_LEN || len > limit {
         return Err(DecodeError::BadLength { len, limit });
     }
-    let stored = u32_at(32);
-    let computed = header_checksum(salt, bytes);
-    if stored != computed {
-        return Err(DecodeError::BadHeaderChecksum { stored, computed });
+    if check_header {
+        let stored = u32_at(32);
+        let computed = header_checksum(salt, bytes);
+        if stored != computed {
+            return Err(DecodeError::BadHeaderChecksum { stored, computed });
+        }
     }
     let len = len as usize;
     if bytes.len() < len {
