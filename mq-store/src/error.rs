@@ -105,6 +105,10 @@ pub enum StoreError {
     /// The stream was deleted or the store closed.
     #[error("stream `{0}` is closed")]
     Closed(String),
+    /// Another store has the directory open (in this process or another): one store
+    /// per directory.
+    #[error("{} is in use by another store (its LOCK file is held)", .0.display())]
+    Locked(PathBuf),
 }
 
 impl StoreError {

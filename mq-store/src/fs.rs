@@ -135,10 +135,7 @@ impl Fs for OsFs {
             .open(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Box::new(file)),
-            Err(std::fs::TryLockError::WouldBlock) => Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "held by another store (in this process or another)",
-            )),
+            Err(std::fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
     }

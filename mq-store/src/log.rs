@@ -336,10 +336,12 @@ impl Log {
     ) -> Result<Recovered, StoreError> {
         let names = fs.list(dir).map_err(|e| StoreError::io("list", dir, e))?;
         let mut firsts: Vec<u64> = Vec::new();
+        let mut set_aside = Vec::new();
         for name in &names {
             match parse_segment_name(name) {
                 Some(first) => firsts.push(first),
-                None if name.ends_with(".damaged") => {}
+                // kept by an earlier recovery: the stream is not an empty one
+                None if name.ends_with(".damaged") => set_aside.push(dir.join(name)),
                 None => {
                     tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment")
                 }
@@ -367,7 +369,6 @@ impl Log {
         let mut config: Option<StreamConfig> = None;
         let mut msg_ids = Vec::new();
         let mut damage = Vec::new();
-        let mut set_aside = Vec::new();
         let mut dir_changed = false;
         for (i, (first, path, file, len)) in segments.iter().take(data_count).enumerate() {
             let (first, len) = (*first, *len);
@@ -414,16 +415,12 @@ impl Log {
                 Err(e) => {
                     // Damage to the header alone leaves the records readable with the
                     // salt it names, if that survived.
-                    let salt = data
-                        .get(20..28)
-                        .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
-                        .filter(|&salt| resync(&data, SEGMENT_HEADER_LEN, salt).is_some());
-                    match salt {
+                    match recover_salt(&data) {
                         Some(salt) => {
                             damage.push(StoreError::corrupt(
                                 path,
                                 0,
-                                format!("segment header: {e}; its records are read with the salt it names"),
+                                format!("segment header: {e}; its records are read with the salt they were written with"),
                             ));
                             salt
                         }
@@ -436,7 +433,7 @@ impl Log {
                             // The header goes out in the segment's first write, synced
                             // before anything in the segment is acknowledged: a torn
                             // write. Moved aside (kept whole, in case it is not).
-                            let aside = path.with_extension("log.damaged");
+                            let aside = aside_path(fs.as_ref(), path, "torn")?;
                             tracing::warn!(
                                 file = %path.display(),
                                 bytes = data.len(),
@@ -557,8 +554,10 @@ impl Log {
                 if offset < data.len() {
                     let aside = keep_aside(fs.as_ref(), path, offset, &data[offset..])?;
                     tracing::warn!(file = %path.display(), "the bytes cut off are kept in {}", aside.display());
+                    // the copy's name is durable before the bytes leave the segment
+                    fs.sync_dir(dir)
+                        .map_err(|e| StoreError::io("sync directory", dir, e))?;
                     set_aside.push(aside);
-                    dir_changed = true;
                 }
                 file.set_len(cut as u64)
                     .and_then(|()| file.sync_data())
@@ -869,9 +868,14 @@ impl Log {
     ) -> u64 {
         let len = record::encoded_len(subject, headers, payload) as u64;
         let last = self.segments.back().expect("a log has a segment");
-        if kind != Kind::Message && last.len > 0 && last.len + len > self.segment_size {
+        if !matches!(kind, Kind::Message | Kind::MsgIds)
+            && last.len > 0
+            && last.len + len > self.segment_size
+        {
             // Deletes and purges roll segments too, so that no file outgrows the 32-bit
             // positions of the index; if the new file cannot be made, the old one grows.
+            // (Restated ids do not: a segment of them alone would hold no message, go at
+            // the next removal and restate them all again.)
             if let Err(e) = self.roll() {
                 tracing::warn!("{e}; the segment grows past segment_size");
             }
@@ -1409,23 +1413,56 @@ fn keep_aside(
     offset: usize,
     bytes: &[u8],
 ) -> Result<PathBuf, StoreError> {
-    let aside = path.with_extension(format!("log.cut-{offset}.damaged"));
-    match fs.open(&aside, true) {
-        Ok(file) => file
-            .write_all_at(bytes, 0)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| StoreError::io("write", &aside, e))?,
-        // kept by an earlier recovery that did not finish
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(StoreError::io("create", &aside, e)),
-    }
+    let aside = aside_path(fs, path, &format!("cut-{offset}"))?;
+    let file = fs
+        .open(&aside, true)
+        .map_err(|e| StoreError::io("create", &aside, e))?;
+    file.write_all_at(bytes, 0)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| StoreError::io("write", &aside, e))?;
     Ok(aside)
+}
+
+/// A name for keeping `path` (or bytes of it) aside that no file has:
+/// `….log.<tag>.damaged`, then `….log.<tag>.2.damaged`, ….
+fn aside_path(fs: &dyn Fs, path: &Path, tag: &str) -> Result<PathBuf, StoreError> {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let names = fs.list(dir).map_err(|e| StoreError::io("list", dir, e))?;
+    let base = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    let name = (1..)
+        .map(|n| match n {
+            1 => format!("{base}.{tag}.damaged"),
+            n => format!("{base}.{tag}.{n}.damaged"),
+        })
+        .find(|name| !names.contains(name))
+        .expect("an unused name");
+    Ok(dir.join(name))
+}
+
+/// The salt a segment whose header is damaged was written with: the one its header
+/// names, or that one with one bit or one byte changed, if the first record (its
+/// configuration, at the same place in every segment) verifies with it.
+fn recover_salt(data: &[u8]) -> Option<u64> {
+    let named = u64::from_le_bytes(data.get(20..28)?.try_into().ok()?);
+    if resync(data, SEGMENT_HEADER_LEN, named).is_some() {
+        return Some(named);
+    }
+    let first = data.get(SEGMENT_HEADER_LEN..)?;
+    let verifies = |salt: u64| record::decode(first, salt, MAX_RECORD_LEN).is_ok();
+    let bits = (0..64).map(|bit| named ^ (1 << bit));
+    let bytes =
+        (0..8).flat_map(|byte| (1..=255u64).map(move |value| named ^ (value << (8 * byte))));
+    bits.chain(bytes).find(|&salt| verifies(salt))
 }
 
 /// Moves a segment that cannot be read at all aside (`….log.damaged`), so that no
 /// segment is ever started under its name, and reports it. True if it was moved.
 fn move_aside(fs: &dyn Fs, path: &Path, reason: String, damage: &mut Vec<StoreError>) -> bool {
-    let aside = path.with_extension("log.damaged");
+    let aside =
+        aside_path(fs, path, "skipped").unwrap_or_else(|_| path.with_extension("log.damaged"));
     let moved = fs.rename(path, &aside).is_ok();
     let whereto = if moved {
         format!("; moved to {}", aside.display())

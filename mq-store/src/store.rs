@@ -91,16 +91,19 @@ impl Store {
         fs.create_dir_all(&streams_dir)
             .and_then(|()| fs.sync_dir(dir))
             .map_err(|e| StoreError::io("create directory", &streams_dir, e))?;
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            // the store's own directory entry, if it was just created
-            fs.sync_dir(parent)
-                .map_err(|e| StoreError::io("sync directory", parent, e))?;
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
+            && let Err(e) = fs.sync_dir(parent)
+        {
+            // the store's own directory entry, if it was just created; a parent that
+            // cannot be opened (no read permission) is not a reason to refuse
+            tracing::warn!(dir = %parent.display(), "syncing the store's parent directory: {e}");
         }
         // One store per directory: two would write the same segments.
         let lock_path = dir.join(LOCK_FILE);
-        let lock = fs
-            .lock(&lock_path)
-            .map_err(|e| StoreError::io("lock", &lock_path, e))?;
+        let lock = fs.lock(&lock_path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock => StoreError::Locked(dir.to_owned()),
+            _ => StoreError::io("lock", &lock_path, e),
+        })?;
         let mut streams = BTreeMap::new();
         let mut broken = BTreeMap::new();
         let mut names = fs
@@ -110,8 +113,11 @@ impl Store {
         for name in names {
             let path = streams_dir.join(&name);
             if name.ends_with(".deleted") {
-                fs.remove_dir_all(&path)
-                    .map_err(|e| StoreError::io("remove", &path, e))?;
+                // (no early return from here on: streams opened already would be left
+                // running without the directory's lock)
+                if let Err(e) = fs.remove_dir_all(&path) {
+                    tracing::warn!(path = %path.display(), "removing a deleted stream's files: {e}");
+                }
                 continue;
             }
             if crate::config::validate_name(&name).is_err() {
@@ -132,8 +138,11 @@ impl Store {
                         path = %path.display(),
                         "a stream directory without a configuration record (its creation did not complete) is removed"
                     );
-                    fs.remove_dir_all(&path)
-                        .map_err(|e| StoreError::io("remove", &path, e))?;
+                    if let Err(e) = fs.remove_dir_all(&path) {
+                        let e = StoreError::io("remove", &path, e);
+                        tracing::error!("{e}");
+                        broken.insert(name, e);
+                    }
                 }
             }
         }
@@ -284,10 +293,10 @@ impl Store {
                 stream.dir().to_owned()
             }
             None => {
-                let mut broken = self.inner.broken.lock().unwrap_or_else(|e| e.into_inner());
-                broken
-                    .remove(name)
-                    .ok_or_else(|| StoreError::StreamNotFound(name.to_owned()))?;
+                let broken = self.inner.broken.lock().unwrap_or_else(|e| e.into_inner());
+                if !broken.contains_key(name) {
+                    return Err(StoreError::StreamNotFound(name.to_owned()));
+                }
                 self.inner.streams_dir.join(name)
             }
         };
@@ -299,6 +308,12 @@ impl Store {
             .join(format!("{name}.{nanos}.deleted"));
         fs.rename(&dir, &gone)
             .map_err(|e| StoreError::io("rename", &dir, e))?;
+        // its files are out of the way: the name is free (if it was a broken stream's)
+        self.inner
+            .broken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
         self.sync_streams_dir()?;
         fs.remove_dir_all(&gone)
             .map_err(|e| StoreError::io("remove", &gone, e))?;

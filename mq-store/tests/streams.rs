@@ -1194,7 +1194,18 @@ async fn segments_of(fs: &SimFs, clock: &ManualClock, name: &str, count: u8) -> 
 
 #[tokio::test]
 async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_readable() {
-    for (segment, byte) in [(0, 3), (0, 14), (1, 3), (1, 30)] {
+    // (segment: first or last, byte, mask): magic, first_seq, salt (a bit, a whole
+    // byte), checksum
+    let flips = [
+        (0, 3, 0x04),
+        (0, 14, 0x04),
+        (0, 25, 0xFF),
+        (1, 3, 0x04),
+        (1, 22, 0x10),
+        (1, 27, 0xA5),
+        (1, 30, 0x04),
+    ];
+    for (segment, byte, mask) in flips {
         let (fs, clock) = (SimFs::default(), clock());
         let paths = segments_of(&fs, &clock, "HDR", 12).await;
         assert!(paths.len() >= 3, "{paths:?}");
@@ -1208,7 +1219,7 @@ async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_read
         let file = fs.open(&path, false).unwrap();
         let mut bit = [0; 1];
         file.read_exact_at(&mut bit, byte).unwrap();
-        file.write_all_at(&[bit[0] ^ 0x04], byte).unwrap();
+        file.write_all_at(&[bit[0] ^ mask], byte).unwrap();
 
         let store = open(&fs, &clock);
         let stream = store.stream("HDR").unwrap();
@@ -1228,6 +1239,31 @@ async fn a_flipped_bit_in_a_segment_header_is_reported_and_its_records_stay_read
         assert_eq!(payloads, (0..12).collect::<Vec<u8>>(), "nothing lost");
         assert_eq!(publish(&stream, "hdr", b"next").await.unwrap().seq, 13);
     }
+}
+
+#[tokio::test]
+async fn a_stream_whose_only_segment_is_unreadable_stays_reported_across_restarts() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let paths = segments_of(&fs, &clock, "ONLY", 1).await;
+    assert_eq!(paths.len(), 1);
+    // header and configuration record garbage: no salt can be recovered
+    let file = fs.open(&paths[0], false).unwrap();
+    file.write_all_at(&[0x5A; 200], 0).unwrap();
+    for restart in 0..2 {
+        let store = open(&fs, &clock);
+        let err = store.stream("ONLY").unwrap_err();
+        println!("restart {restart}: {err}");
+        assert!(
+            matches!(&err, StoreError::Corrupt { file, .. }
+                if file.to_string_lossy().ends_with(".damaged")),
+            "restart {restart}: {err}"
+        );
+    }
+    let dir = Path::new(ROOT).join("streams/ONLY");
+    let kept = fs.list(&dir).unwrap();
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let aside = fs.open(&dir.join(&kept[0]), false).unwrap();
+    assert_eq!(aside.len().unwrap(), file.len().unwrap(), "kept whole");
 }
 
 #[tokio::test]
@@ -1267,7 +1303,7 @@ async fn a_store_directory_is_open_in_one_store_at_a_time() {
     let err = Store::open(dir.path()).unwrap_err();
     println!("second open: {err}");
     assert!(
-        err.to_string().contains("LOCK") && err.to_string().contains("held by another store"),
+        matches!(&err, StoreError::Locked(path) if path == dir.path()),
         "{err}"
     );
     drop((stream, first));
@@ -1407,7 +1443,7 @@ async fn a_segment_file_recovery_skipped_is_moved_aside_never_written_into() {
     // moved aside, whole, so that the segment can be started under its name
     let aside = dir
         .path()
-        .join("streams/SK/00000000000000000004.log.damaged");
+        .join("streams/SK/00000000000000000004.log.skipped.damaged");
     assert_eq!(std::fs::metadata(&aside).unwrap().len(), 5 << 30);
     assert_eq!(publish(&stream, "sk", &[2; 1200]).await.unwrap().seq, 4);
     assert!(std::fs::metadata(&squatter).unwrap().len() < 8192);

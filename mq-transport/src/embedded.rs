@@ -98,7 +98,7 @@ impl Embedded {
         .expect("an inbox filter is valid");
         let store = match &config.storage {
             Storage::Memory => Ok(Store::memory()),
-            Storage::Directory(dir) => Store::open(dir),
+            Storage::Directory(dir) => open_store(dir),
         };
         if let Err(e) = &store {
             tracing::error!("durable streams are unavailable: {e}");
@@ -220,6 +220,24 @@ impl Backend for Embedded {
 
     fn disconnect_reason(&self) -> Arc<str> {
         Arc::from("the bus was closed")
+    }
+}
+
+/// How long a new bus waits for an earlier one's store on the same directory to close:
+/// a task of a dropped bus may still hold it for a moment.
+const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens the store in `dir`, waiting up to [`STORE_LOCK_WAIT`] while another store
+/// holds it (blocking the caller's thread meanwhile).
+fn open_store(dir: &std::path::Path) -> Result<Store, mq_store::StoreError> {
+    let deadline = std::time::Instant::now() + STORE_LOCK_WAIT;
+    loop {
+        match Store::open(dir) {
+            Err(mq_store::StoreError::Locked(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return result,
+        }
     }
 }
 
