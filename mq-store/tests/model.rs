@@ -1117,6 +1117,17 @@ fn a_msg_id_whose_segment_a_limit_removed_is_still_a_duplicate_after_a_restart()
     });
 }
 
+/// A store on `fs` with stream `M` (`s.>`) in 4 KiB segments.
+fn small_segments(fs: &SimFs, clock: &ManualClock) -> (Store, Stream) {
+    let store = open_plain(fs, clock);
+    let config = StreamConfig {
+        segment_size: 4096,
+        ..StreamConfig::new("M", ["s.>"])
+    };
+    let stream = store.create(config).unwrap();
+    (store, stream)
+}
+
 /// Every `Msg-Id` restated in the stream's segments, in file order.
 fn restated_ids(fs: &SimFs) -> Vec<String> {
     use mq_store::fs::Fs;
@@ -1149,14 +1160,11 @@ fn restated_ids(fs: &SimFs) -> Vec<String> {
 #[test]
 fn msg_ids_are_restated_only_when_the_segment_stating_them_goes() {
     rt().block_on(async {
-        let fs = SimFs::default();
-        let clock = ManualClock::new(1_700_000_000_000_000_000);
-        let store = open_plain(&fs, &clock);
-        let config = StreamConfig {
-            segment_size: 4096,
-            ..StreamConfig::new("M", ["s.>"])
-        };
-        let stream = store.create(config).unwrap();
+        let (fs, clock) = (
+            SimFs::default(),
+            ManualClock::new(1_700_000_000_000_000_000),
+        );
+        let (store, stream) = small_segments(&fs, &clock);
         // two messages (about 1.5 KiB each) per segment: a b | c d | e f
         for id in ["a", "b", "c", "d", "e", "f"] {
             pubw(&stream, "s.a", &[0; 1500], Some(id)).await.unwrap();
@@ -1320,14 +1328,11 @@ fn a_record_a_killed_process_never_synced_is_synced_before_its_retry_is_acknowle
 #[test]
 fn a_segment_created_in_a_batch_is_synced_into_its_directory_before_any_removal() {
     rt().block_on(async {
-        let fs = SimFs::default();
-        let clock = ManualClock::new(1_700_000_000_000_000_000);
-        let store = open_plain(&fs, &clock);
-        let config = StreamConfig {
-            segment_size: 4096,
-            ..StreamConfig::new("M", ["s.>"])
-        };
-        let stream = store.create(config).unwrap();
+        let (fs, clock) = (
+            SimFs::default(),
+            ManualClock::new(1_700_000_000_000_000_000),
+        );
+        let (_store, stream) = small_segments(&fs, &clock);
         for _ in 0..6 {
             pubw(&stream, "s.a", &[0; 1500], None).await.unwrap();
         }
