@@ -220,11 +220,12 @@ pub(crate) struct Recovered {
     pub(crate) log: Log,
     /// The last configuration record, if any.
     pub(crate) config: Option<StreamConfig>,
-    /// `Msg-Id`s of messages younger than `since`: (id, seq, time).
+    /// `Msg-Id`s stated by message and message ids records younger than `since`.
     pub(crate) msg_ids: Vec<SeenId>,
     /// Damage found and skipped: each names the file and offset.
     pub(crate) damage: Vec<StoreError>,
-    /// Segments moved aside as torn first writes (kept, in case they are not).
+    /// Files kept aside (`….damaged`), by this recovery or an earlier one: bytes cut
+    /// off, torn first writes, skipped segments.
     pub(crate) set_aside: Vec<PathBuf>,
 }
 
@@ -410,60 +411,46 @@ impl Log {
                     ))
                 }
             });
-            let salt = match header {
-                Ok(header) => header.salt,
+            // Damage to the header alone leaves the records readable with the salt it
+            // names, if that survived.
+            let salt = match &header {
+                Ok(header) => Ok(header.salt),
+                Err(e) => recover_salt(&data).ok_or_else(|| e.clone()),
+            };
+            let salt = match salt {
+                Ok(salt) => salt,
+                Err(e) if !last => {
+                    let reason = format!("segment header: {e}");
+                    dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
+                    continue;
+                }
                 Err(e) => {
-                    // Damage to the header alone leaves the records readable with the
-                    // salt it names, if that survived.
-                    match recover_salt(&data) {
-                        Some(salt) => {
-                            damage.push(StoreError::corrupt(
-                                path,
-                                0,
-                                format!("segment header: {e}; its records are read with the salt they were written with"),
-                            ));
-                            salt
-                        }
-                        None if !last => {
-                            let reason = format!("segment header: {e}");
-                            dir_changed |= move_aside(fs.as_ref(), path, reason, &mut damage);
-                            continue;
-                        }
-                        None => {
-                            // The header goes out in the segment's first write, synced
-                            // before anything in the segment is acknowledged: a torn
-                            // write. Moved aside (kept whole, in case it is not).
-                            let aside = aside_path(fs.as_ref(), path, "torn")?;
-                            tracing::warn!(
-                                file = %path.display(),
-                                bytes = data.len(),
-                                "a segment whose first write is torn ({e}) is moved to {}",
-                                aside.display()
-                            );
-                            fs.rename(path, &aside)
-                                .map_err(|e| StoreError::io("rename", path, e))?;
-                            set_aside.push(aside);
-                            dir_changed = true;
-                            if first != prev_end {
-                                // its name is the only trace that sequences went on
-                                // from there: an empty segment takes it
-                                let file = fs
-                                    .open(path, true)
-                                    .map_err(|e| StoreError::io("create segment", path, e))?;
-                                log.next_seq = first;
-                                let salt = new_salt(path)?;
-                                log.segments.push_back(Segment::new(
-                                    first,
-                                    salt,
-                                    path.clone(),
-                                    file,
-                                ));
-                            }
-                            continue;
-                        }
+                    // The header goes out in the segment's first write, synced before
+                    // anything in the segment is acknowledged: a torn write. Moved aside
+                    // (kept whole, in case it is not).
+                    set_aside.push(set_aside_torn(fs.as_ref(), path, &e, data.len())?);
+                    dir_changed = true;
+                    if first != prev_end {
+                        // its name is the only trace that sequences went on from there:
+                        // an empty segment takes it
+                        let file = fs
+                            .open(path, true)
+                            .map_err(|e| StoreError::io("create segment", path, e))?;
+                        log.next_seq = first;
+                        let salt = new_salt(path)?;
+                        log.segments
+                            .push_back(Segment::new(first, salt, path.clone(), file));
                     }
+                    continue;
                 }
             };
+            if let Err(e) = header {
+                damage.push(StoreError::corrupt(
+                    path,
+                    0,
+                    format!("segment header: {e}; its records are read with the salt they were written with"),
+                ));
+            }
             log.next_seq = first;
             let mut segment = Segment::new(first, salt, path.clone(), file.clone());
             segment.len = SEGMENT_HEADER_LEN as u64;
@@ -683,17 +670,11 @@ impl Log {
                         record.seq, self.next_seq
                     ));
                 }
-                let id = record::find_header(record.headers, MSG_ID_HEADER)
-                    .map_err(|e| e.to_string())?;
-                let id = id
-                    .map(|id| std::str::from_utf8(id).map(str::to_owned))
-                    .transpose()
-                    .map_err(|_| "Msg-Id is not UTF-8".to_owned())?;
+                let id = msg_id_of(record)?;
                 if let Some(id) = &id
                     && record.time >= ids_since
                 {
-                    let holder = self.segments.back().expect("a log has a segment").first_seq;
-                    msg_ids.push((id.clone(), record.seq, record.time, holder));
+                    msg_ids.push((id.clone(), record.seq, record.time, self.writing()));
                 }
                 self.last_msg_id = id;
                 self.index(record.subject, offset as u32, len as u32, record.time);
@@ -710,18 +691,14 @@ impl Log {
                         record.seq, self.next_seq
                     ));
                 }
-                let id = record::find_header(record.headers, MSG_ID_HEADER)
-                    .map_err(|e| e.to_string())?
-                    .map(|id| std::str::from_utf8(id).map(str::to_owned))
-                    .transpose()
-                    .map_err(|_| "Msg-Id is not UTF-8".to_owned())?;
+                let id = msg_id_of(record)?;
                 self.remove_below(record.seq);
                 self.last_time = record.time;
                 self.last_msg_id = id;
             }
             Kind::MsgIds => {
                 let ids = record::msg_ids(record.payload).map_err(|e| e.to_string())?;
-                let holder = self.segments.back().expect("a log has a segment").first_seq;
+                let holder = self.writing();
                 msg_ids.extend(
                     ids.into_iter()
                         .filter(|(_, time, _)| *time >= ids_since)
@@ -914,7 +891,7 @@ impl Log {
         let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
         self.index(subject, pos as u32, len as u32, time);
         if let Some(id) = msg_id {
-            let holder = self.segments.back().expect("a log has a segment").first_seq;
+            let holder = self.writing();
             self.dedup.insert(id.to_owned(), seq, time, holder);
         }
         self.last_msg_id = msg_id.map(str::to_owned);
@@ -1143,26 +1120,29 @@ impl Log {
     fn restate_msg_ids(&mut self, going: &[u64]) {
         let since = self.last_time.saturating_sub(self.dedup.window);
         let ids = self.dedup.held_by(since, going);
-        let mut chunk: Vec<&(u64, i64, String)> = Vec::new();
         let mut payload = Vec::new();
-        for (i, entry) in ids.iter().enumerate() {
-            let (seq, time, id) = entry;
-            record::encode_msg_id(&mut payload, *seq, *time, id);
-            chunk.push(entry);
-            let full = ids
-                .get(i + 1)
-                .is_none_or(|next| payload.len() + 20 + next.2.len() > MSG_IDS_RECORD);
-            if full {
+        for (seq, time, id) in &ids {
+            if !payload.is_empty() && payload.len() + 20 + id.len() > MSG_IDS_RECORD {
                 self.append_record(Kind::MsgIds, 0, 0, "", &[], &payload);
-                let holder = self.segments.back().expect("a log has a segment").first_seq;
-                for (_, _, id) in chunk.drain(..) {
-                    if let Some(seen) = self.dedup.ids.get_mut(id) {
-                        seen.holder = holder;
-                    }
-                }
                 payload.clear();
             }
+            record::encode_msg_id(&mut payload, *seq, *time, id);
         }
+        if !payload.is_empty() {
+            self.append_record(Kind::MsgIds, 0, 0, "", &[], &payload);
+        }
+        // (these records never roll the segment: all went into the one written to)
+        let holder = self.writing();
+        for (_, _, id) in &ids {
+            if let Some(seen) = self.dedup.ids.get_mut(id) {
+                seen.holder = holder;
+            }
+        }
+    }
+
+    /// The first sequence of the segment being written to (the last).
+    fn writing(&self) -> u64 {
+        self.segments.back().expect("a log has a segment").first_seq
     }
 
     /// Appends a delete record for `seq`, remembered by the segment that holds it.
@@ -1366,7 +1346,7 @@ impl Log {
 fn resync(data: &[u8], from: usize, salt: u64) -> Option<usize> {
     (from..data.len().saturating_sub(HEADER_LEN - 1)).find(|&at| {
         let header = &data[at..at + HEADER_LEN];
-        let plausible = (1..=5).contains(&header[8]) && header[9] == 0;
+        let plausible = Kind::from_byte(header[8]).is_some() && header[9] == 0;
         plausible && record::decode(&data[at..], salt, MAX_RECORD_LEN).is_ok()
     })
 }
@@ -1423,6 +1403,25 @@ fn keep_aside(
     Ok(aside)
 }
 
+/// Moves a last segment whose header is torn (`error`) aside, whole; returns where.
+fn set_aside_torn(
+    fs: &dyn Fs,
+    path: &Path,
+    error: &DecodeError,
+    bytes: usize,
+) -> Result<PathBuf, StoreError> {
+    let aside = aside_path(fs, path, "torn")?;
+    tracing::warn!(
+        file = %path.display(),
+        bytes,
+        "a segment whose first write is torn ({error}) is moved to {}",
+        aside.display()
+    );
+    fs.rename(path, &aside)
+        .map_err(|e| StoreError::io("rename", path, e))?;
+    Ok(aside)
+}
+
 /// A name for keeping `path` (or bytes of it) aside that no file has:
 /// `….log.<tag>.damaged`, then `….log.<tag>.2.damaged`, ….
 fn aside_path(fs: &dyn Fs, path: &Path, tag: &str) -> Result<PathBuf, StoreError> {
@@ -1475,6 +1474,14 @@ fn move_aside(fs: &dyn Fs, path: &Path, reason: String, damage: &mut Vec<StoreEr
         format!("{reason}; skipped whole{whereto}"),
     ));
     moved
+}
+
+/// The `Msg-Id` header of a record read back, if any.
+fn msg_id_of(record: &Record<'_>) -> Result<Option<String>, String> {
+    let id = record::find_header(record.headers, MSG_ID_HEADER).map_err(|e| e.to_string())?;
+    id.map(|id| std::str::from_utf8(id).map(str::to_owned))
+        .transpose()
+        .map_err(|_| format!("{MSG_ID_HEADER} is not UTF-8"))
 }
 
 /// Reads the messages of `spans`, verifying each record.

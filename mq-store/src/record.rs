@@ -139,7 +139,7 @@ pub enum Kind {
     /// the newest message's, which may be among those removed.
     Purge,
     /// `Msg-Id`s still inside the duplicate window whose messages were removed: a run
-    /// of entries in the payload (see [`encode_msg_ids`]).
+    /// of entries in the payload (see [`encode_msg_id`]).
     MsgIds,
 }
 
@@ -154,7 +154,7 @@ impl Kind {
         }
     }
 
-    fn from_byte(byte: u8) -> Option<Kind> {
+    pub(crate) fn from_byte(byte: u8) -> Option<Kind> {
         Some(match byte {
             1 => Kind::Message,
             2 => Kind::Delete,

@@ -350,7 +350,9 @@ impl Store {
 
     /// The stream that captures `subject`, if any.
     pub fn stream_for(&self, subject: &str) -> Option<Stream> {
-        if self.inner.stale.swap(false, Ordering::AcqRel) {
+        // (per captured publish: a plain load, the swap only when it is raised)
+        let stale = &self.inner.stale;
+        if stale.load(Ordering::Relaxed) && stale.swap(false, Ordering::AcqRel) {
             self.reroute();
         }
         let routes = self.inner.routes.read().unwrap_or_else(|e| e.into_inner());

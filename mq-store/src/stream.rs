@@ -110,15 +110,8 @@ struct State {
     force_sync: bool,
     /// A plain store found the stream poisoned: recover when next due.
     heal_requested: bool,
-    /// Recovery attempts since the last batch that was written: each waits longer.
-    heal_attempts: u32,
-    /// When recovery may next be tried, and when it last was, on the stream's clock
-    /// (a clock set back makes it due).
-    next_heal: i64,
-    last_heal: i64,
-    /// Messages were written under `Every(d)` since recovery: the backoff ends once
-    /// they are synced.
-    heal_reset_on_sync: bool,
+    /// When recovery may next be tried.
+    backoff: HealBackoff,
     closed: bool,
     unsynced: Vec<Written>,
     last_sync: Instant,
@@ -276,12 +269,11 @@ impl Stream {
         fs: Arc<dyn Fs>,
         dir: PathBuf,
         clock: Arc<dyn Clock>,
-        log: Log,
+        mut log: Log,
         config: StreamConfig,
         msg_ids: Vec<log::SeenId>,
     ) -> Stream {
         let now = clock.now();
-        let mut log = log;
         log.dedup = Dedup::rebuild(nanos(config.duplicate_window), msg_ids, now);
         let visible = log.next_seq() - 1;
         let shared = Arc::new(Shared {
@@ -301,10 +293,7 @@ impl Stream {
                 heal_forced: false,
                 heal_requested: false,
                 force_sync: false,
-                heal_attempts: 0,
-                next_heal: i64::MIN,
-                last_heal: i64::MIN,
-                heal_reset_on_sync: false,
+                backoff: HealBackoff::default(),
                 closed: false,
                 unsynced: Vec::new(),
                 last_sync: Instant::now(),
@@ -896,8 +885,10 @@ impl Shared {
                         // segment): a later failure is recovered from at once.
                         if upto > visible_before {
                             match fsync {
-                                Fsync::Every(_) => state.heal_reset_on_sync = true,
-                                Fsync::Always | Fsync::Never => reset_heal_backoff(&mut state),
+                                Fsync::Every(_) => state.backoff.reset_on_sync = true,
+                                Fsync::Always | Fsync::Never => {
+                                    state.backoff = HealBackoff::default()
+                                }
                             }
                         }
                         if fsync != Fsync::Always {
@@ -921,18 +912,13 @@ impl Shared {
             }
             let now = self.clock.now();
             let asked = !state.heal_waiters.is_empty() || state.heal_requested;
-            let due = now >= state.next_heal || now < state.last_heal;
-            if asked && state.poison.is_some() && (due || state.heal_forced) {
+            if asked && state.poison.is_some() && (state.backoff.due(now) || state.heal_forced) {
                 state.heal_forced = false;
-                state.last_heal = now;
                 let started = Instant::now();
                 let result = self.heal(&mut state);
-                state.heal_attempts = state.heal_attempts.saturating_add(1);
-                let backoff = HEAL_INTERVAL
-                    .saturating_mul(1 << (state.heal_attempts - 1).min(5))
-                    .min(MAX_HEAL_BACKOFF)
-                    .max(started.elapsed().saturating_mul(HEAL_COST_FACTOR));
-                state.next_heal = self.clock.now().saturating_add(nanos(backoff));
+                state
+                    .backoff
+                    .attempted(now, started.elapsed(), self.clock.now());
                 let waiters = std::mem::take(&mut state.heal_waiters);
                 for tx in waiters {
                     let _ = tx.send(result.clone());
@@ -948,7 +934,7 @@ impl Shared {
                         cause: format!(
                             "{}; recovery is next tried in {} ms",
                             poison.cause,
-                            state.next_heal.saturating_sub(now) / 1_000_000
+                            state.backoff.wait(now).as_millis()
                         ),
                     }),
                     None => Ok(()),
@@ -980,9 +966,8 @@ impl Shared {
             // Idle: wait for work or the next timer.
             let mut timeout = Duration::from_secs(1);
             if state.heal_requested && state.poison.is_some() {
-                let wait = state.next_heal.saturating_sub(self.clock.now()).max(0);
-                timeout =
-                    timeout.min(Duration::from_nanos(wait as u64).max(Duration::from_millis(1)));
+                let wait = state.backoff.wait(self.clock.now());
+                timeout = timeout.min(wait.max(Duration::from_millis(1)));
             }
             if let Fsync::Every(every) = state.config.fsync
                 && !state.unsynced.is_empty()
@@ -1131,8 +1116,8 @@ impl Shared {
         }
         let mut state = self.lock();
         state.last_sync = Instant::now();
-        if result.is_ok() && std::mem::take(&mut state.heal_reset_on_sync) {
-            reset_heal_backoff(&mut state);
+        if result.is_ok() && state.backoff.reset_on_sync {
+            state.backoff = HealBackoff::default();
         }
         if let Err(error) = result {
             // Acknowledged already (that is what this setting means): nothing to cut back.
@@ -1262,11 +1247,53 @@ impl Shared {
     }
 }
 
-fn reset_heal_backoff(state: &mut State) {
-    state.heal_attempts = 0;
-    state.next_heal = i64::MIN;
-    state.last_heal = i64::MIN;
-    state.heal_reset_on_sync = false;
+/// When recovery from a failed write may next be tried, on the stream's clock: at
+/// once after a failure, then [`HEAL_INTERVAL`] after that attempt, doubling to
+/// [`MAX_HEAL_BACKOFF`], and never sooner than [`HEAL_COST_FACTOR`] times what the last
+/// attempt took. Reset (to its default) once messages reach the disk again.
+#[derive(Debug)]
+struct HealBackoff {
+    /// Attempts since the reset.
+    attempts: u32,
+    /// When the last attempt began (a clock set back before it makes the next due).
+    last: i64,
+    next: i64,
+    /// Messages were written under `Every(d)` since the last attempt: reset once they
+    /// are synced.
+    reset_on_sync: bool,
+}
+
+impl Default for HealBackoff {
+    fn default() -> Self {
+        HealBackoff {
+            attempts: 0,
+            last: i64::MIN,
+            next: i64::MIN,
+            reset_on_sync: false,
+        }
+    }
+}
+
+impl HealBackoff {
+    fn due(&self, now: i64) -> bool {
+        now >= self.next || now < self.last
+    }
+
+    /// An attempt began at `began` and took `took`; it is `now`.
+    fn attempted(&mut self, began: i64, took: Duration, now: i64) {
+        self.attempts = self.attempts.saturating_add(1);
+        let wait = HEAL_INTERVAL
+            .saturating_mul(1 << (self.attempts - 1).min(5))
+            .min(MAX_HEAL_BACKOFF)
+            .max(took.saturating_mul(HEAL_COST_FACTOR));
+        self.last = began;
+        self.next = now.saturating_add(nanos(wait));
+    }
+
+    /// How long from `now` until the next attempt is due.
+    fn wait(&self, now: i64) -> Duration {
+        Duration::from_nanos(self.next.saturating_sub(now).max(0) as u64)
+    }
 }
 
 fn complete(waiters: Vec<(Waiter, Option<StoreError>)>) {
