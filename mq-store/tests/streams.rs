@@ -1128,23 +1128,15 @@ async fn subjects_and_header_names_that_a_record_cannot_hold_are_refused() {
     );
 }
 
-#[tokio::test]
-async fn a_configuration_record_read_back_is_validated_like_one_given_to_create() {
-    let (fs, clock) = (SimFs::default(), clock());
-    let store = open(&fs, &clock);
-    store.create(StreamConfig::new("CFG", ["cfg"])).unwrap();
-    drop(store);
-    // A well-formed record, with the segment's own salt, holding an impossible config.
-    let path = Path::new(ROOT).join("streams/CFG/00000000000000000001.log");
+/// Appends a well-formed configuration record holding `config`, checksummed with the
+/// segment's own salt, to the first segment of `stream`; returns where it starts.
+fn append_config_record(fs: &SimFs, stream: &str, config: &StreamConfig) -> u64 {
+    let path = Path::new(ROOT).join(format!("streams/{stream}/00000000000000000001.log"));
     let file = fs.open(&path, false).unwrap();
     let mut header = [0; 32];
     file.read_exact_at(&mut header, 0).unwrap();
     let salt = record::decode_segment_header(&header).unwrap().salt;
-    let bad = StreamConfig {
-        segment_size: 0,
-        ..StreamConfig::new("CFG", ["elsewhere"])
-    };
-    let json = serde_json::to_vec(&bad).unwrap();
+    let json = serde_json::to_vec(config).unwrap();
     let mut bytes = Vec::new();
     let forged = record::Record {
         kind: record::Kind::Config,
@@ -1157,6 +1149,41 @@ async fn a_configuration_record_read_back_is_validated_like_one_given_to_create(
     record::encode(&mut bytes, salt, &forged);
     let end = file.len().unwrap();
     file.write_all_at(&bytes, end).unwrap();
+    end
+}
+
+#[tokio::test]
+async fn a_configuration_read_back_that_names_another_stream_is_refused() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    store.create(StreamConfig::new("CFG", ["cfg"])).unwrap();
+    drop(store);
+    append_config_record(&fs, "CFG", &StreamConfig::new("OTHER", ["cfg"]));
+    let store = open(&fs, &clock);
+    let err = store.stream("CFG").unwrap_err();
+    println!("{err}");
+    assert!(
+        matches!(&err, StoreError::Corrupt { reason, .. } if reason.contains("names stream `OTHER`")),
+        "{err}"
+    );
+    assert!(
+        store.stream("OTHER").is_err(),
+        "not served under either name"
+    );
+}
+
+#[tokio::test]
+async fn a_configuration_record_read_back_is_validated_like_one_given_to_create() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    store.create(StreamConfig::new("CFG", ["cfg"])).unwrap();
+    drop(store);
+    // A well-formed record, with the segment's own salt, holding an impossible config.
+    let bad = StreamConfig {
+        segment_size: 0,
+        ..StreamConfig::new("CFG", ["elsewhere"])
+    };
+    let end = append_config_record(&fs, "CFG", &bad);
 
     let store = open(&fs, &clock);
     let stream = store.stream("CFG").unwrap();
