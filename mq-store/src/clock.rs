@@ -56,6 +56,41 @@ impl Clock for ManualClock {
     }
 }
 
+/// Wall-clock time that moves with tokio's clock: `start` plus the tokio time since
+/// it was made. Under a paused tokio clock (tests), it moves only as tokio's does, so
+/// delivery times and ack waits move together.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// use std::time::Duration;
+/// use mq_store::clock::{Clock, TokioClock};
+/// let clock = TokioClock::new(1_000);
+/// tokio::time::sleep(Duration::from_millis(5)).await;
+/// assert_eq!(clock.now(), 1_000 + 5_000_000);
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    start: i64,
+    since: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock showing `start` (ns since the Unix epoch) now.
+    pub fn new(start: i64) -> Self {
+        TokioClock {
+            start,
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> i64 {
+        self.start.saturating_add(nanos(self.since.elapsed()))
+    }
+}
+
 /// `d` in nanoseconds, saturating.
 pub(crate) fn nanos(d: Duration) -> i64 {
     i64::try_from(d.as_nanos()).unwrap_or(i64::MAX)

@@ -46,6 +46,27 @@ pub enum Discard {
     New,
 }
 
+/// When a stream removes messages, beyond its limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Only the limits remove messages. The default.
+    #[default]
+    Limits,
+    /// A message is removed once a consumer has acknowledged it (or dead-lettered it);
+    /// each subject may be bound to one consumer only.
+    WorkQueue,
+    /// A message is removed once every consumer bound to its subject has acknowledged
+    /// it. A message no consumer is bound to stays until the limits remove it.
+    Interest,
+}
+
+impl Retention {
+    fn is_limits(&self) -> bool {
+        *self == Retention::Limits
+    }
+}
+
 /// A stream's configuration.
 ///
 /// ```
@@ -86,6 +107,10 @@ pub struct StreamConfig {
     pub duplicate_window: Duration,
     /// A segment file is closed and a new one started past this size. Default 64 MiB.
     pub segment_size: u64,
+    /// Whether consumers' acknowledgements remove messages. Default
+    /// [`Retention::Limits`]: they do not.
+    #[serde(skip_serializing_if = "Retention::is_limits")]
+    pub retention: Retention,
 }
 
 /// The largest `max_msg_size`: 64 MiB.
@@ -110,6 +135,7 @@ impl Default for StreamConfig {
             discard: Discard::Old,
             duplicate_window: Duration::from_secs(120),
             segment_size: 64 * 1024 * 1024,
+            retention: Retention::Limits,
         }
     }
 }

@@ -105,6 +105,36 @@ pub enum StoreError {
     /// The stream was deleted or the store closed.
     #[error("stream `{0}` is closed")]
     Closed(String),
+    /// A consumer's configuration is invalid, or conflicts with the stream's.
+    #[error("invalid consumer configuration: {0}")]
+    InvalidConsumer(String),
+    /// The stream has no consumer of that name.
+    #[error("stream `{stream}` has no consumer `{consumer}`")]
+    ConsumerNotFound {
+        /// The stream.
+        stream: String,
+        /// The consumer asked for.
+        consumer: String,
+    },
+    /// A consumer of that name exists already with another configuration.
+    #[error(
+        "consumer `{consumer}` of stream `{stream}` already exists with a different configuration"
+    )]
+    ConsumerExists {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+    },
+    /// The message was acknowledged, terminated or dead-lettered already, or is no
+    /// longer waiting for an answer from this delivery.
+    #[error("consumer `{consumer}`: message {seq} is not waiting for an acknowledgement")]
+    NotPending {
+        /// The consumer.
+        consumer: String,
+        /// The message's stream sequence.
+        seq: u64,
+    },
     /// Another store has the directory open (in this process or another): one store
     /// per directory.
     #[error("{} is in use by another store (its LOCK file is held)", .0.display())]

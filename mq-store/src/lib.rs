@@ -34,9 +34,11 @@
 
 pub mod clock;
 mod config;
+mod consumer;
 mod error;
 pub mod fault;
 pub mod fs;
+mod journal;
 mod log;
 mod message;
 pub mod record;
@@ -45,11 +47,15 @@ mod stream;
 pub mod subject;
 
 pub use config::{
-    Discard, Fsync, MAX_DUPLICATE_WINDOW, MAX_MSG_SIZE, MAX_SEGMENT_SIZE, StreamConfig,
+    Discard, Fsync, MAX_DUPLICATE_WINDOW, MAX_MSG_SIZE, MAX_SEGMENT_SIZE, Retention, StreamConfig,
     validate_name,
+};
+pub use consumer::{
+    AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
+    DeliveryInfo, KeySource, Messages, dead_letter_headers,
 };
 pub use error::StoreError;
 pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};
-pub use message::{PubAck, Publish, StoredMessage};
-pub use store::{LOCK_FILE, Store};
+pub use message::{DELIVER_AT_HEADER, PubAck, Publish, StoredMessage};
+pub use store::{DeadLetterObserver, LOCK_FILE, Store};
 pub use stream::{AckFuture, Stream, StreamInfo, StreamState};

@@ -343,6 +343,7 @@ impl Log {
                 Some(first) => firsts.push(first),
                 // kept by an earlier recovery: the stream is not an empty one
                 None if name.ends_with(".damaged") => set_aside.push(dir.join(name)),
+                None if name == "consumers" => {} // their state files
                 None => {
                     tracing::warn!(dir = %dir.display(), name, "ignoring a file that is not a segment")
                 }
@@ -1044,6 +1045,23 @@ impl Log {
     /// The newest message of `subject`, durable or not, if any.
     pub(crate) fn last_of(&self, subject: &str) -> Option<u64> {
         self.subjects.get(subject).map(|s| s.last)
+    }
+
+    /// Every subject with a message stored.
+    pub(crate) fn subject_names(&self) -> impl Iterator<Item = &str> {
+        self.subjects.keys().map(|s| &**s)
+    }
+
+    /// The newest message at or below `upto`, if any (a walk back over removed ones).
+    pub(crate) fn last_of_any_upto(&self, upto: u64) -> Option<u64> {
+        let mut seq = upto.min(self.next_seq.saturating_sub(1));
+        while seq >= self.first_seq && seq > 0 {
+            if self.entry(seq).is_some() {
+                return Some(seq);
+            }
+            seq -= 1;
+        }
+        None
     }
 
     /// The subjects holding more than `max` messages.

@@ -54,4 +54,15 @@ pub struct Publish {
     pub expected_last_subject_seq: Option<u64>,
     /// The last message stored must have carried this `Msg-Id`.
     pub expected_last_msg_id: Option<String>,
+    /// No consumer gets the message before this time (nanoseconds since the Unix
+    /// epoch); stored as the [`DELIVER_AT_HEADER`] header.
+    pub deliver_at: Option<i64>,
+    /// No consumer gets the message before this long after it is stored; the time is
+    /// fixed when the stream takes it (and [`Publish::deliver_at`] wins if both are set).
+    pub delay: Option<std::time::Duration>,
 }
+
+/// The header holding a message's delivery time: decimal nanoseconds since the Unix
+/// epoch. Consumers hold the message back until then; a value that does not parse is
+/// ignored (the message is delivered at once).
+pub const DELIVER_AT_HEADER: &str = "Courier-Deliver-At";

@@ -3,15 +3,19 @@
 //! ```text
 //! <root>/streams/<name>/00000000000000000001.log   segments, named by first sequence
 //! <root>/streams/<name>/00000000000000004097.log
+//! <root>/streams/<name>/consumers/<consumer>.con  a durable consumer's state
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use bytes::Bytes;
 
 use crate::clock::{Clock, SystemClock};
 use crate::config::StreamConfig;
+use crate::consumer::{Consumer, ConsumerConfig, ConsumerInfo};
 use crate::error::StoreError;
 use crate::fs::{Fs, MemFs, OsFs};
 use crate::stream::{Stream, StreamInfo};
@@ -53,6 +57,32 @@ struct Inner {
     stale: Arc<AtomicBool>,
     /// (filter, stream) for every subject of every stream, to route publishes.
     routes: RwLock<Vec<(String, Stream)>>,
+    /// Told of every dead letter (the bus hands them to its subscribers).
+    dead_letters: RwLock<Option<Observer>>,
+}
+
+/// What [`Store::observe_dead_letters`] calls with each dead letter: its subject,
+/// headers and payload.
+pub type DeadLetterObserver = Arc<dyn Fn(&str, &[(&str, &[u8])], &Bytes) + Send + Sync>;
+
+#[derive(Clone)]
+struct Observer(DeadLetterObserver);
+
+impl std::fmt::Debug for Observer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DeadLetterObserver")
+    }
+}
+
+/// A consumer's way back to its store (for dead letters), which it does not keep
+/// open.
+#[derive(Clone, Debug)]
+pub(crate) struct StoreRef(Weak<Inner>);
+
+impl StoreRef {
+    pub(crate) fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
 }
 
 impl Drop for Inner {
@@ -157,8 +187,20 @@ impl Store {
                 admin: Mutex::new(()),
                 stale: Arc::new(AtomicBool::new(false)),
                 routes: RwLock::new(Vec::new()),
+                dead_letters: RwLock::new(None),
             }),
         };
+        let opened: Vec<Stream> = store
+            .inner
+            .streams
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for stream in &opened {
+            store.open_consumers(stream);
+        }
         for stream in store
             .inner
             .streams
@@ -265,6 +307,10 @@ impl Store {
             self.check_overlap(&config)?;
             stream.update_now(config)?
         };
+        let fsync = stream.config().fsync;
+        for consumer in stream.consumers().values() {
+            consumer.set_fsync(fsync);
+        }
         let settled = stream.settle(settled).await;
         self.reroute(); // to the subjects the update left in force, whether or not it held
         settled?;
@@ -360,6 +406,121 @@ impl Store {
             .iter()
             .find(|(filter, _)| crate::subject::matches(filter, subject))
             .map(|(_, stream)| stream.clone())
+    }
+
+    /// Opens the durable consumers of `stream`; one that cannot be opened is logged
+    /// and left on disk, and the others go on.
+    fn open_consumers(&self, stream: &Stream) {
+        let dir = stream.dir().join("consumers");
+        let Ok(mut names) = self.inner.fs.list(&dir) else {
+            return; // none yet
+        };
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            if name.ends_with(".con.new") {
+                let _ = self.inner.fs.remove_file(&path); // a compaction that did not finish
+                continue;
+            }
+            if !name.ends_with(".con") {
+                continue; // kept aside, or not ours
+            }
+            match Consumer::open(stream, self.weak(), &path) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    tracing::warn!(path = %path.display(), "removing a consumer whose creation did not complete");
+                    let _ = self.inner.fs.remove_file(&path);
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), "consumer cannot be opened: {e}");
+                }
+            }
+        }
+    }
+
+    fn weak(&self) -> StoreRef {
+        StoreRef(Arc::downgrade(&self.inner))
+    }
+
+    /// Creates a consumer on stream `stream`, or returns the durable one of that name
+    /// if its configuration is the same. A durable consumer's state file is durable
+    /// when this returns.
+    pub fn create_consumer(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<Consumer, StoreError> {
+        let stream = self.stream(stream)?;
+        let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
+        Consumer::create(&stream, self.weak(), config)
+    }
+
+    /// The durable consumer `name` of stream `stream`.
+    pub fn consumer(&self, stream: &str, name: &str) -> Result<Consumer, StoreError> {
+        let s = self.stream(stream)?;
+        let found = s.consumers().get(name).cloned();
+        found.ok_or_else(|| StoreError::ConsumerNotFound {
+            stream: stream.to_owned(),
+            consumer: name.to_owned(),
+        })
+    }
+
+    /// Every durable consumer of stream `stream`, by name.
+    pub fn consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, StoreError> {
+        let s = self.stream(stream)?;
+        let consumers: Vec<Consumer> = s.consumers().values().cloned().collect();
+        Ok(consumers.iter().map(Consumer::info).collect())
+    }
+
+    /// Deletes a durable consumer and its state file.
+    pub fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), StoreError> {
+        let s = self.stream(stream)?;
+        let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let removed = s.consumers().remove(name);
+        let Some(consumer) = removed else {
+            return Err(StoreError::ConsumerNotFound {
+                stream: stream.to_owned(),
+                consumer: name.to_owned(),
+            });
+        };
+        consumer.close();
+        let dir = s.dir().join("consumers");
+        let path = dir.join(format!("{name}.con"));
+        self.inner
+            .fs
+            .remove_file(&path)
+            .map_err(|e| StoreError::io("remove", &path, e))?;
+        self.inner
+            .fs
+            .sync_dir(&dir)
+            .map_err(|e| StoreError::io("sync directory", &dir, e))
+    }
+
+    /// Calls `observer` with every dead letter any consumer publishes (whether or not
+    /// a stream stores it): the bus hands them to its subscribers.
+    pub fn observe_dead_letters(&self, observer: DeadLetterObserver) {
+        *self
+            .inner
+            .dead_letters
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Observer(observer));
+    }
+
+    pub(crate) fn observe_dead_letter(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &Bytes,
+    ) {
+        let observer = self
+            .inner
+            .dead_letters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(Observer(observer)) = observer {
+            observer(subject, headers, payload);
+        }
     }
 
     /// Whether the store has no stream (so no publish needs routing).

@@ -86,6 +86,10 @@ struct Shared {
     damage: Mutex<Vec<StoreError>>,
     /// Raised when recovery changes the configuration, for the store to re-route.
     config_changed: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
+    /// The last readable sequence, for consumers waiting for messages to arrive.
+    arrivals: tokio::sync::watch::Sender<u64>,
+    /// The stream's durable consumers, by name.
+    consumers: Mutex<std::collections::BTreeMap<String, crate::consumer::Consumer>>,
 }
 
 #[derive(Debug)]
@@ -303,6 +307,8 @@ impl Stream {
             committer: Mutex::new(None),
             damage: Mutex::new(Vec::new()),
             config_changed: std::sync::OnceLock::new(),
+            arrivals: tokio::sync::watch::Sender::new(visible),
+            consumers: Mutex::new(std::collections::BTreeMap::new()),
         });
         let runner = shared.clone();
         let handle = std::thread::Builder::new()
@@ -415,6 +421,17 @@ impl Stream {
         );
         if let Some(id) = msg_id {
             record::encode_headers(&mut block, [(MSG_ID_HEADER, id.as_bytes())]);
+        }
+        let deliver_at = match (options.deliver_at, options.delay) {
+            (Some(at), _) => Some(at),
+            (None, Some(delay)) => Some(shared.clock.now().saturating_add(nanos(delay))),
+            (None, None) => None,
+        };
+        if let Some(at) = deliver_at {
+            record::encode_headers(
+                &mut block,
+                [(crate::message::DELIVER_AT_HEADER, at.to_string().as_bytes())],
+            );
         }
         let mut state = lock(&shared.state);
         let state = &mut *state;
@@ -742,6 +759,10 @@ impl Stream {
 
     /// Stops the committer after it has written (and synced) everything queued.
     pub(crate) fn close(&self) {
+        let consumers = std::mem::take(&mut *lock(&self.shared.consumers));
+        for consumer in consumers.values() {
+            consumer.close();
+        }
         lock(&self.shared.state).closed = true;
         self.shared.wake.notify_all();
         let handle = lock(&self.shared.committer).take();
@@ -755,6 +776,80 @@ impl Stream {
     /// The stream's directory.
     pub(crate) fn dir(&self) -> &std::path::Path {
         &self.shared.dir
+    }
+
+    pub(crate) fn fs(&self) -> &Arc<dyn Fs> {
+        &self.shared.fs
+    }
+
+    pub(crate) fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// Waits for sequences beyond the last readable one.
+    pub(crate) fn arrivals(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.arrivals.subscribe()
+    }
+
+    /// The last readable sequence.
+    pub(crate) fn visible(&self) -> u64 {
+        lock(&self.shared.state).visible
+    }
+
+    pub(crate) fn consumers(
+        &self,
+    ) -> MutexGuard<'_, std::collections::BTreeMap<String, crate::consumer::Consumer>> {
+        lock(&self.shared.consumers)
+    }
+
+    /// The newest readable message whose subject matches one of `filters` (any, when
+    /// empty), found from the subject index without a scan of the log.
+    pub(crate) fn last_matching(&self, filters: &[String]) -> Option<u64> {
+        let state = lock(&self.shared.state);
+        if filters.is_empty() {
+            return state.log.last_of_any_upto(state.visible);
+        }
+        state
+            .log
+            .subject_names()
+            .filter(|s| filters.iter().any(|f| crate::subject::matches(f, s)))
+            .filter_map(|s| state.log.last_of_upto(s, state.visible))
+            .max()
+    }
+
+    /// Whether `seq` is the newest message of its subject among sequences up to `upto`.
+    pub(crate) fn is_last_of_subject(&self, seq: u64, subject: &str, upto: u64) -> bool {
+        let state = lock(&self.shared.state);
+        state.log.last_of_upto(subject, upto) == Some(seq)
+    }
+
+    /// The first message stored at or after `time` (ns since the epoch), by binary
+    /// search over the readable messages.
+    pub(crate) fn first_at_or_after(&self, time: i64) -> Result<u64, StoreError> {
+        let (mut lo, mut hi) = {
+            let state = lock(&self.shared.state);
+            (state.log.counts().first_seq, state.visible + 1)
+        };
+        // invariant: every message below `lo` is older than `time`, and from `hi` on
+        // every message is at or after it (messages are stored in time order)
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match self.range(mid, 1, usize::MAX)?.first() {
+                Some(m) if m.seq < hi && m.time < time => lo = m.seq + 1,
+                // none in mid..m.seq, and m is at or after `time`; or none from mid on
+                _ => hi = mid,
+            }
+        }
+        // `lo` may be a removed sequence; reading from it finds the first message
+        Ok(lo)
+    }
+
+    /// Removes message `seq` without waiting for the removal to be durable (a consumer's
+    /// retention: it was acknowledged); false if it was not stored.
+    pub(crate) fn remove_now(&self, seq: u64) -> Result<bool, StoreError> {
+        let (removed, _settled) =
+            self.change_now(|state| Ok(seq <= state.visible && state.log.delete(seq)))?;
+        Ok(removed)
     }
 
     fn no_message(&self, seq: u64) -> StoreError {
@@ -880,6 +975,9 @@ impl Shared {
                     Ok(written) => {
                         let visible_before = state.visible;
                         state.visible = state.visible.max(upto);
+                        if upto > visible_before {
+                            self.arrivals.send_replace(state.visible);
+                        }
                         state.done = ticket;
                         // Messages reached the disk again (not just recovery's own new
                         // segment): a later failure is recovered from at once.
@@ -1235,6 +1333,7 @@ impl Shared {
             log.continue_from(state.visible + 1);
         }
         state.visible = log.next_seq() - 1;
+        self.arrivals.send_replace(state.visible);
         state.log = log;
         state.unsynced.clear();
         if let Some(poison) = &mut state.poison {
