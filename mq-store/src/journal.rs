@@ -354,6 +354,8 @@ struct JShared {
     config: Vec<u8>,
     queue: Mutex<Queue>,
     wake: Condvar,
+    /// Appended bytes past the last snapshot that make the writer compact.
+    compact_at: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -371,6 +373,18 @@ impl Journal {
         state: &Persisted,
         source: std::sync::Weak<dyn Snapshot>,
     ) -> Result<Journal, StoreError> {
+        Journal::create_with(fs, path, fsync, config, state, source, COMPACT_AT)
+    }
+
+    fn create_with(
+        fs: Arc<dyn Fs>,
+        path: PathBuf,
+        fsync: Fsync,
+        config: Vec<u8>,
+        state: &Persisted,
+        source: std::sync::Weak<dyn Snapshot>,
+        compact_at: u64,
+    ) -> Result<Journal, StoreError> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_default();
         fs.create_dir_all(&dir)
             .map_err(|e| StoreError::io("create directory", &dir, e))?;
@@ -383,6 +397,7 @@ impl Journal {
             config,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
+            compact_at,
         });
         let runner = shared.clone();
         let name = format!(
@@ -541,7 +556,7 @@ impl JShared {
                 b.extend_from_slice(&floor.to_le_bytes());
                 push_record(&mut bytes, &b);
             }
-            let compact = rewrite || since_snapshot + bytes.len() as u64 > COMPACT_AT;
+            let compact = rewrite || since_snapshot + bytes.len() as u64 > self.compact_at;
             let result = match source.upgrade() {
                 Some(source) if compact => {
                     let state = source.snapshot();
@@ -632,6 +647,57 @@ mod tests {
         assert_eq!(loaded.config, b"{}");
         assert_eq!(loaded.state, state);
         assert!(loaded.damage.is_none());
+    }
+
+    /// Stands in for a consumer: its state is what the test queued.
+    struct Model(Mutex<Persisted>);
+
+    impl Snapshot for Model {
+        fn snapshot(&self) -> Persisted {
+            lock(&self.0).clone()
+        }
+    }
+
+    #[test]
+    fn a_file_past_its_compaction_size_is_rewritten_and_reads_back_the_same() {
+        let fs: Arc<dyn Fs> = Arc::new(MemFs::default());
+        let path = PathBuf::from("/c/x.con");
+        let model = Arc::new(Model(Mutex::new(Persisted::default())));
+        let weak: std::sync::Weak<dyn Snapshot> = Arc::downgrade(&model) as _;
+        let journal = Journal::create_with(
+            fs.clone(),
+            path.clone(),
+            Fsync::Always,
+            b"{}".to_vec(),
+            &Persisted::default(),
+            weak,
+            512,
+        )
+        .unwrap();
+        let mut largest = 0;
+        for seq in 1..=400u64 {
+            let (tx, rx) = oneshot::channel();
+            {
+                let mut m = lock(&model.0);
+                m.apply_delivered(seq, 1);
+                if seq % 3 != 0 {
+                    m.apply_done(seq);
+                }
+                let floor = seq.saturating_sub(10) / 3 * 3; // trails behind
+                m.apply_floor(floor);
+                let done: Vec<u64> = (seq % 3 != 0).then_some(seq).into_iter().collect();
+                journal.queue(&[(seq, 1)], &done, Some(floor), Some(tx));
+            }
+            rx.blocking_recv().unwrap().unwrap();
+            largest = largest.max(fs.open(&path, false).unwrap().len().unwrap());
+            let loaded = load(&*fs, &path).unwrap().unwrap();
+            assert!(loaded.damage.is_none());
+            assert_eq!(loaded.state, *lock(&model.0), "after {seq}");
+        }
+        journal.close();
+        // compaction kept the file near its threshold plus one snapshot
+        assert!(largest < 512 + 512, "the file grew to {largest} bytes");
+        assert!(fs.list(Path::new("/c")).unwrap() == ["x.con"]);
     }
 
     #[test]

@@ -958,3 +958,34 @@ async fn an_ephemeral_consumer_is_not_stored() {
     let store = open(&fs);
     assert!(store.consumers("S").unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_failed_state_write_fails_ack_confirmed_and_the_next_write_rewrites_the_file_whole() {
+    let fs = SimFs::default();
+    let after = {
+        let store = open(&fs);
+        let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+        for i in 1..=3 {
+            publish(&stream, "s.a", &i.to_string()).await;
+        }
+        let consumer = store
+            .create_consumer("S", ConsumerConfig::durable("c"))
+            .unwrap();
+        let batch = consumer.fetch(3, WAIT).await.unwrap();
+        fs.fail_writes(Some(std::io::ErrorKind::Other));
+        let e = batch[0].ack_confirmed().await.unwrap_err();
+        assert!(e.to_string().contains("c.con"), "{e}");
+        fs.fail_writes(None);
+        batch[1].ack_confirmed().await.unwrap();
+        fs.power_loss(None)
+    };
+    let store = open(&after);
+    let consumer = store.consumer("S", "c").unwrap();
+    assert!(consumer.info().damage.is_none());
+    let batch = consumer.fetch(10, WAIT).await.unwrap();
+    assert_eq!(
+        seqs(&batch),
+        [3],
+        "both acknowledgements are on disk once a write works again"
+    );
+}
