@@ -261,3 +261,38 @@ async fn a_broker_connection_says_streams_are_not_served_there_yet() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_consumer_on_the_bus_gets_plainly_published_messages_and_its_dead_letters_reach_subscribers()
+ {
+    use courier::bus::ConsumerConfig;
+    let bus = Bus::embedded();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("ORDERS", ["orders.>"]))
+        .await
+        .unwrap();
+    let mut dead = bus.subscribe("$DLQ.>").await.unwrap();
+    bus.publish("orders.eu", "plain").await.unwrap(); // captured by the stream
+    let worker = streams
+        .create_consumer("ORDERS", ConsumerConfig::durable("billing"))
+        .await
+        .unwrap();
+    let d = timeout(worker.fetch(1, Duration::from_secs(5)))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(&d.message.payload[..], b"plain");
+    d.term("no such customer").await.unwrap();
+    let letter = timeout(dead.next()).await.unwrap();
+    assert_eq!(&*letter.subject, "$DLQ.ORDERS.billing");
+    assert_eq!(
+        &letter.headers.get("Courier-Dlq-Reason").unwrap()[..],
+        b"term: no such customer"
+    );
+    let infos = streams.consumers("ORDERS").await.unwrap();
+    assert_eq!((infos.len(), infos[0].dead_letters), (1, 1));
+    streams.delete_consumer("ORDERS", "billing").await.unwrap();
+    assert!(streams.consumer("ORDERS", "billing").await.is_err());
+}

@@ -103,11 +103,31 @@ impl Embedded {
         if let Err(e) = &store {
             tracing::error!("durable streams are unavailable: {e}");
         }
-        Arc::new(Embedded {
+        let embedded = Arc::new(Embedded {
             subs,
             config,
             store,
-        })
+        });
+        if let Ok(store) = &embedded.store {
+            // dead letters reach the bus's subscribers too (a stream capturing their
+            // subject has stored them already)
+            let bus = Arc::downgrade(&embedded);
+            store.observe_dead_letters(Arc::new(move |subject, headers, payload| {
+                let (Some(bus), Ok(runtime)) =
+                    (bus.upgrade(), tokio::runtime::Handle::try_current())
+                else {
+                    return;
+                };
+                let mut message = Message::new(subject.to_owned(), payload.clone());
+                for (name, value) in headers {
+                    message
+                        .headers
+                        .append(name.to_string(), bytes::Bytes::copy_from_slice(value));
+                }
+                runtime.spawn(async move { bus.deliver(message).await });
+            }));
+        }
+        embedded
     }
 
     /// Stores a plain publish in the stream that captures its subject, if any: a

@@ -49,8 +49,9 @@ pub use message::{
 pub use nats::NatsOptions;
 pub use rpc::ServiceInstance;
 pub use streams::{
-    Discard, Fsync, PubAck, PubAckFuture, Publish, StoredMessage, StreamConfig, StreamInfo,
-    StreamState, Streams,
+    AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
+    DeliveryInfo, Discard, Fsync, KeySource, Messages, PubAck, PubAckFuture, Publish, Retention,
+    StoredMessage, StreamConfig, StreamInfo, StreamState, Streams,
 };
 
 pub(crate) use rpc_core::sync::lock;

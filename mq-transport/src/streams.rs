@@ -47,7 +47,9 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 pub use mq_store::{
-    Discard, Fsync, PubAck, Publish, StoredMessage, StreamConfig, StreamInfo, StreamState,
+    AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DELIVER_AT_HEADER, DeadLetter,
+    DeliverPolicy, Delivery, DeliveryInfo, Discard, Fsync, KeySource, Messages, PubAck, Publish,
+    Retention, StoredMessage, StreamConfig, StreamInfo, StreamState, dead_letter_headers,
 };
 use mq_store::{Store, StoreError};
 use rpc_core::Utf8Bytes;
@@ -188,6 +190,49 @@ impl Streams {
                 Ok(PubAckFuture { inner })
             }
         }
+    }
+
+    /// Creates a consumer on `stream`, or returns the durable one of that name if its
+    /// configuration is the same. Clones of the returned handle, or handles from
+    /// [`Streams::consumer`], share its work: a consumer group.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mq_transport::{Bus, ConsumerConfig, StreamConfig};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), mq_transport::BusError> {
+    /// let bus = Bus::embedded();
+    /// let streams = bus.streams()?;
+    /// streams.create(StreamConfig::new("ORDERS", ["orders.>"])).await?;
+    /// streams.publish("orders.eu", "order 1").await?.await?;
+    /// let worker = streams.create_consumer("ORDERS", ConsumerConfig::durable("billing")).await?;
+    /// for delivery in worker.fetch(16, Duration::from_secs(1)).await? {
+    ///     delivery.ack_confirmed().await?;
+    /// }
+    /// assert_eq!(worker.info().ack_floor, 1);
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_consumer(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<Consumer, BusError> {
+        Ok(self.store().create_consumer(stream, config)?)
+    }
+
+    /// The durable consumer `name` of `stream`.
+    pub async fn consumer(&self, stream: &str, name: &str) -> Result<Consumer, BusError> {
+        Ok(self.store().consumer(stream, name)?)
+    }
+
+    /// Every durable consumer of `stream`, with its state.
+    pub async fn consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, BusError> {
+        Ok(self.store().consumers(stream)?)
+    }
+
+    /// Deletes a durable consumer and its state.
+    pub async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
+        Ok(self.store().delete_consumer(stream, name)?)
     }
 
     /// The message with sequence `seq` of a stream.
