@@ -832,11 +832,12 @@ impl Shared {
         let ack_none = self.config.ack_policy == AckPolicy::None;
         let max_pending = u64::from(self.config.max_ack_pending);
         let mut gone = Vec::new();
+        let mut visible = self.stream.visible();
         while out.len() < batch && (ack_none || engine.pending < max_pending) {
             if let Some(seq) = engine.due.pop_first() {
                 match self.stream.get(seq) {
                     Ok(message) => {
-                        let d = engine.deliver(self, message, now, ack_none);
+                        let d = engine.deliver(self, message, now, ack_none, visible);
                         out.push(d);
                     }
                     Err(StoreError::NoMessage { .. }) => gone.push(seq),
@@ -847,7 +848,7 @@ impl Shared {
                 }
                 continue;
             }
-            let visible = self.stream.visible();
+            visible = self.stream.visible();
             if engine.cursor > visible {
                 break;
             }
@@ -861,7 +862,7 @@ impl Shared {
                     break;
                 }
                 engine.cursor = message.seq + 1;
-                if let Some(d) = engine.admit(self, message, now, now_wall, ack_none) {
+                if let Some(d) = engine.admit(self, message, (now, now_wall), ack_none, visible) {
                     out.push(d);
                 }
             }
@@ -1280,9 +1281,9 @@ impl Engine {
         &mut self,
         shared: &Arc<Shared>,
         message: StoredMessage,
-        now: Instant,
-        now_wall: i64,
+        (now, now_wall): (Instant, i64),
         ack_none: bool,
+        visible: u64,
     ) -> Option<Delivery> {
         let config = &shared.config;
         let seq = message.seq;
@@ -1333,7 +1334,7 @@ impl Engine {
         }
         entry.state = EState::Due;
         self.outstanding.insert(seq, entry);
-        Some(self.deliver(shared, message, now, ack_none))
+        Some(self.deliver(shared, message, now, ack_none, visible))
     }
 
     /// Hands out message `message.seq`, which is outstanding and due.
@@ -1343,6 +1344,7 @@ impl Engine {
         message: StoredMessage,
         now: Instant,
         ack_none: bool,
+        visible: u64,
     ) -> Delivery {
         let seq = message.seq;
         self.consumer_seq += 1;
@@ -1365,7 +1367,7 @@ impl Engine {
             self.pending += 1;
             self.log_delivered.push((seq, deliveries));
         }
-        let pending = shared.stream.visible().saturating_sub(self.cursor - 1) + visible_gap;
+        let pending = visible.saturating_sub(self.cursor - 1) + visible_gap;
         Delivery {
             info: DeliveryInfo {
                 stream: shared.stream.name().to_owned(),

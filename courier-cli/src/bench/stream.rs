@@ -33,9 +33,7 @@
 //! | `js_replay` | untimed pre-fill of N messages (the `js_pub_async` loop; every ack checked, the stream must hold N), then [`Streams::range`] from sequence 1 in batches of `--js-read-batch` (500, as async-nats' ordered consumer pulls) until the N-th message | first read → N-th message |
 //! | `js_reopen` | (not compared) untimed pre-fill of `--js-reopen-count` 16 B messages, the bus dropped (the store closes: its committer writes and syncs what it holds), then a new embedded bus over the same directory and `info` of the stream | `Bus::embedded_with` → `info` returned (recovery of every segment) |
 //!
-//! `js_consume` (a durable pull consumer acking every message) needs consumers, which
-//! courier does not have yet: it is skipped with a note on stderr and no row, never
-//! approximated.
+//! | `js_consume` | per `--fsync` mode: untimed pre-fill of N messages (as above, the stream in that mode), then a durable consumer `bench_consume` (explicit ack, deliver all, ack wait 30 s, max ack pending 1,000, as JetStream's defaults); loop: one [`mq_transport::Consumer::fetch`] of up to `--js-batch` (256) messages with a zero wait (one outstanding) → every message checked and acked with a plain [`mq_transport::Delivery::ack`] (fire-and-forget: the consumer's state changes at once and reaches its state file with the next group-committed write; under `always` that write is `fdatasync`ed) → next fetch | first fetch → last ack; then untimed, the consumer's info is polled (≤ 10 s) until its ack floor reaches N with 0 pending |
 //!
 //! Checks, counted in the row exactly as nats-bench counts them: every ack — stream name,
 //! not a duplicate, sequence = previous + 1 (`ack_mismatches`), errors (`ack_errors`);
@@ -70,8 +68,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use indicatif::ProgressBar;
 use mq_transport::{
-    Bus, BusError, EmbeddedConfig, Fsync, PubAck, PubAckFuture, Storage, StreamConfig, StreamState,
-    Streams,
+    AckPolicy, Bus, BusError, ConsumerConfig, EmbeddedConfig, Fsync, PubAck, PubAckFuture, Storage,
+    StreamConfig, StreamState, Streams,
 };
 use rpc_core::Utf8Bytes;
 use serde_json::{Map, Value, json};
@@ -215,8 +213,7 @@ pub(crate) struct StreamFlags {
     /// pulls 500 at a time).
     #[arg(long, default_value_t = 500)]
     js_read_batch: usize,
-    /// Messages per fetch in js_consume; accepted for nats-bench's sake (js_consume
-    /// needs consumers, not implemented yet).
+    /// Messages per fetch in js_consume.
     #[arg(long, default_value_t = 256)]
     js_batch: usize,
     /// Messages pre-filled for js_reopen (16 B each; `none` skips it).
@@ -238,8 +235,8 @@ pub(crate) struct StreamFlags {
     /// Which bus serves the streams: only `embedded` in this release.
     #[arg(long, default_value = "embedded", value_parser = parse_backend)]
     backend: Backend,
-    /// Run only these scenarios (comma-separated: js_pub_seq, js_pub_async, js_replay,
-    /// js_reopen); all by default.
+    /// Run only these scenarios (comma-separated: js_pub_seq, js_pub_async, js_consume,
+    /// js_replay, js_reopen); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Ignored (nats-bench's label of the server's sync setting); courier's durability
@@ -249,7 +246,7 @@ pub(crate) struct StreamFlags {
     /// Ignored (nats-bench's description of its durability); rows describe their own.
     #[arg(long, value_name = "TEXT", value_parser = ignore)]
     js_durability: Option<Ignored>,
-    /// Ignored (nats-bench's js_consume pull mode; js_consume is not implemented yet).
+    /// Ignored (nats-bench's js_consume pull mode: `fetch`, the only one courier runs).
     #[arg(long, value_name = "MODE", value_parser = ignore)]
     js_pull: Option<Ignored>,
     /// Ignored (nats-bench's core/js/all selector); `bench stream` has only the js
@@ -374,8 +371,13 @@ pub(crate) async fn run(flags: StreamFlags) -> Result<(), String> {
             }
         }
     }
-    if flags.wants(Scenario::Consume) && !read_rows.is_empty() {
-        eprintln!("js_consume: needs consumers (not yet implemented)");
+    if flags.wants(Scenario::Consume) {
+        for &(size, count) in &read_rows {
+            for &mode in &modes {
+                let row = bench.consume(size, count, mode).await?;
+                bench.out.row(row);
+            }
+        }
     }
     if flags.wants(Scenario::Replay) {
         for &(size, count) in &read_rows {
@@ -629,7 +631,18 @@ impl Bench<'_> {
         size: usize,
         count: u64,
     ) -> Result<Fresh, String> {
-        let mode = FsyncMode::Interval;
+        self.prefill_in(scenario, size, count, FsyncMode::Interval)
+            .await
+    }
+
+    /// [`Bench::prefill`] with the stream in `mode`.
+    async fn prefill_in(
+        &mut self,
+        scenario: Scenario,
+        size: usize,
+        count: u64,
+        mode: FsyncMode,
+    ) -> Result<Fresh, String> {
         let fresh = self.fresh(scenario, size, mode).await?;
         let subject = scenario.subject(size);
         let payload = Bytes::from(vec![0xAB; size]);
@@ -660,6 +673,113 @@ impl Bench<'_> {
             started.elapsed().as_secs_f64()
         );
         Ok(fresh)
+    }
+
+    /// js_consume: pre-fill, then a durable consumer fetching `--js-batch` at a time and
+    /// acking every message; timed from the first fetch to the last ack.
+    async fn consume(
+        &mut self,
+        size: usize,
+        count: u64,
+        mode: FsyncMode,
+    ) -> Result<Map<String, Value>, String> {
+        let scenario = Scenario::Consume;
+        let batch = self.flags.js_batch.max(1);
+        let fresh = self.prefill_in(scenario, size, count, mode).await?;
+        let config = ConsumerConfig {
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            max_ack_pending: 1000,
+            ..ConsumerConfig::durable("bench_consume")
+        };
+        let consumer = fresh
+            .streams
+            .create_consumer(STREAM, config)
+            .await
+            .map_err(|e| format!("cannot create consumer bench_consume: {e}"))?;
+        let bar = progress(format!("stream {scenario} {size} B ({mode})"));
+        bar.set_length(count);
+        let mut reads = Reads::default();
+        let (mut fetches, mut redelivered, mut ack_errors, mut empty) = (0u64, 0u64, 0u64, 0u64);
+        let started = Instant::now();
+        while reads.received < count {
+            let deliveries = match consumer.fetch(batch, Duration::ZERO).await {
+                Ok(d) => d,
+                Err(e) => {
+                    reads.error(&BusError::Stream(e));
+                    break;
+                }
+            };
+            fetches += 1;
+            if deliveries.is_empty() {
+                // the stream holds N and nothing is pending: only a bug ends here
+                empty += 1;
+                if empty > 1000 {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let before = reads.received;
+            for d in &deliveries {
+                reads.check(d.info.stream_seq, d.message.payload.len(), size);
+                if d.info.deliveries != 1 {
+                    redelivered += 1;
+                }
+                if d.ack().await.is_err() {
+                    ack_errors += 1;
+                }
+            }
+            if reads.received / BAR_STEP != before / BAR_STEP {
+                bar.set_position(reads.received);
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+        // untimed: the consumer's own account of what was acknowledged
+        let mut info = consumer.info();
+        let polling = Instant::now();
+        while (info.ack_floor < count || info.num_ack_pending > 0)
+            && polling.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            info = consumer.info();
+        }
+        let acked = reads.received - ack_errors.min(reads.received);
+        let state = fresh.state().await?;
+        let row = self.row(
+            scenario,
+            size,
+            fresh.mode,
+            &state,
+            json!({
+                "prefilled": count,
+                "consumer": "durable bench_consume: explicit ack, deliver all, ack wait 30 s, max ack pending 1000; Consumer::fetch with no wait, one outstanding; a plain ack per message (fire-and-forget), in process",
+                "consumer_state": match mode {
+                    FsyncMode::Always => "acks reach the consumer's state file by group commit, one write + fdatasync per batch; a plain ack is not waited for",
+                    FsyncMode::Interval => "acks reach the consumer's state file by group commit, one write per batch, fdatasync every 120 s; a plain ack is not waited for",
+                },
+                "ack_policy": "explicit",
+                "fetch_batch": batch,
+                "fetches": fetches,
+                "received": reads.received,
+                "acked": acked,
+                "ack_errors": ack_errors,
+                "out_of_order": reads.out_of_order,
+                "redelivered": redelivered,
+                "bad_length": reads.bad_length,
+                "errors": reads.errors,
+                "lost": count.saturating_sub(acked),
+                "server_ack_floor_stream_seq": info.ack_floor,
+                "server_num_ack_pending": info.num_ack_pending,
+                "server_num_redelivered": info.num_redelivered,
+                "elapsed_s": round4(secs),
+                "msgs_per_s": whole(acked as f64 / secs),
+            }),
+        );
+        drop(consumer);
+        fresh.finish().await?;
+        Ok(row)
     }
 
     /// js_replay: pre-fill, then read everything from sequence 1 in batches; timed from
