@@ -852,7 +852,9 @@ impl Shared {
             if engine.cursor > visible {
                 break;
             }
-            let messages = self.stream.range(engine.cursor, SCAN_CHUNK, 8 << 20)?;
+            // read about what the batch needs (a fetch of one does not read 512)
+            let chunk = (batch - out.len()).clamp(32, SCAN_CHUNK);
+            let messages = self.stream.range(engine.cursor, chunk, 8 << 20)?;
             if messages.is_empty() {
                 engine.cursor = engine.cursor.max(visible + 1);
                 break;

@@ -989,3 +989,44 @@ async fn a_failed_state_write_fails_ack_confirmed_and_the_next_write_rewrites_th
         "both acknowledgements are on disk once a write works again"
     );
 }
+
+#[tokio::test]
+async fn messages_is_a_stream_that_pulls_ahead_within_max_ack_pending() {
+    let store = Store::memory();
+    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+    for i in 1..=10 {
+        publish(&stream, "s.a", &i.to_string()).await;
+    }
+    let consumer = store
+        .create_consumer(
+            "S",
+            ConsumerConfig {
+                max_ack_pending: 4,
+                ..ConsumerConfig::durable("c")
+            },
+        )
+        .unwrap();
+    let mut messages = consumer.messages();
+    let first = messages.next().await.unwrap().unwrap();
+    assert_eq!(first.info.stream_seq, 1);
+    // pulled ahead: a batch is out, but never more than max_ack_pending
+    assert_eq!(consumer.info().num_ack_pending, 2);
+    let mut seen = vec![first];
+    while seen.len() < 10 {
+        let d = messages.next().await.unwrap().unwrap();
+        assert!(consumer.info().num_ack_pending <= 4);
+        seen.push(d);
+        if seen.len() % 2 == 0 {
+            for d in seen.iter().rev().take(2) {
+                d.ack().await.unwrap();
+            }
+        }
+    }
+    let order: Vec<u64> = seen.iter().map(|d| d.info.stream_seq).collect();
+    assert_eq!(order, (1..=10).collect::<Vec<_>>());
+    // waits for the next publish
+    let later =
+        tokio::spawn(async move { messages.next().await.unwrap().unwrap().info.stream_seq });
+    publish(&stream, "s.a", "11").await;
+    assert_eq!(later.await.unwrap(), 11);
+}
