@@ -216,8 +216,13 @@ impl ConsumerConfig {
         for filter in &self.filter_subjects {
             crate::subject::validate_filter(filter).map_err(|e| e.to_string())?;
         }
-        if self.ack_wait.is_zero() {
-            return Err("ack_wait must be more than 0".into());
+        if self.ack_wait.is_zero() || self.ack_wait > MAX_WAIT {
+            return Err(format!(
+                "ack_wait must be more than 0 and at most {MAX_WAIT:?}"
+            ));
+        }
+        if self.backoff.iter().any(|d| *d > MAX_WAIT) {
+            return Err(format!("backoff durations must be at most {MAX_WAIT:?}"));
         }
         if self.max_deliver == Some(0) {
             return Err("max_deliver must be at least 1".into());
@@ -366,6 +371,8 @@ struct Engine {
     retire: Vec<(u64, Arc<str>)>,
     /// Keys that had a message done with: the next of theirs may go.
     unblocked: Vec<Bytes>,
+    /// Messages read again after a restart that had used up `max_deliver` already.
+    restart_dead: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -449,6 +456,14 @@ const DLQ_REASON: &str = "Courier-Dlq-Reason";
 
 /// Messages read from the stream at a time while looking for deliverable ones.
 const SCAN_CHUNK: usize = 512;
+/// Messages one fetch reads at most before it lets go of the consumer's lock (held
+/// messages do not fill its batch).
+const SCAN_BUDGET: usize = 8192;
+/// Messages held back (behind their key, or before their time) at most: reading the
+/// stream stops there until some are delivered, which bounds a consumer's memory.
+const MAX_HELD: u64 = 65_536;
+/// The longest ack wait, backoff step or nak delay: a year.
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -508,7 +523,14 @@ impl Consumer {
                 })
             };
         }
-        if stream.config().retention == crate::config::Retention::WorkQueue {
+        let retention = stream.config().retention;
+        if !config.durable && retention != crate::config::Retention::Limits {
+            return Err(StoreError::InvalidConsumer(format!(
+                "stream `{}` removes messages once its consumers acknowledge them ({retention:?} retention): its consumers must be durable",
+                stream.name()
+            )));
+        }
+        if retention == crate::config::Retention::WorkQueue {
             for other in stream.consumers().values() {
                 if let Some(subject) = overlapping(&config, &other.shared.config) {
                     return Err(StoreError::InvalidConsumer(format!(
@@ -593,14 +615,31 @@ impl Consumer {
                 StoreError::Corrupt { offset, .. } => *offset,
                 _ => 0,
             };
-            let aside = path.with_extension(format!("con.damaged-{offset}"));
-            stream
-                .fs()
-                .rename(path, &aside)
-                .map_err(|e| StoreError::io("rename", path, e))?;
+            // a copy: the file itself is replaced (atomically) by a fresh one below
+            copy_aside(
+                &**stream.fs(),
+                path,
+                &path.with_extension(format!("con.damaged-{offset}")),
+            )?;
         }
+        let mut state = loaded.state;
+        // a floor never lies below where the consumer started, nor above the stream
+        let last = stream.info().state.last_seq;
+        if state.floor > last {
+            tracing::error!(
+                stream = stream.name(),
+                consumer = stored.config.name,
+                "the state file's ack floor {} is beyond the stream's last sequence {last}; using {last}",
+                state.floor
+            );
+            state = Persisted {
+                floor: last,
+                ..Persisted::default()
+            };
+        }
+        state.raise_floor(stored.start.saturating_sub(1));
         let name = stored.config.name.clone();
-        let consumer = Consumer::start(stream, store, stored, loaded.state, loaded.damage)?;
+        let consumer = Consumer::start(stream, store, stored, state, loaded.damage)?;
         stream.consumers().insert(name, consumer.clone());
         Ok(Some(consumer))
     }
@@ -641,6 +680,7 @@ impl Consumer {
                 floor_logged: floor,
                 retire: Vec::new(),
                 unblocked: Vec::new(),
+                restart_dead: Vec::new(),
             }),
             config,
             journal: OnceLock::new(),
@@ -684,7 +724,7 @@ impl Consumer {
         max_wait: Duration,
     ) -> Result<Vec<Delivery>, StoreError> {
         self.shared.ensure_ticker();
-        let deadline = Instant::now() + max_wait;
+        let deadline = Instant::now() + max_wait.min(MAX_WAIT);
         let mut arrivals = self.shared.stream.arrivals();
         loop {
             let notified = self.shared.available.notified();
@@ -769,6 +809,28 @@ impl Consumer {
     }
 }
 
+/// Copies a damaged state file aside, synced, for inspection.
+fn copy_aside(
+    fs: &dyn crate::fs::Fs,
+    from: &std::path::Path,
+    to: &std::path::Path,
+) -> Result<(), StoreError> {
+    let source = fs
+        .open(from, false)
+        .map_err(|e| StoreError::io("open", from, e))?;
+    let len = source.len().map_err(|e| StoreError::io("stat", from, e))?;
+    let mut bytes = vec![0u8; len as usize];
+    source
+        .read_exact_at(&mut bytes, 0)
+        .map_err(|e| StoreError::io("read", from, e))?;
+    let copy = fs
+        .open(to, true)
+        .map_err(|e| StoreError::io("create", to, e))?;
+    copy.write_all_at(&bytes, 0)
+        .and_then(|()| copy.sync_data())
+        .map_err(|e| StoreError::io("write", to, e))
+}
+
 fn state_path(stream: &Stream, name: &str) -> std::path::PathBuf {
     stream.dir().join("consumers").join(format!("{name}.con"))
 }
@@ -814,7 +876,8 @@ impl Shared {
     }
 
     /// Takes up to `batch` deliverable messages; when there are none, also when the
-    /// next one may become deliverable.
+    /// next one may become deliverable. A read error ends the batch (what was taken is
+    /// returned; the error is, if nothing was).
     fn take(
         self: &Arc<Self>,
         batch: usize,
@@ -825,14 +888,16 @@ impl Shared {
         if engine.closed {
             return Err(StoreError::Closed(self.stream.name().to_owned()));
         }
-        let dead = engine.expire(&self.config, now);
+        let mut dead = engine.expire(&self.config, now);
         engine.release_delayed(&self.config, now_wall);
         engine.release_unblocked(&self.config, now_wall);
         let mut out = Vec::new();
+        let mut error = None;
         let ack_none = self.config.ack_policy == AckPolicy::None;
         let max_pending = u64::from(self.config.max_ack_pending);
-        let mut gone = Vec::new();
         let mut visible = self.stream.visible();
+        let mut scanned = 0usize;
+        let mut more = false; // stopped scanning with messages left to read
         while out.len() < batch && (ack_none || engine.pending < max_pending) {
             if let Some(seq) = engine.due.pop_first() {
                 match self.stream.get(seq) {
@@ -840,10 +905,15 @@ impl Shared {
                         let d = engine.deliver(self, message, now, ack_none, visible);
                         out.push(d);
                     }
-                    Err(StoreError::NoMessage { .. }) => gone.push(seq),
+                    Err(StoreError::NoMessage { .. }) => {
+                        // removed from the stream meanwhile (limits, purge): done with
+                        engine.finish(seq);
+                        engine.release_unblocked(&self.config, now_wall);
+                    }
                     Err(e) => {
                         engine.due.insert(seq);
-                        return Err(e);
+                        error = Some(e);
+                        break;
                     }
                 }
                 continue;
@@ -852,9 +922,21 @@ impl Shared {
             if engine.cursor > visible {
                 break;
             }
+            if scanned >= SCAN_BUDGET || engine.held >= MAX_HELD {
+                // held messages do not fill a batch: bound what one call reads (and
+                // what is held in memory), and let the fetch come back
+                more = engine.held < MAX_HELD;
+                break;
+            }
             // read about what the batch needs (a fetch of one does not read 512)
             let chunk = (batch - out.len()).clamp(32, SCAN_CHUNK);
-            let messages = self.stream.range(engine.cursor, chunk, 8 << 20)?;
+            let messages = match self.stream.range(engine.cursor, chunk, 8 << 20) {
+                Ok(messages) => messages,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            };
             if messages.is_empty() {
                 engine.cursor = engine.cursor.max(visible + 1);
                 break;
@@ -863,26 +945,31 @@ impl Shared {
                 if out.len() >= batch || (!ack_none && engine.pending >= max_pending) {
                     break;
                 }
+                scanned += 1;
                 engine.cursor = message.seq + 1;
                 if let Some(d) = engine.admit(self, message, (now, now_wall), ack_none, visible) {
                     out.push(d);
                 }
             }
         }
-        for seq in gone {
-            // removed from the stream meanwhile (limits, purge): nothing to deliver
-            engine.finish(seq);
-        }
+        dead.append(&mut engine.restart_dead);
         if !out.is_empty() && !ack_none {
             self.tick.notify_one();
         }
-        let wake = engine.next_wake(now_wall);
+        let wake = if more {
+            Some(now)
+        } else {
+            engine.next_wake(now_wall)
+        };
         let retire = engine.advance_floor();
         drop(engine);
         self.flush(None);
         self.retire(retire);
         self.dead_letter_all(dead);
-        Ok((out, wake))
+        match error {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok((out, wake)),
+        }
     }
 
     /// Sends what changed to the state file; `confirm` gets the write's result.
@@ -1120,7 +1207,7 @@ impl Shared {
                     engine.pending -= 1;
                     dead = Some(seq);
                 } else {
-                    match delay.filter(|d| !d.is_zero()) {
+                    match delay.filter(|d| !d.is_zero()).map(|d| d.min(MAX_WAIT)) {
                         Some(d) => {
                             entry.state = EState::Pending { deadline: now + d };
                             engine.timers.insert((now + d, seq));
@@ -1300,9 +1387,30 @@ impl Engine {
         {
             return None;
         }
-        let key = config.key_of(&message);
+        // without acknowledgements a key has nothing to wait for
+        let key = if ack_none {
+            None
+        } else {
+            config.key_of(&message)
+        };
         let at = deliver_at(&message).filter(|&at| at > now_wall);
         let deliveries = self.restored.remove(&seq).unwrap_or(0);
+        if !ack_none && config.max_deliver.is_some_and(|m| deliveries >= m) {
+            // delivered its last time before a restart and never answered
+            self.outstanding.insert(
+                seq,
+                Entry {
+                    subject: Arc::from(message.subject.as_str()),
+                    key: None,
+                    deliver_at: None,
+                    deliveries,
+                    state: EState::DeadLettering,
+                    dead: Some("max_deliver".into()),
+                },
+            );
+            self.restart_dead.push(seq);
+            return None;
+        }
         let mut entry = Entry {
             subject: Arc::from(message.subject.as_str()),
             key: key.clone(),
@@ -1445,7 +1553,7 @@ impl Engine {
         let timer = self.timers.first().map(|&(t, _)| t);
         let delayed = self.delayed.first().map(|&(at, _)| {
             let wait = u64::try_from(at.saturating_sub(now_wall)).unwrap_or(0);
-            Instant::now() + Duration::from_nanos(wait)
+            Instant::now() + Duration::from_nanos(wait).min(MAX_WAIT)
         });
         match (timer, delayed) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -1519,7 +1627,9 @@ impl Delivery {
             .answer(self.info.stream_seq, Answer::Nak(delay))?;
         self.consumer.flush(None);
         if let Some(seq) = dead {
-            self.consumer.dead_letter(seq).await;
+            // in a task of its own: dropping this future does not strand the message
+            let consumer = self.consumer.clone();
+            let _ = tokio::spawn(async move { consumer.dead_letter(seq).await }).await;
         }
         Ok(())
     }
@@ -1539,7 +1649,9 @@ impl Delivery {
             .consumer
             .answer(self.info.stream_seq, Answer::Term(reason.to_owned()))?;
         if let Some(seq) = dead {
-            self.consumer.dead_letter(seq).await;
+            // in a task of its own: dropping this future does not strand the message
+            let consumer = self.consumer.clone();
+            let _ = tokio::spawn(async move { consumer.dead_letter(seq).await }).await;
         }
         Ok(())
     }

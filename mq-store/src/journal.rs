@@ -71,9 +71,19 @@ impl Persisted {
     fn apply_floor(&mut self, floor: u64) {
         if floor > self.floor {
             self.floor = floor;
-            self.done = self.done.split_off(&(floor + 1));
-            self.deliveries = self.deliveries.split_off(&(floor + 1));
+            let above = floor.saturating_add(1);
+            self.done = self.done.split_off(&above);
+            self.deliveries = self.deliveries.split_off(&above);
+            if floor == u64::MAX {
+                self.done.clear();
+                self.deliveries.clear();
+            }
         }
+    }
+
+    /// Raises the floor to at least `floor`.
+    pub(crate) fn raise_floor(&mut self, floor: u64) {
+        self.apply_floor(floor);
     }
 
     fn apply_done(&mut self, seq: u64) {
@@ -119,20 +129,47 @@ fn push_record(out: &mut Vec<u8>, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
-fn snapshot_body(state: &Persisted) -> Vec<u8> {
-    let mut b = Vec::with_capacity(17 + state.done.len() * 8 + state.deliveries.len() * 12);
-    b.push(KIND_SNAPSHOT);
-    b.extend_from_slice(&state.floor.to_le_bytes());
-    b.extend_from_slice(&(state.done.len() as u32).to_le_bytes());
-    for seq in &state.done {
+/// Entries per record of a snapshot: its records stay far below [`MAX_RECORD`].
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+fn done_body(seqs: &[u64]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(5 + seqs.len() * 8);
+    b.push(KIND_DONE);
+    b.extend_from_slice(&(seqs.len() as u32).to_le_bytes());
+    for seq in seqs {
         b.extend_from_slice(&seq.to_le_bytes());
     }
-    b.extend_from_slice(&(state.deliveries.len() as u32).to_le_bytes());
-    for (seq, n) in &state.deliveries {
+    b
+}
+
+fn delivered_body(entries: &[(u64, u32)]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(5 + entries.len() * 12);
+    b.push(KIND_DELIVERED);
+    b.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (seq, n) in entries {
         b.extend_from_slice(&seq.to_le_bytes());
         b.extend_from_slice(&n.to_le_bytes());
     }
     b
+}
+
+/// A snapshot: one snapshot record with the floor (which resets the state), then the
+/// done sequences and delivery counts in records of at most [`SNAPSHOT_CHUNK`] entries.
+fn push_snapshot(out: &mut Vec<u8>, state: &Persisted) {
+    let mut b = Vec::with_capacity(17);
+    b.push(KIND_SNAPSHOT);
+    b.extend_from_slice(&state.floor.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.extend_from_slice(&0u32.to_le_bytes());
+    push_record(out, &b);
+    let done: Vec<u64> = state.done.iter().copied().collect();
+    for chunk in done.chunks(SNAPSHOT_CHUNK) {
+        push_record(out, &done_body(chunk));
+    }
+    let deliveries: Vec<(u64, u32)> = state.deliveries.iter().map(|(&s, &n)| (s, n)).collect();
+    for chunk in deliveries.chunks(SNAPSHOT_CHUNK) {
+        push_record(out, &delivered_body(chunk));
+    }
 }
 
 /// The bytes of a fresh state file: header, config, snapshot.
@@ -142,7 +179,7 @@ pub(crate) fn fresh_file(config: &[u8], state: &Persisted) -> Vec<u8> {
     body.push(KIND_CONFIG);
     body.extend_from_slice(config);
     push_record(&mut out, &body);
-    push_record(&mut out, &snapshot_body(state));
+    push_snapshot(&mut out, state);
     out
 }
 
@@ -491,6 +528,8 @@ fn write_fresh(
 impl JShared {
     fn run(&self, mut file: Arc<dyn File>, mut len: u64, source: std::sync::Weak<dyn Snapshot>) {
         let mut since_snapshot = 0u64;
+        // a large snapshot is not rewritten more often than its own size is appended
+        let mut snapshot_len = len;
         let mut last_sync = Instant::now();
         let mut unsynced = false;
         loop {
@@ -532,31 +571,19 @@ impl JShared {
             };
             let fsync = *lock(&self.fsync);
             let mut bytes = Vec::new();
-            if !batch.delivered.is_empty() {
-                let mut b = Vec::with_capacity(5 + batch.delivered.len() * 12);
-                b.push(KIND_DELIVERED);
-                b.extend_from_slice(&(batch.delivered.len() as u32).to_le_bytes());
-                for (seq, n) in &batch.delivered {
-                    b.extend_from_slice(&seq.to_le_bytes());
-                    b.extend_from_slice(&n.to_le_bytes());
-                }
-                push_record(&mut bytes, &b);
+            for chunk in batch.delivered.chunks(SNAPSHOT_CHUNK) {
+                push_record(&mut bytes, &delivered_body(chunk));
             }
-            if !batch.done.is_empty() {
-                let mut b = Vec::with_capacity(5 + batch.done.len() * 8);
-                b.push(KIND_DONE);
-                b.extend_from_slice(&(batch.done.len() as u32).to_le_bytes());
-                for seq in &batch.done {
-                    b.extend_from_slice(&seq.to_le_bytes());
-                }
-                push_record(&mut bytes, &b);
+            for chunk in batch.done.chunks(SNAPSHOT_CHUNK) {
+                push_record(&mut bytes, &done_body(chunk));
             }
             if let Some(floor) = batch.floor {
                 let mut b = vec![KIND_FLOOR];
                 b.extend_from_slice(&floor.to_le_bytes());
                 push_record(&mut bytes, &b);
             }
-            let compact = rewrite || since_snapshot + bytes.len() as u64 > self.compact_at;
+            let compact =
+                rewrite || since_snapshot + bytes.len() as u64 > self.compact_at.max(snapshot_len);
             let result = match source.upgrade() {
                 Some(source) if compact => {
                     let state = source.snapshot();
@@ -565,6 +592,7 @@ impl JShared {
                         |(f, l)| {
                             file = f;
                             len = l;
+                            snapshot_len = l;
                             since_snapshot = 0;
                             unsynced = false;
                             last_sync = Instant::now();
@@ -606,18 +634,32 @@ impl JShared {
                 }
                 Ok(())
             });
+            // closing: whatever is written reaches the disk, whatever the setting
+            let result = result.and_then(|()| {
+                if closed && unsynced {
+                    file.sync_data()
+                        .map_err(|e| StoreError::io("fsync", &self.path, e))?;
+                    unsynced = false;
+                }
+                Ok(())
+            });
+            let failed = result.is_err();
             if let Err(e) = &result {
                 tracing::error!(
                     "consumer state: {e}; the file will be rewritten whole with the next change"
                 );
                 lock(&self.queue).rewrite = true;
+                // not sooner than the next interval either: no retry loop at CPU speed
+                last_sync = Instant::now();
             }
             for tx in batch.waiters {
                 let _ = tx.send(result.clone());
             }
-            if closed && lock(&self.queue).delivered.is_empty() && lock(&self.queue).done.is_empty()
-            {
+            if closed {
                 return;
+            }
+            if failed {
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
         }
     }

@@ -52,7 +52,7 @@ pub use config::{
 };
 pub use consumer::{
     AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
-    DeliveryInfo, KeySource, Messages, dead_letter_headers,
+    DeliveryInfo, KeySource, MAX_WAIT, Messages, dead_letter_headers,
 };
 pub use error::StoreError;
 pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};

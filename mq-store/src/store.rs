@@ -450,8 +450,9 @@ impl Store {
         stream: &str,
         config: ConsumerConfig,
     ) -> Result<Consumer, StoreError> {
-        let stream = self.stream(stream)?;
+        // under the admin lock: the stream cannot be deleted (or replaced) meanwhile
         let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let stream = self.stream(stream)?;
         Consumer::create(&stream, self.weak(), config)
     }
 
@@ -474,8 +475,8 @@ impl Store {
 
     /// Deletes a durable consumer and its state file.
     pub fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), StoreError> {
-        let s = self.stream(stream)?;
         let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let s = self.stream(stream)?;
         let removed = s.consumers().remove(name);
         let Some(consumer) = removed else {
             return Err(StoreError::ConsumerNotFound {

@@ -1030,3 +1030,106 @@ async fn messages_is_a_stream_that_pulls_ahead_within_max_ack_pending() {
     publish(&stream, "s.a", "11").await;
     assert_eq!(later.await.unwrap(), 11);
 }
+
+#[tokio::test(start_paused = true)]
+async fn without_acknowledgements_a_keyed_delayed_message_is_still_delivered_at_its_time() {
+    let (_fs, store) = store();
+    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+    let later = Publish {
+        delay: Some(Duration::from_secs(2)),
+        ..Publish::default()
+    };
+    publish_with(&stream, "s.k", &[], "later", later).await;
+    let consumer = store
+        .create_consumer(
+            "S",
+            ConsumerConfig {
+                ack_policy: AckPolicy::None,
+                key: Some(KeySource::SubjectToken(1)),
+                ..ConsumerConfig::durable("c")
+            },
+        )
+        .unwrap();
+    let got = consumer.fetch(1, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(seqs(&got), [1]);
+    assert_eq!(consumer.info().ack_floor, 1);
+}
+
+#[tokio::test]
+async fn a_term_whose_caller_gives_up_waiting_still_dead_letters_the_message() {
+    let (_store, _stream, consumer, dlq) = dead_letter_setup(None).await;
+    let d = consumer.fetch(1, WAIT).await.unwrap().pop().unwrap();
+    // the caller stops waiting at once; the dead letter goes on in its own task
+    let _ = tokio::time::timeout(Duration::ZERO, d.term("impatient")).await;
+    let letter = dlq
+        .fetch(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(header(&letter, "Courier-Dlq-Reason"), "term: impatient");
+    until("the consumer to count it", || {
+        consumer.info().dead_letters == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_message_that_used_up_max_deliver_before_a_restart_becomes_a_dead_letter_after_it() {
+    let fs = SimFs::default();
+    let after = {
+        let store = open(&fs);
+        let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+        store.create(StreamConfig::new("DLQ", ["$DLQ.>"])).unwrap();
+        publish(&stream, "s.a", "never answered").await;
+        publish(&stream, "s.a", "answered").await;
+        let consumer = store
+            .create_consumer(
+                "S",
+                ConsumerConfig {
+                    max_deliver: Some(1),
+                    ..ConsumerConfig::durable("c")
+                },
+            )
+            .unwrap();
+        let batch = consumer.fetch(2, WAIT).await.unwrap();
+        batch[1].ack_confirmed().await.unwrap(); // its write carries both deliveries
+        fs.power_loss(None)
+    };
+    let store = open(&after);
+    let consumer = store.consumer("S", "c").unwrap();
+    assert!(
+        consumer
+            .fetch(10, Duration::from_millis(50))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dlq = store
+        .create_consumer("DLQ", ConsumerConfig::durable("ops"))
+        .unwrap();
+    let letter = dlq
+        .fetch(1, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(header(&letter, "Courier-Dlq-Reason"), "max_deliver");
+    assert_eq!(header(&letter, "Courier-Dlq-Deliveries"), "1");
+    assert_eq!(header(&letter, "Courier-Dlq-Sequence"), "1");
+}
+
+#[tokio::test]
+async fn consumers_that_remove_messages_must_be_durable() {
+    let store = Store::memory();
+    store
+        .create(StreamConfig {
+            retention: Retention::Interest,
+            ..StreamConfig::new("EV", ["ev.>"])
+        })
+        .unwrap();
+    let e = store
+        .create_consumer("EV", ConsumerConfig::ephemeral())
+        .unwrap_err();
+    assert!(e.to_string().contains("must be durable"), "{e}");
+}
