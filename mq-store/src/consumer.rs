@@ -541,6 +541,20 @@ impl Consumer {
                 }
             }
         }
+        if config.durable
+            && stream
+                .fs()
+                .open(&state_path(stream, &config.name), false)
+                .is_ok()
+        {
+            // not opened (it is not in the map): damaged, and kept for an operator
+            return Err(StoreError::InvalidConsumer(format!(
+                "consumer `{}` of stream `{}` has a state file that could not be opened ({}); delete the consumer to remove it",
+                config.name,
+                stream.name(),
+                state_path(stream, &config.name).display()
+            )));
+        }
         let last = stream.visible();
         let first = stream.info().state.first_seq;
         let (start, last_per_subject_upto) = match config.deliver_policy {
@@ -616,28 +630,28 @@ impl Consumer {
                 _ => 0,
             };
             // a copy: the file itself is replaced (atomically) by a fresh one below
-            copy_aside(
-                &**stream.fs(),
-                path,
-                &path.with_extension(format!("con.damaged-{offset}")),
-            )?;
+            copy_aside(&**stream.fs(), path, &format!("con.damaged-{offset}"))?;
         }
         let mut state = loaded.state;
-        // a floor never lies below where the consumer started, nor above the stream
+        // Nothing of the state may lie beyond the stream's last sequence: a stream
+        // under `every`/`never` can lose its tail in a power loss while the consumer's
+        // file kept its state of those sequences, and they will be given out again to
+        // new messages.
         let last = stream.info().state.last_seq;
-        if state.floor > last {
+        let beyond = state.done.range(last.saturating_add(1)..).count()
+            + state.deliveries.range(last.saturating_add(1)..).count();
+        if state.floor > last || beyond > 0 {
             tracing::error!(
                 stream = stream.name(),
                 consumer = stored.config.name,
-                "the state file's ack floor {} is beyond the stream's last sequence {last}; using {last}",
+                "the state file knows sequences beyond the stream's last, {last} (floor {}, {beyond} more): forgetting them",
                 state.floor
             );
-            state = Persisted {
-                floor: last,
-                ..Persisted::default()
-            };
+            state.floor = state.floor.min(last);
+            state.done.retain(|&s| s <= last);
+            state.deliveries.retain(|&s, _| s <= last);
         }
-        state.raise_floor(stored.start.saturating_sub(1));
+        state.raise_floor(stored.start.saturating_sub(1).min(last));
         let name = stored.config.name.clone();
         let consumer = Consumer::start(stream, store, stored, state, loaded.damage)?;
         stream.consumers().insert(name, consumer.clone());
@@ -809,12 +823,20 @@ impl Consumer {
     }
 }
 
-/// Copies a damaged state file aside, synced, for inspection.
+/// Copies a damaged state file aside (`<name>.<extension>`, or with `.1`, `.2`, … when
+/// taken), synced, for inspection.
 fn copy_aside(
     fs: &dyn crate::fs::Fs,
     from: &std::path::Path,
-    to: &std::path::Path,
+    extension: &str,
 ) -> Result<(), StoreError> {
+    let mut to = from.with_extension(extension);
+    let mut n = 0;
+    while fs.open(&to, false).is_ok() {
+        n += 1;
+        to = from.with_extension(format!("{extension}.{n}"));
+    }
+    let to = &to;
     let source = fs
         .open(from, false)
         .map_err(|e| StoreError::io("open", from, e))?;
@@ -956,6 +978,7 @@ impl Shared {
         if !out.is_empty() && !ack_none {
             self.tick.notify_one();
         }
+        let left_due = !engine.due.is_empty();
         let wake = if more {
             Some(now)
         } else {
@@ -966,6 +989,10 @@ impl Shared {
         self.flush(None);
         self.retire(retire);
         self.dead_letter_all(dead);
+        if left_due {
+            // this batch is full: another fetch may take them
+            self.available.notify_waiters();
+        }
         match error {
             Some(e) if out.is_empty() => Err(e),
             _ => Ok((out, wake)),
@@ -1172,24 +1199,31 @@ impl Shared {
                         .filter(|(_, e)| {
                             matches!(e.state, EState::Pending { .. } | EState::Due)
                                 && e.deliveries > 0
+                                && e.dead.is_none()
                         })
                         .map(|(&s, _)| s)
                         .collect();
                     for s in upto {
                         engine.finish(s);
                     }
-                } else if engine
-                    .outstanding
-                    .get(&seq)
-                    .is_some_and(|e| e.state != EState::DeadLettering && e.deliveries > 0)
-                {
-                    engine.finish(seq);
                 } else {
-                    changed = false;
+                    match engine.outstanding.get(&seq) {
+                        // on its way to the dead letters: too late to acknowledge
+                        Some(e) if e.dead.is_some() || e.state == EState::DeadLettering => {
+                            return Err(self.not_pending(seq));
+                        }
+                        Some(e) if e.deliveries > 0 => engine.finish(seq),
+                        // done already (acknowledged twice): nothing to do
+                        _ => changed = false,
+                    }
                 }
             }
             Answer::Nak(delay) => {
-                let Some(entry) = engine.outstanding.get_mut(&seq) else {
+                let Some(entry) = engine
+                    .outstanding
+                    .get_mut(&seq)
+                    .filter(|e| e.dead.is_none())
+                else {
                     return Err(self.not_pending(seq));
                 };
                 let EState::Pending { deadline } = entry.state else {
@@ -1222,7 +1256,11 @@ impl Shared {
                 }
             }
             Answer::InProgress => {
-                let Some(entry) = engine.outstanding.get_mut(&seq) else {
+                let Some(entry) = engine
+                    .outstanding
+                    .get_mut(&seq)
+                    .filter(|e| e.dead.is_none())
+                else {
                     return Err(self.not_pending(seq));
                 };
                 let EState::Pending { deadline } = entry.state else {
@@ -1236,7 +1274,11 @@ impl Shared {
                 changed = false;
             }
             Answer::Term(reason) => {
-                let Some(entry) = engine.outstanding.get_mut(&seq) else {
+                let Some(entry) = engine
+                    .outstanding
+                    .get_mut(&seq)
+                    .filter(|e| e.dead.is_none())
+                else {
                     return Err(self.not_pending(seq));
                 };
                 match entry.state {
@@ -1396,12 +1438,16 @@ impl Engine {
         let at = deliver_at(&message).filter(|&at| at > now_wall);
         let deliveries = self.restored.remove(&seq).unwrap_or(0);
         if !ack_none && config.max_deliver.is_some_and(|m| deliveries >= m) {
-            // delivered its last time before a restart and never answered
+            // delivered its last time before a restart and never answered: its key's
+            // next message waits until it is dead-lettered
+            if let Some(key) = &key {
+                self.keys.entry(key.clone()).or_default().in_flight += 1;
+            }
             self.outstanding.insert(
                 seq,
                 Entry {
                     subject: Arc::from(message.subject.as_str()),
-                    key: None,
+                    key,
                     deliver_at: None,
                     deliveries,
                     state: EState::DeadLettering,

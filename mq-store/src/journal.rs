@@ -327,11 +327,18 @@ pub(crate) fn load(fs: &dyn Fs, path: &Path) -> Result<Option<Loaded>, StoreErro
             }
         }
     }
-    Ok(config.map(|config| Loaded {
-        config,
-        state,
-        damage,
-    }))
+    match config {
+        Some(config) => Ok(Some(Loaded {
+            config,
+            state,
+            damage,
+        })),
+        // files are written whole and renamed into place: a header without a readable
+        // configuration is damage, not a creation that did not complete
+        None => Err(damage.unwrap_or_else(|| {
+            StoreError::corrupt(path, FILE_HEADER_LEN as u64, "no configuration record")
+        })),
+    }
 }
 
 fn read_record(bytes: &[u8], offset: usize) -> Result<&[u8], String> {
@@ -425,6 +432,11 @@ impl Journal {
         let dir = path.parent().map(Path::to_owned).unwrap_or_default();
         fs.create_dir_all(&dir)
             .map_err(|e| StoreError::io("create directory", &dir, e))?;
+        // the directory's own entry (the first consumer of a stream creates it)
+        if let Some(parent) = dir.parent() {
+            fs.sync_dir(parent)
+                .map_err(|e| StoreError::io("sync directory", parent, e))?;
+        }
         let (file, len) = write_fresh(&*fs, &path, &dir, &config, state)?;
         let shared = Arc::new(JShared {
             path,

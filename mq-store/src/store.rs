@@ -478,15 +478,20 @@ impl Store {
         let _admin = self.inner.admin.lock().unwrap_or_else(|e| e.into_inner());
         let s = self.stream(stream)?;
         let removed = s.consumers().remove(name);
-        let Some(consumer) = removed else {
-            return Err(StoreError::ConsumerNotFound {
-                stream: stream.to_owned(),
-                consumer: name.to_owned(),
-            });
-        };
-        consumer.close();
         let dir = s.dir().join("consumers");
         let path = dir.join(format!("{name}.con"));
+        match removed {
+            Some(consumer) => consumer.close(),
+            // one whose state file could not be opened is deleted too
+            None if crate::config::validate_name(name).is_ok()
+                && self.inner.fs.open(&path, false).is_ok() => {}
+            None => {
+                return Err(StoreError::ConsumerNotFound {
+                    stream: stream.to_owned(),
+                    consumer: name.to_owned(),
+                });
+            }
+        }
         self.inner
             .fs
             .remove_file(&path)

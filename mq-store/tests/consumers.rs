@@ -1133,3 +1133,112 @@ async fn consumers_that_remove_messages_must_be_durable() {
         .unwrap_err();
     assert!(e.to_string().contains("must be durable"), "{e}");
 }
+
+#[tokio::test]
+async fn a_state_file_whose_configuration_is_damaged_is_kept_and_the_name_stays_taken() {
+    let fs = SimFs::default();
+    {
+        let store = open(&fs);
+        let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+        publish(&stream, "s.a", "x").await;
+        store
+            .create_consumer("S", ConsumerConfig::durable("c"))
+            .unwrap();
+    }
+    let path = Path::new(ROOT).join("streams/S/consumers/c.con");
+    let file = mq_store::fs::Fs::open(&fs, &path, false).unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, 30).unwrap(); // inside the configuration record
+    file.write_all_at(&[byte[0] ^ 0x01], 30).unwrap();
+    let store = open(&fs);
+    assert!(matches!(
+        store.consumer("S", "c"),
+        Err(StoreError::ConsumerNotFound { .. })
+    ));
+    assert!(
+        mq_store::fs::Fs::open(&fs, &path, false).is_ok(),
+        "the file is kept"
+    );
+    let e = store
+        .create_consumer("S", ConsumerConfig::durable("c"))
+        .unwrap_err();
+    assert!(e.to_string().contains("could not be opened"), "{e}");
+    store.delete_consumer("S", "c").unwrap();
+    assert!(mq_store::fs::Fs::open(&fs, &path, false).is_err());
+    store
+        .create_consumer("S", ConsumerConfig::durable("c"))
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_answer_to_a_message_on_its_way_to_the_dead_letters_is_refused() {
+    let store = Store::memory();
+    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+    publish(&stream, "s.a", "x").await;
+    let consumer = store
+        .create_consumer(
+            "S",
+            ConsumerConfig {
+                dead_letter: DeadLetter::Stream("MISSING".into()), // fails: retried later
+                ..ConsumerConfig::durable("c")
+            },
+        )
+        .unwrap();
+    let d = consumer.fetch(1, WAIT).await.unwrap().pop().unwrap();
+    d.term("bad").await.unwrap();
+    for e in [
+        d.ack().await.unwrap_err(),
+        d.nak(None).await.unwrap_err(),
+        d.in_progress().await.unwrap_err(),
+        d.term("again").await.unwrap_err(),
+    ] {
+        assert!(matches!(e, StoreError::NotPending { seq: 1, .. }), "{e}");
+    }
+    assert!(
+        consumer
+            .fetch(1, Duration::from_millis(20))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        consumer.info().dead_letters,
+        0,
+        "not published: the stream is missing"
+    );
+}
+
+#[tokio::test]
+async fn consumer_state_beyond_a_stream_tail_lost_in_a_power_loss_is_forgotten() {
+    let fs = SimFs::default();
+    let after = {
+        let store = open(&fs);
+        let config = StreamConfig {
+            fsync: mq_store::Fsync::Every(Duration::from_secs(3600)),
+            ..StreamConfig::new("S", ["s.>"])
+        };
+        let stream = store.create(config).unwrap();
+        for i in 1..=3 {
+            publish(&stream, "s.a", &i.to_string()).await; // written, not synced
+        }
+        // its state file is written whole and synced: floor 3
+        let new = ConsumerConfig {
+            deliver_policy: DeliverPolicy::New,
+            ..ConsumerConfig::durable("c")
+        };
+        store.create_consumer("S", new).unwrap();
+        fs.power_loss(None)
+    };
+    let store = open(&after);
+    let stream = store.stream("S").unwrap();
+    assert_eq!(
+        stream.info().state.last_seq,
+        0,
+        "the stream lost its unsynced tail"
+    );
+    let consumer = store.consumer("S", "c").unwrap();
+    assert_eq!(consumer.info().ack_floor, 0);
+    let seq = publish(&stream, "s.a", "after the power loss").await;
+    assert_eq!(seq, 1);
+    assert_eq!(seqs(&consumer.fetch(1, WAIT).await.unwrap()), [1]);
+}
