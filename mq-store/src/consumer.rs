@@ -978,7 +978,9 @@ impl Shared {
         if !out.is_empty() && !ack_none {
             self.tick.notify_one();
         }
-        let left_due = !engine.due.is_empty();
+        // stopped because this batch was full (not at max_ack_pending, where waking
+        // the others would only make them spin): another fetch may take the rest
+        let left_due = out.len() >= batch && !engine.due.is_empty();
         let wake = if more {
             Some(now)
         } else {
@@ -990,7 +992,6 @@ impl Shared {
         self.retire(retire);
         self.dead_letter_all(dead);
         if left_due {
-            // this batch is full: another fetch may take them
             self.available.notify_waiters();
         }
         match error {
