@@ -394,7 +394,7 @@ enum EState {
     Due,
     /// Delivered, waiting for an answer until `deadline`.
     Pending { deadline: Instant },
-    /// Being published as a dead letter.
+    /// Being published as a dead letter (the entry's `dead` says why).
     DeadLettering,
 }
 
@@ -921,7 +921,7 @@ impl Shared {
         let mut scanned = 0usize;
         let mut more = false; // stopped scanning with messages left to read
         while out.len() < batch && (ack_none || engine.pending < max_pending) {
-            if let Some(seq) = engine.due.pop_first() {
+            if let Some(&seq) = engine.due.first() {
                 match self.stream.get(seq) {
                     Ok(message) => {
                         let d = engine.deliver(self, message, now, ack_none, visible);
@@ -933,8 +933,7 @@ impl Shared {
                         engine.release_unblocked(&self.config, now_wall);
                     }
                     Err(e) => {
-                        engine.due.insert(seq);
-                        error = Some(e);
+                        error = Some(e); // it stays due
                         break;
                     }
                 }
@@ -1097,11 +1096,7 @@ impl Shared {
                     "publishing a dead letter failed, trying again after the ack wait: {e}"
                 );
                 let deadline = Instant::now() + self.config.ack_wait;
-                if let Some(entry) = engine.outstanding.get_mut(&seq) {
-                    entry.state = EState::Pending { deadline };
-                    engine.pending += 1;
-                    engine.timers.insert((deadline, seq));
-                }
+                engine.set_state(seq, EState::Pending { deadline });
                 self.tick.notify_one();
             }
         }
@@ -1210,7 +1205,7 @@ impl Shared {
                 } else {
                     match engine.outstanding.get(&seq) {
                         // on its way to the dead letters: too late to acknowledge
-                        Some(e) if e.dead.is_some() || e.state == EState::DeadLettering => {
+                        Some(e) if e.dead.is_some() => {
                             return Err(self.not_pending(seq));
                         }
                         Some(e) if e.deliveries > 0 => engine.finish(seq),
@@ -1220,82 +1215,36 @@ impl Shared {
                 }
             }
             Answer::Nak(delay) => {
-                let Some(entry) = engine
-                    .outstanding
-                    .get_mut(&seq)
-                    .filter(|e| e.dead.is_none())
-                else {
-                    return Err(self.not_pending(seq));
-                };
-                let EState::Pending { deadline } = entry.state else {
-                    return Err(self.not_pending(seq));
-                };
-                let last = self
-                    .config
-                    .max_deliver
-                    .is_some_and(|m| entry.deliveries >= m);
-                engine.timers.remove(&(deadline, seq));
-                let entry = engine.outstanding.get_mut(&seq).expect("found above");
-                if last {
-                    entry.state = EState::DeadLettering;
-                    entry.dead = Some("max_deliver".into());
-                    engine.pending -= 1;
+                let deliveries = engine
+                    .answerable(seq, false)
+                    .ok_or_else(|| self.not_pending(seq))?;
+                if self.config.max_deliver.is_some_and(|m| deliveries >= m) {
+                    engine.dead_letter(seq, "max_deliver".into());
                     dead = Some(seq);
                 } else {
                     match delay.filter(|d| !d.is_zero()).map(|d| d.min(MAX_WAIT)) {
                         Some(d) => {
-                            entry.state = EState::Pending { deadline: now + d };
-                            engine.timers.insert((now + d, seq));
+                            engine.set_state(seq, EState::Pending { deadline: now + d });
                             self.tick.notify_one();
                         }
-                        None => {
-                            entry.state = EState::Due;
-                            engine.pending -= 1;
-                            engine.due.insert(seq);
-                        }
+                        None => engine.set_state(seq, EState::Due),
                     }
                 }
             }
             Answer::InProgress => {
-                let Some(entry) = engine
-                    .outstanding
-                    .get_mut(&seq)
-                    .filter(|e| e.dead.is_none())
-                else {
-                    return Err(self.not_pending(seq));
-                };
-                let EState::Pending { deadline } = entry.state else {
-                    return Err(self.not_pending(seq));
-                };
-                let next = now + self.config.wait(entry.deliveries);
-                entry.state = EState::Pending { deadline: next };
-                engine.timers.remove(&(deadline, seq));
-                engine.timers.insert((next, seq));
+                let deliveries = engine
+                    .answerable(seq, false)
+                    .ok_or_else(|| self.not_pending(seq))?;
+                let deadline = now + self.config.wait(deliveries);
+                engine.set_state(seq, EState::Pending { deadline });
                 self.tick.notify_one();
                 changed = false;
             }
             Answer::Term(reason) => {
-                let Some(entry) = engine
-                    .outstanding
-                    .get_mut(&seq)
-                    .filter(|e| e.dead.is_none())
-                else {
-                    return Err(self.not_pending(seq));
-                };
-                match entry.state {
-                    EState::Pending { deadline } => {
-                        entry.state = EState::DeadLettering;
-                        entry.dead = Some(format!("term: {reason}"));
-                        engine.timers.remove(&(deadline, seq));
-                        engine.pending -= 1;
-                    }
-                    EState::Due => {
-                        entry.state = EState::DeadLettering;
-                        entry.dead = Some(format!("term: {reason}"));
-                        engine.due.remove(&seq);
-                    }
-                    EState::Held | EState::DeadLettering => return Err(self.not_pending(seq)),
-                }
+                engine
+                    .answerable(seq, true)
+                    .ok_or_else(|| self.not_pending(seq))?;
+                engine.dead_letter(seq, format!("term: {reason}"));
                 dead = Some(seq);
             }
         }
@@ -1333,21 +1282,21 @@ impl Engine {
             if deadline > now {
                 break;
             }
-            self.timers.pop_first();
-            let Some(entry) = self.outstanding.get_mut(&seq) else {
+            // timers follow the states (`set_state`), so leaving Pending removes this one
+            let Some(entry) = self.outstanding.get(&seq) else {
+                self.timers.pop_first(); // cannot happen; never loop on it
                 continue;
             };
-            if entry.state != (EState::Pending { deadline }) {
-                continue;
-            }
-            self.pending -= 1;
-            if entry.dead.is_some() || config.max_deliver.is_some_and(|m| entry.deliveries >= m) {
-                entry.state = EState::DeadLettering;
-                entry.dead.get_or_insert_with(|| "max_deliver".into());
+            if let Some(reason) = entry.dead.clone().or_else(|| {
+                config
+                    .max_deliver
+                    .filter(|&m| entry.deliveries >= m)
+                    .map(|_| "max_deliver".to_owned())
+            }) {
+                self.dead_letter(seq, reason);
                 dead.push(seq);
             } else {
-                entry.state = EState::Due;
-                self.due.insert(seq);
+                self.set_state(seq, EState::Due);
             }
         }
         dead
@@ -1368,11 +1317,7 @@ impl Engine {
             }
             match entry.key.clone() {
                 Some(key) => self.promote(config, &key, now_wall),
-                None => {
-                    self.held -= 1;
-                    self.outstanding.get_mut(&seq).expect("found above").state = EState::Due;
-                    self.due.insert(seq);
-                }
+                None => self.set_state(seq, EState::Due),
             }
         }
     }
@@ -1380,14 +1325,11 @@ impl Engine {
     /// Moves the messages waiting behind `key` to delivery while its in-flight
     /// limit allows, in stream order; a message before its time holds the rest.
     fn promote(&mut self, config: &ConsumerConfig, key: &Bytes, now_wall: i64) {
-        let Some(ks) = self.keys.get_mut(key) else {
-            return;
-        };
-        while ks.in_flight < config.max_in_flight_per_key {
-            let Some(&seq) = ks.queue.front() else {
-                break;
-            };
-            let Some(entry) = self.outstanding.get_mut(&seq) else {
+        while let Some(ks) = self.keys.get_mut(key)
+            && ks.in_flight < config.max_in_flight_per_key
+            && let Some(&seq) = ks.queue.front()
+        {
+            let Some(entry) = self.outstanding.get(&seq) else {
                 ks.queue.pop_front();
                 continue;
             };
@@ -1399,11 +1341,13 @@ impl Engine {
             }
             ks.queue.pop_front();
             ks.in_flight += 1;
-            entry.state = EState::Due;
-            self.held -= 1;
-            self.due.insert(seq);
+            self.set_state(seq, EState::Due);
         }
-        if ks.in_flight == 0 && ks.queue.is_empty() {
+        if self
+            .keys
+            .get(key)
+            .is_some_and(|ks| ks.in_flight == 0 && ks.queue.is_empty())
+        {
             self.keys.remove(key);
         }
     }
@@ -1444,7 +1388,7 @@ impl Engine {
             if let Some(key) = &key {
                 self.keys.entry(key.clone()).or_default().in_flight += 1;
             }
-            self.outstanding.insert(
+            self.insert(
                 seq,
                 Entry {
                     subject: Arc::from(message.subject.as_str()),
@@ -1484,14 +1428,11 @@ impl Engine {
         } else if let Some(at) = at {
             self.delayed.insert((at, seq));
         }
-        if hold {
-            self.held += 1;
-            self.outstanding.insert(seq, entry);
-            return None;
+        if !hold {
+            entry.state = EState::Due;
         }
-        entry.state = EState::Due;
-        self.outstanding.insert(seq, entry);
-        Some(self.deliver(shared, message, now, ack_none, visible))
+        self.insert(seq, entry);
+        (!hold).then(|| self.deliver(shared, message, now, ack_none, visible))
     }
 
     /// Hands out message `message.seq`, which is outstanding and due.
@@ -1519,9 +1460,7 @@ impl Engine {
             self.finish(seq);
         } else {
             let deadline = now + shared.config.wait(deliveries);
-            entry.state = EState::Pending { deadline };
-            self.timers.insert((deadline, seq));
-            self.pending += 1;
+            self.set_state(seq, EState::Pending { deadline });
             self.log_delivered.push((seq, deliveries));
         }
         let pending = visible.saturating_sub(self.cursor - 1) + visible_gap;
@@ -1544,17 +1483,7 @@ impl Engine {
         let Some(entry) = self.outstanding.remove(&seq) else {
             return;
         };
-        match entry.state {
-            EState::Pending { deadline } => {
-                self.timers.remove(&(deadline, seq));
-                self.pending -= 1;
-            }
-            EState::Due => {
-                self.due.remove(&seq);
-            }
-            EState::Held => self.held -= 1,
-            EState::DeadLettering => {}
-        }
+        self.leave(seq, entry.state);
         if seq > self.floor {
             self.done.insert(seq);
         }
@@ -1570,6 +1499,69 @@ impl Engine {
             }
             // promotion happens with the wall clock of the next take
             self.unblocked.push(key);
+        }
+    }
+
+    /// Adds an outstanding message in the state its entry names.
+    fn insert(&mut self, seq: u64, mut entry: Entry) {
+        let state = std::mem::replace(&mut entry.state, EState::DeadLettering);
+        self.outstanding.insert(seq, entry);
+        self.set_state(seq, state);
+    }
+
+    /// Moves outstanding message `seq` to `state`. The one place states change: the
+    /// timers, the due set and the counts follow them here.
+    fn set_state(&mut self, seq: u64, state: EState) {
+        let Some(entry) = self.outstanding.get_mut(&seq) else {
+            return;
+        };
+        let old = std::mem::replace(&mut entry.state, state);
+        self.leave(seq, old);
+        match state {
+            EState::Held => self.held += 1,
+            EState::Due => {
+                self.due.insert(seq);
+            }
+            EState::Pending { deadline } => {
+                self.timers.insert((deadline, seq));
+                self.pending += 1;
+            }
+            EState::DeadLettering => {}
+        }
+    }
+
+    /// Undoes what being in `state` added for `seq`.
+    fn leave(&mut self, seq: u64, state: EState) {
+        match state {
+            EState::Held => self.held -= 1,
+            EState::Due => {
+                self.due.remove(&seq);
+            }
+            EState::Pending { deadline } => {
+                self.timers.remove(&(deadline, seq));
+                self.pending -= 1;
+            }
+            EState::DeadLettering => {}
+        }
+    }
+
+    /// Marks `seq` to become a dead letter, for `reason`.
+    fn dead_letter(&mut self, seq: u64, reason: String) {
+        if let Some(entry) = self.outstanding.get_mut(&seq) {
+            entry.dead.get_or_insert(reason);
+        }
+        self.set_state(seq, EState::DeadLettering);
+    }
+
+    /// The delivery count of `seq` if a delivery of it may still be answered: it is
+    /// waiting for an answer (or, with `due_too`, for its redelivery) and not on its way
+    /// to the dead letters.
+    fn answerable(&self, seq: u64, due_too: bool) -> Option<u32> {
+        let entry = self.outstanding.get(&seq).filter(|e| e.dead.is_none())?;
+        match entry.state {
+            EState::Pending { .. } => Some(entry.deliveries),
+            EState::Due if due_too => Some(entry.deliveries),
+            _ => None,
         }
     }
 
