@@ -332,7 +332,8 @@ struct Shared {
     store: StoreRef,
     config: ConsumerConfig,
     stored: Stored,
-    name: String,
+    name: Arc<str>,
+    stream_name: Arc<str>,
     engine: Mutex<Engine>,
     journal: OnceLock<Journal>,
     /// Wakes fetches: a message became deliverable, or room opened up.
@@ -419,9 +420,9 @@ pub struct Delivery {
 #[non_exhaustive]
 pub struct DeliveryInfo {
     /// The stream.
-    pub stream: String,
+    pub stream: Arc<str>,
     /// The consumer.
-    pub consumer: String,
+    pub consumer: Arc<str>,
     /// The message's stream sequence.
     pub stream_seq: u64,
     /// This delivery's number among all the consumer's deliveries.
@@ -670,7 +671,8 @@ impl Consumer {
         let shared = Arc::new(Shared {
             stream: stream.clone(),
             store,
-            name: config.name.clone(),
+            name: Arc::from(config.name.as_str()),
+            stream_name: Arc::from(stream.name()),
             stored,
             engine: Mutex::new(Engine {
                 cursor: floor + 1,
@@ -910,9 +912,7 @@ impl Shared {
         if engine.closed {
             return Err(StoreError::Closed(self.stream.name().to_owned()));
         }
-        let mut dead = engine.expire(&self.config, now);
-        engine.release_delayed(&self.config, now_wall);
-        engine.release_unblocked(&self.config, now_wall);
+        let mut dead = engine.advance(&self.config, now, now_wall);
         let mut out = Vec::new();
         let mut error = None;
         let ack_none = self.config.ack_policy == AckPolicy::None;
@@ -986,8 +986,8 @@ impl Shared {
             engine.next_wake(now_wall)
         };
         let retire = engine.advance_floor();
+        self.queue_changes(&mut engine, None);
         drop(engine);
-        self.flush(None);
         self.retire(retire);
         self.dead_letter_all(dead);
         if left_due {
@@ -1001,13 +1001,22 @@ impl Shared {
 
     /// Sends what changed to the state file; `confirm` gets the write's result.
     fn flush(&self, confirm: Option<oneshot::Sender<Result<(), StoreError>>>) {
+        self.queue_changes(&mut self.engine(), confirm);
+    }
+
+    /// [`Shared::flush`] with the engine locked already: records are queued under the
+    /// engine's lock, so that they reach the file in the order of the changes.
+    fn queue_changes(
+        &self,
+        engine: &mut Engine,
+        confirm: Option<oneshot::Sender<Result<(), StoreError>>>,
+    ) {
         let Some(journal) = self.journal.get() else {
             if let Some(tx) = confirm {
                 let _ = tx.send(Ok(()));
             }
             return;
         };
-        let mut engine = self.engine();
         let floor = (engine.floor > engine.floor_logged).then_some(engine.floor);
         if engine.log_delivered.is_empty()
             && engine.log_done.is_empty()
@@ -1019,10 +1028,9 @@ impl Shared {
         if let Some(f) = floor {
             engine.floor_logged = f;
         }
-        let delivered = std::mem::take(&mut engine.log_delivered);
-        let done = std::mem::take(&mut engine.log_done);
-        // queued under the engine's lock, so that records reach the file in order
-        journal.queue(&delivered, &done, floor, confirm);
+        journal.queue(&engine.log_delivered, &engine.log_done, floor, confirm);
+        engine.log_delivered.clear();
+        engine.log_done.clear();
     }
 
     /// Removes messages done with, when the stream's retention says so.
@@ -1091,7 +1099,7 @@ impl Shared {
             Err(e) => {
                 tracing::error!(
                     stream = self.stream.name(),
-                    consumer = self.name,
+                    consumer = &*self.name,
                     seq,
                     "publishing a dead letter failed, trying again after the ack wait: {e}"
                 );
@@ -1101,8 +1109,8 @@ impl Shared {
             }
         }
         let retire = engine.advance_floor();
+        self.queue_changes(&mut engine, None);
         drop(engine);
-        self.flush(None);
         self.retire(retire);
         self.available.notify_waiters();
     }
@@ -1165,7 +1173,7 @@ impl Shared {
             None => {
                 tracing::error!(
                     stream = stream_name,
-                    consumer = self.name,
+                    consumer = &*self.name,
                     seq,
                     reason,
                     "dead letter published to `{subject}`, which no stream stores: create a stream capturing it to keep dead letters"
@@ -1248,8 +1256,11 @@ impl Shared {
                 dead = Some(seq);
             }
         }
-        engine.release_unblocked(&self.config, self.stream.clock().now());
+        if !engine.unblocked.is_empty() {
+            engine.release_unblocked(&self.config, self.stream.clock().now());
+        }
         let retire = engine.advance_floor();
+        self.queue_changes(&mut engine, None);
         drop(engine);
         if changed {
             self.available.notify_waiters();
@@ -1260,7 +1271,7 @@ impl Shared {
 
     fn not_pending(&self, seq: u64) -> StoreError {
         StoreError::NotPending {
-            consumer: self.name.clone(),
+            consumer: self.name.to_string(),
             seq,
         }
     }
@@ -1274,6 +1285,15 @@ enum Answer {
 }
 
 impl Engine {
+    /// Brings the state to `now`: expired deliveries, delivery times come, keys freed.
+    /// Returns the messages to publish as dead letters.
+    fn advance(&mut self, config: &ConsumerConfig, now: Instant, now_wall: i64) -> Vec<u64> {
+        let dead = self.expire(config, now);
+        self.release_delayed(config, now_wall);
+        self.release_unblocked(config, now_wall);
+        dead
+    }
+
     /// Moves expired deliveries to redelivery, or to dead-lettering past
     /// `max_deliver`; returns the latter.
     fn expire(&mut self, config: &ConsumerConfig, now: Instant) -> Vec<u64> {
@@ -1466,7 +1486,8 @@ impl Engine {
         let pending = visible.saturating_sub(self.cursor - 1) + visible_gap;
         Delivery {
             info: DeliveryInfo {
-                stream: shared.stream.name().to_owned(),
+                // shared, not copied: no allocation per delivery
+                stream: shared.stream_name.clone(),
                 consumer: shared.name.clone(),
                 stream_seq: seq,
                 consumer_seq: self.consumer_seq,
@@ -1615,9 +1636,7 @@ async fn run_timers(consumer: Weak<Shared>, tick: Arc<Notify>) {
             if engine.closed {
                 return;
             }
-            let dead = engine.expire(&shared.config, now);
-            engine.release_delayed(&shared.config, now_wall);
-            engine.release_unblocked(&shared.config, now_wall);
+            let dead = engine.advance(&shared.config, now, now_wall);
             let woke = !engine.due.is_empty();
             let wake = engine.next_wake(now_wall);
             drop(engine);
@@ -1644,7 +1663,6 @@ impl Delivery {
     /// With [`AckPolicy::All`], every message delivered before it is acknowledged too.
     pub async fn ack(&self) -> Result<(), StoreError> {
         self.consumer.answer(self.info.stream_seq, Answer::Ack)?;
-        self.consumer.flush(None);
         Ok(())
     }
 
@@ -1655,7 +1673,7 @@ impl Delivery {
         let (tx, rx) = oneshot::channel();
         self.consumer.flush(Some(tx));
         rx.await
-            .unwrap_or_else(|_| Err(StoreError::Closed(self.info.stream.clone())))
+            .unwrap_or_else(|_| Err(StoreError::Closed(self.info.stream.to_string())))
     }
 
     /// Refuses the message for now: it is delivered again after `delay` (at once with
@@ -1664,7 +1682,6 @@ impl Delivery {
         let dead = self
             .consumer
             .answer(self.info.stream_seq, Answer::Nak(delay))?;
-        self.consumer.flush(None);
         if let Some(seq) = dead {
             // in a task of its own: dropping this future does not strand the message
             let consumer = self.consumer.clone();

@@ -11,7 +11,7 @@
 //! | kind | body after the kind byte |
 //! | --- | --- |
 //! | 1 config | JSON of the consumer's configuration and starting point |
-//! | 2 snapshot | floor u64, n u32, n × done seq u64, m u32, m × (seq u64, deliveries u32) |
+//! | 2 snapshot | floor u64: the state is reset to it (the records after it restate the rest) |
 //! | 3 delivered | n u32, n × (seq u64, deliveries u32) |
 //! | 4 done | n u32, n × seq u64 |
 //! | 5 floor | floor u64 |
@@ -45,7 +45,7 @@ const VERSION: u32 = 1;
 const FILE_HEADER_LEN: usize = 16;
 const RECORD_HEADER_LEN: usize = 8;
 
-/// The largest record body accepted when reading: a snapshot of 4 million entries.
+/// The largest record body accepted when reading (writers stay far below it).
 pub(crate) const MAX_RECORD: usize = 64 * 1024 * 1024;
 /// The largest state file read back (compaction keeps files far smaller).
 pub(crate) const MAX_FILE: u64 = 1024 * 1024 * 1024;
@@ -156,11 +156,9 @@ fn delivered_body(entries: &[(u64, u32)]) -> Vec<u8> {
 /// A snapshot: one snapshot record with the floor (which resets the state), then the
 /// done sequences and delivery counts in records of at most [`SNAPSHOT_CHUNK`] entries.
 fn push_snapshot(out: &mut Vec<u8>, state: &Persisted) {
-    let mut b = Vec::with_capacity(17);
+    let mut b = Vec::with_capacity(9);
     b.push(KIND_SNAPSHOT);
     b.extend_from_slice(&state.floor.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
-    b.extend_from_slice(&0u32.to_le_bytes());
     push_record(out, &b);
     let done: Vec<u64> = state.done.iter().copied().collect();
     for chunk in done.chunks(SNAPSHOT_CHUNK) {
@@ -233,20 +231,12 @@ fn apply(state: &mut Persisted, body: &[u8]) -> Result<(), String> {
     let mut c = Cursor { bytes: rest };
     match kind {
         KIND_SNAPSHOT => {
-            let mut s = Persisted {
+            // a reset: the done and delivered records after it restate the rest
+            *state = Persisted {
                 floor: c.u64()?,
                 ..Persisted::default()
             };
-            for _ in 0..c.count(8)? {
-                s.apply_done(c.u64()?);
-            }
-            for _ in 0..c.count(12)? {
-                let seq = c.u64()?;
-                let n = c.u32()?;
-                s.apply_delivered(seq, n);
-            }
             c.end()?;
-            *state = s;
         }
         KIND_DELIVERED => {
             for _ in 0..c.count(12)? {

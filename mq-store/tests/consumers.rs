@@ -14,8 +14,8 @@ use std::time::Duration;
 use mq_store::clock::TokioClock;
 use mq_store::fault::SimFs;
 use mq_store::{
-    AckPolicy, ConsumerConfig, DeadLetter, DeliverPolicy, Delivery, KeySource, Publish, Retention,
-    Store, StoreError, Stream, StreamConfig,
+    AckPolicy, Consumer, ConsumerConfig, DeadLetter, DeliverPolicy, Delivery, KeySource, Publish,
+    Retention, Store, StoreError, Stream, StreamConfig,
 };
 use tokio::time::Instant;
 
@@ -69,6 +69,30 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     panic!("gave up waiting for {what}");
 }
 
+/// Stream `S` on `s.>` holding `n` messages on `s.a`, with payloads `1` to `n`.
+async fn stream_with(store: &Store, n: u64) -> Stream {
+    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
+    for i in 1..=n {
+        publish(&stream, "s.a", &i.to_string()).await;
+    }
+    stream
+}
+
+/// A consumer of stream `S`.
+fn consumer(store: &Store, config: ConsumerConfig) -> Consumer {
+    store.create_consumer("S", config).unwrap()
+}
+
+/// Nothing is delivered within `wait`.
+async fn assert_nothing_within(consumer: &Consumer, wait: Duration) {
+    let got = consumer.fetch(10, wait).await.unwrap();
+    assert!(
+        got.is_empty(),
+        "delivered within {wait:?}: {:?}",
+        seqs(&got)
+    );
+}
+
 fn seqs(batch: &[Delivery]) -> Vec<u64> {
     batch.iter().map(|d| d.info.stream_seq).collect()
 }
@@ -87,19 +111,14 @@ const WAIT: Duration = Duration::from_secs(1);
 #[tokio::test(start_paused = true)]
 async fn an_explicit_ack_is_final_and_an_unacknowledged_message_comes_back_after_ack_wait() {
     let (_fs, store) = store();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 1..=3 {
-        publish(&stream, "s.a", &format!("m{i}")).await;
-    }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                ack_wait: Duration::from_secs(10),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    stream_with(&store, 3).await;
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            ack_wait: Duration::from_secs(10),
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let start = Instant::now();
     let batch = consumer.fetch(10, WAIT).await.unwrap();
     assert_eq!(seqs(&batch), [1, 2, 3]);
@@ -119,13 +138,7 @@ async fn an_explicit_ack_is_final_and_an_unacknowledged_message_comes_back_after
     assert_eq!(again[0].info.consumer_seq, 4);
     assert_eq!(start.elapsed(), Duration::from_secs(10));
     again[0].ack().await.unwrap();
-    assert!(
-        consumer
-            .fetch(10, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_secs(60)).await;
     let info = consumer.info();
     assert_eq!(
         (info.ack_floor, info.num_ack_pending, info.num_redelivered),
@@ -136,19 +149,14 @@ async fn an_explicit_ack_is_final_and_an_unacknowledged_message_comes_back_after
 #[tokio::test(start_paused = true)]
 async fn ack_all_acknowledges_every_message_delivered_up_to_it() {
     let (_fs, store) = store();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 1..=4 {
-        publish(&stream, "s.a", &format!("m{i}")).await;
-    }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                ack_policy: AckPolicy::All,
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    stream_with(&store, 4).await;
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            ack_policy: AckPolicy::All,
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let batch = consumer.fetch(4, WAIT).await.unwrap();
     batch[2].ack().await.unwrap();
     let info = consumer.info();
@@ -164,28 +172,17 @@ async fn ack_all_acknowledges_every_message_delivered_up_to_it() {
 #[tokio::test(start_paused = true)]
 async fn ack_none_delivers_each_message_once_and_needs_no_answer() {
     let (_fs, store) = store();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 1..=3 {
-        publish(&stream, "s.a", &format!("m{i}")).await;
-    }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                ack_policy: AckPolicy::None,
-                ack_wait: Duration::from_secs(1),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
-    assert_eq!(seqs(&consumer.fetch(10, WAIT).await.unwrap()), [1, 2, 3]);
-    assert!(
-        consumer
-            .fetch(10, Duration::from_secs(60))
-            .await
-            .unwrap()
-            .is_empty()
+    stream_with(&store, 3).await;
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            ack_policy: AckPolicy::None,
+            ack_wait: Duration::from_secs(1),
+            ..ConsumerConfig::durable("c")
+        },
     );
+    assert_eq!(seqs(&consumer.fetch(10, WAIT).await.unwrap()), [1, 2, 3]);
+    assert_nothing_within(&consumer, Duration::from_secs(60)).await;
     let info = consumer.info();
     assert_eq!((info.ack_floor, info.num_ack_pending), (3, 0));
 }
@@ -196,9 +193,7 @@ async fn a_nak_redelivers_at_once_or_after_its_delay_and_not_before() {
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
     publish(&stream, "s.a", "one").await;
     publish(&stream, "s.a", "two").await;
-    let consumer = store
-        .create_consumer("S", ConsumerConfig::durable("c"))
-        .unwrap();
+    let consumer = consumer(&store, ConsumerConfig::durable("c"));
     let batch = consumer.fetch(2, WAIT).await.unwrap();
     batch[0].nak(None).await.unwrap();
     batch[1]
@@ -212,13 +207,7 @@ async fn a_nak_redelivers_at_once_or_after_its_delay_and_not_before() {
     assert_eq!(start.elapsed(), Duration::ZERO);
     now[0].ack().await.unwrap();
     // not before its delay
-    assert!(
-        consumer
-            .fetch(10, Duration::from_millis(2499))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(2499)).await;
     let later = consumer.fetch(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(seqs(&later), [2]);
     assert_eq!(start.elapsed(), Duration::from_millis(2500));
@@ -229,26 +218,18 @@ async fn in_progress_restarts_the_ack_wait() {
     let (_fs, store) = store();
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
     publish(&stream, "s.a", "slow").await;
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                ack_wait: Duration::from_secs(10),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            ack_wait: Duration::from_secs(10),
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let start = Instant::now();
     let d = consumer.fetch(1, WAIT).await.unwrap().pop().unwrap();
     tokio::time::sleep(Duration::from_secs(8)).await;
     d.in_progress().await.unwrap();
-    assert!(
-        consumer
-            .fetch(1, Duration::from_millis(9_999))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(9_999)).await;
     let again = consumer.fetch(1, Duration::from_secs(60)).await.unwrap();
     assert_eq!(seqs(&again), [1]);
     assert_eq!(start.elapsed(), Duration::from_secs(18));
@@ -259,19 +240,17 @@ async fn redeliveries_follow_the_backoff_schedule_and_its_last_step_repeats() {
     let (_fs, store) = store();
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
     publish(&stream, "s.a", "flaky").await;
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                backoff: vec![
-                    Duration::from_secs(1),
-                    Duration::from_secs(5),
-                    Duration::from_secs(20),
-                ],
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            backoff: vec![
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(20),
+            ],
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let start = Instant::now();
     let mut times = Vec::new();
     for _ in 0..5 {
@@ -351,13 +330,7 @@ async fn a_terminated_message_becomes_a_dead_letter_with_its_origin_and_reason()
         (info.ack_floor, info.dead_letters, info.num_ack_pending),
         (1, 1, 0)
     );
-    assert!(
-        consumer
-            .fetch(1, Duration::from_millis(50))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(50)).await;
 }
 
 #[tokio::test]
@@ -378,13 +351,7 @@ async fn a_message_naked_on_its_last_delivery_becomes_a_dead_letter_for_max_deli
     assert_eq!(header(&letter, "Courier-Dlq-Deliveries"), "3");
     assert_eq!(header(&letter, "Courier-Dlq-Sequence"), "1");
     assert_eq!(header(&letter, "Courier-Dlq-Subject"), "orders.eu");
-    assert!(
-        consumer
-            .fetch(1, Duration::from_millis(50))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(50)).await;
     assert_eq!(consumer.info().dead_letters, 1);
 }
 
@@ -419,15 +386,13 @@ async fn dead_letters_go_to_a_named_stream_and_without_any_are_counted_as_unstor
         .unwrap();
     publish(&stream, "s.a", "x").await;
     publish(&stream, "s.a", "y").await;
-    let named = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                dead_letter: DeadLetter::Stream("POISON".into()),
-                ..ConsumerConfig::durable("named")
-            },
-        )
-        .unwrap();
+    let named = consumer(
+        &store,
+        ConsumerConfig {
+            dead_letter: DeadLetter::Stream("POISON".into()),
+            ..ConsumerConfig::durable("named")
+        },
+    );
     let d = named.fetch(1, WAIT).await.unwrap().pop().unwrap();
     d.term("bad").await.unwrap();
     let kept = store.stream("POISON").unwrap().get(1).unwrap();
@@ -450,9 +415,7 @@ async fn dead_letters_go_to_a_named_stream_and_without_any_are_counted_as_unstor
 async fn a_fetch_waiting_on_an_empty_stream_returns_a_message_published_1ms_later() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    let consumer = store
-        .create_consumer("S", ConsumerConfig::durable("c"))
-        .unwrap();
+    let consumer = consumer(&store, ConsumerConfig::durable("c"));
     let publisher = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(1)).await;
         publish(&stream, "s.a", "late").await
@@ -476,17 +439,15 @@ async fn filters_and_deliver_policies_choose_where_a_consumer_starts() {
     publish(&stream, "s.c", "c1").await; // 4
     publish(&stream, "s.b", "b2").await; // 5
     let take = |name: &str, policy: DeliverPolicy, filters: &[&str]| {
-        store
-            .create_consumer(
-                "S",
-                ConsumerConfig {
-                    deliver_policy: policy,
-                    filter_subjects: filters.iter().map(|s| s.to_string()).collect(),
-                    ack_policy: AckPolicy::None,
-                    ..ConsumerConfig::durable(name)
-                },
-            )
-            .unwrap()
+        consumer(
+            &store,
+            ConsumerConfig {
+                deliver_policy: policy,
+                filter_subjects: filters.iter().map(|s| s.to_string()).collect(),
+                ack_policy: AckPolicy::None,
+                ..ConsumerConfig::durable(name)
+            },
+        )
     };
     let cases = [
         (take("all", DeliverPolicy::All, &[]), vec![1, 2, 3, 4, 5, 6]),
@@ -536,43 +497,30 @@ async fn a_consumer_starting_at_a_time_skips_older_messages() {
         publish(&stream, "s.a", &i.to_string()).await;
         clock.advance(Duration::from_secs(1));
     }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                deliver_policy: DeliverPolicy::ByStartTime(T0 + 6_500_000_000),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            deliver_policy: DeliverPolicy::ByStartTime(T0 + 6_500_000_000),
+            ..ConsumerConfig::durable("c")
+        },
+    );
     assert_eq!(seqs(&consumer.fetch(100, WAIT).await.unwrap()), [8, 9, 10]);
 }
 
 #[tokio::test]
 async fn max_ack_pending_holds_fetches_until_answers_make_room() {
     let store = Store::memory();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 0..5 {
-        publish(&stream, "s.a", &i.to_string()).await;
-    }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                max_ack_pending: 2,
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    stream_with(&store, 5).await;
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            max_ack_pending: 2,
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let first = consumer.fetch(10, WAIT).await.unwrap();
     assert_eq!(seqs(&first), [1, 2]);
-    assert!(
-        consumer
-            .fetch(10, Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(20)).await;
     let waiting = {
         let consumer = consumer.clone();
         tokio::spawn(async move { consumer.fetch(10, Duration::from_secs(30)).await })
@@ -585,38 +533,47 @@ async fn max_ack_pending_holds_fetches_until_answers_make_room() {
 #[tokio::test(start_paused = true)]
 async fn a_group_member_that_leaves_has_its_messages_redelivered_to_the_others() {
     let (_fs, store) = store();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 0..6 {
-        publish(&stream, "s.a", &i.to_string()).await;
-    }
+    stream_with(&store, 6).await;
     let config = ConsumerConfig {
         ack_wait: Duration::from_secs(5),
         ..ConsumerConfig::durable("workers")
     };
-    let a = store.create_consumer("S", config.clone()).unwrap();
-    let b = store.create_consumer("S", config).unwrap(); // the same consumer: a group
+    let a = consumer(&store, config.clone());
+    let b = consumer(&store, config); // the same consumer: a group
     let taken_by_a = a.fetch(3, WAIT).await.unwrap();
     assert_eq!(seqs(&taken_by_a), [1, 2, 3]);
     drop(taken_by_a); // a leaves without answering
     drop(a);
+    let start = Instant::now();
     let mut done = Vec::new();
     while done.len() < 6 {
         for d in b.fetch(10, Duration::from_secs(60)).await.unwrap() {
-            done.push(d.info.stream_seq);
+            done.push((d.info.stream_seq, d.info.deliveries, start.elapsed()));
             d.ack().await.unwrap();
         }
     }
     done.sort();
-    assert_eq!(done, [1, 2, 3, 4, 5, 6]);
+    let five = Duration::from_secs(5);
+    let zero = Duration::ZERO;
+    // b gets the rest at once, and a's three once their ack wait has passed
+    assert_eq!(
+        done,
+        [
+            (1, 2, five),
+            (2, 2, five),
+            (3, 2, five),
+            (4, 1, zero),
+            (5, 1, zero),
+            (6, 1, zero)
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_delayed_message_is_not_delivered_before_its_time_and_is_at_it() {
     let (_fs, store) = store();
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    let consumer = store
-        .create_consumer("S", ConsumerConfig::durable("c"))
-        .unwrap();
+    let consumer = consumer(&store, ConsumerConfig::durable("c"));
     let start = Instant::now();
     let later = Publish {
         delay: Some(Duration::from_millis(1500)),
@@ -639,13 +596,7 @@ async fn a_delayed_message_is_not_delivered_before_its_time_and_is_at_it() {
     assert_eq!(spent, Duration::ZERO);
     // (tokio's timers tick in milliseconds: a fetch gives up at the tick at or after
     // its max_wait, and a delivery time is met at the tick at or after it)
-    assert!(
-        consumer
-            .fetch(10, Duration::from_millis(1499))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(1499)).await;
     let first = consumer.fetch(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(seqs(&first), [1]);
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
@@ -671,15 +622,13 @@ async fn messages_of_one_key_wait_for_the_previous_answer_while_other_keys_go_on
         )
         .await;
     }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                key: Some(KeySource::SubjectToken(1)),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            key: Some(KeySource::SubjectToken(1)),
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let first = consumer.fetch(10, WAIT).await.unwrap();
     assert_eq!(seqs(&first), [1, 2], "one message per key in flight");
     assert_eq!(consumer.info().num_held, 3);
@@ -707,16 +656,14 @@ async fn a_key_from_a_header_and_a_higher_in_flight_limit() {
         .await;
     }
     publish(&stream, "s.a", "no key").await;
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                key: Some(KeySource::Header("Key".into())),
-                max_in_flight_per_key: 2,
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            key: Some(KeySource::Header("Key".into())),
+            max_in_flight_per_key: 2,
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let batch = consumer.fetch(10, WAIT).await.unwrap();
     assert_eq!(seqs(&batch), [1, 2, 4, 5]);
     batch[1].ack().await.unwrap();
@@ -728,10 +675,7 @@ async fn consumer_state_survives_a_reopen_and_unacknowledged_messages_come_back_
     let fs = {
         let fs = SimFs::default();
         let store = open(&fs);
-        let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-        for i in 1..=5 {
-            publish(&stream, "s.a", &i.to_string()).await;
-        }
+        stream_with(&store, 5).await;
         let consumer = store
             .create_consumer("S", ConsumerConfig::durable("c"))
             .unwrap();
@@ -756,13 +700,7 @@ async fn consumer_state_survives_a_reopen_and_unacknowledged_messages_come_back_
     drop((batch, consumer, store));
     let store = open(&fs);
     let consumer = store.consumer("S", "c").unwrap();
-    assert!(
-        consumer
-            .fetch(10, Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(20)).await;
     assert_eq!(consumer.info().ack_floor, 5);
 }
 
@@ -964,10 +902,7 @@ async fn a_failed_state_write_fails_ack_confirmed_and_the_next_write_rewrites_th
     let fs = SimFs::default();
     let after = {
         let store = open(&fs);
-        let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-        for i in 1..=3 {
-            publish(&stream, "s.a", &i.to_string()).await;
-        }
+        stream_with(&store, 3).await;
         let consumer = store
             .create_consumer("S", ConsumerConfig::durable("c"))
             .unwrap();
@@ -993,19 +928,14 @@ async fn a_failed_state_write_fails_ack_confirmed_and_the_next_write_rewrites_th
 #[tokio::test]
 async fn messages_is_a_stream_that_pulls_ahead_within_max_ack_pending() {
     let store = Store::memory();
-    let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
-    for i in 1..=10 {
-        publish(&stream, "s.a", &i.to_string()).await;
-    }
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                max_ack_pending: 4,
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let stream = stream_with(&store, 10).await;
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            max_ack_pending: 4,
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let mut messages = consumer.messages();
     let first = messages.next().await.unwrap().unwrap();
     assert_eq!(first.info.stream_seq, 1);
@@ -1040,16 +970,14 @@ async fn without_acknowledgements_a_keyed_delayed_message_is_still_delivered_at_
         ..Publish::default()
     };
     publish_with(&stream, "s.k", &[], "later", later).await;
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                ack_policy: AckPolicy::None,
-                key: Some(KeySource::SubjectToken(1)),
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            ack_policy: AckPolicy::None,
+            key: Some(KeySource::SubjectToken(1)),
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let got = consumer.fetch(1, Duration::from_secs(60)).await.unwrap();
     assert_eq!(seqs(&got), [1]);
     assert_eq!(consumer.info().ack_floor, 1);
@@ -1083,28 +1011,20 @@ async fn a_message_that_used_up_max_deliver_before_a_restart_becomes_a_dead_lett
         store.create(StreamConfig::new("DLQ", ["$DLQ.>"])).unwrap();
         publish(&stream, "s.a", "never answered").await;
         publish(&stream, "s.a", "answered").await;
-        let consumer = store
-            .create_consumer(
-                "S",
-                ConsumerConfig {
-                    max_deliver: Some(1),
-                    ..ConsumerConfig::durable("c")
-                },
-            )
-            .unwrap();
+        let consumer = consumer(
+            &store,
+            ConsumerConfig {
+                max_deliver: Some(1),
+                ..ConsumerConfig::durable("c")
+            },
+        );
         let batch = consumer.fetch(2, WAIT).await.unwrap();
         batch[1].ack_confirmed().await.unwrap(); // its write carries both deliveries
         fs.power_loss(None)
     };
     let store = open(&after);
     let consumer = store.consumer("S", "c").unwrap();
-    assert!(
-        consumer
-            .fetch(10, Duration::from_millis(50))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(50)).await;
     let dlq = store
         .create_consumer("DLQ", ConsumerConfig::durable("ops"))
         .unwrap();
@@ -1175,15 +1095,13 @@ async fn an_answer_to_a_message_on_its_way_to_the_dead_letters_is_refused() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("S", ["s.>"])).unwrap();
     publish(&stream, "s.a", "x").await;
-    let consumer = store
-        .create_consumer(
-            "S",
-            ConsumerConfig {
-                dead_letter: DeadLetter::Stream("MISSING".into()), // fails: retried later
-                ..ConsumerConfig::durable("c")
-            },
-        )
-        .unwrap();
+    let consumer = consumer(
+        &store,
+        ConsumerConfig {
+            dead_letter: DeadLetter::Stream("MISSING".into()), // fails: retried later
+            ..ConsumerConfig::durable("c")
+        },
+    );
     let d = consumer.fetch(1, WAIT).await.unwrap().pop().unwrap();
     d.term("bad").await.unwrap();
     for e in [
@@ -1194,13 +1112,7 @@ async fn an_answer_to_a_message_on_its_way_to_the_dead_letters_is_refused() {
     ] {
         assert!(matches!(e, StoreError::NotPending { seq: 1, .. }), "{e}");
     }
-    assert!(
-        consumer
-            .fetch(1, Duration::from_millis(20))
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_nothing_within(&consumer, Duration::from_millis(20)).await;
     assert_eq!(
         consumer.info().dead_letters,
         0,

@@ -622,21 +622,10 @@ impl Bench<'_> {
         Ok(row)
     }
 
-    /// A fresh stream (`interval`) pre-filled, untimed, with `count` messages of `size`
+    /// A fresh stream in `mode` pre-filled, untimed, with `count` messages of `size`
     /// bytes by the js_pub_async loop; an error unless every ack was right and the
     /// stream holds exactly `count`.
     async fn prefill(
-        &mut self,
-        scenario: Scenario,
-        size: usize,
-        count: u64,
-    ) -> Result<Fresh, String> {
-        self.prefill_in(scenario, size, count, FsyncMode::Interval)
-            .await
-    }
-
-    /// [`Bench::prefill`] with the stream in `mode`.
-    async fn prefill_in(
         &mut self,
         scenario: Scenario,
         size: usize,
@@ -685,7 +674,7 @@ impl Bench<'_> {
     ) -> Result<Map<String, Value>, String> {
         let scenario = Scenario::Consume;
         let batch = self.flags.js_batch.max(1);
-        let fresh = self.prefill_in(scenario, size, count, mode).await?;
+        let fresh = self.prefill(scenario, size, count, mode).await?;
         let config = ConsumerConfig {
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
@@ -787,7 +776,9 @@ impl Bench<'_> {
     async fn replay(&mut self, size: usize, count: u64) -> Result<Map<String, Value>, String> {
         let scenario = Scenario::Replay;
         let batch = self.flags.js_read_batch.max(1);
-        let fresh = self.prefill(scenario, size, count).await?;
+        let fresh = self
+            .prefill(scenario, size, count, FsyncMode::Interval)
+            .await?;
         let bar = progress(format!("stream {scenario} {size} B"));
         bar.set_length(count);
         let mut reads = Reads::default();
@@ -848,7 +839,9 @@ impl Bench<'_> {
     async fn reopen(&mut self, count: u64) -> Result<Map<String, Value>, String> {
         let scenario = Scenario::Reopen;
         let size = REOPEN_PAYLOAD;
-        let fresh = self.prefill(scenario, size, count).await?;
+        let fresh = self
+            .prefill(scenario, size, count, FsyncMode::Interval)
+            .await?;
         let before = fresh.state().await?;
         let Fresh {
             dir,
