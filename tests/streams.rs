@@ -2,9 +2,7 @@
 
 use std::time::Duration;
 
-use courier::bus::{
-    Bus, BusError, ConnectOptions, EmbeddedConfig, Message, Publish, Storage, StreamConfig,
-};
+use courier::bus::{Bus, BusError, EmbeddedConfig, Message, Publish, Storage, StreamConfig};
 
 async fn timeout<F: std::future::Future>(future: F) -> F::Output {
     tokio::time::timeout(Duration::from_secs(10), future)
@@ -244,22 +242,6 @@ async fn a_storage_directory_that_cannot_be_opened_makes_streams_fail_with_the_r
         "{err}"
     );
     bus.publish("plain", "still works").await.unwrap();
-}
-
-#[tokio::test]
-async fn a_broker_connection_says_streams_are_not_served_there_yet() {
-    let broker = courier::bus::Broker::bind("127.0.0.1:0").await.unwrap();
-    let addr = broker.local_addr().to_string();
-    let bus = Bus::connect_with(addr, ConnectOptions::default())
-        .await
-        .unwrap();
-    let err = bus.streams().unwrap_err();
-    assert!(matches!(err, BusError::Unsupported { .. }));
-    assert!(
-        err.to_string()
-            .starts_with("durable streams are not available on the broker backend"),
-        "{err}"
-    );
 }
 
 #[tokio::test]

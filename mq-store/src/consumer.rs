@@ -287,7 +287,7 @@ struct Stored {
 }
 
 /// A consumer's state and counts.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ConsumerInfo {
     /// The stream.
@@ -316,6 +316,7 @@ pub struct ConsumerInfo {
     /// Dead letters that no stream stored (see [`DeadLetter::Subject`]).
     pub dead_letters_unstored: u64,
     /// Damage found in its state file when it was opened.
+    #[serde(default, with = "crate::error::optional_wire")]
     pub damage: Option<StoreError>,
 }
 
@@ -432,6 +433,27 @@ pub struct DeliveryInfo {
     /// Messages of the stream not read yet, and messages waiting for redelivery (all
     /// subjects: an upper bound).
     pub pending: u64,
+}
+
+impl DeliveryInfo {
+    /// A delivery's position, as a client rebuilds it from what a broker sent.
+    pub fn new(
+        stream: Arc<str>,
+        consumer: Arc<str>,
+        stream_seq: u64,
+        consumer_seq: u64,
+        deliveries: u32,
+        pending: u64,
+    ) -> DeliveryInfo {
+        DeliveryInfo {
+            stream,
+            consumer,
+            stream_seq,
+            consumer_seq,
+            deliveries,
+            pending,
+        }
+    }
 }
 
 /// The headers a dead letter carries besides the original message's: the stream, the
@@ -1277,10 +1299,18 @@ impl Shared {
     }
 }
 
-enum Answer {
+/// An answer to a delivery, for code that relays answers on behalf of a
+/// [`Delivery`] it no longer holds (a broker answering for its clients): see
+/// [`Consumer::answer`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// [`Delivery::ack`].
     Ack,
+    /// [`Delivery::nak`].
     Nak(Option<Duration>),
+    /// [`Delivery::in_progress`].
     InProgress,
+    /// [`Delivery::term`], with its reason.
     Term(String),
 }
 
@@ -1657,59 +1687,92 @@ async fn run_timers(consumer: Weak<Shared>, tick: Arc<Notify>) {
     }
 }
 
+impl Shared {
+    /// Applies `answer` to message `seq`; with `confirm`, returns once the change is
+    /// durable under the stream's fsync setting. A dead letter it causes is published
+    /// before it returns.
+    async fn reply(
+        self: &Arc<Self>,
+        seq: u64,
+        answer: Answer,
+        confirm: bool,
+    ) -> Result<(), StoreError> {
+        let dead = self.answer(seq, answer)?;
+        if let Some(seq) = dead {
+            // in a task of its own: dropping this future does not strand the message
+            let consumer = self.clone();
+            let _ = tokio::spawn(async move { consumer.dead_letter(seq).await }).await;
+        }
+        if confirm {
+            let (tx, rx) = oneshot::channel();
+            self.flush(Some(tx));
+            return rx
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Closed(self.stream_name.to_string())));
+        }
+        Ok(())
+    }
+}
+
+impl Consumer {
+    /// Answers the delivery of stream sequence `seq` as [`Delivery`]'s methods do, for
+    /// code that relays answers (a broker answering for its clients). With `confirm`,
+    /// returns once the answer is durable, as [`Delivery::ack_confirmed`] does.
+    ///
+    /// An answer to a message that is not waiting for one (answered already, or
+    /// expired and not yet delivered again) is [`StoreError::NotPending`].
+    pub async fn answer(&self, seq: u64, answer: Answer, confirm: bool) -> Result<(), StoreError> {
+        self.shared.reply(seq, answer, confirm).await
+    }
+}
+
 impl Delivery {
     /// Acknowledges the message: it is done with, and not delivered again (unless the
     /// consumer's state is lost before it is written: see [`Delivery::ack_confirmed`]).
     /// With [`AckPolicy::All`], every message delivered before it is acknowledged too.
     pub async fn ack(&self) -> Result<(), StoreError> {
-        self.consumer.answer(self.info.stream_seq, Answer::Ack)?;
-        Ok(())
+        self.consumer
+            .reply(self.info.stream_seq, Answer::Ack, false)
+            .await
     }
 
     /// Acknowledges the message and returns once the acknowledgement is durable
     /// under the stream's fsync setting: for processing that must happen once.
     pub async fn ack_confirmed(&self) -> Result<(), StoreError> {
-        self.consumer.answer(self.info.stream_seq, Answer::Ack)?;
-        let (tx, rx) = oneshot::channel();
-        self.consumer.flush(Some(tx));
-        rx.await
-            .unwrap_or_else(|_| Err(StoreError::Closed(self.info.stream.to_string())))
+        self.consumer
+            .reply(self.info.stream_seq, Answer::Ack, true)
+            .await
     }
 
     /// Refuses the message for now: it is delivered again after `delay` (at once with
     /// `None`), or becomes a dead letter if this was its last delivery.
     pub async fn nak(&self, delay: Option<Duration>) -> Result<(), StoreError> {
-        let dead = self
-            .consumer
-            .answer(self.info.stream_seq, Answer::Nak(delay))?;
-        if let Some(seq) = dead {
-            // in a task of its own: dropping this future does not strand the message
-            let consumer = self.consumer.clone();
-            let _ = tokio::spawn(async move { consumer.dead_letter(seq).await }).await;
-        }
-        Ok(())
+        self.consumer
+            .reply(self.info.stream_seq, Answer::Nak(delay), false)
+            .await
     }
 
     /// Says the message is still being worked on: its ack wait starts again.
     pub async fn in_progress(&self) -> Result<(), StoreError> {
         self.consumer
-            .answer(self.info.stream_seq, Answer::InProgress)?;
-        Ok(())
+            .reply(self.info.stream_seq, Answer::InProgress, false)
+            .await
     }
 
     /// Gives up on the message: it becomes a dead letter with `reason`, and is not
     /// delivered again. Returns once the dead letter is published (or has failed, to
     /// be tried again after the ack wait).
     pub async fn term(&self, reason: &str) -> Result<(), StoreError> {
-        let dead = self
-            .consumer
-            .answer(self.info.stream_seq, Answer::Term(reason.to_owned()))?;
-        if let Some(seq) = dead {
-            // in a task of its own: dropping this future does not strand the message
-            let consumer = self.consumer.clone();
-            let _ = tokio::spawn(async move { consumer.dead_letter(seq).await }).await;
+        self.consumer
+            .reply(self.info.stream_seq, Answer::Term(reason.to_owned()), false)
+            .await
+    }
+
+    /// The consumer that delivered it.
+    pub fn consumer(&self) -> Consumer {
+        Consumer {
+            shared: self.consumer.clone(),
         }
-        Ok(())
     }
 }
 

@@ -139,6 +139,148 @@ pub enum StoreError {
     /// per directory.
     #[error("{} is in use by another store (its LOCK file is held)", .0.display())]
     Locked(PathBuf),
+    /// An error reported by a store elsewhere (a broker's), with its kind and its
+    /// message as that store wrote it.
+    #[error("{message}")]
+    Reported {
+        /// What kind of error it was.
+        kind: ErrorKind,
+        /// The store's message, naming what it concerns.
+        message: String,
+    },
+}
+
+/// The kind of a [`StoreError`], the same wherever the store runs: what a program
+/// branches on, and what a broker sends its clients with the error's message.
+///
+/// ```
+/// use mq_store::{ErrorKind, StoreError};
+/// let e = StoreError::StreamNotFound("ORDERS".into());
+/// assert_eq!(e.kind(), ErrorKind::StreamNotFound);
+/// let remote = StoreError::Reported { kind: e.kind(), message: e.to_string() };
+/// assert_eq!((remote.kind(), remote.to_string()), (e.kind(), e.to_string()));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// [`StoreError::Io`].
+    Io,
+    /// [`StoreError::Corrupt`].
+    Corrupt,
+    /// [`StoreError::Poisoned`].
+    Poisoned,
+    /// [`StoreError::InvalidMessage`].
+    InvalidMessage,
+    /// [`StoreError::InvalidConfig`].
+    InvalidConfig,
+    /// [`StoreError::StreamNotFound`].
+    StreamNotFound,
+    /// [`StoreError::StreamExists`].
+    StreamExists,
+    /// [`StoreError::SubjectOverlap`].
+    SubjectOverlap,
+    /// [`StoreError::NoStreamForSubject`].
+    NoStreamForSubject,
+    /// [`StoreError::LimitReached`].
+    LimitReached,
+    /// [`StoreError::WrongLast`].
+    WrongLast,
+    /// [`StoreError::NoMessage`] and [`StoreError::NoMessageOnSubject`].
+    NoMessage,
+    /// [`StoreError::Closed`].
+    Closed,
+    /// [`StoreError::InvalidConsumer`].
+    InvalidConsumer,
+    /// [`StoreError::ConsumerNotFound`].
+    ConsumerNotFound,
+    /// [`StoreError::ConsumerExists`].
+    ConsumerExists,
+    /// [`StoreError::NotPending`].
+    NotPending,
+    /// [`StoreError::Locked`].
+    Locked,
+    /// A request a broker could not understand (only in [`StoreError::Reported`]).
+    BadRequest,
+    /// A kind this version does not know (sent by a newer store).
+    #[serde(other)]
+    Other,
+}
+
+impl StoreError {
+    /// What kind of error this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            StoreError::Io { .. } => ErrorKind::Io,
+            StoreError::Corrupt { .. } => ErrorKind::Corrupt,
+            StoreError::Poisoned { .. } => ErrorKind::Poisoned,
+            StoreError::InvalidMessage(_) => ErrorKind::InvalidMessage,
+            StoreError::InvalidConfig(_) => ErrorKind::InvalidConfig,
+            StoreError::StreamNotFound(_) => ErrorKind::StreamNotFound,
+            StoreError::StreamExists(_) => ErrorKind::StreamExists,
+            StoreError::SubjectOverlap { .. } => ErrorKind::SubjectOverlap,
+            StoreError::NoStreamForSubject(_) => ErrorKind::NoStreamForSubject,
+            StoreError::LimitReached { .. } => ErrorKind::LimitReached,
+            StoreError::WrongLast { .. } => ErrorKind::WrongLast,
+            StoreError::NoMessage { .. } | StoreError::NoMessageOnSubject { .. } => {
+                ErrorKind::NoMessage
+            }
+            StoreError::Closed(_) => ErrorKind::Closed,
+            StoreError::InvalidConsumer(_) => ErrorKind::InvalidConsumer,
+            StoreError::ConsumerNotFound { .. } => ErrorKind::ConsumerNotFound,
+            StoreError::ConsumerExists { .. } => ErrorKind::ConsumerExists,
+            StoreError::NotPending { .. } => ErrorKind::NotPending,
+            StoreError::Locked(_) => ErrorKind::Locked,
+            StoreError::Reported { kind, .. } => *kind,
+        }
+    }
+}
+
+/// An error as it travels: its kind and its message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireError {
+    /// [`StoreError::kind`].
+    pub kind: ErrorKind,
+    /// The error's message.
+    pub message: String,
+}
+
+impl From<&StoreError> for WireError {
+    fn from(e: &StoreError) -> Self {
+        WireError {
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<WireError> for StoreError {
+    fn from(e: WireError) -> Self {
+        StoreError::Reported {
+            kind: e.kind,
+            message: e.message,
+        }
+    }
+}
+
+/// Serde for an `Option<StoreError>` field: as an optional [`WireError`], read back as
+/// [`StoreError::Reported`].
+pub(crate) mod optional_wire {
+    use super::{StoreError, WireError};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(
+        e: &Option<StoreError>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        e.as_ref().map(WireError::from).serialize(s)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<StoreError>, D::Error> {
+        Ok(Option::<WireError>::deserialize(d)?.map(StoreError::from))
+    }
 }
 
 impl StoreError {

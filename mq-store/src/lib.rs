@@ -51,10 +51,10 @@ pub use config::{
     validate_name,
 };
 pub use consumer::{
-    AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
+    AckPolicy, Answer, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
     DeliveryInfo, KeySource, MAX_WAIT, Messages, dead_letter_headers,
 };
-pub use error::StoreError;
+pub use error::{ErrorKind, StoreError, WireError};
 pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};
 pub use message::{DELIVER_AT_HEADER, PubAck, Publish, StoredMessage};
 pub use store::{DeadLetterObserver, LOCK_FILE, Store};

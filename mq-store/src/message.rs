@@ -26,7 +26,7 @@ impl StoredMessage {
 
 /// A stream's answer to a durable publish: the message is stored, and durable as the
 /// stream's `fsync` setting says.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PubAck {
     /// The stream that stored it.
     pub stream: String,

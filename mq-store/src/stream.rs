@@ -36,7 +36,7 @@ use crate::message::{PubAck, Publish, StoredMessage};
 use crate::record;
 
 /// A stream's counts.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct StreamState {
     /// Messages stored.
@@ -58,7 +58,7 @@ pub struct StreamState {
 }
 
 /// A stream's configuration and counts.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct StreamInfo {
     /// Its configuration.

@@ -201,16 +201,13 @@ impl Bus {
     /// Durable streams on this bus: see [`crate::streams`].
     ///
     /// On the embedded bus they live where [`EmbeddedConfig::storage`] says (memory by
-    /// default); this fails if that directory could not be opened, with the reason.
-    /// The broker and NATS backends do not serve them yet, and say so.
+    /// default); this fails if that directory could not be opened, with the reason. On
+    /// a broker connection they are the broker's ([`crate::BrokerConfig::storage`]).
+    /// The NATS backend does not serve them yet, and says so.
     pub fn streams(&self) -> Result<crate::Streams, BusError> {
         match &self.backend {
             Backends::Embedded(embedded) => crate::Streams::embedded(embedded),
-            Backends::Remote(_) => Err(BusError::Unsupported {
-                feature: "durable streams",
-                backend: "broker",
-                reason: "the broker does not host streams yet; use an embedded bus with a storage directory",
-            }),
+            Backends::Remote(_) => Ok(crate::Streams::remote(self.clone())),
             #[cfg(feature = "nats")]
             Backends::Nats(_) => Err(BusError::Unsupported {
                 feature: "durable streams",
@@ -245,7 +242,7 @@ impl Bus {
     /// Subscribes to `subject`, which may use wildcards. Returns once the subscription is
     /// active: a message published after this returns reaches it.
     pub async fn subscribe(&self, subject: impl Into<Utf8Bytes>) -> Result<Subscriber, BusError> {
-        self.subscribe_inner(subject.into(), None).await
+        self.subscribe_inner(subject.into(), None, true).await
     }
 
     /// Subscribes to `subject` as a member of queue group `queue`: each message goes to
@@ -255,7 +252,7 @@ impl Bus {
         subject: impl Into<Utf8Bytes>,
         queue: impl Into<Utf8Bytes>,
     ) -> Result<Subscriber, BusError> {
-        self.subscribe_inner(subject.into(), Some(queue.into()))
+        self.subscribe_inner(subject.into(), Some(queue.into()), true)
             .await
     }
 
@@ -263,6 +260,7 @@ impl Bus {
         &self,
         subject: Utf8Bytes,
         queue: Option<Utf8Bytes>,
+        confirm: bool,
     ) -> Result<Subscriber, BusError> {
         subject::validate_filter(&subject)?;
         if let Some(queue) = &queue {
@@ -279,7 +277,9 @@ impl Bus {
         let unsubscribe = dispatch!(&self.backend, b => b.subscribe(key, tx).await)?;
         // From here dropping the subscriber removes the subscription.
         let subscriber = Subscriber::new(rx, state.clone(), key, unsubscribe);
-        dispatch!(&self.backend, b => b.confirm().await)?;
+        if confirm {
+            dispatch!(&self.backend, b => b.confirm().await)?;
+        }
         if let Some(reason) = state.refused() {
             return Err(BusError::SubscriptionRefused {
                 subject: subject.to_string(),
@@ -383,15 +383,29 @@ impl Bus {
         crate::delivery::new_inbox()
     }
 
-    fn request_timeout(&self) -> Duration {
+    pub(crate) fn request_timeout(&self) -> Duration {
         self.core.options.request_timeout
+    }
+
+    pub(crate) fn subscription_capacity(&self) -> usize {
+        self.core.options.subscription_capacity
+    }
+
+    /// [`Bus::subscribe`] without waiting for the broker to confirm: for a
+    /// subscription this handle publishes a request for right after (a broker reads a
+    /// connection's frames in order).
+    pub(crate) async fn subscribe_unconfirmed(
+        &self,
+        subject: impl Into<Utf8Bytes>,
+    ) -> Result<Subscriber, BusError> {
+        self.subscribe_inner(subject.into(), None, false).await
     }
 
     fn inbox(&self) -> &Arc<crate::delivery::Inbox> {
         &self.core.inbox
     }
 
-    fn disconnect_reason(&self) -> Arc<str> {
+    pub(crate) fn disconnect_reason(&self) -> Arc<str> {
         dispatch!(&self.backend, b => b.disconnect_reason())
     }
 }

@@ -249,7 +249,7 @@ const STORE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Opens the store in `dir`, waiting up to [`STORE_LOCK_WAIT`] while another store
 /// holds it (blocking the caller's thread meanwhile).
-fn open_store(dir: &std::path::Path) -> Result<Store, mq_store::StoreError> {
+pub(crate) fn open_store(dir: &std::path::Path) -> Result<Store, mq_store::StoreError> {
     let deadline = std::time::Instant::now() + STORE_LOCK_WAIT;
     loop {
         match Store::open(dir) {

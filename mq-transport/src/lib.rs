@@ -50,8 +50,8 @@ pub use nats::NatsOptions;
 pub use rpc::ServiceInstance;
 pub use streams::{
     AckPolicy, Consumer, ConsumerConfig, ConsumerInfo, DeadLetter, DeliverPolicy, Delivery,
-    DeliveryInfo, Discard, Fsync, KeySource, Messages, PubAck, PubAckFuture, Publish, Retention,
-    StoredMessage, StreamConfig, StreamInfo, StreamState, Streams,
+    DeliveryInfo, Discard, ErrorKind, Fsync, KeySource, Messages, PubAck, PubAckFuture, Publish,
+    Retention, StoredMessage, StreamConfig, StreamInfo, StreamState, Streams,
 };
 
 pub(crate) use rpc_core::sync::lock;

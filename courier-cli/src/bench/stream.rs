@@ -695,7 +695,7 @@ impl Bench<'_> {
             let deliveries = match consumer.fetch(batch, Duration::ZERO).await {
                 Ok(d) => d,
                 Err(e) => {
-                    reads.error(&BusError::Stream(e));
+                    reads.error(&e);
                     break;
                 }
             };
@@ -726,13 +726,13 @@ impl Bench<'_> {
         let secs = started.elapsed().as_secs_f64();
         bar.finish_and_clear();
         // untimed: the consumer's own account of what was acknowledged
-        let mut info = consumer.info();
+        let mut info = consumer.info().await.map_err(|e| e.to_string())?;
         let polling = Instant::now();
         while (info.ack_floor < count || info.num_ack_pending > 0)
             && polling.elapsed() < Duration::from_secs(10)
         {
             tokio::time::sleep(Duration::from_millis(10)).await;
-            info = consumer.info();
+            info = consumer.info().await.map_err(|e| e.to_string())?;
         }
         let acked = reads.received - ack_errors.min(reads.received);
         let state = fresh.state().await?;

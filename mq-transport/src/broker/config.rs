@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use rpc_core::ConnectionConfig;
 
+use crate::embedded::Storage;
+
 /// Limits and settings of a [`crate::Broker`].
 ///
 /// ```
@@ -56,6 +58,10 @@ pub struct BrokerConfig {
     /// to a subscriber that is not reading: it is cut off as a slow consumer. No pacing
     /// with a zero grace. Default 1 MiB.
     pub pace_queued_bytes: usize,
+    /// Where the broker keeps its durable streams and consumers
+    /// ([`crate::Streams`] on a connected bus; `courier broker --store DIR`). Default
+    /// [`Storage::Memory`]: they last as long as the broker.
+    pub storage: Storage,
 }
 
 impl BrokerConfig {
@@ -124,6 +130,7 @@ impl Default for BrokerConfig {
                 connection
             },
             name: "courier-broker".into(),
+            storage: Storage::Memory,
         }
     }
 }
@@ -146,6 +153,14 @@ pub enum BrokerConfigError {
         max_frame_len: usize,
         /// [`BrokerConfig::FRAME_HEADROOM`].
         headroom: usize,
+    },
+    /// The storage directory could not be opened.
+    #[error("the broker's storage directory {} cannot be used: {reason}", dir.display())]
+    Storage {
+        /// The directory.
+        dir: std::path::PathBuf,
+        /// Why.
+        reason: String,
     },
 }
 

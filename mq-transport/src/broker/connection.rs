@@ -64,7 +64,7 @@ pub(super) async fn serve<T: Io>(
         slow: AtomicBool::new(false),
     });
     lock(&shared.connections).insert(id, conn.clone());
-    let mut session = Session::new(&shared, &conn);
+    let mut session = Session::new(&shared, &conn, id);
     let outcome = tokio::select! {
         outcome = session.run(&mut reader) => outcome,
         _ = stop.cancelled() => {

@@ -31,18 +31,23 @@ struct Later {
 }
 
 impl Shared {
-    /// A publish the session accepted. Every accepted publish passes here, once: this is
-    /// where a stream bound to the subject will capture it (before routing, so that a
-    /// stored message is never one subscribers saw and the log lost).
+    /// A publish the session accepted, after the streams captured it (before routing,
+    /// so that a stored message is never one subscribers saw and the log lost).
     pub(super) async fn publish(&self, publish: &Publish) {
-        self.messages_in.fetch_add(1, Ordering::Relaxed);
+        self.count_in();
         self.route(publish).await;
+    }
+
+    /// Counts a publish received that is not routed (handled by the streams, or a
+    /// duplicate).
+    pub(super) fn count_in(&self) {
+        self.messages_in.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Delivers a publish to every plain subscriber and one member of each queue group;
     /// waits (up to `slow_consumer_grace`) for room on subscriber connections that are
     /// full, and paces the publisher to those past `pace_queued_bytes`.
-    async fn route(&self, publish: &Publish) {
+    pub(super) async fn route(&self, publish: &Publish) {
         let mut later = Later::default();
         self.route_now(publish, &mut later);
         for route in later.full {

@@ -22,12 +22,15 @@
 //! * `fanout`: routing a publish to subscriber connections, pacing, the slow-consumer
 //!   policy (the place where a stream will capture a publish);
 //! * `connection`: one connection's life, from accept to close;
-//! * `session`: the protocol, one function per frame kind.
+//! * `session`: the protocol, one function per frame kind;
+//! * `streams`: durable streams and consumers, served from the broker's store over
+//!   the stream API (`crate::streams::wire`).
 
 mod config;
 mod connection;
 mod fanout;
 mod session;
+mod streams;
 
 use std::collections::HashMap;
 use std::io;
@@ -43,6 +46,8 @@ use tokio_util::task::TaskTracker;
 pub use self::config::{BrokerConfig, BrokerConfigError, BrokerStats};
 use self::connection::Conn;
 use self::fanout::Route;
+use self::streams::StreamHost;
+use crate::embedded::Storage;
 use crate::lock;
 use crate::sublist::Sublist;
 
@@ -89,10 +94,20 @@ impl Broker {
         config: BrokerConfig,
     ) -> Result<Broker, BrokerConfigError> {
         config.validate()?;
+        let store = match &config.storage {
+            Storage::Memory => mq_store::Store::memory(),
+            Storage::Directory(dir) => {
+                crate::embedded::open_store(dir).map_err(|e| BrokerConfigError::Storage {
+                    dir: dir.clone(),
+                    reason: e.to_string(),
+                })?
+            }
+        };
         let listen_addr = listener.local_addr().unwrap_or(PeerAddr::Unix(None));
         let max_connections = config.max_connections;
         let shared = Arc::new(Shared {
             subs: Sublist::new(),
+            streams: StreamHost::new(store),
             config,
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -101,6 +116,30 @@ impl Broker {
             messages_too_large: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
         });
+        // dead letters reach the broker's subscribers too (a stream capturing their
+        // subject has stored them already)
+        let observing = Arc::downgrade(&shared);
+        shared
+            .streams
+            .store
+            .observe_dead_letters(Arc::new(move |subject, headers, payload| {
+                let (Some(shared), Ok(runtime)) =
+                    (observing.upgrade(), tokio::runtime::Handle::try_current())
+                else {
+                    return;
+                };
+                let mut metadata = rpc_core::Metadata::new();
+                for (name, value) in headers {
+                    metadata.append(name.to_string(), bytes::Bytes::copy_from_slice(value));
+                }
+                let publish = rpc_core::frame::Publish {
+                    subject: subject.to_owned().into(),
+                    reply: rpc_core::Utf8Bytes::default(),
+                    headers: metadata,
+                    payload: payload.clone(),
+                };
+                runtime.spawn(async move { shared.route(&publish).await });
+            }));
         let stop = CancellationToken::new();
         let tracker = TaskTracker::new();
         let serving = shared.clone();
@@ -176,6 +215,7 @@ impl Drop for Broker {
 #[derive(Debug)]
 struct Shared {
     subs: Sublist<Route>,
+    streams: StreamHost,
     config: BrokerConfig,
     /// Open connections, by id, for the counters.
     connections: Mutex<HashMap<u64, Arc<Conn>>>,

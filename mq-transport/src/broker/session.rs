@@ -11,6 +11,7 @@ use rpc_core::{ConnectionError, ProtocolError, Utf8Bytes};
 use super::Shared;
 use super::connection::Conn;
 use super::fanout::Route;
+use super::streams::{Captured, StreamSession};
 use crate::lock;
 use crate::message::{SUBSCRIPTION_REFUSED, counted_size, status_headers};
 use crate::subject;
@@ -26,18 +27,21 @@ struct SessionSub {
 
 /// One connection's protocol state.
 pub(super) struct Session<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
     conn: &'a Arc<Conn>,
     /// sid → this connection's subscription.
     subs: HashMap<u64, SessionSub>,
+    /// Its durable publishes, fetches and ephemeral consumers.
+    streams: StreamSession,
 }
 
 impl<'a> Session<'a> {
-    pub(super) fn new(shared: &'a Shared, conn: &'a Arc<Conn>) -> Self {
+    pub(super) fn new(shared: &'a Arc<Shared>, conn: &'a Arc<Conn>, id: u64) -> Self {
         Session {
             shared,
             conn,
             subs: HashMap::new(),
+            streams: StreamSession::new(id),
         }
     }
 
@@ -140,7 +144,15 @@ impl<'a> Session<'a> {
         }
         // Accepted means deliverable: subjects are at most 4 KiB and headers count in
         // max_payload, so the Msg frame fits the frame limit (BrokerConfig::validate).
-        self.shared.publish(&publish).await;
+        if publish.subject.starts_with('$') && self.streams.on_system(self.shared, &publish).await {
+            self.shared.count_in();
+            return Ok(());
+        }
+        match self.streams.capture(self.shared, &publish).await {
+            Captured::Deliver => self.shared.publish(&publish).await,
+            Captured::DeliverThis(stripped) => self.shared.publish(&stripped).await,
+            Captured::Nothing => self.shared.count_in(),
+        }
         Ok(())
     }
 
@@ -213,6 +225,7 @@ impl<'a> Session<'a> {
     /// A connection may hold 65,536 subscriptions: they go in batches, letting other
     /// connections' tasks run (and match) between batches.
     pub(super) async fn remove_all(&mut self) {
+        self.streams.close(self.shared);
         let subs: Vec<SessionSub> = std::mem::take(&mut self.subs).into_values().collect();
         for batch in subs.chunks(Sublist::<Route>::REMOVE_BATCH) {
             self.shared.subs.remove_many(

@@ -1,0 +1,530 @@
+//! Streams on the broker: the stream API (`$CR.API.…`), durable publishes and the
+//! answers to fetched messages (`$CR.ACK.…`), served from the broker's store. The
+//! protocol is in [`crate::streams::wire`] and `docs/PROTOCOL.md`.
+//!
+//! A connection's durable publishes are stored in the order they arrive; their
+//! acknowledgements go back through one task per connection, in the same order, at most
+//! [`ACK_PIPELINE`] waiting (a publisher with more is read no further until one is
+//! answered). A fetch waits in a task of its own, at most [`MAX_FETCHES`] per
+//! connection; the connection's end cancels them, and what they had taken is
+//! delivered again after its ack wait, as for any consumer that goes away.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use mq_store::{
+    AckFuture, Answer, Consumer, ConsumerConfig, Store, StoreError, StreamConfig, WireError,
+};
+use rpc_core::frame::Publish;
+use rpc_core::{Metadata, Utf8Bytes};
+use serde::Serialize;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use crate::lock;
+use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
+use crate::streams::wire::{
+    self, ACK_PREFIX, API_PREFIX, AckSubject, DURABLE_HEADER, END_OF_BATCH, FetchRequest,
+    GetRequest, MAX_BATCH, PurgeRequest, RangeRequest,
+};
+
+/// Durable publishes of one connection waiting for their acknowledgement.
+pub(super) const ACK_PIPELINE: usize = 65_536;
+/// Fetches of one connection waiting at once.
+pub(super) const MAX_FETCHES: usize = 1024;
+
+/// The broker's streams, shared by every connection.
+#[derive(Debug)]
+pub(super) struct StreamHost {
+    pub(super) store: Store,
+    /// Ephemeral consumers, by stream and name, with the connection that made them:
+    /// they go when it does.
+    ephemeral: Mutex<HashMap<(String, String), (u64, Consumer)>>,
+    next_ephemeral: AtomicU64,
+}
+
+impl StreamHost {
+    pub(super) fn new(store: Store) -> StreamHost {
+        StreamHost {
+            store,
+            ephemeral: Mutex::new(HashMap::new()),
+            next_ephemeral: AtomicU64::new(1),
+        }
+    }
+
+    fn consumer(&self, stream: &str, name: &str) -> Result<Consumer, StoreError> {
+        let key = (stream.to_owned(), name.to_owned());
+        if let Some((_, consumer)) = lock(&self.ephemeral).get(&key) {
+            return Ok(consumer.clone());
+        }
+        self.store.consumer(stream, name)
+    }
+}
+
+/// What becomes of a publish after the streams have seen it.
+pub(super) enum Captured {
+    /// Deliver it as it is.
+    Deliver,
+    /// Deliver this instead (a durable publish without its reply and options).
+    DeliverThis(Publish),
+    /// Deliver nothing (a duplicate, or a durable publish that was refused).
+    Nothing,
+}
+
+/// One connection's part in the streams.
+#[derive(Debug)]
+pub(super) struct StreamSession {
+    conn_id: u64,
+    acks: Option<mpsc::Sender<(AckFuture, Utf8Bytes)>>,
+    fetches: Arc<Semaphore>,
+    stop: CancellationToken,
+    ephemeral: Vec<(String, String)>,
+}
+
+impl StreamSession {
+    pub(super) fn new(conn_id: u64) -> StreamSession {
+        StreamSession {
+            conn_id,
+            acks: None,
+            fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
+            stop: CancellationToken::new(),
+            ephemeral: Vec::new(),
+        }
+    }
+
+    /// The connection is gone: its fetches end, its ephemeral consumers go.
+    pub(super) fn close(&mut self, shared: &Shared) {
+        self.stop.cancel();
+        self.acks = None;
+        let mut ephemeral = lock(&shared.streams.ephemeral);
+        for key in self.ephemeral.drain(..) {
+            ephemeral.remove(&key);
+        }
+    }
+
+    /// Handles a publish to the stream API or an answer to a fetched message; false if
+    /// `publish` is neither.
+    pub(super) async fn on_system(&mut self, shared: &Arc<Shared>, publish: &Publish) -> bool {
+        if let Some(op) = publish.subject.strip_prefix(API_PREFIX) {
+            self.on_api(shared, op, publish).await;
+            true
+        } else if publish.subject.starts_with(ACK_PREFIX) {
+            self.on_answer(shared, publish).await;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Stores a publish in the stream that captures its subject, if any. A durable
+    /// publish (reply subject and [`DURABLE_HEADER`]) is answered on its reply subject
+    /// once stored; a plain one is stored without an answer (at-most-once, as every
+    /// plain publish: a failure is logged and it is delivered anyway).
+    pub(super) async fn capture(&mut self, shared: &Arc<Shared>, publish: &Publish) -> Captured {
+        let store = &shared.streams.store;
+        let durable = !publish.reply.is_empty() && publish.headers.get(DURABLE_HEADER).is_some();
+        if !durable {
+            if store.is_empty() {
+                return Captured::Deliver;
+            }
+            let Some(stream) = store.stream_for(&publish.subject) else {
+                return Captured::Deliver;
+            };
+            let headers: Vec<(&str, &[u8])> = publish
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), &v[..]))
+                .collect();
+            return match stream.store(&publish.subject, &headers, &publish.payload) {
+                Ok(ack) if ack.duplicate => Captured::Nothing,
+                Ok(_) => Captured::Deliver,
+                Err(e) => {
+                    tracing::warn!(subject = %publish.subject, "a published message was not stored: {e}");
+                    Captured::Deliver
+                }
+            };
+        }
+        let Some(stream) = store.stream_for(&publish.subject) else {
+            let e = StoreError::NoStreamForSubject(publish.subject.to_string());
+            reply_error(shared, &publish.reply, &WireError::from(&e)).await;
+            return Captured::Nothing;
+        };
+        let (headers, options) = match wire::split_options(&publish.headers) {
+            Ok(split) => split,
+            Err(message) => {
+                reply_error(shared, &publish.reply, &wire::bad_request(message)).await;
+                return Captured::Nothing;
+            }
+        };
+        let ack = match stream
+            .publish(&publish.subject, &headers, &publish.payload, &options)
+            .await
+        {
+            Ok(ack) => ack,
+            Err(e) => {
+                reply_error(shared, &publish.reply, &WireError::from(&e)).await;
+                return Captured::Nothing;
+            }
+        };
+        let duplicate = ack.is_duplicate();
+        let pipeline = self.ack_pipeline(shared);
+        // a full pipeline holds this connection's reader: back-pressure, not loss
+        let _ = pipeline.send((ack, publish.reply.clone())).await;
+        if duplicate {
+            return Captured::Nothing;
+        }
+        let mut delivered = Metadata::new();
+        for (name, value) in publish.headers.iter() {
+            if !wire::is_control_header(name) {
+                delivered.append(name.clone(), value.clone());
+            }
+        }
+        Captured::DeliverThis(Publish {
+            subject: publish.subject.clone(),
+            reply: Utf8Bytes::default(),
+            headers: delivered,
+            payload: publish.payload.clone(),
+        })
+    }
+
+    /// The task that answers this connection's durable publishes, in order.
+    fn ack_pipeline(&mut self, shared: &Arc<Shared>) -> mpsc::Sender<(AckFuture, Utf8Bytes)> {
+        self.acks
+            .get_or_insert_with(|| {
+                let (tx, mut rx) = mpsc::channel::<(AckFuture, Utf8Bytes)>(ACK_PIPELINE);
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    while let Some((ack, to)) = rx.recv().await {
+                        let result = ack.await.map_err(|e| WireError::from(&e));
+                        reply_json(&shared, &to, result).await;
+                    }
+                });
+                tx
+            })
+            .clone()
+    }
+
+    /// `$CR.API.<op>`.
+    async fn on_api(&mut self, shared: &Arc<Shared>, op: &str, publish: &Publish) {
+        let to = &publish.reply;
+        if to.is_empty() {
+            tracing::debug!(subject = %publish.subject, "a stream API request without a reply subject is ignored");
+            return;
+        }
+        let tokens: Vec<&str> = op.split('.').collect();
+        let body = &publish.payload[..];
+        let host = &shared.streams;
+        let store = &host.store;
+        let result = match tokens.as_slice() {
+            ["STREAM", "CREATE"] => match parse::<StreamConfig>(body) {
+                Ok(config) => json(store.create(config).map(|s| s.info())),
+                Err(e) => Err(e),
+            },
+            ["STREAM", "UPDATE"] => match parse::<StreamConfig>(body) {
+                Ok(config) => json(store.update(config).await),
+                Err(e) => Err(e),
+            },
+            ["STREAM", "INFO", stream] => json(store.stream(stream).map(|s| s.info())),
+            ["STREAM", "LIST"] => json(Ok(store.list())),
+            ["STREAM", "DELETE", stream] => json(store.delete(stream).map(|()| true)),
+            ["STREAM", "PURGE", stream] => match parse_or_default::<PurgeRequest>(body) {
+                Ok(request) => match store.stream(stream) {
+                    Ok(s) => json(s.purge(request.filter.as_deref()).await),
+                    Err(e) => Err(WireError::from(&e)),
+                },
+                Err(e) => Err(e),
+            },
+            ["STREAM", "GET", stream] => return self.get(shared, stream, body, to).await,
+            ["STREAM", "RANGE", stream] => return self.range(shared, stream, body, to).await,
+            ["CONSUMER", "CREATE", stream] => match parse::<ConsumerConfig>(body) {
+                Ok(config) => json(self.create_consumer(host, stream, config)),
+                Err(e) => Err(e),
+            },
+            ["CONSUMER", "INFO", stream, name] => {
+                json(host.consumer(stream, name).map(|c| c.info()))
+            }
+            ["CONSUMER", "LIST", stream] => json(store.consumers(stream)),
+            ["CONSUMER", "DELETE", stream, name] => {
+                let key = (stream.to_string(), name.to_string());
+                let removed = lock(&host.ephemeral).remove(&key).is_some();
+                if removed {
+                    self.ephemeral.retain(|k| *k != key);
+                    json(Ok(true))
+                } else {
+                    json(store.delete_consumer(stream, name).map(|()| true))
+                }
+            }
+            ["CONSUMER", "FETCH", stream, name] => {
+                return self.fetch(shared, stream, name, body, to).await;
+            }
+            _ => Err(wire::bad_request(format!(
+                "unknown stream API request `{}`",
+                publish.subject
+            ))),
+        };
+        match result {
+            Ok(body) => reply(shared, to, Metadata::new(), body).await,
+            Err(e) => reply_error(shared, to, &e).await,
+        }
+    }
+
+    fn create_consumer(
+        &mut self,
+        host: &StreamHost,
+        stream: &str,
+        mut config: ConsumerConfig,
+    ) -> Result<mq_store::ConsumerInfo, StoreError> {
+        if config.durable {
+            return host.store.create_consumer(stream, config).map(|c| c.info());
+        }
+        if config.name.is_empty() {
+            let n = host.next_ephemeral.fetch_add(1, Ordering::Relaxed);
+            config.name = format!("eph-{}-{n}", self.conn_id);
+        }
+        let key = (stream.to_owned(), config.name.clone());
+        if lock(&host.ephemeral).contains_key(&key) {
+            return Err(StoreError::ConsumerExists {
+                stream: stream.to_owned(),
+                consumer: config.name,
+            });
+        }
+        let consumer = host.store.create_consumer(stream, config)?;
+        let info = consumer.info();
+        lock(&host.ephemeral).insert(key.clone(), (self.conn_id, consumer));
+        self.ephemeral.push(key);
+        Ok(info)
+    }
+
+    /// `$CR.API.STREAM.GET.<stream>`: the message itself, or an error.
+    async fn get(&mut self, shared: &Arc<Shared>, stream: &str, body: &[u8], to: &Utf8Bytes) {
+        let found = parse::<GetRequest>(body).and_then(|request| {
+            let s = shared
+                .streams
+                .store
+                .stream(stream)
+                .map_err(|e| WireError::from(&e))?;
+            let found = match (request.seq, request.last_by_subject) {
+                (Some(seq), None) => s.get(seq),
+                (None, Some(subject)) => s.last(&subject),
+                _ => {
+                    return Err(wire::bad_request(
+                        "a get names either `seq` or `last_by_subject`",
+                    ));
+                }
+            };
+            found.map_err(|e| WireError::from(&e))
+        });
+        match found {
+            Ok(message) => {
+                let headers = wire::message_headers(&message);
+                reply(shared, to, headers, message.payload).await;
+            }
+            Err(e) => reply_error(shared, to, &e).await,
+        }
+    }
+
+    /// `$CR.API.STREAM.RANGE.<stream>`: the messages, then the end of the batch.
+    async fn range(&mut self, shared: &Arc<Shared>, stream: &str, body: &[u8], to: &Utf8Bytes) {
+        let found = parse::<RangeRequest>(body).and_then(|request| {
+            if request.max_msgs > MAX_BATCH {
+                return Err(batch_too_large(request.max_msgs));
+            }
+            let s = shared
+                .streams
+                .store
+                .stream(stream)
+                .map_err(|e| WireError::from(&e))?;
+            s.range(request.from, request.max_msgs, request.max_bytes)
+                .map_err(|e| WireError::from(&e))
+        });
+        match found {
+            Ok(messages) => {
+                let n = messages.len();
+                for message in messages {
+                    let headers = wire::message_headers(&message);
+                    reply(shared, to, headers, message.payload).await;
+                }
+                end_of_batch(shared, to, n).await;
+            }
+            Err(e) => reply_error(shared, to, &e).await,
+        }
+    }
+
+    /// `$CR.API.CONSUMER.FETCH.<stream>.<consumer>`: waits in a task of its own.
+    async fn fetch(
+        &mut self,
+        shared: &Arc<Shared>,
+        stream: &str,
+        name: &str,
+        body: &[u8],
+        to: &Utf8Bytes,
+    ) {
+        let request = match parse::<FetchRequest>(body) {
+            Ok(r) if r.batch == 0 || r.batch > MAX_BATCH => Err(batch_too_large(r.batch)),
+            other => other,
+        };
+        let started = request.and_then(|request| {
+            let consumer = shared
+                .streams
+                .consumer(stream, name)
+                .map_err(|e| WireError::from(&e))?;
+            let permit = self.fetches.clone().try_acquire_owned().map_err(|_| {
+                wire::bad_request(format!(
+                    "too many fetches waiting on this connection: the broker's limit is {MAX_FETCHES} (MAX_FETCHES)"
+                ))
+            })?;
+            Ok((request, consumer, permit))
+        });
+        let (request, consumer, permit) = match started {
+            Ok(started) => started,
+            Err(e) => return reply_error(shared, to, &e).await,
+        };
+        let (shared, stop, to) = (shared.clone(), self.stop.clone(), to.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let wait = Duration::from_millis(request.max_wait_ms);
+            let fetched = tokio::select! {
+                () = stop.cancelled() => return,
+                fetched = consumer.fetch(request.batch, wait) => fetched,
+            };
+            match fetched {
+                Ok(deliveries) => {
+                    let n = deliveries.len();
+                    for delivery in deliveries {
+                        let info = &delivery.info;
+                        let ack = AckSubject {
+                            stream: info.stream.to_string(),
+                            consumer: info.consumer.to_string(),
+                            deliveries: info.deliveries,
+                            stream_seq: info.stream_seq,
+                            consumer_seq: info.consumer_seq,
+                            pending: info.pending,
+                        };
+                        let publish = Publish {
+                            subject: to.clone(),
+                            reply: ack.encode().into(),
+                            headers: wire::message_headers(&delivery.message),
+                            payload: delivery.message.payload.clone(),
+                        };
+                        shared.route(&publish).await;
+                    }
+                    end_of_batch(&shared, &to, n).await;
+                }
+                Err(e) => reply_error(&shared, &to, &WireError::from(&e)).await,
+            }
+        });
+    }
+
+    /// `$CR.ACK.…`: an answer to a fetched message. With a reply subject, the answer is
+    /// confirmed there once it is durable (an ack) or applied (the others).
+    async fn on_answer(&mut self, shared: &Arc<Shared>, publish: &Publish) {
+        let parsed = AckSubject::parse(&publish.subject)
+            .ok_or_else(|| {
+                wire::bad_request(format!("malformed ack subject `{}`", publish.subject))
+            })
+            .and_then(|ack| {
+                let answer = wire::decode_answer(&publish.payload).map_err(wire::bad_request)?;
+                let consumer = shared
+                    .streams
+                    .consumer(&ack.stream, &ack.consumer)
+                    .map_err(|e| WireError::from(&e))?;
+                Ok((ack, answer, consumer))
+            });
+        let to = publish.reply.clone();
+        let (ack, answer, consumer) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                tracing::debug!(subject = %publish.subject, "answer refused: {}", e.message);
+                return reply_error(shared, &to, &e).await;
+            }
+        };
+        let confirm = !to.is_empty();
+        if !confirm && matches!(answer, Answer::Ack | Answer::InProgress) {
+            // quick: applied in place, in the order answers arrive
+            if let Err(e) = consumer.answer(ack.stream_seq, answer, false).await {
+                tracing::debug!(subject = %publish.subject, "answer refused: {e}");
+            }
+            return;
+        }
+        // a confirmation waits for the disk, a dead letter for its stream: not here
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let result = consumer.answer(ack.stream_seq, answer, confirm).await;
+            match result {
+                Ok(()) => reply(&shared, &to, Metadata::new(), Bytes::new()).await,
+                Err(e) => {
+                    tracing::debug!(stream = %ack.stream, consumer = %ack.consumer, seq = ack.stream_seq, "answer refused: {e}");
+                    reply_error(&shared, &to, &WireError::from(&e)).await;
+                }
+            }
+        });
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+    serde_json::from_slice(body)
+        .map_err(|e| wire::bad_request(format!("malformed stream API request: {e}")))
+}
+
+fn parse_or_default<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, WireError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        parse(body)
+    }
+}
+
+fn json<T: Serialize>(result: Result<T, StoreError>) -> Result<Bytes, WireError> {
+    match result {
+        Ok(value) => Ok(Bytes::from(
+            serde_json::to_vec(&value).expect("API replies serialize"),
+        )),
+        Err(e) => Err(WireError::from(&e)),
+    }
+}
+
+fn batch_too_large(batch: usize) -> WireError {
+    wire::bad_request(format!(
+        "a batch of {batch} messages: a fetch or range asks for 1 to {MAX_BATCH} (MAX_BATCH)"
+    ))
+}
+
+/// Sends a reply to `to` (nothing without one), routed as any publish.
+async fn reply(shared: &Shared, to: &Utf8Bytes, headers: Metadata, payload: Bytes) {
+    if to.is_empty() {
+        return;
+    }
+    let publish = Publish {
+        subject: to.clone(),
+        reply: Utf8Bytes::default(),
+        headers,
+        payload,
+    };
+    shared.route(&publish).await;
+}
+
+async fn reply_json<T: Serialize>(shared: &Shared, to: &Utf8Bytes, result: Result<T, WireError>) {
+    match result {
+        Ok(value) => {
+            let body = Bytes::from(serde_json::to_vec(&value).expect("API replies serialize"));
+            reply(shared, to, Metadata::new(), body).await;
+        }
+        Err(e) => reply_error(shared, to, &e).await,
+    }
+}
+
+async fn reply_error(shared: &Shared, to: &Utf8Bytes, error: &WireError) {
+    let (headers, body) = wire::error_reply_wire(error);
+    reply(shared, to, headers, body).await;
+}
+
+async fn end_of_batch(shared: &Shared, to: &Utf8Bytes, n: usize) {
+    let mut headers = Metadata::new();
+    headers.insert(STATUS_HEADER, END_OF_BATCH);
+    headers.insert(DESCRIPTION_HEADER, format!("end of batch: {n} messages"));
+    reply(shared, to, headers, Bytes::new()).await;
+}

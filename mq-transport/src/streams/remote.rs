@@ -1,0 +1,340 @@
+//! Streams served by a courier broker, over the stream API ([`super::wire`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mq_store::{
+    Answer, ConsumerConfig, ConsumerInfo, DeliveryInfo, ErrorKind, PubAck, Publish, StoreError,
+    StoredMessage, StreamConfig, StreamInfo,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::wire::{self, API_PREFIX, AckSubject, END_OF_BATCH, MAX_BATCH};
+use super::{Delivery, PubAckFuture};
+use crate::bus::Bus;
+use crate::error::BusError;
+use crate::message::{Message, NO_RESPONDERS};
+
+/// The longest a remote fetch waits in one request; longer waits are several.
+const MAX_REMOTE_WAIT: Duration = Duration::from_secs(30);
+
+/// The streams of the broker a [`Bus`] is connected to.
+#[derive(Clone, Debug)]
+pub(crate) struct Remote {
+    bus: Bus,
+}
+
+fn malformed(subject: &str, e: impl std::fmt::Display) -> BusError {
+    BusError::Stream(StoreError::Reported {
+        kind: ErrorKind::Other,
+        message: format!("malformed answer from the broker to `{subject}`: {e}"),
+    })
+}
+
+/// The error an answer carries, if any.
+fn check(subject: &str, reply: &Message) -> Result<(), BusError> {
+    if let Some(e) = wire::reply_error(&reply.headers, &reply.payload) {
+        return Err(BusError::Stream(e));
+    }
+    if reply.status() == Some(NO_RESPONDERS) {
+        return Err(BusError::NoResponders {
+            subject: subject.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+impl Remote {
+    pub(crate) fn new(bus: Bus) -> Remote {
+        Remote { bus }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.bus.request_timeout()
+    }
+
+    /// One request of the stream API and its answer (checked for an error).
+    async fn call(&self, op: &str, body: Vec<u8>) -> Result<Message, BusError> {
+        let subject = format!("{API_PREFIX}{op}");
+        let reply = self
+            .bus
+            .request_message(Message::new(subject.clone(), body), self.timeout())
+            .await?;
+        check(&subject, &reply)?;
+        Ok(reply)
+    }
+
+    async fn call_json<T: DeserializeOwned>(
+        &self,
+        op: &str,
+        body: &impl Serialize,
+    ) -> Result<T, BusError> {
+        let body = serde_json::to_vec(body).expect("API requests serialize");
+        let reply = self.call(op, body).await?;
+        serde_json::from_slice(&reply.payload).map_err(|e| malformed(op, e))
+    }
+
+    /// A request answered by a batch of messages and an end of batch. Waits up to
+    /// `wait` plus the request timeout; a batch cut short by a lost connection returns
+    /// what arrived.
+    async fn batch(
+        &self,
+        op: &str,
+        body: &impl Serialize,
+        wait: Duration,
+    ) -> Result<Vec<Message>, BusError> {
+        let subject = format!("{API_PREFIX}{op}");
+        let inbox = self.bus.new_inbox();
+        // the broker reads a connection's frames in order: this subscription is in
+        // place before it reads the request
+        let mut sub = self.bus.subscribe_unconfirmed(inbox.clone()).await?;
+        let body = serde_json::to_vec(body).expect("API requests serialize");
+        self.bus
+            .publish_message(Message::new(subject.clone(), body).with_reply(inbox))
+            .await?;
+        let deadline = tokio::time::Instant::now() + wait + self.timeout();
+        let mut out = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) if m.status() == Some(END_OF_BATCH) => return Ok(out),
+                Ok(Some(m)) if m.status().is_some() => {
+                    check(&subject, &m)?;
+                    return Err(malformed(&subject, format!("status {:?}", m.status())));
+                }
+                Ok(Some(m)) => out.push(m),
+                Ok(None) | Err(_) if !out.is_empty() => return Ok(out),
+                Ok(None) => {
+                    return Err(BusError::ConnectionLost {
+                        subject,
+                        reason: self.bus.disconnect_reason(),
+                    });
+                }
+                Err(_) => {
+                    return Err(BusError::Timeout {
+                        subject,
+                        timeout: wait + self.timeout(),
+                    });
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn create(&self, config: StreamConfig) -> Result<StreamInfo, BusError> {
+        self.call_json("STREAM.CREATE", &config).await
+    }
+
+    pub(crate) async fn update(&self, config: StreamConfig) -> Result<StreamInfo, BusError> {
+        self.call_json("STREAM.UPDATE", &config).await
+    }
+
+    pub(crate) async fn info(&self, stream: &str) -> Result<StreamInfo, BusError> {
+        self.call_json(&format!("STREAM.INFO.{}", token(stream)?), &())
+            .await
+    }
+
+    pub(crate) async fn list(&self) -> Result<Vec<StreamInfo>, BusError> {
+        self.call_json("STREAM.LIST", &()).await
+    }
+
+    pub(crate) async fn delete(&self, stream: &str) -> Result<(), BusError> {
+        let _: bool = self
+            .call_json(&format!("STREAM.DELETE.{}", token(stream)?), &())
+            .await?;
+        Ok(())
+    }
+
+    pub(crate) async fn purge(&self, stream: &str, filter: Option<&str>) -> Result<u64, BusError> {
+        let request = wire::PurgeRequest {
+            filter: filter.map(str::to_owned),
+        };
+        self.call_json(&format!("STREAM.PURGE.{}", token(stream)?), &request)
+            .await
+    }
+
+    pub(crate) async fn get(
+        &self,
+        stream: &str,
+        request: wire::GetRequest,
+    ) -> Result<StoredMessage, BusError> {
+        let op = format!("STREAM.GET.{}", token(stream)?);
+        let body = serde_json::to_vec(&request).expect("API requests serialize");
+        let reply = self.call(&op, body).await?;
+        wire::stored_message(&reply.headers, reply.payload).map_err(|e| malformed(&op, e))
+    }
+
+    pub(crate) async fn range(
+        &self,
+        stream: &str,
+        from: u64,
+        max_msgs: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, BusError> {
+        let op = format!("STREAM.RANGE.{}", token(stream)?);
+        let request = wire::RangeRequest {
+            from,
+            max_msgs: max_msgs.min(MAX_BATCH),
+            max_bytes,
+        };
+        let messages = self.batch(&op, &request, Duration::ZERO).await?;
+        messages
+            .into_iter()
+            .map(|m| wire::stored_message(&m.headers, m.payload).map_err(|e| malformed(&op, e)))
+            .collect()
+    }
+
+    /// A durable publish: sent now, answered later.
+    pub(crate) async fn publish(
+        &self,
+        mut message: Message,
+        options: &Publish,
+    ) -> Result<PubAckFuture, BusError> {
+        wire::option_headers(&mut message.headers, options);
+        let subject = message.subject.to_string();
+        let (_reply, waiting) = self.bus.send_request(message).await?;
+        let bus = self.bus.clone();
+        let timeout = self.timeout();
+        Ok(PubAckFuture::remote(async move {
+            let reply = bus.await_reply(waiting, &subject, timeout).await?;
+            check(&subject, &reply)?;
+            serde_json::from_slice::<PubAck>(&reply.payload).map_err(|e| malformed(&subject, e))
+        }))
+    }
+
+    pub(crate) async fn create_consumer(
+        &self,
+        stream: &str,
+        config: ConsumerConfig,
+    ) -> Result<RemoteConsumer, BusError> {
+        let info: ConsumerInfo = self
+            .call_json(&format!("CONSUMER.CREATE.{}", token(stream)?), &config)
+            .await?;
+        Ok(RemoteConsumer::new(self.clone(), info))
+    }
+
+    pub(crate) async fn consumer(
+        &self,
+        stream: &str,
+        name: &str,
+    ) -> Result<RemoteConsumer, BusError> {
+        let info = self.consumer_info(stream, name).await?;
+        Ok(RemoteConsumer::new(self.clone(), info))
+    }
+
+    async fn consumer_info(&self, stream: &str, name: &str) -> Result<ConsumerInfo, BusError> {
+        let op = format!("CONSUMER.INFO.{}.{}", token(stream)?, token(name)?);
+        self.call_json(&op, &()).await
+    }
+
+    pub(crate) async fn consumers(&self, stream: &str) -> Result<Vec<ConsumerInfo>, BusError> {
+        self.call_json(&format!("CONSUMER.LIST.{}", token(stream)?), &())
+            .await
+    }
+
+    pub(crate) async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
+        let op = format!("CONSUMER.DELETE.{}.{}", token(stream)?, token(name)?);
+        let _: bool = self.call_json(&op, &()).await?;
+        Ok(())
+    }
+}
+
+/// A stream or consumer name as a subject token: refused here if it could not be one
+/// (the broker would not find it anyway).
+fn token(name: &str) -> Result<&str, BusError> {
+    mq_store::validate_name(name)
+        .map(|()| name)
+        .map_err(|e| BusError::Stream(StoreError::InvalidConfig(e)))
+}
+
+/// A consumer on a broker.
+#[derive(Debug)]
+pub(crate) struct RemoteConsumer {
+    remote: Remote,
+    stream: Arc<str>,
+    name: Arc<str>,
+    pub(crate) config: ConsumerConfig,
+}
+
+impl RemoteConsumer {
+    fn new(remote: Remote, info: ConsumerInfo) -> RemoteConsumer {
+        RemoteConsumer {
+            remote,
+            stream: Arc::from(info.stream.as_str()),
+            name: Arc::from(info.config.name.as_str()),
+            config: info.config,
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub(crate) async fn info(&self) -> Result<ConsumerInfo, BusError> {
+        self.remote.consumer_info(&self.stream, &self.name).await
+    }
+
+    /// Up to `batch` messages (at most [`MAX_BATCH`], and at most what a subscription
+    /// queues), as soon as one is there or once `max_wait` has passed.
+    pub(crate) async fn fetch(
+        &self,
+        batch: usize,
+        max_wait: Duration,
+    ) -> Result<Vec<Delivery>, BusError> {
+        let capacity = self.remote.bus.subscription_capacity();
+        let request = wire::FetchRequest {
+            batch: batch.clamp(1, MAX_BATCH.min(capacity)),
+            max_wait_ms: u64::try_from(max_wait.min(MAX_REMOTE_WAIT).as_millis()).unwrap_or(0),
+        };
+        let op = format!("CONSUMER.FETCH.{}.{}", self.stream, self.name);
+        let wait = Duration::from_millis(request.max_wait_ms);
+        let messages = self.remote.batch(&op, &request, wait).await?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            let ack = m
+                .reply
+                .as_deref()
+                .and_then(AckSubject::parse)
+                .ok_or_else(|| malformed(&op, "a fetched message without an ack subject"))?;
+            let message =
+                wire::stored_message(&m.headers, m.payload).map_err(|e| malformed(&op, e))?;
+            let info = DeliveryInfo::new(
+                self.stream.clone(),
+                self.name.clone(),
+                ack.stream_seq,
+                ack.consumer_seq,
+                ack.deliveries,
+                ack.pending,
+            );
+            let answer = RemoteAnswer {
+                bus: self.remote.bus.clone(),
+                subject: m.reply.unwrap_or_default(),
+            };
+            out.push(Delivery::remote(message, info, answer));
+        }
+        Ok(out)
+    }
+}
+
+/// Where a fetched message is answered.
+#[derive(Debug)]
+pub(crate) struct RemoteAnswer {
+    bus: Bus,
+    subject: rpc_core::Utf8Bytes,
+}
+
+impl RemoteAnswer {
+    /// An ack is sent and not waited for; the other answers, and a confirmed ack, wait
+    /// for the broker to apply them (and the ack to be durable).
+    pub(crate) async fn send(&self, answer: Answer, confirm: bool) -> Result<(), BusError> {
+        let payload = wire::encode_answer(&answer);
+        let message = Message::new(self.subject.clone(), payload);
+        if matches!(answer, Answer::Ack) && !confirm {
+            return self.bus.publish_message(message).await;
+        }
+        let reply = self
+            .bus
+            .request_message(message, self.bus.request_timeout())
+            .await?;
+        check(&self.subject, &reply)
+    }
+}

@@ -1,0 +1,395 @@
+//! The stream protocol of the broker: an API over request/reply subjects, carried by
+//! the bus's own `Pub` and `Msg` frames (`docs/PROTOCOL.md`, "Streams on the broker").
+//!
+//! * `$CR.API.<OP>…` subjects take JSON requests and answer on the reply subject: JSON on
+//!   success; on failure a message with [`STATUS_HEADER`] [`API_ERROR`] and a
+//!   [`WireError`] as JSON.
+//! * A durable publish is a `Pub` to the message's own subject with a reply subject and
+//!   the [`DURABLE_HEADER`]; its options travel as headers; the answer is a [`PubAck`]
+//!   as JSON. Many may be in flight.
+//! * A message read from a stream (get, range, fetch) is routed to the requester's reply
+//!   subject with its subject, sequence and time in [`SUBJECT_HEADER`], [`SEQ_HEADER`]
+//!   and [`TIME_HEADER`] after its own headers; a fetched one has the reply subject
+//!   `$CR.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<pending>`,
+//!   where the answer to it is published. A batch ends with [`END_OF_BATCH`].
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use mq_store::{Answer, ErrorKind, Publish, StoreError, StoredMessage, WireError};
+use rpc_core::Metadata;
+use serde::{Deserialize, Serialize};
+
+use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
+
+/// The subjects of the stream API start with this.
+pub const API_PREFIX: &str = "$CR.API.";
+/// The reply subjects of fetched messages start with this.
+pub const ACK_PREFIX: &str = "$CR.ACK.";
+/// Marks a publish as durable: the broker answers it on its reply subject.
+pub const DURABLE_HEADER: &str = "Courier-Durable";
+/// [`Publish::expected_last_seq`] on the wire.
+pub const EXPECTED_LAST_SEQ_HEADER: &str = "Courier-Expected-Last-Seq";
+/// [`Publish::expected_last_subject_seq`] on the wire.
+pub const EXPECTED_LAST_SUBJECT_SEQ_HEADER: &str = "Courier-Expected-Last-Subject-Seq";
+/// [`Publish::expected_last_msg_id`] on the wire.
+pub const EXPECTED_LAST_MSG_ID_HEADER: &str = "Courier-Expected-Last-Msg-Id";
+/// [`Publish::delay`] on the wire, in nanoseconds.
+pub const DELAY_HEADER: &str = "Courier-Delay";
+/// The subject of a message read from a stream.
+pub const SUBJECT_HEADER: &str = "Courier-Subject";
+/// The stream sequence of a message read from a stream.
+pub const SEQ_HEADER: &str = "Courier-Seq";
+/// When a message read from a stream was stored (nanoseconds since the Unix epoch).
+pub const TIME_HEADER: &str = "Courier-Time";
+/// [`STATUS_HEADER`] of an API error; the body is a [`WireError`] as JSON.
+pub const API_ERROR: &str = "422";
+/// [`STATUS_HEADER`] of the message that ends a batch of a fetch or a range.
+pub const END_OF_BATCH: &str = "204";
+/// The largest batch one fetch or range may ask for.
+pub const MAX_BATCH: usize = 4096;
+
+/// The body of `$CR.API.STREAM.PURGE.<stream>`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct PurgeRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) filter: Option<String>,
+}
+
+/// The body of `$CR.API.STREAM.GET.<stream>`: by sequence, or the last on a subject.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct GetRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) last_by_subject: Option<String>,
+}
+
+/// The body of `$CR.API.STREAM.RANGE.<stream>`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RangeRequest {
+    pub(crate) from: u64,
+    pub(crate) max_msgs: usize,
+    pub(crate) max_bytes: usize,
+}
+
+/// The body of `$CR.API.CONSUMER.FETCH.<stream>.<consumer>`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct FetchRequest {
+    pub(crate) batch: usize,
+    /// Milliseconds.
+    pub(crate) max_wait_ms: u64,
+}
+
+/// Headers as the store takes them: name and value.
+pub(crate) type StoreHeaders<'a> = Vec<(&'a str, &'a [u8])>;
+
+/// The publish options carried by a durable publish's headers, and the headers with
+/// them (and the durable mark) taken out.
+pub(crate) fn split_options(headers: &Metadata) -> Result<(StoreHeaders<'_>, Publish), String> {
+    let mut options = Publish::default();
+    let mut rest = Vec::with_capacity(headers.len());
+    for (name, value) in headers.iter() {
+        let text =
+            || std::str::from_utf8(value).map_err(|_| format!("header `{name}` is not UTF-8"));
+        let number = || -> Result<u64, String> {
+            text()?
+                .parse()
+                .map_err(|_| format!("header `{name}` is not a number: {:?}", text()))
+        };
+        match name.as_str() {
+            DURABLE_HEADER => {}
+            mq_store::MSG_ID_HEADER => options.msg_id = Some(text()?.to_owned()),
+            EXPECTED_LAST_SEQ_HEADER => options.expected_last_seq = Some(number()?),
+            EXPECTED_LAST_SUBJECT_SEQ_HEADER => options.expected_last_subject_seq = Some(number()?),
+            EXPECTED_LAST_MSG_ID_HEADER => options.expected_last_msg_id = Some(text()?.to_owned()),
+            DELAY_HEADER => options.delay = Some(Duration::from_nanos(number()?)),
+            _ => rest.push((name.as_str(), &value[..])),
+        }
+    }
+    Ok((rest, options))
+}
+
+/// Whether a header is one of the durable publish's own (not delivered to
+/// subscribers).
+pub(crate) fn is_control_header(name: &str) -> bool {
+    matches!(
+        name,
+        DURABLE_HEADER
+            | EXPECTED_LAST_SEQ_HEADER
+            | EXPECTED_LAST_SUBJECT_SEQ_HEADER
+            | EXPECTED_LAST_MSG_ID_HEADER
+            | DELAY_HEADER
+    )
+}
+
+/// The headers of a durable publish: the message's own, then the options.
+pub(crate) fn option_headers(headers: &mut Metadata, options: &Publish) {
+    headers.insert(DURABLE_HEADER, "1");
+    if let Some(id) = &options.msg_id {
+        headers.insert(mq_store::MSG_ID_HEADER, id.clone());
+    }
+    if let Some(seq) = options.expected_last_seq {
+        headers.insert(EXPECTED_LAST_SEQ_HEADER, seq.to_string());
+    }
+    if let Some(seq) = options.expected_last_subject_seq {
+        headers.insert(EXPECTED_LAST_SUBJECT_SEQ_HEADER, seq.to_string());
+    }
+    if let Some(id) = &options.expected_last_msg_id {
+        headers.insert(EXPECTED_LAST_MSG_ID_HEADER, id.clone());
+    }
+    if let Some(at) = options.deliver_at {
+        headers.insert(mq_store::DELIVER_AT_HEADER, at.to_string());
+    }
+    if let Some(delay) = options.delay
+        && options.deliver_at.is_none()
+    {
+        let nanos = u64::try_from(delay.as_nanos()).unwrap_or(u64::MAX);
+        headers.insert(DELAY_HEADER, nanos.to_string());
+    }
+}
+
+/// A stored message's headers as sent to a reader: its own, then its subject,
+/// sequence and time.
+pub(crate) fn message_headers(message: &StoredMessage) -> Metadata {
+    let mut headers = Metadata::new();
+    for (name, value) in &message.headers {
+        headers.append(name.clone(), value.clone());
+    }
+    headers.append(SUBJECT_HEADER, message.subject.clone());
+    headers.append(SEQ_HEADER, message.seq.to_string());
+    headers.append(TIME_HEADER, message.time.to_string());
+    headers
+}
+
+/// A stored message back from what [`message_headers`] made of it.
+pub(crate) fn stored_message(headers: &Metadata, payload: Bytes) -> Result<StoredMessage, String> {
+    let mut subject = None;
+    let mut seq = None;
+    let mut time = None;
+    let mut own = Vec::with_capacity(headers.len().saturating_sub(3));
+    for (name, value) in headers.iter() {
+        match name.as_str() {
+            SUBJECT_HEADER => subject = std::str::from_utf8(value).ok().map(str::to_owned),
+            SEQ_HEADER => seq = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
+            TIME_HEADER => time = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
+            _ => own.push((name.to_string(), value.clone())),
+        }
+    }
+    match (subject, seq, time) {
+        (Some(subject), Some(seq), Some(time)) => Ok(StoredMessage {
+            seq,
+            time,
+            subject,
+            headers: own,
+            payload,
+        }),
+        _ => Err(format!(
+            "a stream message without valid {SUBJECT_HEADER}, {SEQ_HEADER} and {TIME_HEADER} headers"
+        )),
+    }
+}
+
+/// Where a fetched message stands, as its ack subject carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct AckSubject {
+    pub(crate) stream: String,
+    pub(crate) consumer: String,
+    pub(crate) deliveries: u32,
+    pub(crate) stream_seq: u64,
+    pub(crate) consumer_seq: u64,
+    pub(crate) pending: u64,
+}
+
+impl AckSubject {
+    pub(crate) fn encode(&self) -> String {
+        format!(
+            "{ACK_PREFIX}{}.{}.{}.{}.{}.{}",
+            self.stream,
+            self.consumer,
+            self.deliveries,
+            self.stream_seq,
+            self.consumer_seq,
+            self.pending
+        )
+    }
+
+    /// Parses an ack subject; `None` if it is not one.
+    pub(crate) fn parse(subject: &str) -> Option<AckSubject> {
+        let rest = subject.strip_prefix(ACK_PREFIX)?;
+        let mut tokens = rest.split('.');
+        let stream = tokens.next()?.to_owned();
+        let consumer = tokens.next()?.to_owned();
+        let mut number = || tokens.next()?.parse::<u64>().ok();
+        let deliveries = u32::try_from(number()?).ok()?;
+        let (stream_seq, consumer_seq, pending) = (number()?, number()?, number()?);
+        if tokens.next().is_some() || stream.is_empty() || consumer.is_empty() {
+            return None;
+        }
+        Some(AckSubject {
+            stream,
+            consumer,
+            deliveries,
+            stream_seq,
+            consumer_seq,
+            pending,
+        })
+    }
+}
+
+/// An answer to a fetched message as its payload: `+ACK` (or empty), `-NAK`,
+/// `-NAK <delay in ns>`, `+WPI`, `+TERM` or `+TERM <reason>`.
+pub(crate) fn encode_answer(answer: &Answer) -> Bytes {
+    match answer {
+        Answer::Ack => Bytes::from_static(b"+ACK"),
+        Answer::Nak(None) => Bytes::from_static(b"-NAK"),
+        Answer::Nak(Some(delay)) => Bytes::from(format!("-NAK {}", delay.as_nanos())),
+        Answer::InProgress => Bytes::from_static(b"+WPI"),
+        Answer::Term(reason) if reason.is_empty() => Bytes::from_static(b"+TERM"),
+        Answer::Term(reason) => Bytes::from(format!("+TERM {reason}")),
+    }
+}
+
+/// Parses an answer's payload.
+pub(crate) fn decode_answer(payload: &[u8]) -> Result<Answer, String> {
+    let text = std::str::from_utf8(payload).map_err(|_| "an answer is not UTF-8".to_owned())?;
+    let (word, rest) = match text.split_once(' ') {
+        Some((word, rest)) => (word, Some(rest)),
+        None => (text, None),
+    };
+    match (word, rest) {
+        ("" | "+ACK", None) => Ok(Answer::Ack),
+        ("-NAK", None) => Ok(Answer::Nak(None)),
+        ("-NAK", Some(nanos)) => nanos
+            .parse::<u64>()
+            .map(|n| Answer::Nak(Some(Duration::from_nanos(n))))
+            .map_err(|_| format!("a -NAK delay is not nanoseconds: {nanos:?}")),
+        ("+WPI", None) => Ok(Answer::InProgress),
+        ("+TERM", reason) => Ok(Answer::Term(reason.unwrap_or_default().to_owned())),
+        _ => Err(format!(
+            "unknown answer {:?}: expected +ACK, -NAK [ns], +WPI or +TERM [reason]",
+            text.chars().take(32).collect::<String>()
+        )),
+    }
+}
+
+/// The headers and body of an API error reply.
+pub(crate) fn error_reply_wire(error: &WireError) -> (Metadata, Bytes) {
+    let mut headers = Metadata::new();
+    headers.insert(STATUS_HEADER, API_ERROR);
+    headers.insert(DESCRIPTION_HEADER, error.message.clone());
+    let body = serde_json::to_vec(error).unwrap_or_default();
+    (headers, Bytes::from(body))
+}
+
+/// An error for a request the broker could not understand.
+pub(crate) fn bad_request(message: impl Into<String>) -> WireError {
+    WireError {
+        kind: ErrorKind::BadRequest,
+        message: message.into(),
+    }
+}
+
+/// The error an API reply carries, if it is one.
+pub(crate) fn reply_error(headers: &Metadata, body: &[u8]) -> Option<StoreError> {
+    if headers.get_str(STATUS_HEADER) != Some(API_ERROR) {
+        return None;
+    }
+    let error = serde_json::from_slice::<WireError>(body).unwrap_or_else(|_| WireError {
+        kind: ErrorKind::Other,
+        message: headers
+            .get_str(DESCRIPTION_HEADER)
+            .unwrap_or("the broker failed a stream request without saying why")
+            .to_owned(),
+    });
+    Some(error.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_subject_round_trips_and_junk_is_not_one() {
+        let subject = AckSubject {
+            stream: "ORDERS".into(),
+            consumer: "billing".into(),
+            deliveries: 2,
+            stream_seq: 17,
+            consumer_seq: 40,
+            pending: 3,
+        };
+        assert_eq!(subject.encode(), "$CR.ACK.ORDERS.billing.2.17.40.3");
+        assert_eq!(AckSubject::parse(&subject.encode()), Some(subject));
+        for junk in [
+            "$CR.ACK.ORDERS.billing.2.17.40",
+            "$CR.ACK.ORDERS.billing.2.17.40.3.9",
+            "$CR.ACK.ORDERS.billing.x.17.40.3",
+            "$CR.ACK.ORDERS.billing.4294967296.17.40.3",
+            "$CR.ACK..billing.2.17.40.3",
+            "orders.billing.2.17.40.3",
+        ] {
+            assert_eq!(AckSubject::parse(junk), None, "{junk}");
+        }
+    }
+
+    #[test]
+    fn answers_round_trip_and_unknown_ones_are_refused_by_name() {
+        for answer in [
+            Answer::Ack,
+            Answer::Nak(None),
+            Answer::Nak(Some(Duration::from_millis(2500))),
+            Answer::InProgress,
+            Answer::Term(String::new()),
+            Answer::Term("bad order".into()),
+        ] {
+            assert_eq!(decode_answer(&encode_answer(&answer)), Ok(answer));
+        }
+        assert_eq!(decode_answer(b""), Ok(Answer::Ack));
+        assert!(decode_answer(b"+NOPE").unwrap_err().contains("+NOPE"));
+        assert!(decode_answer(b"-NAK soon").unwrap_err().contains("soon"));
+        assert!(decode_answer(&[0xff]).is_err());
+    }
+
+    #[test]
+    fn publish_options_travel_as_headers_and_come_back() {
+        let options = Publish {
+            msg_id: Some("order-1".into()),
+            expected_last_seq: Some(4),
+            expected_last_subject_seq: Some(0),
+            expected_last_msg_id: Some("order-0".into()),
+            delay: Some(Duration::from_millis(1500)),
+            ..Publish::default()
+        };
+        let mut headers = Metadata::new();
+        headers.insert("Trace", "t");
+        option_headers(&mut headers, &options);
+        let (rest, back) = split_options(&headers).unwrap();
+        assert_eq!(back, options);
+        assert_eq!(rest, vec![("Trace", &b"t"[..])]);
+        let mut bad = Metadata::new();
+        bad.insert(EXPECTED_LAST_SEQ_HEADER, "four");
+        assert!(
+            split_options(&bad)
+                .unwrap_err()
+                .contains(EXPECTED_LAST_SEQ_HEADER)
+        );
+    }
+
+    #[test]
+    fn a_stored_message_survives_its_headers() {
+        let message = StoredMessage {
+            seq: 9,
+            time: 1_700_000_000_123_456_789,
+            subject: "orders.eu".into(),
+            headers: vec![("Trace".into(), Bytes::from_static(b"t"))],
+            payload: Bytes::from_static(b"order"),
+        };
+        let headers = message_headers(&message);
+        assert_eq!(
+            stored_message(&headers, message.payload.clone()),
+            Ok(message)
+        );
+        assert!(stored_message(&Metadata::new(), Bytes::new()).is_err());
+    }
+}
