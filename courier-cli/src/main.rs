@@ -4,6 +4,10 @@
 //! courier broker --listen 127.0.0.1:7222 --token s3cret
 //! courier sub 'orders.>'                    # prints messages
 //! courier pub orders.created 'order 42'
+//! courier broker --store ./data               # streams kept in ./data
+//! courier stream add ORDERS --subjects 'orders.>'
+//! courier pub --durable --msg-id order-42 orders.eu 'order 42'
+//! courier consume ORDERS billing              # prints and acknowledges
 //! courier reply time.now                    # an echo responder
 //! courier req time.now ping
 //! courier bench rpc | bus | raw [--json]   # the peers' workloads
@@ -12,6 +16,7 @@
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`).
 
 mod bench;
+mod streams;
 mod tools;
 
 use std::net::SocketAddr;
@@ -49,6 +54,40 @@ enum Command {
         /// Publish this many times.
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Publish to the stream that captures SUBJECT and wait for its
+        /// acknowledgement (the message is durable when this returns).
+        #[arg(long)]
+        durable: bool,
+        /// With --durable: the message id that makes a retry land once (with --count,
+        /// ID-1, ID-2, …).
+        #[arg(long, requires = "durable")]
+        msg_id: Option<String>,
+        #[command(flatten)]
+        target: tools::Target,
+    },
+    /// Durable streams: add, ls, info, rm, purge, view.
+    #[command(subcommand)]
+    Stream(streams::StreamCommand),
+    /// Prints and answers messages of the durable consumer CONSUMER of STREAM (made
+    /// with the defaults if it does not exist). Acknowledges each message unless
+    /// --nak or --term says otherwise.
+    Consume {
+        /// The stream.
+        stream: String,
+        /// The consumer.
+        consumer: String,
+        /// Stop after this many messages.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop when no message came within this many seconds.
+        #[arg(long, default_value_t = 2.0)]
+        wait: f64,
+        /// Refuse each message (it is delivered again, or dead-lettered at max_deliver).
+        #[arg(long, conflicts_with = "term")]
+        nak: bool,
+        /// Give up on each message with this reason: it goes to the dead letters.
+        #[arg(long)]
+        term: Option<String>,
         #[command(flatten)]
         target: tools::Target,
     },
@@ -138,6 +177,15 @@ struct BrokerArgs {
     /// Bytes queued for a subscriber past which its publishers are paced.
     #[arg(long, default_value_t = BrokerConfig::default().pace_queued_bytes)]
     pace_queued_bytes: usize,
+    /// Keep durable streams and consumers in this directory (created if missing);
+    /// without it they are kept in memory and last as long as the broker.
+    #[arg(long)]
+    store: Option<std::path::PathBuf>,
+    /// Use this fsync setting for every stream, whatever its configuration asks:
+    /// `always`, `every=100ms` or `never`. Without it, each stream's own (by
+    /// default `always`: acknowledged after fdatasync).
+    #[arg(long)]
+    fsync: Option<mq_transport::Fsync>,
 }
 
 fn main() -> ExitCode {
@@ -161,8 +209,35 @@ fn main() -> ExitCode {
                 data,
                 headers,
                 count,
+                durable,
+                msg_id,
                 target,
-            } => tools::publish(&target, subject, data, headers, count).await,
+            } => {
+                if durable {
+                    streams::publish_durable(&target, subject, data, headers, count, msg_id).await
+                } else {
+                    tools::publish(&target, subject, data, headers, count).await
+                }
+            }
+            Command::Stream(command) => streams::run(command).await,
+            Command::Consume {
+                stream,
+                consumer,
+                count,
+                wait,
+                nak,
+                term,
+                target,
+            } => {
+                let wait =
+                    Duration::try_from_secs_f64(wait).map_err(|e| format!("--wait {wait}: {e}"))?;
+                let answer = match (nak, term) {
+                    (true, _) => streams::Answer::Nak,
+                    (false, Some(reason)) => streams::Answer::Term(reason),
+                    (false, None) => streams::Answer::Ack,
+                };
+                streams::consume(&target, stream, consumer, count, wait, answer).await
+            }
             Command::Sub {
                 subject,
                 queue,
@@ -222,10 +297,25 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
     config.token = args.token;
     config.slow_consumer_grace = Duration::from_millis(args.slow_consumer_grace_ms);
     config.pace_queued_bytes = args.pace_queued_bytes;
+    if let Some(dir) = &args.store {
+        config.storage = mq_transport::Storage::Directory(dir.clone());
+    }
+    config.fsync = args.fsync;
     let broker = Broker::bind_with(args.listen, config)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    println!("courier broker listening on {}", broker.local_addr());
+        .map_err(|e| format!("cannot start the broker on {}: {e}", args.listen))?;
+    let storage = match &args.store {
+        Some(dir) => format!("streams in {}", dir.display()),
+        None => "streams in memory".to_owned(),
+    };
+    let fsync = args
+        .fsync
+        .map(|f| format!(", fsync {} for every stream", f.label()))
+        .unwrap_or_default();
+    println!(
+        "courier broker listening on {} ({storage}{fsync})",
+        broker.local_addr()
+    );
     tokio::signal::ctrl_c()
         .await
         .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;

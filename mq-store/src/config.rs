@@ -35,6 +35,46 @@ impl Fsync {
     }
 }
 
+impl std::str::FromStr for Fsync {
+    type Err = String;
+
+    /// Parses `always`, `never` or `every=<n><unit>` with a unit of `ms`, `s` or `us`
+    /// (as `courier broker --fsync` and `courier stream add --fsync` take it).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mq_store::Fsync;
+    /// assert_eq!("every=100ms".parse::<Fsync>(), Ok(Fsync::Every(Duration::from_millis(100))));
+    /// assert_eq!("always".parse::<Fsync>(), Ok(Fsync::Always));
+    /// assert!("sometimes".parse::<Fsync>().is_err());
+    /// ```
+    fn from_str(text: &str) -> Result<Fsync, String> {
+        let every = |d: &str| -> Option<Duration> {
+            let split = d.find(|c: char| !c.is_ascii_digit())?;
+            let (n, unit) = d.split_at(split);
+            let n: u64 = n.parse().ok()?;
+            match unit {
+                "ms" => Some(Duration::from_millis(n)),
+                "s" => Some(Duration::from_secs(n)),
+                "us" => Some(Duration::from_micros(n)),
+                _ => None,
+            }
+        };
+        match text {
+            "always" => Ok(Fsync::Always),
+            "never" => Ok(Fsync::Never),
+            _ => text
+                .strip_prefix("every=")
+                .and_then(every)
+                .filter(|d| !d.is_zero())
+                .map(Fsync::Every)
+                .ok_or_else(|| {
+                    format!("fsync `{text}`: expected always, never or every=<n>ms|s|us (n > 0)")
+                }),
+        }
+    }
+}
+
 /// What a full stream does with a new message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

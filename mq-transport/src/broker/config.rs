@@ -62,6 +62,12 @@ pub struct BrokerConfig {
     /// ([`crate::Streams`] on a connected bus; `courier broker --store DIR`). Default
     /// [`Storage::Memory`]: they last as long as the broker.
     pub storage: Storage,
+    /// When set, every stream on this broker uses this fsync setting, whatever its
+    /// configuration asked for (`courier broker --fsync`): streams created or updated
+    /// get it, and streams found in `storage` are updated to it before the broker
+    /// accepts connections. A stream's info reports the setting in force. Default
+    /// `None`: each stream's own setting (by default [`mq_store::Fsync::Always`]).
+    pub fsync: Option<mq_store::Fsync>,
 }
 
 impl BrokerConfig {
@@ -131,6 +137,7 @@ impl Default for BrokerConfig {
             },
             name: "courier-broker".into(),
             storage: Storage::Memory,
+            fsync: None,
         }
     }
 }

@@ -107,7 +107,7 @@ impl Broker {
         let max_connections = config.max_connections;
         let shared = Arc::new(Shared {
             subs: Sublist::new(),
-            streams: StreamHost::new(store),
+            streams: StreamHost::new(store, config.fsync),
             config,
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -145,7 +145,7 @@ impl Broker {
         let serving = shared.clone();
         let stopping = stop.clone();
         let refusing = shared.clone();
-        tracker.spawn(accept_loop(
+        let accepting = accept_loop(
             listener,
             max_connections,
             stop.clone().cancelled_owned(),
@@ -154,7 +154,14 @@ impl Broker {
                 connection::serve(io, peer, serving.clone(), stopping.clone(), slot)
             },
             move |io, peer| connection::refuse(io, peer, refusing.clone()),
-        ));
+        );
+        let starting = shared.clone();
+        tracker.spawn(async move {
+            // streams found on disk take the broker's fsync setting before anyone
+            // publishes to them
+            starting.streams.apply_fsync().await;
+            accepting.await
+        });
         tracing::info!(addr = %listen_addr, "broker listening");
         Ok(Broker {
             listen_addr,

@@ -41,6 +41,8 @@ pub(super) const MAX_FETCHES: usize = 1024;
 #[derive(Debug)]
 pub(super) struct StreamHost {
     pub(super) store: Store,
+    /// [`crate::BrokerConfig::fsync`].
+    fsync: Option<mq_store::Fsync>,
     /// Ephemeral consumers, by stream and name, with the connection that made them:
     /// they go when it does.
     ephemeral: Mutex<HashMap<(String, String), (u64, Consumer)>>,
@@ -48,11 +50,43 @@ pub(super) struct StreamHost {
 }
 
 impl StreamHost {
-    pub(super) fn new(store: Store) -> StreamHost {
+    pub(super) fn new(store: Store, fsync: Option<mq_store::Fsync>) -> StreamHost {
         StreamHost {
             store,
+            fsync,
             ephemeral: Mutex::new(HashMap::new()),
             next_ephemeral: AtomicU64::new(1),
+        }
+    }
+
+    /// `config` with the broker's fsync setting, if it has one.
+    fn effective(&self, mut config: StreamConfig) -> StreamConfig {
+        if let Some(fsync) = self.fsync
+            && config.fsync != fsync
+        {
+            tracing::info!(
+                stream = %config.name,
+                asked = %config.fsync.label(),
+                used = %fsync.label(),
+                "the broker's fsync setting (BrokerConfig::fsync, --fsync) replaces the stream's"
+            );
+            config.fsync = fsync;
+        }
+        config
+    }
+
+    /// Brings the streams found on disk to the broker's fsync setting.
+    pub(super) async fn apply_fsync(&self) {
+        if self.fsync.is_none() {
+            return;
+        }
+        for info in self.store.list() {
+            let config = self.effective(info.config.clone());
+            if config != info.config
+                && let Err(e) = self.store.update(config).await
+            {
+                tracing::error!(stream = %info.config.name, "cannot apply the broker's fsync setting: {e}");
+            }
         }
     }
 
@@ -221,11 +255,11 @@ impl StreamSession {
         let store = &host.store;
         let result = match tokens.as_slice() {
             ["STREAM", "CREATE"] => match parse::<StreamConfig>(body) {
-                Ok(config) => json(store.create(config).map(|s| s.info())),
+                Ok(config) => json(store.create(host.effective(config)).map(|s| s.info())),
                 Err(e) => Err(e),
             },
             ["STREAM", "UPDATE"] => match parse::<StreamConfig>(body) {
-                Ok(config) => json(store.update(config).await),
+                Ok(config) => json(store.update(host.effective(config)).await),
                 Err(e) => Err(e),
             },
             ["STREAM", "INFO", stream] => json(store.stream(stream).map(|s| s.info())),
