@@ -1239,8 +1239,26 @@ impl Shared {
                             return Err(self.not_pending(seq));
                         }
                         Some(e) if e.deliveries > 0 => engine.finish(seq),
+                        Some(_) => return Err(self.not_pending(seq)),
                         // done already (acknowledged twice): nothing to do
-                        _ => changed = false,
+                        None if seq <= engine.floor || engine.done.contains(&seq) => {
+                            changed = false;
+                        }
+                        // delivered before a restart and not read again since (an answer
+                        // relayed by a broker that restarted): done now
+                        None if seq >= engine.cursor
+                            && engine.restored.get(&seq).is_some_and(|&n| n > 0) =>
+                        {
+                            let subject =
+                                self.stream.get(seq).map(|m| Arc::from(m.subject.as_str()));
+                            engine.restored.remove(&seq);
+                            engine.done.insert(seq);
+                            engine.log_done.push(seq);
+                            if let Ok(subject) = subject {
+                                engine.retire.push((seq, subject));
+                            }
+                        }
+                        None => return Err(self.not_pending(seq)),
                     }
                 }
             }

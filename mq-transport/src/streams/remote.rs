@@ -19,10 +19,17 @@ use crate::message::{Message, NO_RESPONDERS};
 /// The longest a remote fetch waits in one request; longer waits are several.
 const MAX_REMOTE_WAIT: Duration = Duration::from_secs(30);
 
+/// How many times a durable publish is sent before its acknowledgement is given up
+/// on: once, and again after each lost connection or timeout.
+const PUBLISH_ATTEMPTS: u32 = 10;
+
 /// The streams of the broker a [`Bus`] is connected to.
 #[derive(Clone, Debug)]
 pub(crate) struct Remote {
     bus: Bus,
+    /// Message ids given to durable publishes that have none: this handle's prefix and
+    /// a counter.
+    ids: Arc<(String, std::sync::atomic::AtomicU64)>,
 }
 
 fn malformed(subject: &str, e: impl std::fmt::Display) -> BusError {
@@ -47,7 +54,12 @@ fn check(subject: &str, reply: &Message) -> Result<(), BusError> {
 
 impl Remote {
     pub(crate) fn new(bus: Bus) -> Remote {
-        Remote { bus }
+        // the inbox's random part: unique per handle, and a valid header value
+        let prefix = crate::delivery::new_inbox().replacen("_INBOX.", "courier-", 1);
+        Remote {
+            bus,
+            ids: Arc::new((prefix, std::sync::atomic::AtomicU64::new(1))),
+        }
     }
 
     fn timeout(&self) -> Duration {
@@ -183,21 +195,47 @@ impl Remote {
             .collect()
     }
 
-    /// A durable publish: sent now, answered later.
+    /// A durable publish: sent now, answered later. One without a message id gets one
+    /// (`courier-<random>.<n>`), so that when the connection is lost before the answer
+    /// comes, the publish can be sent again and land once: the answer future does so
+    /// after a lost connection or a timeout, up to [`PUBLISH_ATTEMPTS`] sends in all.
     pub(crate) async fn publish(
         &self,
         mut message: Message,
         options: &Publish,
     ) -> Result<PubAckFuture, BusError> {
-        wire::option_headers(&mut message.headers, options);
+        let mut options = options.clone();
+        if options.msg_id.is_none() {
+            let (prefix, next) = &*self.ids;
+            let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            options.msg_id = Some(format!("{prefix}.{n}"));
+        }
+        wire::option_headers(&mut message.headers, &options);
         let subject = message.subject.to_string();
-        let (_reply, waiting) = self.bus.send_request(message).await?;
+        let (_reply, waiting) = self.bus.send_request(message.clone()).await?;
         let bus = self.bus.clone();
         let timeout = self.timeout();
         Ok(PubAckFuture::remote(async move {
-            let reply = bus.await_reply(waiting, &subject, timeout).await?;
-            check(&subject, &reply)?;
-            serde_json::from_slice::<PubAck>(&reply.payload).map_err(|e| malformed(&subject, e))
+            let mut waiting = waiting;
+            let mut attempt = 1;
+            loop {
+                match bus.await_reply(waiting, &subject, timeout).await {
+                    Ok(reply) => {
+                        check(&subject, &reply)?;
+                        return serde_json::from_slice::<PubAck>(&reply.payload)
+                            .map_err(|e| malformed(&subject, e));
+                    }
+                    Err(e @ (BusError::ConnectionLost { .. } | BusError::Timeout { .. }))
+                        if attempt < PUBLISH_ATTEMPTS =>
+                    {
+                        // sent again with the same id: the stream stores it once
+                        tracing::debug!(%subject, attempt, "durable publish sent again: {e}");
+                        attempt += 1;
+                        waiting = bus.send_request(message.clone()).await?.1;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
         }))
     }
 
@@ -324,17 +362,32 @@ pub(crate) struct RemoteAnswer {
 
 impl RemoteAnswer {
     /// An ack is sent and not waited for; the other answers, and a confirmed ack, wait
-    /// for the broker to apply them (and the ack to be durable).
+    /// for the broker to apply them (and the ack to be durable). A confirmed ack whose
+    /// answer was lost with the connection, or did not come in time, is sent again (an
+    /// ack is idempotent), up to [`PUBLISH_ATTEMPTS`] times; the other answers are not,
+    /// and such an error leaves it open whether the broker applied them.
     pub(crate) async fn send(&self, answer: Answer, confirm: bool) -> Result<(), BusError> {
         let payload = wire::encode_answer(&answer);
         let message = Message::new(self.subject.clone(), payload);
-        if matches!(answer, Answer::Ack) && !confirm {
+        let ack = matches!(answer, Answer::Ack);
+        if ack && !confirm {
             return self.bus.publish_message(message).await;
         }
-        let reply = self
-            .bus
-            .request_message(message, self.bus.request_timeout())
-            .await?;
-        check(&self.subject, &reply)
+        let mut attempt = 1;
+        loop {
+            match self
+                .bus
+                .request_message(message.clone(), self.bus.request_timeout())
+                .await
+            {
+                Ok(reply) => return check(&self.subject, &reply),
+                Err(BusError::ConnectionLost { .. } | BusError::Timeout { .. })
+                    if ack && attempt < PUBLISH_ATTEMPTS =>
+                {
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
