@@ -312,10 +312,9 @@ async fn broker(args: BrokerArgs) -> Result<(), String> {
         .fsync
         .map(|f| format!(", fsync {} for every stream", f.label()))
         .unwrap_or_default();
-    println!(
-        "courier broker listening on {} ({storage}{fsync})",
-        broker.local_addr()
-    );
+    tracing::info!("{storage}{fsync}");
+    // the address is the line's last word: scripts and tests read it
+    println!("courier broker listening on {}", broker.local_addr());
     tokio::signal::ctrl_c()
         .await
         .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))?;
