@@ -198,7 +198,7 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
                         }
                         let n = t.delivered.entry(id).or_default();
                         *n += 1;
-                        if *n == 1 && id % 7 == 0 {
+                        if *n == 1 && id.is_multiple_of(7) {
                             t.unanswered.insert(id);
                             continue; // left for the ack wait to bring back
                         }
@@ -269,6 +269,7 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
         out
     };
     let stored_set: BTreeSet<u64> = stored.iter().copied().collect();
+    let final_floor = consumer.info().await.unwrap().ack_floor;
     let t = tally.lock().unwrap();
     let lost = t.acked.difference(&stored_set).count();
     let duplicates = stored.len() - stored_set.len();
@@ -292,7 +293,7 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
         stored_set.len(),
         t.unanswered.len(),
         t.delivered_after_confirm,
-        consumer.info().await.unwrap().ack_floor,
+        final_floor,
     );
     assert!(
         t.acked.len() > 1000,
