@@ -10,6 +10,13 @@
 //! ```
 //!
 //! `cargo run --example stream_wordcount` (embedded), or with `COURIER_BROKER=host:port`.
+//!
+//! With `-- --durable` the pipeline runs on durable streams instead: lines and counts
+//! are stored (streams `LINES` and `COUNTS`), the workers are a consumer group that
+//! publishes each line's count with the message id `count-<line>` before it
+//! acknowledges the line, and one worker is killed mid-way (its task aborted, holding a
+//! line it never acknowledged) and started again. The line comes back, is counted
+//! again, and its count is recognised as a duplicate: no line is lost or counted twice.
 
 #[path = "shared/backend.rs"]
 mod backend;
@@ -59,6 +66,9 @@ async fn worker(bus: Bus, id: usize) -> Result<(), BusError> {
 #[tokio::main]
 async fn main() -> Result<(), BusError> {
     let bus = backend::bus().await?;
+    if std::env::args().any(|a| a == "--durable") {
+        return durable::run(bus).await;
+    }
     let repeat = 200; // lines = 5 × 200
     let total_lines = TEXT.lines().count() * repeat;
 
@@ -130,4 +140,160 @@ async fn main() -> Result<(), BusError> {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// The pipeline on durable streams, with a worker killed and restarted.
+mod durable {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use courier::bus::{ConsumerConfig, Message, Publish, StreamConfig, Streams};
+    use courier::{Bus, BusError};
+
+    use super::{TEXT, decode, encode};
+
+    /// A worker of the consumer group `counters`: counts a line, publishes the count
+    /// durably with the line's id, then acknowledges the line. `counted` is shared by
+    /// every worker, to say how far the pipeline got.
+    async fn worker(
+        streams: Streams,
+        id: usize,
+        counted: Arc<AtomicU64>,
+        crash_after: Option<u64>,
+    ) -> Result<(), BusError> {
+        let lines = streams.consumer("LINES", "counters").await?;
+        let mut published = 0;
+        loop {
+            for line in lines.fetch(8, Duration::from_secs(3600)).await? {
+                let mut counts = BTreeMap::new();
+                for word in String::from_utf8_lossy(&line.message.payload).split_whitespace() {
+                    *counts.entry(word.to_lowercase()).or_insert(0) += 1;
+                }
+                let message = Message::new("text.counts", encode(&counts))
+                    .with_header("Worker", id.to_string())
+                    .with_header("Line", line.message.seq.to_string());
+                let once = Publish {
+                    msg_id: Some(format!("count-{}", line.message.seq)),
+                    ..Publish::default()
+                };
+                let ack = streams.publish_message(message, once).await?.await?;
+                if ack.duplicate {
+                    println!(
+                        "worker {id}: line {} counted again after the kill: its count is a duplicate, not stored",
+                        line.message.seq
+                    );
+                }
+                counted.fetch_add(1, Ordering::Relaxed);
+                published += 1;
+                if crash_after == Some(published) {
+                    // the worst moment: the count is stored, the line not acknowledged
+                    println!(
+                        "worker {id} killed after publishing the count of line {} and before acknowledging it",
+                        line.message.seq
+                    );
+                    return Ok(());
+                }
+                line.ack_confirmed().await?;
+            }
+        }
+    }
+
+    pub(super) async fn run(bus: Bus) -> Result<(), BusError> {
+        let streams = bus.streams()?;
+        let repeat = 200;
+        let total_lines = (TEXT.lines().count() * repeat) as u64;
+        streams
+            .create(StreamConfig::new("LINES", ["text.lines"]))
+            .await?;
+        streams
+            .create(StreamConfig::new("COUNTS", ["text.counts"]))
+            .await?;
+        let mut config = ConsumerConfig::durable("counters");
+        config.ack_wait = Duration::from_millis(500);
+        streams.create_consumer("LINES", config).await?;
+        streams
+            .create_consumer("COUNTS", ConsumerConfig::durable("totals"))
+            .await?;
+
+        let mut acks = Vec::new();
+        for (n, line) in TEXT.lines().cycle().take(total_lines as usize).enumerate() {
+            let once = Publish {
+                msg_id: Some(format!("line-{n}")),
+                ..Publish::default()
+            };
+            acks.push(
+                streams
+                    .publish_with("text.lines", line.to_string(), once)
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        println!("{total_lines} lines stored in LINES");
+
+        let counted = Arc::new(AtomicU64::new(0));
+        let mut workers: Vec<_> = (1..=3)
+            .map(|id| {
+                let crash = (id == 2).then_some(100);
+                tokio::spawn(worker(streams.clone(), id, counted.clone(), crash))
+            })
+            .collect();
+        // worker 2 dies after its 100th count; it is started again
+        let killed = std::mem::replace(&mut workers[1], tokio::spawn(std::future::pending()));
+        killed.await.expect("worker 2")?;
+        workers[1] = tokio::spawn(worker(streams.clone(), 2, counted.clone(), None));
+        println!("worker 2 started again");
+
+        // the aggregator: folds each line's count once
+        let totals_consumer = streams.consumer("COUNTS", "totals").await?;
+        let mut totals: BTreeMap<String, u64> = BTreeMap::new();
+        let mut lines_seen = BTreeSet::new();
+        let mut per_worker: BTreeMap<String, usize> = BTreeMap::new();
+        let mut twice = 0;
+        while (lines_seen.len() as u64) < total_lines {
+            for m in totals_consumer.fetch(256, Duration::from_secs(10)).await? {
+                let line = m
+                    .message
+                    .header("Line")
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                if lines_seen.insert(line) {
+                    for (word, n) in decode(&String::from_utf8_lossy(&m.message.payload)) {
+                        *totals.entry(word).or_insert(0) += n;
+                    }
+                    let worker = m
+                        .message
+                        .header("Worker")
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                    *per_worker.entry(worker.unwrap_or_default()).or_insert(0) += 1;
+                } else {
+                    twice += 1;
+                }
+                m.ack().await?;
+            }
+        }
+        for w in workers {
+            w.abort();
+        }
+        let stored_counts = streams.info("COUNTS").await?.state.msgs;
+        let mut direct: BTreeMap<String, u64> = BTreeMap::new();
+        for word in TEXT.split_whitespace() {
+            *direct.entry(word.to_lowercase()).or_insert(0) += repeat as u64;
+        }
+        println!(
+            "counts stored: {stored_counts} for {total_lines} lines; lines counted twice: {twice}; per worker: {per_worker:?}"
+        );
+        println!(
+            "{} distinct words; totals match a direct count: {}",
+            totals.len(),
+            totals == direct
+        );
+        if totals != direct || twice != 0 || stored_counts != total_lines {
+            std::process::exit(1);
+        }
+        Ok(())
+    }
 }
