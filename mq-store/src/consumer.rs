@@ -320,6 +320,28 @@ pub struct ConsumerInfo {
     pub damage: Option<StoreError>,
 }
 
+impl ConsumerInfo {
+    /// A consumer's info with zero counts, for a client that fills it in from what a
+    /// server reports.
+    pub fn new(stream: String, config: ConsumerConfig) -> ConsumerInfo {
+        ConsumerInfo {
+            stream,
+            config,
+            ack_floor: 0,
+            next_seq: 1,
+            delivered: 0,
+            num_ack_pending: 0,
+            num_redelivery_due: 0,
+            num_held: 0,
+            num_pending: 0,
+            num_redelivered: 0,
+            dead_letters: 0,
+            dead_letters_unstored: 0,
+            damage: None,
+        }
+    }
+}
+
 /// A handle to a consumer; clones share it, and each clone may fetch (a consumer
 /// group).
 #[derive(Clone, Debug)]

@@ -67,6 +67,13 @@ pub struct StreamInfo {
     pub state: StreamState,
 }
 
+impl StreamInfo {
+    /// A stream's info, for a client that builds it from what a server reports.
+    pub fn new(config: StreamConfig, state: StreamState) -> StreamInfo {
+        StreamInfo { config, state }
+    }
+}
+
 /// A handle to one stream of a [`crate::Store`]; clones share it.
 #[derive(Clone, Debug)]
 pub struct Stream {

@@ -209,11 +209,7 @@ impl Bus {
             Backends::Embedded(embedded) => crate::Streams::embedded(embedded),
             Backends::Remote(_) => Ok(crate::Streams::remote(self.clone())),
             #[cfg(feature = "nats")]
-            Backends::Nats(_) => Err(BusError::Unsupported {
-                feature: "durable streams",
-                backend: "NATS",
-                reason: "streams are not mapped onto JetStream yet; use an embedded bus with a storage directory",
-            }),
+            Backends::Nats(nats) => Ok(crate::Streams::nats(nats.jetstream())),
         }
     }
 

