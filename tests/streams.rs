@@ -278,3 +278,65 @@ async fn a_consumer_on_the_bus_gets_plainly_published_messages_and_its_dead_lett
     streams.delete_consumer("ORDERS", "billing").await.unwrap();
     assert!(streams.consumer("ORDERS", "billing").await.is_err());
 }
+
+#[tokio::test]
+async fn a_broker_refuses_streams_and_consumers_past_its_limits_naming_them() {
+    use courier::bus::{Broker, BrokerConfig, ConsumerConfig};
+    let mut config = BrokerConfig::default();
+    config.max_streams = 2;
+    config.max_consumers = 1;
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("A", ["a.>"]))
+        .await
+        .unwrap();
+    streams
+        .create(StreamConfig::new("B", ["b.>"]))
+        .await
+        .unwrap();
+    streams
+        .create(StreamConfig::new("A", ["a.>"]))
+        .await
+        .expect("the same stream again is no new stream");
+    let err = streams
+        .create(StreamConfig::new("C", ["c.>"]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_streams"), "{err}");
+
+    streams
+        .create_consumer("A", ConsumerConfig::durable("one"))
+        .await
+        .unwrap();
+    let err = streams
+        .create_consumer("A", ConsumerConfig::durable("two"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("max_consumers"), "{err}");
+
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(
+            streams
+                .create_consumer("A", ConsumerConfig::ephemeral())
+                .await
+                .unwrap(),
+        );
+    }
+    let err = streams
+        .create_consumer("A", ConsumerConfig::ephemeral())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("MAX_EPHEMERAL"), "{err}");
+    // another connection has its own allowance
+    let other = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    other
+        .streams()
+        .unwrap()
+        .create_consumer("A", ConsumerConfig::ephemeral())
+        .await
+        .unwrap();
+    broker.shutdown().await;
+}

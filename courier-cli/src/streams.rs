@@ -335,7 +335,7 @@ pub(crate) enum Answer {
 
 /// `courier consume STREAM CONSUMER`: prints and answers messages of a durable consumer
 /// (made with the defaults if it does not exist), until `count` or nothing came within
-/// `wait`.
+/// `wait` (with `--nak`, also when a message comes back: each is refused once).
 pub(crate) async fn consume(
     target: &Target,
     stream: String,
@@ -354,7 +354,9 @@ pub(crate) async fn consume(
         Err(e) => return Err(e.to_string()),
     };
     let mut seen = 0usize;
-    loop {
+    // with --nak a message comes straight back: stop when one is seen again
+    let mut naked = std::collections::BTreeSet::new();
+    'fetching: loop {
         let want = count.map_or(256, |c| (c - seen).min(256));
         let batch = tokio::select! {
             batch = consumer.fetch(want, wait) => batch.map_err(|e| e.to_string())?,
@@ -364,6 +366,9 @@ pub(crate) async fn consume(
             break;
         }
         for delivery in batch {
+            if matches!(answer, Answer::Nak) && !naked.insert(delivery.info.stream_seq) {
+                break 'fetching;
+            }
             seen += 1;
             print_delivery(&delivery);
             let answered = match &answer {

@@ -1254,6 +1254,19 @@ impl Shared {
                     for s in upto {
                         engine.finish(s);
                     }
+                    // delivered before a restart and not read again since: done too
+                    let cursor = engine.cursor;
+                    if seq >= cursor {
+                        let restored: Vec<u64> = engine
+                            .restored
+                            .range(cursor..=seq)
+                            .filter(|&(_, &n)| n > 0)
+                            .map(|(&s, _)| s)
+                            .collect();
+                        for s in restored {
+                            self.finish_restored(&mut engine, s);
+                        }
+                    }
                 } else {
                     match engine.outstanding.get(&seq) {
                         // on its way to the dead letters: too late to acknowledge
@@ -1271,14 +1284,7 @@ impl Shared {
                         None if seq >= engine.cursor
                             && engine.restored.get(&seq).is_some_and(|&n| n > 0) =>
                         {
-                            let subject =
-                                self.stream.get(seq).map(|m| Arc::from(m.subject.as_str()));
-                            engine.restored.remove(&seq);
-                            engine.done.insert(seq);
-                            engine.log_done.push(seq);
-                            if let Ok(subject) = subject {
-                                engine.retire.push((seq, subject));
-                            }
+                            self.finish_restored(&mut engine, seq);
                         }
                         None => return Err(self.not_pending(seq)),
                     }
@@ -1329,6 +1335,18 @@ impl Shared {
         }
         self.retire(retire);
         Ok(dead)
+    }
+
+    /// Marks done a message delivered before a restart and not read again since (an
+    /// answer relayed by a broker that restarted): as an ack would have.
+    fn finish_restored(&self, engine: &mut Engine, seq: u64) {
+        let subject = self.stream.get(seq).map(|m| Arc::from(m.subject.as_str()));
+        engine.restored.remove(&seq);
+        engine.done.insert(seq);
+        engine.log_done.push(seq);
+        if let Ok(subject) = subject {
+            engine.retire.push((seq, subject));
+        }
     }
 
     fn not_pending(&self, seq: u64) -> StoreError {
@@ -1759,8 +1777,10 @@ impl Consumer {
     /// code that relays answers (a broker answering for its clients). With `confirm`,
     /// returns once the answer is durable, as [`Delivery::ack_confirmed`] does.
     ///
-    /// An answer to a message that is not waiting for one (answered already, or
-    /// expired and not yet delivered again) is [`StoreError::NotPending`].
+    /// An ack of a message done with already is `Ok` (acks are idempotent); an ack of a
+    /// message delivered before a restart and not read again since marks it done. An
+    /// ack of a message never delivered, and a nak, in-progress or term of a message
+    /// not waiting for an answer, are [`StoreError::NotPending`].
     pub async fn answer(&self, seq: u64, answer: Answer, confirm: bool) -> Result<(), StoreError> {
         self.shared.reply(seq, answer, confirm).await
     }

@@ -1154,3 +1154,44 @@ async fn consumer_state_beyond_a_stream_tail_lost_in_a_power_loss_is_forgotten()
     assert_eq!(seq, 1);
     assert_eq!(seqs(&consumer.fetch(1, WAIT).await.unwrap()), [1]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_ack_relayed_after_a_restart_for_a_message_delivered_before_it_marks_it_done() {
+    let fs = SimFs::default();
+    {
+        let store = open(&fs);
+        let stream = stream_with(&store, 5).await;
+        let explicit = consumer(&store, ConsumerConfig::durable("e"));
+        let batch = explicit.fetch(4, WAIT).await.unwrap();
+        batch[3].ack_confirmed().await.unwrap(); // writes the four deliveries too
+        let all = consumer(
+            &store,
+            ConsumerConfig {
+                ack_policy: AckPolicy::All,
+                ..ConsumerConfig::durable("a")
+            },
+        );
+        let batch = all.fetch(4, WAIT).await.unwrap();
+        batch[0].ack_confirmed().await.unwrap();
+        drop(stream);
+    }
+    // a broker that restarted relays answers its clients send again: by sequence
+    let store = open(&fs);
+    let explicit = store.consumer("S", "e").unwrap();
+    explicit
+        .answer(2, mq_store::Answer::Ack, true)
+        .await
+        .expect("delivered before the restart: done now");
+    let never = explicit.answer(5, mq_store::Answer::Ack, true).await;
+    assert!(
+        matches!(never, Err(StoreError::NotPending { seq: 5, .. })),
+        "never delivered: {never:?}"
+    );
+    assert_eq!(seqs(&explicit.fetch(10, WAIT).await.unwrap()), [1, 3, 5]);
+
+    let all = store.consumer("S", "a").unwrap();
+    all.answer(3, mq_store::Answer::Ack, true)
+        .await
+        .expect("with AckPolicy::All, 2 and 3 are done");
+    assert_eq!(seqs(&all.fetch(10, WAIT).await.unwrap()), [4, 5]);
+}

@@ -203,7 +203,7 @@ impl Bus {
     /// On the embedded bus they live where [`EmbeddedConfig::storage`] says (memory by
     /// default); this fails if that directory could not be opened, with the reason. On
     /// a broker connection they are the broker's ([`crate::BrokerConfig::storage`]).
-    /// The NATS backend does not serve them yet, and says so.
+    /// On NATS (feature `nats`) they are JetStream streams.
     pub fn streams(&self) -> Result<crate::Streams, BusError> {
         match &self.backend {
             Backends::Embedded(embedded) => crate::Streams::embedded(embedded),

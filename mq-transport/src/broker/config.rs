@@ -68,6 +68,12 @@ pub struct BrokerConfig {
     /// accepts connections. A stream's info reports the setting in force. Default
     /// `None`: each stream's own setting (by default [`mq_store::Fsync::Always`]).
     pub fsync: Option<mq_store::Fsync>,
+    /// Streams the broker holds; creating one more is refused, naming this limit.
+    /// Default 1,000.
+    pub max_streams: usize,
+    /// Durable consumers per stream; creating one more is refused, naming this limit.
+    /// (Ephemeral ones are limited per connection: 64.) Default 1,000.
+    pub max_consumers: usize,
 }
 
 impl BrokerConfig {
@@ -138,6 +144,8 @@ impl Default for BrokerConfig {
             name: "courier-broker".into(),
             storage: Storage::Memory,
             fsync: None,
+            max_streams: 1000,
+            max_consumers: 1000,
         }
     }
 }

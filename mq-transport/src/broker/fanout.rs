@@ -31,8 +31,9 @@ struct Later {
 }
 
 impl Shared {
-    /// A publish the session accepted, after the streams captured it (before routing,
-    /// so that a stored message is never one subscribers saw and the log lost).
+    /// A publish the session accepted, after the streams captured it. Subscribers get a
+    /// captured message once its stream has taken it (as on the embedded bus, before
+    /// its fsync under `always`: plain delivery is at-most-once).
     pub(super) async fn publish(&self, publish: &Publish) {
         self.count_in();
         self.route(publish).await;

@@ -107,7 +107,7 @@ impl Broker {
         let max_connections = config.max_connections;
         let shared = Arc::new(Shared {
             subs: Sublist::new(),
-            streams: StreamHost::new(store, config.fsync),
+            streams: StreamHost::new(store, &config),
             config,
             connections: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),

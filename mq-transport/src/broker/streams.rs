@@ -34,13 +34,24 @@ use crate::streams::wire::{
 
 /// Durable publishes of one connection waiting for their acknowledgement.
 pub(super) const ACK_PIPELINE: usize = 65_536;
-/// Fetches of one connection waiting at once.
-pub(super) const MAX_FETCHES: usize = 1024;
+/// Fetches of one connection waiting at once; one more is refused, naming the limit.
+pub(super) const MAX_FETCHES: usize = 256;
+/// Answers of one connection being applied in tasks of their own (confirmed acks, naks
+/// and terms); past that, its reader waits.
+pub(super) const MAX_ANSWERS: usize = 1024;
+/// Ephemeral consumers one connection may hold; one more is refused, naming the limit.
+pub(super) const MAX_EPHEMERAL: usize = 64;
+/// The most bytes one range request reads (at least one message is always returned).
+pub(super) const MAX_RANGE_BYTES: usize = 8 << 20;
 
 /// The broker's streams, shared by every connection.
 #[derive(Debug)]
 pub(super) struct StreamHost {
     pub(super) store: Store,
+    /// [`crate::BrokerConfig::max_streams`].
+    max_streams: usize,
+    /// [`crate::BrokerConfig::max_consumers`].
+    max_consumers: usize,
     /// [`crate::BrokerConfig::fsync`].
     fsync: Option<mq_store::Fsync>,
     /// Ephemeral consumers, by stream and name, with the connection that made them:
@@ -50,8 +61,11 @@ pub(super) struct StreamHost {
 }
 
 impl StreamHost {
-    pub(super) fn new(store: Store, fsync: Option<mq_store::Fsync>) -> StreamHost {
+    pub(super) fn new(store: Store, config: &crate::BrokerConfig) -> StreamHost {
+        let fsync = config.fsync;
         StreamHost {
+            max_streams: config.max_streams,
+            max_consumers: config.max_consumers,
             store,
             fsync,
             ephemeral: Mutex::new(HashMap::new()),
@@ -115,6 +129,7 @@ pub(super) struct StreamSession {
     conn_id: u64,
     acks: Option<mpsc::Sender<(AckFuture, Utf8Bytes)>>,
     fetches: Arc<Semaphore>,
+    answers: Arc<Semaphore>,
     stop: CancellationToken,
     ephemeral: Vec<(String, String)>,
 }
@@ -125,6 +140,7 @@ impl StreamSession {
             conn_id,
             acks: None,
             fetches: Arc::new(Semaphore::new(MAX_FETCHES)),
+            answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             stop: CancellationToken::new(),
             ephemeral: Vec::new(),
         }
@@ -136,7 +152,12 @@ impl StreamSession {
         self.acks = None;
         let mut ephemeral = lock(&shared.streams.ephemeral);
         for key in self.ephemeral.drain(..) {
-            ephemeral.remove(&key);
+            if ephemeral
+                .get(&key)
+                .is_some_and(|(owner, _)| *owner == self.conn_id)
+            {
+                ephemeral.remove(&key);
+            }
         }
     }
 
@@ -255,6 +276,15 @@ impl StreamSession {
         let store = &host.store;
         let result = match tokens.as_slice() {
             ["STREAM", "CREATE"] => match parse::<StreamConfig>(body) {
+                Ok(config)
+                    if store.stream(&config.name).is_err()
+                        && store.list().len() >= host.max_streams =>
+                {
+                    Err(WireError::from(&StoreError::InvalidConfig(format!(
+                        "the broker holds {} streams, its limit (BrokerConfig::max_streams)",
+                        host.max_streams
+                    ))))
+                }
                 Ok(config) => json(store.create(host.effective(config)).map(|s| s.info())),
                 Err(e) => Err(e),
             },
@@ -284,7 +314,14 @@ impl StreamSession {
             ["CONSUMER", "LIST", stream] => json(store.consumers(stream)),
             ["CONSUMER", "DELETE", stream, name] => {
                 let key = (stream.to_string(), name.to_string());
-                let removed = lock(&host.ephemeral).remove(&key).is_some();
+                let removed = {
+                    let mut ephemeral = lock(&host.ephemeral);
+                    // only the connection that made an ephemeral consumer removes it
+                    let mine = ephemeral
+                        .get(&key)
+                        .is_some_and(|(owner, _)| *owner == self.conn_id);
+                    mine && ephemeral.remove(&key).is_some()
+                };
                 if removed {
                     self.ephemeral.retain(|k| *k != key);
                     json(Ok(true))
@@ -313,14 +350,32 @@ impl StreamSession {
         mut config: ConsumerConfig,
     ) -> Result<mq_store::ConsumerInfo, StoreError> {
         if config.durable {
+            let exists = host.store.consumer(stream, &config.name).is_ok();
+            if !exists && host.store.consumers(stream)?.len() >= host.max_consumers {
+                return Err(StoreError::InvalidConsumer(format!(
+                    "stream `{stream}` has {} durable consumers, the broker's limit \
+                     (BrokerConfig::max_consumers)",
+                    host.max_consumers
+                )));
+            }
             return host.store.create_consumer(stream, config).map(|c| c.info());
         }
+        if self.ephemeral.len() >= MAX_EPHEMERAL {
+            return Err(StoreError::InvalidConsumer(format!(
+                "this connection holds {MAX_EPHEMERAL} ephemeral consumers, the broker's \
+                 limit per connection (MAX_EPHEMERAL)"
+            )));
+        }
         if config.name.is_empty() {
+            // unguessable: another connection cannot take a name before it is given
             let n = host.next_ephemeral.fetch_add(1, Ordering::Relaxed);
-            config.name = format!("eph-{}-{n}", self.conn_id);
+            let random = crate::delivery::new_inbox().replacen("_INBOX.", "", 1);
+            config.name = format!("eph-{n}-{random}");
         }
         let key = (stream.to_owned(), config.name.clone());
-        if lock(&host.ephemeral).contains_key(&key) {
+        // checked and inserted under one lock: two connections cannot both take a name
+        let mut ephemeral = lock(&host.ephemeral);
+        if ephemeral.contains_key(&key) {
             return Err(StoreError::ConsumerExists {
                 stream: stream.to_owned(),
                 consumer: config.name,
@@ -328,7 +383,7 @@ impl StreamSession {
         }
         let consumer = host.store.create_consumer(stream, config)?;
         let info = consumer.info();
-        lock(&host.ephemeral).insert(key.clone(), (self.conn_id, consumer));
+        ephemeral.insert(key.clone(), (self.conn_id, consumer));
         self.ephemeral.push(key);
         Ok(info)
     }
@@ -372,8 +427,12 @@ impl StreamSession {
                 .store
                 .stream(stream)
                 .map_err(|e| WireError::from(&e))?;
-            s.range(request.from, request.max_msgs, request.max_bytes)
-                .map_err(|e| WireError::from(&e))
+            s.range(
+                request.from,
+                request.max_msgs,
+                request.max_bytes.min(MAX_RANGE_BYTES),
+            )
+            .map_err(|e| WireError::from(&e))
         });
         match found {
             Ok(messages) => {
@@ -484,9 +543,14 @@ impl StreamSession {
             }
             return;
         }
-        // a confirmation waits for the disk, a dead letter for its stream: not here
+        // a confirmation waits for the disk, a dead letter for its stream: not here,
+        // and at most MAX_ANSWERS at once (then this connection's reader waits)
+        let Ok(permit) = self.answers.clone().acquire_owned().await else {
+            return;
+        };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let result = consumer.answer(ack.stream_seq, answer, confirm).await;
             match result {
                 Ok(()) => reply(&shared, &to, Metadata::new(), Bytes::new()).await,

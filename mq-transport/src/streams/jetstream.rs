@@ -933,7 +933,7 @@ impl JsConsumer {
         batch: usize,
         max_wait: Duration,
     ) -> Result<Vec<Delivery>, BusError> {
-        let deadline = tokio::time::Instant::now() + max_wait;
+        let deadline = tokio::time::Instant::now() + max_wait.min(mq_store::MAX_WAIT);
         loop {
             let wait = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
@@ -1023,7 +1023,13 @@ impl JsConsumer {
                 answer.send(Answer::Nak(Some(wait)), false).await?;
                 return Ok(None);
             }
-            if shared.max_deliver.is_some_and(|m| deliveries > m) {
+            // a delayed message fetched early was given back once (above): that
+            // delivery is not the application's
+            let held = u32::from(stored_message.header(mq_store::DELIVER_AT_HEADER).is_some());
+            if shared
+                .max_deliver
+                .is_some_and(|m| deliveries > m.saturating_add(held))
+            {
                 shared
                     .js
                     .dead_letter(shared, &stored_message, deliveries - 1, "max_deliver")
@@ -1065,19 +1071,7 @@ impl JsAnswer {
         };
         let client = &self.shared.js.client;
         if confirm {
-            let timeout = Duration::from_secs(5);
-            let request = client.request(self.reply.clone(), payload);
-            tokio::time::timeout(timeout, request)
-                .await
-                .map_err(|_| BusError::Timeout {
-                    subject: self.reply.clone(),
-                    timeout,
-                })?
-                .map_err(|e| BusError::Backend {
-                    operation: "confirm an acknowledgement",
-                    source: Box::new(e),
-                })?;
-            return Ok(());
+            return self.confirmed(payload, "confirm an acknowledgement").await;
         }
         client
             .publish(self.reply.clone(), payload)
@@ -1089,21 +1083,37 @@ impl JsAnswer {
     }
 
     /// Tells the server to stop delivering the message (with the reason from 2.10.4 on).
+    /// Returns once the server has processed it (it answers a term sent with a reply
+    /// subject), so that the consumer's state says so when this returns.
     async fn terminate(&self, reason: &str) -> Result<(), BusError> {
         let payload = if self.shared.js.at_least((2, 10, 4)) && !reason.is_empty() {
             bytes::Bytes::from(format!("+TERM {reason}"))
         } else {
             bytes::Bytes::from_static(b"+TERM")
         };
-        self.shared
-            .js
-            .client
-            .publish(self.reply.clone(), payload)
+        self.confirmed(payload, "terminate a message").await
+    }
+
+    /// Publishes `payload` to the message's ack subject with a reply subject, and waits
+    /// for the server's answer (sent once it has processed it).
+    async fn confirmed(
+        &self,
+        payload: bytes::Bytes,
+        operation: &'static str,
+    ) -> Result<(), BusError> {
+        let timeout = Duration::from_secs(5);
+        let request = self.shared.js.client.request(self.reply.clone(), payload);
+        tokio::time::timeout(timeout, request)
             .await
+            .map_err(|_| BusError::Timeout {
+                subject: self.reply.clone(),
+                timeout,
+            })?
             .map_err(|e| BusError::Backend {
-                operation: "terminate a message",
+                operation,
                 source: Box::new(e),
-            })
+            })?;
+        Ok(())
     }
 
     /// A term from the application, or a nak on the last delivery: the message goes to

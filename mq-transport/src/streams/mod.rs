@@ -6,15 +6,17 @@
 //! plain [`Bus::publish`] to those subjects is stored too, without an answer. Either
 //! way, plain subscribers still get the message: a stream records, it does not hide.
 //!
-//! The same handle works on two backends:
+//! The same handle works on every backend:
 //!
 //! * the embedded bus serves streams from the storage engine (`mq-store`), in memory
 //!   or in the directory of [`crate::EmbeddedConfig::storage`];
 //! * a bus connected to a courier broker uses the broker's streams
 //!   ([`crate::BrokerConfig::storage`], `courier broker --store DIR`) over the stream
-//!   API described in [`wire`] and `docs/PROTOCOL.md`.
+//!   API described in [`wire`] and `docs/PROTOCOL.md`;
+//! * a NATS connection (feature `nats`) uses JetStream; dead letters and delayed
+//!   delivery are done by the client there, and per-key order is refused.
 //!
-//! On a NATS connection, [`Bus::streams`] says that they are not available there yet.
+//! `docs/GUARANTEES.md` says what each backend promises.
 //!
 //! ```
 //! use mq_transport::{Bus, Publish, StreamConfig};
@@ -494,6 +496,7 @@ impl Consumer {
             buffer: VecDeque::new(),
             fetching: None,
             batch: (self.config().max_ack_pending as usize / 2).clamp(1, 256),
+            ended: false,
         }
     }
 
@@ -607,6 +610,8 @@ pub struct Messages {
     buffer: VecDeque<Delivery>,
     fetching: Option<BoxFuture<Result<Vec<Delivery>, BusError>>>,
     batch: usize,
+    /// The consumer or its stream is gone: the stream has ended.
+    ended: bool,
 }
 
 impl std::fmt::Debug for Messages {
@@ -619,8 +624,9 @@ impl std::fmt::Debug for Messages {
 }
 
 impl Messages {
-    /// The next message, waiting as long as it takes; `None` never comes, an error
-    /// does when the consumer is closed or its broker unreachable.
+    /// The next message, waiting as long as it takes. An error comes when a fetch
+    /// fails (the next call tries again); after an error saying the consumer or its
+    /// stream is gone (not found, closed), `None` comes: the stream has ended.
     pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         std::future::poll_fn(|cx| self.poll_next_delivery(cx)).await
     }
@@ -633,6 +639,9 @@ impl Messages {
             if let Some(d) = self.buffer.pop_front() {
                 return Poll::Ready(Some(Ok(d)));
             }
+            if self.ended {
+                return Poll::Ready(None);
+            }
             let fetching = self.fetching.get_or_insert_with(|| {
                 let consumer = self.consumer.clone();
                 let batch = self.batch;
@@ -644,7 +653,19 @@ impl Messages {
                     self.fetching = None;
                     match result {
                         Ok(batch) => self.buffer.extend(batch),
-                        Err(e) => return Poll::Ready(Some(Err(e))),
+                        Err(e) => {
+                            let gone = matches!(
+                                &e,
+                                BusError::Stream(s) if matches!(
+                                    s.kind(),
+                                    ErrorKind::StreamNotFound
+                                        | ErrorKind::ConsumerNotFound
+                                        | ErrorKind::Closed
+                                )
+                            );
+                            self.ended = gone;
+                            return Poll::Ready(Some(Err(e)));
+                        }
                     }
                 }
             }

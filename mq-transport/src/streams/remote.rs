@@ -105,7 +105,8 @@ impl Remote {
         self.bus
             .publish_message(Message::new(subject.clone(), body).with_reply(inbox))
             .await?;
-        let deadline = tokio::time::Instant::now() + wait + self.timeout();
+        let limit = (wait + self.timeout()).min(mq_store::MAX_WAIT);
+        let deadline = tokio::time::Instant::now() + limit;
         let mut out = Vec::new();
         loop {
             match tokio::time::timeout_at(deadline, sub.next()).await {
@@ -125,7 +126,7 @@ impl Remote {
                 Err(_) => {
                     return Err(BusError::Timeout {
                         subject,
-                        timeout: wait + self.timeout(),
+                        timeout: limit,
                     });
                 }
             }
@@ -320,7 +321,7 @@ impl RemoteConsumer {
     ) -> Result<Vec<Delivery>, BusError> {
         let capacity = self.remote.bus.subscription_capacity();
         let request = wire::FetchRequest {
-            batch: batch.clamp(1, MAX_BATCH.min(capacity)),
+            batch: batch.clamp(1, MAX_BATCH.min(capacity.max(1))),
             max_wait_ms: u64::try_from(max_wait.min(MAX_REMOTE_WAIT).as_millis()).unwrap_or(0),
         };
         let op = format!("CONSUMER.FETCH.{}.{}", self.stream, self.name);
