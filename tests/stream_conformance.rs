@@ -57,26 +57,27 @@ impl Fixture {
     /// A single JetStream server.
     #[cfg(feature = "nats")]
     async fn nats() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let nodes = vec![jetstream_server::JsNode::start(dir.path())];
-        let fx = Fixture::Nats {
-            _dir: dir,
-            nodes,
-            replicas: 1,
-        };
-        fx.wait_for_jetstream().await;
-        fx
+        Fixture::nats_of(jetstream_server::JsNode::start, 1).await
     }
 
     /// A three-node JetStream cluster; streams are made with three replicas.
     #[cfg(feature = "nats")]
     async fn nats_cluster() -> Fixture {
+        Fixture::nats_of(jetstream_server::JsNode::cluster_of_three, 3).await
+    }
+
+    /// JetStream nodes `start` makes in a fresh directory, once they answer.
+    #[cfg(feature = "nats")]
+    async fn nats_of(
+        start: fn(&std::path::Path) -> Vec<jetstream_server::JsNode>,
+        replicas: usize,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let nodes = jetstream_server::JsNode::cluster(dir.path());
+        let nodes = start(dir.path());
         let fx = Fixture::Nats {
             _dir: dir,
             nodes,
-            replicas: 3,
+            replicas,
         };
         fx.wait_for_jetstream().await;
         fx

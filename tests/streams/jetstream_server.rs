@@ -46,12 +46,12 @@ fn free_port() -> u16 {
 
 impl JsNode {
     /// A standalone JetStream server storing in `dir`.
-    pub(crate) fn start(dir: &Path) -> JsNode {
-        JsNode::spawn(free_port(), None, dir.to_owned())
+    pub(crate) fn start(dir: &Path) -> Vec<JsNode> {
+        vec![JsNode::spawn(free_port(), None, dir.to_owned())]
     }
 
     /// Three JetStream servers in one cluster, storing in `dir/n1..n3`.
-    pub(crate) fn cluster(dir: &Path) -> Vec<JsNode> {
+    pub(crate) fn cluster_of_three(dir: &Path) -> Vec<JsNode> {
         let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<String> = cluster_ports
             .iter()

@@ -161,6 +161,23 @@ fn reported(e: &(dyn std::error::Error + 'static), context: &str) -> BusError {
     })
 }
 
+/// [`reported`], except that a missing consumer is [`StoreError::ConsumerNotFound`]
+/// naming the stream and the consumer, as on the other backends.
+fn consumer_error(
+    e: &(dyn std::error::Error + 'static),
+    stream: &str,
+    name: &str,
+    context: &str,
+) -> BusError {
+    if server_error(e).is_some_and(|(code, ..)| code == 10014) {
+        return BusError::Stream(StoreError::ConsumerNotFound {
+            stream: stream.to_owned(),
+            consumer: name.to_owned(),
+        });
+    }
+    reported(e, context)
+}
+
 fn unsupported(feature: &'static str, reason: &'static str) -> BusError {
     BusError::Unsupported {
         feature,
@@ -631,15 +648,12 @@ impl Js {
     async fn js_consumer_info(&self, stream: &str, name: &str) -> Result<consumer::Info, BusError> {
         let s = self.stream(stream).await?;
         s.consumer_info(name).await.map_err(|e| {
-            let found = server_error(&e);
-            if found.as_ref().is_some_and(|(code, ..)| *code == 10014) {
-                BusError::Stream(StoreError::ConsumerNotFound {
-                    stream: stream.to_owned(),
-                    consumer: name.to_owned(),
-                })
-            } else {
-                reported(&e, &format!("consumer `{name}` of stream `{stream}`"))
-            }
+            consumer_error(
+                &e,
+                stream,
+                name,
+                &format!("consumer `{name}` of stream `{stream}`"),
+            )
         })
     }
 
@@ -708,17 +722,8 @@ impl Js {
     pub(crate) async fn delete_consumer(&self, stream: &str, name: &str) -> Result<(), BusError> {
         let s = self.stream(stream).await?;
         s.delete_consumer(name).await.map_err(|e| {
-            if server_error(&e).is_some_and(|(code, ..)| code == 10014) {
-                BusError::Stream(StoreError::ConsumerNotFound {
-                    stream: stream.to_owned(),
-                    consumer: name.to_owned(),
-                })
-            } else {
-                reported(
-                    &e,
-                    &format!("deleting consumer `{name}` of stream `{stream}`"),
-                )
-            }
+            let context = format!("deleting consumer `{name}` of stream `{stream}`");
+            consumer_error(&e, stream, name, &context)
         })?;
         Ok(())
     }
@@ -856,25 +861,28 @@ fn publish_error(
 
 /// A message read back from JetStream, with `Nats-Msg-Id` as courier's `Msg-Id`.
 fn stored(message: jetstream::message::StreamMessage) -> StoredMessage {
-    let mut headers = Vec::new();
-    for (name, values) in message.headers.iter() {
-        let name = name.to_string();
-        let name = if name == "Nats-Msg-Id" {
-            mq_store::MSG_ID_HEADER.to_owned()
-        } else {
-            name
-        };
-        for value in values {
-            headers.push((name.clone(), bytes::Bytes::from(value.to_string())));
-        }
-    }
     StoredMessage {
         seq: message.sequence,
         time: i64::try_from(message.time.unix_timestamp_nanos()).unwrap_or(0),
         subject: message.subject.to_string(),
-        headers,
+        headers: stored_headers(Some(&message.headers)),
         payload: message.payload,
     }
+}
+
+/// NATS headers as a stored message's, with `Nats-Msg-Id` as courier's `Msg-Id`.
+fn stored_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, bytes::Bytes)> {
+    let mut out = Vec::new();
+    for (name, values) in headers.into_iter().flat_map(|h| h.iter()) {
+        let name = match name.to_string() {
+            n if n == "Nats-Msg-Id" => mq_store::MSG_ID_HEADER.to_owned(),
+            n => n,
+        };
+        for value in values {
+            out.push((name.clone(), bytes::Bytes::from(value.to_string())));
+        }
+    }
+    out
 }
 
 /// A pull consumer on JetStream.
@@ -984,28 +992,13 @@ impl JsConsumer {
             .clone()
             .map(|r| r.to_string())
             .unwrap_or_default();
-        let mut stored_message = StoredMessage {
+        let stored_message = StoredMessage {
             seq,
             time,
             subject: message.subject.to_string(),
-            headers: Vec::new(),
+            headers: stored_headers(message.headers.as_ref()),
             payload: message.payload.clone(),
         };
-        if let Some(headers) = &message.headers {
-            for (name, values) in headers.iter() {
-                let name = name.to_string();
-                let name = if name == "Nats-Msg-Id" {
-                    mq_store::MSG_ID_HEADER.to_owned()
-                } else {
-                    name
-                };
-                for value in values {
-                    stored_message
-                        .headers
-                        .push((name.clone(), bytes::Bytes::from(value.to_string())));
-                }
-            }
-        }
         let answer = JsAnswer {
             shared: shared.clone(),
             reply,
