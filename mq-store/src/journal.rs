@@ -475,6 +475,12 @@ impl Journal {
             }
             return;
         }
+        // The writer takes everything queued once it wakes, and looks again before it
+        // waits: only the first change of a batch needs to wake it (a wake is a syscall).
+        let idle = q.delivered.is_empty()
+            && q.done.is_empty()
+            && q.floor.is_none()
+            && q.waiters.is_empty();
         q.delivered.extend_from_slice(delivered);
         q.done.extend_from_slice(done);
         if floor.is_some() {
@@ -483,7 +489,9 @@ impl Journal {
         if let Some(tx) = confirm {
             q.waiters.push(tx);
         }
-        self.shared.wake.notify_one();
+        if idle {
+            self.shared.wake.notify_one();
+        }
     }
 
     pub(crate) fn set_fsync(&self, fsync: Fsync) {

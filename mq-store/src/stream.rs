@@ -519,6 +519,9 @@ impl Stream {
             }
         }
         let (discard, per_subject) = (config.discard, config.max_msgs_per_subject);
+        // The committer takes every pending write once it wakes, and looks again before
+        // it waits: only the first write of a batch needs to wake it (a wake is a syscall).
+        let wake = !state.log.has_ops();
         let seq = state.log.append(subject, &block, payload, now, msg_id)?;
         if discard == Discard::Old {
             state.trim();
@@ -546,7 +549,9 @@ impl Stream {
         } else {
             AckInner::Ready(Some(Ok(ack)))
         };
-        shared.wake.notify_one();
+        if wake {
+            shared.wake.notify_one();
+        }
         Ok((inner, false))
     }
 

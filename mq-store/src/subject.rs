@@ -96,6 +96,14 @@ pub fn validate_queue(queue: &str) -> Result<(), SubjectError> {
 }
 
 fn check_tokens(what: &'static str, text: &str, wildcards: bool) -> Result<(), SubjectError> {
+    if is_plain(text) {
+        return Ok(()); // the common case, in one pass over the bytes
+    }
+    check_each_token(what, text, wildcards)
+}
+
+/// The full check, token by token, saying what is wrong.
+fn check_each_token(what: &'static str, text: &str, wildcards: bool) -> Result<(), SubjectError> {
     if text.is_empty() {
         return Err(SubjectError::new(what, text, "it is empty"));
     }
@@ -145,6 +153,27 @@ fn check_tokens(what: &'static str, text: &str, wildcards: bool) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// Whether `text` is a valid subject made of printable ASCII without wildcards: at most
+/// [`MAX_SUBJECT_LEN`] bytes, no empty token. Anything else takes the full check (which
+/// also says what is wrong).
+fn is_plain(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_SUBJECT_LEN {
+        return false;
+    }
+    let mut after_dot = true; // a leading `.` is an empty token
+    for &b in bytes {
+        match b {
+            b'.' if after_dot => return false,
+            b'.' => after_dot = true,
+            b'*' | b'>' => return false,
+            0x21..=0x7e => after_dot = false,
+            _ => return false,
+        }
+    }
+    !after_dot
 }
 
 /// Whether `filter` matches `subject`, token by token. Both are assumed valid.
@@ -200,6 +229,42 @@ pub fn overlaps(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_quick_check_accepts_only_what_the_full_check_accepts() {
+        let long = "a".repeat(MAX_SUBJECT_LEN + 1);
+        let cases = [
+            "a",
+            "orders.eu.1",
+            "$CR.ACK.S.c.1.2.3.4",
+            "_INBOX.x",
+            "",
+            ".",
+            "a.",
+            ".a",
+            "a..b",
+            "a b",
+            "a\tb",
+            "a.*",
+            "a.>",
+            "a*b",
+            "caf\u{e9}",
+            "a\u{7f}",
+            &long,
+        ];
+        for s in cases {
+            for wildcards in [false, true] {
+                if is_plain(s) {
+                    assert!(check_each_token("subject", s, wildcards).is_ok(), "{s:?}");
+                }
+                assert_eq!(
+                    check_tokens("subject", s, wildcards),
+                    check_each_token("subject", s, wildcards),
+                    "{s:?}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn wildcard_matching_follows_the_nats_rules() {

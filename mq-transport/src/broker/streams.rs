@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use mq_store::{
-    AckFuture, Answer, Consumer, ConsumerConfig, Store, StoreError, StreamConfig, WireError,
+    AckFuture, Answer, Consumer, ConsumerConfig, Store, StoreError, StoredMessage, StreamConfig,
+    WireError,
 };
 use rpc_core::frame::Publish;
 use rpc_core::{Metadata, Utf8Bytes};
@@ -29,7 +30,7 @@ use crate::lock;
 use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
 use crate::streams::wire::{
     self, ACK_PREFIX, API_PREFIX, AckSubject, DURABLE_HEADER, END_OF_BATCH, FetchRequest,
-    GetRequest, MAX_BATCH, PurgeRequest, RangeRequest,
+    GetRequest, MAX_BATCH, PACK_BYTES, PACKED_HEADER, Place, PurgeRequest, RangeRequest,
 };
 
 /// Durable publishes of one connection waiting for their acknowledgement.
@@ -432,16 +433,13 @@ impl StreamSession {
                 request.max_msgs,
                 request.max_bytes.min(MAX_RANGE_BYTES),
             )
+            .map(|messages| (messages, request.packed))
             .map_err(|e| WireError::from(&e))
         });
         match found {
-            Ok(messages) => {
-                let n = messages.len();
-                for message in messages {
-                    let headers = wire::message_headers(&message);
-                    reply(shared, to, headers, message.payload).await;
-                }
-                end_of_batch(shared, to, n).await;
+            Ok((messages, packed)) => {
+                let messages = messages.into_iter().map(|m| (m, None));
+                send_batch(shared, to, messages, None, packed).await;
             }
             Err(e) => reply_error(shared, to, &e).await,
         }
@@ -486,26 +484,21 @@ impl StreamSession {
             };
             match fetched {
                 Ok(deliveries) => {
-                    let n = deliveries.len();
-                    for delivery in deliveries {
+                    let Some(first) = deliveries.first() else {
+                        return end_of_batch(&shared, &to, 0).await;
+                    };
+                    let names = (first.info.stream.clone(), first.info.consumer.clone());
+                    let messages = deliveries.into_iter().map(|delivery| {
                         let info = &delivery.info;
-                        let ack = AckSubject {
-                            stream: info.stream.to_string(),
-                            consumer: info.consumer.to_string(),
+                        let place = Place {
                             deliveries: info.deliveries,
-                            stream_seq: info.stream_seq,
                             consumer_seq: info.consumer_seq,
                             pending: info.pending,
                         };
-                        let publish = Publish {
-                            subject: to.clone(),
-                            reply: ack.encode().into(),
-                            headers: wire::message_headers(&delivery.message),
-                            payload: delivery.message.payload.clone(),
-                        };
-                        shared.route(&publish).await;
-                    }
-                    end_of_batch(&shared, &to, n).await;
+                        (delivery.message, Some(place))
+                    });
+                    let names = Some((&*names.0, &*names.1));
+                    send_batch(&shared, &to, messages, names, request.packed).await;
                 }
                 Err(e) => reply_error(&shared, &to, &WireError::from(&e)).await,
             }
@@ -618,6 +611,72 @@ async fn reply_json<T: Serialize>(shared: &Shared, to: &Utf8Bytes, result: Resul
 async fn reply_error(shared: &Shared, to: &Utf8Bytes, error: &WireError) {
     let (headers, body) = wire::error_reply_wire(error);
     reply(shared, to, headers, body).await;
+}
+
+/// Sends messages read from a stream to `to`, then the end of the batch: one message
+/// each, or packed, up to about [`PACK_BYTES`] a pack. Fetched messages have a place and
+/// `names` (stream, consumer) for their ack subjects.
+async fn send_batch(
+    shared: &Shared,
+    to: &Utf8Bytes,
+    messages: impl Iterator<Item = (StoredMessage, Option<Place>)>,
+    names: Option<(&str, &str)>,
+    packed: bool,
+) {
+    let mut n = 0;
+    let mut pack = BytesMut::new();
+    let mut in_pack = 0usize;
+    for (message, place) in messages {
+        n += 1;
+        let len = if packed {
+            wire::packed_len(&message, place)
+        } else {
+            None
+        };
+        if let Some(len) = len {
+            if in_pack > 0 && pack.len() + len > PACK_BYTES {
+                send_pack(shared, to, &mut pack, &mut in_pack).await;
+            }
+            wire::pack(&mut pack, &message, place);
+            in_pack += 1;
+            continue;
+        }
+        // one message on its own (unpacked, or one a pack cannot hold)
+        send_pack(shared, to, &mut pack, &mut in_pack).await;
+        let ack = match (names, place) {
+            (Some((stream, consumer)), Some(place)) => AckSubject {
+                stream: stream.to_owned(),
+                consumer: consumer.to_owned(),
+                deliveries: place.deliveries,
+                stream_seq: message.seq,
+                consumer_seq: place.consumer_seq,
+                pending: place.pending,
+            }
+            .encode()
+            .into(),
+            _ => Utf8Bytes::default(),
+        };
+        let publish = Publish {
+            subject: to.clone(),
+            reply: ack,
+            headers: wire::message_headers(&message),
+            payload: message.payload,
+        };
+        shared.route(&publish).await;
+    }
+    send_pack(shared, to, &mut pack, &mut in_pack).await;
+    end_of_batch(shared, to, n).await;
+}
+
+/// Sends the pack so far, if it holds anything, and starts the next.
+async fn send_pack(shared: &Shared, to: &Utf8Bytes, pack: &mut BytesMut, in_pack: &mut usize) {
+    if *in_pack == 0 {
+        return;
+    }
+    let mut headers = Metadata::new();
+    headers.insert(PACKED_HEADER, in_pack.to_string());
+    *in_pack = 0;
+    reply(shared, to, headers, pack.split().freeze()).await;
 }
 
 async fn end_of_batch(shared: &Shared, to: &Utf8Bytes, n: usize) {

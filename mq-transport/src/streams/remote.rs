@@ -10,7 +10,7 @@ use mq_store::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::wire::{self, API_PREFIX, AckSubject, END_OF_BATCH, MAX_BATCH};
+use super::wire::{self, API_PREFIX, AckSubject, END_OF_BATCH, MAX_BATCH, PACKED_HEADER, Place};
 use super::{Delivery, PubAckFuture};
 use crate::bus::Bus;
 use crate::error::BusError;
@@ -188,12 +188,14 @@ impl Remote {
             from,
             max_msgs: max_msgs.min(MAX_BATCH),
             max_bytes,
+            packed: true,
         };
         let messages = self.batch(&op, &request, Duration::ZERO).await?;
-        messages
-            .into_iter()
-            .map(|m| wire::stored_message(&m.headers, m.payload).map_err(|e| malformed(&op, e)))
-            .collect()
+        let mut out = Vec::with_capacity(request.max_msgs);
+        for (message, _) in unpacked(&op, messages, false)? {
+            out.push(message);
+        }
+        Ok(out)
     }
 
     /// A durable publish: sent now, answered later. One without a message id gets one
@@ -323,19 +325,23 @@ impl RemoteConsumer {
         let request = wire::FetchRequest {
             batch: batch.clamp(1, MAX_BATCH.min(capacity.max(1))),
             max_wait_ms: u64::try_from(max_wait.min(MAX_REMOTE_WAIT).as_millis()).unwrap_or(0),
+            packed: true,
         };
         let op = format!("CONSUMER.FETCH.{}.{}", self.stream, self.name);
         let wait = Duration::from_millis(request.max_wait_ms);
         let messages = self.remote.batch(&op, &request, wait).await?;
-        let mut out = Vec::with_capacity(messages.len());
-        for m in messages {
-            let ack = m
-                .reply
-                .as_deref()
-                .and_then(AckSubject::parse)
-                .ok_or_else(|| malformed(&op, "a fetched message without an ack subject"))?;
-            let message =
-                wire::stored_message(&m.headers, m.payload).map_err(|e| malformed(&op, e))?;
+        let mut out = Vec::with_capacity(request.batch);
+        for (message, place) in unpacked(&op, messages, true)? {
+            let place =
+                place.ok_or_else(|| malformed(&op, "a fetched message without its place"))?;
+            let ack = AckSubject {
+                stream: self.stream.to_string(),
+                consumer: self.name.to_string(),
+                deliveries: place.deliveries,
+                stream_seq: message.seq,
+                consumer_seq: place.consumer_seq,
+                pending: place.pending,
+            };
             let info = DeliveryInfo::new(
                 self.stream.clone(),
                 self.name.clone(),
@@ -346,12 +352,49 @@ impl RemoteConsumer {
             );
             let answer = RemoteAnswer {
                 bus: self.remote.bus.clone(),
-                subject: m.reply.unwrap_or_default(),
+                subject: ack.encode().into(),
             };
             out.push(Delivery::remote(message, info, answer));
         }
         Ok(out)
     }
+}
+
+/// The messages of a range or fetch answer: packed ones unpacked, the others read from
+/// their headers (and, `fetched`, their ack subjects).
+fn unpacked(
+    op: &str,
+    messages: Vec<Message>,
+    fetched: bool,
+) -> Result<Vec<(StoredMessage, Option<Place>)>, BusError> {
+    let mut out = Vec::new();
+    for m in messages {
+        if let Some(count) = m.headers.get_str(PACKED_HEADER) {
+            let count: usize = count
+                .parse()
+                .map_err(|_| malformed(op, format!("{PACKED_HEADER}: {count:?}")))?;
+            out.extend(wire::unpack(m.payload, count, fetched).map_err(|e| malformed(op, e))?);
+            continue;
+        }
+        let ack = m.reply.as_deref().and_then(AckSubject::parse);
+        let message = wire::stored_message(&m.headers, m.payload).map_err(|e| malformed(op, e))?;
+        let place = match ack {
+            _ if !fetched => None,
+            Some(ack) if ack.stream_seq == message.seq => Some(Place {
+                deliveries: ack.deliveries,
+                consumer_seq: ack.consumer_seq,
+                pending: ack.pending,
+            }),
+            _ => {
+                return Err(malformed(
+                    op,
+                    "a fetched message without an ack subject for its sequence",
+                ));
+            }
+        };
+        out.push((message, place));
+    }
+    Ok(out)
 }
 
 /// Where a fetched message is answered.

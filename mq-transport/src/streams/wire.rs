@@ -12,10 +12,12 @@
 //!   and [`TIME_HEADER`] after its own headers; a fetched one has the reply subject
 //!   `$CR.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<pending>`,
 //!   where the answer to it is published. A batch ends with [`END_OF_BATCH`].
+//! * A range or fetch asked with `"packed": true` gets its messages packed, many to one
+//!   message ([`PACKED_HEADER`], [`pack`]), before the end of the batch.
 
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use mq_store::{Answer, ErrorKind, Publish, StoreError, StoredMessage, WireError};
 use rpc_core::Metadata;
 use serde::{Deserialize, Serialize};
@@ -48,6 +50,12 @@ pub const API_ERROR: &str = "422";
 pub const END_OF_BATCH: &str = "204";
 /// The largest batch one fetch or range may ask for.
 pub const MAX_BATCH: usize = 4096;
+/// Marks a message that carries several messages read from a stream, packed (a range
+/// or fetch asked with `"packed": true`); its value is how many.
+pub const PACKED_HEADER: &str = "Courier-Packed";
+/// A pack grows to about this many bytes of payload, then the next one starts (a
+/// message larger than this travels alone).
+pub const PACK_BYTES: usize = 256 * 1024;
 
 /// The body of `$CR.API.STREAM.PURGE.<stream>`.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -71,6 +79,9 @@ pub(crate) struct RangeRequest {
     pub(crate) from: u64,
     pub(crate) max_msgs: usize,
     pub(crate) max_bytes: usize,
+    /// Answer with packed messages ([`PACKED_HEADER`]) rather than one per message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) packed: bool,
 }
 
 /// The body of `$CR.API.CONSUMER.FETCH.<stream>.<consumer>`.
@@ -79,6 +90,169 @@ pub(crate) struct FetchRequest {
     pub(crate) batch: usize,
     /// Milliseconds.
     pub(crate) max_wait_ms: u64,
+    /// Answer with packed messages ([`PACKED_HEADER`]) rather than one per message.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) packed: bool,
+}
+
+/// Where a fetched message stands: what its ack subject carries besides the stream,
+/// the consumer and the stream sequence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Place {
+    pub(crate) deliveries: u32,
+    pub(crate) consumer_seq: u64,
+    pub(crate) pending: u64,
+}
+
+/// The bytes [`pack`] adds for `message`, or `None` if it cannot be packed (a subject
+/// or header name over 65,535 bytes, more than 65,535 headers, or a header value or
+/// payload over 4 GiB; the store never holds such a message).
+pub(crate) fn packed_len(message: &StoredMessage, place: Option<Place>) -> Option<usize> {
+    let u16_max = usize::from(u16::MAX);
+    let u32_max = u32::MAX as usize;
+    if message.subject.len() > u16_max
+        || message.headers.len() > u16_max
+        || message.payload.len() > u32_max
+    {
+        return None;
+    }
+    let mut len = 8 + 8 + if place.is_some() { 4 + 8 + 8 } else { 0 };
+    len += 2 + message.subject.len() + 2 + 4 + message.payload.len();
+    for (name, value) in &message.headers {
+        if name.len() > u16_max || value.len() > u32_max {
+            return None;
+        }
+        len += 2 + name.len() + 4 + value.len();
+    }
+    Some(len)
+}
+
+/// Appends `message` to a pack: `seq u64` · `time i64` · for a fetched message
+/// `deliveries u32` · `consumer_seq u64` · `pending u64` · `subject str16` · `headers
+/// metadata` · `payload_len u32` · payload, in the frames' encoding (big-endian). The
+/// caller has checked it with [`packed_len`].
+pub(crate) fn pack(buf: &mut BytesMut, message: &StoredMessage, place: Option<Place>) {
+    buf.put_u64(message.seq);
+    buf.put_i64(message.time);
+    if let Some(place) = place {
+        buf.put_u32(place.deliveries);
+        buf.put_u64(place.consumer_seq);
+        buf.put_u64(place.pending);
+    }
+    buf.put_u16(message.subject.len() as u16);
+    buf.put_slice(message.subject.as_bytes());
+    buf.put_u16(message.headers.len() as u16);
+    for (name, value) in &message.headers {
+        buf.put_u16(name.len() as u16);
+        buf.put_slice(name.as_bytes());
+        buf.put_u32(value.len() as u32);
+        buf.put_slice(value);
+    }
+    buf.put_u32(message.payload.len() as u32);
+    buf.put_slice(&message.payload);
+}
+
+/// A pack read back field by field; every length is checked against what is left.
+struct Unpacker {
+    bytes: Bytes,
+    at: usize,
+}
+
+impl Unpacker {
+    fn take(&mut self, n: usize, field: &str) -> Result<Bytes, String> {
+        let left = self.bytes.len() - self.at;
+        if n > left {
+            return Err(format!(
+                "packed message at byte {}: field `{field}` needs {n} bytes, {left} left",
+                self.at
+            ));
+        }
+        let out = self.bytes.slice(self.at..self.at + n);
+        self.at += n;
+        Ok(out)
+    }
+
+    fn int<const N: usize>(&mut self, field: &str) -> Result<[u8; N], String> {
+        let bytes = self.take(N, field)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&bytes);
+        Ok(out)
+    }
+
+    fn u16(&mut self, field: &str) -> Result<usize, String> {
+        Ok(usize::from(u16::from_be_bytes(self.int(field)?)))
+    }
+
+    fn u32(&mut self, field: &str) -> Result<u32, String> {
+        Ok(u32::from_be_bytes(self.int(field)?))
+    }
+
+    fn u64(&mut self, field: &str) -> Result<u64, String> {
+        Ok(u64::from_be_bytes(self.int(field)?))
+    }
+
+    fn str16(&mut self, field: &str) -> Result<String, String> {
+        let len = self.u16(field)?;
+        let at = self.at;
+        let bytes = self.take(len, field)?;
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| format!("packed message at byte {at}: field `{field}` is not UTF-8"))
+    }
+}
+
+/// The `count` messages of a pack (with their places when `fetched`); an error names
+/// the field and byte where the pack is malformed.
+pub(crate) fn unpack(
+    payload: Bytes,
+    count: usize,
+    fetched: bool,
+) -> Result<Vec<(StoredMessage, Option<Place>)>, String> {
+    let mut r = Unpacker {
+        bytes: payload,
+        at: 0,
+    };
+    // every packed message takes at least 24 bytes: a lying count cannot allocate much
+    let mut out = Vec::with_capacity(count.min(r.bytes.len() / 24 + 1));
+    for _ in 0..count {
+        let seq = r.u64("seq")?;
+        let time = i64::from_be_bytes(r.int("time")?);
+        let place = if fetched {
+            Some(Place {
+                deliveries: r.u32("deliveries")?,
+                consumer_seq: r.u64("consumer_seq")?,
+                pending: r.u64("pending")?,
+            })
+        } else {
+            None
+        };
+        let subject = r.str16("subject")?;
+        let headers_len = r.u16("headers")?;
+        let mut headers = Vec::with_capacity(headers_len.min(64));
+        for _ in 0..headers_len {
+            let name = r.str16("header name")?;
+            let len = r.u32("header value")? as usize;
+            headers.push((name, r.take(len, "header value")?));
+        }
+        let len = r.u32("payload_len")? as usize;
+        let payload = r.take(len, "payload")?;
+        out.push((
+            StoredMessage {
+                seq,
+                time,
+                subject,
+                headers,
+                payload,
+            },
+            place,
+        ));
+    }
+    if r.at != r.bytes.len() {
+        return Err(format!(
+            "packed message: {} bytes left after its {count} messages",
+            r.bytes.len() - r.at
+        ));
+    }
+    Ok(out)
 }
 
 /// Headers as the store takes them: name and value.
@@ -368,15 +542,32 @@ mod tests {
         let fetch = serde_json::to_vec(&FetchRequest {
             batch: 1,
             max_wait_ms: 0,
+            packed: false,
         })
         .unwrap();
-        let fetched = message_headers(&StoredMessage {
+        let fetch_packed = serde_json::to_vec(&FetchRequest {
+            batch: 1,
+            max_wait_ms: 0,
+            packed: true,
+        })
+        .unwrap();
+        let stored = StoredMessage {
             seq: 1,
             time: 5,
             subject: "o.a".into(),
             headers: Vec::new(),
             payload: Bytes::from_static(b"x"),
-        });
+        };
+        let fetched = message_headers(&stored);
+        let place = Place {
+            deliveries: 1,
+            consumer_seq: 1,
+            pending: 0,
+        };
+        let mut packed = BytesMut::new();
+        pack(&mut packed, &stored, Some(place));
+        let mut packed_headers = Metadata::new();
+        packed_headers.insert(PACKED_HEADER, "1");
         let mut end = Metadata::new();
         end.insert(STATUS_HEADER, END_OF_BATCH);
         end.insert(DESCRIPTION_HEADER, "end of batch: 1 messages");
@@ -398,6 +589,16 @@ mod tests {
                 publish(&ack, "", Metadata::new(), &encode_answer(&Answer::Ack)),
             ),
             ("end of batch", msg(2, "i", "", end, b"")),
+            (
+                "packed fetch request",
+                publish(
+                    "$CR.API.CONSUMER.FETCH.O.c",
+                    "i",
+                    Metadata::new(),
+                    &fetch_packed,
+                ),
+            ),
+            ("packed message", msg(2, "i", "", packed_headers, &packed)),
             ("API error", msg(1, "r", "", error_headers, &error_body)),
         ];
         let doc = include_str!("../../../docs/PROTOCOL.md");
@@ -416,6 +617,80 @@ mod tests {
             missing.is_empty(),
             "docs/PROTOCOL.md lacks these vectors:\n{}",
             missing.join("\n")
+        );
+    }
+
+    fn stored(seq: u64, headers: Vec<(String, Bytes)>, payload: &'static [u8]) -> StoredMessage {
+        StoredMessage {
+            seq,
+            time: -7 + seq as i64,
+            subject: format!("orders.{seq}"),
+            headers,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn packed_messages_come_back_as_they_were_with_their_places() {
+        let messages = [
+            stored(1, Vec::new(), b""),
+            stored(
+                2,
+                vec![
+                    ("Trace".into(), Bytes::from_static(b"t")),
+                    ("Trace".into(), Bytes::from_static(b"u")),
+                ],
+                b"order two",
+            ),
+        ];
+        for fetched in [false, true] {
+            let mut buf = BytesMut::new();
+            let mut want = Vec::new();
+            for (i, m) in messages.iter().enumerate() {
+                let place = fetched.then_some(Place {
+                    deliveries: i as u32 + 1,
+                    consumer_seq: 10 + i as u64,
+                    pending: 5,
+                });
+                let before = buf.len();
+                pack(&mut buf, m, place);
+                assert_eq!(Some(buf.len() - before), packed_len(m, place));
+                want.push((m.clone(), place));
+            }
+            assert_eq!(unpack(buf.freeze(), 2, fetched).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn a_malformed_pack_is_an_error_naming_the_field_never_a_panic() {
+        let mut buf = BytesMut::new();
+        pack(
+            &mut buf,
+            &stored(1, vec![("H".into(), Bytes::from_static(b"v"))], b"xy"),
+            None,
+        );
+        let whole = buf.freeze();
+        // every truncation fails, naming a field
+        for cut in 0..whole.len() {
+            let e = unpack(whole.slice(..cut), 1, false).unwrap_err();
+            assert!(e.contains("field `"), "{cut}: {e}");
+        }
+        // a count larger than what is there, or smaller
+        assert!(unpack(whole.clone(), 2, false).unwrap_err().contains("seq"));
+        assert!(
+            unpack(whole.clone(), 0, false)
+                .unwrap_err()
+                .contains("left after")
+        );
+        // a huge count allocates nothing up front
+        assert!(unpack(Bytes::new(), usize::MAX, false).is_err());
+        // a subject that is not UTF-8
+        let mut bad = whole.to_vec();
+        bad[18] = 0xff;
+        assert!(
+            unpack(Bytes::from(bad), 1, false)
+                .unwrap_err()
+                .contains("not UTF-8")
         );
     }
 
