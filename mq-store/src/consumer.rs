@@ -850,6 +850,12 @@ impl Consumer {
         seq <= engine.floor || engine.done.contains(&seq)
     }
 
+    /// Whether the consumer was stopped: deleted, or its stream or store closed. A
+    /// handle kept for later use is looked up again once this is true.
+    pub fn is_closed(&self) -> bool {
+        lock(&self.shared.engine).closed
+    }
+
     /// Stops the consumer: fetches fail, its state file is written out and closed.
     pub(crate) fn close(&self) {
         lock(&self.shared.engine).closed = true;

@@ -148,9 +148,10 @@ struct Seen {
 pub(crate) struct Dedup {
     /// The window, in nanoseconds.
     pub(crate) window: i64,
-    ids: HashMap<String, Seen>,
+    /// Each id is allocated once, shared by the map and the order.
+    ids: HashMap<Arc<str>, Seen>,
     /// Ids by time, oldest first, to expire them.
-    order: VecDeque<(i64, String)>,
+    order: VecDeque<(i64, Arc<str>)>,
 }
 
 impl Dedup {
@@ -170,8 +171,8 @@ impl Dedup {
                 break;
             }
             let (time, id) = self.order.pop_front().expect("checked");
-            if self.ids.get(&id).is_some_and(|seen| seen.time == time) {
-                self.ids.remove(&id);
+            if self.ids.get(&*id).is_some_and(|seen| seen.time == time) {
+                self.ids.remove(&*id);
             }
         }
     }
@@ -184,7 +185,7 @@ impl Dedup {
 
     /// Remembers `id` for message `seq` stored at `time`, stated by a record in the
     /// segment starting at `holder`. Ids must come in time order.
-    fn insert(&mut self, id: String, seq: u64, time: i64, holder: u64) {
+    fn insert(&mut self, id: Arc<str>, seq: u64, time: i64, holder: u64) {
         self.order.push_back((time, id.clone()));
         self.ids.insert(id, Seen { seq, time, holder });
     }
@@ -195,7 +196,7 @@ impl Dedup {
         ids.sort_by_key(|(_, seq, time, holder)| (*time, *seq, *holder));
         let mut dedup = Dedup::new(window);
         for (id, seq, time, holder) in ids {
-            dedup.insert(id, seq, time, holder);
+            dedup.insert(id.into(), seq, time, holder);
         }
         dedup.expire(now);
         dedup
@@ -207,7 +208,7 @@ impl Dedup {
             .ids
             .iter()
             .filter(|(_, seen)| seen.time >= since && going.contains(&seen.holder))
-            .map(|(id, seen)| (seen.seq, seen.time, id.clone()))
+            .map(|(id, seen)| (seen.seq, seen.time, id.to_string()))
             .collect();
         out.sort_unstable();
         out
@@ -250,7 +251,7 @@ pub(crate) struct Log {
     /// the new floor goes at the end of the batch (one per batch, not one per removal).
     purge_pending: bool,
     last_time: i64,
-    last_msg_id: Option<String>,
+    last_msg_id: Option<Arc<str>>,
     /// The duplicate window. Recovery rebuilds it from message records and from the
     /// `MsgIds` records that restate the ids of removed messages.
     pub(crate) dedup: Dedup,
@@ -677,7 +678,7 @@ impl Log {
                 {
                     msg_ids.push((id.clone(), record.seq, record.time, self.writing()));
                 }
-                self.last_msg_id = id;
+                self.last_msg_id = id.map(Arc::from);
                 self.index(record.subject, offset as u32, len as u32, record.time);
             }
             Kind::Delete => {
@@ -695,7 +696,7 @@ impl Log {
                 let id = msg_id_of(record)?;
                 self.remove_below(record.seq);
                 self.last_time = record.time;
-                self.last_msg_id = id;
+                self.last_msg_id = id.map(Arc::from);
             }
             Kind::MsgIds => {
                 let ids = record::msg_ids(record.payload).map_err(|e| e.to_string())?;
@@ -891,11 +892,12 @@ impl Log {
         let seq = self.next_seq;
         let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
         self.index(subject, pos as u32, len as u32, time);
-        if let Some(id) = msg_id {
+        let msg_id: Option<Arc<str>> = msg_id.map(Arc::from);
+        if let Some(id) = &msg_id {
             let holder = self.writing();
-            self.dedup.insert(id.to_owned(), seq, time, holder);
+            self.dedup.insert(id.clone(), seq, time, holder);
         }
-        self.last_msg_id = msg_id.map(str::to_owned);
+        self.last_msg_id = msg_id;
         Ok(seq)
     }
 
@@ -1152,7 +1154,7 @@ impl Log {
         // (these records never roll the segment: all went into the one written to)
         let holder = self.writing();
         for (_, _, id) in &ids {
-            if let Some(seen) = self.dedup.ids.get_mut(id) {
+            if let Some(seen) = self.dedup.ids.get_mut(id.as_str()) {
                 seen.holder = holder;
             }
         }

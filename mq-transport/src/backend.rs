@@ -25,6 +25,8 @@ pub(crate) struct Core {
     pub(crate) events: broadcast::Sender<Event>,
     pub(crate) options: BusOptions,
     next_key: AtomicU64,
+    /// Plain stream acks waiting to go out, packed (a bus connected to a broker).
+    pub(crate) acks: crate::streams::remote::AckBatch,
 }
 
 impl Core {
@@ -34,6 +36,7 @@ impl Core {
             events: broadcast::channel(EVENTS).0,
             options,
             next_key: AtomicU64::new(1),
+            acks: Default::default(),
         })
     }
 

@@ -220,6 +220,10 @@ impl Bus {
     /// it may wait for a subscriber whose queue is full (see
     /// [`EmbeddedConfig::slow_consumer_grace`]).
     pub async fn publish_message(&self, message: Message) -> Result<(), BusError> {
+        // plain stream acks queued before this go out before it
+        if self.core.acks.is_waiting() {
+            self.flush_acks().await;
+        }
         subject::validate_subject(&message.subject)?;
         if let Some(reply) = &message.reply {
             subject::validate_subject(reply)?;
@@ -349,7 +353,32 @@ impl Bus {
     /// broker (a ping and its pong). Immediate on the embedded bus, which routes as it
     /// publishes.
     pub async fn flush(&self) -> Result<(), BusError> {
+        self.flush_acks().await;
         dispatch!(&self.backend, b => b.flush().await)
+    }
+
+    /// Sends the plain stream acks queued on this bus (packed, one message per consumer
+    /// run), in the order they were queued. A failure is logged: a plain ack is not
+    /// waited for, and one that is lost is delivered again after its ack wait.
+    pub(crate) async fn flush_acks(&self) {
+        for message in self.core.acks.take() {
+            let subject = message.subject.clone();
+            if let Err(e) = dispatch!(&self.backend, b => b.publish(message).await) {
+                tracing::debug!(%subject, "plain acks not sent: {e}");
+            }
+        }
+    }
+
+    /// Queues a plain ack of `seq` for the broker, sent packed with the acks around it:
+    /// before this bus's next publish, or on the next turn of the scheduler.
+    pub(crate) fn queue_ack(&self, stream: &Arc<str>, consumer: &Arc<str>, seq: u64) {
+        if self.core.acks.push(stream, consumer, seq) {
+            let bus = self.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                bus.flush_acks().await;
+            });
+        }
     }
 
     /// Connection changes and slow-consumer drops; see [`Event`].

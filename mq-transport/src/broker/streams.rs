@@ -29,8 +29,9 @@ use super::Shared;
 use crate::lock;
 use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
 use crate::streams::wire::{
-    self, ACK_PREFIX, API_PREFIX, AckSubject, DURABLE_HEADER, END_OF_BATCH, FetchRequest,
-    GetRequest, MAX_BATCH, PACK_BYTES, PACKED_HEADER, Place, PurgeRequest, RangeRequest,
+    self, ACK_PREFIX, ACKS_PREFIX, API_PREFIX, AckSubject, DURABLE_HEADER, END_OF_BATCH,
+    FetchRequest, GetRequest, MAX_BATCH, PACK_BYTES, PACKED_HEADER, Place, PurgeRequest,
+    RangeRequest,
 };
 
 /// Durable publishes of one connection waiting for their acknowledgement.
@@ -106,11 +107,18 @@ impl StreamHost {
     }
 
     fn consumer(&self, stream: &str, name: &str) -> Result<Consumer, StoreError> {
+        self.find_consumer(stream, name)
+            .map(|(consumer, _)| consumer)
+    }
+
+    /// The consumer, and whether it is durable (kept by the store, and closed when it is
+    /// deleted) rather than ephemeral.
+    fn find_consumer(&self, stream: &str, name: &str) -> Result<(Consumer, bool), StoreError> {
         let key = (stream.to_owned(), name.to_owned());
         if let Some((_, consumer)) = lock(&self.ephemeral).get(&key) {
-            return Ok(consumer.clone());
+            return Ok((consumer.clone(), false));
         }
-        self.store.consumer(stream, name)
+        self.store.consumer(stream, name).map(|c| (c, true))
     }
 }
 
@@ -120,7 +128,8 @@ pub(super) enum Captured {
     Deliver,
     /// Deliver this instead (a durable publish without its reply and options).
     DeliverThis(Publish),
-    /// Deliver nothing (a duplicate, or a durable publish that was refused).
+    /// Deliver nothing (a duplicate, a durable publish that was refused, or one that no
+    /// subscription matches).
     Nothing,
 }
 
@@ -133,6 +142,10 @@ pub(super) struct StreamSession {
     answers: Arc<Semaphore>,
     stop: CancellationToken,
     ephemeral: Vec<(String, String)>,
+    /// The durable consumer this connection last answered for (stream, name, handle):
+    /// answers come in runs for one consumer, and this spares a lookup per answer. A
+    /// deleted consumer is closed, and then looked up again.
+    answering: Option<(String, String, Consumer)>,
 }
 
 impl StreamSession {
@@ -144,6 +157,7 @@ impl StreamSession {
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             stop: CancellationToken::new(),
             ephemeral: Vec::new(),
+            answering: None,
         }
     }
 
@@ -170,6 +184,9 @@ impl StreamSession {
             true
         } else if publish.subject.starts_with(ACK_PREFIX) {
             self.on_answer(shared, publish).await;
+            true
+        } else if let Some(names) = publish.subject.strip_prefix(ACKS_PREFIX) {
+            self.on_acks(shared, names, &publish.payload).await;
             true
         } else {
             false
@@ -230,7 +247,8 @@ impl StreamSession {
         let pipeline = self.ack_pipeline(shared);
         // a full pipeline holds this connection's reader: back-pressure, not loss
         let _ = pipeline.send((ack, publish.reply.clone())).await;
-        if duplicate {
+        if duplicate || shared.subs.matches(&publish.subject).is_empty() {
+            // (no subscriber: nothing to strip the options from)
             return Captured::Nothing;
         }
         let mut delivered = Metadata::new();
@@ -505,6 +523,66 @@ impl StreamSession {
         });
     }
 
+    /// The consumer named by an answer: this connection's last one if it is the same
+    /// (and still open), else looked up (and kept if durable).
+    fn answering(
+        &mut self,
+        shared: &Shared,
+        stream: &str,
+        name: &str,
+    ) -> Result<Consumer, WireError> {
+        if let Some((s, n, consumer)) = &self.answering
+            && s == stream
+            && n == name
+            && !consumer.is_closed()
+        {
+            return Ok(consumer.clone());
+        }
+        let (consumer, durable) = shared
+            .streams
+            .find_consumer(stream, name)
+            .map_err(|e| WireError::from(&e))?;
+        if durable {
+            self.answering = Some((stream.to_owned(), name.to_owned(), consumer.clone()));
+        }
+        Ok(consumer)
+    }
+
+    /// `$CR.ACKS.<stream>.<consumer>`: plain acks of many messages, their stream
+    /// sequences as `u64`s; applied in order, and, as any plain ack, a refused one is
+    /// only logged.
+    async fn on_acks(&mut self, shared: &Shared, names: &str, payload: &[u8]) {
+        let (stream, name) = match names.split_once('.') {
+            Some((s, n)) if !s.is_empty() && !n.is_empty() && !n.contains('.') => (s, n),
+            _ => {
+                tracing::debug!(subject = %format!("{ACKS_PREFIX}{names}"), "acks refused: the subject names no stream and consumer");
+                return;
+            }
+        };
+        if !payload.len().is_multiple_of(8) {
+            tracing::debug!(
+                stream,
+                consumer = name,
+                len = payload.len(),
+                "acks refused: the payload is not a list of u64 sequences"
+            );
+            return;
+        }
+        let consumer = match self.answering(shared, stream, name) {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                tracing::debug!(stream, consumer = name, "acks refused: {}", e.message);
+                return;
+            }
+        };
+        for chunk in payload.chunks_exact(8) {
+            let seq = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+            if let Err(e) = consumer.answer(seq, Answer::Ack, false).await {
+                tracing::debug!(stream, consumer = name, seq, "ack refused: {e}");
+            }
+        }
+    }
+
     /// `$CR.ACK.…`: an answer to a fetched message. With a reply subject, the answer is
     /// confirmed there once it is durable (an ack) or applied (the others).
     async fn on_answer(&mut self, shared: &Arc<Shared>, publish: &Publish) {
@@ -514,10 +592,7 @@ impl StreamSession {
             })
             .and_then(|ack| {
                 let answer = wire::decode_answer(&publish.payload).map_err(wire::bad_request)?;
-                let consumer = shared
-                    .streams
-                    .consumer(&ack.stream, &ack.consumer)
-                    .map_err(|e| WireError::from(&e))?;
+                let consumer = self.answering(shared, &ack.stream, &ack.consumer)?;
                 Ok((ack, answer, consumer))
             });
         let to = publish.reply.clone();

@@ -71,7 +71,7 @@ use crate::subject;
 
 #[cfg(feature = "nats")]
 pub(crate) mod jetstream;
-mod remote;
+pub(crate) mod remote;
 pub mod wire;
 
 /// Durable streams on a bus; see the [module documentation](self). Cheap to clone.

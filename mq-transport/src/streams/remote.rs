@@ -10,7 +10,10 @@ use mq_store::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::wire::{self, API_PREFIX, AckSubject, END_OF_BATCH, MAX_BATCH, PACKED_HEADER, Place};
+use super::wire::{
+    self, ACKS_PREFIX, API_PREFIX, AckSubject, END_OF_BATCH, MAX_ACKS, MAX_BATCH, PACKED_HEADER,
+    Place,
+};
 use super::{Delivery, PubAckFuture};
 use crate::bus::Bus;
 use crate::error::BusError;
@@ -352,7 +355,9 @@ impl RemoteConsumer {
             );
             let answer = RemoteAnswer {
                 bus: self.remote.bus.clone(),
-                subject: ack.encode().into(),
+                ack,
+                stream: self.stream.clone(),
+                consumer: self.name.clone(),
             };
             out.push(Delivery::remote(message, info, answer));
         }
@@ -397,26 +402,86 @@ fn unpacked(
     Ok(out)
 }
 
+/// A run of plain acks for one consumer: stream, consumer, stream sequences.
+type AckRun = (Arc<str>, Arc<str>, Vec<u64>);
+
+/// Plain acks of a bus waiting to go out to the broker: runs of acks for one consumer
+/// become one `$CR.ACKS.<stream>.<consumer>` message each ([`Bus::queue_ack`]).
+#[derive(Debug, Default)]
+pub(crate) struct AckBatch {
+    waiting: std::sync::atomic::AtomicBool,
+    queue: std::sync::Mutex<Vec<AckRun>>,
+}
+
+impl AckBatch {
+    /// Queues an ack; true if the queue was empty (a flush is to be arranged).
+    pub(crate) fn push(&self, stream: &Arc<str>, consumer: &Arc<str>, seq: u64) -> bool {
+        let mut queue = crate::lock(&self.queue);
+        let was_empty = queue.is_empty();
+        match queue.last_mut() {
+            Some((s, c, seqs)) if s == stream && c == consumer && seqs.len() < MAX_ACKS => {
+                seqs.push(seq);
+            }
+            _ => queue.push((stream.clone(), consumer.clone(), vec![seq])),
+        }
+        self.waiting
+            .store(true, std::sync::atomic::Ordering::Release);
+        was_empty
+    }
+
+    pub(crate) fn is_waiting(&self) -> bool {
+        self.waiting.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// What is queued, as the messages that carry it, in order; the queue is left empty.
+    pub(crate) fn take(&self) -> Vec<Message> {
+        let runs = {
+            let mut queue = crate::lock(&self.queue);
+            self.waiting
+                .store(false, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *queue)
+        };
+        runs.into_iter()
+            .map(|(stream, consumer, seqs)| {
+                let mut payload = Vec::with_capacity(seqs.len() * 8);
+                for seq in seqs {
+                    payload.extend_from_slice(&seq.to_be_bytes());
+                }
+                Message::new(format!("{ACKS_PREFIX}{stream}.{consumer}"), payload)
+            })
+            .collect()
+    }
+}
+
 /// Where a fetched message is answered.
 #[derive(Debug)]
 pub(crate) struct RemoteAnswer {
     bus: Bus,
-    subject: rpc_core::Utf8Bytes,
+    /// What its ack subject says.
+    ack: AckSubject,
+    stream: Arc<str>,
+    consumer: Arc<str>,
 }
 
 impl RemoteAnswer {
-    /// An ack is sent and not waited for; the other answers, and a confirmed ack, wait
-    /// for the broker to apply them (and the ack to be durable). A confirmed ack whose
-    /// answer was lost with the connection, or did not come in time, is sent again (an
-    /// ack is idempotent), up to [`PUBLISH_ATTEMPTS`] times; the other answers are not,
-    /// and such an error leaves it open whether the broker applied them.
+    /// A plain ack is queued on the bus and sent, packed with the acks around it,
+    /// before the bus's next publish or on the scheduler's next turn; it is not waited
+    /// for. The other answers, and a confirmed ack, go to the message's ack subject at
+    /// once and wait for the broker to apply them (and the ack to be durable). A
+    /// confirmed ack whose answer was lost with the connection, or did not come in
+    /// time, is sent again (an ack is idempotent), up to [`PUBLISH_ATTEMPTS`] times; the
+    /// other answers are not, and such an error leaves it open whether the broker
+    /// applied them.
     pub(crate) async fn send(&self, answer: Answer, confirm: bool) -> Result<(), BusError> {
-        let payload = wire::encode_answer(&answer);
-        let message = Message::new(self.subject.clone(), payload);
         let ack = matches!(answer, Answer::Ack);
         if ack && !confirm {
-            return self.bus.publish_message(message).await;
+            self.bus
+                .queue_ack(&self.stream, &self.consumer, self.ack.stream_seq);
+            return Ok(());
         }
+        let payload = wire::encode_answer(&answer);
+        let subject = self.ack.encode();
+        let message = Message::new(subject.clone(), payload);
         let mut attempt = 1;
         loop {
             match self
@@ -424,7 +489,7 @@ impl RemoteAnswer {
                 .request_message(message.clone(), self.bus.request_timeout())
                 .await
             {
-                Ok(reply) => return check(&self.subject, &reply),
+                Ok(reply) => return check(&subject, &reply),
                 Err(BusError::ConnectionLost { .. } | BusError::Timeout { .. })
                     if ack && attempt < PUBLISH_ATTEMPTS =>
                 {
@@ -433,5 +498,49 @@ impl RemoteAnswer {
                 Err(e) => return Err(e),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queued_acks_go_out_in_order_one_message_per_run_of_a_consumer() {
+        let batch = AckBatch::default();
+        let (s, a, b): (Arc<str>, Arc<str>, Arc<str>) = ("S".into(), "a".into(), "b".into());
+        assert!(!batch.is_waiting());
+        assert!(batch.push(&s, &a, 1), "the first ack asks for a flush");
+        assert!(!batch.push(&s, &a, 2));
+        assert!(!batch.push(&s, &b, 7));
+        assert!(!batch.push(&s, &a, 3));
+        assert!(batch.is_waiting());
+        let sent: Vec<(String, Vec<u8>)> = batch
+            .take()
+            .into_iter()
+            .map(|m| (m.subject.to_string(), m.payload.to_vec()))
+            .collect();
+        let seqs = |s: &[u64]| s.iter().flat_map(|n| n.to_be_bytes()).collect::<Vec<u8>>();
+        assert_eq!(
+            sent,
+            vec![
+                ("$CR.ACKS.S.a".to_owned(), seqs(&[1, 2])),
+                ("$CR.ACKS.S.b".to_owned(), seqs(&[7])),
+                ("$CR.ACKS.S.a".to_owned(), seqs(&[3])),
+            ]
+        );
+        assert!(!batch.is_waiting());
+        assert!(batch.take().is_empty());
+    }
+
+    #[test]
+    fn a_long_run_of_acks_is_split_at_max_acks() {
+        let batch = AckBatch::default();
+        let (s, c): (Arc<str>, Arc<str>) = ("S".into(), "c".into());
+        for seq in 0..(MAX_ACKS as u64 + 1) {
+            batch.push(&s, &c, seq);
+        }
+        let sizes: Vec<usize> = batch.take().iter().map(|m| m.payload.len() / 8).collect();
+        assert_eq!(sizes, vec![MAX_ACKS, 1]);
     }
 }

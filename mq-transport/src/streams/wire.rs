@@ -28,6 +28,12 @@ use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
 pub const API_PREFIX: &str = "$CR.API.";
 /// The reply subjects of fetched messages start with this.
 pub const ACK_PREFIX: &str = "$CR.ACK.";
+/// Plain acks for many messages of one consumer travel to
+/// `$CR.ACKS.<stream>.<consumer>`, their stream sequences as the payload (`u64` each,
+/// big-endian).
+pub const ACKS_PREFIX: &str = "$CR.ACKS.";
+/// The most sequences one `$CR.ACKS.…` message carries (32 KiB of payload).
+pub const MAX_ACKS: usize = 4096;
 /// Marks a publish as durable: the broker answers it on its reply subject.
 pub const DURABLE_HEADER: &str = "Courier-Durable";
 /// [`Publish::expected_last_seq`] on the wire.
@@ -599,6 +605,15 @@ mod tests {
                 ),
             ),
             ("packed message", msg(2, "i", "", packed_headers, &packed)),
+            (
+                "packed acks",
+                publish(
+                    "$CR.ACKS.O.c",
+                    "",
+                    Metadata::new(),
+                    &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 2],
+                ),
+            ),
             ("API error", msg(1, "r", "", error_headers, &error_body)),
         ];
         let doc = include_str!("../../../docs/PROTOCOL.md");
