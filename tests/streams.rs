@@ -340,3 +340,46 @@ async fn a_broker_refuses_streams_and_consumers_past_its_limits_naming_them() {
         .unwrap();
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn on_a_broker_under_fsync_every_pipelined_publishes_are_acknowledged_in_order_and_stored_once()
+ {
+    use courier::bus::{Broker, BrokerConfig, Fsync};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig::default();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    config.fsync = Some(Fsync::Every(Duration::from_secs(120)));
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("P", ["p.>"]))
+        .await
+        .unwrap();
+    // many publishes in flight: the broker writes them once per read, in its own task
+    let mut acks = std::collections::VecDeque::new();
+    let mut seqs = Vec::new();
+    for i in 0..5000u32 {
+        if acks.len() == 500 {
+            let ack: courier::bus::PubAckFuture = acks.pop_front().unwrap();
+            seqs.push(timeout(ack).await.unwrap().seq);
+        }
+        acks.push_back(streams.publish("p.x", i.to_string()).await.unwrap());
+    }
+    while let Some(ack) = acks.pop_front() {
+        seqs.push(timeout(ack).await.unwrap().seq);
+    }
+    assert_eq!(
+        seqs,
+        (1..=5000).collect::<Vec<u64>>(),
+        "acknowledged in order"
+    );
+    let read = streams.range("P", 1, 4096, usize::MAX).await.unwrap();
+    assert_eq!(read.len(), 4096);
+    assert!(
+        read.iter()
+            .enumerate()
+            .all(|(i, m)| m.payload == i.to_string())
+    );
+    assert_eq!(streams.info("P").await.unwrap().state.msgs, 5000);
+}

@@ -1267,6 +1267,12 @@ impl Log {
     }
 
     /// Whether operations are queued.
+    /// Whether the pending operations only append to files (no segment created or
+    /// removed, nothing to sync): a batch a caller may write itself.
+    pub(crate) fn only_appends(&self) -> bool {
+        self.ops.iter().all(|op| matches!(op, Op::Write { .. }))
+    }
+
     pub(crate) fn has_ops(&self) -> bool {
         !self.ops.is_empty() || self.purge_pending
     }

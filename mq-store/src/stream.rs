@@ -124,6 +124,9 @@ struct State {
     /// When recovery may next be tried.
     backoff: HealBackoff,
     closed: bool,
+    /// A batch is being written (by the committer thread, or by a caller in
+    /// [`Stream::commit_now`]); the next waits for it.
+    committing: bool,
     unsynced: Vec<Written>,
     last_sync: Instant,
     last_expiry: i64,
@@ -306,6 +309,7 @@ impl Stream {
                 force_sync: false,
                 backoff: HealBackoff::default(),
                 closed: false,
+                committing: false,
                 unsynced: Vec::new(),
                 last_sync: Instant::now(),
                 last_expiry: now,
@@ -344,9 +348,64 @@ impl Stream {
         payload: &[u8],
         options: &Publish,
     ) -> Result<AckFuture, StoreError> {
+        self.publish_inner(subject, headers, payload, options, false)
+            .await
+    }
+
+    /// [`Stream::publish`] without starting the write: the caller calls
+    /// [`Stream::commit_now`] once it has queued what it has at hand (a broker, once per
+    /// read from a connection), so that one write carries them all. Without that call,
+    /// the committer still writes them within a second.
+    pub async fn publish_deferred(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &[u8],
+        options: &Publish,
+    ) -> Result<AckFuture, StoreError> {
+        self.publish_inner(subject, headers, payload, options, true)
+            .await
+    }
+
+    /// Writes what is queued. Under [`Fsync::Every`] and [`Fsync::Never`], when no batch
+    /// is being written and the pending operations are only appends, the caller writes
+    /// them itself, with one `write`, and the acknowledgements complete before this
+    /// returns: no hand-off to the committer thread and back. Otherwise (an fsync is
+    /// due with the write, a segment is created or removed, or a batch is being
+    /// written) the committer thread is woken to do it.
+    pub fn commit_now(&self) {
+        let state = self.shared.lock();
+        let inline = !state.committing
+            && !state.closed
+            && state.poison.is_none()
+            && !state.force_sync
+            && state.config.fsync != Fsync::Always
+            && state.log.has_ops()
+            && state.log.only_appends();
+        if !inline {
+            if state.log.has_ops() {
+                self.shared.wake.notify_one();
+            }
+            return;
+        }
+        let state = self.shared.commit(state);
+        if state.log.has_ops() {
+            // queued while the batch was written: the committer takes them
+            self.shared.wake.notify_one();
+        }
+    }
+
+    async fn publish_inner(
+        &self,
+        subject: &str,
+        headers: &[(&str, &[u8])],
+        payload: &[u8],
+        options: &Publish,
+        deferred: bool,
+    ) -> Result<AckFuture, StoreError> {
         let mut healed = false;
         loop {
-            match self.enqueue(subject, headers, payload, options, true) {
+            match self.enqueue(subject, headers, payload, options, true, deferred) {
                 Err(StoreError::Poisoned { .. }) if !healed => {
                     self.heal(false).await?;
                     healed = true;
@@ -373,7 +432,7 @@ impl Stream {
         payload: &[u8],
     ) -> Result<PubAck, StoreError> {
         match self
-            .enqueue(subject, headers, payload, &Publish::default(), false)?
+            .enqueue(subject, headers, payload, &Publish::default(), false, false)?
             .0
         {
             AckInner::Ready(Some(result)) => result,
@@ -388,6 +447,7 @@ impl Stream {
         payload: &[u8],
         options: &Publish,
         acknowledge: bool,
+        deferred: bool,
     ) -> Result<(AckInner, bool), StoreError> {
         let shared = &self.shared;
         let name = &shared.name;
@@ -521,7 +581,7 @@ impl Stream {
         let (discard, per_subject) = (config.discard, config.max_msgs_per_subject);
         // The committer takes every pending write once it wakes, and looks again before
         // it waits: only the first write of a batch needs to wake it (a wake is a syscall).
-        let wake = !state.log.has_ops();
+        let wake = !deferred && !state.log.has_ops();
         let seq = state.log.append(subject, &block, payload, now, msg_id)?;
         if discard == Discard::Old {
             state.trim();
@@ -958,10 +1018,76 @@ impl Shared {
         lock(&self.state)
     }
 
+    /// Writes the pending operations as one batch (the caller has checked that there
+    /// are some, that the stream is not poisoned and that no batch is being written),
+    /// then completes the acknowledgements it holds. The lock is let go while the batch
+    /// is written and while the waiters are woken.
+    fn commit<'a>(&'a self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        state.committing = true;
+        let ops = state.log.take_ops();
+        let ticket = state.ticket;
+        let upto = state.log.next_seq() - 1;
+        let fsync = if std::mem::take(&mut state.force_sync) {
+            Fsync::Always
+        } else {
+            state.config.fsync
+        };
+        drop(state);
+        let mut batch = Batch {
+            first_writes: Vec::new(),
+        };
+        let result = self.execute(ops, fsync, &mut batch);
+        state = self.lock();
+        let completed = match result {
+            Ok(written) => {
+                let visible_before = state.visible;
+                state.visible = state.visible.max(upto);
+                if upto > visible_before {
+                    self.arrivals.send_replace(state.visible);
+                }
+                state.done = ticket;
+                // Messages reached the disk again (not just recovery's own new
+                // segment): a later failure is recovered from at once.
+                if upto > visible_before {
+                    match fsync {
+                        Fsync::Every(_) => state.backoff.reset_on_sync = true,
+                        Fsync::Always | Fsync::Never => state.backoff = HealBackoff::default(),
+                    }
+                }
+                if fsync != Fsync::Always {
+                    for (file, path) in written {
+                        if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                            state.unsynced.push((file, path));
+                        }
+                    }
+                }
+                let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
+                    state.waiters.drain(..).partition(|w| w.ticket <= ticket);
+                state.waiters = waiting;
+                done.into_iter().map(|w| (w, None)).collect::<Vec<_>>()
+            }
+            Err(error) => self.poison(&mut state, error, batch.first_writes),
+        };
+        state.committing = false;
+        drop(state);
+        complete(completed);
+        self.lock()
+    }
+
     /// The committer thread.
     fn run(self: Arc<Self>) {
         let mut state = self.lock();
         loop {
+            if state.committing {
+                // a caller is writing a batch (`Stream::commit_now`, microseconds):
+                // nothing else happens until it is done
+                state = self
+                    .wake
+                    .wait_timeout(state, Duration::from_millis(1))
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
             if let Fsync::Every(every) = state.config.fsync
                 && !state.unsynced.is_empty()
                 && state.last_sync.elapsed() >= every
@@ -969,55 +1095,7 @@ impl Shared {
                 state = self.sync_unsynced(state);
             }
             if state.poison.is_none() && state.log.has_ops() {
-                let ops = state.log.take_ops();
-                let ticket = state.ticket;
-                let upto = state.log.next_seq() - 1;
-                let fsync = if std::mem::take(&mut state.force_sync) {
-                    Fsync::Always
-                } else {
-                    state.config.fsync
-                };
-                drop(state);
-                let mut batch = Batch {
-                    first_writes: Vec::new(),
-                };
-                let result = self.execute(ops, fsync, &mut batch);
-                state = self.lock();
-                let completed = match result {
-                    Ok(written) => {
-                        let visible_before = state.visible;
-                        state.visible = state.visible.max(upto);
-                        if upto > visible_before {
-                            self.arrivals.send_replace(state.visible);
-                        }
-                        state.done = ticket;
-                        // Messages reached the disk again (not just recovery's own new
-                        // segment): a later failure is recovered from at once.
-                        if upto > visible_before {
-                            match fsync {
-                                Fsync::Every(_) => state.backoff.reset_on_sync = true,
-                                Fsync::Always | Fsync::Never => {
-                                    state.backoff = HealBackoff::default()
-                                }
-                            }
-                        }
-                        if fsync != Fsync::Always {
-                            for (file, path) in written {
-                                if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
-                                    state.unsynced.push((file, path));
-                                }
-                            }
-                        }
-                        let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
-                            state.waiters.drain(..).partition(|w| w.ticket <= ticket);
-                        state.waiters = waiting;
-                        done.into_iter().map(|w| (w, None)).collect::<Vec<_>>()
-                    }
-                    Err(error) => self.poison(&mut state, error, batch.first_writes),
-                };
-                drop(state);
-                complete(completed);
-                state = self.lock();
+                state = self.commit(state);
                 continue;
             }
             let now = self.clock.now();

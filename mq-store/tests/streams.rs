@@ -1,6 +1,7 @@
 //! Behaviour of streams on a store: appends, reads, segments, recovery, limits,
 //! purge, deduplication, expectations, and what write errors and power loss do.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -795,6 +796,86 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
             "{fsync:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn deferred_publishes_are_written_by_the_caller_with_one_write_under_fsync_every() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store
+        .create(StreamConfig {
+            fsync: Fsync::Every(Duration::from_secs(3600)),
+            ..StreamConfig::new("D", ["d"])
+        })
+        .unwrap();
+    let (writes0, syncs0, _) = fs.counts();
+    let mut acks = Vec::new();
+    for i in 0..100u32 {
+        let ack = stream
+            .publish_deferred("d", &[], &i.to_le_bytes(), &Publish::default())
+            .await
+            .unwrap();
+        acks.push(ack);
+    }
+    stream.commit_now();
+    let (writes, syncs, _) = fs.counts();
+    println!(
+        "100 deferred publishes, then commit_now: {} writes, {} fsyncs",
+        writes - writes0,
+        syncs - syncs0
+    );
+    assert_eq!(
+        writes - writes0,
+        1,
+        "one write for the batch, by the caller"
+    );
+    assert_eq!(syncs, syncs0, "no fsync under Every");
+    // acknowledged before commit_now returned: each answer is there already
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    for (i, mut ack) in acks.into_iter().enumerate() {
+        let std::task::Poll::Ready(ack) = std::pin::Pin::new(&mut ack).poll(&mut cx) else {
+            panic!("publish {i} was not acknowledged by commit_now");
+        };
+        assert_eq!(ack.unwrap().seq, i as u64 + 1);
+    }
+    assert_eq!(stream.range(1, 1000, usize::MAX).unwrap().len(), 100);
+}
+
+#[tokio::test]
+async fn deferred_publishes_under_fsync_always_go_to_the_committer_and_are_synced() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store.create(StreamConfig::new("A", ["a"])).unwrap();
+    let (_, syncs0, _) = fs.counts();
+    let ack = stream
+        .publish_deferred("a", &[], b"x", &Publish::default())
+        .await
+        .unwrap();
+    stream.commit_now();
+    assert_eq!(ack.await.unwrap().seq, 1);
+    assert!(fs.counts().1 > syncs0, "synced before it was acknowledged");
+}
+
+#[tokio::test]
+async fn a_deferred_publish_nobody_commits_is_still_written_by_the_committer() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store
+        .create(StreamConfig {
+            fsync: Fsync::Never,
+            ..StreamConfig::new("F", ["f"])
+        })
+        .unwrap();
+    let ack = stream
+        .publish_deferred("f", &[], b"x", &Publish::default())
+        .await
+        .unwrap();
+    // the committer looks at least once a second
+    let ack = tokio::time::timeout(Duration::from_secs(10), ack)
+        .await
+        .expect("written without commit_now")
+        .unwrap();
+    assert_eq!(ack.seq, 1);
 }
 
 #[tokio::test]

@@ -45,6 +45,9 @@ pub(super) const MAX_ANSWERS: usize = 1024;
 pub(super) const MAX_EPHEMERAL: usize = 64;
 /// The most bytes one range request reads (at least one message is always returned).
 pub(super) const MAX_RANGE_BYTES: usize = 8 << 20;
+/// Durable publishes of one connection queued for the disk before they are written
+/// even though more of the peer's bytes are buffered.
+pub(super) const MAX_DEFERRED: usize = 1024;
 
 /// The broker's streams, shared by every connection.
 #[derive(Debug)]
@@ -142,6 +145,10 @@ pub(super) struct StreamSession {
     answers: Arc<Semaphore>,
     stop: CancellationToken,
     ephemeral: Vec<(String, String)>,
+    /// Streams holding durable publishes of this connection not yet written, and how
+    /// many publishes: written once per read from the peer ([`Self::commit_deferred`]).
+    deferred: Vec<mq_store::Stream>,
+    deferred_count: usize,
     /// The durable consumer this connection last answered for (stream, name, handle):
     /// answers come in runs for one consumer, and this spares a lookup per answer. A
     /// deleted consumer is closed, and then looked up again.
@@ -157,12 +164,32 @@ impl StreamSession {
             answers: Arc::new(Semaphore::new(MAX_ANSWERS)),
             stop: CancellationToken::new(),
             ephemeral: Vec::new(),
+            deferred: Vec::new(),
+            deferred_count: 0,
             answering: None,
         }
     }
 
-    /// The connection is gone: its fetches end, its ephemeral consumers go.
+    /// Whether enough durable publishes wait to be written without waiting for the
+    /// read to end ([`MAX_DEFERRED`]).
+    pub(super) fn many_deferred(&self) -> bool {
+        self.deferred_count >= MAX_DEFERRED
+    }
+
+    /// Writes this connection's durable publishes queued so far: one write per stream,
+    /// in this task under `interval` and `never` ([`mq_store::Stream::commit_now`]), by
+    /// the stream's committer (with its fsync) under `always`.
+    pub(super) fn commit_deferred(&mut self) {
+        self.deferred_count = 0;
+        for stream in self.deferred.drain(..) {
+            stream.commit_now();
+        }
+    }
+
+    /// The connection is gone: what it published is written, its fetches end, its
+    /// ephemeral consumers go.
     pub(super) fn close(&mut self, shared: &Shared) {
+        self.commit_deferred();
         self.stop.cancel();
         self.acks = None;
         let mut ephemeral = lock(&shared.streams.ephemeral);
@@ -234,7 +261,7 @@ impl StreamSession {
             }
         };
         let ack = match stream
-            .publish(&publish.subject, &headers, &publish.payload, &options)
+            .publish_deferred(&publish.subject, &headers, &publish.payload, &options)
             .await
         {
             Ok(ack) => ack,
@@ -243,10 +270,20 @@ impl StreamSession {
                 return Captured::Nothing;
             }
         };
+        if !self.deferred.iter().any(|s| s.name() == stream.name()) {
+            self.deferred.push(stream);
+        }
+        self.deferred_count += 1;
         let duplicate = ack.is_duplicate();
         let pipeline = self.ack_pipeline(shared);
-        // a full pipeline holds this connection's reader: back-pressure, not loss
-        let _ = pipeline.send((ack, publish.reply.clone())).await;
+        // A full pipeline holds this connection's reader: back-pressure, not loss. What
+        // the pipeline waits for is written first.
+        if let Err(mpsc::error::TrySendError::Full(entry)) =
+            pipeline.try_send((ack, publish.reply.clone()))
+        {
+            self.commit_deferred();
+            let _ = pipeline.send(entry).await;
+        }
         if duplicate || shared.subs.matches(&publish.subject).is_empty() {
             // (no subscriber: nothing to strip the options from)
             return Captured::Nothing;
