@@ -67,8 +67,10 @@ impl<'a> Session<'a> {
             }
             // durable publishes are written once per read from the peer (or per
             // MAX_DEFERRED of them), with one write for all of them
-            if !reader.has_buffered_bytes() || self.streams.many_deferred() {
-                self.streams.commit_deferred();
+            if self.streams.has_deferred()
+                && (!reader.has_buffered_bytes() || self.streams.many_deferred())
+            {
+                self.streams.commit_deferred(self.shared).await;
             }
         }
         Ok(())

@@ -149,6 +149,12 @@ pub(super) struct StreamSession {
     /// many publishes: written once per read from the peer ([`Self::commit_deferred`]).
     deferred: Vec<mq_store::Stream>,
     deferred_count: usize,
+    /// Their acknowledgements, in order, answered when they are written (in this task
+    /// when they already are, else by the ack pipeline task).
+    deferred_acks: std::collections::VecDeque<(AckFuture, Utf8Bytes)>,
+    /// Acknowledgements handed to the ack pipeline task and not answered yet: while
+    /// there are any, later ones go the same way, to keep the order.
+    in_pipeline: Arc<AtomicU64>,
     /// The durable consumer this connection last answered for (stream, name, handle):
     /// answers come in runs for one consumer, and this spares a lookup per answer. A
     /// deleted consumer is closed, and then looked up again.
@@ -166,6 +172,8 @@ impl StreamSession {
             ephemeral: Vec::new(),
             deferred: Vec::new(),
             deferred_count: 0,
+            deferred_acks: std::collections::VecDeque::new(),
+            in_pipeline: Arc::new(AtomicU64::new(0)),
             answering: None,
         }
     }
@@ -176,20 +184,52 @@ impl StreamSession {
         self.deferred_count >= MAX_DEFERRED
     }
 
+    /// Whether durable publishes of this connection wait to be written or answered.
+    pub(super) fn has_deferred(&self) -> bool {
+        !self.deferred_acks.is_empty() || !self.deferred.is_empty()
+    }
+
     /// Writes this connection's durable publishes queued so far: one write per stream,
     /// in this task under `interval` and `never` ([`mq_store::Stream::commit_now`]), by
-    /// the stream's committer (with its fsync) under `always`.
-    pub(super) fn commit_deferred(&mut self) {
+    /// the stream's committer (with its fsync) under `always`. Then answers them in
+    /// order: here, those already written (no hand-off to another task) while the ack
+    /// pipeline holds none; the pipeline task the rest, as they complete.
+    pub(super) async fn commit_deferred(&mut self, shared: &Arc<Shared>) {
         self.deferred_count = 0;
         for stream in self.deferred.drain(..) {
             stream.commit_now();
         }
+        while let Some((ack, _)) = self.deferred_acks.front_mut() {
+            if self.in_pipeline.load(Ordering::Acquire) > 0 {
+                break;
+            }
+            let Some(result) = ready(ack) else {
+                break;
+            };
+            let (_, to) = self.deferred_acks.pop_front().expect("front");
+            reply_json(shared, &to, result.map_err(|e| WireError::from(&e))).await;
+        }
+        if self.deferred_acks.is_empty() {
+            return;
+        }
+        let pipeline = self.ack_pipeline(shared);
+        while let Some(entry) = self.deferred_acks.pop_front() {
+            self.in_pipeline.fetch_add(1, Ordering::AcqRel);
+            // a full pipeline holds this connection's reader: back-pressure, not loss
+            if pipeline.send(entry).await.is_err() {
+                break;
+            }
+        }
     }
 
-    /// The connection is gone: what it published is written, its fetches end, its
-    /// ephemeral consumers go.
+    /// The connection is gone: what it published is written (there is no one left to
+    /// answer), its fetches end, its ephemeral consumers go.
     pub(super) fn close(&mut self, shared: &Shared) {
-        self.commit_deferred();
+        self.deferred_count = 0;
+        for stream in self.deferred.drain(..) {
+            stream.commit_now();
+        }
+        self.deferred_acks.clear();
         self.stop.cancel();
         self.acks = None;
         let mut ephemeral = lock(&shared.streams.ephemeral);
@@ -275,15 +315,7 @@ impl StreamSession {
         }
         self.deferred_count += 1;
         let duplicate = ack.is_duplicate();
-        let pipeline = self.ack_pipeline(shared);
-        // A full pipeline holds this connection's reader: back-pressure, not loss. What
-        // the pipeline waits for is written first.
-        if let Err(mpsc::error::TrySendError::Full(entry)) =
-            pipeline.try_send((ack, publish.reply.clone()))
-        {
-            self.commit_deferred();
-            let _ = pipeline.send(entry).await;
-        }
+        self.deferred_acks.push_back((ack, publish.reply.clone()));
         if duplicate || shared.subs.matches(&publish.subject).is_empty() {
             // (no subscriber: nothing to strip the options from)
             return Captured::Nothing;
@@ -308,10 +340,12 @@ impl StreamSession {
             .get_or_insert_with(|| {
                 let (tx, mut rx) = mpsc::channel::<(AckFuture, Utf8Bytes)>(ACK_PIPELINE);
                 let shared = shared.clone();
+                let in_pipeline = self.in_pipeline.clone();
                 tokio::spawn(async move {
                     while let Some((ack, to)) = rx.recv().await {
                         let result = ack.await.map_err(|e| WireError::from(&e));
                         reply_json(&shared, &to, result).await;
+                        in_pipeline.fetch_sub(1, Ordering::AcqRel);
                     }
                 });
                 tx
@@ -665,6 +699,16 @@ impl StreamSession {
                 }
             }
         });
+    }
+}
+
+/// The acknowledgement if it has completed, without waiting.
+fn ready(ack: &mut AckFuture) -> Option<Result<mq_store::PubAck, StoreError>> {
+    use std::future::Future;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(ack).poll(&mut cx) {
+        std::task::Poll::Ready(result) => Some(result),
+        std::task::Poll::Pending => None,
     }
 }
 
