@@ -261,6 +261,9 @@ impl Drop for Waiting {
     }
 }
 
+/// How inbox subjects start ([`new_inbox`]).
+pub(crate) const INBOX_PREFIX: &str = "_INBOX.";
+
 /// A fresh, unique inbox subject: `_INBOX.` and 22 random characters.
 pub fn new_inbox() -> String {
     const ALPHABET: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -268,7 +271,7 @@ pub fn new_inbox() -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let state = std::collections::hash_map::RandomState::new();
     let mut id = String::with_capacity(7 + 22);
-    id.push_str("_INBOX.");
+    id.push_str(INBOX_PREFIX);
     for half in 0..2u64 {
         let mut bits = state.hash_one((n, half, std::process::id()));
         for _ in 0..11 {

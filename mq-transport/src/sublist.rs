@@ -425,6 +425,17 @@ impl<T: Clone> Sublist<T> {
         if let Some(hit) = lock(&self.cache).get(subject) {
             return hit.clone();
         }
+        self.collect(subject, true)
+    }
+
+    /// [`Sublist::matches`] for a subject used once (a request's reply subject): neither
+    /// looked up in the cache nor added to it, where it would only push out the subjects
+    /// that come back.
+    pub fn matches_once(&self, subject: &str) -> Arc<Match<T>> {
+        self.collect(subject, false)
+    }
+
+    fn collect(&self, subject: &str, cache_it: bool) -> Arc<Match<T>> {
         let trie = read(&self.trie);
         let tokens: Vec<&str> = subject.split('.').collect();
         let mut out = Match {
@@ -434,6 +445,9 @@ impl<T: Clone> Sublist<T> {
         };
         trie.root.collect(&tokens, &mut out);
         let out = Arc::new(out);
+        if !cache_it {
+            return out;
+        }
         let mut cache = lock(&self.cache);
         if cache.len() >= CACHE_CAPACITY {
             // Simple and bounded: start over. Hot subjects come back on their next use.
@@ -472,6 +486,19 @@ mod tests {
             keys.extend(members);
         }
         sorted(keys)
+    }
+
+    #[test]
+    fn a_subject_matched_once_finds_the_same_and_leaves_the_cache_alone() {
+        let list = Sublist::new();
+        list.insert("_INBOX.x.*", None, 1, 1).unwrap();
+        list.insert("_INBOX.>", Some("q"), 2, 2).unwrap();
+        list.insert("other", None, 3, 3).unwrap();
+        let once = list.matches_once("_INBOX.x.7");
+        assert_eq!(all_keys(&once), vec![1, 2]);
+        assert!(lock(&list.cache).is_empty(), "nothing cached");
+        assert_eq!(all_keys(&list.matches("_INBOX.x.7")), all_keys(&once));
+        assert!(all_keys(&list.matches_once("_INBOX")).is_empty());
     }
 
     #[test]

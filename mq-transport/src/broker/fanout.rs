@@ -81,7 +81,12 @@ impl Shared {
 
     /// Queues on every connection with room; collects the frames for full ones.
     fn route_now(&self, publish: &Publish, later: &mut Later) {
-        let found = self.subs.matches(&publish.subject);
+        // a reply goes to an inbox subject used once: caching it would only churn
+        let found = if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) {
+            self.subs.matches_once(&publish.subject)
+        } else {
+            self.subs.matches(&publish.subject)
+        };
         if found.is_empty() {
             if !publish.reply.is_empty() {
                 self.no_responders(publish, later);
