@@ -7,6 +7,7 @@
 //! (an `open`) and recovery touch the file system directly.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -144,14 +145,42 @@ struct Seen {
 }
 
 /// The `Msg-Id`s seen within the duplicate window.
+///
+/// Ids are indexed by a 64-bit keyed hash (SipHash with a key random per process, so
+/// a publisher cannot aim at collisions), computed once per id: the table grows and
+/// rehashes without reading the ids again. An id whose hash is already taken by another
+/// id goes to `collided`, looked at only when the first table does not have the id.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
     /// The window, in nanoseconds.
     pub(crate) window: i64,
-    /// Each id is allocated once, shared by the map and the order.
-    ids: HashMap<Arc<str>, Seen>,
+    /// Each id is allocated once, shared by the table and the order.
+    ids: HashMap<u64, (Arc<str>, Seen), BuildHasherDefault<Prehashed>>,
+    collided: HashMap<Arc<str>, Seen>,
+    hasher: std::hash::RandomState,
     /// Ids by time, oldest first, to expire them.
     order: VecDeque<(i64, Arc<str>)>,
+}
+
+/// The hasher of a table keyed by a hash already computed: it passes it through.
+#[derive(Debug, Default)]
+pub(crate) struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // only u64 keys are hashed here; any other input still hashes deterministically
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl Dedup {
@@ -163,6 +192,39 @@ impl Dedup {
         }
     }
 
+    fn hash(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    fn seen(&self, id: &str) -> Option<&Seen> {
+        match self.ids.get(&self.hash(id)) {
+            Some((stored, seen)) if &**stored == id => Some(seen),
+            _ if self.collided.is_empty() => None,
+            _ => self.collided.get(id),
+        }
+    }
+
+    fn seen_mut(&mut self, id: &str) -> Option<&mut Seen> {
+        let hash = self.hash(id);
+        match self.ids.get_mut(&hash) {
+            Some((stored, seen)) if &**stored == id => Some(seen),
+            _ => self.collided.get_mut(id),
+        }
+    }
+
+    fn remove(&mut self, id: &str) {
+        let hash = self.hash(id);
+        if self
+            .ids
+            .get(&hash)
+            .is_some_and(|(stored, _)| &**stored == id)
+        {
+            self.ids.remove(&hash);
+        } else {
+            self.collided.remove(id);
+        }
+    }
+
     /// Forgets the ids older than the window.
     pub(crate) fn expire(&mut self, now: i64) {
         let cutoff = now.saturating_sub(self.window);
@@ -171,15 +233,15 @@ impl Dedup {
                 break;
             }
             let (time, id) = self.order.pop_front().expect("checked");
-            if self.ids.get(&*id).is_some_and(|seen| seen.time == time) {
-                self.ids.remove(&*id);
+            if self.seen(&id).is_some_and(|seen| seen.time == time) {
+                self.remove(&id);
             }
         }
     }
 
     /// The sequence of the message stored with `id`, if within the window at `now`.
     pub(crate) fn get(&self, id: &str, now: i64) -> Option<u64> {
-        let seen = self.ids.get(id)?;
+        let seen = self.seen(id)?;
         (seen.time >= now.saturating_sub(self.window)).then_some(seen.seq)
     }
 
@@ -187,7 +249,22 @@ impl Dedup {
     /// segment starting at `holder`. Ids must come in time order.
     fn insert(&mut self, id: Arc<str>, seq: u64, time: i64, holder: u64) {
         self.order.push_back((time, id.clone()));
-        self.ids.insert(id, Seen { seq, time, holder });
+        let seen = Seen { seq, time, holder };
+        let hash = self.hash(&id);
+        if !self.collided.is_empty() {
+            self.collided.remove(&*id); // stated again: the newest statement wins
+        }
+        match self.ids.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert((id, seen));
+            }
+            std::collections::hash_map::Entry::Occupied(mut slot) if *slot.get().0 == *id => {
+                slot.insert((id, seen));
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {
+                self.collided.insert(id, seen);
+            }
+        }
     }
 
     /// Builds the window from ids read back (in any order), as of `now`.
@@ -206,7 +283,9 @@ impl Dedup {
     fn held_by(&self, since: i64, going: &[u64]) -> Vec<(u64, i64, String)> {
         let mut out: Vec<_> = self
             .ids
-            .iter()
+            .values()
+            .map(|(id, seen)| (id, seen))
+            .chain(self.collided.iter())
             .filter(|(_, seen)| seen.time >= since && going.contains(&seen.holder))
             .map(|(id, seen)| (seen.seq, seen.time, id.to_string()))
             .collect();
@@ -1154,7 +1233,7 @@ impl Log {
         // (these records never roll the segment: all went into the one written to)
         let holder = self.writing();
         for (_, _, id) in &ids {
-            if let Some(seen) = self.dedup.ids.get_mut(id.as_str()) {
+            if let Some(seen) = self.dedup.seen_mut(id) {
                 seen.holder = holder;
             }
         }
@@ -1565,6 +1644,35 @@ fn message_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_whose_hashes_collide_are_both_kept_found_and_expired() {
+        let mut dedup = Dedup::new(100);
+        // another id already holds the slot of `b`'s hash: a 64-bit collision
+        let hash_b = dedup.hash("b");
+        let other = Seen {
+            seq: 1,
+            time: 10,
+            holder: 1,
+        };
+        dedup.ids.insert(hash_b, (Arc::from("other"), other));
+        dedup.order.push_back((10, Arc::from("other")));
+        dedup.insert(Arc::from("b"), 2, 20, 1);
+        dedup.insert(Arc::from("a"), 3, 30, 1);
+        assert_eq!(dedup.collided.len(), 1, "`b` went aside");
+        assert_eq!(dedup.get("b", 50), Some(2));
+        assert_eq!(dedup.get("a", 50), Some(3));
+        assert_eq!(dedup.get("c", 50), None);
+        let held: Vec<u64> = dedup.held_by(0, &[1]).iter().map(|h| h.0).collect();
+        assert_eq!(held, vec![1, 2, 3]);
+        dedup.seen_mut("b").unwrap().holder = 7;
+        assert_eq!(dedup.held_by(0, &[7]).len(), 1);
+        // past the window of `b` (time 20), not of `a`
+        dedup.expire(125);
+        assert_eq!(dedup.get("b", 125), None);
+        assert_eq!(dedup.get("a", 125), Some(3));
+        assert!(dedup.collided.is_empty());
+    }
     use crate::fs::MemFs;
 
     fn log() -> Log {
