@@ -573,8 +573,11 @@ impl Delivery {
     /// Acknowledges the message: it is done with, and not delivered again (unless the
     /// consumer's state is lost before it is written: see [`Delivery::ack_confirmed`]).
     /// With [`AckPolicy::All`], every message delivered before it is acknowledged too.
-    /// On a broker the ack is sent and not waited for: an ack the broker refuses is
-    /// logged there; [`Delivery::ack_confirmed`] reports it.
+    /// On a broker the ack is queued on the bus and sent with the acks around it, in one
+    /// message: before the bus's next publish of any kind (so ahead of the next fetch),
+    /// or on the scheduler's next turn. It is not waited for: an ack the broker refuses
+    /// is logged there, and one lost with the connection is delivered again after the
+    /// ack wait. [`Delivery::ack_confirmed`] reports either.
     pub async fn ack(&self) -> Result<(), BusError> {
         self.send(Answer::Ack, false).await
     }
