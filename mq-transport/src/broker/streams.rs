@@ -2,10 +2,12 @@
 //! answers to fetched messages (`$CR.ACK.…`), served from the broker's store. The
 //! protocol is in [`crate::streams::wire`] and `docs/PROTOCOL.md`.
 //!
-//! A connection's durable publishes are stored in the order they arrive; their
-//! acknowledgements go back through one task per connection, in the same order, at most
-//! [`ACK_PIPELINE`] waiting (a publisher with more is read no further until one is
-//! answered). A fetch waits in a task of its own, at most [`MAX_FETCHES`] per
+//! A connection's durable publishes are stored in the order they arrive, and written
+//! once per read from its socket (at most [`MAX_DEFERRED`] at a time). Their
+//! acknowledgements go back in the same order: from the connection's own task when the
+//! write is done by the time it has read everything (`interval`, `never`), else through
+//! one task per connection, at most [`ACK_PIPELINE`] waiting (a publisher with more is
+//! read no further until one is answered). A fetch waits in a task of its own, at most [`MAX_FETCHES`] per
 //! connection; the connection's end cancels them, and what they had taken is
 //! delivered again after its ack wait, as for any consumer that goes away.
 
