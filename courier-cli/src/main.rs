@@ -26,12 +26,6 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use mq_transport::{Broker, BrokerConfig};
 
-/// mimalloc instead of glibc's allocator: the broker allocates and frees small buffers
-/// per message on every worker thread, which glibc's arenas serve slowly (README,
-/// "Performance", has the A/B figures).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Debug, Parser)]
 #[command(
     name = "courier",

@@ -1423,7 +1423,13 @@ impl Log {
                         salt: segment.salt,
                         start: u64::from(entry.pos),
                         len: 0,
-                        records: Vec::new(),
+                        // sized once (growing it entry by entry showed in profiles), and
+                        // never past what this segment holds
+                        records: Vec::with_capacity(
+                            (max_msgs - msgs)
+                                .min(segment.end_seq().saturating_sub(seq) as usize)
+                                .min(8192),
+                        ),
                     });
                     let rel = (u64::from(entry.pos) - span.start) as usize;
                     span.records.push((seq, rel, entry.len as usize));
