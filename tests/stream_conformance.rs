@@ -372,7 +372,7 @@ async fn a_plain_publish_to_a_stream_subject_is_stored_with_its_headers(fx: Fixt
     assert_eq!(ack.seq, 2);
     let stored = streams.get("ORDERS", 1).await.unwrap();
     assert_eq!(
-        (stored.subject.as_str(), &stored.payload[..]),
+        (&*stored.subject, &stored.payload[..]),
         ("orders.eu", &b"plain"[..])
     );
     assert_eq!(stored.header("Trace").map(|v| &v[..]), Some(&b"t-1"[..]));
@@ -537,7 +537,7 @@ async fn get_last_and_range_read_back_what_was_stored(fx: Fixture) {
     }
     let second = streams.get("ORDERS", 2).await.unwrap();
     assert_eq!(
-        (second.seq, second.subject.as_str(), &second.payload[..]),
+        (second.seq, &*second.subject, &second.payload[..]),
         (2, "orders.us", &b"b"[..])
     );
     assert_eq!(second.header("Customer").map(|v| &v[..]), Some(&b"7"[..]));

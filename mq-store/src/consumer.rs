@@ -1185,11 +1185,11 @@ impl Shared {
             .headers
             .iter()
             .filter(|(n, _)| {
-                n != crate::MSG_ID_HEADER
-                    && n != DELIVER_AT_HEADER
+                &**n != crate::MSG_ID_HEADER
+                    && &**n != DELIVER_AT_HEADER
                     && !n.starts_with("Courier-Dlq-")
             })
-            .map(|(n, v)| (n.as_str(), &v[..]))
+            .map(|(n, v)| (&**n, &v[..]))
             .collect();
         headers.extend([
             (DLQ_STREAM, stream_name.as_bytes()),
@@ -1346,7 +1346,7 @@ impl Shared {
     /// Marks done a message delivered before a restart and not read again since (an
     /// answer relayed by a broker that restarted): as an ack would have.
     fn finish_restored(&self, engine: &mut Engine, seq: u64) {
-        let subject = self.stream.get(seq).map(|m| Arc::from(m.subject.as_str()));
+        let subject = self.stream.get(seq).map(|m| m.subject);
         engine.restored.remove(&seq);
         engine.done.insert(seq);
         engine.log_done.push(seq);
@@ -1505,7 +1505,7 @@ impl Engine {
             self.insert(
                 seq,
                 Entry {
-                    subject: Arc::from(message.subject.as_str()),
+                    subject: message.subject.clone(),
                     key,
                     deliver_at: None,
                     deliveries,
@@ -1517,7 +1517,7 @@ impl Engine {
             return None;
         }
         let mut entry = Entry {
-            subject: Arc::from(message.subject.as_str()),
+            subject: message.subject.clone(),
             key: key.clone(),
             deliver_at: at,
             deliveries,

@@ -56,6 +56,6 @@ pub use consumer::{
 };
 pub use error::{ErrorKind, StoreError, WireError};
 pub use log::{MAX_MSG_ID_LEN, MSG_ID_HEADER};
-pub use message::{DELIVER_AT_HEADER, PubAck, Publish, StoredMessage};
+pub use message::{DELIVER_AT_HEADER, PubAck, Publish, SharedNames, StoredMessage};
 pub use store::{DeadLetterObserver, LOCK_FILE, Store};
 pub use stream::{AckFuture, Stream, StreamInfo, StreamState};

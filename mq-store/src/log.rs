@@ -1598,6 +1598,7 @@ fn msg_id_of(record: &Record<'_>) -> Result<Option<String>, String> {
 /// Reads the messages of `spans`, verifying each record.
 pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreError> {
     let mut out = Vec::with_capacity(spans.iter().map(|s| s.records.len()).sum());
+    let mut names = crate::SharedNames::default();
     for span in spans {
         let mut buf = vec![0; span.len];
         span.file
@@ -1607,7 +1608,9 @@ pub(crate) fn read_spans(spans: Vec<Span>) -> Result<Vec<StoredMessage>, StoreEr
         for (seq, rel, len) in span.records {
             let at = span.start + rel as u64;
             let bytes = buf.slice(rel..rel + len);
-            out.push(message_from(&span.path, span.salt, at, seq, &bytes)?);
+            out.push(message_from(
+                &span.path, span.salt, at, seq, &bytes, &mut names,
+            )?);
         }
     }
     Ok(out)
@@ -1619,6 +1622,7 @@ fn message_from(
     at: u64,
     seq: u64,
     bytes: &Bytes,
+    names: &mut crate::SharedNames,
 ) -> Result<StoredMessage, StoreError> {
     let record = record::decode_at_boundary(bytes, salt, MAX_RECORD_LEN)
         .map_err(|e| StoreError::corrupt(path, at, e))?;
@@ -1636,12 +1640,12 @@ fn message_from(
     let headers_at = subject_at + record.subject.len();
     let payload_at = headers_at + record.headers.len();
     let headers = bytes.slice(headers_at..payload_at);
-    let headers =
-        record::headers(&headers).map_err(|e: DecodeError| StoreError::corrupt(path, at, e))?;
+    let headers = record::headers(&headers, names)
+        .map_err(|e: DecodeError| StoreError::corrupt(path, at, e))?;
     Ok(StoredMessage {
         seq,
         time: record.time,
-        subject: record.subject.to_owned(),
+        subject: names.subject(record.subject),
         headers,
         payload: bytes.slice(payload_at..),
     })

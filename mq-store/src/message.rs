@@ -1,5 +1,7 @@
 //! Messages as a stream returns them, and its acknowledgement of a publish.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// A message read back from a stream.
@@ -9,10 +11,11 @@ pub struct StoredMessage {
     pub seq: u64,
     /// When it was stored, in nanoseconds since the Unix epoch.
     pub time: i64,
-    /// The subject it was published to.
-    pub subject: String,
-    /// Its headers, in order; names keep their case.
-    pub headers: Vec<(String, Bytes)>,
+    /// The subject it was published to. Shared: the messages of one read that have
+    /// the same subject share one allocation of it.
+    pub subject: Arc<str>,
+    /// Its headers, in order; names keep their case. Names are shared like subjects.
+    pub headers: Vec<(Arc<str>, Bytes)>,
     /// Its payload.
     pub payload: Bytes,
 }
@@ -20,7 +23,10 @@ pub struct StoredMessage {
 impl StoredMessage {
     /// The first value of header `name`.
     pub fn header(&self, name: &str) -> Option<&Bytes> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+        self.headers
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v)
     }
 }
 
@@ -66,3 +72,56 @@ pub struct Publish {
 /// epoch. Consumers hold the message back until then; a value that does not parse is
 /// ignored (the message is delivered at once).
 pub const DELIVER_AT_HEADER: &str = "Courier-Deliver-At";
+
+/// Shared copies of the subjects and header names of a run of messages, as one read
+/// returns them: a name equal to the one in the same place of the message before is not
+/// allocated again. Streams usually repeat their subjects and header names, so a read
+/// of many messages allocates each once.
+///
+/// ```
+/// use mq_store::SharedNames;
+///
+/// let mut names = SharedNames::default();
+/// let a = names.subject("orders.eu");
+/// let b = names.subject("orders.eu");
+/// assert!(std::sync::Arc::ptr_eq(&a, &b));
+/// assert_eq!(&*names.subject("orders.us"), "orders.us");
+/// let id = names.header(0, "Msg-Id");
+/// assert!(std::sync::Arc::ptr_eq(&id, &names.header(0, "Msg-Id")));
+/// ```
+#[derive(Debug, Default)]
+pub struct SharedNames {
+    subject: Option<Arc<str>>,
+    headers: Vec<Arc<str>>,
+}
+
+impl SharedNames {
+    /// `subject`, shared with the previous subject asked for if it is the same.
+    pub fn subject(&mut self, subject: &str) -> Arc<str> {
+        match &self.subject {
+            Some(last) if **last == *subject => last.clone(),
+            _ => {
+                let fresh: Arc<str> = Arc::from(subject);
+                self.subject = Some(fresh.clone());
+                fresh
+            }
+        }
+    }
+
+    /// The name of header number `index` of a message, shared with the previous name
+    /// asked for at that index if it is the same.
+    pub fn header(&mut self, index: usize, name: &str) -> Arc<str> {
+        if let Some(last) = self.headers.get(index)
+            && **last == *name
+        {
+            return last.clone();
+        }
+        let fresh: Arc<str> = Arc::from(name);
+        if index < self.headers.len() {
+            self.headers[index] = fresh.clone();
+        } else if index == self.headers.len() && index < 64 {
+            self.headers.push(fresh.clone());
+        }
+        fresh
+    }
+}

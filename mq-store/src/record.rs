@@ -388,13 +388,19 @@ pub fn encode_headers<'a>(
 }
 
 /// Decodes a headers block into owned pairs, sharing `block`'s allocation.
-pub fn headers(block: &Bytes) -> Result<Vec<(String, Bytes)>, DecodeError> {
+pub fn headers(
+    block: &Bytes,
+    names: &mut crate::SharedNames,
+) -> Result<Vec<(std::sync::Arc<str>, Bytes)>, DecodeError> {
     let mut out = Vec::new();
     let mut rest = &block[..];
     while !rest.is_empty() {
         let (name, value) = next_header(&mut rest)?;
         let start = block.len() - rest.len() - value.len();
-        out.push((name.to_owned(), block.slice(start..start + value.len())));
+        out.push((
+            names.header(out.len(), name),
+            block.slice(start..start + value.len()),
+        ));
     }
     Ok(out)
 }
@@ -491,8 +497,12 @@ mod tests {
         assert_eq!(record.kind, Kind::Message);
         assert_eq!((record.seq, record.time, record.subject), (42, -5, "a.b"));
         assert_eq!(record.payload, b"payload");
-        let parsed = super::headers(&Bytes::copy_from_slice(record.headers)).unwrap();
-        assert_eq!(parsed[0], ("Msg-Id".to_owned(), Bytes::from_static(b"a1")));
+        let parsed = super::headers(
+            &Bytes::copy_from_slice(record.headers),
+            &mut crate::SharedNames::default(),
+        )
+        .unwrap();
+        assert_eq!(parsed[0], ("Msg-Id".into(), Bytes::from_static(b"a1")));
         assert_eq!(find_header(record.headers, "k").unwrap(), Some(&b""[..]));
         assert_eq!(find_header(record.headers, "none").unwrap(), None);
     }
@@ -535,7 +545,7 @@ mod tests {
     #[test]
     fn a_malformed_headers_block_is_an_error_not_a_panic() {
         let block = Bytes::from_static(&[5, 0, b'a']);
-        assert!(headers(&block).is_err());
+        assert!(headers(&block, &mut crate::SharedNames::default()).is_err());
         assert!(find_header(&[1, 0, b'a', 9, 0, 0, 0, 1], "a").is_err());
     }
 

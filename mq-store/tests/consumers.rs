@@ -309,7 +309,7 @@ async fn a_terminated_message_becomes_a_dead_letter_with_its_origin_and_reason()
         .unwrap()
         .pop()
         .unwrap();
-    assert_eq!(letter.message.subject, "$DLQ.ORDERS.billing");
+    assert_eq!(&*letter.message.subject, "$DLQ.ORDERS.billing");
     assert_eq!(letter.message.payload, &b"poison"[..]);
     assert_eq!(header(&letter, "Courier-Dlq-Stream"), "ORDERS");
     assert_eq!(header(&letter, "Courier-Dlq-Consumer"), "billing");
@@ -396,7 +396,7 @@ async fn dead_letters_go_to_a_named_stream_and_without_any_are_counted_as_unstor
     let d = named.fetch(1, WAIT).await.unwrap().pop().unwrap();
     d.term("bad").await.unwrap();
     let kept = store.stream("POISON").unwrap().get(1).unwrap();
-    assert_eq!(kept.subject, "$DLQ.S.named");
+    assert_eq!(&*kept.subject, "$DLQ.S.named");
     assert_eq!(
         kept.header("Courier-Dlq-Reason").unwrap(),
         &b"term: bad"[..]

@@ -74,7 +74,7 @@ proptest! {
             prop_assert!(recovered.len() <= appended.len());
             for (i, message) in recovered.iter().enumerate() {
                 prop_assert_eq!(message.seq, i as u64 + 1);
-                prop_assert_eq!(&message.subject, &appended[i].0);
+                prop_assert_eq!(&*message.subject, appended[i].0.as_str());
                 prop_assert_eq!(&message.payload[..], &appended[i].1[..]);
             }
             if let Ok(stream) = store.stream("P") {

@@ -19,7 +19,7 @@ use mq_store::record::{
     self, Kind, Record, SegmentHeader, decode, decode_segment_header, encode, encode_headers,
     encode_segment_header,
 };
-use mq_store::{MAX_MSG_SIZE, Publish, Store, StreamConfig};
+use mq_store::{MAX_MSG_SIZE, Publish, SharedNames, Store, StreamConfig};
 
 /// The document the vectors must agree with.
 const STORAGE_MD: &str = include_str!("../../docs/STORAGE.md");
@@ -216,7 +216,11 @@ fn a_message_record_without_headers_is_encoded_exactly_as_storage_md_shows() {
         }
     );
     assert_eq!(record::peek_len(&MESSAGE), Some(47));
-    assert!(record::headers(&Bytes::new()).unwrap().is_empty());
+    assert!(
+        record::headers(&Bytes::new(), &mut SharedNames::default())
+            .unwrap()
+            .is_empty()
+    );
 }
 
 #[test]
@@ -225,12 +229,16 @@ fn a_headers_block_is_encoded_exactly_as_storage_md_shows() {
     encode_headers(&mut block, [("Region", &b"eu"[..]), ("Msg-Id", &b"42"[..])]);
     assert_bytes(&block, &HEADERS_BLOCK, "headers block");
 
-    let parsed = record::headers(&Bytes::from_static(&HEADERS_BLOCK)).unwrap();
+    let parsed = record::headers(
+        &Bytes::from_static(&HEADERS_BLOCK),
+        &mut SharedNames::default(),
+    )
+    .unwrap();
     assert_eq!(
         parsed,
         [
-            ("Region".to_owned(), Bytes::from_static(b"eu")),
-            ("Msg-Id".to_owned(), Bytes::from_static(b"42")),
+            ("Region".into(), Bytes::from_static(b"eu")),
+            ("Msg-Id".into(), Bytes::from_static(b"42")),
         ]
     );
     assert_eq!(

@@ -289,7 +289,7 @@ fn real_msgs(stream: &Stream) -> BTreeMap<u64, Msg> {
             (
                 m.seq,
                 Msg {
-                    subject: m.subject,
+                    subject: m.subject.to_string(),
                     payload: m.payload.to_vec(),
                     time: m.time,
                     msg_id: id,

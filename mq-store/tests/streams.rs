@@ -114,6 +114,29 @@ async fn published_messages_are_read_back_by_sequence_subject_and_range() {
 }
 
 #[tokio::test]
+async fn the_messages_of_one_read_share_their_repeated_subjects_and_header_names() {
+    let store = Store::memory();
+    let stream = store.create(StreamConfig::new("S", ["a.>"])).unwrap();
+    for subject in ["a.x", "a.x", "a.y", "a.y"] {
+        let headers: [(&str, &[u8]); 1] = [("Region", b"eu")];
+        stream
+            .publish(subject, &headers, b"m", &Publish::default())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let read = stream.range(1, 4, usize::MAX).unwrap();
+    let subjects: Vec<&str> = read.iter().map(|m| &*m.subject).collect();
+    assert_eq!(subjects, ["a.x", "a.x", "a.y", "a.y"]);
+    assert!(Arc::ptr_eq(&read[0].subject, &read[1].subject));
+    assert!(Arc::ptr_eq(&read[2].subject, &read[3].subject));
+    assert!(Arc::ptr_eq(&read[0].headers[0].0, &read[3].headers[0].0));
+    assert_eq!(&*read[3].headers[0].0, "Region");
+    assert_eq!(read[3].header("Region").unwrap(), &b"eu"[..]);
+}
+
+#[tokio::test]
 async fn a_byte_budget_limits_a_range_read_but_one_message_is_always_returned() {
     let store = Store::memory();
     let stream = store.create(StreamConfig::new("S", ["a"])).unwrap();

@@ -121,7 +121,7 @@ proptest! {
                     let original = stored.iter().find(|(s, _, _)| *s == seq);
                     prop_assert!(original.is_some(), "served {seq}, never stored");
                     let (_, subject, payload) = original.unwrap();
-                    prop_assert_eq!(&message.subject, subject);
+                    prop_assert_eq!(&*message.subject, subject.as_str());
                     prop_assert_eq!(&message.payload[..], &payload[..]);
                 }
             }
@@ -134,7 +134,7 @@ proptest! {
             }
             for subject in ["u.0", "u.1", "u.2"] {
                 if let Ok(message) = stream.last(subject) {
-                    prop_assert_eq!(&message.subject, subject);
+                    prop_assert_eq!(&*message.subject, subject);
                 }
             }
             if let Ok(ack) = stream.publish("u.0", &[], b"after", &Publish::default()).await {

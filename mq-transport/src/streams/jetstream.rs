@@ -741,8 +741,8 @@ impl Js {
         let subject = format!("$DLQ.{}.{}", consumer.stream, consumer.name);
         let mut letter = Message::new(subject.clone(), message.payload.clone());
         for (name, value) in &message.headers {
-            if name != mq_store::MSG_ID_HEADER {
-                letter.headers.append(name.clone(), value.clone());
+            if &**name != mq_store::MSG_ID_HEADER {
+                letter.headers.append(name.to_string(), value.clone());
             }
         }
         let [
@@ -756,7 +756,9 @@ impl Js {
         letter.headers.insert(stream_h, consumer.stream.to_string());
         letter.headers.insert(consumer_h, consumer.name.to_string());
         letter.headers.insert(seq_h, message.seq.to_string());
-        letter.headers.insert(subject_h, message.subject.clone());
+        letter
+            .headers
+            .insert(subject_h, message.subject.to_string());
         letter.headers.insert(deliveries_h, deliveries.to_string());
         letter.headers.insert(reason_h, reason.to_owned());
         let once = Publish {
@@ -864,19 +866,19 @@ fn stored(message: jetstream::message::StreamMessage) -> StoredMessage {
     StoredMessage {
         seq: message.sequence,
         time: i64::try_from(message.time.unix_timestamp_nanos()).unwrap_or(0),
-        subject: message.subject.to_string(),
+        subject: Arc::from(message.subject.as_str()),
         headers: stored_headers(Some(&message.headers)),
         payload: message.payload,
     }
 }
 
 /// NATS headers as a stored message's, with `Nats-Msg-Id` as courier's `Msg-Id`.
-fn stored_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(String, bytes::Bytes)> {
+fn stored_headers(headers: Option<&async_nats::HeaderMap>) -> Vec<(Arc<str>, bytes::Bytes)> {
     let mut out = Vec::new();
     for (name, values) in headers.into_iter().flat_map(|h| h.iter()) {
-        let name = match name.to_string() {
-            n if n == "Nats-Msg-Id" => mq_store::MSG_ID_HEADER.to_owned(),
-            n => n,
+        let name: Arc<str> = match name.as_ref() {
+            "Nats-Msg-Id" => Arc::from(mq_store::MSG_ID_HEADER),
+            n => Arc::from(n),
         };
         for value in values {
             out.push((name.clone(), bytes::Bytes::from(value.to_string())));
@@ -995,7 +997,7 @@ impl JsConsumer {
         let stored_message = StoredMessage {
             seq,
             time,
-            subject: message.subject.to_string(),
+            subject: Arc::from(message.subject.as_str()),
             headers: stored_headers(message.headers.as_ref()),
             payload: message.payload.clone(),
         };

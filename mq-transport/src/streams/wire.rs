@@ -15,10 +15,11 @@
 //! * A range or fetch asked with `"packed": true` gets its messages packed, many to one
 //!   message ([`PACKED_HEADER`], [`pack`]), before the end of the batch.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use mq_store::{Answer, ErrorKind, Publish, StoreError, StoredMessage, WireError};
+use mq_store::{Answer, ErrorKind, Publish, SharedNames, StoreError, StoredMessage, WireError};
 use rpc_core::Metadata;
 use serde::{Deserialize, Serialize};
 
@@ -165,7 +166,8 @@ struct Unpacker {
 }
 
 impl Unpacker {
-    fn take(&mut self, n: usize, field: &str) -> Result<Bytes, String> {
+    /// Where the next `n` bytes are, once checked against what is left.
+    fn next(&mut self, n: usize, field: &str) -> Result<std::ops::Range<usize>, String> {
         let left = self.bytes.len() - self.at;
         if n > left {
             return Err(format!(
@@ -173,15 +175,20 @@ impl Unpacker {
                 self.at
             ));
         }
-        let out = self.bytes.slice(self.at..self.at + n);
+        let range = self.at..self.at + n;
         self.at += n;
-        Ok(out)
+        Ok(range)
+    }
+
+    fn take(&mut self, n: usize, field: &str) -> Result<Bytes, String> {
+        let range = self.next(n, field)?;
+        Ok(self.bytes.slice(range))
     }
 
     fn int<const N: usize>(&mut self, field: &str) -> Result<[u8; N], String> {
-        let bytes = self.take(N, field)?;
+        let range = self.next(N, field)?;
         let mut out = [0u8; N];
-        out.copy_from_slice(&bytes);
+        out.copy_from_slice(&self.bytes[range]);
         Ok(out)
     }
 
@@ -197,11 +204,11 @@ impl Unpacker {
         Ok(u64::from_be_bytes(self.int(field)?))
     }
 
-    fn str16(&mut self, field: &str) -> Result<String, String> {
+    fn str16(&mut self, field: &str) -> Result<&str, String> {
         let len = self.u16(field)?;
         let at = self.at;
-        let bytes = self.take(len, field)?;
-        String::from_utf8(bytes.to_vec())
+        let range = self.next(len, field)?;
+        std::str::from_utf8(&self.bytes[range])
             .map_err(|_| format!("packed message at byte {at}: field `{field}` is not UTF-8"))
     }
 }
@@ -219,6 +226,7 @@ pub(crate) fn unpack(
     };
     // every packed message takes at least 24 bytes: a lying count cannot allocate much
     let mut out = Vec::with_capacity(count.min(r.bytes.len() / 24 + 1));
+    let mut names = SharedNames::default();
     for _ in 0..count {
         let seq = r.u64("seq")?;
         let time = i64::from_be_bytes(r.int("time")?);
@@ -231,11 +239,11 @@ pub(crate) fn unpack(
         } else {
             None
         };
-        let subject = r.str16("subject")?;
+        let subject = names.subject(r.str16("subject")?);
         let headers_len = r.u16("headers")?;
         let mut headers = Vec::with_capacity(headers_len.min(64));
-        for _ in 0..headers_len {
-            let name = r.str16("header name")?;
+        for index in 0..headers_len {
+            let name = names.header(index, r.str16("header name")?);
             let len = r.u32("header value")? as usize;
             headers.push((name, r.take(len, "header value")?));
         }
@@ -334,9 +342,9 @@ pub(crate) fn option_headers(headers: &mut Metadata, options: &Publish) {
 pub(crate) fn message_headers(message: &StoredMessage) -> Metadata {
     let mut headers = Metadata::new();
     for (name, value) in &message.headers {
-        headers.append(name.clone(), value.clone());
+        headers.append(name.to_string(), value.clone());
     }
-    headers.append(SUBJECT_HEADER, message.subject.clone());
+    headers.append(SUBJECT_HEADER, message.subject.to_string());
     headers.append(SEQ_HEADER, message.seq.to_string());
     headers.append(TIME_HEADER, message.time.to_string());
     headers
@@ -350,10 +358,10 @@ pub(crate) fn stored_message(headers: &Metadata, payload: Bytes) -> Result<Store
     let mut own = Vec::with_capacity(headers.len().saturating_sub(3));
     for (name, value) in headers.iter() {
         match name.as_str() {
-            SUBJECT_HEADER => subject = std::str::from_utf8(value).ok().map(str::to_owned),
+            SUBJECT_HEADER => subject = std::str::from_utf8(value).ok().map(Arc::<str>::from),
             SEQ_HEADER => seq = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
             TIME_HEADER => time = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()),
-            _ => own.push((name.to_string(), value.clone())),
+            _ => own.push((Arc::from(name.as_str()), value.clone())),
         }
     }
     match (subject, seq, time) {
@@ -635,11 +643,11 @@ mod tests {
         );
     }
 
-    fn stored(seq: u64, headers: Vec<(String, Bytes)>, payload: &'static [u8]) -> StoredMessage {
+    fn stored(seq: u64, headers: Vec<(Arc<str>, Bytes)>, payload: &'static [u8]) -> StoredMessage {
         StoredMessage {
             seq,
             time: -7 + seq as i64,
-            subject: format!("orders.{seq}"),
+            subject: format!("orders.{seq}").into(),
             headers,
             payload: Bytes::from_static(payload),
         }
