@@ -383,3 +383,80 @@ async fn on_a_broker_under_fsync_every_pipelined_publishes_are_acknowledged_in_o
     );
     assert_eq!(streams.info("P").await.unwrap().state.msgs, 5000);
 }
+
+#[tokio::test]
+async fn a_durable_publish_and_a_ping_in_one_read_are_answered_with_nothing_more_sent() {
+    use bytes::BytesMut;
+    use courier::bus::{Broker, BrokerConfig, Fsync};
+    use courier::codec::FrameCodec;
+    use courier::frame::{Connect, Frame, Publish as PubFrame, Subscribe};
+    use futures_util::StreamExt;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::{Encoder, FramedRead};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig::default();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    config.fsync = Some(Fsync::Every(Duration::from_secs(120)));
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    bus.streams()
+        .unwrap()
+        .create(StreamConfig::new("P", ["p.>"]))
+        .await
+        .unwrap();
+
+    let socket = tokio::net::TcpStream::connect(broker.local_addr())
+        .await
+        .unwrap();
+    let (read, mut write) = socket.into_split();
+    let mut frames = FramedRead::new(read, FrameCodec::new(1 << 20));
+    let mut codec = FrameCodec::new(1 << 20);
+    let mut bytes = BytesMut::new();
+    let hello = Frame::Connect(Connect {
+        name: "raw".into(),
+        ..Connect::default()
+    });
+    codec.encode(&hello, &mut bytes).unwrap();
+    let sub = Frame::Sub(Subscribe {
+        sid: 1,
+        subject: "raw.reply".into(),
+        queue: "".into(),
+    });
+    codec.encode(&sub, &mut bytes).unwrap();
+    write.write_all(&bytes).await.unwrap();
+    assert!(matches!(
+        timeout(frames.next()).await,
+        Some(Ok(Frame::Connect(_)))
+    ));
+
+    // one write: the publish, then a ping, which the broker answers and keeps to itself;
+    // then nothing more from this peer
+    let mut publish = PubFrame {
+        subject: "p.x".into(),
+        reply: "raw.reply".into(),
+        payload: "stored".into(),
+        ..PubFrame::default()
+    };
+    publish.headers.insert("Courier-Durable", "1");
+    bytes.clear();
+    codec.encode(&Frame::Pub(publish), &mut bytes).unwrap();
+    codec.encode(&Frame::Ping { nonce: 7 }, &mut bytes).unwrap();
+    write.write_all(&bytes).await.unwrap();
+
+    let answer = timeout(async {
+        loop {
+            match frames.next().await {
+                Some(Ok(Frame::Msg(msg))) => return msg,
+                Some(Ok(_)) => {} // the pong, the broker's pings
+                other => panic!("connection ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(answer.subject.as_str(), "raw.reply");
+    let ack = String::from_utf8_lossy(&answer.payload);
+    assert!(ack.contains(r#""seq":1,"#), "answer: {ack}");
+    drop(bus);
+    broker.shutdown().await;
+}

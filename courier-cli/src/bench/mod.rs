@@ -348,11 +348,21 @@ pub(crate) struct ChildServer {
 impl ChildServer {
     pub(crate) fn start(args: &[&str]) -> Result<ChildServer, String> {
         let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+        // the server's log is dropped, or appended to $COURIER_BENCH_SERVER_LOG
+        let stderr = match std::env::var_os("COURIER_BENCH_SERVER_LOG") {
+            Some(path) => std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map(Stdio::from)
+                .map_err(|e| format!("cannot open {}: {e}", path.to_string_lossy()))?,
+            None => Stdio::null(),
+        };
         let mut child = Command::new(&exe)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .map_err(|e| format!("cannot start `{} {}`: {e}", exe.display(), args.join(" ")))?;
         let stdout = child.stdout.take().ok_or("no stdout from the child")?;

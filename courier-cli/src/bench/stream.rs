@@ -1032,6 +1032,12 @@ impl Acks {
         match result {
             Ok(ack) => {
                 if ack.stream != STREAM || ack.duplicate || ack.seq != self.last_seq + 1 {
+                    if self.mismatches < 5 {
+                        eprintln!(
+                            "# unexpected ack after seq {}: stream {}, seq {}, duplicate {}",
+                            self.last_seq, ack.stream, ack.seq, ack.duplicate
+                        );
+                    }
                     self.mismatches += 1;
                 }
                 self.last_seq = ack.seq;

@@ -2,6 +2,7 @@
 //! `Sub`, `Unsub` and `GoAway` frames, one function each.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use rpc_core::connection::FrameReader;
@@ -52,7 +53,31 @@ impl<'a> Session<'a> {
         reader: &mut FrameReader<R>,
     ) -> Result<(), ConnectionError> {
         self.on_connect(reader).await?;
-        while let Some(frame) = reader.next().await {
+        loop {
+            let frame = {
+                let mut next = std::pin::pin!(reader.next());
+                if self.streams.has_deferred() {
+                    // Durable publishes are written once the next frame is not at hand
+                    // (nothing more buffered or ready on the socket): one write for all
+                    // that one burst from the peer brought. Asked without waiting; a
+                    // ping or pong consumed on the way counts as nothing at hand.
+                    let polled = next
+                        .as_mut()
+                        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+                    match polled {
+                        std::task::Poll::Ready(frame) => frame,
+                        std::task::Poll::Pending => {
+                            self.streams.commit_deferred(self.shared).await;
+                            next.await
+                        }
+                    }
+                } else {
+                    next.await
+                }
+            };
+            let Some(frame) = frame else {
+                break;
+            };
             match frame? {
                 Frame::Pub(publish) => self.on_pub(publish).await?,
                 Frame::Sub(sub) => self.on_sub(sub).await?,
@@ -65,11 +90,8 @@ impl<'a> Session<'a> {
                     }));
                 }
             }
-            // durable publishes are written once per read from the peer (or per
-            // MAX_DEFERRED of them), with one write for all of them
-            if self.streams.has_deferred()
-                && (!reader.has_buffered_bytes() || self.streams.many_deferred())
-            {
+            // ... or once MAX_DEFERRED of them wait
+            if self.streams.many_deferred() {
                 self.streams.commit_deferred(self.shared).await;
             }
         }

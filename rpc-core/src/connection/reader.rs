@@ -156,13 +156,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         error
     }
 
-    /// Whether bytes read from the peer wait in the buffer: a next frame, or part of one.
-    /// When there are none, the next [`FrameReader::next`] reads from the socket: a
-    /// server that batches work per read (a broker's writes to disk) does it then.
-    pub fn has_buffered_bytes(&self) -> bool {
-        !self.framed.read_buffer().is_empty()
-    }
-
     /// Ends the connection because the peer sent a well-formed frame that is not allowed
     /// here; returns the error for the caller to report.
     pub fn protocol_violation(&mut self, error: ProtocolError) -> ConnectionError {
