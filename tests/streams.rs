@@ -460,3 +460,51 @@ async fn a_durable_publish_and_a_ping_in_one_read_are_answered_with_nothing_more
     drop(bus);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_with_a_small_frame_limit_reads_and_fetches_every_message_of_a_large_batch() {
+    use courier::bus::{Broker, BrokerConfig, ConnectOptions, ConsumerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig::default();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let mut options = ConnectOptions::default();
+    options.connection.max_frame_len = 32 * 1024;
+    let bus = Bus::connect_with(broker.local_addr().to_string(), options)
+        .await
+        .unwrap();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("BIG", ["big.>"]))
+        .await
+        .unwrap();
+    // 300 KB in all: more than a pack's usual size and than this client's frame limit
+    for i in 0..300u32 {
+        let payload = format!("{i:04}").repeat(250);
+        timeout(streams.publish("big.x", payload).await.unwrap())
+            .await
+            .unwrap();
+    }
+    let read = timeout(streams.range("BIG", 1, 300, usize::MAX))
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 300, "every message of the range");
+    assert!(read.iter().enumerate().all(
+        |(i, m)| m.payload.len() == 1000 && m.payload.starts_with(format!("{i:04}").as_bytes())
+    ));
+    let consumer = streams
+        .create_consumer("BIG", ConsumerConfig::durable("all"))
+        .await
+        .unwrap();
+    let mut fetched = 0;
+    while fetched < 300 {
+        let batch = timeout(consumer.fetch(300, Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "fetched {fetched} of 300, then nothing");
+        fetched += batch.len();
+    }
+    assert_eq!(fetched, 300);
+    drop(bus);
+    broker.shutdown().await;
+}

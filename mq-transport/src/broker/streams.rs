@@ -161,7 +161,14 @@ pub(super) struct StreamSession {
     /// answers come in runs for one consumer, and this spares a lookup per answer. A
     /// deleted consumer is closed, and then looked up again.
     answering: Option<(String, String, Consumer)>,
+    /// How large a pack may grow for this connection: [`PACK_BYTES`], or less when
+    /// the frame limit the peer stated is smaller ([`StreamSession::limit_packs`]).
+    pack_bytes: usize,
 }
+
+/// Room left in a pack's frame for its other fields: the subject it is sent to (at
+/// most 4 KiB), its header and the frame's own fields.
+const PACK_HEADROOM: usize = 8 * 1024;
 
 impl StreamSession {
     pub(super) fn new(conn_id: u64) -> StreamSession {
@@ -177,7 +184,15 @@ impl StreamSession {
             deferred_acks: std::collections::VecDeque::new(),
             in_pipeline: Arc::new(AtomicU64::new(0)),
             answering: None,
+            pack_bytes: PACK_BYTES,
         }
+    }
+
+    /// Keeps packs within the largest frame this connection may be sent (the lower of
+    /// the broker's limit and the one the peer stated): a pack over it could not be
+    /// sent. (A message that alone is over it cannot be sent either, packed or not.)
+    pub(super) fn limit_packs(&mut self, max_frame_len: usize) {
+        self.pack_bytes = PACK_BYTES.min(max_frame_len.saturating_sub(PACK_HEADROOM));
     }
 
     /// Whether enough durable publishes wait to be written without waiting for the
@@ -530,7 +545,8 @@ impl StreamSession {
         match found {
             Ok((messages, packed)) => {
                 let messages = messages.into_iter().map(|m| (m, None));
-                send_batch(shared, to, messages, None, packed).await;
+                let pack_bytes = packed.then_some(self.pack_bytes);
+                send_batch(shared, to, messages, None, pack_bytes).await;
             }
             Err(e) => reply_error(shared, to, &e).await,
         }
@@ -566,6 +582,7 @@ impl StreamSession {
             Err(e) => return reply_error(shared, to, &e).await,
         };
         let (shared, stop, to) = (shared.clone(), self.stop.clone(), to.clone());
+        let pack_bytes = request.packed.then_some(self.pack_bytes);
         tokio::spawn(async move {
             let _permit = permit;
             let wait = Duration::from_millis(request.max_wait_ms);
@@ -589,7 +606,7 @@ impl StreamSession {
                         (delivery.message, Some(place))
                     });
                     let names = Some((&*names.0, &*names.1));
-                    send_batch(&shared, &to, messages, names, request.packed).await;
+                    send_batch(&shared, &to, messages, names, pack_bytes).await;
                 }
                 Err(e) => reply_error(&shared, &to, &WireError::from(&e)).await,
             }
@@ -772,27 +789,26 @@ async fn reply_error(shared: &Shared, to: &Utf8Bytes, error: &WireError) {
 }
 
 /// Sends messages read from a stream to `to`, then the end of the batch: one message
-/// each, or packed, up to about [`PACK_BYTES`] a pack. Fetched messages have a place and
-/// `names` (stream, consumer) for their ack subjects.
+/// each, or with `pack_bytes`, packed, up to about that many bytes a pack. Fetched
+/// messages have a place and `names` (stream, consumer) for their ack subjects.
 async fn send_batch(
     shared: &Shared,
     to: &Utf8Bytes,
     messages: impl Iterator<Item = (StoredMessage, Option<Place>)>,
     names: Option<(&str, &str)>,
-    packed: bool,
+    pack_bytes: Option<usize>,
 ) {
     let mut n = 0;
     let mut pack = BytesMut::new();
     let mut in_pack = 0usize;
     for (message, place) in messages {
         n += 1;
-        let len = if packed {
-            wire::packed_len(&message, place)
-        } else {
-            None
+        let len = match pack_bytes {
+            Some(_) => wire::packed_len(&message, place),
+            None => None,
         };
-        if let Some(len) = len {
-            if in_pack > 0 && pack.len() + len > PACK_BYTES {
+        if let (Some(len), Some(limit)) = (len, pack_bytes) {
+            if in_pack > 0 && pack.len() + len > limit {
                 send_pack(shared, to, &mut pack, &mut in_pack).await;
             }
             wire::pack(&mut pack, &message, place);
