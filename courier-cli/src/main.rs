@@ -140,7 +140,8 @@ enum BenchCommand {
     Bus(bench::bus::BusFlags),
     /// The floor: the RPC scenarios on bare tokio + LengthDelimitedCodec.
     Raw(bench::RpcFlags),
-    /// Durable streams: JetStream's publish and replay scenarios on the embedded bus.
+    /// Durable streams: JetStream's publish, consume and replay scenarios, on a broker
+    /// child process (default) or the embedded bus.
     Stream(bench::stream::StreamFlags),
     /// The RPC bench's server (run by `bench rpc`).
     #[command(hide = true)]
