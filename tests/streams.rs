@@ -508,3 +508,60 @@ async fn a_client_with_a_small_frame_limit_reads_and_fetches_every_message_of_a_
     drop(bus);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn malformed_packed_acks_are_dropped_and_the_connection_and_consumer_carry_on() {
+    use courier::bus::{Broker, BrokerConfig, ConsumerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig::default();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let streams = bus.streams().unwrap();
+    streams
+        .create(StreamConfig::new("S", ["s.>"]))
+        .await
+        .unwrap();
+    for payload in ["one", "two"] {
+        timeout(streams.publish("s.x", payload).await.unwrap())
+            .await
+            .unwrap();
+    }
+    let consumer = streams
+        .create_consumer("S", ConsumerConfig::durable("c"))
+        .await
+        .unwrap();
+    let fetched = timeout(consumer.fetch(2, Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(fetched.len(), 2);
+
+    // each names message 2 wrongly: a sequence cut short, no consumer, an unknown
+    // consumer; and a message never delivered
+    let two = 2u64.to_be_bytes().to_vec();
+    let bad: [(&str, Vec<u8>); 4] = [
+        ("$CR.ACKS.S.c", two[1..].to_vec()),
+        ("$CR.ACKS.S", two.clone()),
+        ("$CR.ACKS.S.nope", two),
+        ("$CR.ACKS.S.c", 99u64.to_be_bytes().to_vec()),
+    ];
+    for (subject, payload) in bad {
+        bus.publish(subject, payload).await.unwrap();
+    }
+    fetched[0].ack().await.unwrap();
+    bus.flush().await.unwrap();
+
+    // answered on the same connection, after the acks: one done, one still pending
+    let info = timeout(consumer.info()).await.unwrap();
+    assert_eq!(
+        (info.ack_floor, info.num_ack_pending),
+        (1, 1),
+        "after the malformed acks and one good one"
+    );
+    fetched[1].ack().await.unwrap();
+    bus.flush().await.unwrap();
+    let info = timeout(consumer.info()).await.unwrap();
+    assert_eq!((info.ack_floor, info.num_ack_pending), (2, 0));
+    drop(bus);
+    broker.shutdown().await;
+}
