@@ -3,7 +3,8 @@
 //! protocol is in [`crate::streams::wire`] and `docs/PROTOCOL.md`.
 //!
 //! A connection's durable publishes are stored in the order they arrive, and written
-//! once per read from its socket (at most [`MAX_DEFERRED`] at a time). Their
+//! together once its next frame is not at hand: none buffered, none ready on the socket
+//! (or once [`MAX_DEFERRED`] wait). Their
 //! acknowledgements go back in the same order: from the connection's own task when the
 //! write is done by the time it has read everything (`interval`, `never`), else through
 //! one task per connection, at most [`ACK_PIPELINE`] waiting (a publisher with more is
@@ -148,7 +149,8 @@ pub(super) struct StreamSession {
     stop: CancellationToken,
     ephemeral: Vec<(String, String)>,
     /// Streams holding durable publishes of this connection not yet written, and how
-    /// many publishes: written once per read from the peer ([`Self::commit_deferred`]).
+    /// many publishes: written together once the peer's next frame is not at hand
+    /// ([`Self::commit_deferred`]).
     deferred: Vec<mq_store::Stream>,
     deferred_count: usize,
     /// Their acknowledgements, in order, answered when they are written (in this task
