@@ -565,3 +565,55 @@ async fn malformed_packed_acks_are_dropped_and_the_connection_and_consumer_carry
     drop(bus);
     broker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_stored_message_too_large_for_a_readers_frame_limit_fails_its_read_naming_the_limit() {
+    use courier::bus::{Broker, BrokerConfig, ConnectOptions, ConsumerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = BrokerConfig::default();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let writer = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let streams = writer.streams().unwrap();
+    streams
+        .create(StreamConfig::new("W", ["w.>"]))
+        .await
+        .unwrap();
+    for payload in ["small".to_string(), "x".repeat(40_000)] {
+        timeout(streams.publish("w.x", payload).await.unwrap())
+            .await
+            .unwrap();
+    }
+    let mut options = ConnectOptions::default();
+    options.connection.max_frame_len = 32 * 1024;
+    let reader = Bus::connect_with(broker.local_addr().to_string(), options)
+        .await
+        .unwrap();
+    let small = reader.streams().unwrap();
+    let err = timeout(small.range("W", 1, 10, usize::MAX))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("message 2") && text.contains("frame limit"),
+        "{text}"
+    );
+    assert_eq!(
+        timeout(small.range("W", 1, 1, usize::MAX))
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the message before it is read"
+    );
+    let consumer = small
+        .create_consumer("W", ConsumerConfig::durable("c"))
+        .await
+        .unwrap();
+    let err = timeout(consumer.fetch(10, Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("frame limit"), "{err}");
+    drop((reader, writer));
+    broker.shutdown().await;
+}

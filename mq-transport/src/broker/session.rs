@@ -141,7 +141,7 @@ impl<'a> Session<'a> {
         self.conn
             .sender
             .limit_frame_len(hello.max_frame_len as usize);
-        self.streams.limit_packs(self.conn.sender.max_frame_len());
+        self.streams.limit_frames(self.conn.sender.max_frame_len());
         tracing::debug!(peer = %self.conn.peer, name = %hello.name, max_frame_len = hello.max_frame_len, "client connected");
         self.conn
             .sender

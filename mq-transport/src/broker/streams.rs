@@ -163,9 +163,9 @@ pub(super) struct StreamSession {
     /// answers come in runs for one consumer, and this spares a lookup per answer. A
     /// deleted consumer is closed, and then looked up again.
     answering: Option<(String, String, Consumer)>,
-    /// How large a pack may grow for this connection: [`PACK_BYTES`], or less when
-    /// the frame limit the peer stated is smaller ([`StreamSession::limit_packs`]).
-    pack_bytes: usize,
+    /// The largest frame this connection may be sent ([`StreamSession::limit_frames`]):
+    /// packs stay within it, and a read message that could not be sent fails its batch.
+    max_frame_len: usize,
 }
 
 /// Room left in a pack's frame for its other fields: the subject it is sent to (at
@@ -186,15 +186,14 @@ impl StreamSession {
             deferred_acks: std::collections::VecDeque::new(),
             in_pipeline: Arc::new(AtomicU64::new(0)),
             answering: None,
-            pack_bytes: PACK_BYTES,
+            max_frame_len: usize::MAX,
         }
     }
 
-    /// Keeps packs within the largest frame this connection may be sent (the lower of
-    /// the broker's limit and the one the peer stated): a pack over it could not be
-    /// sent. (A message that alone is over it cannot be sent either, packed or not.)
-    pub(super) fn limit_packs(&mut self, max_frame_len: usize) {
-        self.pack_bytes = PACK_BYTES.min(max_frame_len.saturating_sub(PACK_HEADROOM));
+    /// Sets the largest frame this connection may be sent (the lower of the broker's
+    /// limit and the one the peer stated in its connect frame).
+    pub(super) fn limit_frames(&mut self, max_frame_len: usize) {
+        self.max_frame_len = max_frame_len;
     }
 
     /// Whether enough durable publishes wait to be written without waiting for the
@@ -547,8 +546,8 @@ impl StreamSession {
         match found {
             Ok((messages, packed)) => {
                 let messages = messages.into_iter().map(|m| (m, None));
-                let pack_bytes = packed.then_some(self.pack_bytes);
-                send_batch(shared, to, messages, None, pack_bytes).await;
+                let frames = Frames::new(packed, self.max_frame_len);
+                send_batch(shared, to, messages, None, frames).await;
             }
             Err(e) => reply_error(shared, to, &e).await,
         }
@@ -584,7 +583,7 @@ impl StreamSession {
             Err(e) => return reply_error(shared, to, &e).await,
         };
         let (shared, stop, to) = (shared.clone(), self.stop.clone(), to.clone());
-        let pack_bytes = request.packed.then_some(self.pack_bytes);
+        let frames = Frames::new(request.packed, self.max_frame_len);
         tokio::spawn(async move {
             let _permit = permit;
             let wait = Duration::from_millis(request.max_wait_ms);
@@ -608,7 +607,7 @@ impl StreamSession {
                         (delivery.message, Some(place))
                     });
                     let names = Some((&*names.0, &*names.1));
-                    send_batch(&shared, &to, messages, names, pack_bytes).await;
+                    send_batch(&shared, &to, messages, names, frames).await;
                 }
                 Err(e) => reply_error(&shared, &to, &WireError::from(&e)).await,
             }
@@ -790,27 +789,69 @@ async fn reply_error(shared: &Shared, to: &Utf8Bytes, error: &WireError) {
     reply(shared, to, headers, body).await;
 }
 
+/// How a batch of read messages is framed for one connection.
+#[derive(Clone, Copy, Debug)]
+struct Frames {
+    /// Packed, as the request asked.
+    packed: bool,
+    /// How large a pack may grow: [`PACK_BYTES`], or less to stay within the
+    /// connection's frame limit.
+    pack_bytes: usize,
+    /// The connection's frame limit.
+    max_frame_len: usize,
+}
+
+impl Frames {
+    fn new(packed: bool, max_frame_len: usize) -> Frames {
+        Frames {
+            packed,
+            pack_bytes: PACK_BYTES.min(max_frame_len.saturating_sub(PACK_HEADROOM)),
+            max_frame_len,
+        }
+    }
+}
+
 /// Sends messages read from a stream to `to`, then the end of the batch: one message
-/// each, or with `pack_bytes`, packed, up to about that many bytes a pack. Fetched
-/// messages have a place and `names` (stream, consumer) for their ack subjects.
+/// each, or packed, up to `frames.pack_bytes` a pack. Fetched messages have a place and
+/// `names` (stream, consumer) for their ack subjects. A message too large for the
+/// connection's frame limit ends the batch with an error naming it, rather than being
+/// dropped on the way (a fetched one is delivered again after its ack wait).
 async fn send_batch(
     shared: &Shared,
     to: &Utf8Bytes,
     messages: impl Iterator<Item = (StoredMessage, Option<Place>)>,
     names: Option<(&str, &str)>,
-    pack_bytes: Option<usize>,
+    frames: Frames,
 ) {
     let mut n = 0;
     let mut pack = BytesMut::new();
     let mut in_pack = 0usize;
     for (message, place) in messages {
         n += 1;
-        let len = match pack_bytes {
-            Some(_) => wire::packed_len(&message, place),
-            None => None,
-        };
-        if let (Some(len), Some(limit)) = (len, pack_bytes) {
-            if in_pack > 0 && pack.len() + len > limit {
+        let len = wire::packed_len(&message, place);
+        let size = len.unwrap_or_else(|| {
+            let headers: usize = message.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+            message.subject.len() + headers + message.payload.len()
+        });
+        if size.saturating_add(PACK_HEADROOM) > frames.max_frame_len {
+            send_pack(shared, to, &mut pack, &mut in_pack).await;
+            let error = WireError {
+                kind: mq_store::ErrorKind::LimitReached,
+                message: format!(
+                    "message {} is about {} bytes, too large for this connection's frame \
+                     limit of {} bytes (the lower of the client's max_frame_len and the \
+                     broker's, less {PACK_HEADROOM} bytes for the frame's other fields); \
+                     {} messages of the batch came before it",
+                    message.seq,
+                    size,
+                    frames.max_frame_len,
+                    n - 1
+                ),
+            };
+            return reply_error(shared, to, &error).await;
+        }
+        if let (Some(len), true) = (len, frames.packed) {
+            if in_pack > 0 && pack.len() + len > frames.pack_bytes {
                 send_pack(shared, to, &mut pack, &mut in_pack).await;
             }
             wire::pack(&mut pack, &message, place);
