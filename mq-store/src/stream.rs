@@ -82,7 +82,7 @@ pub struct Stream {
 
 #[derive(Debug)]
 struct Shared {
-    name: String,
+    name: Arc<str>,
     fs: Arc<dyn Fs>,
     dir: PathBuf,
     clock: Arc<dyn Clock>,
@@ -151,7 +151,7 @@ struct Waiter {
 #[must_use = "a publish is durable only once its acknowledgement arrives"]
 pub struct AckFuture {
     inner: AckInner,
-    stream: String,
+    stream: Arc<str>,
     duplicate: bool,
 }
 
@@ -178,7 +178,7 @@ impl Future for AckFuture {
             AckInner::Ready(result) => Poll::Ready(result.take().expect("polled after completion")),
             AckInner::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
-                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Closed(this.stream.clone())))),
+                .map(|r| r.unwrap_or_else(|_| Err(StoreError::Closed(this.stream.to_string())))),
         }
     }
 }
@@ -291,7 +291,7 @@ impl Stream {
         log.dedup = Dedup::rebuild(nanos(config.duplicate_window), msg_ids, now);
         let visible = log.next_seq() - 1;
         let shared = Arc::new(Shared {
-            name: config.name.clone(),
+            name: Arc::from(config.name.as_str()),
             fs,
             dir,
             clock,
@@ -503,11 +503,11 @@ impl Stream {
         let mut state = lock(&shared.state);
         let state = &mut *state;
         if state.closed {
-            return Err(StoreError::Closed(name.clone()));
+            return Err(StoreError::Closed(name.to_string()));
         }
         if let Some(poison) = &state.poison {
             let error = StoreError::Poisoned {
-                stream: name.clone(),
+                stream: name.to_string(),
                 cause: poison.cause.clone(),
             };
             if !acknowledge {
@@ -526,7 +526,7 @@ impl Stream {
             state.log.dedup.expire(now);
             if let Some(seq) = state.log.dedup.get(id, now) {
                 let ack = PubAck {
-                    stream: name.clone(),
+                    stream: name.to_string(),
                     seq,
                     duplicate: true,
                 };
@@ -594,7 +594,7 @@ impl Stream {
         }
         state.ticket += 1;
         let ack = PubAck {
-            stream: name.clone(),
+            stream: name.to_string(),
             seq,
             duplicate: false,
         };
@@ -622,7 +622,7 @@ impl Stream {
         let rx = {
             let mut state = lock(&self.shared.state);
             if state.closed {
-                return Err(StoreError::Closed(self.shared.name.clone()));
+                return Err(StoreError::Closed(self.shared.name.to_string()));
             }
             if state.poison.is_none() {
                 return Ok(());
@@ -634,7 +634,7 @@ impl Stream {
             rx
         };
         rx.await
-            .unwrap_or_else(|_| Err(StoreError::Closed(self.shared.name.clone())))
+            .unwrap_or_else(|_| Err(StoreError::Closed(self.shared.name.to_string())))
     }
 
     /// Applies `change` to the log now and queues its writes; returns its value and,
@@ -645,11 +645,11 @@ impl Stream {
     ) -> Result<(T, Option<Settled>), StoreError> {
         let mut state = lock(&self.shared.state);
         if state.closed {
-            return Err(StoreError::Closed(self.shared.name.clone()));
+            return Err(StoreError::Closed(self.shared.name.to_string()));
         }
         if let Some(poison) = &state.poison {
             return Err(StoreError::Poisoned {
-                stream: self.shared.name.clone(),
+                stream: self.shared.name.to_string(),
                 cause: poison.cause.clone(),
             });
         }
@@ -660,7 +660,7 @@ impl Stream {
         state.ticket += 1;
         let (tx, rx) = oneshot::channel();
         let ack = PubAck {
-            stream: self.shared.name.clone(),
+            stream: self.shared.name.to_string(),
             seq: 0,
             duplicate: false,
         };
@@ -682,7 +682,7 @@ impl Stream {
         match rx.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Closed(self.shared.name.clone())),
+            Err(_) => Err(StoreError::Closed(self.shared.name.to_string())),
         }
     }
 
@@ -775,7 +775,7 @@ impl Stream {
         match seq {
             Some(seq) => self.get(seq),
             None => Err(StoreError::NoMessageOnSubject {
-                stream: self.shared.name.clone(),
+                stream: self.shared.name.to_string(),
                 subject: subject.to_owned(),
             }),
         }
@@ -926,7 +926,7 @@ impl Stream {
 
     fn no_message(&self, seq: u64) -> StoreError {
         StoreError::NoMessage {
-            stream: self.shared.name.clone(),
+            stream: self.shared.name.to_string(),
             seq,
         }
     }
@@ -1118,7 +1118,7 @@ impl Shared {
                 // the log for every caller.
                 let result = match &state.poison {
                     Some(poison) => Err(StoreError::Poisoned {
-                        stream: self.name.clone(),
+                        stream: self.name.to_string(),
                         cause: format!(
                             "{}; recovery is next tried in {} ms",
                             poison.cause,
@@ -1136,13 +1136,13 @@ impl Shared {
                 if !state.unsynced.is_empty() {
                     state = self.sync_unsynced(state);
                 }
-                let closed = StoreError::Closed(self.name.clone());
+                let closed = StoreError::Closed(self.name.to_string());
                 for tx in std::mem::take(&mut state.heal_waiters) {
                     let _ = tx.send(Err(closed.clone()));
                 }
                 let waiters = std::mem::take(&mut state.waiters);
                 drop(state);
-                let closed = StoreError::Closed(self.name.clone());
+                let closed = StoreError::Closed(self.name.to_string());
                 complete(
                     waiters
                         .into_iter()
@@ -1379,7 +1379,7 @@ impl Shared {
         let truncate = poison.truncate.clone();
         state.heal_requested = false;
         let failed = |e: StoreError| StoreError::Poisoned {
-            stream: self.name.clone(),
+            stream: self.name.to_string(),
             cause: format!("{cause}; recovering: {e}"),
         };
         for (file, path, offset) in &truncate {

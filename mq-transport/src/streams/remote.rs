@@ -217,7 +217,7 @@ impl Remote {
             options.msg_id = Some(format!("{prefix}.{n}"));
         }
         wire::option_headers(&mut message.headers, &options);
-        let subject = message.subject.to_string();
+        let subject = message.subject.clone();
         let (_reply, waiting) = self.bus.send_request(message.clone()).await?;
         let bus = self.bus.clone();
         let timeout = self.timeout();
