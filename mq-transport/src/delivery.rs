@@ -212,7 +212,7 @@ impl Inbox {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.lock().insert(id, tx);
-        let reply = Utf8Bytes::from(format!("{}{id}", self.prefix));
+        let reply = Utf8Bytes::from(crate::numbered(&self.prefix, id));
         (
             reply,
             Waiting {

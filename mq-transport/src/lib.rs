@@ -55,3 +55,26 @@ pub use streams::{
 };
 
 pub(crate) use rpc_core::sync::lock;
+
+/// `prefix` then `n` in decimal, in a string of exactly that capacity, so that it
+/// becomes `Bytes` without another allocation (inbox subjects, message ids).
+pub(crate) fn numbered(prefix: &str, n: u64) -> String {
+    use std::fmt::Write;
+    let digits = n.checked_ilog10().map_or(1, |d| d as usize + 1);
+    let mut out = String::with_capacity(prefix.len() + digits);
+    out.push_str(prefix);
+    let _ = write!(out, "{n}");
+    out
+}
+
+#[cfg(test)]
+mod numbered_tests {
+    #[test]
+    fn a_numbered_string_is_exactly_as_long_as_its_capacity() {
+        for n in [0, 1, 9, 10, 99, 100, 12_345, u64::MAX] {
+            let s = super::numbered("p.", n);
+            assert_eq!(s, format!("p.{n}"));
+            assert_eq!(s.len(), s.capacity(), "{s}");
+        }
+    }
+}

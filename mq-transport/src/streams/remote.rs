@@ -58,7 +58,7 @@ fn check(subject: &str, reply: &Message) -> Result<(), BusError> {
 impl Remote {
     pub(crate) fn new(bus: Bus) -> Remote {
         // the inbox's random part: unique per handle, and a valid header value
-        let prefix = crate::delivery::new_inbox().replacen("_INBOX.", "courier-", 1);
+        let prefix = crate::delivery::new_inbox().replacen("_INBOX.", "courier-", 1) + ".";
         Remote {
             bus,
             ids: Arc::new((prefix, std::sync::atomic::AtomicU64::new(1))),
@@ -210,13 +210,13 @@ impl Remote {
         mut message: Message,
         options: &Publish,
     ) -> Result<PubAckFuture, BusError> {
-        let mut options = options.clone();
+        wire::option_headers(&mut message.headers, options);
         if options.msg_id.is_none() {
             let (prefix, next) = &*self.ids;
             let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            options.msg_id = Some(format!("{prefix}.{n}"));
+            let id = crate::numbered(prefix, n);
+            message.headers.insert(mq_store::MSG_ID_HEADER, id);
         }
-        wire::option_headers(&mut message.headers, &options);
         let subject = message.subject.clone();
         let (_reply, waiting) = self.bus.send_request(message.clone()).await?;
         let bus = self.bus.clone();
