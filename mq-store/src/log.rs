@@ -192,12 +192,14 @@ impl Dedup {
         }
     }
 
-    fn hash(&self, id: &str) -> u64 {
+    /// The key of `id` in this window's table: computed once per publish, for the
+    /// lookup and then the insert.
+    pub(crate) fn hash(&self, id: &str) -> u64 {
         self.hasher.hash_one(id)
     }
 
-    fn seen(&self, id: &str) -> Option<&Seen> {
-        match self.ids.get(&self.hash(id)) {
+    fn seen_hashed(&self, id: &str, hash: u64) -> Option<&Seen> {
+        match self.ids.get(&hash) {
             Some((stored, seen)) if &**stored == id => Some(seen),
             _ if self.collided.is_empty() => None,
             _ => self.collided.get(id),
@@ -212,8 +214,7 @@ impl Dedup {
         }
     }
 
-    fn remove(&mut self, id: &str) {
-        let hash = self.hash(id);
+    fn remove_hashed(&mut self, id: &str, hash: u64) {
         if self
             .ids
             .get(&hash)
@@ -233,24 +234,40 @@ impl Dedup {
                 break;
             }
             let (time, id) = self.order.pop_front().expect("checked");
-            if self.seen(&id).is_some_and(|seen| seen.time == time) {
-                self.remove(&id);
+            let hash = self.hash(&id);
+            if self
+                .seen_hashed(&id, hash)
+                .is_some_and(|seen| seen.time == time)
+            {
+                self.remove_hashed(&id, hash);
             }
         }
     }
 
-    /// The sequence of the message stored with `id`, if within the window at `now`.
+    /// [`Dedup::get_hashed`], hashing `id` itself.
+    #[cfg(test)]
     pub(crate) fn get(&self, id: &str, now: i64) -> Option<u64> {
-        let seen = self.seen(id)?;
+        self.get_hashed(id, self.hash(id), now)
+    }
+
+    /// The sequence of the message stored with `id` (whose [`Dedup::hash`] is `hash`),
+    /// if within the window at `now`.
+    pub(crate) fn get_hashed(&self, id: &str, hash: u64, now: i64) -> Option<u64> {
+        let seen = self.seen_hashed(id, hash)?;
         (seen.time >= now.saturating_sub(self.window)).then_some(seen.seq)
     }
 
     /// Remembers `id` for message `seq` stored at `time`, stated by a record in the
     /// segment starting at `holder`. Ids must come in time order.
     fn insert(&mut self, id: Arc<str>, seq: u64, time: i64, holder: u64) {
+        let hash = self.hash(&id);
+        self.insert_hashed(id, hash, seq, time, holder);
+    }
+
+    /// [`Dedup::insert`] with the id's [`Dedup::hash`].
+    fn insert_hashed(&mut self, id: Arc<str>, hash: u64, seq: u64, time: i64, holder: u64) {
         self.order.push_back((time, id.clone()));
         let seen = Seen { seq, time, holder };
-        let hash = self.hash(&id);
         if !self.collided.is_empty() {
             self.collided.remove(&*id); // stated again: the newest statement wins
         }
@@ -954,14 +971,14 @@ impl Log {
     }
 
     /// Appends a message; rolls the segment first when it would pass its size.
-    /// Returns the message's sequence.
+    /// Returns the message's sequence. `msg_id` comes with its [`Dedup::hash`].
     pub(crate) fn append(
         &mut self,
         subject: &str,
         headers: &[u8],
         payload: &[u8],
         time: i64,
-        msg_id: Option<&str>,
+        msg_id: Option<(&str, u64)>,
     ) -> Result<u64, StoreError> {
         let len = record::encoded_len(subject, headers, payload) as u64;
         let last = self.segments.back().expect("a log has a segment");
@@ -971,12 +988,13 @@ impl Log {
         let seq = self.next_seq;
         let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
         self.index(subject, pos as u32, len as u32, time);
-        let msg_id: Option<Arc<str>> = msg_id.map(Arc::from);
-        if let Some(id) = &msg_id {
+        let msg_id: Option<(Arc<str>, u64)> = msg_id.map(|(id, hash)| (Arc::from(id), hash));
+        if let Some((id, hash)) = &msg_id {
             let holder = self.writing();
-            self.dedup.insert(id.clone(), seq, time, holder);
+            self.dedup
+                .insert_hashed(id.clone(), *hash, seq, time, holder);
         }
-        self.last_msg_id = msg_id;
+        self.last_msg_id = msg_id.map(|(id, _)| id);
         Ok(seq)
     }
 

@@ -462,7 +462,6 @@ impl Stream {
                 long.len()
             )));
         }
-        let mut block = Vec::new();
         let from_header = headers
             .iter()
             .find(|(n, _)| *n == MSG_ID_HEADER)
@@ -482,6 +481,22 @@ impl Stream {
                 id.len()
             )));
         }
+        let deliver_at = match (options.deliver_at, options.delay) {
+            (Some(at), _) => Some(at),
+            (None, Some(delay)) => Some(shared.clock.now().saturating_add(nanos(delay))),
+            (None, None) => None,
+        };
+        // sized once (an entry is a u16 and a u32 length, its name and its value): the
+        // block is built for every publish
+        let entry = |name: &str, value: usize| 6 + name.len() + value;
+        let capacity = headers
+            .iter()
+            .filter(|(n, _)| *n != MSG_ID_HEADER)
+            .map(|(n, v)| entry(n, v.len()))
+            .sum::<usize>()
+            + msg_id.map_or(0, |id| entry(MSG_ID_HEADER, id.len()))
+            + deliver_at.map_or(0, |_| entry(crate::message::DELIVER_AT_HEADER, 20));
+        let mut block = Vec::with_capacity(capacity);
         record::encode_headers(
             &mut block,
             headers.iter().filter(|(n, _)| *n != MSG_ID_HEADER).copied(),
@@ -489,11 +504,6 @@ impl Stream {
         if let Some(id) = msg_id {
             record::encode_headers(&mut block, [(MSG_ID_HEADER, id.as_bytes())]);
         }
-        let deliver_at = match (options.deliver_at, options.delay) {
-            (Some(at), _) => Some(at),
-            (None, Some(delay)) => Some(shared.clock.now().saturating_add(nanos(delay))),
-            (None, None) => None,
-        };
         if let Some(at) = deliver_at {
             record::encode_headers(
                 &mut block,
@@ -522,9 +532,12 @@ impl Stream {
             return Err(limit(name, "max_msg_size", u64::from(config.max_msg_size)));
         }
         let now = shared.clock.now();
-        if let Some(id) = msg_id {
+        // the id's hash, computed once for the lookup and the insert (the window is
+        // not rebuilt while the lock is held)
+        let msg_id = msg_id.map(|id| (id, state.log.dedup.hash(id)));
+        if let Some((id, hash)) = msg_id {
             state.log.dedup.expire(now);
-            if let Some(seq) = state.log.dedup.get(id, now) {
+            if let Some(seq) = state.log.dedup.get_hashed(id, hash, now) {
                 let ack = PubAck {
                     stream: name.to_string(),
                     seq,

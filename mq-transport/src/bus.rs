@@ -220,14 +220,20 @@ impl Bus {
     /// it may wait for a subscriber whose queue is full (see
     /// [`EmbeddedConfig::slow_consumer_grace`]).
     pub async fn publish_message(&self, message: Message) -> Result<(), BusError> {
+        if let Some(reply) = &message.reply {
+            subject::validate_subject(reply)?;
+        }
+        self.publish_to_valid_reply(message).await
+    }
+
+    /// [`Bus::publish_message`] for a message whose reply subject, if any, is known to
+    /// be valid (one of this bus's inboxes).
+    async fn publish_to_valid_reply(&self, message: Message) -> Result<(), BusError> {
         // plain stream acks queued before this go out before it
         if self.core.acks.is_waiting() {
             self.flush_acks().await;
         }
         subject::validate_subject(&message.subject)?;
-        if let Some(reply) = &message.reply {
-            subject::validate_subject(reply)?;
-        }
         dispatch!(&self.backend, b => {
             if let Some((limit, setting)) = b.max_payload() {
                 let size = crate::message::counted_size(&message.headers, &message.payload);
@@ -321,7 +327,7 @@ impl Bus {
     ) -> Result<(Utf8Bytes, Waiting), BusError> {
         let (reply, waiting) = self.inbox().register();
         message.reply = Some(reply.clone());
-        self.publish_message(message).await?;
+        self.publish_to_valid_reply(message).await?;
         Ok((reply, waiting))
     }
 
