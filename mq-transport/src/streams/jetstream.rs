@@ -959,17 +959,37 @@ impl JsConsumer {
                 .await
                 .map_err(|e| reported(&e, &context))?;
             let mut out = Vec::new();
-            while let Some(message) = messages
-                .try_next()
-                .await
-                .map_err(|e| reported(e.as_ref(), &context))?
-            {
-                if let Some(delivery) = self.admit(message).await? {
-                    out.push(delivery);
+            let mut no_leader = false;
+            loop {
+                match messages.try_next().await {
+                    Ok(Some(message)) => {
+                        if let Some(delivery) = self.admit(message).await? {
+                            out.push(delivery);
+                        }
+                    }
+                    Ok(None) => break,
+                    // The consumer has no leader yet (a replicated consumer just created,
+                    // or one whose node went away): the server answers the pull with
+                    // "no responders". Pulled again until the fetch's own deadline.
+                    Err(e)
+                        if out.is_empty()
+                            && is_no_responders(e.as_ref())
+                            && tokio::time::Instant::now() < deadline =>
+                    {
+                        no_leader = true;
+                        break;
+                    }
+                    Err(e) => return Err(reported(e.as_ref(), &context)),
                 }
             }
             if !out.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(out);
+            }
+            if no_leader {
+                tracing::debug!(consumer = %self.shared.name, "fetch: no consumer leader yet, pulling again");
+                let pause = Duration::from_millis(100)
+                    .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                tokio::time::sleep(pause).await;
             }
         }
     }
@@ -1129,5 +1149,29 @@ impl JsAnswer {
     /// Whether a nak of a message delivered `deliveries` times is its last.
     pub(crate) fn nak_is_last(&self, deliveries: u32) -> bool {
         self.shared.max_deliver.is_some_and(|m| deliveries >= m)
+    }
+}
+
+/// Whether a pull ended with status 503, "no responders": async-nats reports it only as
+/// text (`error while processing messages from the stream: 503, …`).
+fn is_no_responders(error: &(dyn std::error::Error + Send + Sync)) -> bool {
+    let marker = format!(": {}, ", async_nats::StatusCode::NO_RESPONDERS);
+    error.to_string().contains(&marker)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_pull_ended_by_no_responders_is_told_apart_from_other_statuses() {
+        let error = |status: &str| {
+            std::io::Error::other(format!(
+                "error while processing messages from the stream: {status}, None"
+            ))
+        };
+        assert!(super::is_no_responders(&error("503")));
+        assert!(!super::is_no_responders(&error("409")));
+        assert!(!super::is_no_responders(&std::io::Error::other(
+            "timed out"
+        )));
     }
 }
