@@ -468,11 +468,24 @@ impl Js {
 
     pub(crate) async fn get(&self, name: &str, seq: u64) -> Result<StoredMessage, BusError> {
         let stream = self.stream(name).await?;
-        let message = stream
-            .get_raw_message(seq)
-            .await
-            .map_err(|e| reported(&e, &format!("stream `{name}` has no message {seq}")))?;
-        Ok(stored(message))
+        let mut attempt = 1;
+        loop {
+            match stream.get_raw_message(seq).await {
+                Ok(message) => return Ok(stored(message)),
+                // a read is safe to ask again: a replicated stream electing its leader
+                // (just restarted, or a node gone) times requests out meanwhile
+                Err(e) if attempt < READ_ATTEMPTS && e.to_string().contains("timed out") => {
+                    tracing::debug!(stream = name, seq, attempt, "get timed out; asking again");
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(reported(
+                        &e,
+                        &format!("stream `{name}` has no message {seq}"),
+                    ));
+                }
+            }
+        }
     }
 
     pub(crate) async fn last(&self, name: &str, subject: &str) -> Result<StoredMessage, BusError> {
@@ -1151,6 +1164,9 @@ impl JsAnswer {
         self.shared.max_deliver.is_some_and(|m| deliveries >= m)
     }
 }
+
+/// How many times a read (a get) that timed out is asked in all.
+const READ_ATTEMPTS: u32 = 3;
 
 /// Whether a pull ended with status 503, "no responders": async-nats reports it only as
 /// text (`error while processing messages from the stream: 503, …`).
