@@ -150,6 +150,13 @@ struct Seen {
 /// a publisher cannot aim at collisions), computed once per id: the table grows and
 /// rehashes without reading the ids again. An id whose hash is already taken by another
 /// id goes to `collided`, looked at only when the first table does not have the id.
+///
+/// Numbered ids, `<prefix>.<n>` with `n` in plain decimal, as a courier client gives
+/// every durable publish that has no id of its own, are kept as runs instead: one per
+/// prefix, an entry per number, in order. A publisher that numbers its messages thus
+/// costs no allocation and no table entry per message. A number that does not extend
+/// its prefix's run (further than [`MAX_RUN_GAP`] past its end, or before its start),
+/// and a prefix past [`MAX_RUNS`], go to the table like any other id.
 #[derive(Debug, Default)]
 pub(crate) struct Dedup {
     /// The window, in nanoseconds.
@@ -160,6 +167,77 @@ pub(crate) struct Dedup {
     hasher: std::hash::RandomState,
     /// Ids by time, oldest first, to expire them.
     order: VecDeque<(i64, Arc<str>)>,
+    /// Runs of numbered ids, by the keyed hash of their prefix.
+    runs: HashMap<u64, Run, BuildHasherDefault<Prehashed>>,
+    /// When the runs are next looked through for expired entries.
+    next_sweep: i64,
+}
+
+/// How many prefixes may have a run: numbered ids of further prefixes go to the table.
+pub(crate) const MAX_RUNS: usize = 1024;
+
+/// How far past the end of its run a number may come (publishes racing on one
+/// connection, or one that failed) and still extend the run, its skipped numbers
+/// left empty.
+pub(crate) const MAX_RUN_GAP: u64 = 64;
+
+/// The ids `<prefix>.<first>`, `<prefix>.<first + 1>`, … in the window.
+#[derive(Debug)]
+struct Run {
+    prefix: Arc<str>,
+    /// The number of the first entry.
+    first: u64,
+    /// Entry `i` is id `<prefix>.<first + i>`; `seq == 0` marks a number not seen
+    /// (sequences start at 1).
+    entries: VecDeque<Seen>,
+}
+
+impl Run {
+    fn get(&self, n: u64) -> Option<&Seen> {
+        let i = usize::try_from(n.checked_sub(self.first)?).ok()?;
+        self.entries.get(i).filter(|seen| seen.seq != 0)
+    }
+
+    fn get_mut(&mut self, n: u64) -> Option<&mut Seen> {
+        let i = usize::try_from(n.checked_sub(self.first)?).ok()?;
+        self.entries.get_mut(i).filter(|seen| seen.seq != 0)
+    }
+
+    /// Drops the entries before `cutoff` from the front (an empty one carries the time
+    /// of the number after it that was seen).
+    fn expire(&mut self, cutoff: i64) {
+        while let Some(front) = self.entries.front() {
+            if front.time >= cutoff {
+                break;
+            }
+            self.entries.pop_front();
+            self.first += 1;
+        }
+    }
+}
+
+/// Splits a numbered id into its prefix and number: `n` is plain decimal (no sign, no
+/// leading zero), so that the pair gives back the id exactly.
+fn numbered_id(id: &str) -> Option<(&str, u64)> {
+    let (prefix, digits) = id.rsplit_once('.')?;
+    let plain = !prefix.is_empty()
+        && (1..=19).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits.len() == 1 || !digits.starts_with('0'));
+    if !plain {
+        return None;
+    }
+    digits.parse().ok().map(|n| (prefix, n))
+}
+
+/// Where an id is looked for and kept: computed once per publish, for the duplicate
+/// lookup and then the insert.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct IdKey {
+    /// The keyed hash of the whole id (the table's key).
+    hash: u64,
+    /// For a numbered id: the keyed hash of its prefix, and its number.
+    numbered: Option<(u64, u64)>,
 }
 
 /// The hasher of a table keyed by a hash already computed: it passes it through.
@@ -192,14 +270,28 @@ impl Dedup {
         }
     }
 
-    /// The key of `id` in this window's table: computed once per publish, for the
-    /// lookup and then the insert.
-    pub(crate) fn hash(&self, id: &str) -> u64 {
-        self.hasher.hash_one(id)
+    /// Where `id` is looked for and kept.
+    pub(crate) fn key(&self, id: &str) -> IdKey {
+        IdKey {
+            hash: self.hasher.hash_one(id),
+            numbered: numbered_id(id).map(|(prefix, n)| (self.hasher.hash_one(prefix), n)),
+        }
     }
 
-    fn seen_hashed(&self, id: &str, hash: u64) -> Option<&Seen> {
-        match self.ids.get(&hash) {
+    /// The run that holds (or would hold) numbered id `id`, if its prefix has one.
+    fn run_of(&self, id: &str, key: IdKey) -> Option<(&Run, u64)> {
+        let (prefix_hash, n) = key.numbered?;
+        let run = self.runs.get(&prefix_hash)?;
+        (id.len() > run.prefix.len() && id.starts_with(&*run.prefix)).then_some((run, n))
+    }
+
+    fn seen_keyed(&self, id: &str, key: IdKey) -> Option<&Seen> {
+        if let Some((run, n)) = self.run_of(id, key)
+            && let Some(seen) = run.get(n)
+        {
+            return Some(seen);
+        }
+        match self.ids.get(&key.hash) {
             Some((stored, seen)) if &**stored == id => Some(seen),
             _ if self.collided.is_empty() => None,
             _ => self.collided.get(id),
@@ -207,14 +299,23 @@ impl Dedup {
     }
 
     fn seen_mut(&mut self, id: &str) -> Option<&mut Seen> {
-        let hash = self.hash(id);
-        match self.ids.get_mut(&hash) {
+        let key = self.key(id);
+        if self
+            .run_of(id, key)
+            .is_some_and(|(run, n)| run.get(n).is_some())
+        {
+            let (prefix_hash, n) = key.numbered.expect("a run was found");
+            let run = self.runs.get_mut(&prefix_hash).expect("a run was found");
+            return run.get_mut(n);
+        }
+        match self.ids.get_mut(&key.hash) {
             Some((stored, seen)) if &**stored == id => Some(seen),
             _ => self.collided.get_mut(id),
         }
     }
 
-    fn remove_hashed(&mut self, id: &str, hash: u64) {
+    /// Removes `id` from the table (not from the runs).
+    fn remove_from_table(&mut self, id: &str, hash: u64) {
         if self
             .ids
             .get(&hash)
@@ -226,7 +327,7 @@ impl Dedup {
         }
     }
 
-    /// Forgets the ids older than the window.
+    /// Forgets the ids older than the window at `now`.
     pub(crate) fn expire(&mut self, now: i64) {
         let cutoff = now.saturating_sub(self.window);
         while let Some((time, _)) = self.order.front() {
@@ -234,44 +335,61 @@ impl Dedup {
                 break;
             }
             let (time, id) = self.order.pop_front().expect("checked");
-            let hash = self.hash(&id);
-            if self
-                .seen_hashed(&id, hash)
-                .is_some_and(|seen| seen.time == time)
-            {
-                self.remove_hashed(&id, hash);
+            let hash = self.hasher.hash_one(&*id);
+            let in_table = match self.ids.get(&hash) {
+                Some((stored, seen)) if *stored == id => Some(seen),
+                _ => self.collided.get(&*id),
+            };
+            if in_table.is_some_and(|seen| seen.time == time) {
+                self.remove_from_table(&id, hash);
             }
+        }
+        // the runs, at most once a second (or once a window, if shorter)
+        if now >= self.next_sweep && !self.runs.is_empty() {
+            self.next_sweep = now.saturating_add(self.window.clamp(1, 1_000_000_000));
+            self.runs.retain(|_, run| {
+                run.expire(cutoff);
+                !run.entries.is_empty()
+            });
         }
     }
 
-    /// [`Dedup::get_hashed`], hashing `id` itself.
+    /// [`Dedup::get_keyed`], keying `id` itself.
     #[cfg(test)]
     pub(crate) fn get(&self, id: &str, now: i64) -> Option<u64> {
-        self.get_hashed(id, self.hash(id), now)
+        self.get_keyed(id, self.key(id), now)
     }
 
-    /// The sequence of the message stored with `id` (whose [`Dedup::hash`] is `hash`),
-    /// if within the window at `now`.
-    pub(crate) fn get_hashed(&self, id: &str, hash: u64, now: i64) -> Option<u64> {
-        let seen = self.seen_hashed(id, hash)?;
+    /// The sequence of the message stored with `id` (whose [`Dedup::key`] is `key`), if
+    /// within the window at `now`.
+    pub(crate) fn get_keyed(&self, id: &str, key: IdKey, now: i64) -> Option<u64> {
+        let seen = self.seen_keyed(id, key)?;
         (seen.time >= now.saturating_sub(self.window)).then_some(seen.seq)
     }
 
     /// Remembers `id` for message `seq` stored at `time`, stated by a record in the
     /// segment starting at `holder`. Ids must come in time order.
-    fn insert(&mut self, id: Arc<str>, seq: u64, time: i64, holder: u64) {
-        let hash = self.hash(&id);
-        self.insert_hashed(id, hash, seq, time, holder);
+    fn insert(&mut self, id: &str, seq: u64, time: i64, holder: u64) {
+        let key = self.key(id);
+        self.insert_keyed(id, key, seq, time, holder);
     }
 
-    /// [`Dedup::insert`] with the id's [`Dedup::hash`].
-    fn insert_hashed(&mut self, id: Arc<str>, hash: u64, seq: u64, time: i64, holder: u64) {
-        self.order.push_back((time, id.clone()));
+    /// [`Dedup::insert`] with the id's [`Dedup::key`].
+    pub(crate) fn insert_keyed(&mut self, id: &str, key: IdKey, seq: u64, time: i64, holder: u64) {
         let seen = Seen { seq, time, holder };
-        if !self.collided.is_empty() {
-            self.collided.remove(&*id); // stated again: the newest statement wins
+        if self.insert_into_run(id, key, seen) {
+            // stated again: the newest statement wins
+            if !self.ids.is_empty() || !self.collided.is_empty() {
+                self.remove_from_table(id, key.hash);
+            }
+            return;
         }
-        match self.ids.entry(hash) {
+        let id: Arc<str> = Arc::from(id);
+        self.order.push_back((time, id.clone()));
+        if !self.collided.is_empty() {
+            self.collided.remove(&*id);
+        }
+        match self.ids.entry(key.hash) {
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert((id, seen));
             }
@@ -284,13 +402,59 @@ impl Dedup {
         }
     }
 
+    /// Keeps a numbered id in its prefix's run, starting one if there is room; false
+    /// if it goes to the table instead.
+    fn insert_into_run(&mut self, id: &str, key: IdKey, seen: Seen) -> bool {
+        let Some((prefix_hash, n)) = key.numbered else {
+            return false;
+        };
+        let prefix_len = id.len() - id.rsplit_once('.').map_or(0, |(_, d)| d.len() + 1);
+        let room = self.runs.len() < MAX_RUNS;
+        let run = match self.runs.entry(prefix_hash) {
+            std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) if room => slot.insert(Run {
+                prefix: Arc::from(&id[..prefix_len]),
+                first: n,
+                entries: VecDeque::new(),
+            }),
+            std::collections::hash_map::Entry::Vacant(_) => return false,
+        };
+        if *run.prefix != id[..prefix_len] {
+            return false; // two prefixes with one hash: the second goes to the table
+        }
+        let cutoff = seen.time.saturating_sub(self.window);
+        run.expire(cutoff);
+        if run.entries.is_empty() {
+            run.first = n;
+        }
+        let Some(i) = n.checked_sub(run.first) else {
+            return false;
+        };
+        let end = run.entries.len() as u64;
+        if i < end {
+            run.entries[i as usize] = seen;
+            return true;
+        }
+        if i - end > MAX_RUN_GAP {
+            return false;
+        }
+        let empty = Seen {
+            seq: 0,
+            time: seen.time,
+            holder: seen.holder,
+        };
+        run.entries.extend((end..i).map(|_| empty));
+        run.entries.push_back(seen);
+        true
+    }
+
     /// Builds the window from ids read back (in any order), as of `now`.
     pub(crate) fn rebuild(window: i64, mut ids: Vec<SeenId>, now: i64) -> Dedup {
         // the newest statement of an id wins
         ids.sort_by_key(|(_, seq, time, holder)| (*time, *seq, *holder));
         let mut dedup = Dedup::new(window);
         for (id, seq, time, holder) in ids {
-            dedup.insert(id.into(), seq, time, holder);
+            dedup.insert(&id, seq, time, holder);
         }
         dedup.expire(now);
         dedup
@@ -298,14 +462,23 @@ impl Dedup {
 
     /// The ids stored at or after `since` whose holder is in `going`, sorted.
     fn held_by(&self, since: i64, going: &[u64]) -> Vec<(u64, i64, String)> {
+        let held =
+            |seen: &Seen| seen.seq != 0 && seen.time >= since && going.contains(&seen.holder);
         let mut out: Vec<_> = self
             .ids
             .values()
             .map(|(id, seen)| (id, seen))
             .chain(self.collided.iter())
-            .filter(|(_, seen)| seen.time >= since && going.contains(&seen.holder))
+            .filter(|(_, seen)| held(seen))
             .map(|(id, seen)| (seen.seq, seen.time, id.to_string()))
             .collect();
+        for run in self.runs.values() {
+            for (n, seen) in (run.first..).zip(&run.entries) {
+                if held(seen) {
+                    out.push((seen.seq, seen.time, format!("{}.{n}", run.prefix)));
+                }
+            }
+        }
         out.sort_unstable();
         out
     }
@@ -347,7 +520,7 @@ pub(crate) struct Log {
     /// the new floor goes at the end of the batch (one per batch, not one per removal).
     purge_pending: bool,
     last_time: i64,
-    last_msg_id: Option<Arc<str>>,
+    last_msg_id: Option<String>,
     /// The duplicate window. Recovery rebuilds it from message records and from the
     /// `MsgIds` records that restate the ids of removed messages.
     pub(crate) dedup: Dedup,
@@ -774,7 +947,7 @@ impl Log {
                 {
                     msg_ids.push((id.clone(), record.seq, record.time, self.writing()));
                 }
-                self.last_msg_id = id.map(Arc::from);
+                self.last_msg_id = id;
                 self.index(record.subject, offset as u32, len as u32, record.time);
             }
             Kind::Delete => {
@@ -792,7 +965,7 @@ impl Log {
                 let id = msg_id_of(record)?;
                 self.remove_below(record.seq);
                 self.last_time = record.time;
-                self.last_msg_id = id.map(Arc::from);
+                self.last_msg_id = id;
             }
             Kind::MsgIds => {
                 let ids = record::msg_ids(record.payload).map_err(|e| e.to_string())?;
@@ -978,7 +1151,7 @@ impl Log {
         headers: &[u8],
         payload: &[u8],
         time: i64,
-        msg_id: Option<(&str, u64)>,
+        msg_id: Option<(&str, IdKey)>,
     ) -> Result<u64, StoreError> {
         let len = record::encoded_len(subject, headers, payload) as u64;
         let last = self.segments.back().expect("a log has a segment");
@@ -988,13 +1161,18 @@ impl Log {
         let seq = self.next_seq;
         let pos = self.append_record(Kind::Message, seq, time, subject, headers, payload);
         self.index(subject, pos as u32, len as u32, time);
-        let msg_id: Option<(Arc<str>, u64)> = msg_id.map(|(id, hash)| (Arc::from(id), hash));
-        if let Some((id, hash)) = &msg_id {
+        if let Some((id, key)) = msg_id {
             let holder = self.writing();
-            self.dedup
-                .insert_hashed(id.clone(), *hash, seq, time, holder);
+            self.dedup.insert_keyed(id, key, seq, time, holder);
         }
-        self.last_msg_id = msg_id.map(|(id, _)| id);
+        // the buffer is reused: no allocation per publish
+        match (&mut self.last_msg_id, msg_id) {
+            (Some(last), Some((id, _))) => {
+                last.clear();
+                last.push_str(id);
+            }
+            (last, id) => *last = id.map(|(id, _)| id.to_owned()),
+        }
         Ok(seq)
     }
 
@@ -1677,7 +1855,7 @@ mod tests {
     fn ids_whose_hashes_collide_are_both_kept_found_and_expired() {
         let mut dedup = Dedup::new(100);
         // another id already holds the slot of `b`'s hash: a 64-bit collision
-        let hash_b = dedup.hash("b");
+        let hash_b = dedup.key("b").hash;
         let other = Seen {
             seq: 1,
             time: 10,
@@ -1685,8 +1863,8 @@ mod tests {
         };
         dedup.ids.insert(hash_b, (Arc::from("other"), other));
         dedup.order.push_back((10, Arc::from("other")));
-        dedup.insert(Arc::from("b"), 2, 20, 1);
-        dedup.insert(Arc::from("a"), 3, 30, 1);
+        dedup.insert("b", 2, 20, 1);
+        dedup.insert("a", 3, 30, 1);
         assert_eq!(dedup.collided.len(), 1, "`b` went aside");
         assert_eq!(dedup.get("b", 50), Some(2));
         assert_eq!(dedup.get("a", 50), Some(3));
@@ -1701,6 +1879,140 @@ mod tests {
         assert_eq!(dedup.get("a", 125), Some(3));
         assert!(dedup.collided.is_empty());
     }
+
+    #[test]
+    fn numbered_ids_split_only_when_the_pair_gives_the_id_back() {
+        assert_eq!(numbered_id("courier-x.17"), Some(("courier-x", 17)));
+        assert_eq!(numbered_id("a.b.0"), Some(("a.b", 0)));
+        for other in [
+            "x.017",
+            "x.",
+            ".5",
+            "x.+5",
+            "x.-5",
+            "x.5a",
+            "x5",
+            "x.99999999999999999999",
+        ] {
+            assert_eq!(numbered_id(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_publisher_numbering_its_ids_costs_one_run_and_no_table_entries() {
+        let mut dedup = Dedup::new(1_000);
+        for n in 1..=500u64 {
+            dedup.insert(&format!("p.{n}"), n, n as i64, 1);
+        }
+        assert_eq!(dedup.runs.len(), 1);
+        assert!(dedup.ids.is_empty() && dedup.order.is_empty());
+        for n in 1..=500u64 {
+            assert_eq!(dedup.get(&format!("p.{n}"), 600), Some(n));
+        }
+        for absent in ["p.0", "p.501", "p.0001", "q.1", "p"] {
+            assert_eq!(dedup.get(absent, 600), None, "{absent}");
+        }
+        // restated ids keep their place; the holder moves
+        dedup.seen_mut("p.7").unwrap().holder = 9;
+        let held = dedup.held_by(0, &[9]);
+        assert_eq!(held, vec![(7, 7, "p.7".to_string())]);
+        // the window moves past the first 199 (checked at once, forgotten at the sweep)
+        assert_eq!(dedup.get("p.199", 1_200), None);
+        assert_eq!(dedup.get("p.200", 1_200), Some(200));
+        dedup.expire(1_200);
+        assert_eq!(dedup.runs.values().next().unwrap().first, 200);
+        dedup.expire(3_000);
+        assert!(dedup.runs.is_empty(), "a run whose ids all expired goes");
+    }
+
+    #[test]
+    fn numbers_out_of_order_fill_their_gap_and_far_ones_go_to_the_table() {
+        let mut dedup = Dedup::new(1_000);
+        dedup.insert("p.1", 1, 10, 1);
+        dedup.insert("p.3", 2, 11, 1); // p.2 raced behind it
+        assert_eq!(dedup.get("p.2", 12), None);
+        dedup.insert("p.2", 3, 12, 1);
+        assert_eq!(dedup.get("p.2", 12), Some(3));
+        assert!(dedup.ids.is_empty());
+        // far past the end, and before the start: the table
+        let far = 3 + MAX_RUN_GAP + 2;
+        dedup.insert(&format!("p.{far}"), 4, 13, 1);
+        dedup.insert("p.0", 5, 14, 1);
+        assert_eq!(dedup.ids.len(), 2);
+        assert_eq!(dedup.get(&format!("p.{far}"), 15), Some(4));
+        assert_eq!(dedup.get("p.0", 15), Some(5));
+        assert_eq!(dedup.get("p.4", 15), None);
+        // a table entry stated again in its run: the run's statement wins, once
+        let mut more = Dedup::new(1_000);
+        more.insert("q.50", 1, 10, 1);
+        more.insert("q.1", 2, 11, 1); // starts q's run? no: q.50 began it
+        assert_eq!(more.ids.len(), 1, "q.1 is before the run of q (from 50)");
+        more.insert("q.1", 3, 12, 2);
+        assert_eq!(more.get("q.1", 13), Some(3));
+        assert_eq!(more.held_by(0, &[1, 2]).len(), 2);
+    }
+
+    #[test]
+    fn prefixes_past_the_limit_of_runs_are_kept_in_the_table() {
+        let mut dedup = Dedup::new(1_000);
+        for p in 0..MAX_RUNS + 10 {
+            dedup.insert(&format!("p{p}.1"), p as u64 + 1, 5, 1);
+        }
+        assert_eq!(dedup.runs.len(), MAX_RUNS);
+        assert_eq!(dedup.ids.len(), 10);
+        for p in 0..MAX_RUNS + 10 {
+            assert_eq!(dedup.get(&format!("p{p}.1"), 6), Some(p as u64 + 1));
+        }
+    }
+
+    proptest::proptest! {
+        /// The window answers as a plain map of every id to its newest statement would,
+        /// whichever ids go to runs and which to the table.
+        #[test]
+        fn the_window_answers_as_a_map_of_newest_statements(
+            ops in proptest::collection::vec((0u8..4, 0u64..200, 0u8..3, 0i64..30), 1..300),
+        ) {
+            let window = 100;
+            let mut dedup = Dedup::new(window);
+            let mut model: HashMap<String, Seen> = HashMap::new();
+            let mut now = 0i64;
+            for (i, (prefix, n, what, step)) in ops.into_iter().enumerate() {
+                now += step;
+                let id = match prefix {
+                    0 => format!("a.{n}"),
+                    1 => format!("b.{}", n % 8),
+                    2 => format!("c.0{n}"),
+                    _ => format!("plain-{}", n % 16),
+                };
+                match what {
+                    0 | 1 => {
+                        let seq = i as u64 + 1;
+                        let holder = u64::from(what) + 1;
+                        dedup.expire(now);
+                        dedup.insert(&id, seq, now, holder);
+                        model.insert(id, Seen { seq, time: now, holder });
+                    }
+                    _ => {
+                        dedup.expire(now);
+                        let want = model
+                            .get(&id)
+                            .filter(|seen| seen.time >= now - window)
+                            .map(|seen| seen.seq);
+                        proptest::prop_assert_eq!(dedup.get(&id, now), want, "{}", id);
+                    }
+                }
+            }
+            let since = now - window;
+            let mut want: Vec<(u64, i64, String)> = model
+                .iter()
+                .filter(|(_, seen)| seen.time >= since && seen.holder == 1)
+                .map(|(id, seen)| (seen.seq, seen.time, id.clone()))
+                .collect();
+            want.sort_unstable();
+            proptest::prop_assert_eq!(dedup.held_by(since, &[1]), want);
+        }
+    }
+
     use crate::fs::MemFs;
 
     fn log() -> Log {

@@ -534,10 +534,10 @@ impl Stream {
         let now = shared.clock.now();
         // the id's hash, computed once for the lookup and the insert (the window is
         // not rebuilt while the lock is held)
-        let msg_id = msg_id.map(|id| (id, state.log.dedup.hash(id)));
-        if let Some((id, hash)) = msg_id {
+        let msg_id = msg_id.map(|id| (id, state.log.dedup.key(id)));
+        if let Some((id, key)) = msg_id {
             state.log.dedup.expire(now);
-            if let Some(seq) = state.log.dedup.get_hashed(id, hash, now) {
+            if let Some(seq) = state.log.dedup.get_keyed(id, key, now) {
                 let ack = PubAck {
                     stream: name.to_string(),
                     seq,
