@@ -2,10 +2,16 @@
 //! the publishes whose acknowledgements were outstanding, with the same message id, so
 //! each lands once; the consumer goes on where it was.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use courier::bus::{Broker, BrokerConfig, Bus, ConsumerConfig, Storage, StreamConfig};
+use common::raw_peer;
+use courier::bus::{
+    Broker, BrokerConfig, Bus, ConnectOptions, ConsumerConfig, Storage, StreamConfig,
+};
+use courier::frame::{Connect, Frame, Message as MsgFrame};
 
 async fn broker_in(dir: &std::path::Path, addr: &str) -> Broker {
     let mut config = BrokerConfig::default();
@@ -150,4 +156,82 @@ async fn publishes_in_flight_across_a_broker_restart_land_exactly_once_and_the_c
     let floor = consumer.info().await.unwrap().ack_floor;
     assert_eq!(floor, N as u64, "the consumer resumed and finished");
     broker.shutdown().await;
+}
+
+/// A broker that never answers the first send of a durable publish: the client's answer
+/// future times out, sends the publish again with the same message id, and resolves to
+/// the answer of that second send.
+#[tokio::test(start_paused = true)]
+async fn a_durable_publish_unanswered_within_the_request_timeout_is_sent_again_with_its_id() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = tokio::spawn(async move {
+        let (io, _) = listener.accept().await.unwrap();
+        let (mut reader, sender) = raw_peer(io);
+        let mut inbox_sid = None;
+        let mut ids = Vec::new();
+        while let Some(frame) = reader.next().await {
+            match frame.unwrap() {
+                Frame::Connect(_) => sender
+                    .send(Frame::Connect(Connect {
+                        name: "fake".into(),
+                        ..Connect::default()
+                    }))
+                    .await
+                    .unwrap(),
+                Frame::Ping { nonce } => sender.send(Frame::Pong { nonce }).await.unwrap(),
+                Frame::Sub(sub) if sub.subject.starts_with("_INBOX.") => inbox_sid = Some(sub.sid),
+                Frame::Pub(publish) if publish.subject.as_str() == "orders.eu" => {
+                    let id = publish
+                        .headers
+                        .get("Msg-Id")
+                        .expect("a generated id")
+                        .clone();
+                    ids.push(id);
+                    if ids.len() == 2 {
+                        // the second send is answered
+                        let ack = br#"{"stream":"ORDERS","seq":1,"duplicate":false}"#;
+                        sender
+                            .send(Frame::Msg(MsgFrame {
+                                sid: inbox_sid.expect("the inbox is subscribed first"),
+                                subject: publish.reply,
+                                reply: "".into(),
+                                headers: Default::default(),
+                                payload: bytes::Bytes::from_static(ack),
+                            }))
+                            .await
+                            .unwrap();
+                        return ids;
+                    }
+                }
+                _ => {}
+            }
+        }
+        panic!("the client went away after {} sends", ids.len());
+    });
+    let mut options = ConnectOptions::default();
+    options.bus.request_timeout = Duration::from_secs(2);
+    let bus = Bus::connect_with(addr, options).await.unwrap();
+    let streams = bus.streams().unwrap();
+    let started = tokio::time::Instant::now();
+    let ack = streams
+        .publish("orders.eu", "x")
+        .await
+        .unwrap()
+        .await
+        .expect("acknowledged after the second send");
+    assert_eq!(
+        (ack.stream.as_str(), ack.seq, ack.duplicate),
+        ("ORDERS", 1, false)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "sent again only after the request timeout"
+    );
+    let ids = fake.await.unwrap();
+    println!(
+        "sends seen by the broker: {}, message ids: {ids:?}",
+        ids.len()
+    );
+    assert_eq!(ids[0], ids[1], "the same message id both times");
 }

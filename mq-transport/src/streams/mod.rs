@@ -103,7 +103,7 @@ pub struct PubAckFuture {
 
 enum AckInner {
     Local(mq_store::AckFuture),
-    Remote(BoxFuture<Result<PubAck, BusError>>),
+    Remote(Box<remote::RemoteAck>),
 }
 
 impl std::fmt::Debug for PubAckFuture {
@@ -116,9 +116,9 @@ impl std::fmt::Debug for PubAckFuture {
 }
 
 impl PubAckFuture {
-    fn remote(future: impl Future<Output = Result<PubAck, BusError>> + Send + 'static) -> Self {
+    fn remote(ack: remote::RemoteAck) -> Self {
         PubAckFuture {
-            inner: AckInner::Remote(Box::pin(future)),
+            inner: AckInner::Remote(Box::new(ack)),
         }
     }
 }
@@ -129,7 +129,7 @@ impl Future for PubAckFuture {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.inner {
             AckInner::Local(ack) => Pin::new(ack).poll(cx).map_err(BusError::Stream),
-            AckInner::Remote(ack) => ack.as_mut().poll(cx),
+            AckInner::Remote(ack) => Pin::new(&mut **ack).poll(cx),
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Streams served by a courier broker, over the stream API ([`super::wire`]).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use mq_store::{
@@ -25,6 +28,108 @@ const MAX_REMOTE_WAIT: Duration = Duration::from_secs(30);
 /// How many times a durable publish is sent before its acknowledgement is given up
 /// on: once, and again after each lost connection or timeout.
 const PUBLISH_ATTEMPTS: u32 = 10;
+
+/// The acknowledgement of a durable publish to a broker: its answer, awaited for the
+/// bus's request timeout, and the publish sent again (same message id) after a lost
+/// connection or a timeout, up to [`PUBLISH_ATTEMPTS`] sends in all.
+///
+/// A plain struct, not an `async` block: it is built for every publish, and a boxed
+/// `async` block holding the resend's future too was a large allocation and copy each.
+pub(crate) struct RemoteAck {
+    bus: Bus,
+    /// Kept to be sent again.
+    message: Message,
+    waiting: crate::delivery::Waiting,
+    timeout: Duration,
+    /// The current attempt's timer, started when the answer is first waited for.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    attempt: u32,
+    /// A send again under way.
+    resend: Option<super::BoxFuture<Result<crate::delivery::Waiting, BusError>>>,
+}
+
+impl Future for RemoteAck {
+    type Output = Result<PubAck, BusError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            if let Some(resend) = &mut this.resend {
+                this.waiting = std::task::ready!(resend.as_mut().poll(cx))?;
+                this.resend = None;
+                this.deadline = None;
+            }
+            let subject = &this.message.subject;
+            let failure = match Pin::new(&mut this.waiting.rx).poll(cx) {
+                Poll::Ready(Ok(reply)) => {
+                    return Poll::Ready(check(subject, &reply).and_then(|()| {
+                        parse_pub_ack(&reply.payload).map_err(|e| malformed(subject, e))
+                    }));
+                }
+                Poll::Ready(Err(_)) => BusError::ConnectionLost {
+                    subject: subject.to_string(),
+                    reason: this.bus.disconnect_reason(),
+                },
+                Poll::Pending => {
+                    let timeout = this.timeout;
+                    let deadline = this
+                        .deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    std::task::ready!(deadline.as_mut().poll(cx));
+                    BusError::Timeout {
+                        subject: subject.to_string(),
+                        timeout,
+                    }
+                }
+            };
+            if this.attempt >= PUBLISH_ATTEMPTS {
+                return Poll::Ready(Err(failure));
+            }
+            // sent again with the same id: the stream stores it once
+            tracing::debug!(%subject, attempt = this.attempt, "durable publish sent again: {failure}");
+            this.attempt += 1;
+            let bus = this.bus.clone();
+            let message = this.message.clone();
+            this.resend = Some(Box::pin(async move {
+                bus.send_request(message).await.map(|(_, waiting)| waiting)
+            }));
+        }
+    }
+}
+
+/// A publish acknowledgement as the broker writes it
+/// (`{"stream":"…","seq":…,"duplicate":…}`), read without the general JSON parser;
+/// any other form, still valid JSON, goes through it.
+fn parse_pub_ack(payload: &[u8]) -> Result<PubAck, serde_json::Error> {
+    let fast = (|| {
+        let rest = payload.strip_prefix(br#"{"stream":""#)?;
+        let end = rest.iter().position(|&b| b == b'"' || b == b'\\')?;
+        if rest[end] != b'"' || rest[..end].iter().any(|&b| b < 0x20) {
+            return None; // an escape or a control character: the general parser
+        }
+        let stream = std::str::from_utf8(&rest[..end]).ok()?;
+        let rest = rest[end..].strip_prefix(br#"","seq":"#)?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if digits == 0 || (digits > 1 && rest[0] == b'0') {
+            return None;
+        }
+        let seq: u64 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        let duplicate = match &rest[digits..] {
+            br#","duplicate":false}"# => false,
+            br#","duplicate":true}"# => true,
+            _ => return None,
+        };
+        Some(PubAck {
+            stream: stream.to_owned(),
+            seq,
+            duplicate,
+        })
+    })();
+    match fast {
+        Some(ack) => Ok(ack),
+        None => serde_json::from_slice(payload),
+    }
+}
 
 /// The streams of the broker a [`Bus`] is connected to.
 #[derive(Clone, Debug)]
@@ -217,31 +322,15 @@ impl Remote {
             let id = crate::numbered(prefix, n);
             message.headers.insert(mq_store::MSG_ID_HEADER, id);
         }
-        let subject = message.subject.clone();
         let (_reply, waiting) = self.bus.send_request(message.clone()).await?;
-        let bus = self.bus.clone();
-        let timeout = self.timeout();
-        Ok(PubAckFuture::remote(async move {
-            let mut waiting = waiting;
-            let mut attempt = 1;
-            loop {
-                match bus.await_reply(waiting, &subject, timeout).await {
-                    Ok(reply) => {
-                        check(&subject, &reply)?;
-                        return serde_json::from_slice::<PubAck>(&reply.payload)
-                            .map_err(|e| malformed(&subject, e));
-                    }
-                    Err(e @ (BusError::ConnectionLost { .. } | BusError::Timeout { .. }))
-                        if attempt < PUBLISH_ATTEMPTS =>
-                    {
-                        // sent again with the same id: the stream stores it once
-                        tracing::debug!(%subject, attempt, "durable publish sent again: {e}");
-                        attempt += 1;
-                        waiting = bus.send_request(message.clone()).await?.1;
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+        Ok(PubAckFuture::remote(RemoteAck {
+            bus: self.bus.clone(),
+            message,
+            waiting,
+            timeout: self.timeout(),
+            deadline: None,
+            attempt: 1,
+            resend: None,
         }))
     }
 
@@ -504,6 +593,58 @@ impl RemoteAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The short way reads every acknowledgement serde writes as serde reads it.
+        #[test]
+        fn a_pub_ack_reads_back_as_written(stream in ".{0,40}", seq: u64, duplicate: bool) {
+            let ack = PubAck { stream, seq, duplicate };
+            let bytes = serde_json::to_vec(&ack).unwrap();
+            proptest::prop_assert_eq!(parse_pub_ack(&bytes).unwrap(), ack);
+        }
+
+        /// Cut anywhere, or with a byte changed, it is refused or read as serde reads
+        /// it; never anything else, and never a panic.
+        #[test]
+        fn a_damaged_pub_ack_is_read_as_serde_reads_it(cut in 0usize..60, at in 0usize..60, byte: u8) {
+            let good = br#"{"stream":"S\u0041","seq":120,"duplicate":false}"#.to_vec();
+            let good2 = br#"{"stream":"ORDERS","seq":7,"duplicate":true}"#.to_vec();
+            for bytes in [good, good2] {
+                let mut damaged = bytes.clone();
+                if at < damaged.len() {
+                    damaged[at] = byte;
+                }
+                for input in [&bytes[..cut.min(bytes.len())], &damaged[..]] {
+                    let serde: Result<PubAck, _> = serde_json::from_slice(input);
+                    proptest::prop_assert_eq!(parse_pub_ack(input).ok(), serde.ok());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pub_acks_in_other_forms_go_through_the_general_parser() {
+        let want = PubAck {
+            stream: "S".into(),
+            seq: 5,
+            duplicate: false,
+        };
+        for form in [
+            r#"{"seq":5,"stream":"S","duplicate":false}"#,
+            r#"{ "stream": "S", "seq": 5, "duplicate": false }"#,
+            r#"{"stream":"\u0053","seq":5,"duplicate":false}"#,
+        ] {
+            assert_eq!(parse_pub_ack(form.as_bytes()).unwrap(), want, "{form}");
+        }
+        for bad in [
+            r#"{"stream":"S","seq":05,"duplicate":false}"#,
+            r#"{"stream":"S","seq":99999999999999999999,"duplicate":false}"#,
+            r#"{"stream":"S","seq":5,"duplicate":false}x"#,
+            r#"{"stream":"S","seq":-5,"duplicate":false}"#,
+        ] {
+            assert!(parse_pub_ack(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn queued_acks_go_out_in_order_one_message_per_run_of_a_consumer() {
