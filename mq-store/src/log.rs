@@ -1660,6 +1660,9 @@ fn resync(data: &[u8], from: usize, salt: u64) -> Option<usize> {
 
 /// The pending write to `segment`'s end, the last of `ops` (a new one if the last op
 /// is anything else).
+/// The capacity a batch's write buffer starts with.
+const WRITE_BUFFER: usize = 64 * 1024;
+
 fn write_buffer<'a>(ops: &'a mut Vec<Op>, segment: &Segment) -> &'a mut Vec<u8> {
     let pos = segment.len;
     let extend = matches!(
@@ -1672,7 +1675,9 @@ fn write_buffer<'a>(ops: &'a mut Vec<Op>, segment: &Segment) -> &'a mut Vec<u8> 
             file: segment.file.clone(),
             path: segment.path.clone(),
             offset: pos,
-            bytes: Vec::with_capacity(4096),
+            // a batch of small publishes fills tens of KiB: room for it from the start
+            // rather than reallocations (and copies) as it grows
+            bytes: Vec::with_capacity(WRITE_BUFFER),
         });
     }
     let Some(Op::Write { bytes, .. }) = ops.last_mut() else {

@@ -218,18 +218,23 @@ impl<T: Clone> Node<T> {
             && self.rest.is_empty()
     }
 
-    fn collect(&self, tokens: &[&str], out: &mut Match<T>) {
+    /// Collects what `tokens` reach; sets `by_last` if a filter names a literal last
+    /// token where a walk ends (the result then depends on the subject's last token).
+    fn collect(&self, tokens: &[&str], out: &mut Match<T>, by_last: &mut bool) {
         let Some((first, rest)) = tokens.split_first() else {
             self.here.collect_into(out);
             return;
         };
         // `>` here matches the one or more tokens left.
         self.rest.collect_into(out);
+        if rest.is_empty() && !self.literal.is_empty() {
+            *by_last = true;
+        }
         if let Some(child) = self.literal.get(*first) {
-            child.collect(rest, out);
+            child.collect(rest, out, by_last);
         }
         if let Some(child) = &self.star {
-            child.collect(rest, out);
+            child.collect(rest, out, by_last);
         }
     }
 
@@ -425,17 +430,37 @@ impl<T: Clone> Sublist<T> {
         if let Some(hit) = lock(&self.cache).get(subject) {
             return hit.clone();
         }
-        self.collect(subject, true)
+        self.collect(subject, true).0
     }
 
     /// [`Sublist::matches`] for a subject used once (a request's reply subject): neither
     /// looked up in the cache nor added to it, where it would only push out the subjects
     /// that come back.
     pub fn matches_once(&self, subject: &str) -> Arc<Match<T>> {
-        self.collect(subject, false)
+        self.collect(subject, false).0
     }
 
-    fn collect(&self, subject: &str, cache_it: bool) -> Arc<Match<T>> {
+    /// [`Sublist::matches_once`], and whether the same subscriptions match every subject
+    /// that differs from `subject` in its last token only: true unless a filter names a
+    /// literal last token where `subject`'s walk ends. A batch of replies to one inbox
+    /// (`_INBOX.<id>.1`, `_INBOX.<id>.2`, …) is then matched once.
+    ///
+    /// ```
+    /// use mq_transport::sublist::Sublist;
+    ///
+    /// let list = Sublist::new();
+    /// list.insert("_INBOX.a.*", None, 1, "requester").unwrap();
+    /// let (found, any_last) = list.matches_reply("_INBOX.a.7");
+    /// assert_eq!((found.plain.len(), any_last), (1, true));
+    /// list.insert("_INBOX.a.9", None, 2, "one reply only").unwrap();
+    /// assert!(!list.matches_reply("_INBOX.a.7").1);
+    /// ```
+    pub fn matches_reply(&self, subject: &str) -> (Arc<Match<T>>, bool) {
+        let (found, by_last) = self.collect(subject, false);
+        (found, !by_last)
+    }
+
+    fn collect(&self, subject: &str, cache_it: bool) -> (Arc<Match<T>>, bool) {
         let trie = read(&self.trie);
         let tokens: Vec<&str> = subject.split('.').collect();
         let mut out = Match {
@@ -443,10 +468,11 @@ impl<T: Clone> Sublist<T> {
             groups: Vec::new(),
             next: AtomicUsize::new(0),
         };
-        trie.root.collect(&tokens, &mut out);
+        let mut by_last = false;
+        trie.root.collect(&tokens, &mut out, &mut by_last);
         let out = Arc::new(out);
         if !cache_it {
-            return out;
+            return (out, by_last);
         }
         let mut cache = lock(&self.cache);
         if cache.len() >= CACHE_CAPACITY {
@@ -456,7 +482,7 @@ impl<T: Clone> Sublist<T> {
         cache.insert(subject.into(), out.clone());
         drop(cache);
         drop(trie);
-        out
+        (out, by_last)
     }
 
     /// How many subscriptions the index holds.
@@ -720,6 +746,29 @@ mod tests {
                     .collect();
                 let m = list.matches(s);
                 prop_assert_eq!(all_keys(&m), sorted(expected), "subject {}", s);
+            }
+        }
+
+        /// A reply match said to hold for any last token finds, for every other last
+        /// token, what matching that subject finds.
+        #[test]
+        fn a_reply_match_for_any_last_token_is_the_match_of_each(
+            filters in prop::collection::vec(filter(), 1..30),
+            subject in subject_(),
+            others in prop::collection::vec(prop_oneof!["a", "b", "c", "zz"], 1..4),
+        ) {
+            let list = Sublist::new();
+            for (key, f) in filters.iter().enumerate() {
+                list.insert(f, None, key as u64, key as u64).unwrap();
+            }
+            let (found, any_last) = list.matches_reply(&subject);
+            prop_assert_eq!(all_keys(&found), all_keys(&list.matches(&subject)));
+            if any_last {
+                let prefix = subject.rsplit_once('.').map_or("", |(p, _)| p);
+                for last in others {
+                    let other = if prefix.is_empty() { last.to_string() } else { format!("{prefix}.{last}") };
+                    prop_assert_eq!(all_keys(&found), all_keys(&list.matches(&other)), "{} vs {}", subject, other);
+                }
             }
         }
     }

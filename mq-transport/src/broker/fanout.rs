@@ -11,13 +11,21 @@ use rpc_core::{ConnectionError, Utf8Bytes};
 use super::Shared;
 use super::connection::Conn;
 use crate::message::{NO_RESPONDERS, status_headers};
-use crate::sublist::Offered;
+use crate::sublist::{Match, Offered};
 
 /// One subscription's way out: its connection and its sid there.
 #[derive(Clone, Debug)]
 pub(super) struct Route {
     pub(super) conn: Arc<Conn>,
     pub(super) sid: u64,
+}
+
+/// The match of the last reply's inbox prefix, for the next reply of the same batch
+/// (see [`Shared::route_reply`]). Kept for one batch only: a subscription made meanwhile
+/// is as if made just after the batch.
+#[derive(Default)]
+pub(super) struct ReplyRoutes {
+    last: Option<(Box<str>, Arc<Match<Route>>)>,
 }
 
 /// What routing a publish left to wait for.
@@ -51,6 +59,37 @@ impl Shared {
     pub(super) async fn route(&self, publish: &Publish) {
         let mut later = Later::default();
         self.route_now(publish, &mut later);
+        self.settle(publish, later).await;
+    }
+
+    /// [`Shared::route`] for a reply of a batch (a connection's publish acknowledgements,
+    /// one per publish, each to its own inbox subject): matched once per inbox prefix
+    /// while the match does not depend on the last token (see [`Sublist::matches_reply`]).
+    ///
+    /// [`Sublist::matches_reply`]: crate::sublist::Sublist::matches_reply
+    pub(super) async fn route_reply(&self, publish: &Publish, routes: &mut ReplyRoutes) {
+        let subject = &publish.subject;
+        let prefix = subject.rfind('.').map_or(0, |dot| dot + 1);
+        let found = match &routes.last {
+            Some((cached, found))
+                if prefix > 0 && cached.len() == prefix && subject.starts_with(&**cached) =>
+            {
+                found.clone()
+            }
+            _ => {
+                let (found, any_last) = self.subs.matches_reply(subject);
+                routes.last =
+                    (prefix > 0 && any_last).then(|| (subject[..prefix].into(), found.clone()));
+                found
+            }
+        };
+        let mut later = Later::default();
+        self.route_found(publish, &found, &mut later);
+        self.settle(publish, later).await;
+    }
+
+    /// Waits for what routing left: room on full connections, pacing.
+    async fn settle(&self, publish: &Publish, later: Later) {
         for route in later.full {
             let frame = route.frame(publish);
             route.conn.deliver_within(frame, self).await;
@@ -87,6 +126,11 @@ impl Shared {
         } else {
             self.subs.matches(&publish.subject)
         };
+        self.route_found(publish, &found, later);
+    }
+
+    /// Queues `publish` for the subscriptions `found`.
+    fn route_found(&self, publish: &Publish, found: &Match<Route>, later: &mut Later) {
         if found.is_empty() {
             if !publish.reply.is_empty() {
                 self.no_responders(publish, later);

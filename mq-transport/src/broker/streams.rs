@@ -29,6 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
+use super::fanout::ReplyRoutes;
 use crate::lock;
 use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
 use crate::streams::wire::{
@@ -217,6 +218,7 @@ impl StreamSession {
         for stream in self.deferred.drain(..) {
             stream.commit_now();
         }
+        let mut routes = ReplyRoutes::default();
         while let Some((ack, _)) = self.deferred_acks.front_mut() {
             if self.in_pipeline.load(Ordering::Acquire) > 0 {
                 break;
@@ -225,7 +227,19 @@ impl StreamSession {
                 break;
             };
             let (_, to) = self.deferred_acks.pop_front().expect("front");
-            reply_json(shared, &to, result.map_err(|e| WireError::from(&e))).await;
+            let (headers, body) = match result {
+                Ok(ack) => (Metadata::new(), wire::pub_ack_body(&ack)),
+                Err(e) => wire::error_reply_wire(&WireError::from(&e)),
+            };
+            if !to.is_empty() {
+                let publish = Publish {
+                    subject: to,
+                    reply: Utf8Bytes::default(),
+                    headers,
+                    payload: body,
+                };
+                shared.route_reply(&publish, &mut routes).await;
+            }
         }
         if self.deferred_acks.is_empty() {
             return;

@@ -462,6 +462,30 @@ pub(crate) fn decode_answer(payload: &[u8]) -> Result<Answer, String> {
 }
 
 /// The headers and body of an API error reply.
+/// A publish acknowledgement's body: `{"stream":"…","seq":…,"duplicate":…}`, the JSON
+/// serde writes, formatted directly (one per durable publish) unless the stream's name
+/// needs escaping.
+pub(crate) fn pub_ack_body(ack: &mq_store::PubAck) -> Bytes {
+    let plain = ack
+        .stream
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
+    if !plain {
+        return Bytes::from(serde_json::to_vec(ack).expect("a PubAck serializes"));
+    }
+    let mut body = String::with_capacity(ack.stream.len() + 50);
+    body.push_str(r#"{"stream":""#);
+    body.push_str(&ack.stream);
+    body.push_str(r#"","seq":"#);
+    let _ = std::fmt::Write::write_fmt(&mut body, format_args!("{}", ack.seq));
+    body.push_str(if ack.duplicate {
+        r#","duplicate":true}"#
+    } else {
+        r#","duplicate":false}"#
+    });
+    Bytes::from(body)
+}
+
 pub(crate) fn error_reply_wire(error: &WireError) -> (Metadata, Bytes) {
     let mut headers = Metadata::new();
     headers.insert(STATUS_HEADER, API_ERROR);
@@ -496,6 +520,14 @@ pub(crate) fn reply_error(headers: &Metadata, body: &[u8]) -> Option<StoreError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn a_pub_ack_body_is_the_json_serde_writes(stream in ".{0,40}", seq: u64, duplicate: bool) {
+            let ack = mq_store::PubAck { stream, seq, duplicate };
+            proptest::prop_assert_eq!(&pub_ack_body(&ack)[..], &serde_json::to_vec(&ack).unwrap()[..]);
+        }
+    }
     use rpc_core::Utf8Bytes;
     use rpc_core::frame::{Frame, Message as MsgFrame, Publish as PubFrame};
 
