@@ -4,6 +4,7 @@ use std::fmt;
 use std::ops::Deref;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 
 /// An immutable UTF-8 string backed by [`Bytes`].
 ///
@@ -19,24 +20,23 @@ use bytes::Bytes;
 /// assert!(Utf8Bytes::try_from(bytes::Bytes::from_static(b"\xff")).is_err());
 /// ```
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Utf8Bytes(Bytes);
+pub struct Utf8Bytes(ByteString);
 
 impl Utf8Bytes {
     /// Wraps a static string; no allocation.
     pub const fn from_static(s: &'static str) -> Self {
-        Utf8Bytes(Bytes::from_static(s.as_bytes()))
+        Utf8Bytes(ByteString::from_static(s))
     }
 
     /// The string.
     pub fn as_str(&self) -> &str {
-        // The bytes were validated when this value was built and are immutable, so this
-        // cannot fail; `unwrap_or_default` keeps the code free of panics all the same.
-        std::str::from_utf8(&self.0).unwrap_or_default()
+        // checked once, when the value was built (`ByteString` keeps them UTF-8)
+        &self.0
     }
 
     /// The underlying bytes.
     pub fn as_bytes(&self) -> &Bytes {
-        &self.0
+        self.0.as_bytes()
     }
 
     /// Length in bytes.
@@ -54,14 +54,13 @@ impl TryFrom<Bytes> for Utf8Bytes {
     type Error = std::str::Utf8Error;
 
     fn try_from(bytes: Bytes) -> Result<Self, Self::Error> {
-        std::str::from_utf8(&bytes)?;
-        Ok(Utf8Bytes(bytes))
+        ByteString::try_from(bytes).map(Utf8Bytes)
     }
 }
 
 impl From<String> for Utf8Bytes {
     fn from(s: String) -> Self {
-        Utf8Bytes(Bytes::from(s))
+        Utf8Bytes(ByteString::from(s))
     }
 }
 
