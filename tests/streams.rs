@@ -16,6 +16,19 @@ fn bus_in(dir: &std::path::Path) -> Bus {
     Bus::embedded_with(config)
 }
 
+/// A broker on 127.0.0.1:0 keeping its streams in a fresh temporary directory, removed
+/// when the returned guard is dropped; `config` as given otherwise.
+async fn broker_with_store(
+    mut config: courier::bus::BrokerConfig,
+) -> (courier::bus::Broker, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    config.storage = Storage::Directory(dir.path().to_owned());
+    let broker = courier::bus::Broker::bind_with("127.0.0.1:0", config)
+        .await
+        .unwrap();
+    (broker, dir)
+}
+
 #[tokio::test]
 async fn a_durable_publish_is_acknowledged_with_its_sequence_and_plain_subscribers_still_get_it() {
     let bus = Bus::embedded();
@@ -344,12 +357,10 @@ async fn a_broker_refuses_streams_and_consumers_past_its_limits_naming_them() {
 #[tokio::test]
 async fn on_a_broker_under_fsync_every_pipelined_publishes_are_acknowledged_in_order_and_stored_once()
  {
-    use courier::bus::{Broker, BrokerConfig, Fsync};
-    let dir = tempfile::tempdir().unwrap();
+    use courier::bus::{BrokerConfig, Fsync};
     let mut config = BrokerConfig::default();
-    config.storage = Storage::Directory(dir.path().to_owned());
     config.fsync = Some(Fsync::Every(Duration::from_secs(120)));
-    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let (broker, _dir) = broker_with_store(config).await;
     let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     let streams = bus.streams().unwrap();
     streams
@@ -387,18 +398,16 @@ async fn on_a_broker_under_fsync_every_pipelined_publishes_are_acknowledged_in_o
 #[tokio::test]
 async fn a_durable_publish_and_a_ping_in_one_read_are_answered_with_nothing_more_sent() {
     use bytes::BytesMut;
-    use courier::bus::{Broker, BrokerConfig, Fsync};
+    use courier::bus::{BrokerConfig, Fsync};
     use courier::codec::FrameCodec;
     use courier::frame::{Connect, Frame, Publish as PubFrame, Subscribe};
     use futures_util::StreamExt;
     use tokio::io::AsyncWriteExt;
     use tokio_util::codec::{Encoder, FramedRead};
 
-    let dir = tempfile::tempdir().unwrap();
     let mut config = BrokerConfig::default();
-    config.storage = Storage::Directory(dir.path().to_owned());
     config.fsync = Some(Fsync::Every(Duration::from_secs(120)));
-    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    let (broker, _dir) = broker_with_store(config).await;
     let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     bus.streams()
         .unwrap()
@@ -463,11 +472,8 @@ async fn a_durable_publish_and_a_ping_in_one_read_are_answered_with_nothing_more
 
 #[tokio::test]
 async fn a_client_with_a_small_frame_limit_reads_and_fetches_every_message_of_a_large_batch() {
-    use courier::bus::{Broker, BrokerConfig, ConnectOptions, ConsumerConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = BrokerConfig::default();
-    config.storage = Storage::Directory(dir.path().to_owned());
-    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    use courier::bus::{BrokerConfig, ConnectOptions, ConsumerConfig};
+    let (broker, _dir) = broker_with_store(BrokerConfig::default()).await;
     let mut options = ConnectOptions::default();
     options.connection.max_frame_len = 32 * 1024;
     let bus = Bus::connect_with(broker.local_addr().to_string(), options)
@@ -511,11 +517,8 @@ async fn a_client_with_a_small_frame_limit_reads_and_fetches_every_message_of_a_
 
 #[tokio::test]
 async fn malformed_packed_acks_are_dropped_and_the_connection_and_consumer_carry_on() {
-    use courier::bus::{Broker, BrokerConfig, ConsumerConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = BrokerConfig::default();
-    config.storage = Storage::Directory(dir.path().to_owned());
-    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    use courier::bus::{BrokerConfig, ConsumerConfig};
+    let (broker, _dir) = broker_with_store(BrokerConfig::default()).await;
     let bus = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     let streams = bus.streams().unwrap();
     streams
@@ -568,11 +571,8 @@ async fn malformed_packed_acks_are_dropped_and_the_connection_and_consumer_carry
 
 #[tokio::test]
 async fn a_stored_message_too_large_for_a_readers_frame_limit_fails_its_read_naming_the_limit() {
-    use courier::bus::{Broker, BrokerConfig, ConnectOptions, ConsumerConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = BrokerConfig::default();
-    config.storage = Storage::Directory(dir.path().to_owned());
-    let broker = Broker::bind_with("127.0.0.1:0", config).await.unwrap();
+    use courier::bus::{BrokerConfig, ConnectOptions, ConsumerConfig};
+    let (broker, _dir) = broker_with_store(BrokerConfig::default()).await;
     let writer = Bus::connect(broker.local_addr().to_string()).await.unwrap();
     let streams = writer.streams().unwrap();
     streams

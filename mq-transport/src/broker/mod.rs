@@ -239,3 +239,13 @@ impl Shared {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 }
+
+/// Polls `future` once without waiting: its output if it is ready now. Nothing wakes
+/// the caller later; it asks again (or awaits the future) when it wants the answer.
+fn poll_now<F: std::future::Future + ?Sized>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}

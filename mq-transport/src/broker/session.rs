@@ -2,7 +2,6 @@
 //! `Sub`, `Unsub` and `GoAway` frames, one function each.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use rpc_core::connection::FrameReader;
@@ -61,12 +60,9 @@ impl<'a> Session<'a> {
                     // (nothing more buffered or ready on the socket): one write for all
                     // that one burst from the peer brought. Asked without waiting; a
                     // ping or pong consumed on the way counts as nothing at hand.
-                    let polled = next
-                        .as_mut()
-                        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
-                    match polled {
-                        std::task::Poll::Ready(frame) => frame,
-                        std::task::Poll::Pending => {
+                    match super::poll_now(next.as_mut()) {
+                        Some(frame) => frame,
+                        None => {
                             self.streams.commit_deferred(self.shared).await;
                             next.await
                         }

@@ -223,7 +223,7 @@ impl StreamSession {
             if self.in_pipeline.load(Ordering::Acquire) > 0 {
                 break;
             }
-            let Some(result) = ready(ack) else {
+            let Some(result) = super::poll_now(std::pin::Pin::new(ack)) else {
                 break;
             };
             let (_, to) = self.deferred_acks.pop_front().expect("front");
@@ -733,16 +733,6 @@ impl StreamSession {
                 }
             }
         });
-    }
-}
-
-/// The acknowledgement if it has completed, without waiting.
-fn ready(ack: &mut AckFuture) -> Option<Result<mq_store::PubAck, StoreError>> {
-    use std::future::Future;
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    match std::pin::Pin::new(ack).poll(&mut cx) {
-        std::task::Poll::Ready(result) => Some(result),
-        std::task::Poll::Pending => None,
     }
 }
 
