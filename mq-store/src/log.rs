@@ -178,7 +178,8 @@ pub(crate) const MAX_RUNS: usize = 1024;
 
 /// How far past the end of its run a number may come (publishes racing on one
 /// connection, or one that failed) and still extend the run, its skipped numbers
-/// left empty.
+/// left empty; and only while a run's empty entries are no more than its ids, so
+/// that a publisher skipping numbers cannot make an id cost more than a few entries.
 pub(crate) const MAX_RUN_GAP: u64 = 64;
 
 /// The ids `<prefix>.<first>`, `<prefix>.<first + 1>`, … in the window.
@@ -190,6 +191,9 @@ struct Run {
     /// Entry `i` is id `<prefix>.<first + i>`; `seq == 0` marks a number not seen
     /// (sequences start at 1).
     entries: VecDeque<Seen>,
+    /// How many entries are empty: never more than those seen, so that numbers with
+    /// gaps between them cost at most twice the entries they fill.
+    empty: usize,
 }
 
 impl Run {
@@ -210,7 +214,9 @@ impl Run {
             if front.time >= cutoff {
                 break;
             }
-            self.entries.pop_front();
+            if self.entries.pop_front().is_some_and(|seen| seen.seq == 0) {
+                self.empty -= 1;
+            }
             self.first += 1;
         }
     }
@@ -416,6 +422,7 @@ impl Dedup {
                 prefix: Arc::from(&id[..prefix_len]),
                 first: n,
                 entries: VecDeque::new(),
+                empty: 0,
             }),
             std::collections::hash_map::Entry::Vacant(_) => return false,
         };
@@ -432,12 +439,19 @@ impl Dedup {
         };
         let end = run.entries.len() as u64;
         if i < end {
-            run.entries[i as usize] = seen;
+            let slot = &mut run.entries[i as usize];
+            if slot.seq == 0 {
+                run.empty -= 1;
+            }
+            *slot = seen;
             return true;
         }
-        if i - end > MAX_RUN_GAP {
+        let gap = i - end;
+        let seen_entries = run.entries.len() - run.empty;
+        if gap > MAX_RUN_GAP || run.empty + gap as usize > seen_entries {
             return false;
         }
+        run.empty += gap as usize;
         let empty = Seen {
             seq: 0,
             time: seen.time,
@@ -1955,6 +1969,31 @@ mod tests {
         more.insert("q.1", 3, 12, 2);
         assert_eq!(more.get("q.1", 13), Some(3));
         assert_eq!(more.held_by(0, &[1, 2]).len(), 2);
+    }
+
+    #[test]
+    fn a_publisher_skipping_numbers_leaves_at_most_as_many_empty_entries_as_ids() {
+        let mut dedup = Dedup::new(1_000_000);
+        for k in 0..1_000u64 {
+            let n = k * MAX_RUN_GAP; // every id 63 numbers past the last
+            dedup.insert(&format!("p.{n}"), k + 1, k as i64, 1);
+        }
+        let run = dedup.runs.values().next().unwrap();
+        let ids = run.entries.len() - run.empty;
+        let empty = run.entries.iter().filter(|seen| seen.seq == 0).count();
+        println!(
+            "run: {ids} ids, {empty} empty entries; table: {} ids",
+            dedup.ids.len()
+        );
+        assert_eq!(empty, run.empty);
+        assert!(run.empty <= ids, "{} empty for {ids} ids", run.empty);
+        assert_eq!(ids + dedup.ids.len(), 1_000);
+        for k in 0..1_000u64 {
+            assert_eq!(
+                dedup.get(&format!("p.{}", k * MAX_RUN_GAP), 2_000),
+                Some(k + 1)
+            );
+        }
     }
 
     #[test]
