@@ -434,7 +434,7 @@ impl Js {
             .await
             .map_err(|e| publish_error(&e, &subject, &expectation))?;
         let js = self.js.clone();
-        Ok(PubAckFuture::remote(async move {
+        Ok(PubAckFuture::boxed(async move {
             let ack = match ack.await {
                 Ok(ack) => ack,
                 Err(e) => {

@@ -104,13 +104,16 @@ pub struct PubAckFuture {
 enum AckInner {
     Local(mq_store::AckFuture),
     Remote(Box<remote::RemoteAck>),
+    /// Any other answer, as a future (the NATS backend's).
+    #[cfg_attr(not(feature = "nats"), allow(dead_code))]
+    Boxed(BoxFuture<Result<PubAck, BusError>>),
 }
 
 impl std::fmt::Debug for PubAckFuture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.inner {
             AckInner::Local(ack) => f.debug_tuple("PubAckFuture").field(ack).finish(),
-            AckInner::Remote(_) => f.write_str("PubAckFuture(remote)"),
+            AckInner::Remote(_) | AckInner::Boxed(_) => f.write_str("PubAckFuture(remote)"),
         }
     }
 }
@@ -119,6 +122,13 @@ impl PubAckFuture {
     fn remote(ack: remote::RemoteAck) -> Self {
         PubAckFuture {
             inner: AckInner::Remote(Box::new(ack)),
+        }
+    }
+
+    #[cfg(feature = "nats")]
+    fn boxed(future: impl Future<Output = Result<PubAck, BusError>> + Send + 'static) -> Self {
+        PubAckFuture {
+            inner: AckInner::Boxed(Box::pin(future)),
         }
     }
 }
@@ -130,6 +140,7 @@ impl Future for PubAckFuture {
         match &mut self.inner {
             AckInner::Local(ack) => Pin::new(ack).poll(cx).map_err(BusError::Stream),
             AckInner::Remote(ack) => Pin::new(&mut **ack).poll(cx),
+            AckInner::Boxed(ack) => ack.as_mut().poll(cx),
         }
     }
 }
