@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
-use super::{Output, Shared, frame_cost, queued_cost};
+use super::{Shared, frame_cost, queued_cost};
 use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
 use crate::frame::Frame;
@@ -37,7 +37,7 @@ enum End {
 }
 
 pub(super) async fn run<W: AsyncWrite + Unpin>(
-    output: Arc<tokio::sync::Mutex<Output<W>>>,
+    mut io: W,
     mut rx: mpsc::Receiver<Frame>,
     mut codec: FrameCodec,
     keepalive_interval: Duration,
@@ -110,24 +110,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                     false
                 }
-                // a sender's direct write left bytes to write
-                _ = shared.tail_ready.notified() => false,
             };
-            // The write half, held until this round is written: a sender that finds it
-            // taken queues its frame. A direct write never holds it long (it never waits).
-            let mut out = output.lock().await;
-            let out = &mut *out;
-            if out.unflushed {
-                // first what a direct write left: it began before anything queued now
-                write_or_abort!(out.io.write_all(&out.tail));
-                write_or_abort!(out.io.flush());
-                shared.unqueue(queued_cost(out.tail.len()));
-                out.tail.clear();
-                out.unflushed = false;
-                shared.wrote();
-                shared.written.notify_waiters();
-            }
-            let taken = batch.len();
             for frame in batch.drain(..) {
                 let before = buf.len();
                 // Senders checked the size already; a frame failing here is dropped
@@ -140,7 +123,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                 }
                 if buf.len() >= FLUSH_AT {
-                    write_or_abort!(out.io.write_all(&buf));
+                    write_or_abort!(io.write_all(&buf));
                     buf.clear();
                     // Counted as queued until written: a peer that reads slowly shows as
                     // bytes still queued, not as an empty queue and a blocked write.
@@ -149,16 +132,13 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 }
             }
             if !buf.is_empty() {
-                write_or_abort!(out.io.write_all(&buf));
-                write_or_abort!(out.io.flush());
+                write_or_abort!(io.write_all(&buf));
+                write_or_abort!(io.flush());
                 buf.clear();
                 last_write = std::time::Instant::now();
-                shared.wrote();
                 shared.unqueue(std::mem::take(&mut encoded));
                 shared.written.notify_waiters();
             }
-            // written (or dropped as unencodable): a direct write may go next
-            shared.pending.fetch_sub(taken, std::sync::atomic::Ordering::AcqRel);
             if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
                 buf = BytesMut::with_capacity(BUF_CAPACITY);
             }
@@ -169,8 +149,6 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     }
     .await;
 
-    let mut out = output.lock().await;
-    let io = &mut out.io;
     match result {
         Ok(End::Done) => {
             let _ = io.shutdown().await;
