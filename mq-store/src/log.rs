@@ -242,8 +242,9 @@ fn numbered_id(id: &str) -> Option<(&str, u64)> {
 pub(crate) struct IdKey {
     /// The keyed hash of the whole id (the table's key).
     hash: u64,
-    /// For a numbered id: the keyed hash of its prefix, and its number.
-    numbered: Option<(u64, u64)>,
+    /// For a numbered id: the keyed hash of its prefix, its number, and the prefix's
+    /// length.
+    numbered: Option<(u64, u64, usize)>,
 }
 
 /// The hasher of a table keyed by a hash already computed: it passes it through.
@@ -280,15 +281,18 @@ impl Dedup {
     pub(crate) fn key(&self, id: &str) -> IdKey {
         IdKey {
             hash: self.hasher.hash_one(id),
-            numbered: numbered_id(id).map(|(prefix, n)| (self.hasher.hash_one(prefix), n)),
+            numbered: numbered_id(id)
+                .map(|(prefix, n)| (self.hasher.hash_one(prefix), n, prefix.len())),
         }
     }
 
     /// The run that holds (or would hold) numbered id `id`, if its prefix has one.
+    /// (Two prefixes with one hash: the run is the first's, and the second's ids go to
+    /// the table.)
     fn run_of(&self, id: &str, key: IdKey) -> Option<(&Run, u64)> {
-        let (prefix_hash, n) = key.numbered?;
+        let (prefix_hash, n, prefix_len) = key.numbered?;
         let run = self.runs.get(&prefix_hash)?;
-        (id.len() > run.prefix.len() && id.starts_with(&*run.prefix)).then_some((run, n))
+        (*run.prefix == id[..prefix_len]).then_some((run, n))
     }
 
     fn seen_keyed(&self, id: &str, key: IdKey) -> Option<&Seen> {
@@ -306,13 +310,12 @@ impl Dedup {
 
     fn seen_mut(&mut self, id: &str) -> Option<&mut Seen> {
         let key = self.key(id);
-        if self
-            .run_of(id, key)
-            .is_some_and(|(run, n)| run.get(n).is_some())
+        if let Some((prefix_hash, n, _)) = key.numbered
+            && self
+                .run_of(id, key)
+                .is_some_and(|(run, n)| run.get(n).is_some())
         {
-            let (prefix_hash, n) = key.numbered.expect("a run was found");
-            let run = self.runs.get_mut(&prefix_hash).expect("a run was found");
-            return run.get_mut(n);
+            return self.runs.get_mut(&prefix_hash)?.get_mut(n);
         }
         match self.ids.get_mut(&key.hash) {
             Some((stored, seen)) if &**stored == id => Some(seen),
@@ -411,10 +414,9 @@ impl Dedup {
     /// Keeps a numbered id in its prefix's run, starting one if there is room; false
     /// if it goes to the table instead.
     fn insert_into_run(&mut self, id: &str, key: IdKey, seen: Seen) -> bool {
-        let Some((prefix_hash, n)) = key.numbered else {
+        let Some((prefix_hash, n, prefix_len)) = key.numbered else {
             return false;
         };
-        let prefix_len = id.len() - id.rsplit_once('.').map_or(0, |(_, d)| d.len() + 1);
         let room = self.runs.len() < MAX_RUNS;
         let run = match self.runs.entry(prefix_hash) {
             std::collections::hash_map::Entry::Occupied(slot) => slot.into_mut(),
