@@ -56,7 +56,9 @@ pub struct ConnectOptions {
     /// NATS core). Default 8 MiB.
     pub reconnect_buffer: usize,
     /// Frame size, keepalive and queue settings of the connection. Frames sent are also
-    /// held to the limit the broker states when it answers the connect.
+    /// held to the limit the broker states when it answers the connect. Direct writes
+    /// ([`ConnectionConfig::direct_writes`]) are on by default here: a caller waiting on
+    /// one answer at a time writes its request itself.
     pub connection: ConnectionConfig,
     /// Settings every backend has (subscription queues, request timeout).
     pub bus: BusOptions,
@@ -64,13 +66,15 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
+        let mut connection = ConnectionConfig::default();
+        connection.direct_writes = true;
         ConnectOptions {
             name: "courier".into(),
             token: None,
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
             reconnect_buffer: 8 * 1024 * 1024,
-            connection: ConnectionConfig::default(),
+            connection,
             bus: BusOptions::default(),
         }
     }

@@ -8,6 +8,12 @@
 //!   all into one buffer and writes that buffer with one `write_all`: under load, many
 //!   frames share one system call. The queue is bounded ([`ConnectionConfig::send_queue`]);
 //!   a full queue makes senders wait (backpressure).
+//! * **Direct writes** (with [`ConnectionConfig::direct_writes`]): a
+//!   [`FrameSender::send`] that finds the connection idle (nothing
+//!   queued or being written, and no write for [`QUIET`]) writes its frame itself, without
+//!   waking the writer task: one thread hand-off less for a lone request. What the stream
+//!   does not take at once is left to the writer task, which writes it before anything
+//!   else; a direct write never waits.
 //! * **Keepalive**: the writer sends a ping every [`ConnectionConfig::keepalive_interval`];
 //!   the reader answers pings and declares the peer dead when no complete frame arrived
 //!   for [`ConnectionConfig::keepalive_timeout`] (checked once per interval).
@@ -20,13 +26,17 @@
 mod reader;
 mod writer;
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Encoder, FramedRead};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -48,6 +58,7 @@ use crate::sync::Latch;
 /// config.keepalive_timeout = Duration::from_secs(15);
 /// assert_eq!(config.send_queue, 1024);
 /// assert_eq!(config.max_queued_bytes, 64 * 1024 * 1024);
+/// assert!(!config.direct_writes);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -70,6 +81,12 @@ pub struct ConnectionConfig {
     /// [`FrameSender::send`] waits for room. This is the memory bound of a connection
     /// whose peer stops reading, for every frame this side originates. Default 64 MiB.
     pub max_queued_bytes: usize,
+    /// Lets a send that finds the connection idle write its frame itself instead of
+    /// handing it to the writer task (see the module's "Direct writes"): one thread
+    /// hand-off less per lone request, for a client waiting on one answer at a time.
+    /// Off by default, and for servers: a broker's connection tasks already run its
+    /// writer on their own thread. The bus client's `ConnectOptions` turn it on.
+    pub direct_writes: bool,
 }
 
 impl ConnectionConfig {
@@ -85,6 +102,7 @@ impl Default for ConnectionConfig {
             keepalive_timeout: Duration::from_secs(30),
             send_queue: 1024,
             max_queued_bytes: 64 * 1024 * 1024,
+            direct_writes: false,
         }
     }
 }
@@ -179,6 +197,13 @@ struct Shared {
     /// Round trips waiting for the pong of the ping with their nonce (or a later one);
     /// `None` once the reader stopped.
     round_trips: Mutex<Option<Vec<RoundTrip>>>,
+    /// Frames put in the queue and not yet written: a direct write waits for none.
+    pending: AtomicUsize,
+    /// A direct write left bytes for the writer task.
+    tail_ready: tokio::sync::Notify,
+    /// When the stream was last written to, in nanoseconds since `epoch`.
+    last_write: AtomicU64,
+    epoch: Instant,
 }
 
 impl Shared {
@@ -220,6 +245,18 @@ impl Shared {
 
     fn unqueue(&self, bytes: usize) {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Notes a write to the stream, now.
+    fn wrote(&self) {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.last_write.store(now, Ordering::Relaxed);
+    }
+
+    /// Whether the stream was written to in the last [`QUIET`].
+    fn busy(&self) -> bool {
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        now.saturating_sub(self.last_write.load(Ordering::Relaxed)) < QUIET.as_nanos() as u64
     }
 
     fn closed_error(&self) -> ConnectionError {
@@ -269,13 +306,30 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         next_nonce: AtomicU64::new(1),
         round_trips: Mutex::new(Some(Vec::new())),
         written: tokio::sync::Notify::new(),
+        pending: AtomicUsize::new(0),
+        tail_ready: tokio::sync::Notify::new(),
+        last_write: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
+    let output = Arc::new(tokio::sync::Mutex::new(Output {
+        io: write,
+        tail: BytesMut::new(),
+        unflushed: false,
+        codec: FrameCodec::new(config.max_frame_len),
+    }));
+    let direct: Option<Arc<dyn Direct>> = config.direct_writes.then(|| {
+        Arc::new(DirectWriter {
+            output: output.clone(),
+            shared: shared.clone(),
+        }) as Arc<dyn Direct>
     });
     let sender = FrameSender {
         tx,
         shared: shared.clone(),
+        direct,
     };
     tokio::spawn(writer::run(
-        write,
+        output,
         rx,
         FrameCodec::new(config.max_frame_len),
         config.keepalive_interval,
@@ -320,6 +374,101 @@ pub async fn refuse<T: Io>(io: T, config: &ConnectionConfig, go_away: GoAway) {
 pub struct FrameSender {
     tx: mpsc::Sender<Frame>,
     shared: Arc<Shared>,
+    /// Set when [`ConnectionConfig::direct_writes`] is.
+    direct: Option<Arc<dyn Direct>>,
+}
+
+/// How long after its last write a connection counts as idle, so that a send may write
+/// its frame itself. Sends closer together than this (a burst, or a busy connection) go
+/// through the writer task, which gathers them into one write.
+pub const QUIET: Duration = Duration::from_micros(20);
+
+/// The write half, shared by the writer task and by senders that write directly.
+struct Output<W> {
+    io: W,
+    /// Bytes of a directly written frame that the stream did not take at once (or not
+    /// flushed yet); the writer task writes them before anything else. Counted as queued
+    /// bytes.
+    tail: BytesMut,
+    /// The tail still needs a flush.
+    unflushed: bool,
+    codec: FrameCodec,
+}
+
+/// A frame written by its sender (see [`FrameSender::send`]); type-erased over the
+/// stream's write half.
+trait Direct: Send + Sync + std::fmt::Debug {
+    /// Writes `frame` now if the connection is idle; hands it back otherwise (by value,
+    /// as `try_send` does: boxing it would allocate on the path meant to be cheap).
+    #[allow(clippy::result_large_err)]
+    fn write_now(&self, frame: Frame) -> Result<(), Frame>;
+}
+
+struct DirectWriter<W> {
+    output: Arc<tokio::sync::Mutex<Output<W>>>,
+    shared: Arc<Shared>,
+}
+
+impl<W> std::fmt::Debug for DirectWriter<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DirectWriter")
+    }
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
+    fn write_now(&self, frame: Frame) -> Result<(), Frame> {
+        let shared = &self.shared;
+        if shared.busy() || shared.pending.load(Ordering::Acquire) != 0 {
+            return Err(frame);
+        }
+        // Held while writing: the writer task writes nothing meanwhile. Never waited
+        // for: a sender that finds it taken queues its frame.
+        let Ok(mut output) = self.output.try_lock() else {
+            return Err(frame);
+        };
+        // Checked again under the lock: a frame queued before this one goes first, and
+        // nothing is written once the connection is closing (the writer may have shut
+        // the stream down, or be about to write an abort's go-away after the tail).
+        if shared.close.is_set()
+            || shared.pending.load(Ordering::Acquire) != 0
+            || !output.tail.is_empty()
+            || output.unflushed
+        {
+            return Err(frame);
+        }
+        let output = &mut *output;
+        let mut buf = BytesMut::new();
+        if output.codec.encode(&frame, &mut buf).is_err() {
+            return Err(frame); // the queued path reports it
+        }
+        shared.wrote();
+        // Written without waiting: the stream takes what it has room for now.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut written = 0;
+        while written < buf.len() {
+            match Pin::new(&mut output.io).poll_write(&mut cx, &buf[written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => written += n,
+                // no room, or an error: the writer task writes the rest (and meets the
+                // error itself, ending the connection as any failed write does)
+                _ => break,
+            }
+        }
+        let flushed = written == buf.len()
+            && matches!(
+                Pin::new(&mut output.io).poll_flush(&mut cx),
+                Poll::Ready(Ok(()))
+            );
+        if !flushed {
+            let rest = &buf[written..];
+            shared
+                .queued_bytes
+                .fetch_add(queued_cost(rest.len()), Ordering::Relaxed);
+            output.tail.extend_from_slice(rest);
+            output.unflushed = true;
+            shared.tail_ready.notify_one();
+        }
+        Ok(())
+    }
 }
 
 impl FrameSender {
@@ -334,6 +483,14 @@ impl FrameSender {
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
+        // an idle connection: written now, by this task
+        let frame = match &self.direct {
+            Some(direct) => match direct.write_now(frame) {
+                Ok(()) => return Ok(()),
+                Err(frame) => frame,
+            },
+            None => frame,
+        };
         // A place in the frame queue first, then the bytes: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
@@ -343,6 +500,7 @@ impl FrameSender {
             .await
             .map_err(|_| self.shared.closed_error())?;
         self.reserve_bytes(bytes).await?;
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
         permit.send(frame);
         Ok(())
     }
@@ -409,7 +567,9 @@ impl FrameSender {
             self.shared.unqueue(bytes);
             return Err(TrySendError::Full(frame));
         }
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
         self.tx.try_send(frame).map_err(|e| {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
             self.shared.unqueue(bytes);
             match e {
                 mpsc::error::TrySendError::Full(frame) => TrySendError::Full(frame),
@@ -626,7 +786,9 @@ impl FrameSender {
         let frame = Frame::GoAway(go_away);
         let cost = frame_cost(&frame);
         self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_send(frame).is_err() {
+            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
             self.shared.unqueue(cost);
         }
         self.shared.close();

@@ -272,3 +272,160 @@ async fn a_peer_that_pings_but_never_reads_the_pongs_is_cut_off_after_the_keepal
     let error = reader.next().await.unwrap().unwrap_err();
     assert!(error.to_string().contains("not reading"), "{error}");
 }
+
+/// A connection whose idle sends write their frames themselves.
+fn direct() -> ConnectionConfig {
+    ConnectionConfig {
+        direct_writes: true,
+        ..ConnectionConfig::default()
+    }
+}
+
+/// Makes the connection look idle to the next send (no write for longer than `QUIET`).
+fn quiet(sender: &FrameSender) {
+    sender.shared.last_write.store(0, Ordering::Relaxed);
+    std::thread::yield_now();
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_send_on_an_idle_connection_is_written_by_the_sender_before_it_returns() {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &direct());
+    quiet(&sender);
+    // one thread, no await that yields in between: only the sender itself can have
+    // written the bytes
+    sender.send(msg(10)).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = b
+        .read(&mut buf)
+        .now_or_never()
+        .expect("the frame is there already")
+        .unwrap();
+    assert!(n > 10, "{n} bytes");
+    // a second send right after it goes through the writer task, which gathers
+    sender.send(msg(10)).await.unwrap();
+    assert!(
+        b.read(&mut buf).now_or_never().is_none(),
+        "queued, not written yet"
+    );
+    assert!(b.read(&mut buf).await.unwrap() > 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whole_and_in_order() {
+    // A 16-byte pipe: almost every direct write leaves a tail for the writer task, and
+    // two senders race queued frames against it.
+    let (a, b) = tokio::io::duplex(16);
+    let (_reader, sender) = start(a, &direct());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    const N: u64 = 300;
+    let senders: Vec<_> = (0..2u64)
+        .map(|who| {
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                for i in 0..N {
+                    if i % 3 == 0 {
+                        quiet(&sender);
+                    }
+                    let frame = Frame::Msg(Message {
+                        sid: who,
+                        subject: "s".into(),
+                        payload: Bytes::from(i.to_be_bytes().repeat(1 + (i % 7) as usize)),
+                        ..Message::default()
+                    });
+                    sender.send(frame).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut next = [0u64; 2];
+    while next != [N, N] {
+        let frame = tokio::time::timeout(Duration::from_secs(10), peer.next())
+            .await
+            .expect("frames keep coming")
+            .expect("the connection stays up")
+            .expect("every frame decodes");
+        let Frame::Msg(m) = frame else {
+            continue; // a keepalive
+        };
+        let who = m.sid as usize;
+        let i = u64::from_be_bytes(m.payload[..8].try_into().unwrap());
+        assert_eq!(i, next[who], "sender {who}'s frames in order");
+        assert_eq!(m.payload.len(), 8 * (1 + (i % 7) as usize), "whole");
+        next[who] += 1;
+    }
+    for task in senders {
+        task.await.unwrap();
+    }
+    println!("frames received in order: {} and {}", next[0], next[1]);
+    // everything written: nothing counted as queued once the writer has noted it
+    let settled = tokio::time::timeout(Duration::from_secs(5), async {
+        while sender.queued_bytes() != 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "{} bytes still counted",
+        sender.queued_bytes()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn without_direct_writes_a_lone_send_is_left_to_the_writer_task() {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    quiet(&sender);
+    sender.send(msg(10)).await.unwrap();
+    let mut buf = [0u8; 256];
+    assert!(
+        b.read(&mut buf).now_or_never().is_none(),
+        "queued, not written by the sender"
+    );
+    assert!(b.read(&mut buf).await.unwrap() > 10);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_abort_after_a_direct_write_cut_short_completes_that_frame_before_the_go_away() {
+    // A 64-byte pipe and a 200-byte frame: the direct write leaves a tail; the abort
+    // comes before the writer task has run at all (one thread, no await in between).
+    let (a, b) = tokio::io::duplex(64);
+    let (_reader, sender) = start(a, &direct());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    quiet(&sender);
+    sender.send(msg(200)).await.unwrap();
+    let reason = ConnectionError::Closed {
+        reason: "test".into(),
+    };
+    sender.abort_with(GoAway::new(GoAway::SLOW_CONSUMER, "cut off"), &reason);
+    let mut frames = Vec::new();
+    while let Some(frame) = peer.next().await {
+        frames.push(frame.expect("every frame whole"));
+    }
+    assert!(
+        matches!(&frames[..], [Frame::Msg(m), Frame::GoAway(g)] if m.payload.len() == 200 && g.message.contains("cut off")),
+        "{frames:?}"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_direct_writes_tail_is_written_when_the_last_sender_is_gone() {
+    let (a, b) = tokio::io::duplex(64);
+    let (_reader, sender) = start(a, &direct());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    quiet(&sender);
+    sender.send(msg(200)).await.unwrap();
+    drop(sender);
+    drop(_reader);
+    let frame = tokio::time::timeout(Duration::from_secs(5), peer.next())
+        .await
+        .expect("the frame comes")
+        .expect("not the end")
+        .expect("whole");
+    assert!(matches!(frame, Frame::Msg(m) if m.payload.len() == 200));
+}

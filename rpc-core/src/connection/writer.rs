@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
-use super::{Shared, frame_cost, queued_cost};
+use super::{Output, Shared, frame_cost, queued_cost};
 use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
 use crate::frame::Frame;
@@ -37,7 +37,7 @@ enum End {
 }
 
 pub(super) async fn run<W: AsyncWrite + Unpin>(
-    mut io: W,
+    output: Arc<tokio::sync::Mutex<Output<W>>>,
     mut rx: mpsc::Receiver<Frame>,
     mut codec: FrameCodec,
     keepalive_interval: Duration,
@@ -57,15 +57,21 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     let abort = shared.abort.clone().cancelled_owned();
     tokio::pin!(abort);
 
-    // A write that the abort token interrupts.
+    // A write that the abort token interrupts. Every write starts at a frame boundary:
+    // an abort seen before it starts leaves the stream there (idle, so the go-away can
+    // follow), one seen while the write waits may leave it mid-frame. The write is
+    // polled first, so a write the stream takes at once is never cut.
     macro_rules! write_or_abort {
-        ($write:expr) => {
+        ($write:expr) => {{
+            if shared.abort.is_cancelled() {
+                return Ok(End::AbortedIdle);
+            }
             tokio::select! {
                 biased;
-                _ = &mut abort => return Ok(End::AbortedMidWrite),
                 result = $write => result?,
+                _ = &mut abort => return Ok(End::AbortedMidWrite),
             }
-        };
+        }};
     }
 
     let result: Result<End, ConnectionError> = async {
@@ -110,7 +116,24 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                     false
                 }
+                // a sender's direct write left bytes to write
+                _ = shared.tail_ready.notified() => false,
             };
+            // The write half, held until this round is written: a sender that finds it
+            // taken queues its frame. A direct write never holds it long (it never waits).
+            let mut out = output.lock().await;
+            let out = &mut *out;
+            if out.unflushed {
+                // first what a direct write left: it began before anything queued now
+                write_or_abort!(out.io.write_all(&out.tail));
+                write_or_abort!(out.io.flush());
+                shared.unqueue(queued_cost(out.tail.len()));
+                out.tail.clear();
+                out.unflushed = false;
+                shared.wrote();
+                shared.written.notify_waiters();
+            }
+            let taken = batch.len();
             for frame in batch.drain(..) {
                 let before = buf.len();
                 // Senders checked the size already; a frame failing here is dropped
@@ -123,7 +146,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                 }
                 if buf.len() >= FLUSH_AT {
-                    write_or_abort!(io.write_all(&buf));
+                    write_or_abort!(out.io.write_all(&buf));
                     buf.clear();
                     // Counted as queued until written: a peer that reads slowly shows as
                     // bytes still queued, not as an empty queue and a blocked write.
@@ -132,13 +155,16 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 }
             }
             if !buf.is_empty() {
-                write_or_abort!(io.write_all(&buf));
-                write_or_abort!(io.flush());
+                write_or_abort!(out.io.write_all(&buf));
+                write_or_abort!(out.io.flush());
                 buf.clear();
                 last_write = std::time::Instant::now();
+                shared.wrote();
                 shared.unqueue(std::mem::take(&mut encoded));
                 shared.written.notify_waiters();
             }
+            // written (or dropped as unencodable): a direct write may go next
+            shared.pending.fetch_sub(taken, std::sync::atomic::Ordering::AcqRel);
             if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
                 buf = BytesMut::with_capacity(BUF_CAPACITY);
             }
@@ -149,20 +175,33 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     }
     .await;
 
+    // Held from here on: no direct write comes after the end (they check `close`, set
+    // below, under this lock).
+    let mut out = output.lock().await;
+    let out = &mut *out;
     match result {
         Ok(End::Done) => {
-            let _ = io.shutdown().await;
+            // A direct write's tail may be left when the last sender went away before
+            // the writer saw it: it completes a frame already begun.
+            if out.unflushed && out.io.write_all(&out.tail).await.is_ok() {
+                shared.unqueue(queued_cost(out.tail.len()));
+                out.tail.clear();
+                out.unflushed = false;
+            }
+            let _ = out.io.shutdown().await;
         }
         Ok(End::AbortedIdle) => {
             if let Some(go_away) = shared.abort_go_away.get() {
                 buf.clear();
+                // a direct write's tail first: the go-away must start at a frame boundary
+                buf.extend_from_slice(&out.tail);
                 if codec
                     .encode(&Frame::GoAway(go_away.clone()), &mut buf)
                     .is_ok()
                 {
                     let _ = tokio::time::timeout(ABORT_GO_AWAY_TIMEOUT, async {
-                        io.write_all(&buf).await?;
-                        io.shutdown().await
+                        out.io.write_all(&buf).await?;
+                        out.io.shutdown().await
                     })
                     .await;
                 }
