@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -190,6 +190,9 @@ pub(crate) struct Inbox {
     prefix: String,
     next: AtomicU64,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    /// `waiting`'s length, stored after each change: read without the lock, which the
+    /// connection's reader takes for every reply.
+    in_flight: AtomicUsize,
 }
 
 impl Inbox {
@@ -198,6 +201,7 @@ impl Inbox {
             prefix: format!("{}.", new_inbox()),
             next: AtomicU64::new(1),
             waiting: Mutex::new(HashMap::new()),
+            in_flight: AtomicUsize::new(0),
         }
     }
 
@@ -211,7 +215,11 @@ impl Inbox {
     pub(crate) fn register(self: &Arc<Self>) -> (Utf8Bytes, Waiting) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.lock().insert(id, tx);
+        {
+            let mut waiting = self.lock();
+            waiting.insert(id, tx);
+            self.in_flight.store(waiting.len(), Ordering::Relaxed);
+        }
         let reply = Utf8Bytes::from(crate::numbered(&self.prefix, id));
         (
             reply,
@@ -223,6 +231,11 @@ impl Inbox {
         )
     }
 
+    /// Requests registered and not answered or given up yet.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn deliver(&self, message: Message) -> bool {
         let Some(id) = message
             .subject
@@ -231,7 +244,7 @@ impl Inbox {
         else {
             return false;
         };
-        match self.lock().remove(&id) {
+        match self.remove(id) {
             Some(tx) => tx.send(message).is_ok(),
             None => false, // a reply after its request gave up, or a second reply
         }
@@ -239,7 +252,16 @@ impl Inbox {
 
     /// Fails every waiting request (the connection their replies would use is gone).
     pub(crate) fn fail_all(&self) {
-        self.lock().clear();
+        let mut waiting = self.lock();
+        waiting.clear();
+        self.in_flight.store(0, Ordering::Relaxed);
+    }
+
+    fn remove(&self, id: u64) -> Option<oneshot::Sender<Message>> {
+        let mut waiting = self.lock();
+        let tx = waiting.remove(&id);
+        self.in_flight.store(waiting.len(), Ordering::Relaxed);
+        tx
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
@@ -257,7 +279,7 @@ pub(crate) struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.inbox.lock().remove(&self.id);
+        self.inbox.remove(self.id);
     }
 }
 

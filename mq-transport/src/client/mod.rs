@@ -56,9 +56,7 @@ pub struct ConnectOptions {
     /// NATS core). Default 8 MiB.
     pub reconnect_buffer: usize,
     /// Frame size, keepalive and queue settings of the connection. Frames sent are also
-    /// held to the limit the broker states when it answers the connect. Direct writes
-    /// ([`ConnectionConfig::direct_writes`]) are on by default here: a caller waiting on
-    /// one answer at a time writes its request itself.
+    /// held to the limit the broker states when it answers the connect.
     pub connection: ConnectionConfig,
     /// Settings every backend has (subscription queues, request timeout).
     pub bus: BusOptions,
@@ -66,15 +64,13 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        let mut connection = ConnectionConfig::default();
-        connection.direct_writes = true;
         ConnectOptions {
             name: "courier".into(),
             token: None,
             connect_timeout: Duration::from_secs(5),
             reconnect: Backoff::default(),
             reconnect_buffer: 8 * 1024 * 1024,
-            connection,
+            connection: ConnectionConfig::default(),
             bus: BusOptions::default(),
         }
     }
@@ -312,6 +308,11 @@ impl Remote {
     }
 
     async fn publish(&self, message: Message) -> Result<(), BusError> {
+        // A request with no other in flight (one publish at a time, waiting for each
+        // answer) is written by this task when the connection is idle: one thread
+        // hand-off less per round trip. Requests sent in a stream are queued, for the
+        // writer to gather into one write.
+        let lone = message.reply.is_some() && self.core.inbox.in_flight() == 1;
         let publish = Publish {
             subject: message.subject,
             reply: message.reply.unwrap_or_default(),
@@ -342,7 +343,12 @@ impl Remote {
             };
             // Sent as a clone (reference counts, no payload copy) so that the frame can
             // go to the reconnect buffer if this connection turns out to be dead.
-            match sender.send(frame.clone()).await {
+            let sent = if lone {
+                sender.send_direct(frame.clone()).await
+            } else {
+                sender.send(frame.clone()).await
+            };
+            match sent {
                 Ok(()) => return Ok(()),
                 Err(ConnectionError::Closed { reason }) => {
                     // The connection died under us: buffer it for the reconnect, unless

@@ -8,12 +8,12 @@
 //!   all into one buffer and writes that buffer with one `write_all`: under load, many
 //!   frames share one system call. The queue is bounded ([`ConnectionConfig::send_queue`]);
 //!   a full queue makes senders wait (backpressure).
-//! * **Direct writes** (with [`ConnectionConfig::direct_writes`]): a
-//!   [`FrameSender::send`] that finds the connection idle (nothing
-//!   queued or being written, and no write for [`QUIET`]) writes its frame itself, without
-//!   waking the writer task: one thread hand-off less for a lone request. What the stream
-//!   does not take at once is left to the writer task, which writes it before anything
-//!   else; a direct write never waits.
+//! * **Direct writes**: a [`FrameSender::send_direct`] (a lone request) that finds the
+//!   connection idle (nothing queued or being written, and no write for [`QUIET`])
+//!   writes its frame itself, without waking the writer task: one thread hand-off less
+//!   for a lone request. What the stream does not take at once is left to the writer
+//!   task, which writes it before anything else; a direct write never waits. A burst
+//!   queued right behind a direct write pauses them ([`DIRECT_PAUSE`]).
 //! * **Keepalive**: the writer sends a ping every [`ConnectionConfig::keepalive_interval`];
 //!   the reader answers pings and declares the peer dead when no complete frame arrived
 //!   for [`ConnectionConfig::keepalive_timeout`] (checked once per interval).
@@ -58,7 +58,6 @@ use crate::sync::Latch;
 /// config.keepalive_timeout = Duration::from_secs(15);
 /// assert_eq!(config.send_queue, 1024);
 /// assert_eq!(config.max_queued_bytes, 64 * 1024 * 1024);
-/// assert!(!config.direct_writes);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -81,12 +80,6 @@ pub struct ConnectionConfig {
     /// [`FrameSender::send`] waits for room. This is the memory bound of a connection
     /// whose peer stops reading, for every frame this side originates. Default 64 MiB.
     pub max_queued_bytes: usize,
-    /// Lets a send that finds the connection idle write its frame itself instead of
-    /// handing it to the writer task (see the module's "Direct writes"): one thread
-    /// hand-off less per lone request, for a client waiting on one answer at a time.
-    /// Off by default, and for servers: a broker's connection tasks already run its
-    /// writer on their own thread. The bus client's `ConnectOptions` turn it on.
-    pub direct_writes: bool,
 }
 
 impl ConnectionConfig {
@@ -102,7 +95,6 @@ impl Default for ConnectionConfig {
             keepalive_timeout: Duration::from_secs(30),
             send_queue: 1024,
             max_queued_bytes: 64 * 1024 * 1024,
-            direct_writes: false,
         }
     }
 }
@@ -203,6 +195,12 @@ struct Shared {
     tail_ready: tokio::sync::Notify,
     /// When the stream was last written to, in nanoseconds since `epoch`.
     last_write: AtomicU64,
+    /// When the last direct write was, like `last_write`; 0 once a queued frame came
+    /// after it.
+    direct_at: AtomicU64,
+    /// Direct writes still to refuse after one that a burst followed (see
+    /// [`FrameSender::send_direct`]).
+    direct_paused: AtomicUsize,
     epoch: Instant,
 }
 
@@ -251,6 +249,22 @@ impl Shared {
     fn wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.last_write.store(now, Ordering::Relaxed);
+    }
+
+    /// A frame is being queued: if it follows a direct write within [`QUIET`], the
+    /// sender is in a burst, where a direct write at its head costs a write (and a
+    /// wake-up of the peer) of its own: direct writes pause for [`DIRECT_PAUSE`]
+    /// attempts. One clock read per direct write, not per queued frame.
+    fn queued_after_direct(&self) {
+        let at = self.direct_at.load(Ordering::Relaxed);
+        if at == 0 {
+            return;
+        }
+        self.direct_at.store(0, Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        if now.saturating_sub(at) < QUIET.as_nanos() as u64 {
+            self.direct_paused.store(DIRECT_PAUSE, Ordering::Relaxed);
+        }
     }
 
     /// Whether the stream was written to in the last [`QUIET`].
@@ -309,6 +323,8 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         pending: AtomicUsize::new(0),
         tail_ready: tokio::sync::Notify::new(),
         last_write: AtomicU64::new(0),
+        direct_at: AtomicU64::new(0),
+        direct_paused: AtomicUsize::new(0),
         epoch: Instant::now(),
     });
     let output = Arc::new(tokio::sync::Mutex::new(Output {
@@ -317,16 +333,13 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         unflushed: false,
         codec: FrameCodec::new(config.max_frame_len),
     }));
-    let direct: Option<Arc<dyn Direct>> = config.direct_writes.then(|| {
-        Arc::new(DirectWriter {
-            output: output.clone(),
-            shared: shared.clone(),
-        }) as Arc<dyn Direct>
-    });
     let sender = FrameSender {
         tx,
         shared: shared.clone(),
-        direct,
+        direct: Arc::new(DirectWriter {
+            output: output.clone(),
+            shared: shared.clone(),
+        }),
     };
     tokio::spawn(writer::run(
         output,
@@ -374,14 +387,20 @@ pub async fn refuse<T: Io>(io: T, config: &ConnectionConfig, go_away: GoAway) {
 pub struct FrameSender {
     tx: mpsc::Sender<Frame>,
     shared: Arc<Shared>,
-    /// Set when [`ConnectionConfig::direct_writes`] is.
-    direct: Option<Arc<dyn Direct>>,
+    /// Writes a frame itself, for [`FrameSender::send_direct`].
+    direct: Arc<dyn Direct>,
 }
 
 /// How long after its last write a connection counts as idle, so that a send may write
 /// its frame itself. Sends closer together than this (a burst, or a busy connection) go
 /// through the writer task, which gathers them into one write.
 pub const QUIET: Duration = Duration::from_micros(20);
+
+/// How many direct write attempts are refused after a direct write that a burst of
+/// queued frames followed (within [`QUIET`]): a sender whose lone-looking requests
+/// start bursts (a window of publishes, all answered at once) stops splitting each
+/// burst into a direct write and a queued rest, and tries again after this many.
+pub const DIRECT_PAUSE: usize = 64;
 
 /// The write half, shared by the writer task and by senders that write directly.
 struct Output<W> {
@@ -418,6 +437,11 @@ impl<W> std::fmt::Debug for DirectWriter<W> {
 impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
     fn write_now(&self, frame: Frame) -> Result<(), Frame> {
         let shared = &self.shared;
+        if shared.direct_paused.load(Ordering::Relaxed) > 0 {
+            // (racing senders may both take one: a pause a little shorter or longer)
+            let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
+            return Err(frame);
+        }
         if shared.busy() || shared.pending.load(Ordering::Acquire) != 0 {
             return Err(frame);
         }
@@ -442,6 +466,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
             return Err(frame); // the queued path reports it
         }
         shared.wrote();
+        shared.direct_at.store(
+            shared.last_write.load(Ordering::Relaxed).max(1),
+            Ordering::Relaxed,
+        );
         // Written without waiting: the stream takes what it has room for now.
         let mut cx = Context::from_waker(Waker::noop());
         let mut written = 0;
@@ -483,14 +511,40 @@ impl FrameSender {
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
-        // an idle connection: written now, by this task
-        let frame = match &self.direct {
-            Some(direct) => match direct.write_now(frame) {
-                Ok(()) => return Ok(()),
-                Err(frame) => frame,
-            },
-            None => frame,
-        };
+        self.queue(frame, bytes).await
+    }
+
+    /// [`FrameSender::send`], except that on an idle connection (nothing queued or
+    /// being written, and no write in the last [`QUIET`]) the frame is written by the
+    /// caller, now, without waking the writer task. For a lone request whose caller
+    /// waits for its answer next: one thread hand-off less on its way out. Requests sent
+    /// in a stream should use `send`, which lets the writer gather them into one write.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// a_sender.send_direct(Frame::Cancel { id: 3 }).await.unwrap();
+    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 3 });
+    /// # }
+    /// ```
+    pub async fn send_direct(&self, frame: Frame) -> Result<(), ConnectionError> {
+        let bytes = self.check(&frame)?;
+        match self.direct.write_now(frame) {
+            Ok(()) => Ok(()),
+            Err(frame) => self.queue(frame, bytes).await,
+        }
+    }
+
+    /// Queues a checked frame of `bytes` (its queued cost), waiting for room.
+    async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), ConnectionError> {
+        self.shared.queued_after_direct();
         // A place in the frame queue first, then the bytes: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
@@ -567,6 +621,7 @@ impl FrameSender {
             self.shared.unqueue(bytes);
             return Err(TrySendError::Full(frame));
         }
+        self.shared.queued_after_direct();
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
         self.tx.try_send(frame).map_err(|e| {
             self.shared.pending.fetch_sub(1, Ordering::AcqRel);

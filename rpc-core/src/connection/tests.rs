@@ -273,14 +273,6 @@ async fn a_peer_that_pings_but_never_reads_the_pongs_is_cut_off_after_the_keepal
     assert!(error.to_string().contains("not reading"), "{error}");
 }
 
-/// A connection whose idle sends write their frames themselves.
-fn direct() -> ConnectionConfig {
-    ConnectionConfig {
-        direct_writes: true,
-        ..ConnectionConfig::default()
-    }
-}
-
 /// Makes the connection look idle to the next send (no write for longer than `QUIET`).
 fn quiet(sender: &FrameSender) {
     sender.shared.last_write.store(0, Ordering::Relaxed);
@@ -288,15 +280,15 @@ fn quiet(sender: &FrameSender) {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn a_send_on_an_idle_connection_is_written_by_the_sender_before_it_returns() {
+async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_returns() {
     use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     let (a, mut b) = tokio::io::duplex(1 << 16);
-    let (_reader, sender) = start(a, &direct());
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
     quiet(&sender);
     // one thread, no await that yields in between: only the sender itself can have
     // written the bytes
-    sender.send(msg(10)).await.unwrap();
+    sender.send_direct(msg(10)).await.unwrap();
     let mut buf = [0u8; 256];
     let n = b
         .read(&mut buf)
@@ -305,7 +297,7 @@ async fn a_send_on_an_idle_connection_is_written_by_the_sender_before_it_returns
         .unwrap();
     assert!(n > 10, "{n} bytes");
     // a second send right after it goes through the writer task, which gathers
-    sender.send(msg(10)).await.unwrap();
+    sender.send_direct(msg(10)).await.unwrap();
     assert!(
         b.read(&mut buf).now_or_never().is_none(),
         "queued, not written yet"
@@ -318,7 +310,7 @@ async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whol
     // A 16-byte pipe: almost every direct write leaves a tail for the writer task, and
     // two senders race queued frames against it.
     let (a, b) = tokio::io::duplex(16);
-    let (_reader, sender) = start(a, &direct());
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
     let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
     const N: u64 = 300;
     let senders: Vec<_> = (0..2u64)
@@ -335,7 +327,12 @@ async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whol
                         payload: Bytes::from(i.to_be_bytes().repeat(1 + (i % 7) as usize)),
                         ..Message::default()
                     });
-                    sender.send(frame).await.unwrap();
+                    // mostly direct attempts, some plain sends between them
+                    if i % 5 == 4 {
+                        sender.send(frame).await.unwrap();
+                    } else {
+                        sender.send_direct(frame).await.unwrap();
+                    }
                 }
             })
         })
@@ -375,7 +372,7 @@ async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whol
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn without_direct_writes_a_lone_send_is_left_to_the_writer_task() {
+async fn a_plain_send_on_an_idle_connection_is_left_to_the_writer_task() {
     use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     let (a, mut b) = tokio::io::duplex(1 << 16);
@@ -395,10 +392,10 @@ async fn an_abort_after_a_direct_write_cut_short_completes_that_frame_before_the
     // A 64-byte pipe and a 200-byte frame: the direct write leaves a tail; the abort
     // comes before the writer task has run at all (one thread, no await in between).
     let (a, b) = tokio::io::duplex(64);
-    let (_reader, sender) = start(a, &direct());
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
     let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
     quiet(&sender);
-    sender.send(msg(200)).await.unwrap();
+    sender.send_direct(msg(200)).await.unwrap();
     let reason = ConnectionError::Closed {
         reason: "test".into(),
     };
@@ -416,10 +413,10 @@ async fn an_abort_after_a_direct_write_cut_short_completes_that_frame_before_the
 #[tokio::test(flavor = "current_thread")]
 async fn a_direct_writes_tail_is_written_when_the_last_sender_is_gone() {
     let (a, b) = tokio::io::duplex(64);
-    let (_reader, sender) = start(a, &direct());
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
     let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
     quiet(&sender);
-    sender.send(msg(200)).await.unwrap();
+    sender.send_direct(msg(200)).await.unwrap();
     drop(sender);
     drop(_reader);
     let frame = tokio::time::timeout(Duration::from_secs(5), peer.next())
@@ -428,4 +425,42 @@ async fn a_direct_writes_tail_is_written_when_the_last_sender_is_gone() {
         .expect("not the end")
         .expect("whole");
     assert!(matches!(frame, Frame::Msg(m) if m.payload.len() == 200));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_right_after_a_direct_write_pauses_direct_writes() {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let mut buf = [0u8; 4096];
+    quiet(&sender);
+    sender.send_direct(msg(10)).await.unwrap();
+    assert!(
+        b.read(&mut buf).now_or_never().is_some(),
+        "written directly"
+    );
+    let shared = &sender.shared;
+    assert_ne!(shared.direct_at.load(Ordering::Relaxed), 0, "noted");
+    // queued within QUIET of the direct write (the clock is set, so that a slow debug
+    // build cannot make it later): the sender is in a burst
+    let now = shared.epoch.elapsed().as_nanos() as u64;
+    shared.direct_at.store(now, Ordering::Relaxed);
+    sender.send(msg(10)).await.unwrap();
+    assert!(b.read(&mut buf).await.unwrap() > 10);
+    for attempt in 0..DIRECT_PAUSE {
+        quiet(&sender);
+        sender.send_direct(msg(10)).await.unwrap();
+        assert!(
+            b.read(&mut buf).now_or_never().is_none(),
+            "attempt {attempt} of the pause was queued"
+        );
+        assert!(b.read(&mut buf).await.unwrap() > 10);
+    }
+    quiet(&sender);
+    sender.send_direct(msg(10)).await.unwrap();
+    assert!(
+        b.read(&mut buf).now_or_never().is_some(),
+        "written directly again after the pause"
+    );
 }
