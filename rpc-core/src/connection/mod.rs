@@ -414,7 +414,7 @@ struct Output<W> {
     codec: FrameCodec,
 }
 
-/// A frame written by its sender (see [`FrameSender::send`]); type-erased over the
+/// A frame written by its sender (see [`FrameSender::send_direct`]); type-erased over the
 /// stream's write half.
 trait Direct: Send + Sync + std::fmt::Debug {
     /// Writes `frame` now if the connection is idle; hands it back otherwise (by value,
