@@ -182,13 +182,22 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     match result {
         Ok(End::Done) => {
             // A direct write's tail may be left when the last sender went away before
-            // the writer saw it: it completes a frame already begun.
-            if out.unflushed && out.io.write_all(&out.tail).await.is_ok() {
-                shared.unqueue(queued_cost(out.tail.len()));
-                out.tail.clear();
-                out.unflushed = false;
+            // the writer saw it: it completes a frame already begun. Cut short by an
+            // abort like any other write.
+            let tail_written = !out.unflushed
+                || tokio::select! {
+                    biased;
+                    result = out.io.write_all(&out.tail) => result.is_ok(),
+                    _ = &mut abort => false,
+                };
+            if tail_written {
+                if out.unflushed {
+                    shared.unqueue(queued_cost(out.tail.len()));
+                    out.tail.clear();
+                    out.unflushed = false;
+                }
+                let _ = out.io.shutdown().await;
             }
-            let _ = out.io.shutdown().await;
         }
         Ok(End::AbortedIdle) => {
             if let Some(go_away) = shared.abort_go_away.get() {
