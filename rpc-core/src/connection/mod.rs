@@ -409,9 +409,20 @@ struct Output<W> {
     /// flushed yet); the writer task writes them before anything else. Counted as queued
     /// bytes.
     tail: BytesMut,
-    /// The tail still needs a flush.
+    /// A direct write left the writer something to do: the tail, or only its flush.
     unflushed: bool,
     codec: FrameCodec,
+}
+
+impl<W> Output<W> {
+    /// The tail has been written: its bytes are no longer queued. Nothing without one.
+    fn tail_written(&mut self, shared: &Shared) {
+        if self.unflushed {
+            shared.unqueue(queued_cost(self.tail.len()));
+            self.tail.clear();
+            self.unflushed = false;
+        }
+    }
 }
 
 /// A frame written by its sender (see [`FrameSender::send_direct`]); type-erased over the
@@ -453,10 +464,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
         // Checked again under the lock: a frame queued before this one goes first, and
         // nothing is written once the connection is closing (the writer may have shut
         // the stream down, or be about to write an abort's go-away after the tail).
-        if shared.close.is_set()
-            || shared.pending.load(Ordering::Acquire) != 0
-            || !output.tail.is_empty()
-            || output.unflushed
+        if shared.close.is_set() || shared.pending.load(Ordering::Acquire) != 0 || output.unflushed
         {
             return Err(frame);
         }

@@ -127,9 +127,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 // first what a direct write left: it began before anything queued now
                 write_or_abort!(out.io.write_all(&out.tail));
                 write_or_abort!(out.io.flush());
-                shared.unqueue(queued_cost(out.tail.len()));
-                out.tail.clear();
-                out.unflushed = false;
+                out.tail_written(&shared);
                 shared.wrote();
                 shared.written.notify_waiters();
             }
@@ -191,11 +189,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     _ = &mut abort => false,
                 };
             if tail_written {
-                if out.unflushed {
-                    shared.unqueue(queued_cost(out.tail.len()));
-                    out.tail.clear();
-                    out.unflushed = false;
-                }
+                out.tail_written(&shared);
                 let _ = out.io.shutdown().await;
             }
         }
