@@ -86,9 +86,12 @@ impl<'a> Session<'a> {
                     }));
                 }
             }
-            // ... or once MAX_DEFERRED of them wait
+            // ... or once MAX_DEFERRED of them wait: then their answers go out before
+            // the rest of the burst is read (the writers woken by them run first), so
+            // that a publisher's window refills while the broker works through the rest
             if self.streams.many_deferred() {
                 self.streams.commit_deferred(self.shared).await;
+                tokio::task::yield_now().await;
             }
         }
         Ok(())

@@ -50,8 +50,10 @@ pub(super) const MAX_EPHEMERAL: usize = 64;
 /// The most bytes one range request reads (at least one message is always returned).
 pub(super) const MAX_RANGE_BYTES: usize = 8 << 20;
 /// Durable publishes of one connection queued for the disk before they are written
-/// even though more of the peer's bytes are buffered.
-pub(super) const MAX_DEFERRED: usize = 1024;
+/// (and answered) even though more of the peer's bytes are buffered. Small, so that a
+/// publisher with a window of acks outstanding gets answers, and sends more, while the
+/// rest of its burst is read: publisher and broker work at once rather than by turns.
+pub(super) const MAX_DEFERRED: usize = 16;
 
 /// The broker's streams, shared by every connection.
 #[derive(Debug)]
