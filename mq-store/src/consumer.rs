@@ -1089,7 +1089,8 @@ impl Shared {
         if done.is_empty() {
             return;
         }
-        let retention = self.stream.config().retention;
+        // (read without copying the configuration: this runs for every answer)
+        let retention = self.stream.retention();
         if retention == Retention::Limits {
             return;
         }
@@ -1237,7 +1238,6 @@ impl Shared {
 
     /// Answers a delivery.
     fn answer(self: &Arc<Self>, seq: u64, answer: Answer) -> Result<Option<u64>, StoreError> {
-        let now = Instant::now();
         let mut engine = self.engine();
         if engine.closed {
             return Err(StoreError::Closed(self.stream.name().to_owned()));
@@ -1306,7 +1306,8 @@ impl Shared {
                 } else {
                     match delay.filter(|d| !d.is_zero()).map(|d| d.min(MAX_WAIT)) {
                         Some(d) => {
-                            engine.set_state(seq, EState::Pending { deadline: now + d });
+                            let deadline = Instant::now() + d;
+                            engine.set_state(seq, EState::Pending { deadline });
                             self.tick.notify_one();
                         }
                         None => engine.set_state(seq, EState::Due),
@@ -1317,7 +1318,7 @@ impl Shared {
                 let deliveries = engine
                     .answerable(seq, false)
                     .ok_or_else(|| self.not_pending(seq))?;
-                let deadline = now + self.config.wait(deliveries);
+                let deadline = Instant::now() + self.config.wait(deliveries);
                 engine.set_state(seq, EState::Pending { deadline });
                 self.tick.notify_one();
                 changed = false;

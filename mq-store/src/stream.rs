@@ -833,6 +833,11 @@ impl Stream {
         lock(&self.shared.state).config.clone()
     }
 
+    /// The stream's retention policy ([`StreamConfig::retention`]).
+    pub(crate) fn retention(&self) -> crate::config::Retention {
+        lock(&self.shared.state).config.retention
+    }
+
     /// Whether `subject` is one this stream captures.
     pub fn captures(&self, subject: &str) -> bool {
         lock(&self.shared.state)
