@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -131,6 +131,13 @@ fn push_record(out: &mut Vec<u8>, body: &[u8]) {
 
 /// Entries per record of a snapshot: its records stay far below [`MAX_RECORD`].
 const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// How long the writer lets a consumer's changes gather once the first has woken it,
+/// when no one waits for them to be durable: a busy consumer's deliveries and answers
+/// then cost the writer one wake-up and one write per `GATHER`, and the tasks that
+/// queue them no wake-up at all meanwhile, rather than one each per read. A change
+/// someone waits for (a confirmed answer) ends the wait at once.
+const GATHER: Duration = Duration::from_micros(200);
 
 fn done_body(seqs: &[u64]) -> Vec<u8> {
     let mut b = Vec::with_capacity(5 + seqs.len() * 8);
@@ -390,6 +397,11 @@ struct JShared {
     wake: Condvar,
     /// Appended bytes past the last snapshot that make the writer compact.
     compact_at: u64,
+    /// [`GATHER`], or another wait in tests.
+    gather: Duration,
+    /// The writer is letting changes gather (tests wait for it).
+    #[cfg(test)]
+    gathering: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -407,9 +419,10 @@ impl Journal {
         state: &Persisted,
         source: std::sync::Weak<dyn Snapshot>,
     ) -> Result<Journal, StoreError> {
-        Journal::create_with(fs, path, fsync, config, state, source, COMPACT_AT)
+        Journal::create_with(fs, path, fsync, config, state, source, COMPACT_AT, GATHER)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn create_with(
         fs: Arc<dyn Fs>,
         path: PathBuf,
@@ -418,6 +431,7 @@ impl Journal {
         state: &Persisted,
         source: std::sync::Weak<dyn Snapshot>,
         compact_at: u64,
+        gather: Duration,
     ) -> Result<Journal, StoreError> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_default();
         fs.create_dir_all(&dir)
@@ -437,6 +451,9 @@ impl Journal {
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             compact_at,
+            gather,
+            #[cfg(test)]
+            gathering: std::sync::atomic::AtomicBool::new(false),
         });
         let runner = shared.clone();
         let name = format!(
@@ -476,11 +493,13 @@ impl Journal {
             return;
         }
         // The writer takes everything queued once it wakes, and looks again before it
-        // waits: only the first change of a batch needs to wake it (a wake is a syscall).
+        // waits: only the first change of a batch needs to wake it (a wake is a syscall),
+        // and one that is waited for (it may be gathering: see GATHER).
         let idle = q.delivered.is_empty()
             && q.done.is_empty()
             && q.floor.is_none()
             && q.waiters.is_empty();
+        let waited_for = confirm.is_some();
         q.delivered.extend_from_slice(delivered);
         q.done.extend_from_slice(done);
         if floor.is_some() {
@@ -489,7 +508,7 @@ impl Journal {
         if let Some(tx) = confirm {
             q.waiters.push(tx);
         }
-        if idle {
+        if idle || waited_for {
             self.shared.wake.notify_one();
         }
     }
@@ -568,6 +587,26 @@ impl JShared {
                         }
                         _ => q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
                     }
+                }
+                if q.waiters.is_empty() && !q.closed {
+                    let until = Instant::now() + self.gather;
+                    #[cfg(test)]
+                    self.gathering
+                        .store(true, std::sync::atomic::Ordering::Release);
+                    loop {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() || !q.waiters.is_empty() || q.closed {
+                            break;
+                        }
+                        q = self
+                            .wake
+                            .wait_timeout(q, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0;
+                    }
+                    #[cfg(test)]
+                    self.gathering
+                        .store(false, std::sync::atomic::Ordering::Release);
                 }
                 let batch = Queue {
                     delivered: std::mem::take(&mut q.delivered),
@@ -724,6 +763,7 @@ mod tests {
             &Persisted::default(),
             weak,
             512,
+            GATHER,
         )
         .unwrap();
         let mut largest = 0;
@@ -750,6 +790,70 @@ mod tests {
         // compaction kept the file near its threshold plus one snapshot
         assert!(largest < 512 + 512, "the file grew to {largest} bytes");
         assert!(fs.list(Path::new("/c")).unwrap() == ["x.con"]);
+    }
+
+    /// A journal whose writer lets changes gather for an hour, with a change queued
+    /// and the writer gathering.
+    fn gathering_journal() -> (Arc<dyn Fs>, PathBuf, Journal, Arc<Model>) {
+        let fs: Arc<dyn Fs> = Arc::new(MemFs::default());
+        let path = PathBuf::from("/c/x.con");
+        let model = Arc::new(Model(Mutex::new(Persisted::default())));
+        let weak: std::sync::Weak<dyn Snapshot> = Arc::downgrade(&model) as _;
+        let journal = Journal::create_with(
+            fs.clone(),
+            path.clone(),
+            Fsync::Every(Duration::from_secs(3600)),
+            b"{}".to_vec(),
+            &Persisted::default(),
+            weak,
+            COMPACT_AT,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        journal.queue(&[(1, 1)], &[], None, None);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !journal
+            .shared
+            .gathering
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the writer never began to gather"
+            );
+            std::thread::yield_now();
+        }
+        (fs, path, journal, model)
+    }
+
+    /// Runs `f` on a thread; its result, unless it takes 10 s (the test then fails
+    /// rather than hangs).
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("it did not wait out the gather")
+    }
+
+    #[test]
+    fn a_confirmed_change_ends_the_gather_and_is_written_with_the_changes_before_it() {
+        let (fs, path, journal, _model) = gathering_journal();
+        let (tx, rx) = oneshot::channel();
+        journal.queue(&[(2, 1)], &[], None, Some(tx));
+        within_10s(move || rx.blocking_recv()).unwrap().unwrap();
+        let loaded = load(&*fs, &path).unwrap().unwrap();
+        assert_eq!(loaded.state, persisted(0, &[], &[(1, 1), (2, 1)]));
+        journal.close();
+    }
+
+    #[test]
+    fn closing_ends_the_gather_and_writes_what_was_gathered() {
+        let (fs, path, journal, _model) = gathering_journal();
+        within_10s(move || journal.close());
+        let loaded = load(&*fs, &path).unwrap().unwrap();
+        assert_eq!(loaded.state, persisted(0, &[], &[(1, 1)]));
     }
 
     #[test]
