@@ -555,6 +555,14 @@ fn write_fresh(
 }
 
 impl JShared {
+    /// Waits for a wake-up, or `left` at most.
+    fn wait_at_most<'a>(&self, q: MutexGuard<'a, Queue>, left: Duration) -> MutexGuard<'a, Queue> {
+        self.wake
+            .wait_timeout(q, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+    }
+
     fn run(&self, mut file: Arc<dyn File>, mut len: u64, source: std::sync::Weak<dyn Snapshot>) {
         let mut since_snapshot = 0u64;
         // a large snapshot is not rewritten more often than its own size is appended
@@ -579,16 +587,13 @@ impl JShared {
                             if left.is_zero() {
                                 break;
                             }
-                            q = self
-                                .wake
-                                .wait_timeout(q, left)
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .0;
+                            q = self.wait_at_most(q, left);
                         }
                         _ => q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
                     }
                 }
-                if q.waiters.is_empty() && !q.closed {
+                let changes = !q.delivered.is_empty() || !q.done.is_empty() || q.floor.is_some();
+                if changes && q.waiters.is_empty() && !q.closed {
                     let until = Instant::now() + self.gather;
                     #[cfg(test)]
                     self.gathering
@@ -598,11 +603,7 @@ impl JShared {
                         if left.is_zero() || !q.waiters.is_empty() || q.closed {
                             break;
                         }
-                        q = self
-                            .wake
-                            .wait_timeout(q, left)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
+                        q = self.wait_at_most(q, left);
                     }
                     #[cfg(test)]
                     self.gathering
