@@ -374,6 +374,18 @@ struct Queue {
     rewrite: bool,
 }
 
+impl Queue {
+    /// Whether changes are queued for the file.
+    fn has_changes(&self) -> bool {
+        !self.delivered.is_empty() || !self.done.is_empty() || self.floor.is_some()
+    }
+
+    /// Nothing to write, and nobody waiting for a write.
+    fn is_idle(&self) -> bool {
+        !self.has_changes() && self.waiters.is_empty()
+    }
+}
+
 /// Where the writer gets a consistent snapshot to compact into.
 pub(crate) trait Snapshot: Send + Sync + 'static {
     fn snapshot(&self) -> Persisted;
@@ -495,10 +507,7 @@ impl Journal {
         // The writer takes everything queued once it wakes, and looks again before it
         // waits: only the first change of a batch needs to wake it (a wake is a syscall),
         // and one that is waited for (it may be gathering: see GATHER).
-        let idle = q.delivered.is_empty()
-            && q.done.is_empty()
-            && q.floor.is_none()
-            && q.waiters.is_empty();
+        let idle = q.is_idle();
         let waited_for = confirm.is_some();
         q.delivered.extend_from_slice(delivered);
         q.done.extend_from_slice(done);
@@ -574,11 +583,7 @@ impl JShared {
                 let mut q = lock(&self.queue);
                 loop {
                     let fsync = *lock(&self.fsync);
-                    let idle = q.delivered.is_empty()
-                        && q.done.is_empty()
-                        && q.floor.is_none()
-                        && q.waiters.is_empty();
-                    if !idle || q.closed {
+                    if !q.is_idle() || q.closed {
                         break;
                     }
                     match fsync {
@@ -592,8 +597,7 @@ impl JShared {
                         _ => q = self.wake.wait(q).unwrap_or_else(PoisonError::into_inner),
                     }
                 }
-                let changes = !q.delivered.is_empty() || !q.done.is_empty() || q.floor.is_some();
-                if changes && q.waiters.is_empty() && !q.closed {
+                if q.has_changes() && q.waiters.is_empty() && !q.closed {
                     let until = Instant::now() + self.gather;
                     #[cfg(test)]
                     self.gathering
@@ -750,8 +754,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_file_past_its_compaction_size_is_rewritten_and_reads_back_the_same() {
+    /// A journal at `/c/x.con` in memory, an empty state, and the model it snapshots.
+    fn test_journal(
+        fsync: Fsync,
+        compact_at: u64,
+        gather: Duration,
+    ) -> (Arc<dyn Fs>, PathBuf, Journal, Arc<Model>) {
         let fs: Arc<dyn Fs> = Arc::new(MemFs::default());
         let path = PathBuf::from("/c/x.con");
         let model = Arc::new(Model(Mutex::new(Persisted::default())));
@@ -759,14 +767,20 @@ mod tests {
         let journal = Journal::create_with(
             fs.clone(),
             path.clone(),
-            Fsync::Always,
+            fsync,
             b"{}".to_vec(),
             &Persisted::default(),
             weak,
-            512,
-            GATHER,
+            compact_at,
+            gather,
         )
         .unwrap();
+        (fs, path, journal, model)
+    }
+
+    #[test]
+    fn a_file_past_its_compaction_size_is_rewritten_and_reads_back_the_same() {
+        let (fs, path, journal, model) = test_journal(Fsync::Always, 512, GATHER);
         let mut largest = 0;
         for seq in 1..=400u64 {
             let (tx, rx) = oneshot::channel();
@@ -796,21 +810,8 @@ mod tests {
     /// A journal whose writer lets changes gather for an hour, with a change queued
     /// and the writer gathering.
     fn gathering_journal() -> (Arc<dyn Fs>, PathBuf, Journal, Arc<Model>) {
-        let fs: Arc<dyn Fs> = Arc::new(MemFs::default());
-        let path = PathBuf::from("/c/x.con");
-        let model = Arc::new(Model(Mutex::new(Persisted::default())));
-        let weak: std::sync::Weak<dyn Snapshot> = Arc::downgrade(&model) as _;
-        let journal = Journal::create_with(
-            fs.clone(),
-            path.clone(),
-            Fsync::Every(Duration::from_secs(3600)),
-            b"{}".to_vec(),
-            &Persisted::default(),
-            weak,
-            COMPACT_AT,
-            Duration::from_secs(3600),
-        )
-        .unwrap();
+        let hour = Duration::from_secs(3600);
+        let (fs, path, journal, model) = test_journal(Fsync::Every(hour), COMPACT_AT, hour);
         journal.queue(&[(1, 1)], &[], None, None);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !journal
