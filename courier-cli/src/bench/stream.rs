@@ -182,12 +182,12 @@ impl FsyncMode {
             FsyncMode::Always => {
                 "ack after write + fdatasync of the segment (group commit: publishes queued \
                  meanwhile share one write and one fdatasync); nothing acked is lost on power \
-                 loss; embedded bus, in-process"
+                 loss"
             }
             FsyncMode::Interval => {
                 "ack after write(2) to the OS (page cache), no fsync before the ack; fdatasync \
                  every 120 s and on close; survives a kill of the process, a power loss can \
-                 lose up to 120 s of acked messages; embedded bus, in-process"
+                 lose up to 120 s of acked messages"
             }
         }
     }
