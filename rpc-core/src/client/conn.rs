@@ -1,8 +1,8 @@
 //! One client connection: the calls pending on it and the task that reads its answers.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rustc_hash::FxHashMap;
 use tokio::io::AsyncRead;
 use tokio::sync::oneshot;
 
@@ -26,7 +26,9 @@ pub(super) struct Conn {
 
 #[derive(Debug, Default)]
 struct Pending {
-    calls: HashMap<u64, Reply>,
+    /// By call id. The ids are this client's own sequence, not a peer's choice, so a
+    /// fast unkeyed hash (FxHash) is safe here; SipHash cost more than the map's work.
+    calls: FxHashMap<u64, Reply>,
     /// Set once the connection closed; no call can register after that.
     closed: Option<Arc<str>>,
 }

@@ -341,7 +341,12 @@ impl Client {
             timeout,
         };
 
-        let conn = self.connection(direct, deadline).await?;
+        // A connection at hand (the common case) is taken without waiting, and the
+        // request's timeout is the call's own: no second clock read.
+        let (conn, waited) = match self.connected(direct) {
+            Some(conn) => (conn, false),
+            None => (self.connection(direct, deadline).await?, true),
+        };
         let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
         let reply = conn.register(id)?;
         // Until the answer or a failure arrives (either removes the call from the
@@ -360,7 +365,11 @@ impl Client {
         metadata.extend(&options.metadata);
         let request = Request {
             id,
-            timeout: Some(deadline.saturating_duration_since(Instant::now())),
+            timeout: Some(if waited {
+                deadline.saturating_duration_since(Instant::now())
+            } else {
+                timeout
+            }),
             method: method.clone(),
             metadata,
             payload,
@@ -393,6 +402,14 @@ impl Client {
                 reason: "connection dropped the call".into(),
             }),
             Err(_) => Err(timed_out()),
+        }
+    }
+
+    /// The connection to call on, if there is one now.
+    fn connected(&self, direct: &Direct) -> Option<Arc<Conn>> {
+        match &*direct.state.borrow() {
+            State::Connected(conn) if !conn.is_retired() => Some(conn.clone()),
+            _ => None,
         }
     }
 
