@@ -125,3 +125,47 @@ fn errors_are_one_line_and_a_failing_exit_status() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_bus_reports_the_brokers_memory_per_idle_connection_and_per_subscription() {
+    let out = run(&[
+        "bench",
+        "bus",
+        "--only",
+        "mem_idle_conns,mem_subs",
+        "--mem-conns",
+        "200",
+        "--mem-subs",
+        "5000",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON row"))
+        .collect();
+    for (scenario, count) in [("mem_idle_conns", 200), ("mem_subs", 5000)] {
+        let row = rows
+            .iter()
+            .find(|r| r["scenario"] == scenario)
+            .unwrap_or_else(|| panic!("no {scenario} row in {stdout}"));
+        println!("{row}");
+        assert_eq!(row["count"], count, "{row}");
+        let (before, after) = (
+            row["broker_rss_before_kib"].as_u64().expect("RSS before"),
+            row["broker_rss_after_kib"].as_u64().expect("RSS after"),
+        );
+        assert!(after > before, "the broker's memory grew: {row}");
+        let per = row["broker_bytes_per"].as_f64().expect("bytes per");
+        assert_eq!(
+            per,
+            ((after - before) as f64 * 1024.0 / count as f64).round(),
+            "{row}"
+        );
+    }
+}

@@ -17,6 +17,7 @@ use mq_transport::{Bus, ConnectOptions, Event, Message, Subscriber};
 use rpc_core::Utf8Bytes;
 use serde_json::{Value, json};
 
+use super::memory::{self, MemScenario};
 use super::{Caller, ChildServer, Report, fields, progress, selected, whole};
 use crate::bench::rpc::check;
 
@@ -54,9 +55,20 @@ pub(crate) struct BusFlags {
     #[arg(long, default_value_t = 2_097_152)]
     sub_capacity: usize,
     /// Use a broker already running there (no peak RSS then) instead of starting one per
-    /// scenario.
+    /// scenario. The memory scenarios always start their own.
     #[arg(long)]
     connect: Option<String>,
+    /// Idle connections measured in mem_idle_conns (the broker's resident memory per
+    /// connection); 0 skips it.
+    #[arg(long, default_value_t = 10_000)]
+    mem_conns: usize,
+    /// Subscriptions measured in mem_subs (resident memory per subscription); 0 skips it.
+    #[arg(long, default_value_t = 100_000)]
+    mem_subs: usize,
+    /// Measure a nats-server started from this binary beside the broker in the memory
+    /// scenarios (e.g. `$(../shared/peers/nats-server.sh)`).
+    #[arg(long)]
+    nats_server: Option<std::path::PathBuf>,
     /// Run only these scenarios (comma-separated); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -188,6 +200,22 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
             if flags.wants(scenario) {
                 let line = request_reply(&flags, scenario, responders, size).await?;
                 report.line(line, "req_per_s");
+            }
+        }
+    }
+    // Last, and not fatal: a machine that cannot open 10,000 connections still gets the
+    // throughput rows, and the memory row says why it has no figure.
+    for (scenario, count) in [
+        (MemScenario::IdleConns, flags.mem_conns),
+        (MemScenario::Subs, flags.mem_subs),
+    ] {
+        if count > 0 && selected(&flags.only, scenario.as_str()) {
+            match memory::run(scenario, count, flags.nats_server.as_deref()).await {
+                Ok(line) => report.line(line, "broker_bytes_per"),
+                Err(error) => {
+                    eprintln!("{error}");
+                    report.line(memory::failed(scenario, count, &error), "broker_bytes_per");
+                }
             }
         }
     }

@@ -9,6 +9,7 @@
 //! `--json` (the peers' field names), a table otherwise; a progress bar on stderr.
 
 pub(crate) mod bus;
+pub(crate) mod memory;
 pub(crate) mod raw;
 pub(crate) mod rpc;
 pub(crate) mod stream;
@@ -284,6 +285,10 @@ impl Report {
             println!("{}", Value::Object(fields));
             return;
         }
+        if fields.contains_key("broker_bytes_per") || fields.contains_key("error") {
+            memory::print_row(&fields);
+            return;
+        }
         if !self.header_printed {
             println!(
                 "{:<16} {:>9} {:>8} {:>14} {:>10} {:>10}  notes",
@@ -380,15 +385,25 @@ impl ChildServer {
 
     /// Its peak resident set (VmHWM) so far, in KiB, where /proc says.
     pub(crate) fn peak_rss_kib(&self) -> Option<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        status_kib(self.child.id(), "VmHWM:")
     }
+
+    /// Its process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A `… kB` field of `/proc/<pid>/status` (`"VmRSS:"`, `"VmHWM:"`), in KiB.
+pub(crate) fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 impl Drop for ChildServer {
