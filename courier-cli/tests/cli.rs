@@ -169,3 +169,30 @@ fn bench_bus_reports_the_brokers_memory_per_idle_connection_and_per_subscription
         );
     }
 }
+
+#[test]
+fn bench_bus_calls_a_service_over_the_broker_with_many_calls_in_flight() {
+    let out = run(&[
+        "bench",
+        "bus",
+        "--only",
+        "rpc_over_bus",
+        "--duration-s",
+        "0.3",
+        "--warmup-s",
+        "0.1",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON row");
+    println!("{row}");
+    assert_eq!(row["scenario"], "rpc_over_bus");
+    assert_eq!(row["in_flight"], 64);
+    assert!(row["requests"].as_u64().expect("requests") > 0, "{row}");
+    assert!(row["req_per_s"].as_f64().expect("a rate") > 0.0, "{row}");
+}

@@ -96,6 +96,9 @@ enum BusScenario {
     ReqConcurrent,
     /// `--inflight` requests in flight, two responders in a queue group.
     ReqQueueGroup,
+    /// `--inflight` calls in flight to a `#[courier::service]` echo served over the bus:
+    /// a service called over the bus, beside NATS request/reply (`req_concurrent`).
+    RpcOverBus,
 }
 
 impl BusScenario {
@@ -107,6 +110,7 @@ impl BusScenario {
             BusScenario::ReqSeq => "req_seq",
             BusScenario::ReqConcurrent => "req_concurrent",
             BusScenario::ReqQueueGroup => "req_queue_group",
+            BusScenario::RpcOverBus => "rpc_over_bus",
         }
     }
 }
@@ -201,6 +205,10 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
                 let line = request_reply(&flags, scenario, responders, size).await?;
                 report.line(line, "req_per_s");
             }
+        }
+        if flags.wants(BusScenario::RpcOverBus) {
+            let line = rpc_over_bus(&flags, size).await?;
+            report.line(line, "req_per_s");
         }
     }
     // Last, and not fatal: a machine that cannot open 10,000 connections still gets the
@@ -425,5 +433,55 @@ async fn request_reply(
         "disconnect_events": events.disconnects.load(Ordering::Relaxed),
         "broker_peak_rss_kib": broker.peak_rss(),
         "server": "courier broker",
+    })))
+}
+
+/// `rpc_over_bus`: the echo service of `bench rpc`, served on one connection to the
+/// broker (one instance, queue group `Echo`), called through its generated client on
+/// another with `--inflight` calls in flight: the RPC layer's call lifecycle (deadline,
+/// typed encoding, dispatch) on top of a request/reply through the broker.
+async fn rpc_over_bus(
+    flags: &BusFlags,
+    size: usize,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let scenario = BusScenario::RpcOverBus;
+    let broker = Broker::start(flags)?;
+    let events = Events::default();
+    let server = broker.connection(flags).await?;
+    events.watch(&server);
+    let instance = server
+        .serve(crate::bench::rpc::echo_service())
+        .await
+        .map_err(|e| e.to_string())?;
+    let caller_bus = broker.connection(flags).await?;
+    events.watch(&caller_bus);
+    let caller = crate::bench::rpc::echo_caller(caller_bus.rpc_client(), size);
+    let bar = progress(format!("bus {scenario} {size} B"));
+    let mut measured = super::concurrent(
+        std::slice::from_ref(&caller),
+        flags.inflight,
+        Duration::from_secs_f64(flags.warmup_s),
+        Duration::from_secs_f64(flags.duration_s),
+        &bar,
+    )
+    .await?;
+    bar.finish_and_clear();
+    drop(instance);
+    Ok(fields(json!({
+        "system": "courier",
+        "scenario": scenario.as_str(),
+        "payload_bytes": size,
+        "requests": measured.calls,
+        "req_per_s": whole(measured.rate()),
+        "elapsed_s": (measured.elapsed.as_secs_f64() * 10_000.0).round() / 10_000.0,
+        "p50_us": measured.percentile_us(50.0),
+        "p99_us": measured.percentile_us(99.0),
+        "in_flight": flags.inflight,
+        "responders": 1,
+        "slow_consumer_events": events.slow.load(Ordering::Relaxed),
+        "disconnect_events": events.disconnects.load(Ordering::Relaxed),
+        "broker_peak_rss_kib": broker.peak_rss(),
+        "server": "courier broker",
+        "compare_with": "nats-bench req_concurrent (NATS request/reply, same in-flight count)",
     })))
 }

@@ -157,6 +157,19 @@ impl<S: EchoStub> Caller for EchoCaller<S> {
     }
 }
 
+/// The `Vec<u8>` echo as a service, for `bench bus`'s `rpc_over_bus`.
+pub(crate) fn echo_service() -> impl courier::Service {
+    Echo::into_service(Echoer)
+}
+
+/// A caller of the `Vec<u8>` echo through `client`, sending `size` bytes.
+pub(crate) fn echo_caller(client: Client, size: usize) -> impl Caller {
+    EchoCaller::<EchoClient> {
+        client: EchoClient::new(client),
+        payload: vec![0xAB; size],
+    }
+}
+
 pub(crate) fn check(got: usize, sent: usize) -> Result<(), String> {
     if got == sent {
         Ok(())
