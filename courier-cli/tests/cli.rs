@@ -126,34 +126,39 @@ fn errors_are_one_line_and_a_failing_exit_status() {
     );
 }
 
-#[test]
-fn bench_bus_reports_the_brokers_memory_per_idle_connection_and_per_subscription() {
-    let out = run(&[
-        "bench",
-        "bus",
-        "--only",
-        "mem_idle_conns,mem_subs",
-        "--mem-conns",
-        "200",
-        "--mem-subs",
-        "5000",
-        "--json",
-    ]);
+/// `courier bench bus <args> --json`, which must succeed: its rows.
+fn bench_bus_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["bench", "bus"];
+    all.extend_from_slice(args);
+    all.push("--json");
+    let out = run(&all);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let rows: Vec<serde_json::Value> = stdout
+    stdout
         .lines()
         .map(|line| serde_json::from_str(line).expect("a JSON row"))
-        .collect();
+        .collect()
+}
+
+#[test]
+fn bench_bus_reports_the_brokers_memory_per_idle_connection_and_per_subscription() {
+    let rows = bench_bus_json(&[
+        "--only",
+        "mem_idle_conns,mem_subs",
+        "--mem-conns",
+        "200",
+        "--mem-subs",
+        "5000",
+    ]);
     for (scenario, count) in [("mem_idle_conns", 200), ("mem_subs", 5000)] {
         let row = rows
             .iter()
             .find(|r| r["scenario"] == scenario)
-            .unwrap_or_else(|| panic!("no {scenario} row in {stdout}"));
+            .unwrap_or_else(|| panic!("no {scenario} row in {rows:?}"));
         println!("{row}");
         assert_eq!(row["count"], count, "{row}");
         let (before, after) = (
@@ -172,24 +177,16 @@ fn bench_bus_reports_the_brokers_memory_per_idle_connection_and_per_subscription
 
 #[test]
 fn bench_bus_calls_a_service_over_the_broker_with_many_calls_in_flight() {
-    let out = run(&[
-        "bench",
-        "bus",
+    let rows = bench_bus_json(&[
         "--only",
         "rpc_over_bus",
         "--duration-s",
         "0.3",
         "--warmup-s",
         "0.1",
-        "--json",
     ]);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let row: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON row");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let row = &rows[0];
     println!("{row}");
     assert_eq!(row["scenario"], "rpc_over_bus");
     assert_eq!(row["in_flight"], 64);

@@ -416,7 +416,34 @@ async fn request_reply(
     };
     bar.finish_and_clear();
     let served: Vec<u64> = served.iter().map(|c| c.load(Ordering::Relaxed)).collect();
-    Ok(fields(json!({
+    let mut row = request_row(
+        scenario,
+        size,
+        &mut measured,
+        in_flight,
+        responders,
+        &events,
+        &broker,
+    );
+    // (a failed request ends the phase with an error: a row means none failed)
+    row.extend(fields(
+        json!({ "served_per_responder": served, "errors": 0 }),
+    ));
+    Ok(row)
+}
+
+/// The fields of a request/reply row: the rate and latencies measured, and what the
+/// connections and the broker saw.
+fn request_row(
+    scenario: BusScenario,
+    size: usize,
+    measured: &mut super::Measured,
+    in_flight: usize,
+    responders: usize,
+    events: &Events,
+    broker: &Broker,
+) -> serde_json::Map<String, Value> {
+    fields(json!({
         "system": "courier",
         "scenario": scenario.as_str(),
         "payload_bytes": size,
@@ -427,13 +454,11 @@ async fn request_reply(
         "p99_us": measured.percentile_us(99.0),
         "in_flight": in_flight,
         "responders": responders,
-        "served_per_responder": served,
-        "errors": 0,
         "slow_consumer_events": events.slow.load(Ordering::Relaxed),
         "disconnect_events": events.disconnects.load(Ordering::Relaxed),
         "broker_peak_rss_kib": broker.peak_rss(),
         "server": "courier broker",
-    })))
+    }))
 }
 
 /// `rpc_over_bus`: the echo service of `bench rpc`, served on one connection to the
@@ -467,21 +492,18 @@ async fn rpc_over_bus(
     .await?;
     bar.finish_and_clear();
     drop(instance);
-    Ok(fields(json!({
-        "system": "courier",
-        "scenario": scenario.as_str(),
-        "payload_bytes": size,
-        "requests": measured.calls,
-        "req_per_s": whole(measured.rate()),
-        "elapsed_s": (measured.elapsed.as_secs_f64() * 10_000.0).round() / 10_000.0,
-        "p50_us": measured.percentile_us(50.0),
-        "p99_us": measured.percentile_us(99.0),
-        "in_flight": flags.inflight,
-        "responders": 1,
-        "slow_consumer_events": events.slow.load(Ordering::Relaxed),
-        "disconnect_events": events.disconnects.load(Ordering::Relaxed),
-        "broker_peak_rss_kib": broker.peak_rss(),
-        "server": "courier broker",
-        "compare_with": "nats-bench req_concurrent (NATS request/reply, same in-flight count)",
-    })))
+    let mut row = request_row(
+        scenario,
+        size,
+        &mut measured,
+        flags.inflight,
+        1,
+        &events,
+        &broker,
+    );
+    row.insert(
+        "compare_with".into(),
+        json!("nats-bench req_concurrent (NATS request/reply, same in-flight count)"),
+    );
+    Ok(row)
 }
