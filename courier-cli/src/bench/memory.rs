@@ -13,7 +13,7 @@
 //!   limit allows (65,536 by default), on distinct subjects `mem.<n>`; a ping after the
 //!   last is answered once the server has taken them all.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -59,7 +59,8 @@ enum Server {
     Nats {
         child: Child,
         addr: String,
-        dir: PathBuf,
+        /// Where it writes its ports file; removed with it.
+        _dir: tempfile::TempDir,
     },
 }
 
@@ -80,37 +81,23 @@ impl Server {
         Ok(Server::Courier(ChildServer::start(&args)?))
     }
 
-    /// `bin -a 127.0.0.1 -p -1`, its port read from the ports file it writes.
+    /// `bin -a 127.0.0.1 -p -1`, its port read from the ports file it writes into a
+    /// temporary directory.
     async fn nats(bin: &Path) -> Result<Server, String> {
-        let dir = std::env::temp_dir().join(format!(
-            "courier-bench-nats-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or_default()
-        ));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot make a directory: {e}"))?;
         let child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", "-1", "--ports_file_dir"])
-            .arg(&dir)
+            .arg(dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .spawn();
-        let child = match child {
-            Ok(child) => child,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(format!("cannot start {}: {e}", bin.display()));
-            }
-        };
-        let ports = dir.join(format!("nats-server_{}.ports", child.id()));
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let ports = dir.path().join(format!("nats-server_{}.ports", child.id()));
         let mut server = Server::Nats {
             child,
             addr: String::new(),
-            dir,
+            _dir: dir,
         };
         for _ in 0..100 {
             if let Ok(text) = std::fs::read_to_string(&ports)
@@ -218,10 +205,9 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Server::Nats { child, dir, .. } = self {
+        if let Server::Nats { child, .. } = self {
             let _ = child.kill();
             let _ = child.wait();
-            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
