@@ -407,6 +407,13 @@ pub(crate) fn failed(scenario: MemScenario, count: usize, error: &str) -> Map<St
     }))
 }
 
+/// Whether `row` is a memory scenario's (its table line differs from the rates').
+pub(crate) fn is_memory_row(row: &Map<String, Value>) -> bool {
+    row.get("scenario")
+        .and_then(Value::as_str)
+        .is_some_and(|s| s == MemScenario::IdleConns.as_str() || s == MemScenario::Subs.as_str())
+}
+
 /// A memory row as a line of the table.
 pub(crate) fn print_row(row: &Map<String, Value>) {
     let num = |k: &str| row.get(k).and_then(Value::as_f64).unwrap_or(0.0);

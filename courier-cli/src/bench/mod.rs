@@ -285,7 +285,7 @@ impl Report {
             println!("{}", Value::Object(fields));
             return;
         }
-        if fields.contains_key("broker_bytes_per") || fields.contains_key("error") {
+        if memory::is_memory_row(&fields) {
             memory::print_row(&fields);
             return;
         }
