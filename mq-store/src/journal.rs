@@ -407,13 +407,27 @@ struct JShared {
     config: Vec<u8>,
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// Appended bytes past the last snapshot that make the writer compact.
-    compact_at: u64,
-    /// [`GATHER`], or another wait in tests.
-    gather: Duration,
+    /// When the writer compacts and how long it gathers.
+    tuning: Tuning,
     /// The writer is letting changes gather (tests wait for it).
     #[cfg(test)]
     gathering: std::sync::atomic::AtomicBool,
+}
+
+/// The writer's thresholds: [`Tuning::DEFAULT`], or others in tests.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    /// Appended bytes past the last snapshot that make the writer compact.
+    compact_at: u64,
+    /// How long changes nobody waits for gather ([`GATHER`]).
+    gather: Duration,
+}
+
+impl Tuning {
+    const DEFAULT: Tuning = Tuning {
+        compact_at: COMPACT_AT,
+        gather: GATHER,
+    };
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -431,10 +445,9 @@ impl Journal {
         state: &Persisted,
         source: std::sync::Weak<dyn Snapshot>,
     ) -> Result<Journal, StoreError> {
-        Journal::create_with(fs, path, fsync, config, state, source, COMPACT_AT, GATHER)
+        Journal::create_with(fs, path, fsync, config, state, source, Tuning::DEFAULT)
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn create_with(
         fs: Arc<dyn Fs>,
         path: PathBuf,
@@ -442,8 +455,7 @@ impl Journal {
         config: Vec<u8>,
         state: &Persisted,
         source: std::sync::Weak<dyn Snapshot>,
-        compact_at: u64,
-        gather: Duration,
+        tuning: Tuning,
     ) -> Result<Journal, StoreError> {
         let dir = path.parent().map(Path::to_owned).unwrap_or_default();
         fs.create_dir_all(&dir)
@@ -462,8 +474,7 @@ impl Journal {
             config,
             queue: Mutex::new(Queue::default()),
             wake: Condvar::new(),
-            compact_at,
-            gather,
+            tuning,
             #[cfg(test)]
             gathering: std::sync::atomic::AtomicBool::new(false),
         });
@@ -598,7 +609,7 @@ impl JShared {
                     }
                 }
                 if q.has_changes() && q.waiters.is_empty() && !q.closed {
-                    let until = Instant::now() + self.gather;
+                    let until = Instant::now() + self.tuning.gather;
                     #[cfg(test)]
                     self.gathering
                         .store(true, std::sync::atomic::Ordering::Release);
@@ -636,8 +647,8 @@ impl JShared {
                 b.extend_from_slice(&floor.to_le_bytes());
                 push_record(&mut bytes, &b);
             }
-            let compact =
-                rewrite || since_snapshot + bytes.len() as u64 > self.compact_at.max(snapshot_len);
+            let compact = rewrite
+                || since_snapshot + bytes.len() as u64 > self.tuning.compact_at.max(snapshot_len);
             let result = match source.upgrade() {
                 Some(source) if compact => {
                     let state = source.snapshot();
@@ -771,8 +782,7 @@ mod tests {
             b"{}".to_vec(),
             &Persisted::default(),
             weak,
-            compact_at,
-            gather,
+            Tuning { compact_at, gather },
         )
         .unwrap();
         (fs, path, journal, model)

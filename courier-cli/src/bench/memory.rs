@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use mq_transport::BrokerConfig;
 use rpc_core::codec::FrameCodec;
 use rpc_core::frame::{Connect, Frame, Subscribe};
 use serde_json::{Map, Value, json};
@@ -27,8 +28,9 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use super::{ChildServer, fields};
 
-/// Subscriptions per connection: the broker's default limit.
-const SUBS_PER_CONN: usize = 65_536;
+/// Open files (and broker connections) beyond the measured ones: the bench's own, the
+/// runtime's, the connections around the measured ones.
+const HEADROOM: usize = 64;
 /// How long the server may take to answer a handshake or a ping.
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 /// Let the server's allocator settle before reading its memory.
@@ -51,6 +53,19 @@ impl MemScenario {
             MemScenario::Subs => "mem_subs",
         }
     }
+
+    /// What its count counts.
+    fn unit(self) -> &'static str {
+        match self {
+            MemScenario::IdleConns => "connections",
+            MemScenario::Subs => "subscriptions",
+        }
+    }
+}
+
+/// Subscriptions per connection: the broker's default limit, which `mem_subs` keeps.
+fn subs_per_conn() -> usize {
+    BrokerConfig::default().max_subscriptions
 }
 
 /// A server being measured: a courier broker or a nats-server, in a child process.
@@ -67,7 +82,9 @@ enum Server {
 impl Server {
     fn courier(scenario: MemScenario, count: usize) -> Result<Server, String> {
         // room for the measured connections and the few around them
-        let max = (count + 64).max(10_000).to_string();
+        let max = (count + HEADROOM)
+            .max(BrokerConfig::default().max_connections)
+            .to_string();
         let args = match scenario {
             MemScenario::IdleConns => vec![
                 "broker",
@@ -297,7 +314,7 @@ async fn measure(
     // the connections around the measured ones (for subscriptions) come first
     let mut streams = Vec::new();
     if scenario == MemScenario::Subs {
-        for _ in 0..count.div_ceil(SUBS_PER_CONN) {
+        for _ in 0..count.div_ceil(subs_per_conn()) {
             streams.push(server.hello().await?);
         }
     }
@@ -311,10 +328,11 @@ async fn measure(
             }
         }
         MemScenario::Subs => {
+            let per_conn = subs_per_conn();
             for (i, stream) in streams.iter_mut().enumerate() {
-                let start = i * SUBS_PER_CONN;
+                let start = i * per_conn;
                 server
-                    .subscribe(stream, start..(start + SUBS_PER_CONN).min(count))
+                    .subscribe(stream, start..(start + per_conn).min(count))
                     .await?;
             }
         }
@@ -340,22 +358,17 @@ pub(crate) async fn run(
     count: usize,
     nats: Option<&Path>,
 ) -> Result<Map<String, Value>, String> {
+    let needed = count + HEADROOM;
     if scenario == MemScenario::IdleConns
         && let Some(limit) = open_files_limit()
-        && limit < count + 64
+        && limit < needed
     {
         return Err(format!(
-            "{}: {count} connections need {} open files and this process may have {limit}; \
-             raise it (`ulimit -n {}`) or lower --mem-conns",
+            "{}: {count} connections need {needed} open files and this process may have \
+             {limit}; raise it (`ulimit -n {needed}`) or lower --mem-conns",
             scenario.as_str(),
-            count + 64,
-            count + 64
         ));
     }
-    let unit = match scenario {
-        MemScenario::IdleConns => "connections",
-        MemScenario::Subs => "subscriptions",
-    };
     let courier = Server::courier(scenario, count)?;
     let (per, before, after) = measure(&courier, scenario, count)
         .await
@@ -365,7 +378,7 @@ pub(crate) async fn run(
         "system": "courier",
         "scenario": scenario.as_str(),
         "count": count,
-        "unit": unit,
+        "unit": scenario.unit(),
         "broker_rss_before_kib": before,
         "broker_rss_after_kib": after,
         "broker_bytes_per": per.round(),
