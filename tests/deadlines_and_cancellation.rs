@@ -236,3 +236,63 @@ async fn while_disconnected_a_fail_fast_client_fails_at_once_and_a_waiting_one_a
     );
     assert_eq!(started.elapsed(), Duration::from_secs(5));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_call_past_its_deadline_sends_the_server_a_cancel_and_each_call_ends_at_its_own_deadline()
+{
+    // A raw server that never answers: only the client's deadlines end the calls.
+    let (mut listener, connector) = memory::listen();
+    let server = tokio::spawn(async move {
+        use courier::transport::Listener;
+        let (io, _) = listener.accept().await.unwrap();
+        let (mut reader, _sender) = raw_peer(io);
+        let mut cancels = Vec::new();
+        let mut requests = Vec::new();
+        while cancels.len() < 3 {
+            match reader.next().await {
+                Some(Ok(Frame::Request(r))) => requests.push((r.id, r.timeout)),
+                Some(Ok(Frame::Cancel { id })) => cancels.push((id, Instant::now())),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        (requests, cancels)
+    });
+    let client = Client::connect(connector, ClientConfig::default())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let calls: Vec<_> = [300u64, 100, 200]
+        .into_iter()
+        .map(|ms| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let result = client
+                    .call("Lab.hold", args(&ms), &timeout(Duration::from_millis(ms)))
+                    .await;
+                (ms, result, Instant::now())
+            })
+        })
+        .collect();
+    for call in calls {
+        let (ms, result, ended) = call.await.unwrap();
+        assert!(
+            matches!(&result, Err(RpcError::Timeout { timeout, .. }) if *timeout == Duration::from_millis(ms)),
+            "{result:?}"
+        );
+        assert_eq!(
+            ended - started,
+            Duration::from_millis(ms),
+            "the {ms} ms call"
+        );
+    }
+    let (requests, cancels) = server.await.unwrap();
+    assert_eq!(requests.len(), 3);
+    for (id, at) in cancels {
+        let (_, told) = requests.iter().find(|(r, _)| *r == id).unwrap();
+        assert_eq!(
+            Some(at - started),
+            *told,
+            "call {id} cancelled at its deadline"
+        );
+    }
+}

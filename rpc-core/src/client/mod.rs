@@ -45,7 +45,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use self::conn::Conn;
+use self::conn::{Answer, Conn};
 use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
 use crate::frame::{Frame, Request, Status};
@@ -348,7 +348,7 @@ impl Client {
             None => (self.connection(direct, deadline).await?, true),
         };
         let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
-        let reply = conn.register(id)?;
+        let reply = conn.register(id, deadline)?;
         // Until the answer or a failure arrives (either removes the call from the
         // connection's map), dropping this sends a cancel. A call answered, failed or
         // never sent is no longer in the map, and nothing is sent.
@@ -389,19 +389,20 @@ impl Client {
             conn.unregister(id); // never sent: nothing to cancel
             return Err(e.into());
         }
-        match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(Ok(response))) => into_result(
+        // No timer of its own: the connection's sweeper answers it at its deadline.
+        match reply.await {
+            Ok(Answer::Response(response)) => into_result(
                 response.status,
                 &response.message,
                 response.payload,
                 &method,
                 timeout,
             ),
-            Ok(Ok(Err(e))) => Err(e),
-            Ok(Err(_)) => Err(RpcError::ConnectionClosed {
+            Ok(Answer::Failed(e)) => Err(e),
+            Ok(Answer::TimedOut) => Err(timed_out()),
+            Err(_) => Err(RpcError::ConnectionClosed {
                 reason: "connection dropped the call".into(),
             }),
-            Err(_) => Err(timed_out()),
         }
     }
 
@@ -536,6 +537,7 @@ fn open<T: connection::Io>(
     tracing::info!(%peer, "connected");
     let conn = Arc::new(Conn::new(sender, peer));
     tokio::spawn(conn.clone().read_loop(reader));
+    tokio::spawn(conn.clone().sweep_deadlines());
     conn
 }
 
