@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rpc_core::client::Backoff;
-use rpc_core::connection::{FrameReader, FrameSender};
+use rpc_core::connection::{FrameReader, FrameSender, Unsent};
 use rpc_core::frame::{Frame, Publish, Subscribe};
 use rpc_core::transport::{Connector, Reconnected, reconnect};
 use rpc_core::{ConnectionConfig, ConnectionError, ProtocolError, Utf8Bytes};
@@ -106,7 +106,7 @@ impl Client {
         let remote = Arc::new(Remote {
             addr,
             connector,
-            state: Mutex::new(State::Connected(link.sender.clone())),
+            state: Mutex::new(State::Connected(Arc::new(link.sender.clone()))),
             subs: Mutex::new(HashMap::new()),
             max_payload: AtomicUsize::new(link.broker.max_payload as usize),
             shutdown: CancellationToken::new(),
@@ -253,7 +253,9 @@ struct SubEntry {
 
 #[derive(Debug)]
 enum State {
-    Connected(FrameSender),
+    /// Behind an `Arc`: a publish takes the sender with one reference count, not the
+    /// four of a `FrameSender` clone.
+    Connected(Arc<FrameSender>),
     Disconnected {
         buffer: VecDeque<Frame>,
         bytes: usize,
@@ -292,7 +294,7 @@ impl Remote {
         lock(&self.state)
     }
 
-    fn connected(&self) -> Option<FrameSender> {
+    fn connected(&self) -> Option<Arc<FrameSender>> {
         match &*self.lock_state() {
             State::Connected(sender) => Some(sender.clone()),
             _ => None,
@@ -319,7 +321,7 @@ impl Remote {
             headers: message.headers,
             payload: message.payload,
         };
-        let frame = Frame::Pub(publish);
+        let mut frame = Frame::Pub(publish);
         loop {
             let sender = {
                 let mut state = self.lock_state();
@@ -341,16 +343,14 @@ impl Remote {
                     State::Closed => return Err(BusError::Closed),
                 }
             };
-            // Sent as a clone (reference counts, no payload copy) so that the frame can
-            // go to the reconnect buffer if this connection turns out to be dead.
-            let sent = if lone {
-                sender.send_direct(frame.clone()).await
-            } else {
-                sender.send(frame.clone()).await
-            };
-            match sent {
+            // A connection found dead hands the frame back, for the reconnect buffer.
+            match sender.send_or_give_back(frame, lone).await {
                 Ok(()) => return Ok(()),
-                Err(ConnectionError::Closed { reason }) => {
+                Err(Unsent::Closed {
+                    reason,
+                    frame: back,
+                }) => {
+                    frame = back;
                     // The connection died under us: buffer it for the reconnect, unless
                     // the supervisor already has a new connection.
                     let mut state = self.lock_state();
@@ -364,7 +364,7 @@ impl Remote {
                         };
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(Unsent::Failed(e)) => return Err(e.into()),
             }
         }
     }
@@ -546,7 +546,7 @@ impl Remote {
                     _ => VecDeque::new(),
                 };
                 if subs.is_empty() && buffered.is_empty() {
-                    *state = State::Connected(sender.clone());
+                    *state = State::Connected(Arc::new(sender.clone()));
                     return Ok(replayed);
                 }
                 (subs, buffered)

@@ -519,7 +519,7 @@ impl FrameSender {
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
         let bytes = self.check(&frame)?;
-        self.queue(frame, bytes).await
+        self.queue(frame, bytes).await.map_err(|(e, _)| e)
     }
 
     /// [`FrameSender::send`], except that on an idle connection (nothing queued or
@@ -546,22 +546,62 @@ impl FrameSender {
         let bytes = self.check(&frame)?;
         match self.direct.write_now(frame) {
             Ok(()) => Ok(()),
-            Err(frame) => self.queue(frame, bytes).await,
+            Err(frame) => self.queue(frame, bytes).await.map_err(|(e, _)| e),
         }
     }
 
-    /// Queues a checked frame of `bytes` (its queued cost), waiting for room.
-    async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), ConnectionError> {
+    /// [`FrameSender::send`], or with `direct` [`FrameSender::send_direct`], that hands
+    /// the frame back when the connection is closed: a caller that keeps what a dead
+    /// connection did not take (a bus client's reconnect buffer) need not clone every
+    /// frame it sends. A frame the connection queued is its to write.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig, Unsent};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, _b) = tokio::io::duplex(1024);
+    /// let (_reader, sender) = connection::start(a, &ConnectionConfig::default());
+    /// sender.close();
+    /// match sender.send_or_give_back(Frame::Cancel { id: 3 }, false).await {
+    ///     Err(Unsent::Closed { frame, .. }) => assert_eq!(frame, Frame::Cancel { id: 3 }),
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # }
+    /// ```
+    // The frame is handed back by value, as `try_send` does.
+    #[allow(clippy::result_large_err)]
+    pub async fn send_or_give_back(&self, frame: Frame, direct: bool) -> Result<(), Unsent> {
+        let bytes = match self.check(&frame) {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(Unsent::new(e, frame)),
+        };
+        let frame = if direct {
+            match self.direct.write_now(frame) {
+                Ok(()) => return Ok(()),
+                Err(frame) => frame,
+            }
+        } else {
+            frame
+        };
+        self.queue(frame, bytes)
+            .await
+            .map_err(|(e, frame)| Unsent::new(e, frame))
+    }
+
+    /// Queues a checked frame of `bytes` (its queued cost), waiting for room; hands the
+    /// frame back with the error when the connection closed first.
+    async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), (ConnectionError, Frame)> {
         self.shared.queued_after_direct();
         // A place in the frame queue first, then the bytes: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
-        let permit = self
-            .tx
-            .reserve()
-            .await
-            .map_err(|_| self.shared.closed_error())?;
-        self.reserve_bytes(bytes).await?;
+        let Ok(permit) = self.tx.reserve().await else {
+            return Err((self.shared.closed_error(), frame));
+        };
+        if let Err(e) = self.reserve_bytes(bytes).await {
+            return Err((e, frame));
+        }
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
         permit.send(frame);
         Ok(())
@@ -876,6 +916,30 @@ impl FrameSender {
     /// Resolves once the writer stopped: the connection is closed for writing.
     pub async fn closed(&self) {
         self.shared.writer_done.cancelled().await;
+    }
+}
+
+/// Why [`FrameSender::send_or_give_back`] did not queue a frame.
+#[derive(Debug)]
+pub enum Unsent {
+    /// The connection is closed (`reason`, as [`ConnectionError::Closed`] gives it); the
+    /// frame is handed back.
+    Closed {
+        /// Why the connection closed.
+        reason: Arc<str>,
+        /// The frame, unsent.
+        frame: Frame,
+    },
+    /// The frame is refused (over the frame limit).
+    Failed(ConnectionError),
+}
+
+impl Unsent {
+    fn new(error: ConnectionError, frame: Frame) -> Unsent {
+        match error {
+            ConnectionError::Closed { reason } => Unsent::Closed { reason, frame },
+            other => Unsent::Failed(other),
+        }
     }
 }
 
