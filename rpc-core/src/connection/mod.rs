@@ -36,7 +36,7 @@ use bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -348,8 +348,8 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         config.keepalive_interval,
         shared.clone(),
     ));
-    let framed = FramedRead::new(read, FrameCodec::new(config.max_frame_len));
-    let reader = FrameReader::new(framed, sender.clone(), config, shared);
+    let codec = FrameCodec::new(config.max_frame_len);
+    let reader = FrameReader::new(read, codec, sender.clone(), config, shared);
     (reader, sender)
 }
 

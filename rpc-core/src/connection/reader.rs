@@ -2,10 +2,12 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -22,12 +24,46 @@ use crate::frame::{Frame, GoAway};
 /// backpressure to a peer.
 #[derive(Debug)]
 pub struct FrameReader<R> {
-    framed: FramedRead<R, FrameCodec>,
+    framed: FramedRead<Metered<R>, FrameCodec>,
+    /// The room the next read is given (see [`FrameReader::size_buffer`]).
+    read_size: usize,
     sender: FrameSender,
     shared: Arc<Shared>,
     writer_done: Pin<Box<WaitForCancellationFutureOwned>>,
     keepalive: Keepalive,
     finished: bool,
+}
+
+/// The read buffer of a quiet connection, and of a new one.
+pub(super) const MIN_READ: usize = 8 * 1024;
+/// The read buffer of a busy one: one system call reads up to this many bytes.
+pub(super) const MAX_READ: usize = 64 * 1024;
+
+/// The read half, noting whether a read filled all the room it was given (the peer had
+/// more to say than the buffer took).
+#[derive(Debug)]
+struct Metered<R> {
+    inner: R,
+    /// Set by such a read, taken by [`FrameReader::size_buffer`].
+    filled: bool,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let room = buf.remaining();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled
+            && room > 0
+            && buf.remaining() == 0
+        {
+            self.filled = true;
+        }
+        polled
+    }
 }
 
 /// Dead-peer detection without reading the clock per frame: a flag set by every frame,
@@ -43,7 +79,8 @@ struct Keepalive {
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(super) fn new(
-        framed: FramedRead<R, FrameCodec>,
+        read: R,
+        codec: FrameCodec,
         sender: FrameSender,
         config: &ConnectionConfig,
         shared: Arc<Shared>,
@@ -55,7 +92,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         FrameReader {
-            framed,
+            framed: FramedRead::with_capacity(
+                Metered {
+                    inner: read,
+                    filled: false,
+                },
+                codec,
+                MIN_READ,
+            ),
+            read_size: MIN_READ,
             sender,
             writer_done: Box::pin(shared.writer_done.clone().cancelled_owned()),
             shared,
@@ -81,6 +126,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             return None;
         }
         loop {
+            self.size_buffer();
             tokio::select! {
                 biased;
                 item = self.framed.next() => match item {
@@ -105,6 +151,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     }
                 },
                 _ = self.keepalive.tick.tick() => {
+                    self.shrink_buffer();
                     let ka = &mut self.keepalive;
                     if std::mem::take(&mut ka.seen) {
                         ka.idle = Duration::ZERO;
@@ -128,6 +175,40 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
         }
+    }
+
+    /// Sizes the read buffer to the traffic, before the next read. A new connection
+    /// reads into [`MIN_READ`] bytes; the first read that fills all the room it was given
+    /// (the peer had more to say) moves it to [`MAX_READ`]: the buffer is replaced by
+    /// one of that size, holding the bytes of a frame not yet complete, and the codec
+    /// takes buffers of that size from then on whenever one is full. Frames already
+    /// decoded keep their bytes: they share the old buffer. A connection that goes quiet
+    /// gets a small buffer back ([`FrameReader::shrink_buffer`]).
+    fn size_buffer(&mut self) {
+        if std::mem::take(&mut self.framed.get_mut().filled) && self.read_size < MAX_READ {
+            self.read_size = MAX_READ;
+            let buf = self.framed.read_buffer_mut();
+            let mut fresh = BytesMut::with_capacity(MAX_READ + buf.len());
+            fresh.extend_from_slice(buf);
+            *buf = fresh;
+        }
+    }
+
+    /// Once per keepalive interval: an empty buffer larger than [`MIN_READ`] is given
+    /// back, so that a connection that went idle holds little memory. A busy one, whose
+    /// buffer is seldom empty, regrows it with its next full read.
+    fn shrink_buffer(&mut self) {
+        self.read_size = MIN_READ;
+        let buf = self.framed.read_buffer_mut();
+        if buf.is_empty() && buf.capacity() > MIN_READ {
+            *buf = BytesMut::with_capacity(MIN_READ);
+        }
+    }
+
+    /// The read buffer's capacity now.
+    #[cfg(test)]
+    pub(super) fn read_capacity(&self) -> usize {
+        self.framed.read_buffer().capacity()
     }
 
     /// Ends the connection because of `error`: tells the peer why when it is the peer's

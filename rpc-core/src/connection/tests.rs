@@ -464,3 +464,43 @@ async fn a_burst_right_after_a_direct_write_pauses_direct_writes() {
         "written directly again after the pause"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_busy_connection_reads_into_a_larger_buffer_and_an_idle_one_gives_it_back() {
+    let (a, b) = tokio::io::duplex(1 << 20);
+    let config = ConnectionConfig::default();
+    let (_a_reader, a_sender) = start(a, &config);
+    let (mut b_reader, _b_sender) = start(b, &config);
+    assert_eq!(b_reader.read_capacity(), reader::MIN_READ);
+    // 512 frames of ~1 KiB wait in the stream before the reader reads any
+    for _ in 0..512 {
+        a_sender.send(msg(1000)).await.unwrap();
+    }
+    while a_sender.queued_bytes() > 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut largest = 0;
+    for _ in 0..512 {
+        assert!(matches!(b_reader.next().await, Some(Ok(Frame::Msg(_)))));
+        largest = largest.max(b_reader.read_capacity());
+    }
+    assert!(
+        largest >= reader::MAX_READ,
+        "reads of a full stream never got a buffer of {} bytes (largest {largest})",
+        reader::MAX_READ
+    );
+    // A keepalive interval later the empty buffer is small again.
+    let next = tokio::spawn(async move {
+        let frame = b_reader.next().await;
+        (b_reader, frame)
+    });
+    tokio::time::sleep(config.keepalive_interval + Duration::from_millis(1)).await;
+    a_sender.send(Frame::Cancel { id: 9 }).await.unwrap();
+    let (b_reader, frame) = next.await.unwrap();
+    assert_eq!(frame.unwrap().unwrap(), Frame::Cancel { id: 9 });
+    assert!(
+        b_reader.read_capacity() <= reader::MIN_READ,
+        "an idle connection kept a buffer of {} bytes",
+        b_reader.read_capacity()
+    );
+}
