@@ -177,15 +177,9 @@ impl Conn {
             not_before = now + SWEEP_GAP;
             let expired: Vec<(u64, Waiter)> = {
                 let mut pending = self.pending();
-                let due: Vec<u64> = pending
+                let expired = pending
                     .calls
-                    .iter()
-                    .filter(|(_, waiter)| waiter.deadline <= now)
-                    .map(|(&id, _)| id)
-                    .collect();
-                let expired = due
-                    .into_iter()
-                    .filter_map(|id| pending.calls.remove_entry(&id))
+                    .extract_if(|_, waiter| waiter.deadline <= now)
                     .collect();
                 pending.earliest = pending.calls.values().map(|waiter| waiter.deadline).min();
                 expired

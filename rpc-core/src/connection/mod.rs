@@ -518,8 +518,7 @@ impl FrameSender {
     /// [`ConnectionError::FrameTooLarge`] and the connection stays up. After the
     /// connection closed, fails with [`ConnectionError::Closed`].
     pub async fn send(&self, frame: Frame) -> Result<(), ConnectionError> {
-        let bytes = self.check(&frame)?;
-        self.queue(frame, bytes).await.map_err(|(e, _)| e)
+        Ok(self.send_or_give_back(frame, false).await?)
     }
 
     /// [`FrameSender::send`], except that on an idle connection (nothing queued or
@@ -543,11 +542,7 @@ impl FrameSender {
     /// # }
     /// ```
     pub async fn send_direct(&self, frame: Frame) -> Result<(), ConnectionError> {
-        let bytes = self.check(&frame)?;
-        match self.direct.write_now(frame) {
-            Ok(()) => Ok(()),
-            Err(frame) => self.queue(frame, bytes).await.map_err(|(e, _)| e),
-        }
+        Ok(self.send_or_give_back(frame, true).await?)
     }
 
     /// [`FrameSender::send`], or with `direct` [`FrameSender::send_direct`], that hands
@@ -939,6 +934,16 @@ impl Unsent {
         match error {
             ConnectionError::Closed { reason } => Unsent::Closed { reason, frame },
             other => Unsent::Failed(other),
+        }
+    }
+}
+
+impl From<Unsent> for ConnectionError {
+    /// The error alone, for a caller that does not keep the frame.
+    fn from(unsent: Unsent) -> ConnectionError {
+        match unsent {
+            Unsent::Closed { reason, .. } => ConnectionError::Closed { reason },
+            Unsent::Failed(error) => error,
         }
     }
 }

@@ -25,8 +25,8 @@ use crate::frame::{Frame, GoAway};
 #[derive(Debug)]
 pub struct FrameReader<R> {
     framed: FramedRead<Metered<R>, FrameCodec>,
-    /// The room the next read is given (see [`FrameReader::size_buffer`]).
-    read_size: usize,
+    /// Reading into [`MAX_READ`]-byte buffers (see [`FrameReader::size_buffer`]).
+    wide: bool,
     sender: FrameSender,
     shared: Arc<Shared>,
     writer_done: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -100,7 +100,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 codec,
                 MIN_READ,
             ),
-            read_size: MIN_READ,
+            wide: false,
             sender,
             writer_done: Box::pin(shared.writer_done.clone().cancelled_owned()),
             shared,
@@ -185,8 +185,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// decoded keep their bytes: they share the old buffer. A connection that goes quiet
     /// gets a small buffer back ([`FrameReader::shrink_buffer`]).
     fn size_buffer(&mut self) {
-        if std::mem::take(&mut self.framed.get_mut().filled) && self.read_size < MAX_READ {
-            self.read_size = MAX_READ;
+        if std::mem::take(&mut self.framed.get_mut().filled) && !self.wide {
+            self.wide = true;
             let buf = self.framed.read_buffer_mut();
             let mut fresh = BytesMut::with_capacity(MAX_READ + buf.len());
             fresh.extend_from_slice(buf);
@@ -194,14 +194,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Once per keepalive interval: an empty buffer larger than [`MIN_READ`] is given
-    /// back, so that a connection that went idle holds little memory. A busy one, whose
-    /// buffer is seldom empty, regrows it with its next full read.
+    /// Once per keepalive interval: an empty buffer that is wide (whatever room is left
+    /// in it: it holds its whole allocation) or larger than [`MIN_READ`] is given back,
+    /// so that a connection that went idle holds little memory. A busy one, whose buffer
+    /// is seldom empty, regrows it with its next full read.
     fn shrink_buffer(&mut self) {
-        self.read_size = MIN_READ;
         let buf = self.framed.read_buffer_mut();
-        if buf.is_empty() && buf.capacity() > MIN_READ {
+        if buf.is_empty() && (self.wide || buf.capacity() > MIN_READ) {
             *buf = BytesMut::with_capacity(MIN_READ);
+            self.wide = false;
         }
     }
 
@@ -209,6 +210,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     #[cfg(test)]
     pub(super) fn read_capacity(&self) -> usize {
         self.framed.read_buffer().capacity()
+    }
+
+    /// Whether the codec takes [`MAX_READ`]-byte buffers now.
+    #[cfg(test)]
+    pub(super) fn is_wide(&self) -> bool {
+        self.wide
     }
 
     /// Ends the connection because of `error`: tells the peer why when it is the peer's
@@ -241,5 +248,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// here; returns the error for the caller to report.
     pub fn protocol_violation(&mut self, error: ProtocolError) -> ConnectionError {
         self.fail(ConnectionError::Protocol(error))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::{MAX_READ, MIN_READ};
+    use crate::connection::{ConnectionConfig, start};
+
+    #[tokio::test]
+    async fn an_idle_wide_reader_gives_back_its_allocation_even_when_little_room_is_left() {
+        let (a, _b) = tokio::io::duplex(64);
+        let (mut reader, _sender) = start(a, &ConnectionConfig::default());
+        // An empty buffer that is the last 100 bytes of a 64 KiB allocation, whose
+        // frames are all decoded: it keeps the whole allocation alive.
+        let mut wide = BytesMut::with_capacity(MAX_READ);
+        wide.resize(MAX_READ - 100, 0);
+        let _decoded = wide.split_to(MAX_READ - 100);
+        *reader.framed.read_buffer_mut() = wide;
+        reader.wide = true;
+        reader.shrink_buffer();
+        assert!(!reader.wide);
+        assert_eq!(reader.framed.read_buffer().capacity(), MIN_READ);
     }
 }

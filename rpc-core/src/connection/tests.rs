@@ -489,6 +489,7 @@ async fn a_busy_connection_reads_into_a_larger_buffer_and_an_idle_one_gives_it_b
         "reads of a full stream never got a buffer of {} bytes (largest {largest})",
         reader::MAX_READ
     );
+    assert!(b_reader.is_wide());
     // A keepalive interval later the empty buffer is small again.
     let next = tokio::spawn(async move {
         let frame = b_reader.next().await;
@@ -503,4 +504,6 @@ async fn a_busy_connection_reads_into_a_larger_buffer_and_an_idle_one_gives_it_b
         "an idle connection kept a buffer of {} bytes",
         b_reader.read_capacity()
     );
+    // ...and not a slice of a 64 KiB allocation that would come back at the next read
+    assert!(!b_reader.is_wide(), "an idle connection kept 64 KiB reads");
 }
