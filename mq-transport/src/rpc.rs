@@ -422,8 +422,8 @@ impl<S: Service> Instance<S> {
             reply,
             call,
             |ctx, payload| service.call(&method, ctx, payload),
-            answers.clone(),
-            None,
+            &answers,
+            &mut None,
         );
         match started {
             Ok(Started::Answered(result)) => answers.respond(id, result).await,

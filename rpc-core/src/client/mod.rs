@@ -352,7 +352,7 @@ impl Client {
         // Until the answer or a failure arrives (either removes the call from the
         // connection's map), dropping this sends a cancel. A call answered, failed or
         // never sent is no longer in the map, and nothing is sent.
-        let _cancel_on_drop = CancelOnDrop::new(|| {
+        let cancel_on_drop = CancelOnDrop::new(|| {
             if conn.unregister(id) {
                 // Never blocks in `drop`: a full queue takes it from a task. A closed
                 // connection cancelled the call on the server already.
@@ -390,7 +390,11 @@ impl Client {
             return Err(e.into());
         }
         // No timer of its own: the connection's sweeper answers it at its deadline.
-        match reply.await {
+        let answer = reply.await;
+        // Whatever ended the call (the answer, the connection's failure, the sweeper)
+        // took it out of the map first: nothing is left to cancel or to forget.
+        cancel_on_drop.disarm();
+        match answer {
             Ok(Answer::Response(response)) => into_result(
                 response.status,
                 &response.message,

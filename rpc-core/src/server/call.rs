@@ -131,17 +131,20 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
     /// Runs `call`: `start` turns its context and payload into the handler's future.
     ///
     /// The handler is polled once at once: one that finishes without waiting is
-    /// [`Started::Answered`], with no task, timer or map entry. One that waits becomes a
-    /// task, registered under `key` for [`InFlight::cancel`], bounded by the deadline;
-    /// `slot` (a place under an in-flight limit) is held until the responder has queued
-    /// its answer. Fails, running nothing, when `key` is in flight.
+    /// [`Started::Answered`], with no task, timer or map entry, and costs neither the
+    /// responder nor the slot. One that waits becomes a task, registered under `key` for
+    /// [`InFlight::cancel`] and bounded by the deadline. That task takes a clone of
+    /// `responder` to send its answer, and takes `slot` (a place under an in-flight
+    /// limit), which it holds until the responder has queued its answer. A slot left in
+    /// place is the caller's to reuse for its next call. Fails, running nothing, when
+    /// `key` is in flight.
     pub fn start<R: Responder>(
         self: &Arc<Self>,
         key: K,
         call: IncomingCall,
         start: impl FnOnce(CallContext, Bytes) -> CallFuture,
-        responder: R,
-        slot: Option<OwnedSemaphorePermit>,
+        responder: &R,
+        slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, DuplicateCall> {
         let IncomingCall {
             id,
@@ -169,10 +172,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             std::pin::Pin::new(&mut future).poll(&mut cx)
         };
         if let Poll::Ready(outcome) = first {
-            drop(slot); // the caller holds the read loop until the answer is queued
+            // The caller holds its read loop until the answer is queued.
             return Ok(Started::Answered(finish(outcome)));
         }
 
+        let slot = slot.take();
+        let responder = responder.clone();
         let calls = self.clone();
         let task_key = key.clone();
         // Held while spawning so that a call finishing at once cannot remove its entry
@@ -297,14 +302,46 @@ mod tests {
             7,
             call(7).with_deadline(Some(deadline)),
             |_, _| Box::pin(std::future::pending()),
-            Collect(tx),
-            None,
+            &Collect(tx),
+            &mut None,
         );
         assert!(matches!(started, Ok(Started::Running)));
         let (id, result) = rx.recv().await.unwrap();
         assert_eq!(id, 7);
         assert_eq!(result.unwrap_err().status, Status::DEADLINE_EXCEEDED);
         assert!(calls.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_call_answered_at_once_leaves_its_slot_for_the_next_and_a_running_one_holds_it() {
+        let slots = Arc::new(tokio::sync::Semaphore::new(1));
+        let mut slot = Some(slots.clone().try_acquire_owned().unwrap());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = InFlight::<u64>::new();
+        let answers =
+            |_, _| -> CallFuture { Box::pin(async { Ok(Bytes::from_static(b"at once")) }) };
+        let started = calls.start(1, call(1), answers, &Collect(tx.clone()), &mut slot);
+        assert!(matches!(started, Ok(Started::Answered(Ok(ref b))) if b == "at once"));
+        assert!(slot.is_some(), "an answered call leaves the slot in place");
+
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let released = std::sync::Mutex::new(Some(released));
+        let waits = |_, _| -> CallFuture {
+            let released = released.lock().unwrap().take().unwrap();
+            Box::pin(async move {
+                let _ = released.await;
+                Ok(Bytes::new())
+            })
+        };
+        let started = calls.start(2, call(2), waits, &Collect(tx), &mut slot);
+        assert!(matches!(started, Ok(Started::Running)));
+        assert!(slot.is_none(), "a running call takes the slot");
+        assert_eq!(slots.available_permits(), 0, "and holds it while it runs");
+        release.send(()).unwrap();
+        assert_eq!(rx.recv().await.unwrap().0, 2);
+        calls.close();
+        calls.wait().await;
+        assert_eq!(slots.available_permits(), 1, "given back once answered");
     }
 
     #[tokio::test]
@@ -318,17 +355,17 @@ mod tests {
             })
         };
         assert!(matches!(
-            calls.start(1, call(1), panics, Collect(tx.clone()), None),
+            calls.start(1, call(1), panics, &Collect(tx.clone()), &mut None),
             Ok(Started::Running)
         ));
         let waits = |_, _| -> CallFuture { Box::pin(std::future::pending()) };
         assert!(matches!(
-            calls.start(2, call(2), waits, Collect(tx), None),
+            calls.start(2, call(2), waits, &Collect(tx), &mut None),
             Ok(Started::Running)
         ));
         let (unused, _) = mpsc::unbounded_channel();
         assert!(matches!(
-            calls.start(2, call(2), waits, Collect(unused), None),
+            calls.start(2, call(2), waits, &Collect(unused), &mut None),
             Err(DuplicateCall)
         ));
         assert!(calls.cancel(&2));

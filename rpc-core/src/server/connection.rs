@@ -49,29 +49,47 @@ pub(super) async fn serve<T: Io>(
     tracing::info!(peer = %conn.peer, "connection opened");
 
     // Serving: read, run, answer, until the peer leaves or the server drains. The drain
-    // future is pinned once: a fresh `cancelled()` per frame would register a waiter each time.
+    // future is pinned once: a fresh `cancelled()` per frame would register a waiter each
+    // time. A frame already read is taken before the drain is looked at (polling the
+    // token takes its locks), so a busy connection checks the drain only when it runs out
+    // of frames, and at least once every DRAIN_CHECK frames.
     let draining = drain.cancelled();
     tokio::pin!(draining);
+    // The in-flight slot for the next call. A call answered at once leaves it here for
+    // the one after, so only calls that become tasks cost the semaphore anything.
+    let mut slot: Option<OwnedSemaphorePermit> = None;
+    let mut frames = 0u32;
     let ended: Option<ConnectionError> = loop {
+        frames = frames.wrapping_add(1);
+        if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
+            break None;
+        }
         let frame = tokio::select! {
             biased;
-            _ = &mut draining => break None,
             frame = reader.next() => frame,
+            _ = &mut draining => break None,
         };
         match frame {
             Some(Ok(Frame::Request(request))) => {
                 // Backpressure: at the in-flight limit, stop reading until a call ends.
-                let slot = tokio::select! {
-                    biased;
-                    _ = &mut draining => {
-                        conn.refuse_shutting_down(request.id).await;
-                        break None;
-                    }
-                    slot = conn.slots.clone().acquire_owned() => slot,
-                };
-                let Ok(slot) = slot else { break None }; // never closed
+                if slot.is_none() {
+                    slot = match conn.slots.clone().try_acquire_owned() {
+                        Ok(free) => Some(free),
+                        Err(_) => tokio::select! {
+                            biased;
+                            _ = &mut draining => {
+                                conn.refuse_shutting_down(request.id).await;
+                                break None;
+                            }
+                            freed = conn.slots.clone().acquire_owned() => match freed {
+                                Ok(freed) => Some(freed),
+                                Err(_) => break None, // never closed
+                            },
+                        },
+                    };
+                }
                 let id = request.id;
-                match conn.start_call(request, slot) {
+                match conn.start_call(request, &mut slot) {
                     // Answered here, before the next request is read: a peer that does
                     // not read its answers stops being read (see `Answers::respond`).
                     Ok(Started::Answered(result)) => conn.answers.respond(id, result).await,
@@ -92,6 +110,7 @@ pub(super) async fn serve<T: Io>(
             }
         }
     };
+    drop(slot);
 
     match ended {
         Some(reason) => {
@@ -114,6 +133,10 @@ pub(super) async fn serve<T: Io>(
         .await;
 }
 
+/// A connection with frames always waiting is checked for a drain at least once every
+/// this many frames.
+const DRAIN_CHECK: u32 = 64;
+
 struct Conn {
     server: Arc<Shared>,
     answers: Answers,
@@ -126,7 +149,7 @@ impl Conn {
     fn start_call(
         &self,
         request: Request,
-        slot: OwnedSemaphorePermit,
+        slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
         let Request {
             id,
@@ -150,8 +173,8 @@ impl Conn {
                         Err(e) => e.into_future(),
                     }
                 },
-                self.answers.clone(),
-                Some(slot),
+                &self.answers,
+                slot,
             )
             .map_err(|_| ProtocolError::DuplicateRequestId { id })
     }
