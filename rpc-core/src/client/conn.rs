@@ -81,7 +81,8 @@ impl Conn {
     }
 
     /// Registers call `id`; its answer, the connection's failure or the passing of
-    /// `deadline` arrives on the receiver.
+    /// `deadline` arrives on the receiver. Also says whether it is the only call
+    /// pending, a lone call that its sender may write itself.
     ///
     /// One task per connection ([`Conn::sweep_deadlines`]) watches the deadlines, instead
     /// of a timer per call: registering and deregistering a tokio timer showed as ~4% of
@@ -90,7 +91,7 @@ impl Conn {
         &self,
         id: u64,
         deadline: Instant,
-    ) -> Result<oneshot::Receiver<Answer>, RpcError> {
+    ) -> Result<(oneshot::Receiver<Answer>, bool), RpcError> {
         let (reply, rx) = oneshot::channel();
         let mut pending = self.pending();
         if let Some(reason) = &pending.closed {
@@ -99,12 +100,13 @@ impl Conn {
             });
         }
         pending.calls.insert(id, Waiter { reply, deadline });
+        let lone = pending.calls.len() == 1;
         if pending.earliest.is_none_or(|earliest| deadline < earliest) {
             pending.earliest = Some(deadline);
             drop(pending);
             self.sweep.notify_one();
         }
-        Ok(rx)
+        Ok((rx, lone))
     }
 
     /// Forgets call `id`; true when it was still waiting for its answer.

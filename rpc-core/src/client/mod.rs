@@ -348,7 +348,7 @@ impl Client {
             None => (self.connection(direct, deadline).await?, true),
         };
         let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
-        let reply = conn.register(id, deadline)?;
+        let (reply, lone) = conn.register(id, deadline)?;
         // Until the answer or a failure arrives (either removes the call from the
         // connection's map), dropping this sends a cancel. A call answered, failed or
         // never sent is no longer in the map, and nothing is sent.
@@ -375,7 +375,16 @@ impl Client {
             payload,
         };
         // Queued at once when there is room (the common case: no timer needed for it).
-        let sent = match conn.sender.try_send(Frame::Request(request)) {
+        // The only call in flight is written by this task if the connection is idle:
+        // one hand-off less on its way out. Calls among others are left to the writer
+        // task, which gathers them into one write.
+        let frame = Frame::Request(request);
+        let tried = if lone {
+            conn.sender.try_send_direct(frame)
+        } else {
+            conn.sender.try_send(frame)
+        };
+        let sent = match tried {
             Ok(()) => Ok(()),
             Err(TrySendError::Failed(e)) => Err(e),
             Err(TrySendError::Full(frame)) => {

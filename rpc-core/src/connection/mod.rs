@@ -659,6 +659,43 @@ impl FrameSender {
             Ok(bytes) => bytes,
             Err(e) => return Err(TrySendError::Failed(e)),
         };
+        self.try_queue(frame, bytes)
+    }
+
+    /// [`FrameSender::try_send`], except that on an idle connection the frame is written
+    /// by the caller, now, as [`FrameSender::send_direct`] does. For a lone answer or
+    /// request that nothing else is queued behind: one thread hand-off less.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// a_sender.try_send_direct(Frame::Cancel { id: 3 }).unwrap();
+    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 3 });
+    /// # }
+    /// ```
+    // Handed back by value on `Full`, as `try_send` does.
+    #[allow(clippy::result_large_err)]
+    pub fn try_send_direct(&self, frame: Frame) -> Result<(), TrySendError> {
+        let bytes = match self.check(&frame) {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(TrySendError::Failed(e)),
+        };
+        match self.direct.write_now(frame) {
+            Ok(()) => Ok(()),
+            Err(frame) => self.try_queue(frame, bytes),
+        }
+    }
+
+    /// Queues a checked frame of `bytes` (its queued cost) if there is room now.
+    #[allow(clippy::result_large_err)]
+    fn try_queue(&self, frame: Frame, bytes: usize) -> Result<(), TrySendError> {
         let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before.saturating_add(bytes) > self.shared.max_queued_bytes {
             self.shared.unqueue(bytes);

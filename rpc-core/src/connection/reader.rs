@@ -115,6 +115,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Whether bytes already read wait to be decoded: the peer sent more (at least part
+    /// of another frame) right behind the last frame returned. A side that answers
+    /// requests writes the answer to a lone one itself
+    /// ([`FrameSender::try_send_direct`]) and leaves the others to the writer task,
+    /// which gathers them into one write.
+    pub fn has_buffered(&self) -> bool {
+        !self.framed.read_buffer().is_empty()
+    }
+
     /// The next frame other than ping and pong.
     ///
     /// `None` after a clean close (end of stream between frames, or after an error was

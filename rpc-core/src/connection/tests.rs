@@ -305,6 +305,33 @@ async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_
     assert!(b.read(&mut buf).await.unwrap() > 10);
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_try_send_direct_on_an_idle_connection_is_written_at_once_and_a_busy_one_queues_it() {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    quiet(&sender);
+    sender.try_send_direct(msg(10)).unwrap();
+    let mut buf = [0u8; 256];
+    let n = b
+        .read(&mut buf)
+        .now_or_never()
+        .expect("written by the sender, with no await in between")
+        .unwrap();
+    assert!(n > 10, "{n} bytes");
+    // Behind a frame waiting for the writer task (which has not run: one thread), the
+    // frame is queued too, in order, whatever the clock says.
+    quiet(&sender);
+    sender.try_send(msg(10)).unwrap();
+    sender.try_send_direct(msg(10)).unwrap();
+    assert!(
+        b.read(&mut buf).now_or_never().is_none(),
+        "queued, not written yet"
+    );
+    assert!(b.read(&mut buf).await.unwrap() > 10);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whole_and_in_order() {
     // A 16-byte pipe: almost every direct write leaves a tail for the writer task, and

@@ -92,7 +92,13 @@ pub(super) async fn serve<T: Io>(
                 match conn.start_call(request, &mut slot) {
                     // Answered here, before the next request is read: a peer that does
                     // not read its answers stops being read (see `Answers::respond`).
-                    Ok(Started::Answered(result)) => conn.answers.respond(id, result).await,
+                    Ok(Started::Answered(result)) => {
+                        // The answer to a lone request (nothing read behind it) is
+                        // written here if the connection is idle: one hand-off less for
+                        // a caller with one call in flight.
+                        let lone = !reader.has_buffered();
+                        conn.answers.answer(id, result, lone).await
+                    }
                     Ok(Started::Running) => {}
                     Err(e) => break Some(reader.protocol_violation(e)),
                 }
@@ -248,15 +254,23 @@ struct Answers {
     abort: CancellationToken,
 }
 
-impl Responder for Answers {
-    /// Queues the answer at once when there is room (the common case). Otherwise waits
-    /// for room, holding the call's in-flight slot (and, for an answer from the read
-    /// loop, the read loop): a peer that sends requests but does not read the answers
-    /// stops being read once `max_queued_bytes` of answers wait for it, so the memory it
-    /// costs is bounded. No room within `keepalive_timeout`: the connection is closed with
-    /// a go-away saying why ([`FrameSender::send_or_abort`]).
-    async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
-        let frame = match self.sender.try_send(response(id, result)) {
+impl Answers {
+    /// Queues the answer at once when there is room (the common case); with `direct`,
+    /// writes it now instead if the connection is idle
+    /// ([`FrameSender::try_send_direct`]). Otherwise waits for room, holding the call's
+    /// in-flight slot (and, for an answer from the read loop, the read loop): a peer
+    /// that sends requests but does not read the answers stops being read once
+    /// `max_queued_bytes` of answers wait for it, so the memory it costs is bounded. No
+    /// room within `keepalive_timeout`: the connection is closed with a go-away saying
+    /// why ([`FrameSender::send_or_abort`]).
+    async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>, direct: bool) {
+        let frame = response(id, result);
+        let tried = if direct {
+            self.sender.try_send_direct(frame)
+        } else {
+            self.sender.try_send(frame)
+        };
+        let frame = match tried {
             Ok(()) => return,
             Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
             Err(TrySendError::Full(frame)) => frame,
@@ -269,6 +283,13 @@ impl Responder for Answers {
             }
             _ = self.abort.cancelled() => {}
         }
+    }
+}
+
+impl Responder for Answers {
+    /// Queues the answer of a call that ran as a task ([`Answers::answer`]).
+    async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
+        self.answer(id, result, false).await
     }
 }
 
