@@ -591,8 +591,19 @@ impl FrameSender {
         // A place in the frame queue first, then the bytes: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
-        let Ok(permit) = self.tx.reserve().await else {
-            return Err((self.shared.closed_error(), frame));
+        // Room now (the common case) is taken without building the semaphore's wait.
+        // The budget is spent as the wait would have spent it: a sender that always
+        // finds room still yields to the runtime's other tasks now and then.
+        tokio::task::consume_budget().await;
+        let permit = match self.tx.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                return Err((self.shared.closed_error(), frame));
+            }
+            Err(mpsc::error::TrySendError::Full(())) => match self.tx.reserve().await {
+                Ok(permit) => permit,
+                Err(_) => return Err((self.shared.closed_error(), frame)),
+            },
         };
         if let Err(e) = self.reserve_bytes(bytes).await {
             return Err((e, frame));
