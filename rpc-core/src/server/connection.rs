@@ -71,6 +71,10 @@ pub(super) async fn serve<T: Io>(
         };
         match frame {
             Some(Ok(Frame::Request(request))) => {
+                // A peer whose requests fill every read is served in turns with the
+                // runtime's other tasks: each request spends a unit of the coop budget
+                // (as waiting for a slot did), and the loop yields when it runs out.
+                tokio::task::consume_budget().await;
                 // Backpressure: at the in-flight limit, stop reading until a call ends.
                 if slot.is_none() {
                     slot = match conn.slots.clone().try_acquire_owned() {
