@@ -281,7 +281,6 @@ fn quiet(sender: &FrameSender) {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_returns() {
-    use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     let (a, mut b) = tokio::io::duplex(1 << 16);
     let (_reader, sender) = start(a, &ConnectionConfig::default());
@@ -289,46 +288,39 @@ async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_
     // one thread, no await that yields in between: only the sender itself can have
     // written the bytes
     sender.send_direct(msg(10)).await.unwrap();
-    let mut buf = [0u8; 256];
-    let n = b
-        .read(&mut buf)
-        .now_or_never()
-        .expect("the frame is there already")
-        .unwrap();
+    let n = written_now(&mut b).expect("the frame is there already");
     assert!(n > 10, "{n} bytes");
     // a second send right after it goes through the writer task, which gathers
     sender.send_direct(msg(10)).await.unwrap();
-    assert!(
-        b.read(&mut buf).now_or_never().is_none(),
-        "queued, not written yet"
-    );
+    assert_eq!(written_now(&mut b), None, "queued, not written yet");
+    let mut buf = [0u8; 256];
     assert!(b.read(&mut buf).await.unwrap() > 10);
+}
+
+/// Bytes the peer can read from `b` without waiting; `None` when nothing is there yet.
+fn written_now(b: &mut tokio::io::DuplexStream) -> Option<usize> {
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    b.read(&mut buf).now_or_never().map(|read| read.unwrap())
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_try_send_direct_on_an_idle_connection_is_written_at_once_and_a_busy_one_queues_it() {
-    use futures_util::FutureExt;
     use tokio::io::AsyncReadExt;
     let (a, mut b) = tokio::io::duplex(1 << 16);
     let (_reader, sender) = start(a, &ConnectionConfig::default());
     quiet(&sender);
     sender.try_send_direct(msg(10)).unwrap();
-    let mut buf = [0u8; 256];
-    let n = b
-        .read(&mut buf)
-        .now_or_never()
-        .expect("written by the sender, with no await in between")
-        .unwrap();
+    let n = written_now(&mut b).expect("written by the sender, with no await in between");
     assert!(n > 10, "{n} bytes");
     // Behind a frame waiting for the writer task (which has not run: one thread), the
     // frame is queued too, in order, whatever the clock says.
     quiet(&sender);
     sender.try_send(msg(10)).unwrap();
     sender.try_send_direct(msg(10)).unwrap();
-    assert!(
-        b.read(&mut buf).now_or_never().is_none(),
-        "queued, not written yet"
-    );
+    assert_eq!(written_now(&mut b), None, "queued, not written yet");
+    let mut buf = [0u8; 256];
     assert!(b.read(&mut buf).await.unwrap() > 10);
 }
 
