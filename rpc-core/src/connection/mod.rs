@@ -193,7 +193,8 @@ struct Shared {
     pending: AtomicUsize,
     /// A direct write left bytes for the writer task.
     tail_ready: tokio::sync::Notify,
-    /// When the stream was last written to, in nanoseconds since `epoch`.
+    /// When the stream was last written to, in nanoseconds since `epoch` (at least 1);
+    /// 0 until the first write.
     last_write: AtomicU64,
     /// When the last direct write was, like `last_write`; 0 once a queued frame came
     /// after it.
@@ -248,7 +249,7 @@ impl Shared {
     /// Notes a write to the stream, now.
     fn wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
-        self.last_write.store(now, Ordering::Relaxed);
+        self.last_write.store(now.max(1), Ordering::Relaxed);
     }
 
     /// A frame is being queued: if it follows a direct write within [`QUIET`], the
@@ -267,10 +268,15 @@ impl Shared {
         }
     }
 
-    /// Whether the stream was written to in the last [`QUIET`].
+    /// Whether the stream was written to in the last [`QUIET`]. A stream never written
+    /// to is not busy, however young the connection is.
     fn busy(&self) -> bool {
+        let last = self.last_write.load(Ordering::Relaxed);
+        if last == 0 {
+            return false;
+        }
         let now = self.epoch.elapsed().as_nanos() as u64;
-        now.saturating_sub(self.last_write.load(Ordering::Relaxed)) < QUIET.as_nanos() as u64
+        now.saturating_sub(last) < QUIET.as_nanos() as u64
     }
 
     fn closed_error(&self) -> ConnectionError {
@@ -474,10 +480,9 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
             return Err(frame); // the queued path reports it
         }
         shared.wrote();
-        shared.direct_at.store(
-            shared.last_write.load(Ordering::Relaxed).max(1),
-            Ordering::Relaxed,
-        );
+        shared
+            .direct_at
+            .store(shared.last_write.load(Ordering::Relaxed), Ordering::Relaxed);
         // Written without waiting: the stream takes what it has room for now.
         let mut cx = Context::from_waker(Waker::noop());
         let mut written = 0;

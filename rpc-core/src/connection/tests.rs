@@ -273,10 +273,10 @@ async fn a_peer_that_pings_but_never_reads_the_pongs_is_cut_off_after_the_keepal
     assert!(error.to_string().contains("not reading"), "{error}");
 }
 
-/// Makes the connection look idle to the next send (no write for longer than `QUIET`).
+/// Makes the connection look idle to the next send, whatever the clock says: as if
+/// nothing had been written yet.
 fn quiet(sender: &FrameSender) {
     sender.shared.last_write.store(0, Ordering::Relaxed);
-    std::thread::yield_now();
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -290,11 +290,22 @@ async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_
     sender.send_direct(msg(10)).await.unwrap();
     let n = written_now(&mut b).expect("the frame is there already");
     assert!(n > 10, "{n} bytes");
-    // a second send right after it goes through the writer task, which gathers
+    // a second send right after it (within QUIET: set, so that a slow debug build
+    // cannot make it later) goes through the writer task, which gathers
+    just_written(&sender);
     sender.send_direct(msg(10)).await.unwrap();
     assert_eq!(written_now(&mut b), None, "queued, not written yet");
     let mut buf = [0u8; 256];
     assert!(b.read(&mut buf).await.unwrap() > 10);
+}
+
+/// Makes the connection look just written to, whatever the clock says: the last write
+/// is dated after now.
+fn just_written(sender: &FrameSender) {
+    sender
+        .shared
+        .last_write
+        .store(u64::MAX / 2, Ordering::Relaxed);
 }
 
 /// Bytes the peer can read from `b` without waiting; `None` when nothing is there yet.
@@ -303,6 +314,15 @@ fn written_now(b: &mut tokio::io::DuplexStream) -> Option<usize> {
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 256];
     b.read(&mut buf).now_or_never().map(|read| read.unwrap())
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_connection_never_written_to_is_idle_however_young() {
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    // no `quiet`: the connection is microseconds old, and still nothing was written
+    sender.try_send_direct(msg(10)).unwrap();
+    assert!(written_now(&mut b).is_some(), "written by the sender");
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -461,10 +481,10 @@ async fn a_burst_right_after_a_direct_write_pauses_direct_writes() {
     );
     let shared = &sender.shared;
     assert_ne!(shared.direct_at.load(Ordering::Relaxed), 0, "noted");
-    // queued within QUIET of the direct write (the clock is set, so that a slow debug
-    // build cannot make it later): the sender is in a burst
-    let now = shared.epoch.elapsed().as_nanos() as u64;
-    shared.direct_at.store(now, Ordering::Relaxed);
+    // queued within QUIET of the direct write (whatever the clock says: the direct
+    // write is dated after now, so that a slow debug build cannot make it later): the
+    // sender is in a burst
+    shared.direct_at.store(u64::MAX / 2, Ordering::Relaxed);
     sender.send(msg(10)).await.unwrap();
     assert!(b.read(&mut buf).await.unwrap() > 10);
     for attempt in 0..DIRECT_PAUSE {
