@@ -23,6 +23,7 @@
 //!
 //! The engine knows frames, not what they mean: RPC and bus semantics live above it.
 
+mod queue;
 mod reader;
 mod writer;
 
@@ -35,7 +36,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -309,7 +310,7 @@ impl Shared {
 /// ```
 pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, FrameSender) {
     let (read, write) = io.split_io();
-    let (tx, rx) = mpsc::channel(config.send_queue.max(1));
+    let (tx, rx) = queue::queue(config.send_queue);
     let soon = TaskTracker::new();
     soon.close();
     let shared = Arc::new(Shared {
@@ -391,7 +392,7 @@ pub async fn refuse<T: Io>(io: T, config: &ConnectionConfig, go_away: GoAway) {
 /// connection.
 #[derive(Clone, Debug)]
 pub struct FrameSender {
-    tx: mpsc::Sender<Frame>,
+    tx: queue::Tx,
     shared: Arc<Shared>,
     /// Writes a frame itself, for [`FrameSender::send_direct`].
     direct: Arc<dyn Direct>,
@@ -593,29 +594,42 @@ impl FrameSender {
     /// frame back with the error when the connection closed first.
     async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), (ConnectionError, Frame)> {
         self.shared.queued_after_direct();
-        // A place in the frame queue first, then the bytes: no await comes between
+        // The bytes first, then a place in the frame queue: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
-        // Room now (the common case) is taken without building the semaphore's wait.
-        // The budget is spent as the wait would have spent it: a sender that always
-        // finds room still yields to the runtime's other tasks now and then.
+        // A sender that always finds room spends a unit of its task's budget anyway, so
+        // that it still yields to the runtime's other tasks now and then.
         tokio::task::consume_budget().await;
-        let permit = match self.tx.try_reserve() {
-            Ok(permit) => permit,
-            Err(mpsc::error::TrySendError::Closed(())) => {
-                return Err((self.shared.closed_error(), frame));
+        let mut frame = frame;
+        loop {
+            if let Err(e) = self.reserve_bytes(bytes).await {
+                return Err((e, frame));
             }
-            Err(mpsc::error::TrySendError::Full(())) => match self.tx.reserve().await {
-                Ok(permit) => permit,
-                Err(_) => return Err((self.shared.closed_error(), frame)),
-            },
-        };
-        if let Err(e) = self.reserve_bytes(bytes).await {
-            return Err((e, frame));
+            self.shared.pending.fetch_add(1, Ordering::AcqRel);
+            match self.tx.try_push(frame) {
+                Ok(()) => return Ok(()),
+                Err(queue::PushError::Closed(back)) => {
+                    self.unqueued(bytes);
+                    return Err((self.shared.closed_error(), back));
+                }
+                Err(queue::PushError::Full(back)) => {
+                    // Full in frames: the bytes are given back while it waits, so that
+                    // a send cancelled meanwhile (a caller's timeout) leaves nothing
+                    // counted for a frame that was not queued.
+                    self.unqueued(bytes);
+                    frame = back;
+                    if !self.tx.room().await {
+                        return Err((self.shared.closed_error(), frame));
+                    }
+                }
+            }
         }
-        self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        permit.send(frame);
-        Ok(())
+    }
+
+    /// Undoes the counting of a frame of `bytes` that was not queued after all.
+    fn unqueued(&self, bytes: usize) {
+        self.shared.pending.fetch_sub(1, Ordering::AcqRel);
+        self.shared.unqueue(bytes);
     }
 
     /// [`FrameSender::send`], for a side that cannot wait on its peer for ever (a reader
@@ -719,14 +733,11 @@ impl FrameSender {
         }
         self.shared.queued_after_direct();
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        self.tx.try_send(frame).map_err(|e| {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-            self.shared.unqueue(bytes);
+        self.tx.try_push(frame).map_err(|e| {
+            self.unqueued(bytes);
             match e {
-                mpsc::error::TrySendError::Full(frame) => TrySendError::Full(frame),
-                mpsc::error::TrySendError::Closed(_) => {
-                    TrySendError::Failed(self.shared.closed_error())
-                }
+                queue::PushError::Full(frame) => TrySendError::Full(frame),
+                queue::PushError::Closed(_) => TrySendError::Failed(self.shared.closed_error()),
             }
         })
     }
@@ -938,9 +949,8 @@ impl FrameSender {
         let cost = frame_cost(&frame);
         self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        if self.tx.try_send(frame).is_err() {
-            self.shared.pending.fetch_sub(1, Ordering::AcqRel);
-            self.shared.unqueue(cost);
+        if self.tx.try_push(frame).is_err() {
+            self.unqueued(cost);
         }
         self.shared.close();
     }

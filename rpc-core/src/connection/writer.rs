@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
+use super::queue::Rx;
 use super::{Output, Shared, frame_cost, queued_cost};
 use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
@@ -38,7 +38,7 @@ enum End {
 
 pub(super) async fn run<W: AsyncWrite + Unpin>(
     output: Arc<tokio::sync::Mutex<Output<W>>>,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: Rx,
     mut codec: FrameCodec,
     keepalive_interval: Duration,
     shared: Arc<Shared>,
@@ -81,9 +81,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 _ = &mut abort => return Ok(End::AbortedIdle),
                 _ = &mut close => {
                     // Write what was queued before the close, then stop.
-                    while let Ok(frame) = rx.try_recv() {
-                        batch.push(frame);
-                    }
+                    rx.try_recv_many(&mut batch, usize::MAX);
                     true
                 }
                 n = rx.recv_many(&mut batch, MAX_BATCH) => {
@@ -99,16 +97,16 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                         // at once, since yielding would cost it a trip through the I/O
                         // driver.
                         tokio::task::yield_now().await;
-                        while batch.len() < MAX_BATCH {
-                            match rx.try_recv() {
-                                Ok(frame) => batch.push(frame),
-                                Err(_) => break,
-                            }
-                        }
+                        let room = MAX_BATCH - batch.len();
+                        rx.try_recv_many(&mut batch, room);
                     }
                     false
                 }
                 _ = ping.tick() => {
+                    if last_write.elapsed() >= keepalive_interval {
+                        // quiet for a while: give back the room a burst left
+                        rx.shrink();
+                    }
                     // Encoded directly: keepalive pings were never counted as queued.
                     let ping = Frame::Ping { nonce: shared.next_nonce() };
                     if let Err(e) = codec.encode(&ping, &mut buf) {
