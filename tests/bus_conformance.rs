@@ -25,6 +25,7 @@ on_every_backend!(
     subscriber_is_a_stream,
     a_reading_subscriber_gets_every_message_while_another_never_reads,
     a_full_wildcard_subscriber_sees_only_what_applications_published,
+    a_subscription_made_between_publishes_to_one_subject_gets_the_later_ones,
 );
 
 /// Reads until a message with payload `end` arrives on `end_subject`; returns the subjects
@@ -253,6 +254,26 @@ async fn request_without_a_reply_times_out(fx: Fixture) {
         .unwrap_err();
     assert!(matches!(err, BusError::Timeout { .. }), "{err}");
     assert!(err.to_string().contains("50ms"), "{err}");
+}
+
+async fn a_subscription_made_between_publishes_to_one_subject_gets_the_later_ones(fx: Fixture) {
+    // (a broker keeps what a connection's last subject matched until the subscriptions
+    // change: this one must see the change)
+    let publisher = fx.bus().await;
+    for _ in 0..3 {
+        publisher.publish("news.today", "before").await.unwrap();
+    }
+    publisher.flush().await.unwrap();
+    let listener = fx.bus().await;
+    let mut first = listener.subscribe("news.*").await.unwrap();
+    listener.flush().await.unwrap();
+    publisher.publish("news.today", "after").await.unwrap();
+    assert_eq!(next(&mut first).await.payload, "after");
+    let mut second = listener.subscribe("news.today").await.unwrap();
+    listener.flush().await.unwrap();
+    publisher.publish("news.today", "later").await.unwrap();
+    assert_eq!(next(&mut first).await.payload, "later");
+    assert_eq!(next(&mut second).await.payload, "later");
 }
 
 async fn dropping_a_subscriber_unsubscribes(fx: Fixture) {

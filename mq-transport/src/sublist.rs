@@ -12,7 +12,7 @@
 //! stale result can never be cached.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use rpc_core::sync::{lock, read, write};
@@ -292,6 +292,8 @@ struct Trie<T> {
 pub struct Sublist<T> {
     trie: RwLock<Trie<T>>,
     cache: Mutex<HashMap<Box<str>, Arc<Match<T>>>>,
+    /// Bumped by every change, after the cache dropped what it made stale.
+    generation: AtomicU64,
 }
 
 impl<T: Clone> Default for Sublist<T> {
@@ -318,7 +320,34 @@ impl<T: Clone> Sublist<T> {
                 len: 0,
             }),
             cache: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// A number that changes whenever a subscription is added or removed. A result of
+    /// [`Sublist::matches`] got after reading generation `g` is still the right one
+    /// while the generation is `g`: a publisher that sends to the same subject again and
+    /// again (a broker connection's last subject) can keep it and skip the lookup.
+    ///
+    /// ```
+    /// use mq_transport::sublist::Sublist;
+    ///
+    /// let list = Sublist::new();
+    /// let before = list.generation();
+    /// let found = list.matches("orders.eu");
+    /// assert_eq!(list.generation(), before, "nothing changed: `found` holds");
+    /// list.insert("orders.*", None, 1, "all orders").unwrap();
+    /// assert_ne!(list.generation(), before, "look it up again");
+    /// assert!(found.is_empty() && !list.matches("orders.eu").is_empty());
+    /// ```
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Marks a change (the trie's write lock is held, the cache already evicted): a
+    /// reader that sees the new generation finds no stale result in the cache.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// Adds a subscription. The filter and queue name are validated here.
@@ -354,6 +383,7 @@ impl<T: Clone> Sublist<T> {
         }
         trie.len += 1;
         self.evict(filter);
+        self.changed();
         Ok(())
     }
 
@@ -365,6 +395,7 @@ impl<T: Clone> Sublist<T> {
         let value = trie.root.remove(&tokens, queue, key)?;
         trie.len -= 1;
         self.evict(filter);
+        self.changed();
         Some(value)
     }
 
@@ -402,6 +433,10 @@ impl<T: Clone> Sublist<T> {
             if !wildcards.is_empty() && !cache.is_empty() {
                 cache.retain(|subject, _| !wildcards.iter().any(|f| subject::matches(f, subject)));
             }
+        }
+        drop(cache);
+        if removed > 0 {
+            self.changed();
         }
         removed
     }

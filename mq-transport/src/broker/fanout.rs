@@ -28,6 +28,34 @@ pub(super) struct ReplyRoutes {
     last: Option<(Box<str>, Arc<Match<Route>>)>,
 }
 
+/// A connection's last publish subject, and what it matched at a generation of the
+/// subscriptions ([`Sublist::generation`]): a publisher that sends to one subject again
+/// and again is validated and matched once, until a subscription comes or goes. (The
+/// shared cache costs a lock and a hash per publish.)
+///
+/// [`Sublist::generation`]: crate::sublist::Sublist::generation
+#[derive(Default)]
+pub(super) struct PublishRoutes {
+    /// Validated already.
+    subject: Utf8Bytes,
+    found: Option<(u64, Arc<Match<Route>>)>,
+}
+
+impl PublishRoutes {
+    /// Whether `subject` is the last one published (so it was validated then).
+    pub(super) fn is_last(&self, subject: &Utf8Bytes) -> bool {
+        !self.subject.is_empty() && self.subject == *subject
+    }
+
+    /// Notes `subject`, valid, as the last one published.
+    pub(super) fn published(&mut self, subject: &Utf8Bytes) {
+        if !self.is_last(subject) {
+            self.subject = subject.clone();
+            self.found = None;
+        }
+    }
+}
+
 /// What routing a publish left to wait for.
 #[derive(Default)]
 struct Later {
@@ -42,9 +70,30 @@ impl Shared {
     /// A publish the session accepted, after the streams captured it. Subscribers get a
     /// captured message once its stream has taken it (as on the embedded bus, before
     /// its fsync under `always`: plain delivery is at-most-once).
-    pub(super) async fn publish(&self, publish: &Publish) {
+    pub(super) async fn publish(&self, publish: &Publish, routes: &mut PublishRoutes) {
         self.count_in();
-        self.route(publish).await;
+        let found = match &routes.found {
+            Some((generation, found))
+                if routes.is_last(&publish.subject) && *generation == self.subs.generation() =>
+            {
+                found.clone()
+            }
+            _ if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) => {
+                self.subs.matches_once(&publish.subject)
+            }
+            _ => {
+                // the generation first: a change after it shows as a new one next time
+                let generation = self.subs.generation();
+                let found = self.subs.matches(&publish.subject);
+                if routes.is_last(&publish.subject) {
+                    routes.found = Some((generation, found.clone()));
+                }
+                found
+            }
+        };
+        let mut later = Later::default();
+        self.route_found(publish, &found, &mut later);
+        self.settle(publish, later).await;
     }
 
     /// Counts a publish received that is not routed (handled by the streams, or a

@@ -10,7 +10,7 @@ use rpc_core::{ConnectionError, ProtocolError, Utf8Bytes};
 
 use super::Shared;
 use super::connection::Conn;
-use super::fanout::Route;
+use super::fanout::{PublishRoutes, Route};
 use super::streams::{Captured, StreamSession};
 use crate::lock;
 use crate::message::{SUBSCRIPTION_REFUSED, counted_size, status_headers};
@@ -33,6 +33,8 @@ pub(super) struct Session<'a> {
     subs: HashMap<u64, SessionSub>,
     /// Its durable publishes, fetches and ephemeral consumers.
     streams: StreamSession,
+    /// Its last publish subject and what that matched.
+    routes: PublishRoutes,
 }
 
 impl<'a> Session<'a> {
@@ -42,6 +44,7 @@ impl<'a> Session<'a> {
             conn,
             subs: HashMap::new(),
             streams: StreamSession::new(id),
+            routes: PublishRoutes::default(),
         }
     }
 
@@ -155,8 +158,11 @@ impl<'a> Session<'a> {
 
     /// A publish: checked, then handed to the fan-out.
     async fn on_pub(&mut self, publish: Publish) -> Result<(), ConnectionError> {
-        if let Err(e) = subject::validate_subject(&publish.subject) {
-            return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+        if !self.routes.is_last(&publish.subject) {
+            if let Err(e) = subject::validate_subject(&publish.subject) {
+                return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
+            }
+            self.routes.published(&publish.subject);
         }
         if !publish.reply.is_empty()
             && let Err(e) = subject::validate_subject(&publish.reply)
@@ -178,8 +184,10 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         match self.streams.capture(self.shared, &publish).await {
-            Captured::Deliver => self.shared.publish(&publish).await,
-            Captured::DeliverThis(stripped) => self.shared.publish(&stripped).await,
+            Captured::Deliver => self.shared.publish(&publish, &mut self.routes).await,
+            Captured::DeliverThis(stripped) => {
+                self.shared.publish(&stripped, &mut self.routes).await
+            }
             Captured::Nothing => self.shared.count_in(),
         }
         Ok(())
