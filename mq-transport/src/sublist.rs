@@ -550,6 +550,21 @@ mod tests {
     }
 
     #[test]
+    fn a_change_releases_the_cached_results_it_makes_stale() {
+        // what a broker session's weakly held last match relies on: once a change
+        // evicts a result, nothing but its holders keeps it (or the routes in it)
+        let list = Sublist::new();
+        list.insert("orders.*", None, 1, 1u64).unwrap();
+        let found = Arc::downgrade(&list.matches("orders.eu"));
+        let other = Arc::downgrade(&list.matches("billing.eu"));
+        assert!(found.upgrade().is_some(), "held by the cache");
+        list.insert("orders.eu", None, 2, 2).unwrap();
+        assert!(found.upgrade().is_none(), "evicted and freed");
+        assert!(other.upgrade().is_some(), "a subject the filter does not match stays");
+        assert_eq!(sorted(all_keys(&list.matches("orders.eu"))), [1, 2]);
+    }
+
+    #[test]
     fn a_subject_matched_once_finds_the_same_and_leaves_the_cache_alone() {
         let list = Sublist::new();
         list.insert("_INBOX.x.*", None, 1, 1).unwrap();

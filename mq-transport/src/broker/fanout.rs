@@ -1,8 +1,8 @@
 //! Fan-out: a publish to every matching subscription's connection, pacing publishers to
 //! subscribers that fall behind, and cutting off those that stop reading.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 
 use rpc_core::connection::TrySendError;
 use rpc_core::frame::{Frame, Message as MsgFrame, Publish};
@@ -33,12 +33,16 @@ pub(super) struct ReplyRoutes {
 /// and again is validated and matched once, until a subscription comes or goes. (The
 /// shared cache costs a lock and a hash per publish.)
 ///
+/// The match is held weakly: the shared cache holds it while it is current, and a
+/// change that evicts it frees it (and the connections its routes hold) even while this
+/// publisher is idle.
+///
 /// [`Sublist::generation`]: crate::sublist::Sublist::generation
 #[derive(Default)]
 pub(super) struct PublishRoutes {
     /// Validated already.
     subject: Utf8Bytes,
-    found: Option<(u64, Arc<Match<Route>>)>,
+    found: Option<(u64, Weak<Match<Route>>)>,
 }
 
 impl PublishRoutes {
@@ -72,21 +76,25 @@ impl Shared {
     /// its fsync under `always`: plain delivery is at-most-once).
     pub(super) async fn publish(&self, publish: &Publish, routes: &mut PublishRoutes) {
         self.count_in();
-        let found = match &routes.found {
+        let cached = match &routes.found {
             Some((generation, found))
                 if routes.is_last(&publish.subject) && *generation == self.subs.generation() =>
             {
-                found.clone()
+                found.upgrade()
             }
-            _ if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) => {
+            _ => None,
+        };
+        let found = match cached {
+            Some(found) => found,
+            None if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) => {
                 self.subs.matches_once(&publish.subject)
             }
-            _ => {
+            None => {
                 // the generation first: a change after it shows as a new one next time
                 let generation = self.subs.generation();
                 let found = self.subs.matches(&publish.subject);
                 if routes.is_last(&publish.subject) {
-                    routes.found = Some((generation, found.clone()));
+                    routes.found = Some((generation, Arc::downgrade(&found)));
                 }
                 found
             }
