@@ -560,7 +560,10 @@ mod tests {
         assert!(found.upgrade().is_some(), "held by the cache");
         list.insert("orders.eu", None, 2, 2).unwrap();
         assert!(found.upgrade().is_none(), "evicted and freed");
-        assert!(other.upgrade().is_some(), "a subject the filter does not match stays");
+        assert!(
+            other.upgrade().is_some(),
+            "a subject the filter does not match stays"
+        );
         assert_eq!(sorted(all_keys(&list.matches("orders.eu"))), [1, 2]);
     }
 
