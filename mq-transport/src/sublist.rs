@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use rpc_core::sync::{lock, read, write};
 
@@ -270,6 +270,26 @@ struct Trie<T> {
     len: usize,
 }
 
+/// A match kept by a caller that looks one subject up again and again (a broker
+/// connection's last publish subject), for [`Sublist::kept`]. Held weakly: a change that
+/// evicts the match from the cache frees it, whoever keeps it.
+#[derive(Debug)]
+pub struct KeptMatch<T> {
+    generation: u64,
+    found: Weak<Match<T>>,
+}
+
+impl<T> KeptMatch<T> {
+    /// Keeps `found`, got from a lookup after reading `generation`
+    /// ([`Sublist::generation`]).
+    pub fn new(generation: u64, found: &Arc<Match<T>>) -> Self {
+        KeptMatch {
+            generation,
+            found: Arc::downgrade(found),
+        }
+    }
+}
+
 /// An index of subscriptions by filter, with a match cache.
 ///
 /// Each subscription is a `T` (the caller's delivery handle) under a filter, an optional
@@ -342,6 +362,26 @@ impl<T: Clone> Sublist<T> {
     /// ```
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
+    }
+
+    /// `kept`'s match, while it is still the right one: no subscription was added or
+    /// removed since it was got, and the cache still holds it.
+    ///
+    /// ```
+    /// use mq_transport::sublist::{KeptMatch, Sublist};
+    ///
+    /// let list = Sublist::new();
+    /// let generation = list.generation(); // before the lookup
+    /// let kept = KeptMatch::new(generation, &list.matches("orders.eu"));
+    /// assert!(list.kept(&kept).is_some());
+    /// list.insert("orders.*", None, 1, "all orders").unwrap();
+    /// assert!(list.kept(&kept).is_none(), "look it up again");
+    /// ```
+    pub fn kept(&self, kept: &KeptMatch<T>) -> Option<Arc<Match<T>>> {
+        if kept.generation != self.generation() {
+            return None;
+        }
+        kept.found.upgrade()
     }
 
     /// Marks a change (the trie's write lock is held, the cache already evicted): a
@@ -547,6 +587,21 @@ mod tests {
             keys.extend(members);
         }
         sorted(keys)
+    }
+
+    #[test]
+    fn a_kept_match_is_stale_after_any_change_even_while_someone_still_holds_it() {
+        let list = Sublist::new();
+        list.insert("orders.*", None, 1, 1u64).unwrap();
+        let generation = list.generation();
+        let found = list.matches("orders.eu");
+        let kept = KeptMatch::new(generation, &found);
+        assert_eq!(all_keys(&list.kept(&kept).expect("nothing changed")), [1]);
+        list.insert("billing.*", None, 2, 2).unwrap();
+        // `found` is still held, as by another connection routing with it: only the
+        // generation tells that it may be stale (this change did not even touch it)
+        assert!(list.kept(&kept).is_none());
+        drop(found);
     }
 
     #[test]

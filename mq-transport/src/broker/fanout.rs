@@ -1,8 +1,8 @@
 //! Fan-out: a publish to every matching subscription's connection, pacing publishers to
 //! subscribers that fall behind, and cutting off those that stop reading.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
 
 use rpc_core::connection::TrySendError;
 use rpc_core::frame::{Frame, Message as MsgFrame, Publish};
@@ -11,7 +11,8 @@ use rpc_core::{ConnectionError, Utf8Bytes};
 use super::Shared;
 use super::connection::Conn;
 use crate::message::{NO_RESPONDERS, status_headers};
-use crate::sublist::{Match, Offered};
+use crate::subject::{SubjectError, validate_subject};
+use crate::sublist::{KeptMatch, Match, Offered};
 
 /// One subscription's way out: its connection and its sid there.
 #[derive(Clone, Debug)]
@@ -28,35 +29,28 @@ pub(super) struct ReplyRoutes {
     last: Option<(Box<str>, Arc<Match<Route>>)>,
 }
 
-/// A connection's last publish subject, and what it matched at a generation of the
-/// subscriptions ([`Sublist::generation`]): a publisher that sends to one subject again
-/// and again is validated and matched once, until a subscription comes or goes. (The
-/// shared cache costs a lock and a hash per publish.)
-///
-/// The match is held weakly: the shared cache holds it while it is current, and a
-/// change that evicts it frees it (and the connections its routes hold) even while this
-/// publisher is idle.
-///
-/// [`Sublist::generation`]: crate::sublist::Sublist::generation
+/// A connection's last publish subject, and what it matched ([`KeptMatch`]): a
+/// publisher that sends to one subject again and again is validated and matched once,
+/// until a subscription comes or goes. (The shared cache costs a lock and a hash per
+/// publish.) The match is held weakly, so a change that evicts it frees it (and the
+/// connections its routes hold) even while this publisher is idle.
 #[derive(Default)]
 pub(super) struct PublishRoutes {
     /// Validated already.
     subject: Utf8Bytes,
-    found: Option<(u64, Weak<Match<Route>>)>,
+    found: Option<KeptMatch<Route>>,
 }
 
 impl PublishRoutes {
-    /// Whether `subject` is the last one published (so it was validated then).
-    pub(super) fn is_last(&self, subject: &Utf8Bytes) -> bool {
-        !self.subject.is_empty() && self.subject == *subject
-    }
-
-    /// Notes `subject`, valid, as the last one published.
-    pub(super) fn published(&mut self, subject: &Utf8Bytes) {
-        if !self.is_last(subject) {
+    /// Checks a publish subject and notes it as the connection's last one: validated
+    /// unless it is the last one already (validation depends on the bytes alone).
+    pub(super) fn check(&mut self, subject: &Utf8Bytes) -> Result<(), SubjectError> {
+        if self.subject.is_empty() || self.subject != *subject {
+            validate_subject(subject)?;
             self.subject = subject.clone();
             self.found = None;
         }
+        Ok(())
     }
 }
 
@@ -74,34 +68,22 @@ impl Shared {
     /// A publish the session accepted, after the streams captured it. Subscribers get a
     /// captured message once its stream has taken it (as on the embedded bus, before
     /// its fsync under `always`: plain delivery is at-most-once).
+    ///
+    /// `routes` is the session's, which checked this publish's subject
+    /// ([`PublishRoutes::check`]).
     pub(super) async fn publish(&self, publish: &Publish, routes: &mut PublishRoutes) {
         self.count_in();
-        let cached = match &routes.found {
-            Some((generation, found))
-                if routes.is_last(&publish.subject) && *generation == self.subs.generation() =>
-            {
-                found.upgrade()
-            }
-            _ => None,
-        };
-        let found = match cached {
-            Some(found) => found,
-            None if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) => {
-                self.subs.matches_once(&publish.subject)
-            }
-            None => {
-                // the generation first: a change after it shows as a new one next time
-                let generation = self.subs.generation();
-                let found = self.subs.matches(&publish.subject);
-                if routes.is_last(&publish.subject) {
-                    routes.found = Some((generation, Arc::downgrade(&found)));
-                }
-                found
-            }
-        };
-        let mut later = Later::default();
-        self.route_found(publish, &found, &mut later);
-        self.settle(publish, later).await;
+        debug_assert!(routes.subject == publish.subject, "checked first");
+        let cached = routes.found.as_ref().and_then(|kept| self.subs.kept(kept));
+        let found = cached.unwrap_or_else(|| {
+            // the generation first: a change after it shows as a new one next time
+            let generation = self.subs.generation();
+            let found = self.lookup(&publish.subject);
+            // (a reply inbox's match is not in the cache: it is looked up again)
+            routes.found = Some(KeptMatch::new(generation, &found));
+            found
+        });
+        self.route_match(publish, &found).await;
     }
 
     /// Counts a publish received that is not routed (handled by the streams, or a
@@ -114,9 +96,25 @@ impl Shared {
     /// waits (up to `slow_consumer_grace`) for room on subscriber connections that are
     /// full, and paces the publisher to those past `pace_queued_bytes`.
     pub(super) async fn route(&self, publish: &Publish) {
+        self.route_match(publish, &self.lookup(&publish.subject))
+            .await;
+    }
+
+    /// [`Shared::route`] to the subscriptions `found`.
+    async fn route_match(&self, publish: &Publish, found: &Match<Route>) {
         let mut later = Later::default();
-        self.route_now(publish, &mut later);
+        self.route_found(publish, found, &mut later);
         self.settle(publish, later).await;
+    }
+
+    /// The subscriptions `subject` reaches.
+    fn lookup(&self, subject: &str) -> Arc<Match<Route>> {
+        // a reply goes to an inbox subject used once: caching it would only churn
+        if subject.starts_with(crate::delivery::INBOX_PREFIX) {
+            self.subs.matches_once(subject)
+        } else {
+            self.subs.matches(subject)
+        }
     }
 
     /// [`Shared::route`] for a reply of a batch (a connection's publish acknowledgements,
@@ -140,9 +138,7 @@ impl Shared {
                 found
             }
         };
-        let mut later = Later::default();
-        self.route_found(publish, &found, &mut later);
-        self.settle(publish, later).await;
+        self.route_match(publish, &found).await;
     }
 
     /// Waits for what routing left: room on full connections, pacing.
@@ -175,17 +171,6 @@ impl Shared {
         }
     }
 
-    /// Queues on every connection with room; collects the frames for full ones.
-    fn route_now(&self, publish: &Publish, later: &mut Later) {
-        // a reply goes to an inbox subject used once: caching it would only churn
-        let found = if publish.subject.starts_with(crate::delivery::INBOX_PREFIX) {
-            self.subs.matches_once(&publish.subject)
-        } else {
-            self.subs.matches(&publish.subject)
-        };
-        self.route_found(publish, &found, later);
-    }
-
     /// Queues `publish` for the subscriptions `found`.
     fn route_found(&self, publish: &Publish, found: &Match<Route>, later: &mut Later) {
         if found.is_empty() {
@@ -204,15 +189,13 @@ impl Shared {
     /// the reply subject, routed like any publish (it has no reply subject itself).
     fn no_responders(&self, request: &Publish, later: &mut Later) {
         let description = format!("no responders for `{}`", request.subject);
-        self.route_now(
-            &Publish {
-                subject: request.reply.clone(),
-                reply: Utf8Bytes::default(),
-                headers: status_headers(NO_RESPONDERS, description),
-                payload: bytes::Bytes::new(),
-            },
-            later,
-        );
+        let status = Publish {
+            subject: request.reply.clone(),
+            reply: Utf8Bytes::default(),
+            headers: status_headers(NO_RESPONDERS, description),
+            payload: bytes::Bytes::new(),
+        };
+        self.route_found(&status, &self.lookup(&status.subject), later);
     }
 }
 

@@ -158,11 +158,8 @@ impl<'a> Session<'a> {
 
     /// A publish: checked, then handed to the fan-out.
     async fn on_pub(&mut self, publish: Publish) -> Result<(), ConnectionError> {
-        if !self.routes.is_last(&publish.subject) {
-            if let Err(e) = subject::validate_subject(&publish.subject) {
-                return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
-            }
-            self.routes.published(&publish.subject);
+        if let Err(e) = self.routes.check(&publish.subject) {
+            return Err(self.violation(GoAway::PROTOCOL_ERROR, e.to_string()));
         }
         if !publish.reply.is_empty()
             && let Err(e) = subject::validate_subject(&publish.reply)
