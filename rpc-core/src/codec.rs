@@ -123,6 +123,34 @@ impl Decoder for FrameCodec {
     }
 }
 
+impl FrameCodec {
+    /// Encodes a frame that a sender has checked already ([`FrameCodec::check`], as every
+    /// frame a connection queues or writes directly is): the length prefix is filled in
+    /// after the body, so the body's length is not computed a second time on its way
+    /// out. A body over this codec's limit is taken back out of `dst` and refused.
+    pub(crate) fn encode_checked(
+        &self,
+        frame: &Frame,
+        dst: &mut BytesMut,
+    ) -> Result<(), ConnectionError> {
+        debug_assert!(frame.encoded_len().is_ok(), "unchecked frame: {frame:?}");
+        let start = dst.len();
+        dst.put_u32(0);
+        frame.encode_validated(dst);
+        let len = dst.len() - start - LENGTH_PREFIX_LEN;
+        if len > self.max_frame_len {
+            dst.truncate(start);
+            return Err(ConnectionError::FrameTooLarge {
+                size: len as u64,
+                limit: self.max_frame_len,
+            });
+        }
+        // At most `max_frame_len`, which is at most `u32::MAX`.
+        dst[start..start + LENGTH_PREFIX_LEN].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(())
+    }
+}
+
 impl Encoder<&Frame> for FrameCodec {
     type Error = ConnectionError;
 
@@ -163,6 +191,17 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(Frame::decode(body.freeze()).unwrap(), frame);
+    }
+
+    #[test]
+    fn a_checked_frame_over_the_codecs_limit_is_refused_and_leaves_the_buffer_as_it_was() {
+        let mut buf = BytesMut::from(&b"earlier frames"[..]);
+        let refused = FrameCodec::new(64).encode_checked(&request(100), &mut buf);
+        assert!(matches!(
+            refused,
+            Err(ConnectionError::FrameTooLarge { limit: 64, .. })
+        ));
+        assert_eq!(&buf[..], b"earlier frames");
     }
 
     #[test]

@@ -37,7 +37,6 @@ use bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
-use tokio_util::codec::Encoder;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -477,7 +476,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
         }
         let output = &mut *output;
         let mut buf = BytesMut::new();
-        if output.codec.encode(&frame, &mut buf).is_err() {
+        if output.codec.encode_checked(&frame, &mut buf).is_err() {
             return Err(frame); // the queued path reports it
         }
         shared.wrote();
@@ -889,6 +888,12 @@ impl FrameSender {
         if self.shared.close.is_set() {
             return Err(self.shared.closed_error());
         }
+        self.check_len(frame)
+    }
+
+    /// Checks `frame` against the maximum frame length (and its fields against their
+    /// wire types); returns what it adds to the queued bytes.
+    fn check_len(&self, frame: &Frame) -> Result<usize, ConnectionError> {
         check_frame_len(frame, self.max_frame_len()).map(|len| queued_cost(len + LENGTH_PREFIX_LEN))
     }
 
@@ -946,7 +951,16 @@ impl FrameSender {
         // best effort then, and the close happens regardless. Counted like any frame, since
         // the writer subtracts what it writes.
         let frame = Frame::GoAway(go_away);
-        let cost = frame_cost(&frame);
+        // Checked as every queued frame is (the writer counts on it): a go-away too
+        // large to send is left out, and the connection closes without it.
+        let cost = match self.check_len(&frame) {
+            Ok(cost) => cost,
+            Err(e) => {
+                tracing::warn!(error = %e, "go-away not sent");
+                self.shared.close();
+                return;
+            }
+        };
         self.shared.queued_bytes.fetch_add(cost, Ordering::Relaxed);
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
         if self.tx.try_push(frame).is_err() {

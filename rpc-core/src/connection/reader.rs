@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::codec::FramedRead;
+use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnectionConfig, FrameSender, Shared};
@@ -25,6 +25,8 @@ use crate::frame::{Frame, GoAway};
 #[derive(Debug)]
 pub struct FrameReader<R> {
     framed: FramedRead<Metered<R>, FrameCodec>,
+    /// The same codec, for frames decoded straight from `framed`'s buffer.
+    decoder: FrameCodec,
     /// Reading into [`MAX_READ`]-byte buffers (see [`FrameReader::size_buffer`]).
     wide: bool,
     sender: FrameSender,
@@ -68,6 +70,23 @@ impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
 
 /// Dead-peer detection without reading the clock per frame: a flag set by every frame,
 /// inspected once per interval.
+/// Answers a ping. A closed sender means the connection is going down; the reader's
+/// next poll sees that. A peer that pings but reads no pongs is cut off after
+/// keepalive_timeout.
+async fn pong(sender: &FrameSender, nonce: u64) {
+    let _ = sender.send_or_abort(Frame::Pong { nonce }).await;
+}
+
+/// What [`FrameReader::sort`] made of a frame.
+enum Sorted {
+    /// A frame for the caller of [`FrameReader::next`].
+    Caller(Frame),
+    /// A ping, to answer with this nonce.
+    Ping(u64),
+    /// A pong, taken.
+    Taken,
+}
+
 #[derive(Debug)]
 struct Keepalive {
     tick: Interval,
@@ -92,6 +111,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         let mut tick = tokio::time::interval_at(Instant::now() + interval, interval);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         FrameReader {
+            decoder: FrameCodec::new(codec.max_frame_len()),
             framed: FramedRead::with_capacity(
                 Metered {
                     inner: read,
@@ -136,22 +156,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         loop {
             self.size_buffer();
+            // A frame whose bytes are all buffered is decoded here, without the select
+            // below: biased to the stream, it would return that frame first anyway, but
+            // setting it up and polling it cost a busy connection more than decoding the
+            // frame did. Only when the buffer runs short does the reader wait, and look
+            // at the timer and the writer.
+            let buffered = self.decoder.decode(self.framed.read_buffer_mut());
+            match buffered {
+                Ok(Some(frame)) => match self.sort(frame) {
+                    Sorted::Caller(frame) => return Some(Ok(frame)),
+                    Sorted::Ping(nonce) => pong(&self.sender, nonce).await,
+                    Sorted::Taken => {}
+                },
+                Ok(None) => {}
+                Err(error) => return Some(Err(self.fail(error))),
+            }
             tokio::select! {
                 biased;
                 item = self.framed.next() => match item {
-                    Some(Ok(frame)) => {
-                        self.keepalive.seen = true;
-                        match frame {
-                            Frame::Ping { nonce } => {
-                                // A closed sender means the connection is going down;
-                                // the next poll sees that. A peer that pings but reads
-                                // no pongs is cut off after keepalive_timeout.
-                                let _ = self.sender.send_or_abort(Frame::Pong { nonce }).await;
-                            }
-                            Frame::Pong { nonce } => self.shared.pong(nonce),
-                            frame => return Some(Ok(frame)),
-                        }
-                    }
+                    Some(Ok(frame)) => match self.sort(frame) {
+                        Sorted::Caller(frame) => return Some(Ok(frame)),
+                        Sorted::Ping(nonce) => pong(&self.sender, nonce).await,
+                        Sorted::Taken => {}
+                    },
                     Some(Err(error)) => return Some(Err(self.fail(error))),
                     None => {
                         self.finished = true;
@@ -193,6 +220,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// takes buffers of that size from then on whenever one is full. Frames already
     /// decoded keep their bytes: they share the old buffer. A connection that goes quiet
     /// gets a small buffer back ([`FrameReader::shrink_buffer`]).
+    /// Marks the peer as alive and takes a pong; says whether the frame is the caller's
+    /// or a ping to answer. Not async: a frame for the caller, nearly every one, costs no
+    /// future of its own.
+    fn sort(&mut self, frame: Frame) -> Sorted {
+        self.keepalive.seen = true;
+        match frame {
+            Frame::Ping { nonce } => Sorted::Ping(nonce),
+            Frame::Pong { nonce } => {
+                self.shared.pong(nonce);
+                Sorted::Taken
+            }
+            frame => Sorted::Caller(frame),
+        }
+    }
+
     fn size_buffer(&mut self) {
         if std::mem::take(&mut self.framed.get_mut().filled) && !self.wide {
             self.wide = true;

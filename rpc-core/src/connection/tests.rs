@@ -546,3 +546,41 @@ async fn a_busy_connection_reads_into_a_larger_buffer_and_an_idle_one_gives_it_b
     // ...and not a slice of a 64 KiB allocation that would come back at the next read
     assert!(!b_reader.is_wide(), "an idle connection kept 64 KiB reads");
 }
+
+#[tokio::test]
+async fn frames_that_arrive_in_one_read_come_out_in_order_and_a_ping_among_them_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, mut b) = tokio::io::duplex(64 * 1024);
+    let (mut reader, _sender) = start(a, &ConnectionConfig::default());
+    let mut codec = crate::codec::FrameCodec::new(1024);
+    let mut wire = bytes::BytesMut::new();
+    let sent = [
+        Frame::Cancel { id: 1 },
+        Frame::Ping { nonce: 42 },
+        Frame::Cancel { id: 2 },
+        Frame::Pong { nonce: 7 },
+        Frame::Cancel { id: 3 },
+    ];
+    for frame in &sent {
+        tokio_util::codec::Encoder::encode(&mut codec, frame, &mut wire).unwrap();
+    }
+    // The last frame's final byte comes later: the reader must wait for it.
+    let last = wire.split_off(wire.len() - 1);
+    b.write_all(&wire).await.unwrap();
+    for id in [1, 2] {
+        assert_eq!(reader.next().await.unwrap().unwrap(), Frame::Cancel { id });
+    }
+    let mut third = Box::pin(reader.next());
+    assert!(
+        futures_util::poll!(third.as_mut()).is_pending(),
+        "a frame not all read is not returned"
+    );
+    b.write_all(&last).await.unwrap();
+    assert_eq!(third.await.unwrap().unwrap(), Frame::Cancel { id: 3 });
+
+    let mut pong = [0u8; 14];
+    b.read_exact(&mut pong).await.unwrap();
+    let pong =
+        tokio_util::codec::Decoder::decode(&mut codec, &mut bytes::BytesMut::from(&pong[..]));
+    assert_eq!(pong.unwrap(), Some(Frame::Pong { nonce: 42 }));
+}

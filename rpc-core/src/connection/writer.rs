@@ -132,9 +132,9 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             let taken = batch.len();
             for frame in batch.drain(..) {
                 let before = buf.len();
-                // Senders checked the size already; a frame failing here is dropped
+                // Senders checked the frame already; a frame failing here is dropped
                 // alone rather than taking the connection down.
-                match codec.encode(&frame, &mut buf) {
+                match codec.encode_checked(&frame, &mut buf) {
                     Ok(()) => encoded += queued_cost(buf.len() - before),
                     Err(e) => {
                         tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");

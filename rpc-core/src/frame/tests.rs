@@ -328,6 +328,17 @@ proptest! {
     }
 
     #[test]
+    fn a_checked_frame_is_encoded_byte_for_byte_as_the_codec_encodes_it(frame in arb_frame()) {
+        use tokio_util::codec::Encoder;
+        let mut codec = crate::codec::FrameCodec::new(1 << 20);
+        let mut encoded = BytesMut::from(&b"before"[..]);
+        codec.encode(&frame, &mut encoded).unwrap();
+        let mut checked = BytesMut::from(&b"before"[..]);
+        codec.encode_checked(&frame, &mut checked).unwrap();
+        prop_assert_eq!(checked, encoded);
+    }
+
+    #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         let _ = Frame::decode(Bytes::from(bytes));
     }
