@@ -105,9 +105,17 @@ impl<const LIMIT: usize> Format for BincodeWithLimit<LIMIT> {
     const NAME: &'static str = "bincode";
 
     fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Bytes, FormatError> {
-        bincode::serde::encode_to_vec(value, Self::CONFIG)
-            .map(Bytes::from)
-            .map_err(|e| FormatError::new(Self::NAME, "encode", e))
+        let error = |e| FormatError::new(Self::NAME, "encode", e);
+        // Sized first, then written into one allocation of exactly that length, as
+        // bincode's own `encode_to_vec` does for its native traits. Its serde version
+        // grows a Vec from empty instead: an allocation, a reallocation and a copy per
+        // value, ~10% of a 16-byte echo server's instructions. A Vec whose length is its
+        // capacity also becomes `Bytes` without another allocation.
+        let mut size = bincode::enc::write::SizeWriter::default();
+        bincode::serde::encode_into_writer(value, &mut size, Self::CONFIG).map_err(error)?;
+        let mut encoded = Vec::with_capacity(size.bytes_written);
+        bincode::serde::encode_into_std_write(value, &mut encoded, Self::CONFIG).map_err(error)?;
+        Ok(Bytes::from(encoded))
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
@@ -181,6 +189,23 @@ mod tests {
         assert_eq!(input.len(), 10);
         let err = Bincode::decode::<String>(&input).unwrap_err();
         assert!(err.message.to_lowercase().contains("limit"), "{err}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bincode_encodes_byte_for_byte_as_bincodes_own_encode_to_vec(
+            name in ".{0,40}",
+            values in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..20),
+            blob in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            flag in proptest::option::of(proptest::prelude::any::<i32>()),
+        ) {
+            let value = (name, values, blob, flag);
+            let ours = Bincode::encode(&value).unwrap();
+            let theirs = bincode::serde::encode_to_vec(&value, bincode::config::standard()).unwrap();
+            proptest::prop_assert_eq!(&ours[..], &theirs[..]);
+            let back: (String, Vec<u64>, Vec<u8>, Option<i32>) = Bincode::decode(&ours).unwrap();
+            proptest::prop_assert_eq!(back, value);
+        }
     }
 
     #[test]

@@ -27,12 +27,12 @@ mod call;
 mod connection;
 mod service;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -91,7 +91,10 @@ impl std::fmt::Debug for Server {
 
 struct Shared {
     config: ServerConfig,
-    services: HashMap<&'static str, Arc<dyn Service>>,
+    /// By name. Every call looks its service up here; the keys are the server's own,
+    /// fixed before it serves, so a fast unkeyed hash (FxHash) is safe: a caller's name
+    /// can only miss or hit one of them, never add to the table.
+    services: FxHashMap<&'static str, Arc<dyn Service>>,
 }
 
 impl Server {
@@ -100,7 +103,7 @@ impl Server {
         Server {
             shared: Arc::new(Shared {
                 config,
-                services: HashMap::new(),
+                services: FxHashMap::default(),
             }),
         }
     }
