@@ -63,6 +63,19 @@ pub(crate) trait Backend: Send + Sync + 'static {
     /// connection (remote).
     fn publish(&self, message: Message) -> impl Future<Output = Result<(), BusError>> + Send;
 
+    /// Whether [`Backend::try_publish`] can publish at all (its default never does).
+    const TRIES_PUBLISH: bool = false;
+
+    /// [`Backend::publish`] now, if that needs no waiting: the common case, without the
+    /// futures of a publish that may wait. Hands `message` back when it would have to
+    /// wait, for `publish`. The caller has spent a unit of its task's coop budget.
+    // The message is handed back by value: boxing it would allocate on the path that
+    // exists to save work.
+    #[allow(clippy::result_large_err)]
+    fn try_publish(&self, message: Message) -> Result<Result<(), BusError>, Message> {
+        Err(message)
+    }
+
     /// Starts delivering messages matching `queue`'s subject (and group) into it under
     /// `key`; returns how to remove it. The subscription may not be active on a server
     /// yet: see [`Backend::confirm`].

@@ -1,5 +1,6 @@
 //! [`Bus`]: the one API over every backend.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -99,6 +100,12 @@ pub(crate) enum Backends {
     Nats(Arc<crate::nats::Nats>),
 }
 
+/// Whether `backend`'s [`Backend::try_publish`] can publish (see
+/// [`Backend::TRIES_PUBLISH`]).
+fn backend_tries_publish<B: Backend>(_backend: &Arc<B>) -> bool {
+    B::TRIES_PUBLISH
+}
+
 impl Default for Bus {
     fn default() -> Self {
         Bus::embedded()
@@ -190,12 +197,14 @@ impl Bus {
     }
 
     /// Publishes `payload` to `subject` (no wildcards).
-    pub async fn publish(
+    // Not an `async fn`, nor is `publish_message`: each layer of async fn around a
+    // publish moved the message once more (it showed in a publishing client's profile).
+    pub fn publish(
         &self,
         subject: impl Into<Utf8Bytes>,
         payload: impl Into<Bytes>,
-    ) -> Result<(), BusError> {
-        self.publish_message(Message::new(subject, payload)).await
+    ) -> impl Future<Output = Result<(), BusError>> + Send + '_ {
+        self.publish_checked(Message::new(subject, payload), true)
     }
 
     /// Durable streams on this bus: see [`crate::streams`].
@@ -219,16 +228,24 @@ impl Bus {
     /// (remote); use [`Bus::flush`] to wait until the broker has it. On the embedded bus
     /// it may wait for a subscriber whose queue is full (see
     /// [`EmbeddedConfig::slow_consumer_grace`]).
-    pub async fn publish_message(&self, message: Message) -> Result<(), BusError> {
-        if let Some(reply) = &message.reply {
-            subject::validate_subject(reply)?;
-        }
-        self.publish_to_valid_reply(message).await
+    pub fn publish_message(
+        &self,
+        message: Message,
+    ) -> impl Future<Output = Result<(), BusError>> + Send + '_ {
+        self.publish_checked(message, true)
     }
 
     /// [`Bus::publish_message`] for a message whose reply subject, if any, is known to
     /// be valid (one of this bus's inboxes).
     async fn publish_to_valid_reply(&self, message: Message) -> Result<(), BusError> {
+        self.publish_checked(message, false).await
+    }
+
+    /// Publishes `message`, checking its reply subject with `check_reply`.
+    async fn publish_checked(&self, message: Message, check_reply: bool) -> Result<(), BusError> {
+        if check_reply && let Some(reply) = &message.reply {
+            subject::validate_subject(reply)?;
+        }
         // plain stream acks queued before this go out before it
         if self.core.acks.is_waiting() {
             self.flush_acks().await;
@@ -241,6 +258,17 @@ impl Bus {
                     return Err(BusError::PayloadTooLarge { size, limit, setting });
                 }
             }
+            let message = if backend_tries_publish(b) {
+                // Spent here, before anything is queued: a publish cancelled at this
+                // await leaves nothing behind.
+                tokio::task::consume_budget().await;
+                match b.try_publish(message) {
+                    Ok(published) => return published,
+                    Err(message) => message,
+                }
+            } else {
+                message
+            };
             b.publish(message).await
         })
     }

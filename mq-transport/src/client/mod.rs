@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rpc_core::client::Backoff;
-use rpc_core::connection::{FrameReader, FrameSender, Unsent};
+use rpc_core::connection::{FrameReader, FrameSender, TryUnsent, Unsent};
 use rpc_core::frame::{Frame, Publish, Subscribe};
 use rpc_core::transport::{Connector, Reconnected, reconnect};
 use rpc_core::{ConnectionConfig, ConnectionError, ProtocolError, Utf8Bytes};
@@ -150,6 +150,12 @@ impl Backend for Client {
 
     async fn publish(&self, message: Message) -> Result<(), BusError> {
         self.remote.publish(message).await
+    }
+
+    const TRIES_PUBLISH: bool = true;
+
+    fn try_publish(&self, message: Message) -> Result<Result<(), BusError>, Message> {
+        self.remote.try_publish(message)
     }
 
     async fn subscribe(
@@ -310,6 +316,41 @@ impl Remote {
             State::Connected(_) => Arc::from("the connection was closed"),
             State::Disconnected { reason, .. } => reason.clone(),
             State::Closed => Arc::from("the bus was closed"),
+        }
+    }
+
+    /// [`Remote::publish`] when the connection is up and has room now; otherwise the
+    /// message is handed back, for `publish`.
+    #[allow(clippy::result_large_err)]
+    fn try_publish(&self, message: Message) -> Result<Result<(), BusError>, Message> {
+        let lone = message.reply.is_some() && self.core.inbox.in_flight() == 1;
+        let state = self.lock_state();
+        let State::Connected(sender) = &*state else {
+            return Err(message);
+        };
+        let frame = Frame::Pub(Publish {
+            subject: message.subject,
+            reply: message.reply.unwrap_or_default(),
+            headers: message.headers,
+            payload: message.payload,
+        });
+        let back = match sender.try_send_or_give_back(frame, lone) {
+            Ok(()) => return Ok(Ok(())),
+            Err(TryUnsent::Unsent(Unsent::Failed(e))) => return Ok(Err(e.into())),
+            // Closed: `publish` buffers it for the reconnect.
+            Err(TryUnsent::Full(back) | TryUnsent::Unsent(Unsent::Closed { frame: back, .. })) => {
+                back
+            }
+        };
+        match back {
+            Frame::Pub(p) => Err(Message {
+                subject: p.subject,
+                reply: (!p.reply.is_empty()).then_some(p.reply),
+                headers: p.headers,
+                payload: p.payload,
+            }),
+            // A sender hands back the frame it was given.
+            _ => unreachable!("a publish handed back as another frame"),
         }
     }
 

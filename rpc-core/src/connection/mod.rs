@@ -246,6 +246,17 @@ impl Shared {
         self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
     }
 
+    /// Counts `bytes` as queued if they fit under `max_queued_bytes` now, or nothing is
+    /// queued (a frame larger than the limit goes alone).
+    fn try_reserve(&self, bytes: usize) -> bool {
+        let max = self.max_queued_bytes;
+        self.queued_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
+                (queued == 0 || queued.saturating_add(bytes) <= max).then_some(queued + bytes)
+            })
+            .is_ok()
+    }
+
     /// Notes a write to the stream, now.
     fn wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
@@ -576,6 +587,64 @@ impl FrameSender {
             Ok(bytes) => bytes,
             Err(e) => return Err(Unsent::new(e, frame)),
         };
+        let mut frame = if direct {
+            match self.direct.write_now(frame) {
+                Ok(()) => return Ok(()),
+                Err(frame) => frame,
+            }
+        } else {
+            frame
+        };
+        self.shared.queued_after_direct();
+        // A sender that always finds room spends a unit of its task's budget anyway, so
+        // that it still yields to the runtime's other tasks now and then. Before the
+        // frame is counted or queued: a send cancelled here (a caller's timeout) leaves
+        // nothing behind, and none that queued its frame is cancelled after.
+        tokio::task::consume_budget().await;
+        // The common case, room now: queued here, without the futures of a send that
+        // waits (they showed in a publishing client's profile, moving the frame along).
+        match self.try_push_checked(frame, bytes) {
+            Ok(()) => return Ok(()),
+            Err(TryUnsent::Unsent(unsent)) => return Err(unsent),
+            Err(TryUnsent::Full(back)) => frame = back,
+        }
+        self.queue(frame, bytes)
+            .await
+            .map_err(|(e, frame)| Unsent::new(e, frame))
+    }
+
+    /// [`FrameSender::send_or_give_back`] if it can be done now, without waiting: a
+    /// frame there is no room for now is handed back as well
+    /// ([`TryUnsent::Full`]). For a caller whose common case should cost no future of
+    /// its own, with `send_or_give_back` to wait when it must. Such a caller spends a
+    /// unit of its task's coop budget ([`tokio::task::consume_budget`]) before each
+    /// call, as `send_or_give_back` does, so that a sender that always finds room still
+    /// yields to the runtime's other tasks now and then.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig, TryUnsent, Unsent};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, _b) = tokio::io::duplex(1024);
+    /// let (_reader, sender) = connection::start(a, &ConnectionConfig::default());
+    /// assert!(sender.try_send_or_give_back(Frame::Cancel { id: 1 }, false).is_ok());
+    /// sender.close();
+    /// match sender.try_send_or_give_back(Frame::Cancel { id: 2 }, false) {
+    ///     Err(TryUnsent::Unsent(Unsent::Closed { frame, .. })) => {
+    ///         assert_eq!(frame, Frame::Cancel { id: 2 })
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # }
+    /// ```
+    // The frame is handed back by value, as `try_send` does.
+    #[allow(clippy::result_large_err)]
+    pub fn try_send_or_give_back(&self, frame: Frame, direct: bool) -> Result<(), TryUnsent> {
+        let bytes = match self.check(&frame) {
+            Ok(bytes) => bytes,
+            Err(e) => return Err(TryUnsent::Unsent(Unsent::new(e, frame))),
+        };
         let frame = if direct {
             match self.direct.write_now(frame) {
                 Ok(()) => return Ok(()),
@@ -584,21 +653,35 @@ impl FrameSender {
         } else {
             frame
         };
-        self.queue(frame, bytes)
-            .await
-            .map_err(|(e, frame)| Unsent::new(e, frame))
+        self.shared.queued_after_direct();
+        self.try_push_checked(frame, bytes)
+    }
+
+    /// Queues a checked frame of `bytes` (its queued cost) if its bytes fit now (see
+    /// [`Shared::try_reserve`]) and the frame queue has room.
+    #[allow(clippy::result_large_err)]
+    fn try_push_checked(&self, frame: Frame, bytes: usize) -> Result<(), TryUnsent> {
+        if !self.shared.try_reserve(bytes) {
+            return Err(TryUnsent::Full(frame));
+        }
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        self.tx.try_push(frame).map_err(|e| {
+            self.unqueued(bytes);
+            match e {
+                queue::PushError::Closed(back) => {
+                    TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), back))
+                }
+                queue::PushError::Full(back) => TryUnsent::Full(back),
+            }
+        })
     }
 
     /// Queues a checked frame of `bytes` (its queued cost), waiting for room; hands the
     /// frame back with the error when the connection closed first.
     async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), (ConnectionError, Frame)> {
-        self.shared.queued_after_direct();
         // The bytes first, then a place in the frame queue: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
-        // A sender that always finds room spends a unit of its task's budget anyway, so
-        // that it still yields to the runtime's other tasks now and then.
-        tokio::task::consume_budget().await;
         let mut frame = frame;
         loop {
             if let Err(e) = self.reserve_bytes(bytes).await {
@@ -855,15 +938,7 @@ impl FrameSender {
     /// Adds `bytes` to the queued bytes once they fit under `max_queued_bytes` (or the
     /// queue is empty), waiting for the writer to make room.
     async fn reserve_bytes(&self, bytes: usize) -> Result<(), ConnectionError> {
-        let max = self.shared.max_queued_bytes;
-        let try_reserve = || {
-            self.shared
-                .queued_bytes
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |queued| {
-                    (queued == 0 || queued.saturating_add(bytes) <= max).then_some(queued + bytes)
-                })
-                .is_ok()
-        };
+        let try_reserve = || self.shared.try_reserve(bytes);
         // The common case, room now, registers no waiter.
         if try_reserve() {
             return Ok(());
@@ -1023,6 +1098,17 @@ impl From<Unsent> for ConnectionError {
             Unsent::Failed(error) => error,
         }
     }
+}
+
+/// Why [`FrameSender::try_send_or_give_back`] did not queue a frame.
+#[derive(Debug)]
+pub enum TryUnsent {
+    /// No room now; the frame is handed back, for
+    /// [`FrameSender::send_or_give_back`] to wait for room.
+    Full(Frame),
+    /// The connection is closed (the frame is handed back) or the frame is refused, as
+    /// [`FrameSender::send_or_give_back`] says.
+    Unsent(Unsent),
 }
 
 /// Why [`FrameSender::try_send`] did not queue a frame.
