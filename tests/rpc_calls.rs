@@ -216,3 +216,75 @@ async fn client_clones_share_one_connection() {
         .unwrap();
     assert_eq!(answer::<Whoami>(&a).peer, answer::<Whoami>(&b).peer);
 }
+
+/// The server answers the requests of one read together; a ping read last, behind them,
+/// must not hold their answers back until the peer sends something more.
+#[tokio::test(start_paused = true)]
+async fn requests_and_a_ping_in_one_read_are_all_answered_with_nothing_more_sent() {
+    use courier::frame::{Frame, Request};
+    use courier::transport::Connector;
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::{Decoder, Encoder};
+
+    let common::Endpoint::Memory(connector) = serve(
+        Transport::Memory,
+        Server::new(ServerConfig::default()).add_service(lab().0),
+    )
+    .await
+    else {
+        unreachable!("a memory endpoint")
+    };
+    let (mut io, _) = connector.connect().await.unwrap();
+    let mut codec = courier::codec::FrameCodec::new(1 << 20);
+    let mut wire = bytes::BytesMut::new();
+    let request = |id| {
+        Frame::Request(Request {
+            id,
+            method: "Lab.echo".into(),
+            payload: Bytes::from(vec![id as u8; 3]),
+            ..Request::default()
+        })
+    };
+    for frame in [
+        request(1),
+        Frame::Ping { nonce: 8 },
+        request(2),
+        request(3),
+        Frame::Ping { nonce: 9 },
+    ] {
+        codec.encode(&frame, &mut wire).unwrap();
+    }
+    io.write_all(&wire).await.unwrap();
+
+    let mut got = Vec::new();
+    let mut read = bytes::BytesMut::new();
+    while got.len() < 5 {
+        while let Some(frame) = codec.decode(&mut read).unwrap() {
+            got.push(frame);
+        }
+        if got.len() == 5 {
+            break;
+        }
+        let more = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::io::AsyncReadExt::read_buf(&mut io, &mut read),
+        )
+        .await
+        .expect("every answer and the pong arrive without another frame from the peer");
+        assert!(more.unwrap() > 0, "the server closed the connection");
+    }
+    let mut answered: Vec<(u64, Vec<u8>)> = got
+        .iter()
+        .filter_map(|frame| match frame {
+            Frame::Response(r) => Some((r.id, r.payload.to_vec())),
+            _ => None,
+        })
+        .collect();
+    answered.sort();
+    assert_eq!(
+        answered,
+        vec![(1, vec![1; 3]), (2, vec![2; 3]), (3, vec![3; 3])]
+    );
+    assert!(got.contains(&Frame::Pong { nonce: 8 }), "{got:?}");
+    assert!(got.contains(&Frame::Pong { nonce: 9 }), "{got:?}");
+}

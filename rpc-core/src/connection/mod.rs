@@ -449,6 +449,11 @@ trait Direct: Send + Sync + std::fmt::Debug {
     /// as `try_send` does: boxing it would allocate on the path meant to be cheap).
     #[allow(clippy::result_large_err)]
     fn write_now(&self, frame: Frame) -> Result<(), Frame>;
+
+    /// Writes every frame of `frames`, checked already, in one write now if nothing is
+    /// queued or being written (busy or not: they are a batch already); `false`, with
+    /// `frames` untouched, otherwise.
+    fn write_all_now(&self, frames: &mut Vec<Frame>) -> bool;
 }
 
 struct DirectWriter<W> {
@@ -462,33 +467,28 @@ impl<W> std::fmt::Debug for DirectWriter<W> {
     }
 }
 
-impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
-    fn write_now(&self, frame: Frame) -> Result<(), Frame> {
+impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
+    /// Writes what `encode` puts in a buffer now, if nothing is queued or being written;
+    /// `false` when something is, or `encode` fails. What the stream does not take at
+    /// once is left to the writer task as the tail.
+    fn write_encoded(&self, encode: impl FnOnce(&mut FrameCodec, &mut BytesMut) -> bool) -> bool {
         let shared = &self.shared;
-        if shared.direct_paused.load(Ordering::Relaxed) > 0 {
-            // (racing senders may both take one: a pause a little shorter or longer)
-            let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
-            return Err(frame);
-        }
-        if shared.busy() || shared.pending.load(Ordering::Acquire) != 0 {
-            return Err(frame);
-        }
         // Held while writing: the writer task writes nothing meanwhile. Never waited
         // for: a sender that finds it taken queues its frame.
         let Ok(mut output) = self.output.try_lock() else {
-            return Err(frame);
+            return false;
         };
-        // Checked again under the lock: a frame queued before this one goes first, and
+        // Checked under the lock: a frame queued before this one goes first, and
         // nothing is written once the connection is closing (the writer may have shut
         // the stream down, or be about to write an abort's go-away after the tail).
         if shared.close.is_set() || shared.pending.load(Ordering::Acquire) != 0 || output.unflushed
         {
-            return Err(frame);
+            return false;
         }
         let output = &mut *output;
         let mut buf = BytesMut::new();
-        if output.codec.encode_checked(&frame, &mut buf).is_err() {
-            return Err(frame); // the queued path reports it
+        if !encode(&mut output.codec, &mut buf) {
+            return false; // the queued path reports it
         }
         shared.wrote();
         shared
@@ -519,7 +519,41 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
             output.unflushed = true;
             shared.tail_ready.notify_one();
         }
-        Ok(())
+        true
+    }
+}
+
+impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
+    fn write_all_now(&self, frames: &mut Vec<Frame>) -> bool {
+        if self.shared.pending.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        let written = self.write_encoded(|codec, buf| {
+            frames
+                .iter()
+                .all(|frame| codec.encode_checked(frame, buf).is_ok())
+        });
+        if written {
+            frames.clear();
+        }
+        written
+    }
+
+    fn write_now(&self, frame: Frame) -> Result<(), Frame> {
+        let shared = &self.shared;
+        if shared.direct_paused.load(Ordering::Relaxed) > 0 {
+            // (racing senders may both take one: a pause a little shorter or longer)
+            let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
+            return Err(frame);
+        }
+        if shared.busy() || shared.pending.load(Ordering::Acquire) != 0 {
+            return Err(frame);
+        }
+        if self.write_encoded(|codec, buf| codec.encode_checked(&frame, buf).is_ok()) {
+            Ok(())
+        } else {
+            Err(frame)
+        }
     }
 }
 
@@ -655,6 +689,38 @@ impl FrameSender {
         };
         self.shared.queued_after_direct();
         self.try_push_checked(frame, bytes)
+    }
+
+    /// Writes all of `frames` now, in one write, if nothing is queued or being written
+    /// on this connection, busy or not: for a batch its sender gathered itself (a
+    /// server's answers to the requests of one read), which the writer task would only
+    /// gather again. `false`, with `frames` as they were, when something is queued or
+    /// being written, or a frame fails its check (too large): send them one by one
+    /// then. What the stream does not take at once is left to the writer task, counted
+    /// as queued.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// let mut batch = vec![Frame::Cancel { id: 1 }, Frame::Cancel { id: 2 }];
+    /// assert!(a_sender.try_write_all_direct(&mut batch));
+    /// assert!(batch.is_empty());
+    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 1 });
+    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 2 });
+    /// # }
+    /// ```
+    pub fn try_write_all_direct(&self, frames: &mut Vec<Frame>) -> bool {
+        if self.shared.close.is_set() || frames.iter().any(|frame| self.check_len(frame).is_err()) {
+            return false;
+        }
+        self.direct.write_all_now(frames)
     }
 
     /// Queues a checked frame of `bytes` (its queued cost) if its bytes fit now (see

@@ -15,7 +15,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{ConnectionConfig, FrameSender, Shared};
 use crate::codec::FrameCodec;
 use crate::error::{ConnectionError, ProtocolError};
-use crate::frame::{Frame, GoAway};
+use crate::frame::{Frame, GoAway, Kind};
 
 /// The read half of a connection; see [`super::start`].
 ///
@@ -142,6 +142,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// which gathers them into one write.
     pub fn has_buffered(&self) -> bool {
         !self.framed.read_buffer().is_empty()
+    }
+
+    /// Whether a whole frame other than a ping or pong waits to be decoded:
+    /// [`FrameReader::next`] will return it without waiting for the peer. (A ping or pong
+    /// it takes itself, and may then wait for more.)
+    pub fn has_frame(&self) -> bool {
+        let buf = self.framed.read_buffer();
+        let prefix = crate::codec::LENGTH_PREFIX_LEN;
+        match buf.get(..prefix + 2) {
+            // the length prefix, the version, the kind
+            Some(&[a, b, c, d, _, kind]) => {
+                let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                buf.len() - prefix >= len && kind != Kind::Ping as u8 && kind != Kind::Pong as u8
+            }
+            _ => false,
+        }
     }
 
     /// The next frame other than ping and pong.

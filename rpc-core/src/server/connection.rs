@@ -58,11 +58,18 @@ pub(super) async fn serve<T: Io>(
     // The in-flight slot for the next call. A call answered at once leaves it here for
     // the one after, so only calls that become tasks cost the semaphore anything.
     let mut slot: Option<OwnedSemaphorePermit> = None;
+    // Answers to the requests of one read, sent together once no whole request is left
+    // to read (see `Answers::flush`).
+    let mut batch = Batch::default();
     let mut frames = 0u32;
     let ended: Option<ConnectionError> = loop {
         frames = frames.wrapping_add(1);
         if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
             break None;
+        }
+        if !batch.is_empty() && !reader.has_frame() {
+            // Nothing more to answer without waiting for the peer: send what there is.
+            conn.answers.flush(&mut batch).await;
         }
         let frame = tokio::select! {
             biased;
@@ -79,29 +86,33 @@ pub(super) async fn serve<T: Io>(
                 if slot.is_none() {
                     slot = match conn.slots.clone().try_acquire_owned() {
                         Ok(free) => Some(free),
-                        Err(_) => tokio::select! {
-                            biased;
-                            _ = &mut draining => {
-                                conn.refuse_shutting_down(request.id).await;
-                                break None;
+                        Err(_) => {
+                            // What was answered goes out before this waits.
+                            conn.answers.flush(&mut batch).await;
+                            tokio::select! {
+                                biased;
+                                _ = &mut draining => {
+                                    conn.refuse_shutting_down(request.id).await;
+                                    break None;
+                                }
+                                freed = conn.slots.clone().acquire_owned() => match freed {
+                                    Ok(freed) => Some(freed),
+                                    Err(_) => break None, // never closed
+                                },
                             }
-                            freed = conn.slots.clone().acquire_owned() => match freed {
-                                Ok(freed) => Some(freed),
-                                Err(_) => break None, // never closed
-                            },
-                        },
+                        }
                     };
                 }
                 let id = request.id;
                 match conn.start_call(request, &mut slot) {
-                    // Answered here, before the next request is read: a peer that does
-                    // not read its answers stops being read (see `Answers::respond`).
+                    // Answered here, and sent with the others of its read: a peer that
+                    // does not read its answers stops being read once a batch finds no
+                    // room (see `Answers::flush`).
                     Ok(Started::Answered(result)) => {
-                        // The answer to a lone request (nothing read behind it) is
-                        // written here if the connection is idle: one hand-off less for
-                        // a caller with one call in flight.
-                        let lone = !reader.has_buffered();
-                        conn.answers.answer(id, result, lone).await
+                        batch.push(response(id, result));
+                        if batch.is_full() {
+                            conn.answers.flush(&mut batch).await;
+                        }
                     }
                     Ok(Started::Running) => {}
                     Err(e) => break Some(reader.protocol_violation(e)),
@@ -122,6 +133,12 @@ pub(super) async fn serve<T: Io>(
     };
     drop(slot);
 
+    match ended {
+        // Answered before the drain began: they go out before the go-away.
+        None => conn.answers.flush(&mut batch).await,
+        // Nobody will read them.
+        Some(_) => batch.clear(),
+    }
     match ended {
         Some(reason) => {
             // The peer is gone or broke the protocol: nobody will read the answers.
@@ -258,7 +275,59 @@ struct Answers {
     abort: CancellationToken,
 }
 
+/// Answers gathered in the read loop, up to [`Batch::FRAMES`] of them or
+/// [`Batch::BYTES`] of payload: a peer that does not read its answers is stopped being
+/// read after that many.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Frame>,
+    bytes: usize,
+}
+
+impl Batch {
+    const FRAMES: usize = 64;
+    const BYTES: usize = 64 * 1024;
+
+    fn push(&mut self, frame: Frame) {
+        if let Frame::Response(r) = &frame {
+            self.bytes += r.payload.len() + r.message.len();
+        }
+        self.frames.push(frame);
+    }
+
+    fn is_full(&self) -> bool {
+        self.frames.len() >= Self::FRAMES || self.bytes >= Self::BYTES
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+}
+
 impl Answers {
+    /// Sends the answers in `batch`, which it leaves empty. A lone one is sent as
+    /// [`Answers::answer`] sends an answer from the read loop, written at once if the
+    /// connection is idle. Several are written at once in one write when nothing else
+    /// is queued or being written ([`FrameSender::try_write_all_direct`]): the task that
+    /// read the requests writes their answers, as a hand-written echo server would,
+    /// rather than handing them to the writer task one by one. Otherwise they are
+    /// queued in order, each waiting for room as `answer` does.
+    async fn flush(&self, batch: &mut Batch) {
+        batch.bytes = 0;
+        if batch.frames.len() > 1 && self.sender.try_write_all_direct(&mut batch.frames) {
+            return;
+        }
+        let lone = batch.frames.len() == 1;
+        for frame in batch.frames.drain(..) {
+            self.send_answer(frame, lone).await;
+        }
+    }
+
     /// Queues the answer at once when there is room (the common case); with `direct`,
     /// writes it now instead if the connection is idle
     /// ([`FrameSender::try_send_direct`]). Otherwise waits for room, holding the call's
@@ -268,7 +337,15 @@ impl Answers {
     /// room within `keepalive_timeout`: the connection is closed with a go-away saying
     /// why ([`FrameSender::send_or_abort`]).
     async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>, direct: bool) {
-        let frame = response(id, result);
+        self.send_answer(response(id, result), direct).await
+    }
+
+    /// [`Answers::answer`] for an answer made into its frame already.
+    async fn send_answer(&self, frame: Frame, direct: bool) {
+        let id = match &frame {
+            Frame::Response(r) => r.id,
+            _ => 0,
+        };
         let tried = if direct {
             self.sender.try_send_direct(frame)
         } else {
