@@ -617,19 +617,9 @@ impl FrameSender {
     // The frame is handed back by value, as `try_send` does.
     #[allow(clippy::result_large_err)]
     pub async fn send_or_give_back(&self, frame: Frame, direct: bool) -> Result<(), Unsent> {
-        let bytes = match self.check(&frame) {
-            Ok(bytes) => bytes,
-            Err(e) => return Err(Unsent::new(e, frame)),
+        let Some((mut frame, bytes)) = self.check_or_write(frame, direct)? else {
+            return Ok(());
         };
-        let mut frame = if direct {
-            match self.direct.write_now(frame) {
-                Ok(()) => return Ok(()),
-                Err(frame) => frame,
-            }
-        } else {
-            frame
-        };
-        self.shared.queued_after_direct();
         // A sender that always finds room spends a unit of its task's budget anyway, so
         // that it still yields to the runtime's other tasks now and then. Before the
         // frame is counted or queued: a send cancelled here (a caller's timeout) leaves
@@ -675,20 +665,32 @@ impl FrameSender {
     // The frame is handed back by value, as `try_send` does.
     #[allow(clippy::result_large_err)]
     pub fn try_send_or_give_back(&self, frame: Frame, direct: bool) -> Result<(), TryUnsent> {
+        match self.check_or_write(frame, direct) {
+            Ok(Some((frame, bytes))) => self.try_push_checked(frame, bytes),
+            Ok(None) => Ok(()),
+            Err(unsent) => Err(TryUnsent::Unsent(unsent)),
+        }
+    }
+
+    /// The start of every send that hands its frame back: checks `frame`, and with
+    /// `direct` writes it now if the connection is idle (`None`). Otherwise returns it
+    /// with its queued cost, for the caller to queue.
+    #[allow(clippy::result_large_err)]
+    fn check_or_write(&self, frame: Frame, direct: bool) -> Result<Option<(Frame, usize)>, Unsent> {
         let bytes = match self.check(&frame) {
             Ok(bytes) => bytes,
-            Err(e) => return Err(TryUnsent::Unsent(Unsent::new(e, frame))),
+            Err(e) => return Err(Unsent::new(e, frame)),
         };
         let frame = if direct {
             match self.direct.write_now(frame) {
-                Ok(()) => return Ok(()),
+                Ok(()) => return Ok(None),
                 Err(frame) => frame,
             }
         } else {
             frame
         };
         self.shared.queued_after_direct();
-        self.try_push_checked(frame, bytes)
+        Ok(Some((frame, bytes)))
     }
 
     /// Writes all of `frames` now, in one write, if nothing is queued or being written

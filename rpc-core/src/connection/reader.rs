@@ -68,8 +68,6 @@ impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
     }
 }
 
-/// Dead-peer detection without reading the clock per frame: a flag set by every frame,
-/// inspected once per interval.
 /// Answers a ping. A closed sender means the connection is going down; the reader's
 /// next poll sees that. A peer that pings but reads no pongs is cut off after
 /// keepalive_timeout.
@@ -87,6 +85,8 @@ enum Sorted {
     Taken,
 }
 
+/// Dead-peer detection without reading the clock per frame: a flag set by every frame,
+/// inspected once per interval.
 #[derive(Debug)]
 struct Keepalive {
     tick: Interval,
@@ -229,13 +229,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Sizes the read buffer to the traffic, before the next read. A new connection
-    /// reads into [`MIN_READ`] bytes; the first read that fills all the room it was given
-    /// (the peer had more to say) moves it to [`MAX_READ`]: the buffer is replaced by
-    /// one of that size, holding the bytes of a frame not yet complete, and the codec
-    /// takes buffers of that size from then on whenever one is full. Frames already
-    /// decoded keep their bytes: they share the old buffer. A connection that goes quiet
-    /// gets a small buffer back ([`FrameReader::shrink_buffer`]).
     /// Marks the peer as alive and takes a pong; says whether the frame is the caller's
     /// or a ping to answer. Not async: a frame for the caller, nearly every one, costs no
     /// future of its own.
@@ -251,6 +244,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Sizes the read buffer to the traffic, before the next read. A new connection
+    /// reads into [`MIN_READ`] bytes; the first read that fills all the room it was given
+    /// (the peer had more to say) moves it to [`MAX_READ`]: the buffer is replaced by
+    /// one of that size, holding the bytes of a frame not yet complete, and the codec
+    /// takes buffers of that size from then on whenever one is full. Frames already
+    /// decoded keep their bytes: they share the old buffer. A connection that goes quiet
+    /// gets a small buffer back ([`FrameReader::shrink_buffer`]).
     fn size_buffer(&mut self) {
         if std::mem::take(&mut self.framed.get_mut().filled) && !self.wide {
             self.wide = true;
