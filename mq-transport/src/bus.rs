@@ -235,13 +235,9 @@ impl Bus {
         self.publish_checked(message, true)
     }
 
-    /// [`Bus::publish_message`] for a message whose reply subject, if any, is known to
-    /// be valid (one of this bus's inboxes).
-    async fn publish_to_valid_reply(&self, message: Message) -> Result<(), BusError> {
-        self.publish_checked(message, false).await
-    }
-
-    /// Publishes `message`, checking its reply subject with `check_reply`.
+    /// Publishes `message`, checking its reply subject with `check_reply` (without it,
+    /// for a message whose reply subject, if any, is known to be valid: one of this
+    /// bus's inboxes).
     async fn publish_checked(&self, message: Message, check_reply: bool) -> Result<(), BusError> {
         if check_reply && let Some(reply) = &message.reply {
             subject::validate_subject(reply)?;
@@ -355,7 +351,7 @@ impl Bus {
     ) -> Result<(Utf8Bytes, Waiting), BusError> {
         let (reply, waiting) = self.inbox().register();
         message.reply = Some(reply.clone());
-        self.publish_to_valid_reply(message).await?;
+        self.publish_checked(message, false).await?;
         Ok((reply, waiting))
     }
 

@@ -84,15 +84,21 @@ pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, Conn
     Ok(len)
 }
 
+/// The body length that the frame at the start of `src` announces, once its length
+/// prefix is all there.
+pub(crate) fn announced_len(src: &[u8]) -> Option<usize> {
+    let prefix = src.get(..LENGTH_PREFIX_LEN)?;
+    Some((&prefix[..]).get_u32() as usize)
+}
+
 impl Decoder for FrameCodec {
     type Item = Frame;
     type Error = ConnectionError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ConnectionError> {
-        if src.len() < LENGTH_PREFIX_LEN {
+        let Some(len) = announced_len(src) else {
             return Ok(None);
-        }
-        let len = (&src[..LENGTH_PREFIX_LEN]).get_u32() as usize;
+        };
         if len > self.max_frame_len {
             return Err(ConnectionError::FrameTooLarge {
                 size: len as u64,

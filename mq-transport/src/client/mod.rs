@@ -323,17 +323,11 @@ impl Remote {
     /// message is handed back, for `publish`.
     #[allow(clippy::result_large_err)]
     fn try_publish(&self, message: Message) -> Result<Result<(), BusError>, Message> {
-        let lone = message.reply.is_some() && self.core.inbox.in_flight() == 1;
         let state = self.lock_state();
         let State::Connected(sender) = &*state else {
             return Err(message);
         };
-        let frame = Frame::Pub(Publish {
-            subject: message.subject,
-            reply: message.reply.unwrap_or_default(),
-            headers: message.headers,
-            payload: message.payload,
-        });
+        let (frame, lone) = self.publish_frame(message);
         let back = match sender.try_send_or_give_back(frame, lone) {
             Ok(()) => return Ok(Ok(())),
             Err(TryUnsent::Unsent(Unsent::Failed(e))) => return Ok(Err(e.into())),
@@ -354,11 +348,13 @@ impl Remote {
         }
     }
 
-    async fn publish(&self, message: Message) -> Result<(), BusError> {
-        // A request with no other in flight (one publish at a time, waiting for each
-        // answer) is written by this task when the connection is idle: one thread
-        // hand-off less per round trip. Requests sent in a stream are queued, for the
-        // writer to gather into one write.
+    /// `message` as the frame that publishes it, and whether it is a lone request.
+    ///
+    /// A request with no other in flight (one publish at a time, waiting for each
+    /// answer) is written by its sender when the connection is idle: one thread
+    /// hand-off less per round trip. Requests sent in a stream are queued, for the
+    /// writer to gather into one write.
+    fn publish_frame(&self, message: Message) -> (Frame, bool) {
         let lone = message.reply.is_some() && self.core.inbox.in_flight() == 1;
         let publish = Publish {
             subject: message.subject,
@@ -366,7 +362,11 @@ impl Remote {
             headers: message.headers,
             payload: message.payload,
         };
-        let mut frame = Frame::Pub(publish);
+        (Frame::Pub(publish), lone)
+    }
+
+    async fn publish(&self, message: Message) -> Result<(), BusError> {
+        let (mut frame, lone) = self.publish_frame(message);
         loop {
             let sender = {
                 let mut state = self.lock_state();

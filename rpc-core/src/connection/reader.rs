@@ -150,10 +150,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn has_frame(&self) -> bool {
         let buf = self.framed.read_buffer();
         let prefix = crate::codec::LENGTH_PREFIX_LEN;
-        match buf.get(..prefix + 2) {
-            // the length prefix, the version, the kind
-            Some(&[a, b, c, d, _, kind]) => {
-                let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        // the body starts with the version, then the kind
+        match (crate::codec::announced_len(buf), buf.get(prefix + 1)) {
+            (Some(len), Some(&kind)) => {
                 buf.len() - prefix >= len && kind != Kind::Ping as u8 && kind != Kind::Pong as u8
             }
             _ => false,
