@@ -43,6 +43,31 @@ proptest! {
     }
 }
 
+/// A `ByteVec` takes its bytes however the decoder hands them over: borrowed from the
+/// input (bincode from a slice, as the RPC layer decodes), as an owned buffer (bincode from
+/// a reader, which cannot lend), or as a sequence of `u8`.
+#[test]
+fn a_byte_vec_decodes_from_borrowed_bytes_an_owned_buffer_and_a_sequence() {
+    use serde::Deserialize;
+    use serde::de::value::{Error, SeqDeserializer};
+
+    let data: Vec<u8> = (0..=255).chain(0..10).collect();
+    let encoded = Bincode::encode(&AsBytes(&data)).unwrap();
+
+    let borrowed: ByteVec = Bincode::decode(&encoded).unwrap();
+    assert_eq!(borrowed.0, data);
+
+    let mut reader = &encoded[..];
+    let owned: ByteVec =
+        bincode::serde::decode_from_std_read(&mut reader, bincode::config::standard()).unwrap();
+    assert_eq!(owned.0, data);
+    assert!(reader.is_empty());
+
+    let sequence =
+        ByteVec::deserialize(SeqDeserializer::<_, Error>::new(data.iter().copied())).unwrap();
+    assert_eq!(sequence.0, data);
+}
+
 #[cfg(feature = "postcard")]
 #[test]
 fn postcard_also_encodes_both_alike() {
