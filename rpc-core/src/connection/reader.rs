@@ -33,6 +33,9 @@ pub struct FrameReader<R> {
     shared: Arc<Shared>,
     writer_done: Pin<Box<WaitForCancellationFutureOwned>>,
     keepalive: Keepalive,
+    /// A ping read whose pong is not queued yet: a [`FrameReader::next`] dropped while
+    /// the pong waited for room leaves it to the next call.
+    unanswered_ping: Option<u64>,
     finished: bool,
 }
 
@@ -124,6 +127,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             sender,
             writer_done: Box::pin(shared.writer_done.clone().cancelled_owned()),
             shared,
+            unanswered_ping: None,
             keepalive: Keepalive {
                 tick,
                 interval,
@@ -165,11 +169,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// returned once). `Some(Err(_))` when the connection failed: an I/O error, an end of
     /// stream inside a frame, a frame that is oversized or cannot be decoded (the peer is
     /// sent a go-away naming the problem), or a peer silent past the keepalive timeout.
+    ///
+    /// Cancel safe: a frame is taken from the buffer only when it is returned, and a ping
+    /// whose pong was still waiting for room in the send queue is answered by the next
+    /// call, before anything more is read.
     pub async fn next(&mut self) -> Option<Result<Frame, ConnectionError>> {
         if self.finished {
             return None;
         }
         loop {
+            if let Some(nonce) = self.unanswered_ping {
+                pong(&self.sender, nonce).await;
+                self.unanswered_ping = None;
+            }
             self.size_buffer();
             // A frame whose bytes are all buffered is decoded here, without the select
             // below: biased to the stream, it would return that frame first anyway, but
@@ -178,11 +190,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // at the timer and the writer.
             let buffered = self.decoder.decode(self.framed.read_buffer_mut());
             match buffered {
-                Ok(Some(frame)) => match self.sort(frame) {
-                    Sorted::Caller(frame) => return Some(Ok(frame)),
-                    Sorted::Ping(nonce) => pong(&self.sender, nonce).await,
-                    Sorted::Taken => {}
-                },
+                Ok(Some(frame)) => {
+                    match self.sort(frame) {
+                        Sorted::Caller(frame) => return Some(Ok(frame)),
+                        // answered at the top of the loop, before the next frame
+                        Sorted::Ping(nonce) => self.unanswered_ping = Some(nonce),
+                        Sorted::Taken => {}
+                    }
+                    continue;
+                }
                 Ok(None) => {}
                 Err(error) => return Some(Err(self.fail(error))),
             }
@@ -191,7 +207,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 item = self.framed.next() => match item {
                     Some(Ok(frame)) => match self.sort(frame) {
                         Sorted::Caller(frame) => return Some(Ok(frame)),
-                        Sorted::Ping(nonce) => pong(&self.sender, nonce).await,
+                        Sorted::Ping(nonce) => self.unanswered_ping = Some(nonce),
                         Sorted::Taken => {}
                     },
                     Some(Err(error)) => return Some(Err(self.fail(error))),

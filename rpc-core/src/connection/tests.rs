@@ -584,3 +584,50 @@ async fn frames_that_arrive_in_one_read_come_out_in_order_and_a_ping_among_them_
         tokio_util::codec::Decoder::decode(&mut codec, &mut bytes::BytesMut::from(&pong[..]));
     assert_eq!(pong.unwrap(), Some(Frame::Pong { nonce: 42 }));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_ping_whose_pong_waited_for_room_when_next_was_dropped_is_answered_by_the_next_call() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (a, b) = tokio::io::duplex(64);
+    let (mut peer_read, mut peer_write) = tokio::io::split(b);
+    let config = ConnectionConfig {
+        max_queued_bytes: 2000,
+        ..ConnectionConfig::default()
+    };
+    let (mut reader, sender) = start(a, &config);
+    // The peer reads nothing yet: the send queue fills, with no room left even for a pong.
+    while sender.try_send(msg(500)).is_ok() {}
+    while sender.try_send(Frame::Pong { nonce: 0 }).is_ok() {}
+    let mut codec = crate::codec::FrameCodec::new(1 << 20);
+    let mut ping = bytes::BytesMut::new();
+    tokio_util::codec::Encoder::encode(&mut codec, &Frame::Ping { nonce: 5 }, &mut ping).unwrap();
+    peer_write.write_all(&ping).await.unwrap();
+
+    let mut next = Box::pin(reader.next());
+    assert!(
+        futures_util::poll!(next.as_mut()).is_pending(),
+        "the pong found room in a full queue"
+    );
+    drop(next);
+
+    // The peer reads again, and the reader is called again: the ping gets its pong.
+    let pong = async move {
+        let mut read = bytes::BytesMut::with_capacity(4096);
+        loop {
+            while let Some(frame) =
+                tokio_util::codec::Decoder::decode(&mut codec, &mut read).unwrap()
+            {
+                if frame == (Frame::Pong { nonce: 5 }) {
+                    return;
+                }
+            }
+            assert!(peer_read.read_buf(&mut read).await.unwrap() > 0, "closed");
+        }
+    };
+    tokio::select! {
+        answered = tokio::time::timeout(Duration::from_secs(5), pong) => {
+            answered.expect("the ping was never answered");
+        }
+        frame = reader.next() => panic!("the peer sent nothing more, yet: {frame:?}"),
+    }
+}
