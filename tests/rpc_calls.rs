@@ -217,19 +217,84 @@ async fn client_clones_share_one_connection() {
     assert_eq!(answer::<Whoami>(&a).peer, answer::<Whoami>(&b).peer);
 }
 
-/// A connection to a server with the lab service, spoken to frame by frame.
-async fn raw_lab_connection() -> (tokio::io::DuplexStream, courier::codec::FrameCodec) {
-    use courier::transport::Connector;
-    let common::Endpoint::Memory(connector) = serve(
-        Transport::Memory,
-        Server::new(ServerConfig::default()).add_service(lab().0),
-    )
-    .await
-    else {
-        unreachable!("a memory endpoint")
+/// The server's end of a memory pair, counting the writes the server makes on it.
+struct CountedWrites {
+    io: tokio::io::DuplexStream,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// [`CountedWrites`]' write half.
+struct CountingWriter {
+    inner: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl courier::connection::Io for CountedWrites {
+    type Read = tokio::io::ReadHalf<tokio::io::DuplexStream>;
+    type Write = CountingWriter;
+    fn split_io(self) -> (Self::Read, Self::Write) {
+        let (read, write) = tokio::io::split(self.io);
+        (
+            read,
+            CountingWriter {
+                inner: write,
+                writes: self.writes,
+            },
+        )
+    }
+}
+
+impl tokio::io::AsyncWrite for CountingWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = polled
+            && n > 0
+        {
+            self.writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection to a server with the lab service, spoken to frame by frame, and the
+/// number of writes the server has made on it.
+async fn raw_lab_connection() -> (
+    tokio::io::DuplexStream,
+    courier::codec::FrameCodec,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let (ours, theirs) = tokio::io::duplex(64 * 1024);
+    let writes = std::sync::Arc::default();
+    let server = Server::new(ServerConfig::default()).add_service(lab().0);
+    let io = CountedWrites {
+        io: theirs,
+        writes: std::sync::Arc::clone(&writes),
     };
-    let (io, _) = connector.connect().await.unwrap();
-    (io, courier::codec::FrameCodec::new(1 << 20))
+    tokio::spawn(async move {
+        server
+            .serve_connection(io, courier::transport::PeerAddr::Memory(1))
+            .await
+    });
+    (ours, courier::codec::FrameCodec::new(1 << 20), writes)
 }
 
 /// A request to `Lab.echo` with call id `id` and three bytes of `id`.
@@ -250,7 +315,7 @@ async fn requests_and_a_ping_in_one_read_are_all_answered_with_nothing_more_sent
     use tokio::io::AsyncWriteExt;
     use tokio_util::codec::{Decoder, Encoder};
 
-    let (mut io, mut codec) = raw_lab_connection().await;
+    let (mut io, mut codec, _writes) = raw_lab_connection().await;
     let mut wire = bytes::BytesMut::new();
     for frame in [
         echo_request(1),
@@ -305,7 +370,7 @@ async fn requests_arriving_while_a_busy_connections_answers_wait_a_turn_share_th
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio_util::codec::{Decoder, Encoder};
 
-    let (mut io, mut codec) = raw_lab_connection().await;
+    let (mut io, mut codec, writes) = raw_lab_connection().await;
     let mut first = bytes::BytesMut::new();
     let mut second = bytes::BytesMut::new();
     for id in [1, 2] {
@@ -323,6 +388,7 @@ async fn requests_arriving_while_a_busy_connections_answers_wait_a_turn_share_th
         early.is_none(),
         "the answers to two requests were written before the peer's turn: {read:?}"
     );
+    assert_eq!(writes.load(std::sync::atomic::Ordering::Relaxed), 0);
     io.write_all(&second).await.unwrap();
     let n = tokio::time::timeout(Duration::from_secs(5), io.read_buf(&mut read))
         .await
@@ -337,5 +403,10 @@ async fn requests_arriving_while_a_busy_connections_answers_wait_a_turn_share_th
         }
     }
     answered.sort();
-    assert_eq!(answered, vec![1, 2, 3, 4], "all four answers in one write");
+    assert_eq!(answered, vec![1, 2, 3, 4]);
+    assert_eq!(
+        writes.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "all four answers in one write"
+    );
 }

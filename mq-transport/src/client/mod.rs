@@ -295,6 +295,21 @@ impl std::fmt::Debug for Remote {
     }
 }
 
+/// A message as a frame carries it: an empty reply subject on the wire is no reply
+/// (the reverse of [`Remote::publish_frame`]).
+fn wire_message(
+    subject: Utf8Bytes,
+    reply: Utf8Bytes,
+    headers: rpc_core::Metadata,
+    payload: bytes::Bytes,
+) -> Message {
+    Message {
+        subject,
+        reply: (!reply.is_empty()).then_some(reply),
+        headers,
+        payload,
+    }
+}
 impl Remote {
     fn lock_subs(&self) -> std::sync::MutexGuard<'_, FxHashMap<u64, SubEntry>> {
         lock(&self.subs)
@@ -337,12 +352,7 @@ impl Remote {
             }
         };
         match back {
-            Frame::Pub(p) => Err(Message {
-                subject: p.subject,
-                reply: (!p.reply.is_empty()).then_some(p.reply),
-                headers: p.headers,
-                payload: p.payload,
-            }),
+            Frame::Pub(p) => Err(wire_message(p.subject, p.reply, p.headers, p.payload)),
             // A sender hands back the frame it was given.
             _ => unreachable!("a publish handed back as another frame"),
         }
@@ -474,12 +484,7 @@ impl Remote {
         loop {
             let error = match reader.next().await {
                 Some(Ok(Frame::Msg(m))) => {
-                    let message = Message {
-                        subject: m.subject,
-                        reply: (!m.reply.is_empty()).then_some(m.reply),
-                        headers: m.headers,
-                        payload: m.payload,
-                    };
+                    let message = wire_message(m.subject, m.reply, m.headers, m.payload);
                     let mut subs = self.lock_subs();
                     if let Some(entry) = subs.get(&m.sid) {
                         match &entry.target {

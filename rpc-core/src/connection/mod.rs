@@ -732,16 +732,22 @@ impl FrameSender {
         if !self.shared.try_reserve(bytes) {
             return Err(TryUnsent::Full(frame));
         }
-        self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        self.tx.try_push(frame).map_err(|e| {
-            self.unqueued(bytes);
-            match e {
-                queue::PushError::Closed(back) => {
-                    TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), back))
-                }
-                queue::PushError::Full(back) => TryUnsent::Full(back),
+        self.push_counted(frame, bytes).map_err(|e| match e {
+            queue::PushError::Closed(back) => {
+                TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), back))
             }
+            queue::PushError::Full(back) => TryUnsent::Full(back),
         })
+    }
+
+    /// Puts a frame whose `bytes` are counted as queued already into the frame queue,
+    /// counted as pending until written; a frame the queue refuses is counted as neither.
+    #[allow(clippy::result_large_err)]
+    fn push_counted(&self, frame: Frame, bytes: usize) -> Result<(), queue::PushError> {
+        self.shared.pending.fetch_add(1, Ordering::AcqRel);
+        self.tx
+            .try_push(frame)
+            .inspect_err(|_| self.unqueued(bytes))
     }
 
     /// Queues a checked frame of `bytes` (its queued cost), waiting for room; hands the
@@ -755,18 +761,15 @@ impl FrameSender {
             if let Err(e) = self.reserve_bytes(bytes).await {
                 return Err((e, frame));
             }
-            self.shared.pending.fetch_add(1, Ordering::AcqRel);
-            match self.tx.try_push(frame) {
+            match self.push_counted(frame, bytes) {
                 Ok(()) => return Ok(()),
                 Err(queue::PushError::Closed(back)) => {
-                    self.unqueued(bytes);
                     return Err((self.shared.closed_error(), back));
                 }
                 Err(queue::PushError::Full(back)) => {
-                    // Full in frames: the bytes are given back while it waits, so that
-                    // a send cancelled meanwhile (a caller's timeout) leaves nothing
-                    // counted for a frame that was not queued.
-                    self.unqueued(bytes);
+                    // Full in frames: the bytes were given back, and it waits without
+                    // them, so that a send cancelled meanwhile (a caller's timeout)
+                    // leaves nothing counted for a frame that was not queued.
                     frame = back;
                     if !self.tx.room().await {
                         return Err((self.shared.closed_error(), frame));
@@ -882,13 +885,9 @@ impl FrameSender {
             return Err(TrySendError::Full(frame));
         }
         self.shared.queued_after_direct();
-        self.shared.pending.fetch_add(1, Ordering::AcqRel);
-        self.tx.try_push(frame).map_err(|e| {
-            self.unqueued(bytes);
-            match e {
-                queue::PushError::Full(frame) => TrySendError::Full(frame),
-                queue::PushError::Closed(_) => TrySendError::Failed(self.shared.closed_error()),
-            }
+        self.push_counted(frame, bytes).map_err(|e| match e {
+            queue::PushError::Full(frame) => TrySendError::Full(frame),
+            queue::PushError::Closed(_) => TrySendError::Failed(self.shared.closed_error()),
         })
     }
 

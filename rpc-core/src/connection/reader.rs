@@ -139,15 +139,6 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Whether bytes already read wait to be decoded: the peer sent more (at least part
-    /// of another frame) right behind the last frame returned. A side that answers
-    /// requests writes the answer to a lone one itself
-    /// ([`FrameSender::try_send_direct`]) and leaves the others to the writer task,
-    /// which gathers them into one write.
-    pub fn has_buffered(&self) -> bool {
-        !self.framed.read_buffer().is_empty()
-    }
-
     /// Whether a whole frame other than a ping or pong waits to be decoded:
     /// [`FrameReader::next`] will return it without waiting for the peer. (A ping or pong
     /// it takes itself, and may then wait for more.)

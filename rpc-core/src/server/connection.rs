@@ -159,18 +159,15 @@ pub(super) async fn serve<T: Io>(
     drop(slot);
 
     match ended {
-        // Answered before the drain began: they go out before the go-away.
-        None => conn.answers.flush(&mut batch).await,
-        // Nobody will read them.
-        Some(_) => batch.clear(),
-    }
-    match ended {
         Some(reason) => {
-            // The peer is gone or broke the protocol: nobody will read the answers.
+            // The peer is gone or broke the protocol: nobody will read the answers (the
+            // batch's among them).
             tracing::info!(peer = %conn.peer, %reason, "connection closed");
             conn.calls.abort_all();
         }
         None => {
+            // Answered before the drain began: they go out before the go-away.
+            conn.answers.flush(&mut batch).await;
             conn.drain(&mut reader, &abort).await;
             tracing::info!(peer = %conn.peer, "connection closed after shutdown");
         }
@@ -339,11 +336,6 @@ impl Batch {
 
     fn is_empty(&self) -> bool {
         self.frames.is_empty()
-    }
-
-    fn clear(&mut self) {
-        self.frames.clear();
-        self.bytes = 0;
     }
 }
 
