@@ -44,31 +44,63 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Starts made with fresh ports before giving up. A port found free is only free until
+/// something else binds it: the tests run in parallel, each starting servers, and a
+/// server whose port was taken in between exits at once.
+const START_ATTEMPTS: usize = 5;
+
+/// `start` tried with fresh ports until it succeeds, [`START_ATTEMPTS`] times at most.
+fn with_fresh_ports(start: impl Fn() -> Result<Vec<JsNode>, String>) -> Vec<JsNode> {
+    let mut failures = Vec::new();
+    for _ in 0..START_ATTEMPTS {
+        match start() {
+            Ok(nodes) => return nodes,
+            Err(e) => failures.push(e),
+        }
+    }
+    panic!("nats-server did not start in {START_ATTEMPTS} attempts: {failures:?}")
+}
+
 impl JsNode {
     /// A standalone JetStream server storing in `dir`.
     pub(crate) fn start(dir: &Path) -> Vec<JsNode> {
-        vec![JsNode::spawn(free_port(), None, dir.to_owned())]
+        with_fresh_ports(|| {
+            // an attempt that failed leaves nothing for the next one to find
+            let _ = std::fs::remove_dir_all(dir);
+            Ok(vec![JsNode::try_spawn(free_port(), None, dir.to_owned())?])
+        })
     }
 
     /// Three JetStream servers in one cluster, storing in `dir/n1..n3`.
     pub(crate) fn cluster_of_three(dir: &Path) -> Vec<JsNode> {
-        let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let routes: Vec<String> = cluster_ports
-            .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
-            .collect();
-        cluster_ports
-            .iter()
-            .enumerate()
-            .map(|(i, &cp)| {
-                let name = format!("n{}", i + 1);
-                let node_dir = dir.join(&name);
-                JsNode::spawn(free_port(), Some((name, cp, routes.clone())), node_dir)
-            })
-            .collect()
+        with_fresh_ports(|| {
+            let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+            let routes: Vec<String> = cluster_ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{p}"))
+                .collect();
+            // a node that fails drops (kills) the ones started before it
+            cluster_ports
+                .iter()
+                .enumerate()
+                .map(|(i, &cp)| {
+                    let name = format!("n{}", i + 1);
+                    let node_dir = dir.join(&name);
+                    // an attempt that failed leaves nothing for the next one to find
+                    let _ = std::fs::remove_dir_all(&node_dir);
+                    JsNode::try_spawn(free_port(), Some((name, cp, routes.clone())), node_dir)
+                })
+                .collect()
+        })
     }
 
-    fn spawn(port: u16, cluster: Option<(String, u16, Vec<String>)>, dir: PathBuf) -> JsNode {
+    /// A node on these ports, or why it did not start listening: it exited (its port
+    /// was taken), or it did not listen within 10 s.
+    fn try_spawn(
+        port: u16,
+        cluster: Option<(String, u16, Vec<String>)>,
+        dir: PathBuf,
+    ) -> Result<JsNode, String> {
         let mut command = Command::new(binary());
         command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
@@ -106,7 +138,7 @@ impl JsNode {
                 binary()
             )
         });
-        let node = JsNode {
+        let mut node = JsNode {
             child: Some(child),
             port,
             cluster,
@@ -114,14 +146,25 @@ impl JsNode {
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let started = Instant::now();
-        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "nats-server did not listen on {addr} within 10 s"
-            );
+        loop {
+            // exited: its port (or its cluster port) was taken
+            let exited = node
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                return Err(format!(
+                    "nats-server on {addr} exited ({status}) before listening"
+                ));
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                return Ok(node);
+            }
+            if started.elapsed() >= Duration::from_secs(10) {
+                return Err(format!("nats-server did not listen on {addr} within 10 s"));
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        node
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -140,8 +183,8 @@ impl JsNode {
     /// A new process on the same ports, routes and directory (after [`JsNode::kill`]).
     pub(crate) fn restart(&mut self) {
         self.kill();
-        let again = JsNode::spawn(self.port, self.cluster.clone(), self.dir.clone());
-        *self = again;
+        let again = JsNode::try_spawn(self.port, self.cluster.clone(), self.dir.clone());
+        *self = again.unwrap_or_else(|e| panic!("restarting on the same ports: {e}"));
     }
 }
 
