@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -160,7 +160,7 @@ struct Shared {
     close: Latch,
     /// Asks the writer to stop at once, discarding what is queued (see
     /// [`FrameSender::abort_with`]).
-    abort: CancellationToken,
+    abort: Latch,
     /// The go-away the writer tries to send when aborting.
     abort_go_away: OnceLock<GoAway>,
     /// The writer has stopped: nothing more will be written.
@@ -325,7 +325,7 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
     soon.close();
     let shared = Arc::new(Shared {
         close: Latch::new(),
-        abort: CancellationToken::new(),
+        abort: Latch::new(),
         abort_go_away: OnceLock::new(),
         writer_done: CancellationToken::new(),
         error: OnceLock::new(),
@@ -437,6 +437,9 @@ impl<W> Output<W> {
         if self.unflushed {
             shared.unqueue(queued_cost(self.tail.len()));
             self.tail.clear();
+            if self.tail.capacity() > TAIL_KEEP {
+                self.tail = BytesMut::new();
+            }
             self.unflushed = false;
         }
     }
@@ -450,11 +453,15 @@ trait Direct: Send + Sync + std::fmt::Debug {
     #[allow(clippy::result_large_err)]
     fn write_now(&self, frame: Frame) -> Result<(), Frame>;
 
-    /// Writes every frame of `frames`, checked already, in one write now if nothing is
-    /// queued or being written (busy or not: they are a batch already); `false`, with
-    /// `frames` untouched, otherwise.
-    fn write_all_now(&self, frames: &mut Vec<Frame>) -> bool;
+    /// Writes `frames`, whole frames encoded and checked already, now in one write if
+    /// nothing is queued or being written; `false` otherwise. With `lone` (a single
+    /// frame, not a batch), only if the connection is idle, as [`Direct::write_now`].
+    fn write_encoded_now(&self, frames: &[u8], lone: bool) -> bool;
 }
+
+/// What a direct write keeps of its buffer, the output's tail, once written: a larger
+/// one (a large frame's) is given back.
+const TAIL_KEEP: usize = 16 * 1024;
 
 struct DirectWriter<W> {
     output: Arc<tokio::sync::Mutex<Output<W>>>,
@@ -468,85 +475,102 @@ impl<W> std::fmt::Debug for DirectWriter<W> {
 }
 
 impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
-    /// Writes what `encode` puts in a buffer now, if nothing is queued or being written;
-    /// `false` when something is, or `encode` fails. What the stream does not take at
-    /// once is left to the writer task as the tail.
-    fn write_encoded(&self, encode: impl FnOnce(&mut FrameCodec, &mut BytesMut) -> bool) -> bool {
+    /// Whether a lone frame may be written directly: direct writes are not paused, the
+    /// stream was not written to within [`QUIET`], and nothing is queued.
+    fn idle(&self) -> bool {
+        let shared = &self.shared;
+        if shared.direct_paused.load(Ordering::Relaxed) > 0 {
+            // (racing senders may both take one: a pause a little shorter or longer)
+            let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        !shared.busy() && shared.pending.load(Ordering::Acquire) == 0
+    }
+
+    /// The write half, if a direct write may go now: nothing is queued or being
+    /// written, nothing is left of an earlier direct write, and the connection is not
+    /// closing.
+    fn output(&self) -> Option<tokio::sync::MutexGuard<'_, Output<W>>> {
         let shared = &self.shared;
         // Held while writing: the writer task writes nothing meanwhile. Never waited
         // for: a sender that finds it taken queues its frame.
-        let Ok(mut output) = self.output.try_lock() else {
-            return false;
-        };
+        let output = self.output.try_lock().ok()?;
         // Checked under the lock: a frame queued before this one goes first, and
         // nothing is written once the connection is closing (the writer may have shut
         // the stream down, or be about to write an abort's go-away after the tail).
         if shared.close.is_set() || shared.pending.load(Ordering::Acquire) != 0 || output.unflushed
         {
-            return false;
+            return None;
         }
-        let output = &mut *output;
-        let mut buf = BytesMut::new();
-        if !encode(&mut output.codec, &mut buf) {
+        Some(output)
+    }
+
+    /// Writes what `encode` puts in the output's (empty) tail now, if a direct write
+    /// may go ([`DirectWriter::output`]); `false` when it may not, or `encode` fails.
+    /// What the stream does not take at once stays in the tail, for the writer task.
+    fn write_encoded(&self, encode: impl FnOnce(&mut FrameCodec, &mut BytesMut) -> bool) -> bool {
+        let Some(mut output) = self.output() else {
+            return false;
+        };
+        let Output {
+            io, tail, codec, ..
+        } = &mut *output;
+        debug_assert!(tail.is_empty(), "a tail is left only with `unflushed`");
+        if !encode(codec, tail) {
+            tail.clear();
             return false; // the queued path reports it
         }
+        let (written, flushed) = self.write_without_waiting(io, tail);
+        if flushed {
+            tail.clear();
+            if tail.capacity() > TAIL_KEEP {
+                *tail = BytesMut::new();
+            }
+        } else {
+            tail.advance(written);
+            self.leave_tail(&mut output);
+        }
+        true
+    }
+
+    /// Writes as much of `bytes` as the stream takes now, then flushes; returns how many
+    /// bytes it took and whether all were flushed. Notes the write.
+    fn write_without_waiting(&self, io: &mut W, bytes: &[u8]) -> (usize, bool) {
+        let shared = &self.shared;
         shared.wrote();
         shared
             .direct_at
             .store(shared.last_write.load(Ordering::Relaxed), Ordering::Relaxed);
-        // Written without waiting: the stream takes what it has room for now.
         let mut cx = Context::from_waker(Waker::noop());
         let mut written = 0;
-        while written < buf.len() {
-            match Pin::new(&mut output.io).poll_write(&mut cx, &buf[written..]) {
+        while written < bytes.len() {
+            match Pin::new(&mut *io).poll_write(&mut cx, &bytes[written..]) {
                 Poll::Ready(Ok(n)) if n > 0 => written += n,
                 // no room, or an error: the writer task writes the rest (and meets the
                 // error itself, ending the connection as any failed write does)
                 _ => break,
             }
         }
-        let flushed = written == buf.len()
-            && matches!(
-                Pin::new(&mut output.io).poll_flush(&mut cx),
-                Poll::Ready(Ok(()))
-            );
-        if !flushed {
-            let rest = &buf[written..];
-            shared
-                .queued_bytes
-                .fetch_add(queued_cost(rest.len()), Ordering::Relaxed);
-            output.tail.extend_from_slice(rest);
-            output.unflushed = true;
-            shared.tail_ready.notify_one();
-        }
-        true
+        let flushed = written == bytes.len()
+            && matches!(Pin::new(&mut *io).poll_flush(&mut cx), Poll::Ready(Ok(())));
+        (written, flushed)
+    }
+
+    /// The tail holds what a direct write could not write or flush: counted as queued,
+    /// and left to the writer task, which writes it before anything else.
+    fn leave_tail(&self, output: &mut Output<W>) {
+        let shared = &self.shared;
+        shared
+            .queued_bytes
+            .fetch_add(queued_cost(output.tail.len()), Ordering::Relaxed);
+        output.unflushed = true;
+        shared.tail_ready.notify_one();
     }
 }
 
 impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
-    fn write_all_now(&self, frames: &mut Vec<Frame>) -> bool {
-        if self.shared.pending.load(Ordering::Acquire) != 0 {
-            return false;
-        }
-        let written = self.write_encoded(|codec, buf| {
-            frames
-                .iter()
-                .all(|frame| codec.encode_checked(frame, buf).is_ok())
-        });
-        if written {
-            frames.clear();
-        }
-        written
-    }
-
     fn write_now(&self, frame: Frame) -> Result<(), Frame> {
-        let shared = &self.shared;
-        if shared.direct_paused.load(Ordering::Relaxed) > 0 {
-            // (racing senders may both take one: a pause a little shorter or longer)
-            let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
-            return Err(frame);
-        }
-        if shared.busy() || shared.pending.load(Ordering::Acquire) != 0 {
+        if !self.idle() {
             return Err(frame);
         }
         if self.write_encoded(|codec, buf| codec.encode_checked(&frame, buf).is_ok()) {
@@ -554,6 +578,22 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
         } else {
             Err(frame)
         }
+    }
+
+    fn write_encoded_now(&self, frames: &[u8], lone: bool) -> bool {
+        if lone && !self.idle() {
+            return false;
+        }
+        let Some(mut output) = self.output() else {
+            return false;
+        };
+        // Written from where they are; only what the stream does not take is copied.
+        let (written, flushed) = self.write_without_waiting(&mut output.io, frames);
+        if !flushed {
+            output.tail.extend_from_slice(&frames[written..]);
+            self.leave_tail(&mut output);
+        }
+        true
     }
 }
 
@@ -693,36 +733,61 @@ impl FrameSender {
         Ok(Some((frame, bytes)))
     }
 
-    /// Writes all of `frames` now, in one write, if nothing is queued or being written
-    /// on this connection, busy or not: for a batch its sender gathered itself (a
-    /// server's answers to the requests of one read), which the writer task would only
-    /// gather again. `false`, with `frames` as they were, when something is queued or
-    /// being written, or a frame fails its check (too large): send them one by one
-    /// then. What the stream does not take at once is left to the writer task, counted
-    /// as queued.
-    ///
-    /// ```
-    /// use rpc_core::connection::{self, ConnectionConfig};
-    /// use rpc_core::frame::Frame;
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let (a, b) = tokio::io::duplex(1024);
-    /// let config = ConnectionConfig::default();
-    /// let (_a_reader, a_sender) = connection::start(a, &config);
-    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
-    ///
-    /// let mut batch = vec![Frame::Cancel { id: 1 }, Frame::Cancel { id: 2 }];
-    /// assert!(a_sender.try_write_all_direct(&mut batch));
-    /// assert!(batch.is_empty());
-    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 1 });
-    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 2 });
-    /// # }
-    /// ```
-    pub fn try_write_all_direct(&self, frames: &mut Vec<Frame>) -> bool {
-        if self.shared.close.is_set() || frames.iter().any(|frame| self.check_len(frame).is_err()) {
-            return false;
+    /// Encodes `frame` at the end of `batch`, checked as a send checks it (a frame over
+    /// the maximum frame length, or a closed connection, is refused and `batch` left as
+    /// it was). For a sender that gathers a batch itself, a server's answers to the
+    /// requests of one read: each frame is encoded as it is made, and what it holds can
+    /// be freed at once rather than after the batch is written.
+    pub(crate) fn encode_into(
+        &self,
+        frame: &Frame,
+        batch: &mut EncodedFrames,
+    ) -> Result<(), ConnectionError> {
+        self.check(frame)?;
+        FrameCodec::new(self.max_frame_len()).encode_checked(frame, &mut batch.buf)?;
+        batch.frames += 1;
+        Ok(())
+    }
+
+    /// Sends the frames of `batch` as one: written now, in one write, if nothing is
+    /// queued or being written (busy or not: they are a batch already; a batch of one
+    /// only on an idle connection, as [`FrameSender::send_direct`] writes). Otherwise
+    /// queued as one item, waiting for room as [`FrameSender::send`] does. No room within
+    /// `keepalive_timeout`: the peer is cut off, as [`FrameSender::send_or_abort`] does.
+    /// Leaves `batch` empty.
+    pub(crate) async fn send_encoded_or_abort(
+        &self,
+        batch: &mut EncodedFrames,
+    ) -> Result<(), ConnectionError> {
+        if batch.is_empty() {
+            return Ok(());
         }
-        self.direct.write_all_now(frames)
+        if self.shared.close.is_set() {
+            batch.clear();
+            return Err(self.shared.closed_error());
+        }
+        if self.direct.write_encoded_now(&batch.buf, batch.frames == 1) {
+            batch.clear();
+            return Ok(());
+        }
+        self.shared.queued_after_direct();
+        let bytes = queued_cost(batch.buf.len());
+        // A copy of its own, as long as the frames: the batch's buffer is kept for the
+        // next batch, and a queued item never holds more memory than it is counted for.
+        let mut frames = Bytes::copy_from_slice(&batch.buf);
+        batch.clear();
+        // The common case, room now, sets no timer.
+        if self.shared.try_reserve(bytes) {
+            match self.push_counted(frames, bytes) {
+                Ok(()) => return Ok(()),
+                Err(queue::PushError::Closed(_)) => return Err(self.shared.closed_error()),
+                Err(queue::PushError::Full(back)) => frames = back,
+            }
+        }
+        match tokio::time::timeout(self.shared.stall, self.queue(frames, bytes)).await {
+            Ok(queued) => queued.map_err(|(e, _)| e),
+            Err(_) => Err(self.stalled()),
+        }
     }
 
     /// Queues a checked frame of `bytes` (its queued cost) if its bytes fit now (see
@@ -743,7 +808,11 @@ impl FrameSender {
     /// Puts a frame whose `bytes` are counted as queued already into the frame queue,
     /// counted as pending until written; a frame the queue refuses is counted as neither.
     #[allow(clippy::result_large_err)]
-    fn push_counted(&self, frame: Frame, bytes: usize) -> Result<(), queue::PushError> {
+    fn push_counted<T: Into<queue::Item>>(
+        &self,
+        frame: T,
+        bytes: usize,
+    ) -> Result<(), queue::PushError<T>> {
         self.shared.pending.fetch_add(1, Ordering::AcqRel);
         self.tx
             .try_push(frame)
@@ -752,7 +821,11 @@ impl FrameSender {
 
     /// Queues a checked frame of `bytes` (its queued cost), waiting for room; hands the
     /// frame back with the error when the connection closed first.
-    async fn queue(&self, frame: Frame, bytes: usize) -> Result<(), (ConnectionError, Frame)> {
+    async fn queue<T: Into<queue::Item>>(
+        &self,
+        frame: T,
+        bytes: usize,
+    ) -> Result<(), (ConnectionError, T)> {
         // The bytes first, then a place in the frame queue: no await comes between
         // counting the bytes and queueing the frame, so a send that is cancelled (a
         // caller's timeout) never leaves bytes counted for a frame that was not queued.
@@ -791,19 +864,23 @@ impl FrameSender {
     /// for one that stopped reading, and the connection is aborted with a
     /// `SLOW_CONSUMER` go-away saying so.
     pub async fn send_or_abort(&self, frame: Frame) -> Result<(), ConnectionError> {
-        let stall = self.shared.stall;
-        match tokio::time::timeout(stall, self.send(frame)).await {
+        match tokio::time::timeout(self.shared.stall, self.send(frame)).await {
             Ok(sent) => sent,
-            Err(_) => {
-                let message = format!(
-                    "the peer is not reading: {} bytes wait for it and found no room under \
-                     max_queued_bytes within {stall:?} (keepalive_timeout); closing",
-                    self.queued_bytes()
-                );
-                tracing::warn!("{message}");
-                Err(self.cut_off(message))
-            }
+            Err(_) => Err(self.stalled()),
         }
+    }
+
+    /// A send found no room within `keepalive_timeout`: the peer is taken for one that
+    /// stopped reading, and cut off.
+    fn stalled(&self) -> ConnectionError {
+        let message = format!(
+            "the peer is not reading: {} bytes wait for it and found no room under \
+             max_queued_bytes within {:?} (keepalive_timeout); closing",
+            self.queued_bytes(),
+            self.shared.stall
+        );
+        tracing::warn!("{message}");
+        self.cut_off(message)
     }
 
     /// Writes what is queued, then closes; a peer that does not read it within `within`
@@ -1118,7 +1195,7 @@ impl FrameSender {
     pub fn abort_with(&self, go_away: GoAway, reason: &ConnectionError) {
         self.shared.record_error(reason);
         let _ = self.shared.abort_go_away.set(go_away);
-        self.shared.abort.cancel();
+        self.shared.abort.set();
         self.shared.close();
     }
 
@@ -1185,6 +1262,45 @@ pub enum TrySendError {
     Full(Frame),
     /// The frame is refused (too large) or the connection is closed.
     Failed(ConnectionError),
+}
+
+/// Frames encoded ahead of sending, in order, by a sender that gathers a batch itself
+/// ([`FrameSender::encode_into`]), then written or queued as one
+/// ([`FrameSender::send_encoded_or_abort`]).
+#[derive(Debug, Default)]
+pub(crate) struct EncodedFrames {
+    buf: BytesMut,
+    frames: usize,
+}
+
+impl EncodedFrames {
+    /// What a batch keeps of its buffer between batches: a larger one is given back, so
+    /// that a connection that once sent a large batch does not hold it while idle.
+    const KEEP: usize = 16 * 1024;
+
+    /// Frames in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.frames
+    }
+
+    /// Whether it holds no frame.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.frames == 0
+    }
+
+    /// Encoded bytes, length prefixes included.
+    pub(crate) fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn clear(&mut self) {
+        self.frames = 0;
+        if self.buf.capacity() > Self::KEEP {
+            self.buf = BytesMut::new();
+        } else {
+            self.buf.clear();
+        }
+    }
 }
 
 #[cfg(test)]

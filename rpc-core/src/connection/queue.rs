@@ -18,10 +18,33 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::frame::Frame;
+
+/// What a sender queues for the writer.
+#[derive(Debug)]
+pub(super) enum Item {
+    /// A frame, which the writer encodes.
+    Frame(Frame),
+    /// Whole frames their sender encoded already, length prefixes and all, which the
+    /// writer writes as they are ([`super::EncodedFrames`]).
+    Encoded(Bytes),
+}
+
+impl From<Frame> for Item {
+    fn from(frame: Frame) -> Item {
+        Item::Frame(frame)
+    }
+}
+
+impl From<Bytes> for Item {
+    fn from(frames: Bytes) -> Item {
+        Item::Encoded(frames)
+    }
+}
 
 /// Room for this many frames is all a quiet queue keeps ([`Rx::shrink`]).
 const KEEP_CAPACITY: usize = 64;
@@ -37,7 +60,7 @@ struct Queue {
 }
 
 struct Inner {
-    frames: VecDeque<Frame>,
+    frames: VecDeque<Item>,
     /// The writer, when it waits for a frame.
     waiting: Option<Waker>,
     /// No more frames are taken: the writer stopped.
@@ -46,12 +69,12 @@ struct Inner {
     wanted_room: bool,
 }
 
-/// Why a frame was not queued; the frame is handed back.
-pub(super) enum PushError {
-    /// The queue holds `capacity` frames.
-    Full(Frame),
+/// Why an item was not queued; the item is handed back as it was given.
+pub(super) enum PushError<T> {
+    /// The queue holds `capacity` items.
+    Full(T),
     /// The writer stopped.
-    Closed(Frame),
+    Closed(T),
 }
 
 /// A sender's handle. Cloning it counts another sender.
@@ -64,7 +87,7 @@ pub(super) struct Rx {
     queue: Arc<Queue>,
     /// An empty deque, swapped with the queue's when the writer takes every frame: the
     /// lock is held for the swap, not for moving the frames.
-    spare: VecDeque<Frame>,
+    spare: VecDeque<Item>,
 }
 
 /// A queue for at most `capacity` frames (at least 1).
@@ -92,10 +115,11 @@ pub(super) fn queue(capacity: usize) -> (Tx, Rx) {
 }
 
 impl Tx {
-    /// Queues `frame` if there is room now, waking the writer if it waits.
+    /// Queues `frame` (a frame, or frames encoded already) if there is room now, waking
+    /// the writer if it waits. Every item takes one place, whatever it holds.
     // Handed back by value, as tokio's `TrySendError<T>` does: boxing it would allocate.
     #[allow(clippy::result_large_err)]
-    pub(super) fn try_push(&self, frame: Frame) -> Result<(), PushError> {
+    pub(super) fn try_push<T: Into<Item>>(&self, frame: T) -> Result<(), PushError<T>> {
         let queue = &*self.queue;
         let mut inner = queue.inner.lock();
         if inner.closed {
@@ -105,7 +129,7 @@ impl Tx {
             inner.wanted_room = true;
             return Err(PushError::Full(frame));
         }
-        inner.frames.push_back(frame);
+        inner.frames.push_back(frame.into());
         let writer = inner.waiting.take();
         drop(inner);
         if let Some(writer) = writer {
@@ -176,7 +200,7 @@ impl Rx {
     pub(super) fn poll_recv_many(
         &mut self,
         cx: &mut Context<'_>,
-        batch: &mut Vec<Frame>,
+        batch: &mut Vec<Item>,
         max: usize,
     ) -> Poll<usize> {
         let coop = ready!(tokio::task::coop::poll_proceed(cx));
@@ -192,19 +216,19 @@ impl Rx {
     }
 
     /// [`Rx::poll_recv_many`] as a future.
-    pub(super) async fn recv_many(&mut self, batch: &mut Vec<Frame>, max: usize) -> usize {
+    pub(super) async fn recv_many(&mut self, batch: &mut Vec<Item>, max: usize) -> usize {
         std::future::poll_fn(|cx| self.poll_recv_many(cx, batch, max)).await
     }
 
     /// Moves up to `max` frames queued now into `batch`, without waiting; returns how
     /// many.
-    pub(super) fn try_recv_many(&mut self, batch: &mut Vec<Frame>, max: usize) -> usize {
+    pub(super) fn try_recv_many(&mut self, batch: &mut Vec<Item>, max: usize) -> usize {
         self.take(batch, max, None)
     }
 
     /// Takes up to `max` frames into `batch`; with none queued, leaves `waker` to be
     /// woken by the next frame.
-    fn take(&mut self, batch: &mut Vec<Frame>, max: usize, waker: Option<&Waker>) -> usize {
+    fn take(&mut self, batch: &mut Vec<Item>, max: usize, waker: Option<&Waker>) -> usize {
         let mut inner = self.queue.inner.lock();
         let n = inner.frames.len().min(max);
         if n == 0 {
@@ -274,11 +298,11 @@ mod tests {
         Frame::Cancel { id }
     }
 
-    fn ids(batch: &[Frame]) -> Vec<u64> {
+    fn ids(batch: &[Item]) -> Vec<u64> {
         batch
             .iter()
-            .map(|frame| match frame {
-                Frame::Cancel { id } => *id,
+            .map(|item| match item {
+                Item::Frame(Frame::Cancel { id }) => *id,
                 other => panic!("{other:?}"),
             })
             .collect()
@@ -295,6 +319,28 @@ mod tests {
         assert_eq!(rx.try_recv_many(&mut batch, 3), 2);
         assert_eq!(ids(&batch), [0, 1, 2, 3, 4]);
         assert_eq!(rx.try_recv_many(&mut batch, 3), 0);
+    }
+
+    #[test]
+    fn encoded_frames_take_one_place_and_keep_it_among_frames() {
+        let (tx, mut rx) = queue(3);
+        assert!(tx.try_push(cancel(0)).is_ok());
+        assert!(tx.try_push(Bytes::from_static(b"encoded")).is_ok());
+        assert!(tx.try_push(cancel(1)).is_ok());
+        assert!(matches!(
+            tx.try_push(Bytes::from_static(b"more")),
+            Err(PushError::Full(back)) if back == "more"
+        ));
+        let mut batch = Vec::new();
+        assert_eq!(rx.try_recv_many(&mut batch, 8), 3);
+        assert!(matches!(
+            &batch[..],
+            [
+                Item::Frame(Frame::Cancel { id: 0 }),
+                Item::Encoded(encoded),
+                Item::Frame(Frame::Cancel { id: 1 }),
+            ] if encoded == "encoded"
+        ));
     }
 
     #[test]

@@ -631,3 +631,126 @@ async fn a_ping_whose_pong_waited_for_room_when_next_was_dropped_is_answered_by_
         frame = reader.next() => panic!("the peer sent nothing more, yet: {frame:?}"),
     }
 }
+
+/// A cancel frame's bytes on the wire, length prefix included.
+fn cancel_len() -> usize {
+    Frame::Cancel { id: 0 }.encoded_len().unwrap() + LENGTH_PREFIX_LEN
+}
+
+fn cancel_batch(sender: &FrameSender, ids: std::ops::Range<u64>) -> EncodedFrames {
+    let mut batch = EncodedFrames::default();
+    for id in ids {
+        sender
+            .encode_into(&Frame::Cancel { id }, &mut batch)
+            .unwrap();
+    }
+    batch
+}
+
+async fn read_cancels<R: AsyncRead + Unpin>(peer: &mut FrameReader<R>, n: usize) -> Vec<u64> {
+    let mut ids = Vec::new();
+    while ids.len() < n {
+        let frame = tokio::time::timeout(Duration::from_secs(5), peer.next())
+            .await
+            .expect("frames keep coming")
+            .expect("the connection stays up")
+            .expect("every frame decodes");
+        if let Frame::Cancel { id } = frame {
+            ids.push(id);
+        }
+    }
+    ids
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_encoded_batch_on_a_busy_connection_with_nothing_queued_is_written_by_its_sender() {
+    let (a, mut b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let mut batch = cancel_batch(&sender, 0..3);
+    assert_eq!((batch.len(), batch.bytes()), (3, 3 * cancel_len()));
+    // busy or not: a batch is one write already
+    just_written(&sender);
+    sender.send_encoded_or_abort(&mut batch).await.unwrap();
+    assert!(batch.is_empty());
+    assert_eq!(
+        written_now(&mut b),
+        Some(3 * cancel_len()),
+        "all three, by the sender"
+    );
+    assert_eq!(sender.queued_bytes(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_encoded_batch_of_one_on_a_busy_connection_is_left_to_the_writer_task() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let mut batch = cancel_batch(&sender, 7..8);
+    just_written(&sender);
+    sender.send_encoded_or_abort(&mut batch).await.unwrap();
+    assert!(batch.is_empty());
+    assert!(sender.queued_bytes() > 0, "queued for the writer task");
+    assert_eq!(read_cancels(&mut peer, 1).await, [7]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_encoded_batch_queued_behind_frames_keeps_its_place_among_them() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    // The writer task has not run (one thread): a frame waits for it, so the batch
+    // cannot be written directly, and is queued after that frame, before the next.
+    sender.try_send(Frame::Cancel { id: 0 }).unwrap();
+    let mut batch = cancel_batch(&sender, 1..4);
+    sender.send_encoded_or_abort(&mut batch).await.unwrap();
+    assert!(batch.is_empty());
+    sender.try_send(Frame::Cancel { id: 4 }).unwrap();
+    assert_eq!(read_cancels(&mut peer, 5).await, [0, 1, 2, 3, 4]);
+    let settled = tokio::time::timeout(Duration::from_secs(5), async {
+        while sender.queued_bytes() != 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "{} bytes still counted",
+        sender.queued_bytes()
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_too_large_is_not_encoded_into_a_batch_and_leaves_it_as_it_was() {
+    let (a, _b) = tokio::io::duplex(1 << 16);
+    let config = ConnectionConfig {
+        max_frame_len: 256,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    let mut batch = cancel_batch(&sender, 0..2);
+    let refused = sender.encode_into(&msg(1000), &mut batch);
+    assert!(
+        matches!(
+            refused,
+            Err(ConnectionError::FrameTooLarge { limit: 256, .. })
+        ),
+        "{refused:?}"
+    );
+    assert_eq!((batch.len(), batch.bytes()), (2, 2 * cancel_len()));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_encoded_batch_cut_short_by_a_full_stream_is_finished_by_the_writer_task() {
+    // A 16-byte pipe: the sender writes what fits and leaves the rest, counted as
+    // queued, to the writer task.
+    let (a, b) = tokio::io::duplex(16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let mut batch = cancel_batch(&sender, 0..10);
+    sender.send_encoded_or_abort(&mut batch).await.unwrap();
+    assert!(sender.queued_bytes() > 0, "the rest is the writer's");
+    assert_eq!(
+        read_cancels(&mut peer, 10).await,
+        (0..10).collect::<Vec<_>>()
+    );
+}

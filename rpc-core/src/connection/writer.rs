@@ -8,7 +8,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::codec::Encoder;
 
-use super::queue::Rx;
+use super::queue::{Item, Rx};
 use super::{Output, Shared, frame_cost, queued_cost};
 use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
@@ -54,7 +54,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     // Pinned once: a fresh `cancelled()` per loop would register a waiter per write.
     let close = shared.close.wait_owned();
     tokio::pin!(close);
-    let abort = shared.abort.clone().cancelled_owned();
+    let abort = shared.abort.wait_owned();
     tokio::pin!(abort);
 
     // A write that the abort token interrupts. Every write starts at a frame boundary:
@@ -63,7 +63,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     // polled first, so a write the stream takes at once is never cut.
     macro_rules! write_or_abort {
         ($write:expr) => {{
-            if shared.abort.is_cancelled() {
+            if shared.abort.is_set() {
                 return Ok(End::AbortedIdle);
             }
             tokio::select! {
@@ -76,7 +76,36 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
 
     let result: Result<End, ConnectionError> = async {
         loop {
-            let closing = tokio::select! {
+            // Under load, let the tasks that are ready to send run first, so that their
+            // frames share this write: fewer syscalls and wake-ups per frame. "Under
+            // load": several frames were waiting, or the last write was under BUSY_GAP
+            // ago. A lone frame on a quiet connection (one call in flight: a round trip
+            // apart) is written at once, since yielding would cost it a trip through the
+            // I/O driver.
+            macro_rules! gather {
+                ($n:expr) => {{
+                    let n = $n;
+                    if n < MAX_BATCH && (n > 1 || last_write.elapsed() < BUSY_GAP) {
+                        tokio::task::yield_now().await;
+                        let room = MAX_BATCH - batch.len();
+                        rx.try_recv_many(&mut batch, room);
+                    }
+                }};
+            }
+            // A busy connection finds frames queued as it comes back: taken without the
+            // select below, whose every round polls the abort and the close (each a
+            // lock) and builds the timer's and the tail's futures. Pings are for quiet
+            // connections, and a direct write's tail is written first in every round.
+            if !shared.abort.is_set() && !shared.close.is_set() {
+                let n = rx.try_recv_many(&mut batch, MAX_BATCH);
+                if n > 0 {
+                    gather!(n);
+                }
+            }
+            let closing = if !batch.is_empty() {
+                false
+            } else {
+                tokio::select! {
                 biased;
                 _ = &mut abort => return Ok(End::AbortedIdle),
                 _ = &mut close => {
@@ -88,18 +117,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     if n == 0 {
                         return Ok(End::Done); // every sender is gone
                     }
-                    if n < MAX_BATCH && (n > 1 || last_write.elapsed() < BUSY_GAP) {
-                        // Under load, let the tasks that are ready to send run first, so
-                        // that their frames share this write: fewer syscalls and wake-ups
-                        // per frame. "Under load": several frames were waiting, or the
-                        // last write was under BUSY_GAP ago. A lone frame on a quiet
-                        // connection (one call in flight: a round trip apart) is written
-                        // at once, since yielding would cost it a trip through the I/O
-                        // driver.
-                        tokio::task::yield_now().await;
-                        let room = MAX_BATCH - batch.len();
-                        rx.try_recv_many(&mut batch, room);
-                    }
+                    gather!(n);
                     false
                 }
                 _ = ping.tick() => {
@@ -116,6 +134,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 }
                 // a sender's direct write left bytes to write
                 _ = shared.tail_ready.notified() => false,
+                }
             };
             // The write half, held until this round is written: a sender that finds it
             // taken queues its frame. A direct write never holds it long (it never waits).
@@ -130,15 +149,22 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                 shared.written.notify_waiters();
             }
             let taken = batch.len();
-            for frame in batch.drain(..) {
+            for item in batch.drain(..) {
                 let before = buf.len();
-                // Senders checked the frame already; a frame failing here is dropped
-                // alone rather than taking the connection down.
-                match codec.encode_checked(&frame, &mut buf) {
-                    Ok(()) => encoded += queued_cost(buf.len() - before),
-                    Err(e) => {
-                        tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
-                        shared.unqueue(frame_cost(&frame));
+                match item {
+                    // Senders checked the frame already; a frame failing here is dropped
+                    // alone rather than taking the connection down.
+                    Item::Frame(frame) => match codec.encode_checked(&frame, &mut buf) {
+                        Ok(()) => encoded += queued_cost(buf.len() - before),
+                        Err(e) => {
+                            tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
+                            shared.unqueue(frame_cost(&frame));
+                        }
+                    },
+                    // Encoded and checked by their sender; counted as queued as they are.
+                    Item::Encoded(frames) => {
+                        buf.extend_from_slice(&frames);
+                        encoded += queued_cost(frames.len());
                     }
                 }
                 if buf.len() >= FLUSH_AT {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::call::{InFlight, IncomingCall, Responder, Started};
 use super::{ServerConfig, ServiceError, Shared};
-use crate::connection::{self, FrameReader, FrameSender, Io, TrySendError};
+use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
@@ -60,9 +60,9 @@ pub(super) async fn serve<T: Io>(
     // The in-flight slot for the next call. A call answered at once leaves it here for
     // the one after, so only calls that become tasks cost the semaphore anything.
     let mut slot: Option<OwnedSemaphorePermit> = None;
-    // Answers to the requests of one read, sent together once no whole request is left
-    // to read (see `Answers::flush`).
-    let mut batch = Batch::default();
+    // Answers to the requests of one read, encoded as they are made and sent together
+    // once no whole request is left to read (see `Answers::flush`).
+    let mut batch = EncodedFrames::default();
     // Whether this batch has had its one more read (see below).
     let mut gathered = false;
     let mut frames = 0u32;
@@ -82,7 +82,7 @@ pub(super) async fn serve<T: Io>(
             // their way, and their answers then share this write. Fewer, larger writes
             // mean fewer syscalls and wake-ups on both sides; a lone answer (one call
             // in flight) is never held back.
-            if batch.frames.len() > 1 && !gathered {
+            if batch.len() > 1 && !gathered {
                 gathered = true;
                 tokio::task::yield_now().await;
                 // `next` is cancel safe: if it would wait, nothing read is lost.
@@ -134,8 +134,8 @@ pub(super) async fn serve<T: Io>(
                     // does not read its answers stops being read once a batch finds no
                     // room (see `Answers::flush`).
                     Ok(Started::Answered(result)) => {
-                        batch.push(response(id, result));
-                        if batch.is_full() {
+                        conn.answers.add(&mut batch, id, result).await;
+                        if batch.len() >= BATCH_FRAMES || batch.bytes() >= BATCH_BYTES {
                             conn.answers.flush(&mut batch).await;
                         }
                     }
@@ -310,78 +310,54 @@ struct Answers {
     abort: CancellationToken,
 }
 
-/// Answers gathered in the read loop, up to [`Batch::FRAMES`] of them or
-/// [`Batch::BYTES`] of payload: a peer that does not read its answers is stopped being
-/// read after that many.
-#[derive(Default)]
-struct Batch {
-    frames: Vec<Frame>,
-    bytes: usize,
-}
-
-impl Batch {
-    const FRAMES: usize = 64;
-    const BYTES: usize = 64 * 1024;
-
-    fn push(&mut self, frame: Frame) {
-        if let Frame::Response(r) = &frame {
-            self.bytes += r.payload.len() + r.message.len();
-        }
-        self.frames.push(frame);
-    }
-
-    fn is_full(&self) -> bool {
-        self.frames.len() >= Self::FRAMES || self.bytes >= Self::BYTES
-    }
-
-    fn is_empty(&self) -> bool {
-        self.frames.is_empty()
-    }
-}
+/// Answers gathered in the read loop are sent once this many are waiting (or
+/// [`BATCH_BYTES`] of them): a peer that does not read its answers is stopped being read
+/// after that many.
+const BATCH_FRAMES: usize = 64;
+/// See [`BATCH_FRAMES`]; encoded bytes, length prefixes included.
+const BATCH_BYTES: usize = 64 * 1024;
 
 impl Answers {
-    /// Sends the answers in `batch`, which it leaves empty. A lone one is sent as
-    /// [`Answers::answer`] sends an answer from the read loop, written at once if the
-    /// connection is idle. Several are written at once in one write when nothing else
-    /// is queued or being written ([`FrameSender::try_write_all_direct`]): the task that
-    /// read the requests writes their answers, as a hand-written echo server would,
-    /// rather than handing them to the writer task one by one. Otherwise they are
-    /// queued in order, each waiting for room as `answer` does.
-    async fn flush(&self, batch: &mut Batch) {
-        batch.bytes = 0;
-        if batch.frames.len() > 1 && self.sender.try_write_all_direct(&mut batch.frames) {
-            return;
-        }
-        let lone = batch.frames.len() == 1;
-        for frame in batch.frames.drain(..) {
-            self.send_answer(frame, lone).await;
+    /// Adds the answer to call `id` to `batch`, encoded now: what it holds is freed
+    /// here, on the thread that made it, rather than after the batch is written. An
+    /// answer too large to send is replaced by an error answer saying so, sent after the
+    /// answers before it.
+    async fn add(&self, batch: &mut EncodedFrames, id: u64, result: Result<Bytes, ServiceError>) {
+        if let Err(e) = self.sender.encode_into(&response(id, result), batch) {
+            self.flush(batch).await;
+            answer_not_sent(&self.sender, id, e);
         }
     }
 
-    /// Queues the answer at once when there is room (the common case); with `direct`,
-    /// writes it now instead if the connection is idle
-    /// ([`FrameSender::try_send_direct`]). Otherwise waits for room, holding the call's
-    /// in-flight slot (and, for an answer from the read loop, the read loop): a peer
-    /// that sends requests but does not read the answers stops being read once
+    /// Sends the answers in `batch`, which it leaves empty, as one: written now, in one
+    /// write, if nothing is queued or being written (a lone answer only on an idle
+    /// connection), by the task that read the requests, as a hand-written echo server
+    /// would, rather than handed to the writer task. Otherwise queued as one, waiting
+    /// for room as [`Answers::answer`] does.
+    async fn flush(&self, batch: &mut EncodedFrames) {
+        if batch.is_empty() {
+            return;
+        }
+        let answers = batch.len();
+        tokio::select! {
+            sent = self.sender.send_encoded_or_abort(batch) => {
+                if let Err(e) = sent {
+                    // The connection is gone; the callers learn that from their side.
+                    tracing::debug!(answers, error = %e, "answers not sent");
+                }
+            }
+            _ = self.abort.cancelled() => {}
+        }
+    }
+
+    /// Queues the answer of a call that ran as a task, at once when there is room (the
+    /// common case). Otherwise waits for room, holding the call's in-flight slot: a
+    /// peer that sends requests but does not read the answers stops being read once
     /// `max_queued_bytes` of answers wait for it, so the memory it costs is bounded. No
     /// room within `keepalive_timeout`: the connection is closed with a go-away saying
     /// why ([`FrameSender::send_or_abort`]).
-    async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>, direct: bool) {
-        self.send_answer(response(id, result), direct).await
-    }
-
-    /// [`Answers::answer`] for an answer made into its frame already.
-    async fn send_answer(&self, frame: Frame, direct: bool) {
-        let id = match &frame {
-            Frame::Response(r) => r.id,
-            _ => 0,
-        };
-        let tried = if direct {
-            self.sender.try_send_direct(frame)
-        } else {
-            self.sender.try_send(frame)
-        };
-        let frame = match tried {
+    async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>) {
+        let frame = match self.sender.try_send(response(id, result)) {
             Ok(()) => return,
             Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
             Err(TrySendError::Full(frame)) => frame,
@@ -400,7 +376,7 @@ impl Answers {
 impl Responder for Answers {
     /// Queues the answer of a call that ran as a task ([`Answers::answer`]).
     async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
-        self.answer(id, result, false).await
+        self.answer(id, result).await
     }
 }
 
