@@ -59,6 +59,22 @@ impl Latch {
     }
 }
 
+/// A value on cache lines of its own. A value that every thread writes on every call
+/// (an id counter, a lock, a count of queued bytes) makes each neighbour on its line a
+/// cache miss for the other core's next read, though nobody wrote that neighbour
+/// (false sharing). 128 bytes: x86 fetches lines in adjacent pairs.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CacheLine<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for CacheLine<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 /// Locks `mutex`, going on after a panic in another holder. Every map and state courier
 /// keeps behind a mutex is changed by single inserts, removals and replacements, never
 /// left half-done, so a poisoned lock still guards a consistent value.

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use crate::connection::{FrameReader, FrameSender};
 use crate::error::{ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response};
-use crate::sync::Latch;
+use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
 
 /// How a pending call ends, as its caller learns it.
@@ -42,7 +42,9 @@ struct Waiter {
 pub(super) struct Conn {
     pub(super) sender: FrameSender,
     pub(super) peer: PeerAddr,
-    pending: Mutex<Pending>,
+    /// Every call and every answer takes this lock: on lines of its own, apart from
+    /// `sender` and `retired`, which every call only reads.
+    pending: CacheLine<Mutex<Pending>>,
     /// Wakes the sweeper: a call with an earlier deadline than it sleeps for, or the
     /// connection closed.
     sweep: Notify,
@@ -69,7 +71,7 @@ impl Conn {
         Conn {
             sender,
             peer,
-            pending: Mutex::default(),
+            pending: CacheLine::default(),
             sweep: Notify::new(),
             retired: Latch::new(),
         }
@@ -77,7 +79,7 @@ impl Conn {
 
     fn pending(&self) -> MutexGuard<'_, Pending> {
         // Inserts and removes only: a panic elsewhere cannot leave the map half-updated.
-        crate::sync::lock(&self.pending)
+        crate::sync::lock(&self.pending.0)
     }
 
     /// Registers call `id`; its answer, the connection's failure or the passing of

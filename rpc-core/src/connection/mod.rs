@@ -44,7 +44,7 @@ pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
 use crate::error::ConnectionError;
 use crate::frame::{Frame, GoAway};
-use crate::sync::Latch;
+use crate::sync::{CacheLine, Latch};
 
 /// Settings of one connection, on either side.
 ///
@@ -176,7 +176,8 @@ struct Shared {
     soon: TaskTracker,
     /// Bytes queued and not yet written to the stream (the writer subtracts a batch once
     /// its write completed).
-    queued_bytes: AtomicUsize,
+    /// On a line of its own: every send and every write changes it.
+    queued_bytes: CacheLine<AtomicUsize>,
     /// Signalled by the writer after each write, for senders waiting for room
     /// ([`FrameSender::send_within`]).
     written: tokio::sync::Notify,
@@ -189,8 +190,9 @@ struct Shared {
     /// Round trips waiting for the pong of the ping with their nonce (or a later one);
     /// `None` once the reader stopped.
     round_trips: Mutex<Option<Vec<RoundTrip>>>,
-    /// Frames put in the queue and not yet written: a direct write waits for none.
-    pending: AtomicUsize,
+    /// Frames put in the queue and not yet written: a direct write waits for none. On
+    /// a line of its own: every queued send and every write changes it.
+    pending: CacheLine<AtomicUsize>,
     /// A direct write left bytes for the writer task.
     tail_ready: tokio::sync::Notify,
     /// When the stream was last written to, in nanoseconds since `epoch` (at least 1);
@@ -331,13 +333,13 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         error: OnceLock::new(),
         max_frame_len: AtomicUsize::new(config.max_frame_len),
         soon,
-        queued_bytes: AtomicUsize::new(0),
+        queued_bytes: CacheLine(AtomicUsize::new(0)),
         max_queued_bytes: config.max_queued_bytes,
         stall: config.keepalive_timeout,
         next_nonce: AtomicU64::new(1),
         round_trips: Mutex::new(Some(Vec::new())),
         written: tokio::sync::Notify::new(),
-        pending: AtomicUsize::new(0),
+        pending: CacheLine(AtomicUsize::new(0)),
         tail_ready: tokio::sync::Notify::new(),
         last_write: AtomicU64::new(0),
         direct_at: AtomicU64::new(0),

@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use crate::frame::Frame;
+use crate::sync::CacheLine;
 
 /// What a sender queues for the writer.
 #[derive(Debug)]
@@ -50,7 +51,8 @@ impl From<Bytes> for Item {
 const KEEP_CAPACITY: usize = 64;
 
 struct Queue {
-    inner: Mutex<Inner>,
+    /// Every send and every take locks it: on lines of its own.
+    inner: CacheLine<Mutex<Inner>>,
     /// Senders that found the queue full wait here; the writer notifies them when it
     /// takes frames from a queue that a sender found full.
     room: Notify,
@@ -93,12 +95,12 @@ pub(super) struct Rx {
 /// A queue for at most `capacity` frames (at least 1).
 pub(super) fn queue(capacity: usize) -> (Tx, Rx) {
     let queue = Arc::new(Queue {
-        inner: Mutex::new(Inner {
+        inner: CacheLine(Mutex::new(Inner {
             frames: VecDeque::new(),
             waiting: None,
             closed: false,
             wanted_room: false,
-        }),
+        })),
         room: Notify::new(),
         capacity: capacity.max(1),
         senders: AtomicUsize::new(1),
