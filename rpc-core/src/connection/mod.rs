@@ -179,8 +179,8 @@ struct Shared {
     /// On a line of its own: every send and every write changes it.
     queued_bytes: CacheLine<AtomicUsize>,
     /// Signalled by the writer after each write, for senders waiting for room
-    /// ([`FrameSender::send_within`]).
-    written: tokio::sync::Notify,
+    /// ([`FrameSender::send_within`]). On a line of its own: every write changes it.
+    written: CacheLine<tokio::sync::Notify>,
     max_queued_bytes: usize,
     /// How long [`FrameSender::send_or_abort`] waits for room: `keepalive_timeout`.
     stall: Duration,
@@ -195,16 +195,24 @@ struct Shared {
     pending: CacheLine<AtomicUsize>,
     /// A direct write left bytes for the writer task.
     tail_ready: tokio::sync::Notify,
+    /// When the stream was last written to, and when a sender last wrote directly. On a
+    /// line of their own: every write changes them.
+    times: CacheLine<WriteTimes>,
+    /// Direct writes still to refuse after one that a burst followed (see
+    /// [`FrameSender::send_direct`]).
+    direct_paused: AtomicUsize,
+    epoch: Instant,
+}
+
+/// See [`Shared::times`].
+#[derive(Debug, Default)]
+struct WriteTimes {
     /// When the stream was last written to, in nanoseconds since `epoch` (at least 1);
     /// 0 until the first write.
     last_write: AtomicU64,
     /// When the last direct write was, like `last_write`; 0 once a queued frame came
     /// after it.
     direct_at: AtomicU64,
-    /// Direct writes still to refuse after one that a burst followed (see
-    /// [`FrameSender::send_direct`]).
-    direct_paused: AtomicUsize,
-    epoch: Instant,
 }
 
 impl Shared {
@@ -262,7 +270,7 @@ impl Shared {
     /// Notes a write to the stream, now.
     fn wrote(&self) {
         let now = self.epoch.elapsed().as_nanos() as u64;
-        self.last_write.store(now.max(1), Ordering::Relaxed);
+        self.times.last_write.store(now.max(1), Ordering::Relaxed);
     }
 
     /// A frame is being queued: if it follows a direct write within [`QUIET`], the
@@ -270,11 +278,11 @@ impl Shared {
     /// wake-up of the peer) of its own: direct writes pause for [`DIRECT_PAUSE`]
     /// attempts. One clock read per direct write, not per queued frame.
     fn queued_after_direct(&self) {
-        let at = self.direct_at.load(Ordering::Relaxed);
+        let at = self.times.direct_at.load(Ordering::Relaxed);
         if at == 0 {
             return;
         }
-        self.direct_at.store(0, Ordering::Relaxed);
+        self.times.direct_at.store(0, Ordering::Relaxed);
         let now = self.epoch.elapsed().as_nanos() as u64;
         if now.saturating_sub(at) < QUIET.as_nanos() as u64 {
             self.direct_paused.store(DIRECT_PAUSE, Ordering::Relaxed);
@@ -284,7 +292,7 @@ impl Shared {
     /// Whether the stream was written to in the last [`QUIET`]. A stream never written
     /// to is not busy, however young the connection is.
     fn busy(&self) -> bool {
-        let last = self.last_write.load(Ordering::Relaxed);
+        let last = self.times.last_write.load(Ordering::Relaxed);
         if last == 0 {
             return false;
         }
@@ -338,11 +346,10 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         stall: config.keepalive_timeout,
         next_nonce: AtomicU64::new(1),
         round_trips: Mutex::new(Some(Vec::new())),
-        written: tokio::sync::Notify::new(),
+        written: CacheLine::default(),
         pending: CacheLine(AtomicUsize::new(0)),
         tail_ready: tokio::sync::Notify::new(),
-        last_write: AtomicU64::new(0),
-        direct_at: AtomicU64::new(0),
+        times: CacheLine::default(),
         direct_paused: AtomicUsize::new(0),
         epoch: Instant::now(),
     });
@@ -540,9 +547,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
     fn write_without_waiting(&self, io: &mut W, bytes: &[u8]) -> (usize, bool) {
         let shared = &self.shared;
         shared.wrote();
-        shared
-            .direct_at
-            .store(shared.last_write.load(Ordering::Relaxed), Ordering::Relaxed);
+        shared.times.direct_at.store(
+            shared.times.last_write.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         let mut cx = Context::from_waker(Waker::noop());
         let mut written = 0;
         while written < bytes.len() {

@@ -276,7 +276,7 @@ async fn a_peer_that_pings_but_never_reads_the_pongs_is_cut_off_after_the_keepal
 /// Makes the connection look idle to the next send, whatever the clock says: as if
 /// nothing had been written yet.
 fn quiet(sender: &FrameSender) {
-    sender.shared.last_write.store(0, Ordering::Relaxed);
+    sender.shared.times.last_write.store(0, Ordering::Relaxed);
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -304,6 +304,7 @@ async fn a_direct_send_on_an_idle_connection_is_written_by_the_sender_before_it_
 fn just_written(sender: &FrameSender) {
     sender
         .shared
+        .times
         .last_write
         .store(u64::MAX / 2, Ordering::Relaxed);
 }
@@ -480,11 +481,14 @@ async fn a_burst_right_after_a_direct_write_pauses_direct_writes() {
         "written directly"
     );
     let shared = &sender.shared;
-    assert_ne!(shared.direct_at.load(Ordering::Relaxed), 0, "noted");
+    assert_ne!(shared.times.direct_at.load(Ordering::Relaxed), 0, "noted");
     // queued within QUIET of the direct write (whatever the clock says: the direct
     // write is dated after now, so that a slow debug build cannot make it later): the
     // sender is in a burst
-    shared.direct_at.store(u64::MAX / 2, Ordering::Relaxed);
+    shared
+        .times
+        .direct_at
+        .store(u64::MAX / 2, Ordering::Relaxed);
     sender.send(msg(10)).await.unwrap();
     assert!(b.read(&mut buf).await.unwrap() > 10);
     for attempt in 0..DIRECT_PAUSE {
