@@ -339,7 +339,10 @@ impl Answers {
             return;
         }
         let answers = batch.len();
+        // Biased: a batch written or queued at once (the common case) never polls the
+        // abort token, which takes a lock.
         tokio::select! {
+            biased;
             sent = self.sender.send_encoded_or_abort(batch) => {
                 if let Err(e) = sent {
                     // The connection is gone; the callers learn that from their side.
