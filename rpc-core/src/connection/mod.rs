@@ -1127,7 +1127,8 @@ impl FrameSender {
     }
 
     /// Bytes queued and not yet written to the stream (frames waiting for the writer,
-    /// and those in its buffer, which holds at most 256 KiB plus one frame).
+    /// and those in its buffer, which holds at most 256 KiB plus one frame, or plus one
+    /// batch of frames their sender encoded).
     pub fn queued_bytes(&self) -> usize {
         self.shared.queued_bytes.load(Ordering::Relaxed)
     }
