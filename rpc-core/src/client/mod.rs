@@ -380,13 +380,15 @@ impl Client {
         };
         // Queued at once when there is room (the common case: no timer needed for it).
         // The only call in flight is written by this task if the connection is idle:
-        // one hand-off less on its way out. Calls among others are left to the writer
-        // task, which gathers them into one write.
+        // one hand-off less on its way out. Calls among others are encoded into the
+        // send queue by this task (`try_send_encoded`: their payloads are freed here, not
+        // by the writer on another thread) and written by the writer task, which
+        // gathers them into one write.
         let frame = Frame::Request(request);
         let tried = if lone {
             conn.sender.try_send_direct(frame)
         } else {
-            conn.sender.try_send(frame)
+            conn.sender.try_send_encoded(frame)
         };
         let sent = match tried {
             Ok(()) => Ok(()),

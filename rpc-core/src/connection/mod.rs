@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -72,7 +72,10 @@ pub struct ConnectionConfig {
     /// the peer dead and closes (bytes of a partial frame do not count, so a peer
     /// trickling a frame byte by byte is closed too). Should be a few times the peer's interval. Default 30 s.
     pub keepalive_timeout: Duration,
-    /// Frames queued for the writer before senders wait. Default 1,024.
+    /// Frames queued for the writer before senders wait. Default 1,024. Small frames
+    /// that their senders encode into the queue one after another (a client's requests,
+    /// the answers of a server's call tasks) take one place per 64 KiB; `max_queued_bytes`
+    /// bounds them as it bounds every frame.
     pub send_queue: usize,
     /// The most bytes (frame bodies plus length prefixes, each frame counted as at least
     /// the memory it takes while queued, about 140 bytes) queued and not yet written to
@@ -467,6 +470,10 @@ trait Direct: Send + Sync + std::fmt::Debug {
     /// frame, not a batch), only if the connection is idle, as [`Direct::write_now`].
     fn write_encoded_now(&self, frames: &[u8], lone: bool) -> bool;
 }
+
+/// The largest frame, length prefix included, that [`FrameSender::try_send_encoded`]
+/// encodes into the queue; larger ones are queued whole, for the writer to encode.
+pub(crate) const APPEND_FRAME_MAX: usize = 16 * 1024;
 
 /// What a direct write keeps of its buffer, the output's tail, once written: a larger
 /// one (a large frame's) is given back.
@@ -930,6 +937,62 @@ impl FrameSender {
             Err(e) => return Err(TrySendError::Failed(e)),
         };
         self.try_queue(frame, bytes)
+    }
+
+    /// [`FrameSender::try_send`] for frames that many tasks send one at a time (a
+    /// client's requests, the answers of a server's call tasks): a frame of up to
+    /// [`APPEND_FRAME_MAX`] bytes is encoded now, by the caller, into the queue, after
+    /// the frames encoded there before it, instead of queued for the writer task to
+    /// encode. What the frame holds is freed by the caller, at once, on its own thread,
+    /// and the writer only copies bytes. A larger frame is queued as `try_send` queues
+    /// it. Counted, limited and handed back exactly as `try_send` does.
+    #[allow(clippy::result_large_err)] // see try_send
+    pub(crate) fn try_send_encoded(&self, frame: Frame) -> Result<(), TrySendError> {
+        if self.shared.close.is_set() {
+            return Err(TrySendError::Failed(self.shared.closed_error()));
+        }
+        let len = match check_frame_len(&frame, self.max_frame_len()) {
+            Ok(len) => len,
+            Err(e) => return Err(TrySendError::Failed(e)),
+        };
+        let wire = len + LENGTH_PREFIX_LEN;
+        let bytes = queued_cost(wire);
+        if wire > APPEND_FRAME_MAX {
+            return self.try_queue(frame, bytes);
+        }
+        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        if before.saturating_add(bytes) > self.shared.max_queued_bytes {
+            self.shared.unqueue(bytes);
+            return Err(TrySendError::Full(frame));
+        }
+        self.shared.queued_after_direct();
+        let pending = &self.shared.pending;
+        let appended = self.tx.try_append(
+            bytes,
+            |buf| {
+                buf.reserve(wire);
+                // At most `max_frame_len`, which is at most `u32::MAX`.
+                buf.put_u32(len as u32);
+                let start = buf.len();
+                frame.encode_validated(buf);
+                debug_assert_eq!(buf.len() - start, len, "{frame:?}");
+            },
+            || {
+                pending.fetch_add(1, Ordering::AcqRel);
+            },
+        );
+        match appended {
+            Ok(()) => Ok(()),
+            Err(refused) => {
+                self.shared.unqueue(bytes);
+                Err(match refused {
+                    queue::PushError::Full(()) => TrySendError::Full(frame),
+                    queue::PushError::Closed(()) => {
+                        TrySendError::Failed(self.shared.closed_error())
+                    }
+                })
+            }
+        }
     }
 
     /// [`FrameSender::try_send`], except that on an idle connection the frame is written

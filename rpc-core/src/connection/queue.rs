@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -33,7 +33,16 @@ pub(super) enum Item {
     /// Whole frames their sender encoded already, length prefixes and all, which the
     /// writer writes as they are ([`super::EncodedFrames`]).
     Encoded(Bytes),
+    /// Frames their senders encoded into the queue one by one ([`Tx::try_append`]),
+    /// counted as `cost` queued bytes in all.
+    Appended { frames: BytesMut, cost: usize },
 }
+
+/// Frames are appended to the encoded frames at the back of the queue while those hold
+/// fewer bytes than this; then a new item starts.
+const APPEND_MAX: usize = 64 * 1024;
+/// An appended item's buffer is reused for the next one if it is no larger than this.
+const APPEND_KEEP: usize = 2 * APPEND_MAX;
 
 impl From<Frame> for Item {
     fn from(frame: Frame) -> Item {
@@ -69,9 +78,12 @@ struct Inner {
     closed: bool,
     /// A sender found the queue full since the writer last took frames.
     wanted_room: bool,
+    /// A written item's buffer, empty, for the next frames appended.
+    spare_buf: Option<BytesMut>,
 }
 
 /// Why an item was not queued; the item is handed back as it was given.
+#[derive(Debug)]
 pub(super) enum PushError<T> {
     /// The queue holds `capacity` items.
     Full(T),
@@ -90,6 +102,9 @@ pub(super) struct Rx {
     /// An empty deque, swapped with the queue's when the writer takes every frame: the
     /// lock is held for the swap, not for moving the frames.
     spare: VecDeque<Item>,
+    /// An appended item's buffer, written and cleared, given back to the queue at the
+    /// next take.
+    written_buf: Option<BytesMut>,
 }
 
 /// A queue for at most `capacity` frames (at least 1).
@@ -100,6 +115,7 @@ pub(super) fn queue(capacity: usize) -> (Tx, Rx) {
             waiting: None,
             closed: false,
             wanted_room: false,
+            spare_buf: None,
         })),
         room: Notify::new(),
         capacity: capacity.max(1),
@@ -112,6 +128,7 @@ pub(super) fn queue(capacity: usize) -> (Tx, Rx) {
         Rx {
             queue,
             spare: VecDeque::new(),
+            written_buf: None,
         },
     )
 }
@@ -132,6 +149,48 @@ impl Tx {
             return Err(PushError::Full(frame));
         }
         inner.frames.push_back(frame.into());
+        let writer = inner.waiting.take();
+        drop(inner);
+        if let Some(writer) = writer {
+            writer.wake();
+        }
+        Ok(())
+    }
+
+    /// Queues one frame that `encode` writes (length prefix and all), counted as `cost`
+    /// queued bytes: appended to the encoded frames at the back of the queue if there
+    /// are some and they hold less than [`APPEND_MAX`] bytes, otherwise as a new item if
+    /// there is room for one, in which case `new_item` is called first, under the lock
+    /// (the sender counts the item pending before the writer can see it). `encode` is not
+    /// called when the frame is refused. A sender's frames are encoded here, on its own
+    /// thread: nothing of the frame is left for the writer to encode or to free.
+    pub(super) fn try_append(
+        &self,
+        cost: usize,
+        encode: impl FnOnce(&mut BytesMut),
+        new_item: impl FnOnce(),
+    ) -> Result<(), PushError<()>> {
+        let queue = &*self.queue;
+        let mut inner = queue.inner.lock();
+        if inner.closed {
+            return Err(PushError::Closed(()));
+        }
+        if let Some(Item::Appended { frames, cost: all }) = inner.frames.back_mut()
+            && frames.len() < APPEND_MAX
+        {
+            // The writer was woken when this item was queued, and has not taken it yet.
+            encode(frames);
+            *all += cost;
+            return Ok(());
+        }
+        if inner.frames.len() >= queue.capacity {
+            inner.wanted_room = true;
+            return Err(PushError::Full(()));
+        }
+        let mut frames = inner.spare_buf.take().unwrap_or_default();
+        encode(&mut frames);
+        new_item();
+        inner.frames.push_back(Item::Appended { frames, cost });
         let writer = inner.waiting.take();
         drop(inner);
         if let Some(writer) = writer {
@@ -228,10 +287,22 @@ impl Rx {
         self.take(batch, max, None)
     }
 
+    /// Keeps the buffer of an appended item once its frames are written, to give it back
+    /// to the queue at the next take (unless it grew past [`APPEND_KEEP`]).
+    pub(super) fn written(&mut self, mut frames: BytesMut) {
+        if self.written_buf.is_none() && frames.capacity() <= APPEND_KEEP {
+            frames.clear();
+            self.written_buf = Some(frames);
+        }
+    }
+
     /// Takes up to `max` frames into `batch`; with none queued, leaves `waker` to be
     /// woken by the next frame.
     fn take(&mut self, batch: &mut Vec<Item>, max: usize, waker: Option<&Waker>) -> usize {
         let mut inner = self.queue.inner.lock();
+        if inner.spare_buf.is_none() {
+            inner.spare_buf = self.written_buf.take();
+        }
         let n = inner.frames.len().min(max);
         if n == 0 {
             if let Some(waker) = waker {
@@ -260,12 +331,15 @@ impl Rx {
         n
     }
 
-    /// Gives back the room a burst left, beyond [`KEEP_CAPACITY`] frames: for the
-    /// writer to call once the connection has been quiet for a while, so that a busy one
-    /// does not reallocate its queue after every batch.
+    /// Gives back the room a burst left, beyond [`KEEP_CAPACITY`] frames, and the buffer
+    /// kept for appended frames: for the writer to call once the connection has been
+    /// quiet for a while, so that a busy one does not reallocate its queue after every
+    /// batch.
     pub(super) fn shrink(&mut self) {
         self.spare.shrink_to(KEEP_CAPACITY);
+        self.written_buf = None;
         let mut inner = self.queue.inner.lock();
+        inner.spare_buf = None;
         if inner.frames.is_empty() {
             inner.frames.shrink_to(KEEP_CAPACITY);
         }
@@ -342,6 +416,53 @@ mod tests {
                 Item::Encoded(encoded),
                 Item::Frame(Frame::Cancel { id: 1 }),
             ] if encoded == "encoded"
+        ));
+    }
+
+    fn append(tx: &Tx, bytes: &[u8], new_items: &mut usize) -> Result<(), PushError<()>> {
+        tx.try_append(
+            bytes.len(),
+            |buf| buf.extend_from_slice(bytes),
+            || *new_items += 1,
+        )
+    }
+
+    #[test]
+    fn appended_frames_join_the_encoded_frames_at_the_back_and_a_frame_between_starts_anew() {
+        let (tx, mut rx) = queue(2);
+        let mut new_items = 0;
+        append(&tx, b"ab", &mut new_items).unwrap();
+        append(&tx, b"cd", &mut new_items).unwrap();
+        assert_eq!(new_items, 1, "the second joined the first");
+        assert!(tx.try_push(cancel(9)).is_ok());
+        // Two items queued: a frame after them needs a place of its own, and finds none.
+        assert!(matches!(
+            append(&tx, b"ef", &mut new_items),
+            Err(PushError::Full(()))
+        ));
+        let mut batch = Vec::new();
+        assert_eq!(rx.try_recv_many(&mut batch, 8), 2);
+        assert!(matches!(
+            &batch[..],
+            [
+                Item::Appended { frames, cost: 4 },
+                Item::Frame(Frame::Cancel { id: 9 }),
+            ] if &frames[..] == b"abcd"
+        ));
+        // The written buffer goes back to the queue for the next appended frames.
+        let Item::Appended { frames, .. } = batch.remove(0) else {
+            unreachable!()
+        };
+        rx.written(frames);
+        assert_eq!(rx.try_recv_many(&mut batch, 8), 0);
+        assert!(rx.queue.inner.lock().spare_buf.is_some());
+        append(&tx, b"ef", &mut new_items).unwrap();
+        assert_eq!(new_items, 2);
+        assert!(rx.queue.inner.lock().spare_buf.is_none(), "reused");
+        rx.close();
+        assert!(matches!(
+            append(&tx, b"gh", &mut new_items),
+            Err(PushError::Closed(()))
         ));
     }
 

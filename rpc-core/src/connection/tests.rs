@@ -753,3 +753,48 @@ async fn an_encoded_batch_cut_short_by_a_full_stream_is_finished_by_the_writer_t
         (0..10).collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_reader, sender) = start(a, &ConnectionConfig::default());
+    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    // One thread: the writer task has not run, so everything is queued, in this order.
+    sender.try_send_encoded(Frame::Cancel { id: 0 }).unwrap();
+    sender.try_send_encoded(Frame::Cancel { id: 1 }).unwrap();
+    sender.try_send(Frame::Cancel { id: 2 }).unwrap();
+    sender.try_send_encoded(Frame::Cancel { id: 3 }).unwrap();
+    // Too large to encode into the queue: queued whole, still in its place.
+    let large = msg(APPEND_FRAME_MAX);
+    sender.try_send_encoded(large.clone()).unwrap();
+    sender.try_send_encoded(Frame::Cancel { id: 4 }).unwrap();
+    assert_eq!(read_cancels(&mut peer, 4).await, [0, 1, 2, 3]);
+    assert_eq!(peer.next().await.unwrap().unwrap(), large);
+    assert_eq!(read_cancels(&mut peer, 1).await, [4]);
+    assert_nothing_left_queued(&sender).await;
+}
+
+#[tokio::test]
+async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_back_when_full() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    let mut accepted = 0;
+    let back = loop {
+        match sender.try_send_encoded(msg(1000)) {
+            Ok(()) => accepted += 1,
+            Err(TrySendError::Full(frame)) => break frame,
+            Err(TrySendError::Failed(e)) => panic!("unexpected failure: {e}"),
+        }
+        assert!(accepted < 100, "the byte limit was never applied");
+    };
+    assert_eq!(back, msg(1000), "handed back whole");
+    assert!(sender.queued_bytes() <= 10_000, "{}", sender.queued_bytes());
+    assert!(
+        accepted >= 9,
+        "only {accepted} frames of ~1 KB fit in 10,000 bytes"
+    );
+}

@@ -166,6 +166,12 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                         buf.extend_from_slice(&frames);
                         encoded += queued_cost(frames.len());
                     }
+                    // Encoded by their senders one by one, each counted as it came.
+                    Item::Appended { frames, cost } => {
+                        buf.extend_from_slice(&frames);
+                        encoded += cost;
+                        rx.written(frames);
+                    }
                 }
                 if buf.len() >= FLUSH_AT {
                     write_or_abort!(out.io.write_all(&buf));

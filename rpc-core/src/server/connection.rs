@@ -360,7 +360,7 @@ impl Answers {
     /// room within `keepalive_timeout`: the connection is closed with a go-away saying
     /// why ([`FrameSender::send_or_abort`]).
     async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>) {
-        let frame = match self.sender.try_send(response(id, result)) {
+        let frame = match self.sender.try_send_encoded(response(id, result)) {
             Ok(()) => return,
             Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
             Err(TrySendError::Full(frame)) => frame,
