@@ -16,6 +16,13 @@ fn msg(len: usize) -> Frame {
 
 #[tokio::test]
 async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
+    fill_until_full(FrameSender::try_send).await;
+}
+
+/// Sends ~1 KB frames with `send` over a connection whose peer reads nothing, until the
+/// 10,000-byte limit refuses one: it comes back whole, and about as many frames as fit
+/// were taken.
+async fn fill_until_full(send: fn(&FrameSender, Frame) -> Result<(), TrySendError>) {
     let (a, _b) = tokio::io::duplex(64);
     let config = ConnectionConfig {
         max_queued_bytes: 10_000,
@@ -23,14 +30,15 @@ async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
     };
     let (_reader, sender) = start(a, &config);
     let mut accepted = 0;
-    loop {
-        match sender.try_send(msg(1000)) {
+    let back = loop {
+        match send(&sender, msg(1000)) {
             Ok(()) => accepted += 1,
-            Err(TrySendError::Full(_)) => break,
+            Err(TrySendError::Full(frame)) => break frame,
             Err(TrySendError::Failed(e)) => panic!("unexpected failure: {e}"),
         }
         assert!(accepted < 100, "the byte limit was never applied");
-    }
+    };
+    assert_eq!(back, msg(1000), "handed back whole");
     // The peer reads nothing: at most the duplex buffer's worth leaves the queue.
     assert!(sender.queued_bytes() <= 10_000, "{}", sender.queued_bytes());
     assert!(
@@ -776,25 +784,5 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
 
 #[tokio::test]
 async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_back_when_full() {
-    let (a, _b) = tokio::io::duplex(64);
-    let config = ConnectionConfig {
-        max_queued_bytes: 10_000,
-        ..ConnectionConfig::default()
-    };
-    let (_reader, sender) = start(a, &config);
-    let mut accepted = 0;
-    let back = loop {
-        match sender.try_send_encoded(msg(1000)) {
-            Ok(()) => accepted += 1,
-            Err(TrySendError::Full(frame)) => break frame,
-            Err(TrySendError::Failed(e)) => panic!("unexpected failure: {e}"),
-        }
-        assert!(accepted < 100, "the byte limit was never applied");
-    };
-    assert_eq!(back, msg(1000), "handed back whole");
-    assert!(sender.queued_bytes() <= 10_000, "{}", sender.queued_bytes());
-    assert!(
-        accepted >= 9,
-        "only {accepted} frames of ~1 KB fit in 10,000 bytes"
-    );
+    fill_until_full(FrameSender::try_send_encoded).await;
 }
