@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
@@ -791,17 +791,18 @@ impl FrameSender {
         let bytes = queued_cost(batch.buf.len());
         // A copy of its own, as long as the frames: the batch's buffer is kept for the
         // next batch, and a queued item never holds more memory than it is counted for.
-        let mut frames = Bytes::copy_from_slice(&batch.buf);
+        let item = queue::Item::Appended {
+            frames: BytesMut::from(&batch.buf[..]),
+            cost: bytes,
+        };
         batch.clear();
         // The common case, room now, sets no timer.
-        if self.shared.try_reserve(bytes) {
-            match self.push_counted(frames, bytes) {
-                Ok(()) => return Ok(()),
-                Err(queue::PushError::Closed(_)) => return Err(self.shared.closed_error()),
-                Err(queue::PushError::Full(back)) => frames = back,
-            }
-        }
-        match tokio::time::timeout(self.shared.stall, self.queue(frames, bytes)).await {
+        let item = match self.try_push_reserved(item, bytes) {
+            Ok(()) => return Ok(()),
+            Err(queue::PushError::Closed(_)) => return Err(self.shared.closed_error()),
+            Err(queue::PushError::Full(back)) => back,
+        };
+        match tokio::time::timeout(self.shared.stall, self.queue(item, bytes)).await {
             Ok(queued) => queued.map_err(|(e, _)| e),
             Err(_) => Err(self.stalled()),
         }
@@ -811,15 +812,26 @@ impl FrameSender {
     /// [`Shared::try_reserve`]) and the frame queue has room.
     #[allow(clippy::result_large_err)]
     fn try_push_checked(&self, frame: Frame, bytes: usize) -> Result<(), TryUnsent> {
-        if !self.shared.try_reserve(bytes) {
-            return Err(TryUnsent::Full(frame));
-        }
-        self.push_counted(frame, bytes).map_err(|e| match e {
+        self.try_push_reserved(frame, bytes).map_err(|e| match e {
             queue::PushError::Closed(back) => {
                 TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), back))
             }
             queue::PushError::Full(back) => TryUnsent::Full(back),
         })
+    }
+
+    /// Queues an item of `bytes` (its queued cost) if its bytes fit now (see
+    /// [`Shared::try_reserve`]) and the queue has room; hands it back otherwise.
+    #[allow(clippy::result_large_err)]
+    fn try_push_reserved<T: Into<queue::Item>>(
+        &self,
+        item: T,
+        bytes: usize,
+    ) -> Result<(), queue::PushError<T>> {
+        if !self.shared.try_reserve(bytes) {
+            return Err(queue::PushError::Full(item));
+        }
+        self.push_counted(item, bytes)
     }
 
     /// Puts a frame whose `bytes` are counted as queued already into the frame queue,
@@ -960,12 +972,9 @@ impl FrameSender {
         if wire > APPEND_FRAME_MAX {
             return self.try_queue(frame, bytes);
         }
-        let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        if before.saturating_add(bytes) > self.shared.max_queued_bytes {
-            self.shared.unqueue(bytes);
+        if !self.try_count(bytes) {
             return Err(TrySendError::Full(frame));
         }
-        self.shared.queued_after_direct();
         let pending = &self.shared.pending;
         let appended = self.tx.try_append(
             bytes,
@@ -1026,15 +1035,25 @@ impl FrameSender {
         }
     }
 
-    /// Queues a checked frame of `bytes` (its queued cost) if there is room now.
-    #[allow(clippy::result_large_err)]
-    fn try_queue(&self, frame: Frame, bytes: usize) -> Result<(), TrySendError> {
+    /// Counts `bytes` as queued for a send that does not wait, if they fit under
+    /// `max_queued_bytes` with what is queued already (unlike [`Shared::try_reserve`],
+    /// not when they alone are over it); notes the send for the direct-write pause.
+    fn try_count(&self, bytes: usize) -> bool {
         let before = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
         if before.saturating_add(bytes) > self.shared.max_queued_bytes {
             self.shared.unqueue(bytes);
-            return Err(TrySendError::Full(frame));
+            return false;
         }
         self.shared.queued_after_direct();
+        true
+    }
+
+    /// Queues a checked frame of `bytes` (its queued cost) if there is room now.
+    #[allow(clippy::result_large_err)]
+    fn try_queue(&self, frame: Frame, bytes: usize) -> Result<(), TrySendError> {
+        if !self.try_count(bytes) {
+            return Err(TrySendError::Full(frame));
+        }
         self.push_counted(frame, bytes).map_err(|e| match e {
             queue::PushError::Full(frame) => TrySendError::Full(frame),
             queue::PushError::Closed(_) => TrySendError::Failed(self.shared.closed_error()),

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker, ready};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -30,11 +30,10 @@ use crate::sync::CacheLine;
 pub(super) enum Item {
     /// A frame, which the writer encodes.
     Frame(Frame),
-    /// Whole frames their sender encoded already, length prefixes and all, which the
-    /// writer writes as they are ([`super::EncodedFrames`]).
-    Encoded(Bytes),
-    /// Frames their senders encoded into the queue one by one ([`Tx::try_append`]),
-    /// counted as `cost` queued bytes in all.
+    /// Whole frames their senders encoded already, length prefixes and all, counted as
+    /// `cost` queued bytes in all, which the writer writes as they are: frames encoded
+    /// into the queue one by one ([`Tx::try_append`]), or a batch queued as one
+    /// ([`super::EncodedFrames`]), which later frames may join.
     Appended { frames: BytesMut, cost: usize },
 }
 
@@ -47,12 +46,6 @@ const APPEND_KEEP: usize = 2 * APPEND_MAX;
 impl From<Frame> for Item {
     fn from(frame: Frame) -> Item {
         Item::Frame(frame)
-    }
-}
-
-impl From<Bytes> for Item {
-    fn from(frames: Bytes) -> Item {
-        Item::Encoded(frames)
     }
 }
 
@@ -399,13 +392,17 @@ mod tests {
 
     #[test]
     fn encoded_frames_take_one_place_and_keep_it_among_frames() {
+        let encoded = || Item::Appended {
+            frames: BytesMut::from(&b"encoded"[..]),
+            cost: 7,
+        };
         let (tx, mut rx) = queue(3);
         assert!(tx.try_push(cancel(0)).is_ok());
-        assert!(tx.try_push(Bytes::from_static(b"encoded")).is_ok());
+        assert!(tx.try_push(encoded()).is_ok());
         assert!(tx.try_push(cancel(1)).is_ok());
         assert!(matches!(
-            tx.try_push(Bytes::from_static(b"more")),
-            Err(PushError::Full(back)) if back == "more"
+            tx.try_push(encoded()),
+            Err(PushError::Full(Item::Appended { cost: 7, .. }))
         ));
         let mut batch = Vec::new();
         assert_eq!(rx.try_recv_many(&mut batch, 8), 3);
@@ -413,9 +410,9 @@ mod tests {
             &batch[..],
             [
                 Item::Frame(Frame::Cancel { id: 0 }),
-                Item::Encoded(encoded),
+                Item::Appended { frames, cost: 7 },
                 Item::Frame(Frame::Cancel { id: 1 }),
-            ] if encoded == "encoded"
+            ] if &frames[..] == b"encoded"
         ));
     }
 

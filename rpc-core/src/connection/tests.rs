@@ -14,6 +14,17 @@ fn msg(len: usize) -> Frame {
     })
 }
 
+/// Both ends of a connection over an in-memory pipe of `pipe` bytes, with default
+/// settings: this side's reader and sender, then the peer's.
+fn pair(pipe: usize) -> (Reader, FrameSender, Reader, FrameSender) {
+    let (a, b) = tokio::io::duplex(pipe);
+    let (reader, sender) = start(a, &ConnectionConfig::default());
+    let (peer, peer_sender) = start(b, &ConnectionConfig::default());
+    (reader, sender, peer, peer_sender)
+}
+
+type Reader = FrameReader<<tokio::io::DuplexStream as Io>::Read>;
+
 #[tokio::test]
 async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
     fill_until_full(FrameSender::try_send).await;
@@ -195,9 +206,7 @@ async fn send_waits_for_room_under_the_byte_limit() {
 
 #[tokio::test]
 async fn a_frame_over_the_limit_the_peer_stated_fails_its_send_not_the_connection() {
-    let (a, b) = tokio::io::duplex(64 * 1024);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(64 * 1024);
     sender.limit_frame_len(1000);
     sender.limit_frame_len(0); // not stated: no change
     assert_eq!(sender.max_frame_len(), 1000);
@@ -357,9 +366,7 @@ async fn a_try_send_direct_on_an_idle_connection_is_written_at_once_and_a_busy_o
 async fn direct_writes_cut_short_by_a_full_stream_keep_every_senders_frames_whole_and_in_order() {
     // A 16-byte pipe: almost every direct write leaves a tail for the writer task, and
     // two senders race queued frames against it.
-    let (a, b) = tokio::io::duplex(16);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(16);
     const N: u64 = 300;
     let senders: Vec<_> = (0..2u64)
         .map(|who| {
@@ -444,9 +451,7 @@ async fn a_plain_send_on_an_idle_connection_is_left_to_the_writer_task() {
 async fn an_abort_after_a_direct_write_cut_short_completes_that_frame_before_the_go_away() {
     // A 64-byte pipe and a 200-byte frame: the direct write leaves a tail; the abort
     // comes before the writer task has run at all (one thread, no await in between).
-    let (a, b) = tokio::io::duplex(64);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(64);
     quiet(&sender);
     sender.send_direct(msg(200)).await.unwrap();
     let reason = ConnectionError::Closed {
@@ -465,9 +470,7 @@ async fn an_abort_after_a_direct_write_cut_short_completes_that_frame_before_the
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_direct_writes_tail_is_written_when_the_last_sender_is_gone() {
-    let (a, b) = tokio::io::duplex(64);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(64);
     quiet(&sender);
     sender.send_direct(msg(200)).await.unwrap();
     drop(sender);
@@ -699,9 +702,7 @@ async fn an_encoded_batch_on_a_busy_connection_with_nothing_queued_is_written_by
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_encoded_batch_of_one_on_a_busy_connection_is_left_to_the_writer_task() {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     let mut batch = cancel_batch(&sender, 7..8);
     just_written(&sender);
     sender.send_encoded_or_abort(&mut batch).await.unwrap();
@@ -712,9 +713,7 @@ async fn an_encoded_batch_of_one_on_a_busy_connection_is_left_to_the_writer_task
 
 #[tokio::test(flavor = "current_thread")]
 async fn an_encoded_batch_queued_behind_frames_keeps_its_place_among_them() {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     // The writer task has not run (one thread): a frame waits for it, so the batch
     // cannot be written directly, and is queued after that frame, before the next.
     sender.try_send(Frame::Cancel { id: 0 }).unwrap();
@@ -750,9 +749,7 @@ async fn a_frame_too_large_is_not_encoded_into_a_batch_and_leaves_it_as_it_was()
 async fn an_encoded_batch_cut_short_by_a_full_stream_is_finished_by_the_writer_task() {
     // A 16-byte pipe: the sender writes what fits and leaves the rest, counted as
     // queued, to the writer task.
-    let (a, b) = tokio::io::duplex(16);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(16);
     let mut batch = cancel_batch(&sender, 0..10);
     sender.send_encoded_or_abort(&mut batch).await.unwrap();
     assert!(sender.queued_bytes() > 0, "the rest is the writer's");
@@ -764,9 +761,7 @@ async fn an_encoded_batch_cut_short_by_a_full_stream_is_finished_by_the_writer_t
 
 #[tokio::test(flavor = "current_thread")]
 async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
-    let (a, b) = tokio::io::duplex(1 << 16);
-    let (_reader, sender) = start(a, &ConnectionConfig::default());
-    let (mut peer, _peer_sender) = start(b, &ConnectionConfig::default());
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     // One thread: the writer task has not run, so everything is queued, in this order.
     sender.try_send_encoded(Frame::Cancel { id: 0 }).unwrap();
     sender.try_send_encoded(Frame::Cancel { id: 1 }).unwrap();

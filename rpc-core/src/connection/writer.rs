@@ -26,6 +26,20 @@ const BUF_CAPACITY: usize = 16 * 1024;
 const BUSY_GAP: Duration = Duration::from_micros(20);
 const ABORT_GO_AWAY_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Takes more frames into `batch`, which holds the `n` just taken, when the connection
+/// is under load: the tasks that are ready to send run first, so that their frames
+/// share this write (fewer syscalls and wake-ups per frame). "Under load": several
+/// frames were waiting, or the last write was under [`BUSY_GAP`] ago. A lone frame on a
+/// quiet connection (one call in flight: a round trip apart) is written at once, since
+/// yielding would cost it a trip through the I/O driver.
+async fn gather(rx: &mut Rx, batch: &mut Vec<Item>, n: usize, last_write: std::time::Instant) {
+    if n < MAX_BATCH && (n > 1 || last_write.elapsed() < BUSY_GAP) {
+        tokio::task::yield_now().await;
+        let room = MAX_BATCH - batch.len();
+        rx.try_recv_many(batch, room);
+    }
+}
+
 /// How the write loop ended.
 enum End {
     /// Everything queued was written; shut the stream down.
@@ -76,22 +90,6 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
 
     let result: Result<End, ConnectionError> = async {
         loop {
-            // Under load, let the tasks that are ready to send run first, so that their
-            // frames share this write: fewer syscalls and wake-ups per frame. "Under
-            // load": several frames were waiting, or the last write was under BUSY_GAP
-            // ago. A lone frame on a quiet connection (one call in flight: a round trip
-            // apart) is written at once, since yielding would cost it a trip through the
-            // I/O driver.
-            macro_rules! gather {
-                ($n:expr) => {{
-                    let n = $n;
-                    if n < MAX_BATCH && (n > 1 || last_write.elapsed() < BUSY_GAP) {
-                        tokio::task::yield_now().await;
-                        let room = MAX_BATCH - batch.len();
-                        rx.try_recv_many(&mut batch, room);
-                    }
-                }};
-            }
             // A busy connection finds frames queued as it comes back: taken without the
             // select below, whose every round polls the abort and the close (each a
             // lock) and builds the timer's and the tail's futures. Pings are for quiet
@@ -99,7 +97,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             if !shared.abort.is_set() && !shared.close.is_set() {
                 let n = rx.try_recv_many(&mut batch, MAX_BATCH);
                 if n > 0 {
-                    gather!(n);
+                    gather(&mut rx, &mut batch, n, last_write).await;
                 }
             }
             let closing = if !batch.is_empty() {
@@ -117,7 +115,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     if n == 0 {
                         return Ok(End::Done); // every sender is gone
                     }
-                    gather!(n);
+                    gather(&mut rx, &mut batch, n, last_write).await;
                     false
                 }
                 _ = ping.tick() => {
@@ -161,12 +159,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                             shared.unqueue(frame_cost(&frame));
                         }
                     },
-                    // Encoded and checked by their sender; counted as queued as they are.
-                    Item::Encoded(frames) => {
-                        buf.extend_from_slice(&frames);
-                        encoded += queued_cost(frames.len());
-                    }
-                    // Encoded by their senders one by one, each counted as it came.
+                    // Encoded and checked by their senders, and counted as they came.
                     Item::Appended { frames, cost } => {
                         buf.extend_from_slice(&frames);
                         encoded += cost;
