@@ -140,6 +140,9 @@ enum BenchCommand {
     Bus(bench::bus::BusFlags),
     /// The floor: the RPC scenarios on bare tokio + LengthDelimitedCodec.
     Raw(bench::RpcFlags),
+    /// The bus's floor: pub/sub and req_seq through a relay on bare tokio that forwards
+    /// length-prefixed frames as it read them (no subjects, no routing).
+    BusRaw(bench::relay::RelayFlags),
     /// Durable streams: JetStream's publish, consume and replay scenarios, on a broker
     /// child process (default) or the embedded bus.
     Stream(bench::stream::StreamFlags),
@@ -149,6 +152,9 @@ enum BenchCommand {
     /// The raw bench's server (run by `bench raw`).
     #[command(hide = true)]
     ServeRaw { addr: String },
+    /// The relay of `bench bus-raw`.
+    #[command(hide = true)]
+    ServeRelay { addr: String },
 }
 
 #[derive(Debug, Args)]
@@ -263,9 +269,11 @@ fn main() -> ExitCode {
             Command::Bench(BenchCommand::Rpc(flags)) => bench::rpc::run(flags).await,
             Command::Bench(BenchCommand::Bus(flags)) => bench::bus::run(flags).await,
             Command::Bench(BenchCommand::Raw(flags)) => bench::raw::run(flags).await,
+            Command::Bench(BenchCommand::BusRaw(flags)) => bench::relay::run(flags).await,
             Command::Bench(BenchCommand::Stream(flags)) => bench::stream::run(flags).await,
             Command::Bench(BenchCommand::ServeRpc { addr }) => bench::rpc::serve(&addr).await,
             Command::Bench(BenchCommand::ServeRaw { addr }) => bench::raw::serve(&addr).await,
+            Command::Bench(BenchCommand::ServeRelay { addr }) => bench::relay::serve(&addr).await,
         }
     });
     match result {

@@ -2,7 +2,9 @@
 //!
 //! * `rpc`: a `#[courier::service]` echo over TCP, server in a child process;
 //! * `raw`: the same scenarios on bare tokio + `LengthDelimitedCodec`, the floor;
-//! * `bus`: publish/subscribe and request/reply through a `courier broker` child process.
+//! * `bus`: publish/subscribe and request/reply through a `courier broker` child process;
+//! * `bus-raw`: the bus's pub/sub scenarios and `req_seq` through a relay on bare tokio
+//!   that forwards frames as it read them, the bus's floor.
 //!
 //! Latencies are measured around each call in the client and reported as nearest-rank
 //! percentiles over every call of the measured phase. One JSON line per scenario with
@@ -11,6 +13,7 @@
 pub(crate) mod bus;
 pub(crate) mod memory;
 pub(crate) mod raw;
+pub(crate) mod relay;
 pub(crate) mod rpc;
 pub(crate) mod stream;
 
