@@ -690,3 +690,72 @@ async fn the_largest_publish_the_broker_accepts_is_delivered_not_lost() {
         other => panic!("expected a go-away, got {other:?}"),
     }
 }
+
+/// A publish to `subject` whose payload is `i`, big-endian, then `extra` zero bytes.
+fn numbered(subject: &'static str, i: u32, extra: usize) -> Frame {
+    let mut payload = i.to_be_bytes().to_vec();
+    payload.resize(4 + extra, 0);
+    Frame::Pub(Publish {
+        subject: subject.into(),
+        payload: payload.into(),
+        ..Publish::default()
+    })
+}
+
+#[tokio::test]
+async fn messages_published_just_before_the_publisher_leaves_are_all_delivered() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let subscriber = Bus::connect(broker.local_addr().to_string()).await.unwrap();
+    let mut sub = subscriber.subscribe("last.words").await.unwrap();
+    subscriber.flush().await.unwrap();
+    // A raw peer: its publishes and the end of its stream arrive together, so the
+    // broker reads the end while the messages of its last read are still to be sent.
+    let (_reader, sender) = raw_bus_peer(&broker).await;
+    for i in 0..500 {
+        sender.send(numbered("last.words", i, 0)).await.unwrap();
+    }
+    sender.close_within(Duration::from_secs(10)).await;
+    for i in 0..500u32 {
+        assert_eq!(
+            next(&mut sub).await.payload[..4],
+            i.to_be_bytes(),
+            "message {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn publishes_sent_unbatched_keep_their_place_among_batched_ones() {
+    let broker = Broker::bind("127.0.0.1:0").await.unwrap();
+    let addr = broker.local_addr().to_string();
+    // One subscription sees every message, in publish order.
+    let subscriber = Bus::connect(addr.clone()).await.unwrap();
+    let mut all = subscriber.subscribe("order.*").await.unwrap();
+    // Forty more on `order.wide`: a publish there reaches more subscriptions than the
+    // broker batches, and goes out unbatched. So does a message over 16 KiB.
+    let crowd = Bus::connect(addr.clone()).await.unwrap();
+    let mut wide = Vec::new();
+    for _ in 0..40 {
+        wide.push(crowd.subscribe("order.wide").await.unwrap());
+    }
+    subscriber.flush().await.unwrap();
+    crowd.flush().await.unwrap();
+    let (_reader, sender) = raw_bus_peer(&broker).await;
+    const N: u32 = 3_000;
+    for i in 0..N {
+        let frame = match i % 10 {
+            3 | 6 => numbered("order.wide", i, 16),
+            7 => numbered("order.small", i, 20 * 1024),
+            _ => numbered("order.small", i, 16),
+        };
+        sender.send(frame).await.unwrap();
+    }
+    for i in 0..N {
+        let m = next(&mut all).await;
+        assert_eq!(m.payload[..4], i.to_be_bytes(), "message {i} in its place");
+    }
+    for sub in &mut wide {
+        let first = next(sub).await;
+        assert_eq!(first.payload[..4], 3u32.to_be_bytes());
+    }
+}

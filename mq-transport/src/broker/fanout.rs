@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use rpc_core::connection::TrySendError;
+use rpc_core::connection::{BatchError, EncodedFrames, TrySendError};
 use rpc_core::frame::{Frame, Message as MsgFrame, Publish};
 use rpc_core::{ConnectionError, Utf8Bytes};
 
@@ -54,6 +54,88 @@ impl PublishRoutes {
     }
 }
 
+/// The messages that one read of a publisher's connection routed, encoded per
+/// subscriber connection and sent once per connection when the read is done, as
+/// nats-server flushes each client once per read: one write (or one queued item) per
+/// subscriber per read, from the thread that read them, instead of one queued frame per
+/// message for each subscriber's writer task to encode.
+///
+/// Bounded: a connection's batch is sent once it holds [`Batches::CONN_BYTES`], all of
+/// them once they hold [`Batches::TOTAL_BYTES`] or reach [`Batches::MAX_CONNS`]
+/// connections. Only messages of up to [`Batches::MESSAGE_BYTES`] to at most
+/// [`Batches::MAX_ROUTES`] subscriptions are batched; a larger publish is sent as
+/// before, after the batches (its frames share its buffers rather than copying them for
+/// each subscriber). Between reads a session keeps at most [`Batches::SPARE`] empty
+/// batches, whose buffers hold at most 16 KiB each.
+#[derive(Default)]
+pub(super) struct Batches {
+    /// Subscriber connections and what is encoded for each, in the order first reached.
+    conns: Vec<(Arc<Conn>, EncodedFrames)>,
+    /// Empty batches kept for the next read (their buffers).
+    spare: Vec<EncodedFrames>,
+    /// Bytes encoded in all of them.
+    bytes: usize,
+    /// A connection's batch reached [`Batches::CONN_BYTES`].
+    conn_full: bool,
+}
+
+impl Batches {
+    /// A connection's batch is sent once it holds this many bytes.
+    pub(super) const CONN_BYTES: usize = 64 * 1024;
+    /// All batches are sent once they hold this many bytes together.
+    pub(super) const TOTAL_BYTES: usize = 256 * 1024;
+    /// Larger messages (subject, headers and payload) are not batched.
+    pub(super) const MESSAGE_BYTES: usize = 16 * 1024;
+    /// Publishes that reach more subscriptions (queue groups counting once) are not
+    /// batched: one publish encoded for thousands of subscribers would hold as many
+    /// copies at once.
+    pub(super) const MAX_ROUTES: usize = 32;
+    /// All batches are sent once this many connections have one (each publish is
+    /// looked up among them).
+    pub(super) const MAX_CONNS: usize = 64;
+    /// Empty batches kept for the next read.
+    const SPARE: usize = 4;
+
+    /// Whether nothing waits to be sent.
+    pub(super) fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// Whether `publish`, which matched `found`, is batched.
+    fn takes(publish: &Publish, found: &Match<Route>) -> bool {
+        let routes = found.plain.len() + found.groups.len();
+        let size = publish.subject.len()
+            + publish.reply.len()
+            + crate::message::counted_size(&publish.headers, &publish.payload);
+        routes > 0 && routes <= Self::MAX_ROUTES && size <= Self::MESSAGE_BYTES
+    }
+
+    /// Encodes `frame` into `conn`'s batch if that connection has room for it beside
+    /// what is queued there and what the batch holds.
+    fn encode(&mut self, conn: &Arc<Conn>, frame: &Frame) -> Result<(), BatchError> {
+        let at = match self.conns.iter().rposition(|(c, _)| Arc::ptr_eq(c, conn)) {
+            Some(at) => at,
+            None => {
+                let batch = self.spare.pop().unwrap_or_default();
+                self.conns.push((conn.clone(), batch));
+                self.conns.len() - 1
+            }
+        };
+        let batch = &mut self.conns[at].1;
+        let before = batch.bytes();
+        conn.sender.try_encode_into(frame, batch)?;
+        let after = batch.bytes();
+        self.bytes += after - before;
+        self.conn_full |= after >= Self::CONN_BYTES;
+        Ok(())
+    }
+
+    /// Whether the batches are to be sent now, before the read is done.
+    fn over_limit(&self) -> bool {
+        self.conn_full || self.bytes >= Self::TOTAL_BYTES || self.conns.len() >= Self::MAX_CONNS
+    }
+}
+
 /// What routing a publish left to wait for.
 #[derive(Default)]
 struct Later {
@@ -70,8 +152,14 @@ impl Shared {
     /// its fsync under `always`: plain delivery is at-most-once).
     ///
     /// `routes` is the session's, which checked this publish's subject
-    /// ([`PublishRoutes::check`]).
-    pub(super) async fn publish(&self, publish: &Publish, routes: &mut PublishRoutes) {
+    /// ([`PublishRoutes::check`]); `batches` its messages of this read, which the
+    /// session sends ([`Shared::flush`]) when the read is done.
+    pub(super) async fn publish(
+        &self,
+        publish: &Publish,
+        routes: &mut PublishRoutes,
+        batches: &mut Batches,
+    ) {
         self.count_in();
         debug_assert!(routes.subject == publish.subject, "checked first");
         let cached = routes.found.as_ref().and_then(|kept| self.subs.kept(kept));
@@ -83,7 +171,63 @@ impl Shared {
             routes.found = Some(KeptMatch::new(generation, &found));
             found
         });
-        self.route_match(publish, &found).await;
+        if !Batches::takes(publish, &found) {
+            // what this read batched before it goes first, then this one as it is
+            self.flush(batches).await;
+            self.route_match(publish, &found).await;
+            return;
+        }
+        let mut full = Vec::new(); // allocates only when a connection is full
+        let delivered = found.offer(|route| route.batch(publish, self, batches), &mut full);
+        self.messages_out.fetch_add(delivered, Ordering::Relaxed);
+        if !full.is_empty() {
+            // Earlier messages to a full connection wait in its batch: they go first,
+            // then this one waits for room as an unbatched one does.
+            let later = Later {
+                full: full.into_iter().cloned().collect(),
+                behind: Vec::new(),
+            };
+            self.flush(batches).await;
+            self.settle(publish, later).await;
+        } else if batches.over_limit() {
+            self.flush(batches).await;
+        }
+    }
+
+    /// Sends what `batches` holds, one batch per subscriber connection: written at once
+    /// where nothing is queued or being written, queued otherwise. A connection without
+    /// room waits up to `slow_consumer_grace` and is then cut off as a slow consumer;
+    /// one past `pace_queued_bytes` afterwards paces the publisher, as for a single
+    /// message ([`Shared::settle`]).
+    pub(super) async fn flush(&self, batches: &mut Batches) {
+        if batches.is_empty() {
+            return;
+        }
+        let grace = self.config.slow_consumer_grace;
+        let mut sent = std::mem::take(&mut batches.conns);
+        for (conn, batch) in &mut sent {
+            if conn.slow.load(Ordering::Relaxed) {
+                continue;
+            }
+            match conn.sender.send_encoded_within(batch, grace).await {
+                Ok(()) => self.pace(conn).await,
+                Err(BatchError::Full) => conn.cut_off_full(self),
+                Err(BatchError::Failed(_)) => {} // closed: its queue goes with it
+            }
+        }
+        batches.bytes = 0;
+        batches.conn_full = false;
+        // the batches back, empty, for their buffers; the connections let go
+        for (_, mut batch) in sent.drain(..) {
+            if batches.spare.len() < Batches::SPARE {
+                if !batch.is_empty() {
+                    // left by a connection cut off or closed meanwhile
+                    batch = EncodedFrames::default();
+                }
+                batches.spare.push(batch);
+            }
+        }
+        batches.conns = sent;
     }
 
     /// Counts a publish received that is not routed (handled by the streams, or a
@@ -147,27 +291,34 @@ impl Shared {
             let frame = route.frame(publish);
             route.conn.deliver_within(frame, self).await;
         }
+        for conn in later.behind {
+            self.pace(&conn).await;
+        }
+    }
+
+    /// Paces the publisher to `conn` while it is past `pace_queued_bytes`: waits up to
+    /// `slow_consumer_grace` for it to drain below half of that, and cuts it off as a
+    /// slow consumer if it does not. Without a grace, nothing is paced.
+    async fn pace(&self, conn: &Conn) {
         let pace = self.config.pace_queued_bytes;
         let grace = self.config.slow_consumer_grace;
-        if grace.is_zero() {
-            return; // no grace, no pacing: cut only at max_queued_bytes, at once
+        if grace.is_zero()
+            || conn.sender.queued_bytes() <= pace
+            || conn.slow.load(Ordering::Relaxed)
+        {
+            return;
         }
-        for conn in later.behind {
-            if conn.slow.load(Ordering::Relaxed) {
-                continue;
-            }
-            if !conn.sender.wait_below(pace / 2, grace).await {
-                conn.cut_off(
-                    format!(
-                        "slow consumer: {} bytes queued for this connection did not drain \
-                         below {} bytes (half of pace_queued_bytes) within {grace:?} \
-                         (slow_consumer_grace); disconnecting",
-                        conn.sender.queued_bytes(),
-                        pace / 2,
-                    ),
-                    self,
-                );
-            }
+        if !conn.sender.wait_below(pace / 2, grace).await {
+            conn.cut_off(
+                format!(
+                    "slow consumer: {} bytes queued for this connection did not drain \
+                     below {} bytes (half of pace_queued_bytes) within {grace:?} \
+                     (slow_consumer_grace); disconnecting",
+                    conn.sender.queued_bytes(),
+                    pace / 2,
+                ),
+                self,
+            );
         }
     }
 
@@ -230,18 +381,40 @@ impl Route {
             }
             Err(TrySendError::Full(_)) => Offered::Full,
             Err(TrySendError::Failed(ConnectionError::FrameTooLarge { size, limit })) => {
-                shared.messages_too_large.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    peer = %conn.peer,
-                    subject = %publish.subject,
-                    size,
-                    limit,
-                    "message not delivered: its frame exceeds the frame limit this subscriber's connection stated"
-                );
+                self.too_large(publish, shared, size, limit);
                 Offered::Refused
             }
             Err(TrySendError::Failed(_)) => Offered::Refused,
         }
+    }
+
+    /// [`Route::deliver`] into this read's batch for the subscriber's connection.
+    fn batch(&self, publish: &Publish, shared: &Shared, batches: &mut Batches) -> Offered {
+        if self.conn.slow.load(Ordering::Relaxed) {
+            return Offered::Refused;
+        }
+        match batches.encode(&self.conn, &self.frame(publish)) {
+            Ok(()) => Offered::Taken,
+            Err(BatchError::Full) => Offered::Full,
+            Err(BatchError::Failed(ConnectionError::FrameTooLarge { size, limit })) => {
+                self.too_large(publish, shared, size, limit);
+                Offered::Refused
+            }
+            Err(BatchError::Failed(_)) => Offered::Refused,
+        }
+    }
+
+    /// Counts and logs a message not delivered here: its frame is over the limit this
+    /// subscriber's connection stated.
+    fn too_large(&self, publish: &Publish, shared: &Shared, size: u64, limit: usize) {
+        shared.messages_too_large.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            peer = %self.conn.peer,
+            subject = %publish.subject,
+            size,
+            limit,
+            "message not delivered: its frame exceeds the frame limit this subscriber's connection stated"
+        );
     }
 }
 
@@ -258,6 +431,12 @@ impl Conn {
                 return; // queued, or the connection is gone
             };
         }
+        self.cut_off_full(shared);
+    }
+
+    /// Cuts this connection off as a slow consumer that stayed full for the grace.
+    fn cut_off_full(&self, shared: &Shared) {
+        let grace = shared.config.slow_consumer_grace;
         let limits = &shared.config.connection;
         let message = format!(
             "slow consumer: {} bytes queued for this connection reached the broker's \

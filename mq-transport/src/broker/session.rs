@@ -10,7 +10,7 @@ use rpc_core::{ConnectionError, ProtocolError, Utf8Bytes};
 
 use super::Shared;
 use super::connection::Conn;
-use super::fanout::{PublishRoutes, Route};
+use super::fanout::{Batches, PublishRoutes, Route};
 use super::streams::{Captured, StreamSession};
 use crate::lock;
 use crate::message::{SUBSCRIPTION_REFUSED, counted_size, status_headers};
@@ -35,6 +35,9 @@ pub(super) struct Session<'a> {
     streams: StreamSession,
     /// Its last publish subject and what that matched.
     routes: PublishRoutes,
+    /// The messages its publishes of the current read routed, sent when the read is
+    /// done.
+    batches: Batches,
 }
 
 impl<'a> Session<'a> {
@@ -45,28 +48,40 @@ impl<'a> Session<'a> {
             subs: HashMap::new(),
             streams: StreamSession::new(id),
             routes: PublishRoutes::default(),
+            batches: Batches::default(),
         }
     }
 
     /// Runs the protocol until the peer leaves (`Ok`) or breaks it (`Err`, after telling
-    /// the peer why).
+    /// the peer why). The messages of the publishes accepted before either are sent.
     pub(super) async fn run<R: tokio::io::AsyncRead + Unpin>(
         &mut self,
         reader: &mut FrameReader<R>,
     ) -> Result<(), ConnectionError> {
         self.on_connect(reader).await?;
+        let result = self.serve(reader).await;
+        self.shared.flush(&mut self.batches).await;
+        result
+    }
+
+    async fn serve<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut FrameReader<R>,
+    ) -> Result<(), ConnectionError> {
         loop {
             let frame = {
                 let mut next = std::pin::pin!(reader.next());
-                if self.streams.has_deferred() {
-                    // Durable publishes are written once the next frame is not at hand
-                    // (nothing more buffered or ready on the socket): one write for all
-                    // that one burst from the peer brought. Asked without waiting; a
-                    // ping or pong consumed on the way counts as nothing at hand.
+                if self.streams.has_deferred() || !self.batches.is_empty() {
+                    // The messages routed and the durable publishes of this read are sent
+                    // and written once the next frame is not at hand (nothing more
+                    // buffered or ready on the socket): one write per subscriber, and
+                    // one for the stream, for all that one burst from the peer brought.
+                    // Asked without waiting; a ping or pong consumed on the way counts
+                    // as nothing at hand.
                     match super::poll_now(next.as_mut()) {
                         Some(frame) => frame,
                         None => {
-                            self.streams.commit_deferred(self.shared).await;
+                            self.end_of_read().await;
                             next.await
                         }
                     }
@@ -75,29 +90,41 @@ impl<'a> Session<'a> {
                 }
             };
             let Some(frame) = frame else {
-                break;
+                return Ok(());
             };
             match frame? {
                 Frame::Pub(publish) => self.on_pub(publish).await?,
-                Frame::Sub(sub) => self.on_sub(sub).await?,
-                Frame::Unsub { sid } => self.on_unsub(sid),
-                Frame::GoAway(g) => self.on_go_away(&g),
                 other => {
-                    return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
-                        kind: other.kind(),
-                        context: "a broker accepts pub, sub, unsub and go-away frames after connect",
-                    }));
+                    // Anything else is answered after the messages routed before it.
+                    self.shared.flush(&mut self.batches).await;
+                    match other {
+                        Frame::Sub(sub) => self.on_sub(sub).await?,
+                        Frame::Unsub { sid } => self.on_unsub(sid),
+                        Frame::GoAway(g) => self.on_go_away(&g),
+                        other => {
+                            return Err(reader.protocol_violation(ProtocolError::UnexpectedFrame {
+                                kind: other.kind(),
+                                context: "a broker accepts pub, sub, unsub and go-away frames after connect",
+                            }));
+                        }
+                    }
                 }
             }
             // ... or once MAX_DEFERRED of them wait: then their answers go out before
             // the rest of the burst is read (the writers woken by them run first), so
             // that a publisher's window refills while the broker works through the rest
             if self.streams.many_deferred() {
-                self.streams.commit_deferred(self.shared).await;
+                self.end_of_read().await;
                 tokio::task::yield_now().await;
             }
         }
-        Ok(())
+    }
+
+    /// Sends what this read routed, then writes its durable publishes (whose
+    /// acknowledgements follow the messages to subscribers).
+    async fn end_of_read(&mut self) {
+        self.shared.flush(&mut self.batches).await;
+        self.streams.commit_deferred(self.shared).await;
     }
 
     /// The first frame must be a connect, within the handshake timeout, with the token
@@ -176,14 +203,19 @@ impl<'a> Session<'a> {
         }
         // Accepted means deliverable: subjects are at most 4 KiB and headers count in
         // max_payload, so the Msg frame fits the frame limit (BrokerConfig::validate).
-        if publish.subject.starts_with('$') && self.streams.on_system(self.shared, &publish).await {
-            self.shared.count_in();
-            return Ok(());
+        if publish.subject.starts_with('$') {
+            // a stream request is answered after the messages routed before it
+            self.shared.flush(&mut self.batches).await;
+            if self.streams.on_system(self.shared, &publish).await {
+                self.shared.count_in();
+                return Ok(());
+            }
         }
+        let (routes, batches) = (&mut self.routes, &mut self.batches);
         match self.streams.capture(self.shared, &publish).await {
-            Captured::Deliver => self.shared.publish(&publish, &mut self.routes).await,
+            Captured::Deliver => self.shared.publish(&publish, routes, batches).await,
             Captured::DeliverThis(stripped) => {
-                self.shared.publish(&stripped, &mut self.routes).await
+                self.shared.publish(&stripped, routes, batches).await
             }
             Captured::Nothing => self.shared.count_in(),
         }

@@ -761,6 +761,59 @@ impl FrameSender {
         batch: &mut EncodedFrames,
     ) -> Result<(), ConnectionError> {
         self.check(frame)?;
+        self.encode_checked_into(frame, batch)
+    }
+
+    /// [`FrameSender::encode_into`] for a batch sent with
+    /// [`FrameSender::send_encoded_within`], if the connection has room for the frame
+    /// beside what is queued and what the batch holds already (`max_queued_bytes`, as
+    /// [`FrameSender::try_send`] counts it). A broker gathers the messages of one read
+    /// for each subscriber this way.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use rpc_core::connection::{self, ConnectionConfig, EncodedFrames};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// let mut batch = EncodedFrames::default();
+    /// for id in 0..3 {
+    ///     a_sender.try_encode_into(&Frame::Cancel { id }, &mut batch).unwrap();
+    /// }
+    /// a_sender.send_encoded_within(&mut batch, Duration::from_secs(1)).await.unwrap();
+    /// assert!(batch.is_empty());
+    /// for id in 0..3 {
+    ///     assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id });
+    /// }
+    /// # }
+    /// ```
+    pub fn try_encode_into(
+        &self,
+        frame: &Frame,
+        batch: &mut EncodedFrames,
+    ) -> Result<(), BatchError> {
+        let bytes = self.check(frame).map_err(BatchError::Failed)?;
+        let queued = self
+            .queued_bytes()
+            .saturating_add(batch.cost())
+            .saturating_add(bytes);
+        if queued > self.shared.max_queued_bytes {
+            return Err(BatchError::Full);
+        }
+        self.encode_checked_into(frame, batch)
+            .map_err(BatchError::Failed)
+    }
+
+    fn encode_checked_into(
+        &self,
+        frame: &Frame,
+        batch: &mut EncodedFrames,
+    ) -> Result<(), ConnectionError> {
         FrameCodec::new(self.max_frame_len()).encode_checked(frame, &mut batch.buf)?;
         batch.frames += 1;
         Ok(())
@@ -776,35 +829,56 @@ impl FrameSender {
         &self,
         batch: &mut EncodedFrames,
     ) -> Result<(), ConnectionError> {
+        match self.send_encoded_within(batch, self.shared.stall).await {
+            Ok(()) => Ok(()),
+            Err(BatchError::Full) => Err(self.stalled()),
+            Err(BatchError::Failed(e)) => Err(e),
+        }
+    }
+
+    /// Sends the frames of `batch` as one: written now, in one write, if nothing is
+    /// queued or being written (a batch of one only on an idle connection, as
+    /// [`FrameSender::send_direct`] writes); otherwise queued as one item, counted as
+    /// queued bytes like a frame of its size, waiting at most `wait` for room as
+    /// [`FrameSender::send_within`] does. Still no room after `wait`:
+    /// [`BatchError::Full`], and the frames are dropped; the caller decides what becomes
+    /// of a peer that does not read (a broker cuts it off as a slow consumer). Leaves
+    /// `batch` empty, its buffer kept for the next batch.
+    ///
+    /// See [`FrameSender::try_encode_into`] for an example.
+    pub async fn send_encoded_within(
+        &self,
+        batch: &mut EncodedFrames,
+        wait: Duration,
+    ) -> Result<(), BatchError> {
         if batch.is_empty() {
             return Ok(());
         }
         if self.shared.close.is_set() {
             batch.clear();
-            return Err(self.shared.closed_error());
+            return Err(BatchError::Failed(self.shared.closed_error()));
         }
         if self.direct.write_encoded_now(&batch.buf, batch.frames == 1) {
             batch.clear();
             return Ok(());
         }
         self.shared.queued_after_direct();
-        let bytes = queued_cost(batch.buf.len());
-        // A copy of its own, as long as the frames: the batch's buffer is kept for the
-        // next batch, and a queued item never holds more memory than it is counted for.
+        let bytes = batch.cost();
         let item = queue::Item::Appended {
-            frames: BytesMut::from(&batch.buf[..]),
+            frames: batch.take_frames(),
             cost: bytes,
         };
-        batch.clear();
         // The common case, room now, sets no timer.
         let item = match self.try_push_reserved(item, bytes) {
             Ok(()) => return Ok(()),
-            Err(queue::PushError::Closed(_)) => return Err(self.shared.closed_error()),
+            Err(queue::PushError::Closed(_)) => {
+                return Err(BatchError::Failed(self.shared.closed_error()));
+            }
             Err(queue::PushError::Full(back)) => back,
         };
-        match tokio::time::timeout(self.shared.stall, self.queue(item, bytes)).await {
-            Ok(queued) => queued.map_err(|(e, _)| e),
-            Err(_) => Err(self.stalled()),
+        match tokio::time::timeout(wait, self.queue(item, bytes)).await {
+            Ok(queued) => queued.map_err(|(e, _)| BatchError::Failed(e)),
+            Err(_) => Err(BatchError::Full),
         }
     }
 
@@ -1357,33 +1431,72 @@ pub enum TrySendError {
     Failed(ConnectionError),
 }
 
+/// Why a frame was not added to a batch ([`FrameSender::try_encode_into`]), or a batch
+/// not sent ([`FrameSender::send_encoded_within`]).
+#[derive(Debug)]
+pub enum BatchError {
+    /// No room on the connection (`max_queued_bytes`, or the send queue): now, or
+    /// within the wait.
+    Full,
+    /// The frame is refused (over the frame limit), or the connection is closed.
+    Failed(ConnectionError),
+}
+
 /// Frames encoded ahead of sending, in order, by a sender that gathers a batch itself
-/// ([`FrameSender::encode_into`]), then written or queued as one
-/// ([`FrameSender::send_encoded_or_abort`]).
+/// ([`FrameSender::try_encode_into`]), then written or queued as one
+/// ([`FrameSender::send_encoded_within`]): a server's answers to the requests of one
+/// read, a broker's messages to one subscriber from one read of a publisher.
+///
+/// A batch is bound to no connection; frames are checked against the connection that
+/// encodes them, so a batch is meant for one connection at a time.
 #[derive(Debug, Default)]
-pub(crate) struct EncodedFrames {
+pub struct EncodedFrames {
     buf: BytesMut,
     frames: usize,
 }
 
 impl EncodedFrames {
     /// What a batch keeps of its buffer between batches: a larger one is given back, so
-    /// that a connection that once sent a large batch does not hold it while idle.
+    /// that a connection that once sent a large batch does not hold it while idle. A
+    /// batch of this size or more is queued in its own buffer, not copied.
     const KEEP: usize = 16 * 1024;
 
     /// Frames in the batch.
-    pub(crate) fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.frames
     }
 
     /// Whether it holds no frame.
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.frames == 0
     }
 
     /// Encoded bytes, length prefixes included.
-    pub(crate) fn bytes(&self) -> usize {
+    pub fn bytes(&self) -> usize {
         self.buf.len()
+    }
+
+    /// What the batch counts for in a connection's queued bytes once sent.
+    fn cost(&self) -> usize {
+        if self.is_empty() {
+            0
+        } else {
+            queued_cost(self.buf.len())
+        }
+    }
+
+    /// The frames, for a queue item, leaving the batch empty: split off the buffer when
+    /// they are [`Self::KEEP`] or more (the buffer's unused room stays with the batch),
+    /// copied otherwise (the buffer is kept for the next batch). A queued item never
+    /// holds much more memory than its frames.
+    fn take_frames(&mut self) -> BytesMut {
+        let frames = if self.buf.len() >= Self::KEEP {
+            self.buf.split()
+        } else {
+            BytesMut::from(&self.buf[..])
+        };
+        self.clear();
+        frames
     }
 
     fn clear(&mut self) {

@@ -781,3 +781,86 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
 async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_back_when_full() {
     fill_until_full(FrameSender::try_send_encoded).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frame_past_the_byte_limit_beside_the_batch_is_refused_as_full_and_leaves_the_batch() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    // Nothing is queued: the batch alone fills the limit, though none of it is sent yet.
+    let mut batch = EncodedFrames::default();
+    let mut taken = 0;
+    let refused = loop {
+        match sender.try_encode_into(&msg(1000), &mut batch) {
+            Ok(()) => taken += 1,
+            Err(refused) => break refused,
+        }
+        assert!(taken < 100, "the byte limit was never applied");
+    };
+    assert!(matches!(refused, BatchError::Full), "{refused:?}");
+    assert_eq!(batch.len(), taken);
+    assert!((9..=10).contains(&taken), "{taken} frames of ~1 KB");
+    assert!(batch.bytes() <= 10_000, "{}", batch.bytes());
+    assert_eq!(sender.queued_bytes(), 0, "a batch counts once sent");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn a_batch_that_finds_no_room_within_the_wait_is_full_and_leaves_nothing_counted() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    // The peer reads nothing: fill the queue, to the last small frame.
+    while sender.try_send(msg(1000)).is_ok() {}
+    while sender.try_send(Frame::Cancel { id: 99 }).is_ok() {}
+    let queued = sender.queued_bytes();
+    let mut batch = cancel_batch(&sender, 0..3);
+    let sent = sender
+        .send_encoded_within(&mut batch, Duration::from_millis(50))
+        .await;
+    assert!(matches!(sent, Err(BatchError::Full)), "{sent:?}");
+    assert!(batch.is_empty(), "the frames are dropped");
+    assert_eq!(
+        sender.queued_bytes(),
+        queued,
+        "nothing of the batch counted"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_large_batch_queued_behind_a_frame_is_written_whole_in_its_place() {
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
+    // One thread: the writer task has not run, so the batch is queued behind frame 0.
+    sender.try_send(Frame::Cancel { id: 0 }).unwrap();
+    // Over 16 KiB: queued in its own buffer, split off the batch's, not copied.
+    let n = 16 * 1024 / cancel_len() as u64 + 10;
+    let mut batch = cancel_batch(&sender, 1..n + 1);
+    assert!(batch.bytes() > 16 * 1024);
+    sender
+        .send_encoded_within(&mut batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(batch.is_empty());
+    // The batch is reused for the next one, which must not disturb the first.
+    for id in n + 1..n + 4 {
+        sender
+            .try_encode_into(&Frame::Cancel { id }, &mut batch)
+            .unwrap();
+    }
+    sender
+        .send_encoded_within(&mut batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    sender.try_send(Frame::Cancel { id: n + 4 }).unwrap();
+    let total = n as usize + 5;
+    assert_eq!(
+        read_cancels(&mut peer, total).await,
+        (0..total as u64).collect::<Vec<_>>()
+    );
+    assert_nothing_left_queued(&sender).await;
+}
