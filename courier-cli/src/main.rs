@@ -10,7 +10,7 @@
 //! courier consume ORDERS billing              # prints and acknowledges
 //! courier reply time.now                    # an echo responder
 //! courier req time.now ping
-//! courier bench rpc | bus | raw [--json]   # the peers' workloads
+//! courier bench rpc | bus | raw | bus-raw [--json]   # the peers' workloads
 //! ```
 //!
 //! Logs go to stderr, filtered by `RUST_LOG` (default `info`).
