@@ -764,7 +764,10 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
     let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     // One thread: the writer task has not run, so everything is queued, in this order.
     sender.try_send_encoded(Frame::Cancel { id: 0 }).unwrap();
-    sender.try_send_encoded(Frame::Cancel { id: 1 }).unwrap();
+    // (a publish's way in: the same encoding)
+    sender
+        .try_send_or_give_back(Frame::Cancel { id: 1 }, false)
+        .unwrap();
     sender.try_send(Frame::Cancel { id: 2 }).unwrap();
     sender.try_send_encoded(Frame::Cancel { id: 3 }).unwrap();
     // Too large to encode into the queue: queued whole, still in its place.
@@ -780,6 +783,18 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
 #[tokio::test]
 async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_back_when_full() {
     fill_until_full(FrameSender::try_send_encoded).await;
+    fill_until_full(try_give_back).await;
+}
+
+/// `try_send_or_give_back` (a publish's way in), its refusal as `try_send`'s.
+#[allow(clippy::result_large_err)] // as try_send's
+fn try_give_back(sender: &FrameSender, frame: Frame) -> Result<(), TrySendError> {
+    sender
+        .try_send_or_give_back(frame, false)
+        .map_err(|unsent| match unsent {
+            TryUnsent::Full(frame) => TrySendError::Full(frame),
+            TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
+        })
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -834,13 +849,19 @@ async fn a_batch_that_finds_no_room_within_the_wait_is_full_and_leaves_nothing_c
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_large_batch_queued_behind_a_frame_is_written_whole_in_its_place() {
+    // 16 KiB or more: queued in the batch's own buffer, cut to its length, not copied.
+    for bytes in [16 * 1024, 40 * 1024] {
+        large_batch_behind_a_frame(bytes).await;
+    }
+}
+
+async fn large_batch_behind_a_frame(bytes: usize) {
     let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     // One thread: the writer task has not run, so the batch is queued behind frame 0.
     sender.try_send(Frame::Cancel { id: 0 }).unwrap();
-    // Over 16 KiB: queued in its own buffer, split off the batch's, not copied.
-    let n = 16 * 1024 / cancel_len() as u64 + 10;
+    let n = (bytes / cancel_len()) as u64 + 10;
     let mut batch = cancel_batch(&sender, 1..n + 1);
-    assert!(batch.bytes() > 16 * 1024);
+    assert!(batch.bytes() > bytes);
     sender
         .send_encoded_within(&mut batch, Duration::from_secs(1))
         .await
@@ -860,7 +881,8 @@ async fn a_large_batch_queued_behind_a_frame_is_written_whole_in_its_place() {
     let total = n as usize + 5;
     assert_eq!(
         read_cancels(&mut peer, total).await,
-        (0..total as u64).collect::<Vec<_>>()
+        (0..total as u64).collect::<Vec<_>>(),
+        "a batch of {bytes} bytes or more"
     );
     assert_nothing_left_queued(&sender).await;
 }
