@@ -475,13 +475,6 @@ trait Direct: Send + Sync + std::fmt::Debug {
 /// encodes into the queue; larger ones are queued whole, for the writer to encode.
 pub(crate) const APPEND_FRAME_MAX: usize = 16 * 1024;
 
-/// The largest frame, length prefix included, that [`FrameSender::try_send_or_give_back`]
-/// encodes into the queue. A larger publish is queued whole: encoding it on the
-/// publishing thread, and copying it again in the writer, cost more than queueing it
-/// (`bench bus`, `pubsub_1to1` 1 KiB: 1,051k → 921k msgs/s in five alternating pairs,
-/// against 2.42M → 3.01M at 16 B).
-pub const GIVE_BACK_ENCODE_MAX: usize = 256;
-
 /// What a direct write keeps of its buffer, the output's tail, once written: a larger
 /// one (a large frame's) is given back.
 const TAIL_KEEP: usize = 16 * 1024;
@@ -709,12 +702,6 @@ impl FrameSender {
     /// call, as `send_or_give_back` does, so that a sender that always finds room still
     /// yields to the runtime's other tasks now and then.
     ///
-    /// A frame of up to [`GIVE_BACK_ENCODE_MAX`] bytes that is not written directly is
-    /// encoded now, by the caller, into the queue, after the frames encoded there before
-    /// it (as a client's requests are): what it holds is freed at once, on the caller's
-    /// thread, and the writer task only copies bytes. A bus client's publishes go this
-    /// way.
-    ///
     /// ```
     /// use rpc_core::connection::{self, ConnectionConfig, TryUnsent, Unsent};
     /// use rpc_core::frame::Frame;
@@ -735,25 +722,11 @@ impl FrameSender {
     // The frame is handed back by value, as `try_send` does.
     #[allow(clippy::result_large_err)]
     pub fn try_send_or_give_back(&self, frame: Frame, direct: bool) -> Result<(), TryUnsent> {
-        if self.shared.close.is_set() {
-            return Err(TryUnsent::Unsent(Unsent::new(
-                self.shared.closed_error(),
-                frame,
-            )));
+        match self.check_or_write(frame, direct) {
+            Ok(Some((frame, bytes))) => self.try_push_checked(frame, bytes),
+            Ok(None) => Ok(()),
+            Err(unsent) => Err(TryUnsent::Unsent(unsent)),
         }
-        let len = match check_frame_len(&frame, self.max_frame_len()) {
-            Ok(len) => len,
-            Err(e) => return Err(TryUnsent::Unsent(Unsent::new(e, frame))),
-        };
-        let frame = if direct {
-            match self.direct.write_now(frame) {
-                Ok(()) => return Ok(()),
-                Err(frame) => frame,
-            }
-        } else {
-            frame
-        };
-        self.try_append(frame, len, GIVE_BACK_ENCODE_MAX)
     }
 
     /// The start of every send that hands its frame back: checks `frame`, and with
@@ -1068,27 +1041,13 @@ impl FrameSender {
             Ok(len) => len,
             Err(e) => return Err(TrySendError::Failed(e)),
         };
-        self.try_append(frame, len, APPEND_FRAME_MAX)
-            .map_err(|unsent| match unsent {
-                TryUnsent::Full(frame) => TrySendError::Full(frame),
-                TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
-            })
-    }
-
-    /// Queues a checked frame whose body is `len` bytes if there is room now: encoded
-    /// into the queue when it is at most `encode_max` bytes on the wire
-    /// ([`FrameSender::try_send_encoded`]), queued whole otherwise. Handed back when
-    /// full or closed.
-    #[allow(clippy::result_large_err)] // see try_send
-    fn try_append(&self, frame: Frame, len: usize, encode_max: usize) -> Result<(), TryUnsent> {
         let wire = len + LENGTH_PREFIX_LEN;
         let bytes = queued_cost(wire);
-        if wire > encode_max {
-            self.shared.queued_after_direct();
-            return self.try_push_checked(frame, bytes);
+        if wire > APPEND_FRAME_MAX {
+            return self.try_queue(frame, bytes);
         }
         if !self.try_count(bytes) {
-            return Err(TryUnsent::Full(frame));
+            return Err(TrySendError::Full(frame));
         }
         let pending = &self.shared.pending;
         let appended = self.tx.try_append(
@@ -1110,9 +1069,9 @@ impl FrameSender {
             Err(refused) => {
                 self.shared.unqueue(bytes);
                 Err(match refused {
-                    queue::PushError::Full(()) => TryUnsent::Full(frame),
+                    queue::PushError::Full(()) => TrySendError::Full(frame),
                     queue::PushError::Closed(()) => {
-                        TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), frame))
+                        TrySendError::Failed(self.shared.closed_error())
                     }
                 })
             }

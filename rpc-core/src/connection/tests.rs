@@ -764,10 +764,7 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
     let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
     // One thread: the writer task has not run, so everything is queued, in this order.
     sender.try_send_encoded(Frame::Cancel { id: 0 }).unwrap();
-    // (a publish's way in: the same encoding)
-    sender
-        .try_send_or_give_back(Frame::Cancel { id: 1 }, false)
-        .unwrap();
+    sender.try_send_encoded(Frame::Cancel { id: 1 }).unwrap();
     sender.try_send(Frame::Cancel { id: 2 }).unwrap();
     sender.try_send_encoded(Frame::Cancel { id: 3 }).unwrap();
     // Too large to encode into the queue: queued whole, still in its place.
@@ -783,18 +780,6 @@ async fn frames_encoded_into_the_queue_keep_their_order_among_queued_frames() {
 #[tokio::test]
 async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_back_when_full() {
     fill_until_full(FrameSender::try_send_encoded).await;
-    fill_until_full(try_give_back).await;
-}
-
-/// `try_send_or_give_back` (a publish's way in), its refusal as `try_send`'s.
-#[allow(clippy::result_large_err)] // as try_send's
-fn try_give_back(sender: &FrameSender, frame: Frame) -> Result<(), TrySendError> {
-    sender
-        .try_send_or_give_back(frame, false)
-        .map_err(|unsent| match unsent {
-            TryUnsent::Full(frame) => TrySendError::Full(frame),
-            TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
-        })
 }
 
 #[tokio::test(flavor = "current_thread")]
