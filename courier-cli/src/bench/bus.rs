@@ -24,15 +24,8 @@ use crate::bench::rpc::check;
 /// nats-bench's flags, same defaults.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct BusFlags {
-    /// Payload sizes of the pub/sub scenarios, in bytes.
-    #[arg(long, value_delimiter = ',', default_value = "16,1024")]
-    sizes: Vec<usize>,
-    /// Messages published per size (paired with --sizes).
-    #[arg(long, value_delimiter = ',', default_value = "2000000,1000000")]
-    counts: Vec<usize>,
-    /// Subscribers in fanout_1toN.
-    #[arg(long, default_value_t = 4)]
-    fanout: usize,
+    #[command(flatten)]
+    pubsub: PubSubFlags,
     /// Payload sizes of the request/reply scenarios.
     #[arg(long, value_delimiter = ',', default_value = "16")]
     req_sizes: Vec<usize>,
@@ -75,6 +68,40 @@ pub(crate) struct BusFlags {
     /// One JSON line per scenario instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// The pub/sub scenarios' flags (nats-bench's, same defaults), shared by `bench bus` and
+/// `bench bus-raw`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct PubSubFlags {
+    /// Payload sizes of the pub/sub scenarios, in bytes.
+    #[arg(long, value_delimiter = ',', default_value = "16,1024")]
+    sizes: Vec<usize>,
+    /// Messages published per size (paired with --sizes).
+    #[arg(long, value_delimiter = ',', default_value = "2000000,1000000")]
+    counts: Vec<usize>,
+    /// Subscribers in fanout_1toN.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) fanout: usize,
+}
+
+impl PubSubFlags {
+    /// Each payload size with its message count; an error unless they pair up.
+    pub(crate) fn runs(&self) -> Result<Vec<(usize, usize)>, String> {
+        if self.sizes.len() != self.counts.len() {
+            return Err(format!(
+                "--sizes has {} values and --counts {}: give one count per size",
+                self.sizes.len(),
+                self.counts.len()
+            ));
+        }
+        Ok(self
+            .sizes
+            .iter()
+            .copied()
+            .zip(self.counts.iter().copied())
+            .collect())
+    }
 }
 
 impl BusFlags {
@@ -176,21 +203,15 @@ impl Events {
 
 pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
     let mut report = Report::new(flags.json);
-    if flags.sizes.len() != flags.counts.len() {
-        return Err(format!(
-            "--sizes has {} values and --counts {}: give one count per size",
-            flags.sizes.len(),
-            flags.counts.len()
-        ));
-    }
+    let runs = flags.pubsub.runs()?;
     for (scenario, subscribers) in [
         (BusScenario::PubSub1To1, 1),
-        (BusScenario::FanOut1ToN, flags.fanout),
+        (BusScenario::FanOut1ToN, flags.pubsub.fanout),
     ] {
         if !flags.wants(scenario) {
             continue;
         }
-        for (&size, &count) in flags.sizes.iter().zip(&flags.counts) {
+        for &(size, count) in &runs {
             let line = pubsub(&flags, scenario, subscribers, size, count).await?;
             report.line(line, "delivered_msgs_per_s");
         }
@@ -230,10 +251,60 @@ pub(crate) async fn run(flags: BusFlags) -> Result<(), String> {
     Ok(())
 }
 
-struct Received {
-    delivered: usize,
-    first: Option<Instant>,
-    last: Option<Instant>,
+/// What one subscriber received: how many messages, and when the first and the last came.
+pub(crate) struct Received {
+    pub(crate) delivered: usize,
+    pub(crate) first: Option<Instant>,
+    pub(crate) last: Option<Instant>,
+}
+
+/// A pub/sub scenario's row in nats-bench's fields: `count` messages of `size` bytes
+/// published in `publish_elapsed` by `system`, and what each subscriber's task
+/// `received`. The rate is deliveries over the span from the earliest first message to
+/// the latest last one.
+pub(crate) async fn pubsub_row(
+    system: &str,
+    scenario: &str,
+    size: usize,
+    count: usize,
+    publish_elapsed: Duration,
+    received: Vec<tokio::task::JoinHandle<Result<Received, String>>>,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let subscribers = received.len();
+    let mut per_sub = Vec::new();
+    let (mut delivered, mut first, mut last) = (0, None::<Instant>, None::<Instant>);
+    for receiver in received {
+        let got = receiver.await.map_err(|e| e.to_string())??;
+        delivered += got.delivered;
+        if let (Some(f), Some(l)) = (got.first, got.last) {
+            per_sub.push(whole(
+                got.delivered as f64 / (l - f).as_secs_f64().max(1e-9),
+            ));
+            first = Some(first.map_or(f, |x| x.min(f)));
+            last = Some(last.map_or(l, |x| x.max(l)));
+        } else {
+            per_sub.push(json!(0.0));
+        }
+    }
+    let span = match (first, last) {
+        (Some(f), Some(l)) => (l - f).as_secs_f64().max(1e-9),
+        _ => f64::INFINITY,
+    };
+    let expected = count * subscribers;
+    Ok(fields(json!({
+        "system": system,
+        "scenario": scenario,
+        "payload_bytes": size,
+        "published": count,
+        "publish_msgs_per_s": whole(count as f64 / publish_elapsed.as_secs_f64()),
+        "delivered": delivered,
+        "expected_deliveries": expected,
+        "lost": expected - delivered.min(expected),
+        "delivered_msgs_per_s": whole(delivered as f64 / span),
+        "per_sub_msgs_per_s": per_sub,
+        "sub_elapsed_s": (span * 10_000.0).round() / 10_000.0,
+        "subscribers": subscribers,
+    })))
 }
 
 /// Counts messages until `expected` arrived or none came for 3 s.
@@ -297,46 +368,24 @@ async fn pubsub(
     }
     publisher.flush().await.map_err(|e| e.to_string())?;
     let publish_elapsed = started.elapsed();
-    let mut per_sub = Vec::new();
-    let (mut delivered, mut first, mut last) = (0, None::<Instant>, None::<Instant>);
-    for receiver in receivers {
-        let got = receiver.await.map_err(|e| e.to_string())??;
-        delivered += got.delivered;
-        if let (Some(f), Some(l)) = (got.first, got.last) {
-            per_sub.push(whole(
-                got.delivered as f64 / (l - f).as_secs_f64().max(1e-9),
-            ));
-            first = Some(first.map_or(f, |x| x.min(f)));
-            last = Some(last.map_or(l, |x| x.max(l)));
-        } else {
-            per_sub.push(json!(0.0));
-        }
-    }
+    let mut row = pubsub_row(
+        "courier",
+        scenario.as_str(),
+        size,
+        count,
+        publish_elapsed,
+        receivers,
+    )
+    .await?;
     bar.finish_and_clear();
-    let span = match (first, last) {
-        (Some(f), Some(l)) => (l - f).as_secs_f64().max(1e-9),
-        _ => f64::INFINITY,
-    };
-    let expected = count * subscribers;
-    Ok(fields(json!({
-        "system": "courier",
-        "scenario": scenario.as_str(),
-        "payload_bytes": size,
-        "published": count,
-        "publish_msgs_per_s": whole(count as f64 / publish_elapsed.as_secs_f64()),
-        "delivered": delivered,
-        "expected_deliveries": expected,
-        "lost": expected - delivered.min(expected),
-        "delivered_msgs_per_s": whole(delivered as f64 / span),
-        "per_sub_msgs_per_s": per_sub,
-        "sub_elapsed_s": (span * 10_000.0).round() / 10_000.0,
-        "subscribers": subscribers,
+    row.extend(fields(json!({
         "sub_capacity": flags.sub_capacity,
         "slow_consumer_events": events.slow.load(Ordering::Relaxed),
         "disconnect_events": events.disconnects.load(Ordering::Relaxed),
         "broker_peak_rss_kib": broker.peak_rss(),
         "server": "courier broker",
-    })))
+    })));
+    Ok(row)
 }
 
 #[derive(Clone)]

@@ -34,20 +34,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, mpsc};
 
 use super::{Caller, Report, fields, progress, selected, whole};
+use crate::bench::bus::{PubSubFlags, Received, pubsub_row};
 use crate::bench::rpc::check;
 
 /// `courier bench bus-raw`'s flags: those of `bench bus` that its three scenarios use.
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct RelayFlags {
-    /// Payload sizes of the pub/sub scenarios, in bytes.
-    #[arg(long, value_delimiter = ',', default_value = "16,1024")]
-    sizes: Vec<usize>,
-    /// Messages published per size (paired with --sizes).
-    #[arg(long, value_delimiter = ',', default_value = "2000000,1000000")]
-    counts: Vec<usize>,
-    /// Subscribers in fanout_1toN.
-    #[arg(long, default_value_t = 4)]
-    fanout: usize,
+    #[command(flatten)]
+    pubsub: PubSubFlags,
     /// Payload size of req_seq, in bytes.
     #[arg(long, default_value_t = 16)]
     req_size: usize,
@@ -396,12 +390,6 @@ impl FrameReader {
     }
 }
 
-struct Received {
-    delivered: usize,
-    first: Option<Instant>,
-    last: Option<Instant>,
-}
-
 /// Counts frames until `expected` arrived or none came for 3 s.
 async fn receive(
     mut reader: FrameReader,
@@ -433,18 +421,12 @@ async fn receive(
 
 pub(crate) async fn run(flags: RelayFlags) -> Result<(), String> {
     let mut report = Report::new(flags.json);
-    if flags.sizes.len() != flags.counts.len() {
-        return Err(format!(
-            "--sizes has {} values and --counts {}: give one count per size",
-            flags.sizes.len(),
-            flags.counts.len()
-        ));
-    }
-    for (scenario, subscribers) in [("pubsub_1to1", 1), ("fanout_1toN", flags.fanout)] {
+    let runs = flags.pubsub.runs()?;
+    for (scenario, subscribers) in [("pubsub_1to1", 1), ("fanout_1toN", flags.pubsub.fanout)] {
         if !selected(&flags.only, scenario) {
             continue;
         }
-        for (&size, &count) in flags.sizes.iter().zip(&flags.counts) {
+        for &(size, count) in &runs {
             let line = pubsub(&flags, scenario, subscribers, size, count).await?;
             report.line(line, "delivered_msgs_per_s");
         }
@@ -509,42 +491,18 @@ async fn pubsub(
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("publishing to the relay: {e}"))?;
     let publish_elapsed = started.elapsed();
-    let mut per_sub = Vec::new();
-    let (mut delivered, mut first, mut last) = (0, None::<Instant>, None::<Instant>);
-    for receiver in receivers {
-        let got = receiver.await.map_err(|e| e.to_string())??;
-        delivered += got.delivered;
-        if let (Some(f), Some(l)) = (got.first, got.last) {
-            per_sub.push(whole(
-                got.delivered as f64 / (l - f).as_secs_f64().max(1e-9),
-            ));
-            first = Some(first.map_or(f, |x| x.min(f)));
-            last = Some(last.map_or(l, |x| x.max(l)));
-        } else {
-            per_sub.push(json!(0.0));
-        }
-    }
+    let mut row = pubsub_row(
+        "courier-raw-relay",
+        scenario,
+        size,
+        count,
+        publish_elapsed,
+        receivers,
+    )
+    .await?;
     bar.finish_and_clear();
-    let span = match (first, last) {
-        (Some(f), Some(l)) => (l - f).as_secs_f64().max(1e-9),
-        _ => f64::INFINITY,
-    };
-    let expected = count * subscribers;
-    Ok(fields(json!({
-        "system": "courier-raw-relay",
-        "scenario": scenario,
-        "payload_bytes": size,
-        "published": count,
-        "publish_msgs_per_s": whole(count as f64 / publish_elapsed.as_secs_f64()),
-        "delivered": delivered,
-        "expected_deliveries": expected,
-        "lost": expected - delivered.min(expected),
-        "delivered_msgs_per_s": whole(delivered as f64 / span),
-        "per_sub_msgs_per_s": per_sub,
-        "sub_elapsed_s": (span * 10_000.0).round() / 10_000.0,
-        "subscribers": subscribers,
-        "server": "raw relay",
-    })))
+    row.insert("server".into(), json!("raw relay"));
+    Ok(row)
 }
 
 /// The requester of `req_seq`: one request (a frame to channel 0) and its echo (a frame
