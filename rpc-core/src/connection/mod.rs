@@ -843,7 +843,7 @@ impl FrameSender {
     /// [`FrameSender::send_within`] does. Still no room after `wait`:
     /// [`BatchError::Full`], and the frames are dropped; the caller decides what becomes
     /// of a peer that does not read (a broker cuts it off as a slow consumer). Leaves
-    /// `batch` empty, its buffer kept for the next batch.
+    /// `batch` empty.
     ///
     /// See [`FrameSender::try_encode_into`] for an example.
     pub async fn send_encoded_within(
@@ -1448,7 +1448,8 @@ pub enum BatchError {
 /// read, a broker's messages to one subscriber from one read of a publisher.
 ///
 /// A batch is bound to no connection; frames are checked against the connection that
-/// encodes them, so a batch is meant for one connection at a time.
+/// encodes them, so a batch is meant for one connection at a time. See
+/// [`FrameSender::try_encode_into`] for an example.
 #[derive(Debug, Default)]
 pub struct EncodedFrames {
     buf: BytesMut,
