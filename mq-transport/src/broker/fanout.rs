@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use rpc_core::connection::{BatchError, EncodedFrames, TrySendError};
-use rpc_core::frame::{Frame, Message as MsgFrame, Publish};
+use rpc_core::frame::{Delivery, Frame, Message as MsgFrame, Publish};
 use rpc_core::{ConnectionError, Utf8Bytes};
 
 use super::Shared;
@@ -84,7 +84,7 @@ impl Batches {
     pub(super) const CONN_BYTES: usize = 64 * 1024;
     /// All batches are sent once they hold this many bytes together.
     pub(super) const TOTAL_BYTES: usize = 256 * 1024;
-    /// Larger messages (subject, headers and payload) are not batched.
+    /// Messages whose `Msg` frame is larger are not batched.
     pub(super) const MESSAGE_BYTES: usize = 16 * 1024;
     /// Publishes that reach more subscriptions (queue groups counting once) are not
     /// batched: one publish encoded for thousands of subscribers would hold as many
@@ -101,18 +101,23 @@ impl Batches {
         self.bytes == 0
     }
 
-    /// Whether `publish`, which matched `found`, is batched.
-    fn takes(publish: &Publish, found: &Match<Route>) -> bool {
+    /// `publish`, ready to be encoded for each subscription, if it is batched (it
+    /// matched `found`).
+    fn takes<'p>(publish: &'p Publish, found: &Match<Route>) -> Option<Delivery<'p>> {
         let routes = found.plain.len() + found.groups.len();
-        let size = publish.subject.len()
-            + publish.reply.len()
-            + crate::message::counted_size(&publish.headers, &publish.payload);
-        routes > 0 && routes <= Self::MAX_ROUTES && size <= Self::MESSAGE_BYTES
+        if routes == 0 || routes > Self::MAX_ROUTES {
+            return None;
+        }
+        // A field too long for the wire is refused per subscription, as unbatched.
+        Delivery::new(publish)
+            .ok()
+            .filter(|delivery| delivery.encoded_len() <= Self::MESSAGE_BYTES)
     }
 
-    /// Encodes `frame` into `conn`'s batch if that connection has room for it beside
-    /// what is queued there and what the batch holds.
-    fn encode(&mut self, conn: &Arc<Conn>, frame: &Frame) -> Result<(), BatchError> {
+    /// Encodes the delivery of `route`'s message into its connection's batch if that
+    /// connection has room for it beside what is queued there and what the batch holds.
+    fn encode(&mut self, route: &Route, delivery: &Delivery<'_>) -> Result<(), BatchError> {
+        let conn = &route.conn;
         let at = match self.conns.iter().rposition(|(c, _)| Arc::ptr_eq(c, conn)) {
             Some(at) => at,
             None => {
@@ -123,7 +128,8 @@ impl Batches {
         };
         let batch = &mut self.conns[at].1;
         let before = batch.bytes();
-        conn.sender.try_encode_into(frame, batch)?;
+        conn.sender
+            .try_encode_delivery_into(delivery, route.sid, batch)?;
         let after = batch.bytes();
         self.bytes += after - before;
         self.conn_full |= after >= Self::CONN_BYTES;
@@ -171,14 +177,14 @@ impl Shared {
             routes.found = Some(KeptMatch::new(generation, &found));
             found
         });
-        if !Batches::takes(publish, &found) {
+        let Some(delivery) = Batches::takes(publish, &found) else {
             // what this read batched before it goes first, then this one as it is
             self.flush(batches).await;
             self.route_match(publish, &found).await;
             return;
-        }
+        };
         let mut full = Vec::new(); // allocates only when a connection is full
-        let delivered = found.offer(|route| route.batch(publish, self, batches), &mut full);
+        let delivered = found.offer(|route| route.batch(&delivery, self, batches), &mut full);
         self.messages_out.fetch_add(delivered, Ordering::Relaxed);
         if !full.is_empty() {
             // Earlier messages to a full connection wait in its batch: they go first,
@@ -389,15 +395,15 @@ impl Route {
     }
 
     /// [`Route::deliver`] into this read's batch for the subscriber's connection.
-    fn batch(&self, publish: &Publish, shared: &Shared, batches: &mut Batches) -> Offered {
+    fn batch(&self, delivery: &Delivery<'_>, shared: &Shared, batches: &mut Batches) -> Offered {
         if self.conn.slow.load(Ordering::Relaxed) {
             return Offered::Refused;
         }
-        match batches.encode(&self.conn, &self.frame(publish)) {
+        match batches.encode(self, delivery) {
             Ok(()) => Offered::Taken,
             Err(BatchError::Full) => Offered::Full,
             Err(BatchError::Failed(ConnectionError::FrameTooLarge { size, limit })) => {
-                self.too_large(publish, shared, size, limit);
+                self.too_large(delivery.publish(), shared, size, limit);
                 Offered::Refused
             }
             Err(BatchError::Failed(_)) => Offered::Refused,

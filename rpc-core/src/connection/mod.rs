@@ -43,7 +43,7 @@ use tokio_util::task::TaskTracker;
 pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
 use crate::error::ConnectionError;
-use crate::frame::{Frame, GoAway};
+use crate::frame::{Delivery, Frame, GoAway};
 use crate::sync::{CacheLine, Latch};
 
 /// Settings of one connection, on either side.
@@ -807,6 +807,74 @@ impl FrameSender {
         }
         self.encode_checked_into(frame, batch)
             .map_err(BatchError::Failed)
+    }
+
+    /// [`FrameSender::try_encode_into`] for the `Msg` frame that delivers a publish to
+    /// subscription `sid`, encoded from the publish (see [`Delivery`]): a broker that
+    /// fans one publish out to several subscribers checks its fields once and builds no
+    /// frame per subscriber.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use rpc_core::connection::{self, ConnectionConfig, EncodedFrames};
+    /// use rpc_core::frame::{Delivery, Frame, Publish};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// let publish = Publish {
+    ///     subject: "orders.new".into(),
+    ///     reply: Default::default(),
+    ///     headers: Default::default(),
+    ///     payload: Bytes::from_static(b"hi"),
+    /// };
+    /// let delivery = Delivery::new(&publish).unwrap();
+    /// let mut batch = EncodedFrames::default();
+    /// for sid in [1, 2] {
+    ///     a_sender.try_encode_delivery_into(&delivery, sid, &mut batch).unwrap();
+    /// }
+    /// a_sender.send_encoded_within(&mut batch, Duration::from_secs(1)).await.unwrap();
+    /// for sid in [1, 2] {
+    ///     let Frame::Msg(m) = b_reader.next().await.unwrap().unwrap() else { panic!() };
+    ///     assert_eq!((m.sid, &m.payload[..]), (sid, &b"hi"[..]));
+    /// }
+    /// # }
+    /// ```
+    pub fn try_encode_delivery_into(
+        &self,
+        delivery: &Delivery<'_>,
+        sid: u64,
+        batch: &mut EncodedFrames,
+    ) -> Result<(), BatchError> {
+        if self.shared.close.is_set() {
+            return Err(BatchError::Failed(self.shared.closed_error()));
+        }
+        let len = delivery.encoded_len();
+        let limit = self.max_frame_len();
+        if len > limit {
+            return Err(BatchError::Failed(ConnectionError::FrameTooLarge {
+                size: len as u64,
+                limit,
+            }));
+        }
+        let queued = self
+            .queued_bytes()
+            .saturating_add(batch.cost())
+            .saturating_add(queued_cost(len + LENGTH_PREFIX_LEN));
+        if queued > self.shared.max_queued_bytes {
+            return Err(BatchError::Full);
+        }
+        let buf = &mut batch.buf;
+        buf.reserve(LENGTH_PREFIX_LEN + len);
+        // at most `max_frame_len`, which is at most `u32::MAX`
+        buf.put_u32(len as u32);
+        delivery.encode(sid, buf);
+        batch.frames += 1;
+        Ok(())
     }
 
     fn encode_checked_into(

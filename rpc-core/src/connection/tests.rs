@@ -807,6 +807,66 @@ async fn a_frame_past_the_byte_limit_beside_the_batch_is_refused_as_full_and_lea
     assert_eq!(sender.queued_bytes(), 0, "a batch counts once sent");
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_delivery_is_encoded_counted_and_refused_as_its_msg_frame_would_be() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        max_frame_len: 2_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    let publish = |len: usize| crate::frame::Publish {
+        subject: "s".into(),
+        payload: Bytes::from(vec![0u8; len]),
+        ..Default::default()
+    };
+    // the same frames, one way and the other, until the byte limit refuses one
+    let fill = |encode: &dyn Fn(&mut EncodedFrames) -> Result<(), BatchError>| {
+        let mut batch = EncodedFrames::default();
+        loop {
+            match encode(&mut batch) {
+                Ok(()) => assert!(batch.len() < 100, "the byte limit was never applied"),
+                Err(refused) => {
+                    assert!(matches!(refused, BatchError::Full), "{refused:?}");
+                    return batch;
+                }
+            }
+        }
+    };
+    let small = publish(1000);
+    let delivery = Delivery::new(&small).unwrap();
+    let delivered = fill(&|batch| sender.try_encode_delivery_into(&delivery, 1, batch));
+    let framed = fill(&|batch| sender.try_encode_into(&msg(1000), batch));
+    assert_eq!(delivered.len(), framed.len());
+    assert_eq!(delivered.buf, framed.buf, "the same bytes");
+    assert_eq!(sender.queued_bytes(), 0, "a batch counts once sent");
+
+    // over the frame limit this connection has: refused, naming both, batch untouched
+    let large = publish(3000);
+    let delivery = Delivery::new(&large).unwrap();
+    let mut batch = EncodedFrames::default();
+    let refused = sender
+        .try_encode_delivery_into(&delivery, 1, &mut batch)
+        .unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            BatchError::Failed(ConnectionError::FrameTooLarge { limit: 2_000, size }) if size as usize == delivery.encoded_len()
+        ),
+        "{refused:?}"
+    );
+    assert!(batch.is_empty());
+
+    // closed: refused as the connection's failure
+    sender.close();
+    let refused = sender
+        .try_encode_delivery_into(&Delivery::new(&small).unwrap(), 1, &mut batch)
+        .unwrap_err();
+    assert!(matches!(refused, BatchError::Failed(_)), "{refused:?}");
+    assert!(batch.is_empty());
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_batch_that_finds_no_room_within_the_wait_is_full_and_leaves_nothing_counted() {
     let (a, _b) = tokio::io::duplex(64);

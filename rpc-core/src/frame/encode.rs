@@ -17,6 +17,80 @@ impl Publish {
     pub const DELIVERY_OVERHEAD: usize = 8;
 }
 
+/// A publish about to be delivered, as `Msg` frames, to one subscription or many: its
+/// fields are checked against their wire types and its body length computed once, and
+/// each frame is encoded from the publish itself (no [`Frame`] is built per
+/// subscription). The bytes are those of the [`Frame::Msg`] with the same fields.
+///
+/// ```
+/// use bytes::{Bytes, BytesMut};
+/// use rpc_core::frame::{Delivery, Frame, Message, Publish};
+///
+/// let publish = Publish {
+///     subject: "orders.new".into(),
+///     reply: Default::default(),
+///     headers: Default::default(),
+///     payload: Bytes::from_static(b"hi"),
+/// };
+/// let delivery = Delivery::new(&publish).unwrap();
+/// let mut frame = BytesMut::new();
+/// Frame::Msg(Message {
+///     sid: 7,
+///     subject: publish.subject.clone(),
+///     reply: publish.reply.clone(),
+///     headers: publish.headers.clone(),
+///     payload: publish.payload.clone(),
+/// })
+/// .encode(&mut frame)
+/// .unwrap();
+/// assert_eq!(delivery.encoded_len(), frame.len());
+///
+/// let mut delivered = BytesMut::new();
+/// delivery.encode(7, &mut delivered);
+/// assert_eq!(delivered, frame);
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Delivery<'a> {
+    publish: &'a Publish,
+    len: usize,
+}
+
+impl<'a> Delivery<'a> {
+    /// Checks `publish`'s fields as [`Frame::encoded_len`] does for its `Msg` frame.
+    pub fn new(publish: &'a Publish) -> Result<Self, ProtocolError> {
+        let len = BODY_PREAMBLE_LEN
+            + Publish::DELIVERY_OVERHEAD
+            + message_fields_len(
+                Kind::Msg,
+                &publish.subject,
+                &publish.reply,
+                &publish.headers,
+                &publish.payload,
+            )?;
+        Ok(Delivery { publish, len })
+    }
+
+    /// The publish delivered.
+    pub fn publish(&self) -> &'a Publish {
+        self.publish
+    }
+
+    /// The body length of each `Msg` frame (without the 4-byte length prefix).
+    pub fn encoded_len(&self) -> usize {
+        self.len
+    }
+
+    /// Appends the body of the `Msg` frame for subscription `sid` (no length prefix).
+    pub fn encode(&self, sid: u64, dst: &mut BytesMut) {
+        dst.reserve(self.len);
+        let p = self.publish;
+        dst.put_u8(VERSION);
+        dst.put_u8(Kind::Msg as u8);
+        dst.put_u64(sid);
+        put_message_fields(dst, &p.subject, &p.reply, &p.headers, &p.payload);
+    }
+}
+
 impl Frame {
     /// The length of this frame's body on the wire (version, kind, header and payload;
     /// without the 4-byte length prefix).
@@ -41,19 +115,13 @@ impl Frame {
                 8 + str16_len(kind, "name", &c.name)? + str16_len(kind, "token", &c.token)?
             }
             Frame::Pub(p) => {
-                str16_len(kind, "subject", &p.subject)?
-                    + str16_len(kind, "reply", &p.reply)?
-                    + metadata_len(kind, &p.headers)?
-                    + p.payload.len()
+                message_fields_len(kind, &p.subject, &p.reply, &p.headers, &p.payload)?
             }
             Frame::Sub(s) => {
                 8 + str16_len(kind, "subject", &s.subject)? + str16_len(kind, "queue", &s.queue)?
             }
             Frame::Msg(m) => {
-                8 + str16_len(kind, "subject", &m.subject)?
-                    + str16_len(kind, "reply", &m.reply)?
-                    + metadata_len(kind, &m.headers)?
-                    + m.payload.len()
+                8 + message_fields_len(kind, &m.subject, &m.reply, &m.headers, &m.payload)?
             }
             Frame::GoAway(g) => 2 + str16_len(kind, "message", &g.message)?,
         };
@@ -129,12 +197,7 @@ impl Frame {
                 reply,
                 headers,
                 payload,
-            }) => {
-                put_str16(dst, subject);
-                put_str16(dst, reply);
-                put_metadata(dst, headers);
-                dst.put_slice(payload);
-            }
+            }) => put_message_fields(dst, subject, reply, headers, payload),
             Frame::Sub(Subscribe {
                 sid,
                 subject,
@@ -152,10 +215,7 @@ impl Frame {
                 payload,
             }) => {
                 dst.put_u64(*sid);
-                put_str16(dst, subject);
-                put_str16(dst, reply);
-                put_metadata(dst, headers);
-                dst.put_slice(payload);
+                put_message_fields(dst, subject, reply, headers, payload);
             }
             Frame::GoAway(GoAway { code, message }) => {
                 dst.put_u16(*code);
@@ -163,6 +223,33 @@ impl Frame {
             }
         }
     }
+}
+
+/// The fields that `Pub` and `Msg` share: subject, reply, headers, payload.
+fn message_fields_len(
+    kind: Kind,
+    subject: &Utf8Bytes,
+    reply: &Utf8Bytes,
+    headers: &Metadata,
+    payload: &[u8],
+) -> Result<usize, ProtocolError> {
+    Ok(str16_len(kind, "subject", subject)?
+        + str16_len(kind, "reply", reply)?
+        + metadata_len(kind, headers)?
+        + payload.len())
+}
+
+fn put_message_fields(
+    dst: &mut BytesMut,
+    subject: &Utf8Bytes,
+    reply: &Utf8Bytes,
+    headers: &Metadata,
+    payload: &[u8],
+) {
+    put_str16(dst, subject);
+    put_str16(dst, reply);
+    put_metadata(dst, headers);
+    dst.put_slice(payload);
 }
 
 fn str16_len(kind: Kind, field: &'static str, s: &Utf8Bytes) -> Result<usize, ProtocolError> {

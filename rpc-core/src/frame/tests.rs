@@ -239,6 +239,26 @@ fn text_over_65535_bytes_is_refused_on_encode() {
     ));
 }
 
+#[test]
+fn a_delivery_of_a_publish_whose_subject_is_over_65535_bytes_is_refused() {
+    let publish = Publish {
+        subject: "x".repeat(70_000).into(),
+        reply: Utf8Bytes::default(),
+        headers: Metadata::default(),
+        payload: Bytes::new(),
+    };
+    let err = Delivery::new(&publish).unwrap_err();
+    assert!(matches!(
+        err,
+        ProtocolError::FieldTooLong {
+            kind: Kind::Msg,
+            field: "subject",
+            len: 70_000,
+            ..
+        }
+    ));
+}
+
 fn text() -> impl Strategy<Value = Utf8Bytes> {
     ".{0,12}".prop_map(Utf8Bytes::from)
 }
@@ -336,6 +356,28 @@ proptest! {
         let mut checked = BytesMut::from(&b"before"[..]);
         codec.encode_checked(&frame, &mut checked).unwrap();
         prop_assert_eq!(checked, encoded);
+    }
+
+    #[test]
+    fn a_delivery_encodes_the_msg_frame_of_its_publish(
+        sid in any::<u64>(),
+        (subject, reply, headers, payload) in (text(), text(), metadata(), payload()),
+    ) {
+        let publish = Publish { subject, reply, headers, payload };
+        let delivery = Delivery::new(&publish).unwrap();
+        let msg = Frame::Msg(Message {
+            sid,
+            subject: publish.subject.clone(),
+            reply: publish.reply.clone(),
+            headers: publish.headers.clone(),
+            payload: publish.payload.clone(),
+        });
+        let mut expected = BytesMut::from(&b"before"[..]);
+        msg.encode(&mut expected).unwrap();
+        let mut delivered = BytesMut::from(&b"before"[..]);
+        delivery.encode(sid, &mut delivered);
+        prop_assert_eq!(delivery.encoded_len(), msg.encoded_len().unwrap());
+        prop_assert_eq!(delivered, expected);
     }
 
     #[test]
