@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 
 pub use self::config::{BrokerConfig, BrokerConfigError, BrokerStats};
 use self::connection::Conn;
-use self::fanout::Route;
+use self::fanout::{BatchPool, Route};
 use self::streams::StreamHost;
 use crate::embedded::Storage;
 use crate::lock;
@@ -115,6 +115,7 @@ impl Broker {
             messages_out: AtomicU64::new(0),
             messages_too_large: AtomicU64::new(0),
             slow_consumers: AtomicU64::new(0),
+            batch_pool: BatchPool::default(),
         });
         // dead letters reach the broker's subscribers too (a stream capturing their
         // subject has stored them already)
@@ -232,6 +233,8 @@ struct Shared {
     messages_out: AtomicU64,
     messages_too_large: AtomicU64,
     slow_consumers: AtomicU64,
+    /// Batches for the sessions' messages of one read ([`fanout::Batches`]).
+    batch_pool: BatchPool,
 }
 
 impl Shared {

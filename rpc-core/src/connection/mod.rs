@@ -1518,17 +1518,56 @@ pub enum BatchError {
 /// A batch is bound to no connection; frames are checked against the connection that
 /// encodes them, so a batch is meant for one connection at a time. See
 /// [`FrameSender::try_encode_into`] for an example.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EncodedFrames {
     buf: BytesMut,
     frames: usize,
+    /// The most room its buffer keeps between batches.
+    keep: usize,
+}
+
+impl Default for EncodedFrames {
+    fn default() -> Self {
+        EncodedFrames {
+            buf: BytesMut::new(),
+            frames: 0,
+            keep: Self::KEEP,
+        }
+    }
 }
 
 impl EncodedFrames {
-    /// What a batch keeps of its buffer between batches: a larger one is given back, so
-    /// that a connection that once sent a large batch does not hold it while idle. A
-    /// batch of this size or more is queued in its own buffer, not copied.
+    /// What a batch keeps of its buffer between batches by default: a larger one is
+    /// given back, so that a connection that once sent a large batch does not hold it
+    /// while idle. A batch of this size or more is queued in its own buffer, not copied.
     const KEEP: usize = 16 * 1024;
+
+    /// A batch with room for `capacity` bytes, which it keeps between batches (a default
+    /// batch keeps at most 16 KiB): for a sender that pools its batches and reuses them
+    /// for one connection after another. Such a batch neither grows its buffer nor gives
+    /// it back each time, which under load costs a copy per growth and, with the
+    /// system allocator, the pages the allocator hands back to the system and takes
+    /// again. Its frames are copied when it is queued, and the buffer stays.
+    ///
+    /// ```
+    /// use rpc_core::connection::EncodedFrames;
+    ///
+    /// let batch = EncodedFrames::with_capacity(64 * 1024);
+    /// assert!(batch.is_empty());
+    /// assert!(batch.capacity() >= 64 * 1024);
+    /// ```
+    pub fn with_capacity(capacity: usize) -> Self {
+        EncodedFrames {
+            buf: BytesMut::with_capacity(capacity),
+            frames: 0,
+            keep: capacity.max(Self::KEEP),
+        }
+    }
+
+    /// The room its buffer has, in bytes.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
 
     /// Frames in the batch.
     pub fn len(&self) -> usize {
@@ -1558,9 +1597,11 @@ impl EncodedFrames {
     /// more memory than its frames, which is what it is counted for: frames of
     /// [`Self::KEEP`] bytes or more keep the batch's buffer, cut to their length (the
     /// allocator shrinks it in place: no copy), and the batch starts a new one; smaller
-    /// ones are copied, and the buffer kept for the next batch.
+    /// ones are copied, and the buffer kept for the next batch. A batch made
+    /// [`EncodedFrames::with_capacity`] always has its frames copied: it keeps its
+    /// buffer.
     fn take_frames(&mut self) -> BytesMut {
-        let frames = if self.buf.len() >= Self::KEEP {
+        let frames = if self.buf.len() >= Self::KEEP && self.keep == Self::KEEP {
             let mut frames = Vec::from(std::mem::take(&mut self.buf));
             frames.shrink_to_fit();
             BytesMut::from(bytes::Bytes::from(frames))
@@ -1571,9 +1612,11 @@ impl EncodedFrames {
         frames
     }
 
-    fn clear(&mut self) {
+    /// Drops the frames, unsent, and keeps the buffer as sending them would: the batch
+    /// is empty, ready for the next one.
+    pub fn clear(&mut self) {
         self.frames = 0;
-        if self.buf.capacity() > Self::KEEP {
+        if self.buf.capacity() > self.keep {
             self.buf = BytesMut::new();
         } else {
             self.buf.clear();

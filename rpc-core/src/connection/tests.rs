@@ -931,3 +931,48 @@ async fn large_batch_behind_a_frame(bytes: usize) {
     );
     assert_nothing_left_queued(&sender).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_batch_made_with_capacity_keeps_its_buffer_whether_written_or_queued() {
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 20);
+    let capacity = 64 * 1024;
+    let mut batch = EncodedFrames::with_capacity(capacity);
+    let fill = |batch: &mut EncodedFrames, ids: std::ops::Range<u64>| {
+        for id in ids {
+            sender
+                .try_encode_into(&Frame::Cancel { id }, batch)
+                .unwrap();
+        }
+    };
+    // 40 KiB of frames: over what a default batch keeps
+    let n = (40 * 1024 / cancel_len()) as u64;
+    // written at once: nothing is queued
+    fill(&mut batch, 0..n);
+    sender
+        .send_encoded_within(&mut batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(batch.is_empty());
+    assert!(batch.capacity() >= capacity, "{}", batch.capacity());
+    // queued behind a frame (the writer task has not run): its frames are copied
+    sender.try_send(Frame::Cancel { id: n }).unwrap();
+    fill(&mut batch, n + 1..2 * n + 1);
+    sender
+        .send_encoded_within(&mut batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(batch.is_empty());
+    assert!(batch.capacity() >= capacity, "{}", batch.capacity());
+    // reused at once: the queued copy is not disturbed
+    fill(&mut batch, 2 * n + 1..2 * n + 4);
+    sender
+        .send_encoded_within(&mut batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let total = 2 * n as usize + 4;
+    assert_eq!(
+        read_cancels(&mut peer, total).await,
+        (0..total as u64).collect::<Vec<_>>()
+    );
+    assert_nothing_left_queued(&sender).await;
+}
