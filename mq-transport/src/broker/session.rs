@@ -69,9 +69,16 @@ impl<'a> Session<'a> {
         reader: &mut FrameReader<R>,
     ) -> Result<(), ConnectionError> {
         loop {
-            let frame = {
+            let pending = self.streams.has_deferred() || !self.batches.is_empty();
+            let frame = if pending && !reader.may_have_more() {
+                // The read brought less than it had room for, and its frames are done:
+                // most likely nothing more is on the socket, and asking would delay
+                // these messages by a read that finds nothing.
+                self.end_of_read().await;
+                reader.next().await
+            } else {
                 let mut next = std::pin::pin!(reader.next());
-                if self.streams.has_deferred() || !self.batches.is_empty() {
+                if pending {
                     // The messages routed and the durable publishes of this read are sent
                     // and written once the next frame is not at hand (nothing more
                     // buffered or ready on the socket): one write per subscriber, and

@@ -51,6 +51,8 @@ struct Metered<R> {
     inner: R,
     /// Set by such a read, taken by [`FrameReader::size_buffer`].
     filled: bool,
+    /// Whether the last read filled its room.
+    last_filled: bool,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
@@ -61,11 +63,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Metered<R> {
     ) -> Poll<std::io::Result<()>> {
         let room = buf.remaining();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = polled
-            && room > 0
-            && buf.remaining() == 0
-        {
-            self.filled = true;
+        if let Poll::Ready(Ok(())) = polled {
+            self.last_filled = room > 0 && buf.remaining() == 0;
+            self.filled |= self.last_filled;
         }
         polled
     }
@@ -119,6 +119,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 Metered {
                     inner: read,
                     filled: false,
+                    last_filled: false,
                 },
                 codec,
                 MIN_READ,
@@ -152,6 +153,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             _ => false,
         }
+    }
+
+    /// Whether more is likely at hand without waiting for the peer: a whole frame is
+    /// buffered ([`FrameReader::has_frame`]), or the last read from the stream filled
+    /// all the room it had (the peer had more to say than it took). When neither holds,
+    /// [`FrameReader::next`] would most likely find the stream empty, at the cost of a
+    /// read that returns nothing: a reader that sends what it gathered from one read (a
+    /// broker's messages) sends it first, and one that woke a task with a frame lets
+    /// that task run first.
+    pub fn may_have_more(&self) -> bool {
+        self.has_frame() || self.framed.get_ref().last_filled
     }
 
     /// The next frame other than ping and pong.

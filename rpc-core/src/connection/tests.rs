@@ -976,3 +976,49 @@ async fn a_batch_made_with_capacity_keeps_its_buffer_whether_written_or_queued()
     );
     assert_nothing_left_queued(&sender).await;
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reader_may_have_more_with_a_frame_buffered_or_after_a_read_that_filled_its_room() {
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+    let (a, mut peer) = tokio::io::duplex(1 << 20);
+    let (mut reader, _sender) = start(a, &ConnectionConfig::default());
+    let encoded = |ids: std::ops::Range<u64>| {
+        let mut buf = BytesMut::new();
+        let mut codec = FrameCodec::new(1 << 20);
+        for id in ids {
+            codec.encode(&Frame::Cancel { id }, &mut buf).unwrap();
+        }
+        buf
+    };
+    // Three frames, which one short read takes: more while one is buffered, none after.
+    peer.write_all(&encoded(0..3)).await.unwrap();
+    for id in 0..3 {
+        assert_eq!(reader.next().await.unwrap().unwrap(), Frame::Cancel { id });
+        assert_eq!(reader.may_have_more(), id < 2, "after frame {id} of 3");
+    }
+    // Twice what the first read has room for: once its whole frames are taken, the
+    // rest is still on the stream.
+    let n = (2 * reader::MIN_READ / cancel_len()) as u64;
+    peer.write_all(&encoded(3..3 + n)).await.unwrap();
+    let mut next_id = 3;
+    loop {
+        let frame = reader.next().await.unwrap().unwrap();
+        assert_eq!(frame, Frame::Cancel { id: next_id });
+        next_id += 1;
+        if !reader.has_frame() {
+            break;
+        }
+    }
+    assert!(next_id < 3 + n, "one read took everything");
+    assert!(reader.may_have_more(), "the read filled its room");
+    while next_id < 3 + n {
+        let frame = reader.next().await.unwrap().unwrap();
+        assert_eq!(frame, Frame::Cancel { id: next_id });
+        next_id += 1;
+    }
+    assert!(
+        !reader.may_have_more(),
+        "all taken, the last read was short"
+    );
+}
