@@ -91,9 +91,12 @@ impl Batches {
     /// All batches are sent once this many connections have one (each publish is
     /// looked up among them).
     pub(super) const MAX_CONNS: usize = 64;
-    /// The most a batch holds: it is sent once past [`Batches::CONN_BYTES`], so its
-    /// last frame (at most [`Batches::MESSAGE_BYTES`] and a length prefix) starts
-    /// below that.
+    /// The most a batch holds while each publish reaches its connection once: it is
+    /// sent once past [`Batches::CONN_BYTES`], so its last frame (at most
+    /// [`Batches::MESSAGE_BYTES`] and a length prefix) starts below that. (A publish to
+    /// several subscriptions of one connection adds a frame for each before the batch
+    /// is sent; its buffer then grows, within `max_queued_bytes`, and is given back to
+    /// the allocator once sent.)
     const MOST: usize = Self::CONN_BYTES + Self::MESSAGE_BYTES + 4;
 
     /// Whether nothing waits to be sent.
@@ -149,7 +152,8 @@ impl Batches {
 
 /// Empty batches, with their buffers, for the sessions of a broker: a session takes one
 /// for each subscriber connection a read reaches and gives it back once sent. Each has
-/// room for the most a batch holds, so a batch never grows its buffer, and the buffers
+/// room for what a batch holds at most ([`Batches::MOST`]), so a batch does not grow its
+/// buffer, and the buffers
 /// are not given back to the allocator after every read. (With the system allocator,
 /// `fanout_1toN` 1 KiB ran at about half speed in one run in three, spending its time
 /// in page faults: freed batches let the allocator hand pages back to the system,

@@ -1547,7 +1547,8 @@ impl EncodedFrames {
     /// for one connection after another. Such a batch neither grows its buffer nor gives
     /// it back each time, which under load costs a copy per growth and, with the
     /// system allocator, the pages the allocator hands back to the system and takes
-    /// again. Its frames are copied when it is queued, and the buffer stays.
+    /// again. When queued, the frames of a batch with room for more than 16 KiB are
+    /// copied, and the buffer stays.
     ///
     /// ```
     /// use rpc_core::connection::EncodedFrames;
@@ -1598,8 +1599,8 @@ impl EncodedFrames {
     /// [`Self::KEEP`] bytes or more keep the batch's buffer, cut to their length (the
     /// allocator shrinks it in place: no copy), and the batch starts a new one; smaller
     /// ones are copied, and the buffer kept for the next batch. A batch made
-    /// [`EncodedFrames::with_capacity`] always has its frames copied: it keeps its
-    /// buffer.
+    /// [`EncodedFrames::with_capacity`] with room for more than [`Self::KEEP`] bytes
+    /// always has its frames copied: it keeps its buffer.
     fn take_frames(&mut self) -> BytesMut {
         let frames = if self.buf.len() >= Self::KEEP && self.keep == Self::KEEP {
             let mut frames = Vec::from(std::mem::take(&mut self.buf));
