@@ -932,6 +932,16 @@ async fn large_batch_behind_a_frame(bytes: usize) {
     assert_nothing_left_queued(&sender).await;
 }
 
+/// Sends `batch`, which is then empty with its room kept.
+async fn send_keeping_room(sender: &FrameSender, batch: &mut EncodedFrames, capacity: usize) {
+    sender
+        .send_encoded_within(batch, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(batch.is_empty());
+    assert!(batch.capacity() >= capacity, "{}", batch.capacity());
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_batch_made_with_capacity_keeps_its_buffer_whether_written_or_queued() {
     let (_reader, sender, mut peer, _peer_sender) = pair(1 << 20);
@@ -948,27 +958,14 @@ async fn a_batch_made_with_capacity_keeps_its_buffer_whether_written_or_queued()
     let n = (40 * 1024 / cancel_len()) as u64;
     // written at once: nothing is queued
     fill(&mut batch, 0..n);
-    sender
-        .send_encoded_within(&mut batch, Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert!(batch.is_empty());
-    assert!(batch.capacity() >= capacity, "{}", batch.capacity());
+    send_keeping_room(&sender, &mut batch, capacity).await;
     // queued behind a frame (the writer task has not run): its frames are copied
     sender.try_send(Frame::Cancel { id: n }).unwrap();
     fill(&mut batch, n + 1..2 * n + 1);
-    sender
-        .send_encoded_within(&mut batch, Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert!(batch.is_empty());
-    assert!(batch.capacity() >= capacity, "{}", batch.capacity());
+    send_keeping_room(&sender, &mut batch, capacity).await;
     // reused at once: the queued copy is not disturbed
     fill(&mut batch, 2 * n + 1..2 * n + 4);
-    sender
-        .send_encoded_within(&mut batch, Duration::from_secs(1))
-        .await
-        .unwrap();
+    send_keeping_room(&sender, &mut batch, capacity).await;
     let total = 2 * n as usize + 4;
     assert_eq!(
         read_cancels(&mut peer, total).await,
