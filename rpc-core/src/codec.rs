@@ -74,7 +74,12 @@ impl FrameCodec {
 /// Senders call it before queueing, so that an oversized frame fails its own call rather
 /// than the connection; the encoder calls it again for the length prefix.
 pub(crate) fn check_frame_len(frame: &Frame, limit: usize) -> Result<usize, ConnectionError> {
-    let len = frame.encoded_len()?;
+    check_body_len(frame.encoded_len()?, limit)
+}
+
+/// `len`, or [`ConnectionError::FrameTooLarge`] when a frame body of that length exceeds
+/// `limit`.
+pub(crate) fn check_body_len(len: usize, limit: usize) -> Result<usize, ConnectionError> {
     if len > limit {
         return Err(ConnectionError::FrameTooLarge {
             size: len as u64,

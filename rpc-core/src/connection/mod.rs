@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::reader::FrameReader;
-use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_frame_len};
+use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_body_len, check_frame_len};
 use crate::error::ConnectionError;
 use crate::frame::{Delivery, Frame, GoAway};
 use crate::sync::{CacheLine, Latch};
@@ -797,16 +797,31 @@ impl FrameSender {
         frame: &Frame,
         batch: &mut EncodedFrames,
     ) -> Result<(), BatchError> {
-        let bytes = self.check(frame).map_err(BatchError::Failed)?;
+        let len = frame
+            .encoded_len()
+            .map_err(|e| BatchError::Failed(e.into()))?;
+        self.batch_room(len, batch)?;
+        self.encode_checked_into(frame, batch)
+            .map_err(BatchError::Failed)
+    }
+
+    /// Whether a frame whose body is `len` bytes may join `batch`: the connection is
+    /// open, the frame is within its limit (else [`ConnectionError::FrameTooLarge`]),
+    /// and `max_queued_bytes` has room for it beside what is queued and what the batch
+    /// holds (else [`BatchError::Full`]).
+    fn batch_room(&self, len: usize, batch: &EncodedFrames) -> Result<(), BatchError> {
+        if self.shared.close.is_set() {
+            return Err(BatchError::Failed(self.shared.closed_error()));
+        }
+        check_body_len(len, self.max_frame_len()).map_err(BatchError::Failed)?;
         let queued = self
             .queued_bytes()
             .saturating_add(batch.cost())
-            .saturating_add(bytes);
+            .saturating_add(queued_cost(len + LENGTH_PREFIX_LEN));
         if queued > self.shared.max_queued_bytes {
             return Err(BatchError::Full);
         }
-        self.encode_checked_into(frame, batch)
-            .map_err(BatchError::Failed)
+        Ok(())
     }
 
     /// [`FrameSender::try_encode_into`] for the `Msg` frame that delivers a publish to
@@ -850,24 +865,8 @@ impl FrameSender {
         sid: u64,
         batch: &mut EncodedFrames,
     ) -> Result<(), BatchError> {
-        if self.shared.close.is_set() {
-            return Err(BatchError::Failed(self.shared.closed_error()));
-        }
         let len = delivery.encoded_len();
-        let limit = self.max_frame_len();
-        if len > limit {
-            return Err(BatchError::Failed(ConnectionError::FrameTooLarge {
-                size: len as u64,
-                limit,
-            }));
-        }
-        let queued = self
-            .queued_bytes()
-            .saturating_add(batch.cost())
-            .saturating_add(queued_cost(len + LENGTH_PREFIX_LEN));
-        if queued > self.shared.max_queued_bytes {
-            return Err(BatchError::Full);
-        }
+        self.batch_room(len, batch)?;
         let buf = &mut batch.buf;
         buf.reserve(LENGTH_PREFIX_LEN + len);
         // at most `max_frame_len`, which is at most `u32::MAX`

@@ -81,8 +81,9 @@ impl<'a> Delivery<'a> {
     }
 
     /// Appends the body of the `Msg` frame for subscription `sid` (no length prefix).
+    /// `dst` grows as needed; a caller that encodes into a reused buffer reserves
+    /// [`Delivery::encoded_len`] first, once.
     pub fn encode(&self, sid: u64, dst: &mut BytesMut) {
-        dst.reserve(self.len);
         let p = self.publish;
         dst.put_u8(VERSION);
         dst.put_u8(Kind::Msg as u8);
