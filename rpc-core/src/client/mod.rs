@@ -328,8 +328,7 @@ impl Client {
         let direct = match &self.inner.route {
             Route::Connection(direct) => direct,
             Route::Channel(channel) => {
-                let mut metadata = self.inner.config.metadata.clone();
-                metadata.extend(&options.metadata);
+                let metadata = merged(&self.inner.config.metadata, &options.metadata);
                 let call = OutgoingCall {
                     method,
                     payload,
@@ -364,9 +363,7 @@ impl Client {
             }
         });
 
-        // Cloning empty metadata allocates nothing, nor does extending with it.
-        let mut metadata = self.inner.config.metadata.clone();
-        metadata.extend(&options.metadata);
+        let metadata = merged(&self.inner.config.metadata, &options.metadata);
         let request = Request {
             id,
             timeout: Some(if waited {
@@ -469,6 +466,21 @@ impl Client {
         RpcError::NotConnected {
             peer: self.inner.peer.clone(),
             reason: reason.into(),
+        }
+    }
+}
+
+/// A call's metadata: the client's defaults, then the call's own entries. Most calls
+/// have neither, and skip the clone and the extend.
+fn merged(defaults: &Metadata, own: &Metadata) -> Metadata {
+    match (defaults.is_empty(), own.is_empty()) {
+        (true, true) => Metadata::new(),
+        (false, true) => defaults.clone(),
+        (true, false) => own.clone(),
+        (false, false) => {
+            let mut metadata = defaults.clone();
+            metadata.extend(own);
+            metadata
         }
     }
 }

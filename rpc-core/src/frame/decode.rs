@@ -155,6 +155,9 @@ impl Reader {
 
     fn metadata(&mut self) -> Result<Metadata, ProtocolError> {
         let count = usize::from(self.u16("metadata count")?);
+        if count == 0 {
+            return Ok(Metadata::new()); // most frames carry none
+        }
         // Never reserve more entries than the remaining bytes could hold.
         let mut md = Metadata::with_capacity(count.min(self.buf.remaining() / MIN_METADATA_ENTRY));
         for _ in 0..count {

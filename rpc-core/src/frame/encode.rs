@@ -148,9 +148,10 @@ impl Frame {
 
     /// Writes the body; the caller has checked [`Frame::encoded_len`] and reserved room.
     pub(crate) fn encode_validated(&self, dst: &mut BytesMut) {
-        dst.put_u8(VERSION);
-        dst.put_u8(self.kind() as u8);
         match self {
+            // A call's and an answer's fixed fields go in as one slice: every `put` checks
+            // and moves the buffer's length, and these two frames are most of an RPC
+            // connection's traffic.
             Frame::Request(Request {
                 id,
                 timeout,
@@ -158,13 +159,18 @@ impl Frame {
                 metadata,
                 payload,
             }) => {
-                dst.put_u64(*id);
                 // 0 means "no deadline", so a zero timeout is sent as 1 µs: still expired.
                 let micros = timeout.map_or(0, |t| {
                     u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1)
                 });
-                dst.put_u64(micros);
-                put_str16(dst, method);
+                let mut head = [0u8; 20];
+                head[0] = VERSION;
+                head[1] = Kind::Request as u8;
+                head[2..10].copy_from_slice(&id.to_be_bytes());
+                head[10..18].copy_from_slice(&micros.to_be_bytes());
+                head[18..20].copy_from_slice(&(method.len() as u16).to_be_bytes());
+                dst.put_slice(&head);
+                dst.put_slice(method.as_bytes());
                 put_metadata(dst, metadata);
                 dst.put_slice(payload);
             }
@@ -174,11 +180,27 @@ impl Frame {
                 message,
                 payload,
             }) => {
-                dst.put_u64(*id);
-                dst.put_u16(status.0);
-                put_str16(dst, message);
+                let mut head = [0u8; 14];
+                head[0] = VERSION;
+                head[1] = Kind::Response as u8;
+                head[2..10].copy_from_slice(&id.to_be_bytes());
+                head[10..12].copy_from_slice(&status.0.to_be_bytes());
+                head[12..14].copy_from_slice(&(message.len() as u16).to_be_bytes());
+                dst.put_slice(&head);
+                dst.put_slice(message.as_bytes());
                 dst.put_slice(payload);
             }
+            other => {
+                put_preamble(dst, other.kind());
+                other.encode_fields(dst);
+            }
+        }
+    }
+
+    /// The fields of a frame other than a request or an answer, after its preamble.
+    fn encode_fields(&self, dst: &mut BytesMut) {
+        match self {
+            Frame::Request(_) | Frame::Response(_) => {} // encoded whole by `encode_validated`
             Frame::Cancel { id } => dst.put_u64(*id),
             Frame::Unsub { sid } => dst.put_u64(*sid),
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
@@ -290,6 +312,11 @@ fn metadata_len(kind: Kind, md: &Metadata) -> Result<usize, ProtocolError> {
 }
 
 // The casts below are exact: `encoded_len` has checked every length against its field.
+/// A frame body's first two bytes: the version, then the kind.
+fn put_preamble(dst: &mut BytesMut, kind: Kind) {
+    dst.put_slice(&[VERSION, kind as u8]);
+}
+
 fn put_str16(dst: &mut BytesMut, s: &Utf8Bytes) {
     dst.put_u16(s.len() as u16);
     dst.put_slice(s.as_bytes());

@@ -14,6 +14,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
@@ -101,6 +102,9 @@ pub enum Started {
 #[derive(Debug)]
 pub struct InFlight<K> {
     running: Mutex<HashMap<K, AbortHandle>>,
+    /// `running.len()`, kept beside it (changed under its lock) so that a call can see
+    /// that nothing is running without taking the lock.
+    count: AtomicUsize,
     tasks: TaskTracker,
 }
 
@@ -108,6 +112,7 @@ impl<K> Default for InFlight<K> {
     fn default() -> Self {
         InFlight {
             running: Mutex::new(HashMap::new()),
+            count: AtomicUsize::new(0),
             tasks: TaskTracker::new(),
         }
     }
@@ -126,6 +131,14 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
     fn running(&self) -> std::sync::MutexGuard<'_, HashMap<K, AbortHandle>> {
         // Single inserts and removals: a panic elsewhere cannot leave it half-updated.
         crate::sync::lock(&self.running)
+    }
+
+    /// Removes `key` from the running calls; its abort handle if it was there.
+    fn remove(&self, key: &K) -> Option<AbortHandle> {
+        let mut running = self.running();
+        let handle = running.remove(key);
+        self.count.store(running.len(), Ordering::Release);
+        handle
     }
 
     /// Runs `call`: `start` turns its context and payload into the handler's future.
@@ -154,13 +167,12 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             payload,
             peer,
         } = call;
-        // Nothing running (every call so far answered at once) needs no lookup: the key
-        // is hashed only when there is something to find.
-        {
-            let running = self.running();
-            if !running.is_empty() && running.contains_key(&key) {
-                return Err(DuplicateCall);
-            }
+        // Nothing running (every call so far answered at once) needs no lookup, nor the
+        // lock: the key is hashed only when there is something to find. Only `start`
+        // adds to the count, so its caller (the one loop that reads the calls) always
+        // sees its own additions; other tasks only take away.
+        if self.count.load(Ordering::Acquire) != 0 && self.running().contains_key(&key) {
+            return Err(DuplicateCall);
         }
         let span = tracing::info_span!("call", method = %method, id, peer = %peer);
         let ctx = CallContext {
@@ -197,21 +209,21 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
                     None => future.await,
                 };
                 let result = finish(outcome);
-                calls.running().remove(&task_key);
+                calls.remove(&task_key);
                 responder.respond(id, result).await;
                 drop(slot);
             }
             .instrument(span),
         );
         running.insert(key, task.abort_handle());
+        self.count.store(running.len(), Ordering::Release);
         Ok(Started::Running)
     }
 
     /// Aborts the call under `key`, which gets no answer; `false` when it is not running
     /// (it may have finished as the cancel flew, which is normal).
     pub fn cancel(&self, key: &K) -> bool {
-        let handle = self.running().remove(key);
-        match handle {
+        match self.remove(key) {
             Some(handle) => {
                 handle.abort();
                 true
@@ -222,7 +234,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
 
     /// Aborts every call running; none gets an answer.
     pub fn abort_all(&self) {
-        let handles: Vec<_> = self.running().drain().map(|(_, h)| h).collect();
+        let handles: Vec<_> = {
+            let mut running = self.running();
+            self.count.store(0, Ordering::Release);
+            running.drain().map(|(_, h)| h).collect()
+        };
         for handle in handles {
             handle.abort();
         }

@@ -66,6 +66,10 @@ pub(super) async fn serve<T: Io>(
     // Whether this batch has had its one more read (see below).
     let mut gathered = false;
     let mut frames = 0u32;
+    // When the requests of the current read arrived: read from the clock once per read,
+    // at its first request, and the start of each of their deadlines. A request's
+    // deadline thus runs from no later than when this side took it in.
+    let mut received: Option<Instant> = None;
     let ended: Option<ConnectionError> = loop {
         frames = frames.wrapping_add(1);
         if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
@@ -73,6 +77,10 @@ pub(super) async fn serve<T: Io>(
         }
         if batch.is_empty() {
             gathered = false;
+        }
+        if !reader.has_frame() {
+            // The next request comes from a read still to be made.
+            received = None;
         }
         let mut more = None;
         if !batch.is_empty() && !reader.has_frame() {
@@ -129,7 +137,8 @@ pub(super) async fn serve<T: Io>(
                     };
                 }
                 let id = request.id;
-                match conn.start_call(request, &mut slot) {
+                let now = *received.get_or_insert_with(Instant::now);
+                match conn.start_call(request, now, &mut slot) {
                     // Answered here, and sent with the others of its read: a peer that
                     // does not read its answers stops being read once a batch finds no
                     // room (see `Answers::flush`).
@@ -208,9 +217,11 @@ struct Conn {
 }
 
 impl Conn {
+    /// Starts the call of `request`, received at `received`.
     fn start_call(
         &self,
         request: Request,
+        received: Instant,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
         let Request {
@@ -221,7 +232,7 @@ impl Conn {
             payload,
         } = request;
         let call = IncomingCall::new(id, method, payload, self.peer.clone())
-            .with_deadline(timeout.map(|t| Instant::now() + t))
+            .with_deadline(timeout.map(|t| received + t))
             .with_metadata(metadata);
         let server = &self.server;
         self.calls
