@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use rustc_hash::FxHashMap;
 use tokio::io::AsyncRead;
 use tokio::sync::{Notify, oneshot};
@@ -11,19 +13,32 @@ use tokio::time::Instant;
 
 use crate::connection::{FrameReader, FrameSender};
 use crate::error::{ProtocolError, RpcError};
-use crate::frame::{Frame, GoAway, Response};
+use crate::frame::{Frame, GoAway, Response, Status};
 use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
 
-/// How a pending call ends, as its caller learns it.
+/// How a pending call ends, as its caller learns it. Small: the reader writes it on one
+/// thread and the caller reads it on another, and the common answer fits one word pair.
 #[derive(Debug)]
 pub(super) enum Answer {
-    /// The server answered.
-    Response(Response),
+    /// The server answered `OK` with this payload.
+    Ok(Bytes),
+    /// The server answered otherwise.
+    Response(Box<Response>),
     /// The connection failed or closed first.
-    Failed(RpcError),
+    Failed(Box<RpcError>),
     /// The call's deadline passed first (the server was sent a cancel).
     TimedOut,
+}
+
+impl Answer {
+    fn of(response: Response) -> Answer {
+        if response.status == Status::OK {
+            Answer::Ok(response.payload)
+        } else {
+            Answer::Response(Box::new(response))
+        }
+    }
 }
 
 /// Deadline sweeps this close together at most: a connection whose calls time out one
@@ -141,9 +156,9 @@ impl Conn {
         for (_, waiter) in calls {
             let _ = waiter
                 .reply
-                .send(Answer::Failed(RpcError::ConnectionClosed {
+                .send(Answer::Failed(Box::new(RpcError::ConnectionClosed {
                     reason: reason.clone(),
-                }));
+                })));
         }
     }
 
@@ -209,7 +224,7 @@ impl Conn {
                     // Unknown ids are answers to calls that timed out or were dropped.
                     let waiter = self.pending().calls.remove(&response.id);
                     if let Some(waiter) = waiter {
-                        let _ = waiter.reply.send(Answer::Response(response));
+                        let _ = waiter.reply.send(Answer::of(response));
                     }
                 }
                 Some(Ok(Frame::GoAway(g))) => {

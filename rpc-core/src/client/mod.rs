@@ -407,6 +407,7 @@ impl Client {
         // took it out of the map first: nothing is left to cancel or to forget.
         cancel_on_drop.disarm();
         match answer {
+            Ok(Answer::Ok(payload)) => Ok(payload),
             Ok(Answer::Response(response)) => into_result(
                 response.status,
                 &response.message,
@@ -414,7 +415,7 @@ impl Client {
                 &method,
                 timeout,
             ),
-            Ok(Answer::Failed(e)) => Err(e),
+            Ok(Answer::Failed(e)) => Err(*e),
             Ok(Answer::TimedOut) => Err(timed_out()),
             Err(_) => Err(RpcError::ConnectionClosed {
                 reason: "connection dropped the call".into(),
