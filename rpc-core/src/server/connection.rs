@@ -103,6 +103,9 @@ pub(super) async fn serve<T: Io>(
         }
         let frame = match more {
             Some(frame) => frame,
+            // A whole request is buffered: `next` returns it without waiting, and the
+            // drain is looked at every DRAIN_CHECK frames.
+            None if reader.has_frame() => reader.next().await,
             None => tokio::select! {
                 biased;
                 frame = reader.next() => frame,
@@ -231,9 +234,15 @@ impl Conn {
             metadata,
             payload,
         } = request;
-        let call = IncomingCall::new(id, method, payload, self.peer.clone())
-            .with_deadline(timeout.map(|t| received + t))
-            .with_metadata(metadata);
+        // Built whole, not through its builder: each `with_` moves the call.
+        let call = IncomingCall {
+            id,
+            method,
+            deadline: timeout.map(|t| received + t),
+            metadata,
+            payload,
+            peer: self.peer.clone(),
+        };
         let server = &self.server;
         self.calls
             .start(
