@@ -366,6 +366,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_key_is_free_again_once_its_call_was_cancelled_or_answered_from_its_task() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let calls = InFlight::<u64>::new();
+        let waits = |_, _| -> CallFuture { Box::pin(std::future::pending()) };
+        let yields = |_, _| -> CallFuture {
+            Box::pin(async {
+                tokio::task::yield_now().await;
+                Ok(Bytes::from_static(b"later"))
+            })
+        };
+        let start = |f: fn(CallContext, Bytes) -> CallFuture| {
+            calls.start(4, call(4), f, &Collect(tx.clone()), &mut None)
+        };
+        assert!(matches!(start(waits), Ok(Started::Running)));
+        assert!(matches!(start(waits), Err(DuplicateCall)));
+        assert!(calls.cancel(&4));
+        assert!(calls.is_empty());
+        assert!(
+            matches!(start(yields), Ok(Started::Running)),
+            "free after a cancel"
+        );
+        assert_eq!(rx.recv().await.unwrap().0, 4);
+        assert!(calls.is_empty());
+        assert!(
+            matches!(start(yields), Ok(Started::Running)),
+            "free after its answer"
+        );
+        assert_eq!(rx.recv().await.unwrap().0, 4);
+    }
+
+    #[tokio::test]
     async fn a_panicking_handler_is_answered_internal_and_a_cancelled_one_not_at_all() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let calls = InFlight::<u64>::new();
