@@ -17,8 +17,8 @@ use crate::frame::{Frame, GoAway, Response, Status};
 use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
 
-/// How a pending call ends, as its caller learns it. Small: the reader writes it on one
-/// thread and the caller reads it on another, and the common answer fits one word pair.
+/// How a pending call ends, as its caller learns it. Small (40 bytes): the read loop
+/// writes it on one thread and the caller reads it on another, often the other core.
 #[derive(Debug)]
 pub(super) enum Answer {
     /// The server answered `OK` with this payload.

@@ -311,12 +311,12 @@ fn metadata_len(kind: Kind, md: &Metadata) -> Result<usize, ProtocolError> {
     Ok(len)
 }
 
-// The casts below are exact: `encoded_len` has checked every length against its field.
 /// A frame body's first two bytes: the version, then the kind.
 fn put_preamble(dst: &mut BytesMut, kind: Kind) {
     dst.put_slice(&[VERSION, kind as u8]);
 }
 
+// The casts below are exact: `encoded_len` has checked every length against its field.
 fn put_str16(dst: &mut BytesMut, s: &Utf8Bytes) {
     dst.put_u16(s.len() as u16);
     dst.put_slice(s.as_bytes());
