@@ -66,9 +66,10 @@ pub(super) async fn serve<T: Io>(
     // Whether this batch has had its one more read (see below).
     let mut gathered = false;
     let mut frames = 0u32;
-    // When the requests of the current read arrived: read from the clock once per read,
-    // at its first request, and the start of each of their deadlines. A request's
-    // deadline thus runs from no later than when this side took it in.
+    // When the requests of the current read were taken in: read from the clock once per
+    // read, at its first request, and the start of each of their deadlines. A later
+    // request of the read thus starts its deadline a little earlier than a clock read of
+    // its own would (by the time its predecessors took), never later.
     let mut received: Option<Instant> = None;
     let ended: Option<ConnectionError> = loop {
         frames = frames.wrapping_add(1);
