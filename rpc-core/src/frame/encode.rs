@@ -148,10 +148,13 @@ impl Frame {
 
     /// Writes the body; the caller has checked [`Frame::encoded_len`] and reserved room.
     pub(crate) fn encode_validated(&self, dst: &mut BytesMut) {
+        // A call's and an answer's fixed fields, preamble included, go in as one slice:
+        // every `put` checks and moves the buffer's length, and these two frames are most
+        // of an RPC connection's traffic.
+        if !matches!(self, Frame::Request(_) | Frame::Response(_)) {
+            dst.put_slice(&[VERSION, self.kind() as u8]);
+        }
         match self {
-            // A call's and an answer's fixed fields go in as one slice: every `put` checks
-            // and moves the buffer's length, and these two frames are most of an RPC
-            // connection's traffic.
             Frame::Request(Request {
                 id,
                 timeout,
@@ -190,17 +193,6 @@ impl Frame {
                 dst.put_slice(message.as_bytes());
                 dst.put_slice(payload);
             }
-            other => {
-                put_preamble(dst, other.kind());
-                other.encode_fields(dst);
-            }
-        }
-    }
-
-    /// The fields of a frame other than a request or an answer, after its preamble.
-    fn encode_fields(&self, dst: &mut BytesMut) {
-        match self {
-            Frame::Request(_) | Frame::Response(_) => {} // encoded whole by `encode_validated`
             Frame::Cancel { id } => dst.put_u64(*id),
             Frame::Unsub { sid } => dst.put_u64(*sid),
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),
@@ -309,11 +301,6 @@ fn metadata_len(kind: Kind, md: &Metadata) -> Result<usize, ProtocolError> {
         len += str16_len(kind, "metadata key", key)? + 4 + value.len();
     }
     Ok(len)
-}
-
-/// A frame body's first two bytes: the version, then the kind.
-fn put_preamble(dst: &mut BytesMut, kind: Kind) {
-    dst.put_slice(&[VERSION, kind as u8]);
 }
 
 // The casts below are exact: `encoded_len` has checked every length against its field.

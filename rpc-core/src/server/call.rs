@@ -246,7 +246,7 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
 
     /// Calls running now (not those answered at once).
     pub fn len(&self) -> usize {
-        self.running().len()
+        self.count.load(Ordering::Acquire)
     }
 
     /// Whether no call is running.

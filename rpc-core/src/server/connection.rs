@@ -79,12 +79,16 @@ pub(super) async fn serve<T: Io>(
         if batch.is_empty() {
             gathered = false;
         }
-        if !reader.has_frame() {
+        // Whether a whole request is buffered: the next frame needs no read. Nothing
+        // below changes that until the frame is taken (a `poll_once` is made only when
+        // none is, and one that would wait has found no whole frame either).
+        let buffered = reader.has_frame();
+        if !buffered {
             // The next request comes from a read still to be made.
             received = None;
         }
         let mut more = None;
-        if !batch.is_empty() && !reader.has_frame() {
+        if !batch.is_empty() && !buffered {
             // Nothing more to answer without waiting for the peer. A busy connection
             // (several answers from one read) first lets the runtime poll for I/O once
             // and reads again without waiting: the peer's next requests are often on
@@ -106,7 +110,7 @@ pub(super) async fn serve<T: Io>(
             Some(frame) => frame,
             // A whole request is buffered: `next` returns it without waiting, and the
             // drain is looked at every DRAIN_CHECK frames.
-            None if reader.has_frame() => reader.next().await,
+            None if buffered => reader.next().await,
             None => tokio::select! {
                 biased;
                 frame = reader.next() => frame,
