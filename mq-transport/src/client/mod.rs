@@ -479,19 +479,23 @@ impl Remote {
     }
 
     /// Hands a message to subscription `sid`, if there is one; a refusal from the
-    /// broker ends it.
-    fn deliver(&self, sid: u64, message: Message) {
+    /// broker ends it. True when it went to a subscriber's queue (not to the inbox of
+    /// requests waiting for replies).
+    fn deliver(&self, sid: u64, message: Message) -> bool {
         let mut subs = self.lock_subs();
-        if let Some(entry) = subs.get(&sid) {
-            match &entry.target {
-                Target::Queue(queue) if delivery::is_refusal(&message) => {
-                    queue.refuse(&message);
-                    tracing::warn!(subject = %entry.filter, reason = queue.state.refused().unwrap_or(""), "the broker ended a subscription");
-                    subs.remove(&sid);
-                }
-                target => {
-                    target.deliver(message);
-                }
+        let Some(entry) = subs.get(&sid) else {
+            return false;
+        };
+        match &entry.target {
+            Target::Queue(queue) if delivery::is_refusal(&message) => {
+                queue.refuse(&message);
+                tracing::warn!(subject = %entry.filter, reason = queue.state.refused().unwrap_or(""), "the broker ended a subscription");
+                subs.remove(&sid);
+                false
+            }
+            target => {
+                let to_queue = matches!(target, Target::Queue(_));
+                target.deliver(message) && to_queue
             }
         }
     }
@@ -505,16 +509,20 @@ impl Remote {
             let error = match reader.next().await {
                 Some(Ok(Frame::Msg(m))) => {
                     let message = wire_message(m.subject, m.reply, m.headers, m.payload);
-                    self.deliver(m.sid, message);
+                    let queued = self.deliver(m.sid, message);
                     delivered += 1;
                     if !reader.may_have_more() {
-                        // A lone message (a request, or the answer to one): the task it
-                        // woke runs on this thread once this one waits, so it goes
-                        // first, rather than after a read that most likely finds the
-                        // socket empty, and its answer or next request leaves that much
-                        // sooner. After several, the tasks they woke run together, and
-                        // what they send shares a write.
-                        if delivered == 1 {
+                        // A lone message (a request, say) to a subscription: the task
+                        // reading it runs on this thread once this one waits, so it
+                        // goes first, rather than after a read that most likely finds
+                        // the socket empty, and its answer leaves that much sooner.
+                        // After several, the tasks they woke run together, and what
+                        // they send shares a write. A reply goes to whoever waits for
+                        // it, often not a task of the runtime at all (`block_on`, or
+                        // `#[tokio::main]`'s body): a yield then would only wake an
+                        // idle worker to find nothing (two futex calls and a context
+                        // switch per request, on a durable publish's round trip).
+                        if delivered == 1 && queued {
                             tokio::task::yield_now().await;
                         }
                         delivered = 0;
