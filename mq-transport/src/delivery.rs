@@ -279,7 +279,13 @@ pub(crate) struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        self.inbox.remove(self.id);
+        // A receiver that yielded its reply, or the error of a dropped sender, is no
+        // longer in the map: whatever answered or failed it took it out first. That
+        // spares the common case (a request answered) a second taking of the lock
+        // that the connection's reader takes for every reply.
+        if !self.rx.is_terminated() {
+            self.inbox.remove(self.id);
+        }
     }
 }
 
@@ -448,6 +454,34 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 29);
         crate::subject::validate_subject(&a).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_leaves_the_inbox_when_answered_failed_or_given_up() {
+        let inbox = Arc::new(Inbox::new());
+        let (answered_to, mut answered) = inbox.register();
+        let (_, given_up) = inbox.register();
+        let (_, mut failed) = inbox.register();
+        assert_eq!(inbox.in_flight(), 3);
+
+        assert!(inbox.deliver(Message::new(answered_to.clone(), "ok")));
+        assert_eq!((&mut answered.rx).await.unwrap().payload, "ok");
+        assert_eq!(inbox.in_flight(), 2);
+        drop(answered);
+        assert_eq!(inbox.in_flight(), 2, "the others stay registered");
+        assert!(
+            !inbox.deliver(Message::new(answered_to, "again")),
+            "a second reply finds no one"
+        );
+
+        drop(given_up);
+        assert_eq!(inbox.in_flight(), 1, "a request given up leaves at once");
+
+        inbox.fail_all();
+        assert!((&mut failed.rx).await.is_err());
+        drop(failed);
+        assert_eq!(inbox.in_flight(), 0);
+        assert!(crate::lock(&inbox.waiting).is_empty());
     }
 
     #[tokio::test]
