@@ -131,7 +131,9 @@ impl<'a> Session<'a> {
     /// acknowledgements follow the messages to subscribers).
     async fn end_of_read(&mut self) {
         self.shared.flush(&mut self.batches).await;
-        self.streams.commit_deferred(self.shared).await;
+        self.streams
+            .commit_deferred(self.shared, &mut self.batches)
+            .await;
     }
 
     /// The first frame must be a connect, within the handshake timeout, with the token
