@@ -1079,10 +1079,14 @@ impl Shared {
                         }
                     }
                 }
-                let (done, waiting): (Vec<Waiter>, Vec<Waiter>) =
-                    state.waiters.drain(..).partition(|w| w.ticket <= ticket);
-                state.waiters = waiting;
-                done.into_iter().map(|w| (w, None)).collect::<Vec<_>>()
+                // taken out in place: the waiting keep the list and its room, and the
+                // done are collected once (a partition into two new lists, then a third
+                // for the completions, cost three allocations per commit)
+                state
+                    .waiters
+                    .extract_if(.., |w| w.ticket <= ticket)
+                    .map(|w| (w, None))
+                    .collect::<Vec<_>>()
             }
             Err(error) => self.poison(&mut state, error, batch.first_writes),
         };
