@@ -237,16 +237,32 @@ fn zero_bytes(x: u64) -> u64 {
 /// assert!(!matches("a.>", "a"));
 /// ```
 pub fn matches(filter: &str, subject: &str) -> bool {
-    let mut f = filter.split('.');
-    let mut s = subject.split('.');
+    // Token by token over the bytes: a stream's publish is matched against the
+    // stream's filters on every publish, and `str::split` showed (about 600 of a
+    // broker's 12,500 instructions per pipelined durable publish, callgrind).
+    let (mut f, mut s) = (filter.as_bytes(), subject.as_bytes());
     loop {
-        match (f.next(), s.next()) {
-            (None, None) => return true,
-            (Some(">"), Some(_)) => return true,
-            (Some("*"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
+        let (token, f_rest) = next_token(f);
+        let (other, s_rest) = next_token(s);
+        match token {
+            b">" => return true,
+            b"*" => {}
+            _ if token == other => {}
             _ => return false,
         }
+        match (f_rest, s_rest) {
+            (None, None) => return true,
+            (Some(f_next), Some(s_next)) => (f, s) = (f_next, s_next),
+            _ => return false,
+        }
+    }
+}
+
+/// The first token of `text` and, if a dot follows it, the rest after that dot.
+fn next_token(text: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match text.iter().position(|&b| b == b'.') {
+        Some(dot) => (&text[..dot], Some(&text[dot + 1..])),
+        None => (text, None),
     }
 }
 
@@ -334,7 +350,35 @@ mod tests {
         !after_dot
     }
 
+    /// The matching rule as NATS states it, token list against token list: the oracle
+    /// for [`matches`].
+    fn matches_by_tokens(filter: &str, subject: &str) -> bool {
+        let mut f = filter.split('.');
+        let mut s = subject.split('.');
+        loop {
+            match (f.next(), s.next()) {
+                (None, None) => return true,
+                (Some(">"), Some(_)) => return true,
+                (Some("*"), Some(_)) => {}
+                (Some(a), Some(b)) if a == b => {}
+                _ => return false,
+            }
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn matching_over_bytes_agrees_with_matching_token_lists(
+            filter in "(\\*|>|a|b|ab)(\\.(\\*|>|a|b|ab)){0,4}",
+            subject in "(a|b|ab|ba)(\\.(a|b|ab|ba)){0,4}",
+        ) {
+            proptest::prop_assert_eq!(
+                matches(&filter, &subject),
+                matches_by_tokens(&filter, &subject),
+                "{} against {}", filter, subject
+            );
+        }
+
         #[test]
         fn the_quick_check_eight_bytes_at_a_time_agrees_with_the_check_a_byte_at_a_time(
             text in "[a-c.*> \\t\u{7f}\u{80}\u{e9}!~]{0,40}",
