@@ -3,6 +3,8 @@
 //! * `courier broker --store DIR` is killed with SIGKILL 20 times under a durable
 //!   publisher and a consumer that confirms its acks, and restarted on the same
 //!   directory and port each time;
+//! * a broker whose stream acknowledges once written to the OS (`Fsync::Every`) is killed
+//!   5 times under a publisher that waits for each acknowledgement before the next;
 //! * the tail segment is cut mid-record between two runs;
 //! * the disk is full (the broker runs under `ulimit -f`, so its writes fail with
 //!   EFBIG as they would with ENOSPC).
@@ -17,7 +19,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use courier::bus::{Bus, BusError, ConnectOptions, ConsumerConfig, Publish, StreamConfig};
+use courier::bus::{
+    Bus, BusError, ConnectOptions, ConsumerConfig, Fsync, Publish, StreamConfig, Streams,
+};
 
 /// A broker child process, killed with SIGKILL when dropped.
 struct BrokerProcess {
@@ -256,23 +260,7 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
     drain_stop.cancel();
     draining.await.unwrap();
 
-    let stored: Vec<u64> = {
-        let mut out = Vec::new();
-        let mut from = 1;
-        loop {
-            let batch = match streams.range("ORDERS", from, 4096, usize::MAX).await {
-                Ok(batch) if !batch.is_empty() => batch,
-                _ => break,
-            };
-            from = batch.last().unwrap().seq + 1;
-            out.extend(
-                batch
-                    .iter()
-                    .map(|m| String::from_utf8_lossy(&m.payload).parse::<u64>().unwrap()),
-            );
-        }
-        out
-    };
+    let stored = stored_ids(&streams, "ORDERS").await;
     let stored_set: BTreeSet<u64> = stored.iter().copied().collect();
     let final_floor = consumer.info().await.unwrap().ack_floor;
     let t = tally.lock().unwrap();
@@ -316,6 +304,111 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
         t.delivered_after_confirm, 0,
         "confirmed but delivered again"
     );
+    drop(broker);
+}
+
+/// The payloads (message ids) stored in stream `stream`, in sequence order.
+async fn stored_ids(streams: &Streams, stream: &str) -> Vec<u64> {
+    let mut out = Vec::new();
+    let mut from = 1;
+    loop {
+        let batch = match streams.range(stream, from, 4096, usize::MAX).await {
+            Ok(batch) if !batch.is_empty() => batch,
+            _ => break,
+        };
+        from = batch.last().unwrap().seq + 1;
+        out.extend(
+            batch
+                .iter()
+                .map(|m| String::from_utf8_lossy(&m.payload).parse::<u64>().unwrap()),
+        );
+    }
+    out
+}
+
+/// Under `Fsync::Every` a publish is acknowledged once written to the OS: the page cache
+/// outlives a killed process, so a SIGKILL of the broker loses none of them. One publish
+/// at a time, each waiting for its acknowledgement: the broker answers each from the
+/// read that brought it, written by the connection's task (its read batches) rather than
+/// by the writer task, the path this covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills() {
+    const CYCLES: usize = 5;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut broker = BrokerProcess::start(dir.path(), port, None);
+    let bus = connect(port).await;
+    let streams = bus.streams().unwrap();
+    let mut config = StreamConfig::new("ORDERS", ["orders.>"]);
+    config.fsync = Fsync::Every(Duration::from_secs(120));
+    streams.create(config).await.unwrap();
+
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn({
+        let (streams, tally, stop) = (streams.clone(), tally.clone(), stop.clone());
+        async move {
+            let mut id = 0u64;
+            while !stop.is_cancelled() {
+                id += 1;
+                let options = Publish {
+                    msg_id: Some(format!("order-{id}")),
+                    ..Publish::default()
+                };
+                let acked = match streams
+                    .publish_with("orders.eu", id.to_string(), options)
+                    .await
+                {
+                    Ok(ack) => ack.await.is_ok(),
+                    Err(_) => false,
+                };
+                let mut t = tally.lock().unwrap();
+                if acked {
+                    t.acked.insert(id);
+                } else {
+                    t.failed += 1;
+                }
+            }
+        }
+    });
+    let mut acked_before_kill = Vec::new();
+    for cycle in 0..CYCLES {
+        let pause = 200 + (cycle as u64 * 53) % 150;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        acked_before_kill.push(tally.lock().unwrap().acked.len());
+        broker.kill();
+        broker = BrokerProcess::start(dir.path(), port, None);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("the publisher stops")
+        .unwrap();
+
+    let stored = stored_ids(&streams, "ORDERS").await;
+    let stored_set: BTreeSet<u64> = stored.iter().copied().collect();
+    let t = tally.lock().unwrap();
+    let lost = t.acked.difference(&stored_set).count();
+    let duplicates = stored.len() - stored_set.len();
+    println!(
+        "{CYCLES} SIGKILL/restart cycles, fsync every 120 s, one publish in flight; \
+         acknowledged {} (before each kill: {acked_before_kill:?}), failed {}; stored {} \
+         ({} distinct); acknowledged but lost: {lost}; stored twice: {duplicates}",
+        t.acked.len(),
+        t.failed,
+        stored.len(),
+        stored_set.len(),
+    );
+    // publishes were acknowledged between every two kills, not only before the first
+    assert!(
+        acked_before_kill.windows(2).all(|w| w[1] > w[0])
+            && t.acked.len() > acked_before_kill[CYCLES - 1],
+        "the publisher ran in every cycle: {acked_before_kill:?}, {} in all",
+        t.acked.len()
+    );
+    assert_eq!(lost, 0, "acknowledged but lost");
+    assert_eq!(duplicates, 0, "stored twice");
     drop(broker);
 }
 
