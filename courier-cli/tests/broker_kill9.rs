@@ -111,6 +111,28 @@ async fn connect(port: u16) -> Bus {
         .expect("connects")
 }
 
+/// A broker on a fresh directory and port, and a connection's streams with `stream`
+/// created. The streams reconnect to a broker restarted on the same port.
+async fn broker_with_stream(
+    stream: StreamConfig,
+) -> (tempfile::TempDir, u16, BrokerProcess, Streams) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = BrokerProcess::start(dir.path(), port, None);
+    let streams = connect(port).await.streams().unwrap();
+    streams.create(stream).await.unwrap();
+    (dir, port, broker, streams)
+}
+
+/// The publish options of order `id`: its message id, so that a publish sent again
+/// after a lost connection is stored once.
+fn order(id: u64) -> Publish {
+    Publish {
+        msg_id: Some(format!("order-{id}")),
+        ..Publish::default()
+    }
+}
+
 #[derive(Default)]
 struct Tally {
     /// Message ids whose publish was acknowledged.
@@ -130,15 +152,8 @@ struct Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_confirmed_ack() {
     const CYCLES: usize = 20;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut broker = BrokerProcess::start(dir.path(), port, None);
-    let bus = connect(port).await;
-    let streams = bus.streams().unwrap();
-    streams
-        .create(StreamConfig::new("ORDERS", ["orders.>"]))
-        .await
-        .unwrap();
+    let (dir, port, mut broker, streams) =
+        broker_with_stream(StreamConfig::new("ORDERS", ["orders.>"])).await;
     let mut config = ConsumerConfig::durable("billing");
     config.ack_wait = Duration::from_secs(1);
     streams.create_consumer("ORDERS", config).await.unwrap();
@@ -153,12 +168,8 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
                 let mut batch = Vec::new();
                 for _ in 0..50 {
                     id += 1;
-                    let options = Publish {
-                        msg_id: Some(format!("order-{id}")),
-                        ..Publish::default()
-                    };
                     match streams
-                        .publish_with("orders.eu", id.to_string(), options)
+                        .publish_with("orders.eu", id.to_string(), order(id))
                         .await
                     {
                         Ok(ack) => batch.push((id, ack)),
@@ -334,14 +345,9 @@ async fn stored_ids(streams: &Streams, stream: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills() {
     const CYCLES: usize = 5;
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut broker = BrokerProcess::start(dir.path(), port, None);
-    let bus = connect(port).await;
-    let streams = bus.streams().unwrap();
     let mut config = StreamConfig::new("ORDERS", ["orders.>"]);
     config.fsync = Fsync::Every(Duration::from_secs(120));
-    streams.create(config).await.unwrap();
+    let (dir, port, mut broker, streams) = broker_with_stream(config).await;
 
     let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -351,12 +357,8 @@ async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills(
             let mut id = 0u64;
             while !stop.is_cancelled() {
                 id += 1;
-                let options = Publish {
-                    msg_id: Some(format!("order-{id}")),
-                    ..Publish::default()
-                };
                 let acked = match streams
-                    .publish_with("orders.eu", id.to_string(), options)
+                    .publish_with("orders.eu", id.to_string(), order(id))
                     .await
                 {
                     Ok(ack) => ack.await.is_ok(),
