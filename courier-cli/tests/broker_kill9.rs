@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use courier::bus::{
-    Bus, BusError, ConnectOptions, ConsumerConfig, Fsync, Publish, StreamConfig, Streams,
+    Bus, BusError, ConnectOptions, ConsumerConfig, Fsync, PubAckFuture, Publish, StreamConfig,
+    Streams,
 };
 
 /// A broker child process, killed with SIGKILL when dropped.
@@ -124,13 +125,16 @@ async fn broker_with_stream(
     (dir, port, broker, streams)
 }
 
-/// The publish options of order `id`: its message id, so that a publish sent again
-/// after a lost connection is stored once.
-fn order(id: u64) -> Publish {
-    Publish {
+/// Publishes order `id` (its id as the payload) to `orders.eu`, with its message id, so
+/// that a publish sent again after a lost connection is stored once.
+async fn publish_order(streams: &Streams, id: u64) -> Result<PubAckFuture, BusError> {
+    let options = Publish {
         msg_id: Some(format!("order-{id}")),
         ..Publish::default()
-    }
+    };
+    streams
+        .publish_with("orders.eu", id.to_string(), options)
+        .await
 }
 
 #[derive(Default)]
@@ -147,6 +151,17 @@ struct Tally {
     delivered_after_confirm: u64,
     /// Ids delivered and left unanswered on purpose (one in 7, on first delivery).
     unanswered: BTreeSet<u64>,
+}
+
+impl Tally {
+    /// Counts the outcome of order `id`'s publish: acknowledged, or failed.
+    fn publish_ended(&mut self, id: u64, acknowledged: bool) {
+        if acknowledged {
+            self.acked.insert(id);
+        } else {
+            self.failed += 1;
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,21 +183,14 @@ async fn twenty_sigkills_under_load_lose_no_acknowledged_message_and_undo_no_con
                 let mut batch = Vec::new();
                 for _ in 0..50 {
                     id += 1;
-                    match streams
-                        .publish_with("orders.eu", id.to_string(), order(id))
-                        .await
-                    {
+                    match publish_order(&streams, id).await {
                         Ok(ack) => batch.push((id, ack)),
-                        Err(_) => tally.lock().unwrap().failed += 1,
+                        Err(_) => tally.lock().unwrap().publish_ended(id, false),
                     }
                 }
                 for (id, ack) in batch {
-                    match ack.await {
-                        Ok(_) => {
-                            tally.lock().unwrap().acked.insert(id);
-                        }
-                        Err(_) => tally.lock().unwrap().failed += 1,
-                    }
+                    let acknowledged = ack.await.is_ok();
+                    tally.lock().unwrap().publish_ended(id, acknowledged);
                 }
             }
         }
@@ -357,19 +365,11 @@ async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills(
             let mut id = 0u64;
             while !stop.is_cancelled() {
                 id += 1;
-                let acked = match streams
-                    .publish_with("orders.eu", id.to_string(), order(id))
-                    .await
-                {
+                let acknowledged = match publish_order(&streams, id).await {
                     Ok(ack) => ack.await.is_ok(),
                     Err(_) => false,
                 };
-                let mut t = tally.lock().unwrap();
-                if acked {
-                    t.acked.insert(id);
-                } else {
-                    t.failed += 1;
-                }
+                tally.lock().unwrap().publish_ended(id, acknowledged);
             }
         }
     });
