@@ -815,15 +815,21 @@ async fn a_durable_consumer_resumes_where_it_was_after_a_restart(mut fx: Fixture
         // killed right after may deliver acknowledged messages again (at least once),
         // never lose one
         assert!(info.ack_floor <= 4, "{info:?}");
-        let mut seqs = Vec::new();
-        while seqs.len() < 10 - info.ack_floor as usize {
+        // an ack lost to a leader change after the restart brings its message again:
+        // what must come is every message above the floor, and none at or below it
+        let owed: std::collections::BTreeSet<u64> = (info.ack_floor + 1..=10).collect();
+        let mut came = std::collections::BTreeSet::new();
+        while came != owed {
             for d in fetch_n(&consumer, 1).await {
-                seqs.push(d.info.stream_seq);
+                let seq = d.info.stream_seq;
+                assert!(
+                    owed.contains(&seq),
+                    "{seq} came, at or below the ack floor {info:?}"
+                );
+                came.insert(seq);
                 d.ack().await.unwrap();
             }
         }
-        seqs.sort_unstable();
-        assert_eq!(seqs, (info.ack_floor + 1..=10).collect::<Vec<_>>());
         return;
     }
     assert_eq!(info.ack_floor, 4);
@@ -999,6 +1005,96 @@ async fn consumer_errors_name_the_stream_and_consumer(fx: Fixture) {
     streams.delete_consumer("ORDERS", "c").await.unwrap();
     let err = streams.consumer("ORDERS", "c").await.unwrap_err();
     assert_eq!(kind(&err), Some(ErrorKind::ConsumerNotFound), "{err}");
+}
+
+/// A fetch waiting on a replicated consumer whose leader steps down still gets the
+/// message published after: the old leader ends the pull it held ("409 Leadership
+/// Change"), and the fetch pulls again from the new one.
+#[cfg(feature = "nats")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_consumer_whose_leader_steps_down_under_a_waiting_fetch_delivers_to_it() {
+    leader_change_under_a_waiting_fetch(LeaderChange::StepDown).await;
+}
+
+/// A fetch waiting on a replicated consumer whose leader's node is killed (SIGKILL)
+/// still gets the message published after: the pull the dead node held ends with
+/// "409 Leadership Change" (nats-server 2.9.10 and 2.15.1 both send it), and the fetch
+/// pulls again from the new leader.
+#[cfg(feature = "nats")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_consumer_whose_leader_is_killed_under_a_waiting_fetch_delivers_to_it() {
+    leader_change_under_a_waiting_fetch(LeaderChange::Kill).await;
+}
+
+#[cfg(feature = "nats")]
+enum LeaderChange {
+    StepDown,
+    Kill,
+}
+
+/// A fetch of up to 30 s waits on a durable consumer of an R3 stream, its leader
+/// changes, one message is published: the fetch returns that message.
+#[cfg(feature = "nats")]
+async fn leader_change_under_a_waiting_fetch(change: LeaderChange) {
+    let mut fx = Fixture::nats_cluster().await;
+    let (bus, streams) = fx.streams().await;
+    orders(&streams).await;
+    let consumer = streams
+        .create_consumer("ORDERS", ConsumerConfig::durable("c"))
+        .await
+        .unwrap();
+    let api = |verb: &str| format!("$JS.API.CONSUMER.{verb}.ORDERS.c");
+    let js = |reply: Message| -> serde_json::Value {
+        serde_json::from_slice(&reply.payload).expect("a JetStream API answer")
+    };
+    let waiting = tokio::spawn(async move { consumer.fetch(1, Duration::from_secs(30)).await });
+    // the pull is held by the consumer's leader
+    let leader = within(async {
+        loop {
+            let info = js(bus.request(api("INFO"), "").await.unwrap());
+            if info["num_waiting"].as_u64().unwrap_or(0) > 0 {
+                return info["cluster"]["leader"].as_str().unwrap_or("").to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    match change {
+        LeaderChange::StepDown => {
+            let stepped = js(bus.request(api("LEADER.STEPDOWN"), "").await.unwrap());
+            assert_eq!(stepped["success"], true, "{stepped}");
+        }
+        LeaderChange::Kill => {
+            let Fixture::Nats { nodes, .. } = &mut fx else {
+                unreachable!()
+            };
+            // nodes n1, n2, n3 in order
+            let n: usize = leader.trim_start_matches('n').parse().expect("a node name");
+            nodes[n - 1].kill();
+        }
+    }
+    // another node leads the consumer, and the stream takes publishes
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let info = bus.request(api("INFO"), "").await.map(js);
+            let led_anew = info.is_ok_and(|i| {
+                i.get("error").is_none() && i["cluster"]["leader"].as_str() != Some(&leader)
+            });
+            if led_anew && streams.info("ORDERS").await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a new consumer leader within 30 s");
+    publish_n(&streams, "orders.eu", 1).await;
+    let got = within(waiting).await.unwrap().unwrap();
+    assert_eq!(
+        payloads(&got),
+        ["m1"],
+        "the message published after the leader changed"
+    );
 }
 
 /// A replicated stream on a three-node cluster loses a node (SIGKILL) under a durable

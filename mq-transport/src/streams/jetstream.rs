@@ -951,6 +951,12 @@ impl JsConsumer {
     /// Up to `batch` messages, as soon as one is there or once `max_wait` passed.
     /// Messages before their delivery time are given back (nak with that delay), and
     /// messages past `max_deliver` are dead-lettered: neither is returned.
+    ///
+    /// The wait is pulled in slices of at most [`PULL_SLICE`]. A pull that ends
+    /// without the consumer's leader (none elected yet, or the leader changed while it
+    /// held the pull) is pulled again. One the server never ends (its holder gone
+    /// without a word) ends by async-nats's own timer, 5 s past its expiry: the slices
+    /// keep that to one slice and 5 s, not the whole wait and 5 s.
     pub(crate) async fn fetch(
         &self,
         batch: usize,
@@ -961,7 +967,7 @@ impl JsConsumer {
             let wait = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(1))
-                .min(Duration::from_secs(30));
+                .min(PULL_SLICE);
             let context = format!("fetching from consumer `{}`", self.shared.name);
             let mut messages = self
                 .consumer
@@ -972,7 +978,7 @@ impl JsConsumer {
                 .await
                 .map_err(|e| reported(&e, &context))?;
             let mut out = Vec::new();
-            let mut no_leader = false;
+            let mut leaderless = None;
             loop {
                 match messages.try_next().await {
                     Ok(Some(message)) => {
@@ -981,25 +987,29 @@ impl JsConsumer {
                         }
                     }
                     Ok(None) => break,
-                    // The consumer has no leader yet (a replicated consumer just created,
-                    // or one whose node went away): the server answers the pull with
-                    // "no responders". Pulled again until the fetch's own deadline.
-                    Err(e)
-                        if out.is_empty()
-                            && is_no_responders(e.as_ref())
-                            && tokio::time::Instant::now() < deadline =>
-                    {
-                        no_leader = true;
+                    // The consumer has no leader yet, or its leader changed: pulled
+                    // again until the fetch's own deadline.
+                    Err(e) if out.is_empty() && tokio::time::Instant::now() < deadline => {
+                        let Some(why) = leaderless_pull(e.as_ref()) else {
+                            return Err(reported(e.as_ref(), &context));
+                        };
+                        leaderless = Some(why);
                         break;
                     }
-                    Err(e) => return Err(reported(e.as_ref(), &context)),
+                    Err(e) if out.is_empty() => return Err(reported(e.as_ref(), &context)),
+                    // the messages that came are the application's: they are returned,
+                    // and the next fetch meets the error again if it lasts
+                    Err(e) => {
+                        tracing::debug!(consumer = %self.shared.name, error = %e, "fetch: a pull ended in an error after messages");
+                        break;
+                    }
                 }
             }
             if !out.is_empty() || tokio::time::Instant::now() >= deadline {
                 return Ok(out);
             }
-            if no_leader {
-                tracing::debug!(consumer = %self.shared.name, "fetch: no consumer leader yet, pulling again");
+            if let Some(why) = leaderless {
+                tracing::debug!(consumer = %self.shared.name, "fetch: {why}, pulling again");
                 let pause = Duration::from_millis(100)
                     .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
                 tokio::time::sleep(pause).await;
@@ -1168,26 +1178,44 @@ impl JsAnswer {
 /// How many times a read (a get) that timed out is asked in all.
 const READ_ATTEMPTS: u32 = 3;
 
-/// Whether a pull ended with status 503, "no responders": async-nats reports it only as
-/// text (`error while processing messages from the stream: 503, …`).
-fn is_no_responders(error: &(dyn std::error::Error + Send + Sync)) -> bool {
-    let marker = format!(": {}, ", async_nats::StatusCode::NO_RESPONDERS);
-    error.to_string().contains(&marker)
+/// The longest one pull of a fetch waits on the server (see [`JsConsumer::fetch`]).
+const PULL_SLICE: Duration = Duration::from_secs(2);
+
+/// Why a pull ended without its consumer's leader, if it did: status 503 ("no
+/// responders": a replicated consumer just made, or one whose leader's node went away,
+/// has none yet) or 409 "Leadership Change" (the leader holding the pull stepped down).
+/// async-nats reports both only as text (`error while processing messages from the
+/// stream: 409, Some("Leadership Change")`).
+fn leaderless_pull(error: &(dyn std::error::Error + Send + Sync)) -> Option<&'static str> {
+    let text = error.to_string();
+    if text.contains(&format!(": {}, ", async_nats::StatusCode::NO_RESPONDERS)) {
+        return Some("no consumer leader yet");
+    }
+    let terminated = format!(": {}, ", async_nats::StatusCode::REQUEST_TERMINATED);
+    (text.contains(&terminated) && text.contains("Leadership Change"))
+        .then_some("the consumer's leader changed")
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
-    fn a_pull_ended_by_no_responders_is_told_apart_from_other_statuses() {
-        let error = |status: &str| {
+    fn a_pull_ended_without_a_consumer_leader_is_told_apart_from_other_statuses() {
+        let error = |status: &str, description: &str| {
             std::io::Error::other(format!(
-                "error while processing messages from the stream: {status}, None"
+                "error while processing messages from the stream: {status}, {description}"
             ))
         };
-        assert!(super::is_no_responders(&error("503")));
-        assert!(!super::is_no_responders(&error("409")));
-        assert!(!super::is_no_responders(&std::io::Error::other(
-            "timed out"
-        )));
+        let leaderless = |e: std::io::Error| super::leaderless_pull(&e);
+        assert_eq!(
+            leaderless(error("503", "None")),
+            Some("no consumer leader yet")
+        );
+        assert_eq!(
+            leaderless(error("409", "Some(\"Leadership Change\")")),
+            Some("the consumer's leader changed")
+        );
+        assert_eq!(leaderless(error("409", "Some(\"Consumer Deleted\")")), None);
+        assert_eq!(leaderless(error("409", "None")), None);
+        assert_eq!(leaderless(std::io::Error::other("timed out")), None);
     }
 }
