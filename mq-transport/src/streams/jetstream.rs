@@ -1183,7 +1183,8 @@ const PULL_SLICE: Duration = Duration::from_secs(2);
 
 /// Why a pull ended without its consumer's leader, if it did: status 503 ("no
 /// responders": a replicated consumer just made, or one whose leader's node went away,
-/// has none yet) or 409 "Leadership Change" (the leader holding the pull stepped down).
+/// has none yet) or 409 "Leadership Change" (the leader holding the pull stepped down,
+/// or its node went away: nats-server 2.9.10 and 2.15.1 send it for both).
 /// async-nats reports both only as text (`error while processing messages from the
 /// stream: 409, Some("Leadership Change")`).
 fn leaderless_pull(error: &(dyn std::error::Error + Send + Sync)) -> Option<&'static str> {
