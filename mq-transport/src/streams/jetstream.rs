@@ -963,12 +963,12 @@ impl JsConsumer {
         max_wait: Duration,
     ) -> Result<Vec<Delivery>, BusError> {
         let deadline = tokio::time::Instant::now() + max_wait.min(mq_store::MAX_WAIT);
+        let context = || format!("fetching from consumer `{}`", self.shared.name);
         loop {
             let wait = deadline
                 .saturating_duration_since(tokio::time::Instant::now())
                 .max(Duration::from_millis(1))
                 .min(PULL_SLICE);
-            let context = format!("fetching from consumer `{}`", self.shared.name);
             let mut messages = self
                 .consumer
                 .fetch()
@@ -976,7 +976,7 @@ impl JsConsumer {
                 .expires(wait)
                 .messages()
                 .await
-                .map_err(|e| reported(&e, &context))?;
+                .map_err(|e| reported(&e, &context()))?;
             let mut out = Vec::new();
             let mut leaderless = None;
             loop {
@@ -987,22 +987,21 @@ impl JsConsumer {
                         }
                     }
                     Ok(None) => break,
-                    // The consumer has no leader yet, or its leader changed: pulled
-                    // again until the fetch's own deadline.
-                    Err(e) if out.is_empty() && tokio::time::Instant::now() < deadline => {
-                        let Some(why) = leaderless_pull(e.as_ref()) else {
-                            return Err(reported(e.as_ref(), &context));
-                        };
-                        leaderless = Some(why);
-                        break;
-                    }
-                    Err(e) if out.is_empty() => return Err(reported(e.as_ref(), &context)),
                     // the messages that came are the application's: they are returned,
                     // and the next fetch meets the error again if it lasts
-                    Err(e) => {
+                    Err(e) if !out.is_empty() => {
                         tracing::debug!(consumer = %self.shared.name, error = %e, "fetch: a pull ended in an error after messages");
                         break;
                     }
+                    // The consumer has no leader yet, or its leader changed: pulled
+                    // again until the fetch's own deadline.
+                    Err(e) => match leaderless_pull(e.as_ref()) {
+                        Some(why) if tokio::time::Instant::now() < deadline => {
+                            leaderless = Some(why);
+                            break;
+                        }
+                        _ => return Err(reported(e.as_ref(), &context())),
+                    },
                 }
             }
             if !out.is_empty() || tokio::time::Instant::now() >= deadline {
