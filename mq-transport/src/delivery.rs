@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use rpc_core::Utf8Bytes;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 
 use crate::event::Event;
 use crate::message::{DESCRIPTION_HEADER, Message, SUBSCRIPTION_REFUSED};
+use crate::queue::{self, SendTimeoutError, TrySendError};
 
 /// What one subscription's queue shares with its [`Subscriber`].
 #[derive(Debug)]
@@ -42,7 +43,7 @@ impl SubState {
 /// embedded bus paces a publisher to a subscriber that is reading, as the broker does.
 #[derive(Clone, Debug)]
 pub(crate) struct SubQueue {
-    tx: mpsc::Sender<Message>,
+    tx: queue::Sender<Message>,
     pub(crate) state: Arc<SubState>,
 }
 
@@ -67,8 +68,8 @@ impl SubQueue {
         queue: Option<Utf8Bytes>,
         capacity: usize,
         events: broadcast::Sender<Event>,
-    ) -> (SubQueue, mpsc::Receiver<Message>) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
+    ) -> (SubQueue, queue::Receiver<Message>) {
+        let (tx, rx) = queue::channel(capacity);
         let state = Arc::new(SubState {
             subject,
             queue,
@@ -89,17 +90,16 @@ impl SubQueue {
                 }
                 Offer::Taken
             }
-            Err(mpsc::error::TrySendError::Full(_))
-                if self.state.lagging.load(Ordering::Relaxed) =>
-            {
+            Err(TrySendError::Full(_)) if self.state.lagging.load(Ordering::Relaxed) => {
                 Offer::Behind
             }
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+            Err(TrySendError::Full(_)) => Offer::Full,
+            Err(TrySendError::Closed(_)) => Offer::Gone,
         }
     }
 
     /// Queues `message`; `false` when it was not queued (full, or the subscriber is gone).
+    #[cfg(any(test, feature = "nats"))]
     pub(crate) fn deliver(&self, message: Message) -> bool {
         match self.offer(message) {
             Offer::Taken => true,
@@ -111,14 +111,33 @@ impl SubQueue {
         }
     }
 
+    /// Queues `messages`, which it leaves empty, as [`SubQueue::deliver`] would one
+    /// after the other, but with one lock and one wake-up of the subscriber for all of
+    /// them. Returns how many were queued.
+    pub(crate) fn deliver_all(&self, messages: &mut Vec<Message>) -> usize {
+        let mut messages = messages.drain(..);
+        let sent = self.tx.try_send_all(&mut messages);
+        if sent.sent > 0 && self.state.lagging.load(Ordering::Relaxed) {
+            self.state.lagging.store(false, Ordering::Relaxed);
+        }
+        if let Some(TrySendError::Full(_)) = sent.refused {
+            // This one and every one after it: the queue has no room for them now.
+            self.drop_one();
+            for _ in messages {
+                self.drop_one();
+            }
+        }
+        sent.sent
+    }
+
     /// Queues `message`, waiting up to `grace` for room. A subscriber still full after
     /// the grace is a slow consumer: the message is dropped and counted, and so is every
     /// later one that finds its queue full, at once, until it has room again.
     pub(crate) async fn deliver_within(&self, message: Message, grace: Duration) -> bool {
         let message = match self.tx.try_send(message) {
             Ok(()) => return true,
-            Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            Err(mpsc::error::TrySendError::Full(message)) => message,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(message)) => message,
         };
         if grace.is_zero() || self.state.lagging.load(Ordering::Relaxed) {
             self.drop_one();
@@ -126,11 +145,11 @@ impl SubQueue {
         }
         match self.tx.send_timeout(message, grace).await {
             Ok(()) => true,
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            Err(SendTimeoutError::Timeout(_)) => {
                 self.drop_one();
                 false
             }
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+            Err(SendTimeoutError::Closed(_)) => false,
         }
     }
 
@@ -174,6 +193,7 @@ pub(crate) enum Target {
 }
 
 impl Target {
+    #[cfg(feature = "nats")]
     pub(crate) fn deliver(&self, message: Message) -> bool {
         match self {
             Target::Queue(q) => q.deliver(message),
@@ -347,7 +367,7 @@ pub(crate) trait Unsubscribe: Send + Sync + 'static {
 /// # Ok(()) }
 /// ```
 pub struct Subscriber {
-    rx: mpsc::Receiver<Message>,
+    rx: queue::Receiver<Message>,
     state: Arc<SubState>,
     key: u64,
     backend: Arc<dyn Unsubscribe>,
@@ -366,7 +386,7 @@ impl std::fmt::Debug for Subscriber {
 
 impl Subscriber {
     pub(crate) fn new(
-        rx: mpsc::Receiver<Message>,
+        rx: queue::Receiver<Message>,
         state: Arc<SubState>,
         key: u64,
         backend: Arc<dyn Unsubscribe>,
@@ -482,6 +502,32 @@ mod tests {
         drop(failed);
         assert_eq!(inbox.in_flight(), 0);
         assert!(crate::lock(&inbox.waiting).is_empty());
+    }
+
+    #[tokio::test]
+    async fn delivering_several_at_once_queues_what_fits_and_counts_the_rest_as_dropped() {
+        let (events, mut seen) = broadcast::channel(16);
+        let (q, mut rx) = SubQueue::new("s".into(), None, 2, events);
+        let mut messages: Vec<Message> = (0..4).map(|i| Message::new("s", i.to_string())).collect();
+        assert_eq!(q.deliver_all(&mut messages), 2);
+        assert!(messages.is_empty());
+        assert_eq!(q.state.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            Event::SlowConsumer {
+                subject: "s".into(),
+                dropped: 1
+            }
+        );
+        assert!(seen.try_recv().is_err(), "one event per episode");
+        assert_eq!(rx.recv().await.unwrap().payload, "0");
+        assert_eq!(rx.recv().await.unwrap().payload, "1");
+        let mut more = vec![Message::new("s", "4")];
+        assert_eq!(q.deliver_all(&mut more), 1);
+        assert!(
+            !q.state.lagging.load(Ordering::Relaxed),
+            "the episode ended"
+        );
     }
 
     #[tokio::test]

@@ -30,6 +30,7 @@ mod event;
 mod message;
 #[cfg(feature = "nats")]
 pub mod nats;
+mod queue;
 pub mod rpc;
 pub mod streams;
 pub use mq_store::subject;

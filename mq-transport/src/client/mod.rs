@@ -297,6 +297,9 @@ impl std::fmt::Debug for Remote {
 
 /// A message as a frame carries it: an empty reply subject on the wire is no reply
 /// (the reverse of [`Remote::publish_frame`]).
+/// Messages for one subscription handed to it together at most.
+const RUN_MAX: usize = 64;
+
 fn wire_message(
     subject: Utf8Bytes,
     reply: Utf8Bytes,
@@ -478,24 +481,37 @@ impl Remote {
         self.core.inbox.fail_all();
     }
 
-    /// Hands a message to subscription `sid`, if there is one; a refusal from the
-    /// broker ends it. True when it went to a subscriber's queue (not to the inbox of
-    /// requests waiting for replies).
-    fn deliver(&self, sid: u64, message: Message) -> bool {
+    /// Hands `run`, messages to subscription `sid` read one after the other, to it, if
+    /// there is one, and leaves `run` empty. One look-up and one lock of the
+    /// subscription's queue serve the whole run; a refusal from the broker (a status
+    /// message, never in a run of ordinary ones in practice) ends the subscription, and
+    /// what follows it in the run is dropped. True when at least one went to a
+    /// subscriber's queue (not to the inbox of requests waiting for replies).
+    fn deliver_run(&self, sid: u64, run: &mut Vec<Message>) -> bool {
         let mut subs = self.lock_subs();
         let Some(entry) = subs.get(&sid) else {
+            run.clear();
             return false;
         };
         match &entry.target {
-            Target::Queue(queue) if delivery::is_refusal(&message) => {
-                queue.refuse(&message);
-                tracing::warn!(subject = %entry.filter, reason = queue.state.refused().unwrap_or(""), "the broker ended a subscription");
-                subs.remove(&sid);
+            Target::Queue(queue) => match run.iter().position(delivery::is_refusal) {
+                None => queue.deliver_all(run) > 0,
+                Some(at) => {
+                    let refusal = run.swap_remove(at);
+                    run.truncate(at);
+                    let queued = queue.deliver_all(run) > 0;
+                    queue.refuse(&refusal);
+                    tracing::warn!(subject = %entry.filter, reason = queue.state.refused().unwrap_or(""), "the broker ended a subscription");
+                    subs.remove(&sid);
+                    run.clear();
+                    queued
+                }
+            },
+            Target::Inbox(inbox) => {
+                for message in run.drain(..) {
+                    inbox.deliver(message);
+                }
                 false
-            }
-            target => {
-                let to_queue = matches!(target, Target::Queue(_));
-                target.deliver(message) && to_queue
             }
         }
     }
@@ -505,27 +521,44 @@ impl Remote {
         let mut go_away = None;
         // messages handed out since the stream was last found drained
         let mut delivered = 0usize;
+        // Messages read one after the other for one subscription, not handed to it yet:
+        // they go together once no whole frame is left in the read buffer, another
+        // subscription's message or another frame comes, or RUN_MAX of them wait.
+        let mut run: Vec<Message> = Vec::new();
+        let mut run_sid = 0;
         loop {
-            let error = match reader.next().await {
+            let frame = reader.next().await;
+            if !run.is_empty() && !matches!(&frame, Some(Ok(Frame::Msg(m))) if m.sid == run_sid) {
+                // Before anything else that was read after them (an unsubscribe, the
+                // end): nothing read is left behind.
+                self.deliver_run(run_sid, &mut run);
+            }
+            let error = match frame {
                 Some(Ok(Frame::Msg(m))) => {
-                    let message = wire_message(m.subject, m.reply, m.headers, m.payload);
-                    let queued = self.deliver(m.sid, message);
+                    run_sid = m.sid;
+                    run.push(wire_message(m.subject, m.reply, m.headers, m.payload));
                     delivered += 1;
-                    if !reader.may_have_more() {
-                        // A lone message (a request, say) to a subscription: the task
-                        // reading it runs on this thread once this one waits, so it
-                        // goes first, rather than after a read that most likely finds
-                        // the socket empty, and its answer leaves that much sooner.
-                        // After several, the tasks they woke run together, and what
-                        // they send shares a write. A reply goes to whoever waits for
-                        // it, often not a task of the runtime at all (`block_on`, or
-                        // `#[tokio::main]`'s body): a yield then would only wake an
-                        // idle worker to find nothing (two futex calls and a context
-                        // switch per request, on a durable publish's round trip).
-                        if delivered == 1 && queued {
-                            tokio::task::yield_now().await;
+                    // Held back only while the next frame is read already: `next`
+                    // then returns it without waiting for the peer.
+                    if !reader.has_frame() || run.len() >= RUN_MAX {
+                        let queued = self.deliver_run(run_sid, &mut run);
+                        if !reader.may_have_more() {
+                            // A lone message (a request, say) to a subscription: the
+                            // task reading it runs on this thread once this one waits,
+                            // so it goes first, rather than after a read that most
+                            // likely finds the socket empty, and its answer leaves that
+                            // much sooner. After several, the tasks they woke run
+                            // together, and what they send shares a write. A reply goes
+                            // to whoever waits for it, often not a task of the runtime
+                            // at all (`block_on`, or `#[tokio::main]`'s body): a yield
+                            // then would only wake an idle worker to find nothing (two
+                            // futex calls and a context switch per request, on a
+                            // durable publish's round trip).
+                            if delivered == 1 && queued {
+                                tokio::task::yield_now().await;
+                            }
+                            delivered = 0;
                         }
-                        delivered = 0;
                     }
                     continue;
                 }
