@@ -297,6 +297,12 @@ impl std::fmt::Debug for Remote {
 
 /// A message as a frame carries it: an empty reply subject on the wire is no reply
 /// (the reverse of [`Remote::publish_frame`]).
+/// Publishes with a payload of at most this many bytes are encoded into the send queue
+/// by the publisher. Measured (`courier bench bus`, `pubsub_1to1`, alternating runs):
+/// 16 B went from a median of 1.77M to 2.09M msgs/s when encoded by the publisher, and
+/// 1 KiB from 656k to 620k, its payload then being copied twice.
+const ENCODE_PUBLISH_MAX: usize = 256;
+
 /// Messages for one subscription handed to it together at most.
 const RUN_MAX: usize = 64;
 
@@ -345,8 +351,18 @@ impl Remote {
         let State::Connected(sender) = &*state else {
             return Err(message);
         };
+        // A small publish is encoded into the send queue here (the payload it shares
+        // with the caller's next publishes is let go on this thread, not the writer's);
+        // a larger one is queued for the writer to encode, which copies it once instead
+        // of twice (into the queue, then into the writer's buffer).
+        let encode_here = message.payload.len() <= ENCODE_PUBLISH_MAX;
         let (frame, lone) = self.publish_frame(message);
-        let back = match sender.try_send_or_give_back(frame, lone) {
+        let tried = if encode_here {
+            sender.try_send_encoded_or_give_back(frame, lone)
+        } else {
+            sender.try_send_or_give_back(frame, lone)
+        };
+        let back = match tried {
             Ok(()) => return Ok(Ok(())),
             Err(TryUnsent::Unsent(Unsent::Failed(e))) => return Ok(Err(e.into())),
             // Closed: `publish` buffers it for the reconnect.

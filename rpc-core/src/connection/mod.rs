@@ -1101,20 +1101,52 @@ impl FrameSender {
     /// it. Counted, limited and handed back exactly as `try_send` does.
     #[allow(clippy::result_large_err)] // see try_send
     pub(crate) fn try_send_encoded(&self, frame: Frame) -> Result<(), TrySendError> {
+        self.try_encode_or_give_back(frame).map_err(|e| match e {
+            TryUnsent::Full(frame) => TrySendError::Full(frame),
+            TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
+        })
+    }
+
+    /// [`FrameSender::try_send_or_give_back`] for frames that one task sends one after
+    /// the other (a bus client's publishes): a frame of up to [`APPEND_FRAME_MAX`] bytes
+    /// is encoded now, by the caller, into the queue, as
+    /// [`FrameSender::try_send_encoded`] does, so that what it holds (a payload shared
+    /// with the caller's next publishes, say) is let go on the caller's thread rather
+    /// than by the writer task on another. With `direct`, a frame on an idle connection
+    /// is written now instead. Handed back exactly as `try_send_or_give_back` does.
+    #[allow(clippy::result_large_err)] // see try_send
+    pub fn try_send_encoded_or_give_back(
+        &self,
+        frame: Frame,
+        direct: bool,
+    ) -> Result<(), TryUnsent> {
+        if direct {
+            return self.try_send_or_give_back(frame, true);
+        }
+        self.try_encode_or_give_back(frame)
+    }
+
+    /// The body of [`FrameSender::try_send_encoded`]: the frame comes back when there is
+    /// no room or the connection is closed.
+    #[allow(clippy::result_large_err)] // see try_send
+    fn try_encode_or_give_back(&self, frame: Frame) -> Result<(), TryUnsent> {
         if self.shared.close.is_set() {
-            return Err(TrySendError::Failed(self.shared.closed_error()));
+            return Err(self.closed_unsent(frame));
         }
         let len = match check_frame_len(&frame, self.max_frame_len()) {
             Ok(len) => len,
-            Err(e) => return Err(TrySendError::Failed(e)),
+            Err(e) => return Err(TryUnsent::Unsent(Unsent::new(e, frame))),
         };
         let wire = len + LENGTH_PREFIX_LEN;
         let bytes = queued_cost(wire);
-        if wire > APPEND_FRAME_MAX {
-            return self.try_queue(frame, bytes);
-        }
         if !self.try_count(bytes) {
-            return Err(TrySendError::Full(frame));
+            return Err(TryUnsent::Full(frame));
+        }
+        if wire > APPEND_FRAME_MAX {
+            return self.push_counted(frame, bytes).map_err(|e| match e {
+                queue::PushError::Full(frame) => TryUnsent::Full(frame),
+                queue::PushError::Closed(frame) => self.closed_unsent(frame),
+            });
         }
         let pending = &self.shared.pending;
         let appended = self.tx.try_append(
@@ -1136,13 +1168,16 @@ impl FrameSender {
             Err(refused) => {
                 self.shared.unqueue(bytes);
                 Err(match refused {
-                    queue::PushError::Full(()) => TrySendError::Full(frame),
-                    queue::PushError::Closed(()) => {
-                        TrySendError::Failed(self.shared.closed_error())
-                    }
+                    queue::PushError::Full(()) => TryUnsent::Full(frame),
+                    queue::PushError::Closed(()) => self.closed_unsent(frame),
                 })
             }
         }
+    }
+
+    /// `frame`, handed back because the connection is closed.
+    fn closed_unsent(&self, frame: Frame) -> TryUnsent {
+        TryUnsent::Unsent(Unsent::new(self.shared.closed_error(), frame))
     }
 
     /// [`FrameSender::try_send`], except that on an idle connection the frame is written

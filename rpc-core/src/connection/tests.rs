@@ -782,6 +782,30 @@ async fn a_frame_encoded_into_the_queue_counts_against_the_byte_limit_and_comes_
     fill_until_full(FrameSender::try_send_encoded).await;
 }
 
+#[tokio::test]
+#[allow(clippy::result_large_err)] // fill_until_full's signature, as try_send's
+async fn a_frame_its_sender_encodes_comes_back_whole_when_full_or_closed() {
+    fill_until_full(|sender, frame| {
+        sender
+            .try_send_encoded_or_give_back(frame, false)
+            .map_err(|e| match e {
+                TryUnsent::Full(frame) => TrySendError::Full(frame),
+                TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
+            })
+    })
+    .await;
+
+    let (_reader, sender, _peer, _peer_sender) = pair(1 << 16);
+    sender.close();
+    tokio::time::timeout(Duration::from_secs(5), sender.closed())
+        .await
+        .expect("closed");
+    match sender.try_send_encoded_or_give_back(msg(10), false) {
+        Err(TryUnsent::Unsent(Unsent::Closed { frame, .. })) => assert_eq!(frame, msg(10)),
+        other => panic!("expected the frame back, closed: {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_frame_past_the_byte_limit_beside_the_batch_is_refused_as_full_and_leaves_the_batch() {
     let (a, _b) = tokio::io::duplex(64);
