@@ -295,8 +295,6 @@ impl std::fmt::Debug for Remote {
     }
 }
 
-/// A message as a frame carries it: an empty reply subject on the wire is no reply
-/// (the reverse of [`Remote::publish_frame`]).
 /// Publishes with a payload of at most this many bytes are encoded into the send queue
 /// by the publisher. Measured (`courier bench bus`, `pubsub_1to1`, alternating runs):
 /// 16 B went from a median of 1.77M to 2.09M msgs/s when encoded by the publisher, and
@@ -306,6 +304,8 @@ const ENCODE_PUBLISH_MAX: usize = 256;
 /// Messages for one subscription handed to it together at most.
 const RUN_MAX: usize = 64;
 
+/// A message as a frame carries it: an empty reply subject on the wire is no reply
+/// (the reverse of [`Remote::publish_frame`]).
 fn wire_message(
     subject: Utf8Bytes,
     reply: Utf8Bytes,
@@ -513,7 +513,8 @@ impl Remote {
             Target::Queue(queue) => match run.iter().position(delivery::is_refusal) {
                 None => queue.deliver_all(run) > 0,
                 Some(at) => {
-                    let refusal = run.swap_remove(at);
+                    // What came before it is delivered; what came after it is not.
+                    let refusal = run.remove(at);
                     run.truncate(at);
                     let queued = queue.deliver_all(run) > 0;
                     queue.refuse(&refusal);
