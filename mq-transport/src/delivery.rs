@@ -504,6 +504,19 @@ mod tests {
         assert!(crate::lock(&inbox.waiting).is_empty());
     }
 
+    /// The next event is the one `SlowConsumer` of an episode on subject `s`, with
+    /// `dropped` counted so far, and no other follows it.
+    fn expect_slow_consumer(seen: &mut broadcast::Receiver<Event>, dropped: u64) {
+        assert_eq!(
+            seen.try_recv().unwrap(),
+            Event::SlowConsumer {
+                subject: "s".into(),
+                dropped
+            }
+        );
+        assert!(seen.try_recv().is_err(), "one event per episode");
+    }
+
     #[tokio::test]
     async fn delivering_several_at_once_queues_what_fits_and_counts_the_rest_as_dropped() {
         let (events, mut seen) = broadcast::channel(16);
@@ -512,14 +525,7 @@ mod tests {
         assert_eq!(q.deliver_all(&mut messages), 2);
         assert!(messages.is_empty());
         assert_eq!(q.state.dropped.load(Ordering::Relaxed), 2);
-        assert_eq!(
-            seen.try_recv().unwrap(),
-            Event::SlowConsumer {
-                subject: "s".into(),
-                dropped: 1
-            }
-        );
-        assert!(seen.try_recv().is_err(), "one event per episode");
+        expect_slow_consumer(&mut seen, 1);
         assert_eq!(rx.recv().await.unwrap().payload, "0");
         assert_eq!(rx.recv().await.unwrap().payload, "1");
         let mut more = vec![Message::new("s", "4")];
@@ -538,24 +544,11 @@ mod tests {
         assert!(q.deliver(Message::new("s", "2")));
         assert!(!q.deliver(Message::new("s", "3")));
         assert!(!q.deliver(Message::new("s", "4")));
-        assert_eq!(
-            seen.try_recv().unwrap(),
-            Event::SlowConsumer {
-                subject: "s".into(),
-                dropped: 1
-            }
-        );
-        assert!(seen.try_recv().is_err(), "one event per episode");
+        expect_slow_consumer(&mut seen, 1);
         rx.recv().await.unwrap();
         assert!(q.deliver(Message::new("s", "5")));
         assert!(!q.deliver(Message::new("s", "6")));
-        assert_eq!(
-            seen.try_recv().unwrap(),
-            Event::SlowConsumer {
-                subject: "s".into(),
-                dropped: 3
-            }
-        );
+        expect_slow_consumer(&mut seen, 3);
         assert_eq!(q.state.dropped.load(Ordering::Relaxed), 3);
     }
 }

@@ -408,12 +408,19 @@ mod tests {
         assert!(matches!(tx.try_send(held), Err(TrySendError::Closed(_))));
     }
 
-    #[test]
-    fn a_queued_item_wakes_the_waiting_receiver() {
+    /// A queue whose receiver polled it empty, and the flag its waker sets.
+    fn waiting_receiver() -> (Sender<u8>, Receiver<u8>, Arc<Flag>) {
         let (tx, mut rx) = channel::<u8>(4);
         let woken = Arc::new(Flag::default());
         let waker = Waker::from(woken.clone());
         assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        assert!(!woken.0.load(Ordering::SeqCst));
+        (tx, rx, woken)
+    }
+
+    #[test]
+    fn a_queued_item_wakes_the_waiting_receiver() {
+        let (tx, mut rx, woken) = waiting_receiver();
         tx.try_send(7).unwrap();
         assert!(woken.0.load(Ordering::SeqCst));
         assert_eq!(poll(&mut rx), Poll::Ready(Some(7)));
@@ -421,10 +428,7 @@ mod tests {
 
     #[test]
     fn the_last_sender_leaving_wakes_the_waiting_receiver() {
-        let (tx, mut rx) = channel::<u8>(4);
-        let woken = Arc::new(Flag::default());
-        let waker = Waker::from(woken.clone());
-        assert!(rx.poll_recv(&mut Context::from_waker(&waker)).is_pending());
+        let (tx, mut rx, woken) = waiting_receiver();
         drop(tx);
         assert!(woken.0.load(Ordering::SeqCst));
         assert_eq!(poll(&mut rx), Poll::Ready(None));
