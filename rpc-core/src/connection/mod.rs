@@ -1108,12 +1108,39 @@ impl FrameSender {
     }
 
     /// [`FrameSender::try_send_or_give_back`] for frames that one task sends one after
-    /// the other (a bus client's publishes): a frame of up to [`APPEND_FRAME_MAX`] bytes
-    /// is encoded now, by the caller, into the queue, as
-    /// [`FrameSender::try_send_encoded`] does, so that what it holds (a payload shared
-    /// with the caller's next publishes, say) is let go on the caller's thread rather
-    /// than by the writer task on another. With `direct`, a frame on an idle connection
-    /// is written now instead. Handed back exactly as `try_send_or_give_back` does.
+    /// the other (a bus client's publishes): a frame of up to 16 KiB is encoded now, by
+    /// the caller, into the queue, after the frames encoded there before it, so that
+    /// what it holds (a payload shared with the caller's next publishes, say) is let go
+    /// on the caller's thread rather than by the writer task on another. The writer
+    /// then copies its bytes once more, into its own buffer: worth it for small frames.
+    /// A larger frame is queued whole. With `direct`, a frame on an idle connection is
+    /// written now instead. Handed back exactly as `try_send_or_give_back` does.
+    ///
+    /// ```
+    /// use rpc_core::connection::{self, ConnectionConfig, TryUnsent, Unsent};
+    /// use rpc_core::frame::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let (a, b) = tokio::io::duplex(1024);
+    /// let config = ConnectionConfig::default();
+    /// let (_a_reader, a_sender) = connection::start(a, &config);
+    /// let (mut b_reader, _b_sender) = connection::start(b, &config);
+    ///
+    /// a_sender.try_send_encoded_or_give_back(Frame::Cancel { id: 3 }, false).unwrap();
+    /// assert_eq!(b_reader.next().await.unwrap().unwrap(), Frame::Cancel { id: 3 });
+    ///
+    /// // Closed: the frame comes back, for the caller to keep (a bus client buffers
+    /// // its publishes for the next connection).
+    /// a_sender.close();
+    /// a_sender.closed().await;
+    /// match a_sender.try_send_encoded_or_give_back(Frame::Cancel { id: 4 }, false) {
+    ///     Err(TryUnsent::Unsent(Unsent::Closed { frame, .. })) => {
+    ///         assert_eq!(frame, Frame::Cancel { id: 4 })
+    ///     }
+    ///     other => panic!("{other:?}"),
+    /// }
+    /// # }
+    /// ```
     #[allow(clippy::result_large_err)] // see try_send
     pub fn try_send_encoded_or_give_back(
         &self,
