@@ -2,10 +2,11 @@
 //! server or cluster, through `async-nats`.
 //!
 //! Each subscription is an `async-nats` subscription whose messages a small task moves
-//! into the same bounded queue the other backends use, so [`Subscriber`], slow-consumer
-//! accounting and [`Event`]s behave alike. Requests use one inbox subscription per bus
-//! handle (`_INBOX.<id>.*`), as on the other backends; NATS's own "no responders" status
-//! (503) becomes [`BusError::NoResponders`].
+//! into the same bounded queue the other backends use, so
+//! [`Subscriber`](crate::Subscriber), slow-consumer accounting and [`Event`]s behave
+//! alike. Requests use one inbox subscription per bus handle (`_INBOX.<id>.*`), as on
+//! the other backends; NATS's own "no responders" status (503) becomes
+//! [`BusError::NoResponders`].
 //!
 //! NATS headers are text: a header value that is not UTF-8, or that holds a CR or LF, is
 //! refused with [`BusError::InvalidHeader`].

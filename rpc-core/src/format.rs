@@ -1,7 +1,7 @@
 //! [`Format`]: how arguments and return values become payload bytes.
 //!
 //! The framing never looks inside a payload; a `Format` turns serde values into bytes and
-//! back. [`Bincode`] (bincode 2) is the default; [`Postcard`] is behind the `postcard`
+//! back. [`Bincode`] (bincode 2) is the default; `Postcard` is behind the `postcard`
 //! feature. Client and server must use the same format.
 
 use std::fmt;

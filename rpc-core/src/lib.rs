@@ -4,7 +4,7 @@
 //! * [`codec`]: length-prefixed framing with a maximum frame length;
 //! * [`connection`]: the engine that runs frames over any byte stream (a reader, a
 //!   coalescing writer, keepalive);
-//! * [`format`]: payload serialization ([`format::Bincode`] by default);
+//! * [`format`](mod@format): payload serialization ([`format::Bincode`] by default);
 //! * [`client`] and [`server`]: the RPC runtime;
 //! * [`transport`]: TCP, Unix sockets and in-memory pairs, the accept loop and reconnects;
 //! * [`sync`]: a one-way flag ([`sync::Latch`]) and poison-tolerant locks.

@@ -1,5 +1,5 @@
 //! Small synchronisation pieces used across courier: [`Latch`], a one-way flag that is
-//! cheap to read and can be awaited, and [`lock`], [`read`] and [`write`], which go on
+//! cheap to read and can be awaited, and [`lock`], [`read`] and [`write`](fn@write), which go on
 //! after a panic elsewhere.
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -2,10 +2,10 @@
 //! `#[courier::service]`; the documentation with a complete example is there.
 //!
 //! The macro works in three steps, one module each:
-//! 1. [`parse`]: the attribute's arguments and the trait, as syn sees them;
-//! 2. [`validate`]: checks every rule, collecting all errors (each pointing at the offending
-//!    tokens and saying what to write instead), and builds the [`model`];
-//! 3. [`expand`]: generates the trait, the client stub and the server dispatch from the model.
+//! 1. `parse`: the attribute's arguments and the trait, as syn sees them;
+//! 2. `validate`: checks every rule, collecting all errors (each pointing at the offending
+//!    tokens and saying what to write instead), and builds the `model`;
+//! 3. `expand`: generates the trait, the client stub and the server dispatch from the model.
 
 mod expand;
 mod model;

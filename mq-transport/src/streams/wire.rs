@@ -5,7 +5,7 @@
 //!   success; on failure a message with [`STATUS_HEADER`] [`API_ERROR`] and a
 //!   [`WireError`] as JSON.
 //! * A durable publish is a `Pub` to the message's own subject with a reply subject and
-//!   the [`DURABLE_HEADER`]; its options travel as headers; the answer is a [`PubAck`]
+//!   the [`DURABLE_HEADER`]; its options travel as headers; the answer is a [`PubAck`](crate::PubAck)
 //!   as JSON. Many may be in flight.
 //! * A message read from a stream (get, range, fetch) is routed to the requester's reply
 //!   subject with its subject, sequence and time in [`SUBJECT_HEADER`], [`SEQ_HEADER`]
@@ -13,7 +13,7 @@
 //!   `$CR.ACK.<stream>.<consumer>.<deliveries>.<stream seq>.<consumer seq>.<pending>`,
 //!   where the answer to it is published. A batch ends with [`END_OF_BATCH`].
 //! * A range or fetch asked with `"packed": true` gets its messages packed, many to one
-//!   message ([`PACKED_HEADER`], [`pack`]), before the end of the batch.
+//!   message ([`PACKED_HEADER`], `pack`), before the end of the batch.
 
 use std::sync::Arc;
 use std::time::Duration;

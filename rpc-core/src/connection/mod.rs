@@ -764,7 +764,7 @@ impl FrameSender {
         self.encode_checked_into(frame, batch)
     }
 
-    /// [`FrameSender::encode_into`] for a batch sent with
+    /// `FrameSender::encode_into` for a batch sent with
     /// [`FrameSender::send_encoded_within`], if the connection has room for the frame
     /// beside what is queued and what the batch holds already (`max_queued_bytes`, as
     /// [`FrameSender::try_send`] counts it). A broker gathers the messages of one read
