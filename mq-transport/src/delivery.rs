@@ -85,9 +85,7 @@ impl SubQueue {
     pub(crate) fn offer(&self, message: Message) -> Offer {
         match self.tx.try_send(message) {
             Ok(()) => {
-                if self.state.lagging.load(Ordering::Relaxed) {
-                    self.state.lagging.store(false, Ordering::Relaxed);
-                }
+                self.has_room_again();
                 Offer::Taken
             }
             Err(TrySendError::Full(_)) if self.state.lagging.load(Ordering::Relaxed) => {
@@ -117,8 +115,8 @@ impl SubQueue {
     pub(crate) fn deliver_all(&self, messages: &mut Vec<Message>) -> usize {
         let mut messages = messages.drain(..);
         let sent = self.tx.try_send_all(&mut messages);
-        if sent.sent > 0 && self.state.lagging.load(Ordering::Relaxed) {
-            self.state.lagging.store(false, Ordering::Relaxed);
+        if sent.sent > 0 {
+            self.has_room_again();
         }
         if let Some(TrySendError::Full(_)) = sent.refused {
             // This one and every one after it: the queue has no room for them now.
@@ -150,6 +148,14 @@ impl SubQueue {
                 false
             }
             Err(SendTimeoutError::Closed(_)) => false,
+        }
+    }
+
+    /// A message was queued: a slow-consumer episode, if one was on, is over. Read
+    /// before it is written: the flag's line stays shared while nothing changes.
+    fn has_room_again(&self) {
+        if self.state.lagging.load(Ordering::Relaxed) {
+            self.state.lagging.store(false, Ordering::Relaxed);
         }
     }
 

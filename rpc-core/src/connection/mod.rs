@@ -1101,10 +1101,8 @@ impl FrameSender {
     /// it. Counted, limited and handed back exactly as `try_send` does.
     #[allow(clippy::result_large_err)] // see try_send
     pub(crate) fn try_send_encoded(&self, frame: Frame) -> Result<(), TrySendError> {
-        self.try_encode_or_give_back(frame).map_err(|e| match e {
-            TryUnsent::Full(frame) => TrySendError::Full(frame),
-            TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
-        })
+        self.try_encode_or_give_back(frame)
+            .map_err(TrySendError::from)
     }
 
     /// [`FrameSender::try_send_or_give_back`] for frames that one task sends one after
@@ -1549,6 +1547,17 @@ pub enum TryUnsent {
     /// The connection is closed (the frame is handed back) or the frame is refused, as
     /// [`FrameSender::send_or_give_back`] says.
     Unsent(Unsent),
+}
+
+impl From<TryUnsent> for TrySendError {
+    /// The frame back when there is no room; the error alone otherwise (a closed
+    /// connection's frame is not kept), as [`FrameSender::try_send`] reports it.
+    fn from(unsent: TryUnsent) -> TrySendError {
+        match unsent {
+            TryUnsent::Full(frame) => TrySendError::Full(frame),
+            TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
+        }
+    }
 }
 
 /// Why [`FrameSender::try_send`] did not queue a frame.

@@ -788,10 +788,7 @@ async fn a_frame_its_sender_encodes_comes_back_whole_when_full_or_closed() {
     fill_until_full(|sender, frame| {
         sender
             .try_send_encoded_or_give_back(frame, false)
-            .map_err(|e| match e {
-                TryUnsent::Full(frame) => TrySendError::Full(frame),
-                TryUnsent::Unsent(unsent) => TrySendError::Failed(unsent.into()),
-            })
+            .map_err(TrySendError::from)
     })
     .await;
 
