@@ -1,5 +1,6 @@
 //! The writer task: coalesces every queued frame into one write.
 
+use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,98 @@ const BUF_CAPACITY: usize = 16 * 1024;
 /// before writing, to gather more frames. A call's round trip on loopback is ~60 µs.
 const BUSY_GAP: Duration = Duration::from_micros(20);
 const ABORT_GO_AWAY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Frames that senders encoded ([`Item::Appended`]) and that take at least this many
+/// bytes are written from their senders' buffer rather than copied into the writer's:
+/// below it, a copy costs less than another slice of a vectored write.
+const IN_PLACE_MIN: usize = 2 * 1024;
+/// At most this many buffers are written in place per write; later ones are copied.
+const IN_PLACE_MAX: usize = 31;
+
+/// The bytes of the next write, in order: frames this task encoded, in `buf`, and the
+/// buffers of frames that their senders encoded, written where they are (one vectored
+/// write for all), so that the bytes of a large frame are copied once, by its sender,
+/// rather than twice.
+struct Round {
+    buf: BytesMut,
+    /// Senders' buffers, each with the length `buf` had when it came: it is written
+    /// after those bytes of `buf` and before the rest.
+    in_place: Vec<(usize, BytesMut)>,
+    /// Bytes in `in_place`.
+    in_place_len: usize,
+}
+
+impl Round {
+    fn new() -> Round {
+        Round {
+            buf: BytesMut::with_capacity(BUF_CAPACITY),
+            in_place: Vec::with_capacity(IN_PLACE_MAX),
+            in_place_len: 0,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.buf.len() + self.in_place_len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds frames their sender encoded: in place if they are large enough, copied
+    /// otherwise. Hands back a buffer it is done with.
+    fn add_encoded(&mut self, frames: BytesMut) -> Option<BytesMut> {
+        if frames.len() >= IN_PLACE_MIN && self.in_place.len() < IN_PLACE_MAX {
+            self.in_place_len += frames.len();
+            self.in_place.push((self.buf.len(), frames));
+            None
+        } else {
+            self.buf.extend_from_slice(&frames);
+            Some(frames)
+        }
+    }
+
+    /// Writes every byte, in order, with vectored writes where the stream takes them.
+    async fn write_to<W: AsyncWrite + Unpin>(&self, io: &mut W) -> std::io::Result<()> {
+        if self.in_place.is_empty() {
+            return io.write_all(&self.buf).await;
+        }
+        let mut slices = [IoSlice::new(&[]); 2 * IN_PLACE_MAX + 1];
+        let mut n = 0;
+        let mut from = 0;
+        for (at, frames) in &self.in_place {
+            if *at > from {
+                slices[n] = IoSlice::new(&self.buf[from..*at]);
+                n += 1;
+                from = *at;
+            }
+            slices[n] = IoSlice::new(frames);
+            n += 1;
+        }
+        if self.buf.len() > from {
+            slices[n] = IoSlice::new(&self.buf[from..]);
+            n += 1;
+        }
+        let mut left = &mut slices[..n];
+        while !left.is_empty() {
+            let written = io.write_vectored(left).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut left, written);
+        }
+        Ok(())
+    }
+
+    /// Empties it once written, giving the senders' buffers back to `rx` for reuse.
+    fn written(&mut self, rx: &mut Rx) {
+        self.buf.clear();
+        for (_, frames) in self.in_place.drain(..) {
+            rx.written(frames);
+        }
+        self.in_place_len = 0;
+    }
+}
 
 /// Takes more frames into `batch`, which holds the `n` just taken, when the connection
 /// is under load: the tasks that are ready to send run first, so that their frames
@@ -59,8 +152,8 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut last_write = std::time::Instant::now();
-    let mut buf = BytesMut::with_capacity(BUF_CAPACITY);
-    // Bytes of queued frames in `buf`, subtracted from the queued bytes once written.
+    let mut round = Round::new();
+    // Bytes of queued frames in `round`, subtracted from the queued bytes once written.
     let mut encoded = 0usize;
     let mut ping =
         tokio::time::interval_at(Instant::now() + keepalive_interval, keepalive_interval);
@@ -125,7 +218,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                     // Encoded directly: keepalive pings were never counted as queued.
                     let ping = Frame::Ping { nonce: shared.next_nonce() };
-                    if let Err(e) = codec.encode(&ping, &mut buf) {
+                    if let Err(e) = codec.encode(&ping, &mut round.buf) {
                         tracing::error!(error = %e, "cannot encode a ping");
                     }
                     false
@@ -148,37 +241,40 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             }
             let taken = batch.len();
             for item in batch.drain(..) {
-                let before = buf.len();
                 match item {
                     // Senders checked the frame already; a frame failing here is dropped
                     // alone rather than taking the connection down.
-                    Item::Frame(frame) => match codec.encode_checked(&frame, &mut buf) {
-                        Ok(()) => encoded += queued_cost(buf.len() - before),
-                        Err(e) => {
-                            tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
-                            shared.unqueue(frame_cost(&frame));
+                    Item::Frame(frame) => {
+                        let before = round.buf.len();
+                        match codec.encode_checked(&frame, &mut round.buf) {
+                            Ok(()) => encoded += queued_cost(round.buf.len() - before),
+                            Err(e) => {
+                                tracing::error!(error = %e, kind = %frame.kind(), "dropping unencodable frame");
+                                shared.unqueue(frame_cost(&frame));
+                            }
                         }
-                    },
+                    }
                     // Encoded and checked by their senders, and counted as they came.
                     Item::Appended { frames, cost } => {
-                        buf.extend_from_slice(&frames);
                         encoded += cost;
-                        rx.written(frames);
+                        if let Some(done) = round.add_encoded(frames) {
+                            rx.written(done);
+                        }
                     }
                 }
-                if buf.len() >= FLUSH_AT {
-                    write_or_abort!(out.io.write_all(&buf));
-                    buf.clear();
+                if round.len() >= FLUSH_AT {
+                    write_or_abort!(round.write_to(&mut out.io));
+                    round.written(&mut rx);
                     // Counted as queued until written: a peer that reads slowly shows as
                     // bytes still queued, not as an empty queue and a blocked write.
                     shared.unqueue(std::mem::take(&mut encoded));
                     shared.written.notify_waiters();
                 }
             }
-            if !buf.is_empty() {
-                write_or_abort!(out.io.write_all(&buf));
+            if !round.is_empty() {
+                write_or_abort!(round.write_to(&mut out.io));
                 write_or_abort!(out.io.flush());
-                buf.clear();
+                round.written(&mut rx);
                 last_write = std::time::Instant::now();
                 shared.wrote();
                 shared.unqueue(std::mem::take(&mut encoded));
@@ -186,8 +282,8 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             }
             // written (or dropped as unencodable): a direct write may go next
             shared.pending.fetch_sub(taken, std::sync::atomic::Ordering::AcqRel);
-            if buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
-                buf = BytesMut::with_capacity(BUF_CAPACITY);
+            if round.buf.capacity() > 4 * BUF_CAPACITY.max(FLUSH_AT) {
+                round.buf = BytesMut::with_capacity(BUF_CAPACITY);
             }
             if closing {
                 return Ok(End::Done);
@@ -218,6 +314,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
         }
         Ok(End::AbortedIdle) => {
             if let Some(go_away) = shared.abort_go_away.get() {
+                let mut buf = std::mem::take(&mut round.buf);
                 buf.clear();
                 // a direct write's tail first: the go-away must start at a frame boundary
                 buf.extend_from_slice(&out.tail);
@@ -242,4 +339,128 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     rx.close();
     shared.close();
     shared.writer_done.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+    use crate::connection::queue;
+
+    /// A stream that takes at most `max` bytes per write, across slices when it is
+    /// vectored, as a socket with little room does.
+    struct Trickle {
+        written: Vec<u8>,
+        max: usize,
+        vectored: bool,
+        writes: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.written.extend_from_slice(&buf[..n]);
+            self.writes += 1;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            slices: &[IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut left = self.max;
+            for slice in slices {
+                let n = slice.len().min(left);
+                self.written.extend_from_slice(&slice[..n]);
+                left -= n;
+            }
+            self.writes += 1;
+            Poll::Ready(Ok(self.max - left))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.vectored
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// `len` bytes, each its position's low byte plus `seed`: a misplaced run shows.
+    fn bytes(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i as u8).wrapping_add(seed)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_round_writes_its_own_and_its_senders_bytes_in_the_order_they_came() {
+        for (max, vectored) in [(usize::MAX, true), (1000, true), (7, true), (1000, false)] {
+            let (_tx, mut rx) = queue::queue(8);
+            let mut round = Round::new();
+            let mut expected = Vec::new();
+            // Small and large, from this task and from senders, more senders' buffers
+            // than are written in place: each kind next to each other kind.
+            for i in 0..2 * IN_PLACE_MAX {
+                let own = bytes(i % 5 * 3, i as u8);
+                round.buf.extend_from_slice(&own);
+                expected.extend_from_slice(&own);
+                let len = if i % 3 == 0 { 100 } else { IN_PLACE_MIN + i };
+                let theirs = bytes(len, 100 + i as u8);
+                expected.extend_from_slice(&theirs);
+                if let Some(done) = round.add_encoded(BytesMut::from(&theirs[..])) {
+                    rx.written(done);
+                }
+            }
+            round.buf.extend_from_slice(b"the end");
+            expected.extend_from_slice(b"the end");
+            assert_eq!(round.in_place.len(), IN_PLACE_MAX, "the rest copied");
+            assert_eq!(round.len(), expected.len());
+
+            let mut io = Trickle {
+                written: Vec::new(),
+                max,
+                vectored,
+                writes: 0,
+            };
+            round.write_to(&mut io).await.unwrap();
+            assert!(
+                io.written == expected,
+                "{max} bytes a write, vectored: {vectored}"
+            );
+            if max == usize::MAX {
+                assert_eq!(io.writes, 1, "one vectored write for the whole round");
+            }
+            round.written(&mut rx);
+            assert!(round.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_round_of_copied_bytes_only_is_one_plain_write() {
+        let (_tx, mut rx) = queue::queue(8);
+        let mut round = Round::new();
+        round.buf.extend_from_slice(b"abc");
+        assert!(round.add_encoded(BytesMut::from(&b"def"[..])).is_some());
+        let mut io = Trickle {
+            written: Vec::new(),
+            max: usize::MAX,
+            vectored: true,
+            writes: 0,
+        };
+        round.write_to(&mut io).await.unwrap();
+        assert_eq!(io.written, b"abcdef");
+        assert_eq!(io.writes, 1);
+        round.written(&mut rx);
+    }
 }
