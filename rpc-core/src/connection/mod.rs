@@ -1097,7 +1097,7 @@ impl FrameSender {
     /// [`APPEND_FRAME_MAX`] bytes is encoded now, by the caller, into the queue, after
     /// the frames encoded there before it, instead of queued for the writer task to
     /// encode. What the frame holds is freed by the caller, at once, on its own thread,
-    /// and the writer only copies bytes. A larger frame is queued as `try_send` queues
+    /// and the writer only writes bytes. A larger frame is queued as `try_send` queues
     /// it. Counted, limited and handed back exactly as `try_send` does.
     #[allow(clippy::result_large_err)] // see try_send
     pub(crate) fn try_send_encoded(&self, frame: Frame) -> Result<(), TrySendError> {
@@ -1110,8 +1110,8 @@ impl FrameSender {
     /// the caller, into the queue, after the frames encoded there before it, so that
     /// what it holds (a payload shared with the caller's next publishes, say) is let go
     /// on the caller's thread rather than by the writer task on another. The writer
-    /// then copies its bytes once more, into its own buffer: worth it for small frames.
-    /// A larger frame is queued whole. With `direct`, a frame on an idle connection is
+    /// writes the queued bytes from where they are once they add up to 2 KiB, and
+    /// copies fewer into its own buffer. A larger frame is queued whole. With `direct`, a frame on an idle connection is
     /// written now instead. Handed back exactly as `try_send_or_give_back` does.
     ///
     /// ```
