@@ -31,7 +31,8 @@ const ABORT_GO_AWAY_TIMEOUT: Duration = Duration::from_millis(100);
 /// bytes are written from their senders' buffer rather than copied into the writer's:
 /// below it, a copy costs less than another slice of a vectored write.
 const IN_PLACE_MIN: usize = 2 * 1024;
-/// At most this many buffers are written in place per write; later ones are copied.
+/// At most this many buffers are written in place per write; later ones are copied
+/// (Linux takes up to 1,024 slices in one `writev`).
 const IN_PLACE_MAX: usize = 31;
 
 /// The bytes of the next write, in order: frames this task encoded, in `buf`, and the
@@ -51,7 +52,8 @@ impl Round {
     fn new() -> Round {
         Round {
             buf: BytesMut::with_capacity(BUF_CAPACITY),
-            in_place: Vec::with_capacity(IN_PLACE_MAX),
+            // Grown at its first use: an idle connection holds none.
+            in_place: Vec::new(),
             in_place_len: 0,
         }
     }
@@ -82,23 +84,22 @@ impl Round {
         if self.in_place.is_empty() {
             return io.write_all(&self.buf).await;
         }
-        let mut slices = [IoSlice::new(&[]); 2 * IN_PLACE_MAX + 1];
-        let mut n = 0;
+        // On the heap, not in this future: the writer task's future, which every
+        // connection keeps for its lifetime, holds what its awaits hold. One allocation
+        // per write of 2 KiB or more.
+        let mut slices = Vec::with_capacity(2 * self.in_place.len() + 1);
         let mut from = 0;
         for (at, frames) in &self.in_place {
             if *at > from {
-                slices[n] = IoSlice::new(&self.buf[from..*at]);
-                n += 1;
+                slices.push(IoSlice::new(&self.buf[from..*at]));
                 from = *at;
             }
-            slices[n] = IoSlice::new(frames);
-            n += 1;
+            slices.push(IoSlice::new(frames));
         }
         if self.buf.len() > from {
-            slices[n] = IoSlice::new(&self.buf[from..]);
-            n += 1;
+            slices.push(IoSlice::new(&self.buf[from..]));
         }
-        let mut left = &mut slices[..n];
+        let mut left = &mut slices[..];
         while !left.is_empty() {
             let written = io.write_vectored(left).await?;
             if written == 0 {
@@ -215,6 +216,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     if last_write.elapsed() >= keepalive_interval {
                         // quiet for a while: give back the room a burst left
                         rx.shrink();
+                        round.in_place = Vec::new();
                     }
                     // Encoded directly: keepalive pings were never counted as queued.
                     let ping = Frame::Ping { nonce: shared.next_nonce() };
