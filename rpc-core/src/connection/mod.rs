@@ -1110,9 +1110,10 @@ impl FrameSender {
     /// the caller, into the queue, after the frames encoded there before it, so that
     /// what it holds (a payload shared with the caller's next publishes, say) is let go
     /// on the caller's thread rather than by the writer task on another. The writer
-    /// writes the queued bytes from where they are once they add up to 2 KiB, and
-    /// copies fewer into its own buffer. A larger frame is queued whole. With `direct`, a frame on an idle connection is
-    /// written now instead. Handed back exactly as `try_send_or_give_back` does.
+    /// writes queued bytes from where they are when they add up to 2 KiB or more, and
+    /// copies fewer into its own buffer. A larger frame is queued whole. With `direct`,
+    /// a frame on an idle connection is written now instead. Handed back exactly as
+    /// `try_send_or_give_back` does.
     ///
     /// ```
     /// use rpc_core::connection::{self, ConnectionConfig, TryUnsent, Unsent};
