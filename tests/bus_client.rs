@@ -1,0 +1,182 @@
+//! The remote bus client against a scripted broker: what it makes of the messages that
+//! one read brings. The client hands consecutive messages for one subscription over
+//! together (a run, at most 64); these tests send such runs in one write and check what
+//! each subscriber gets.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::raw_peer;
+use courier::Metadata;
+use courier::bus::{Bus, DESCRIPTION_HEADER, STATUS_HEADER, SUBSCRIPTION_REFUSED, Subscriber};
+use courier::connection::{EncodedFrames, FrameSender};
+use courier::frame::{Connect, Frame, Message as MsgFrame};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// A bus connected to a broker that the test scripts: it answers the hello, reports each
+/// subscription (subject and sid), answers pings, and sends only what the test sends
+/// with the returned sender.
+async fn connect_to_scripted_broker() -> (Bus, FrameSender, mpsc::UnboundedReceiver<(String, u64)>)
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (subs_tx, subs_rx) = mpsc::unbounded_channel();
+    let (sender_tx, sender_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let (mut reader, sender) = raw_peer(stream);
+        match reader.next().await {
+            Some(Ok(Frame::Connect(_))) => {}
+            other => panic!("expected the client's hello, got {other:?}"),
+        }
+        sender
+            .send(Frame::Connect(Connect {
+                max_frame_len: 1 << 20,
+                name: "scripted".into(),
+                ..Connect::default()
+            }))
+            .await
+            .unwrap();
+        let _ = sender_tx.send(sender);
+        // Reading answers the client's pings (a subscribe waits for one round trip).
+        while let Some(Ok(frame)) = reader.next().await {
+            if let Frame::Sub(sub) = frame {
+                let _ = subs_tx.send((sub.subject.to_string(), sub.sid));
+            }
+        }
+    });
+    let bus = Bus::connect(addr).await.unwrap();
+    let sender = sender_rx.await.unwrap();
+    (bus, sender, subs_rx)
+}
+
+/// The sids of the subscriptions to `a` and `b` (the client's own, to its reply inbox,
+/// are passed over).
+async fn sids(subs: &mut mpsc::UnboundedReceiver<(String, u64)>, a: &str, b: &str) -> (u64, u64) {
+    let (mut sid_a, mut sid_b) = (None, None);
+    while sid_a.is_none() || sid_b.is_none() {
+        let (subject, sid) = subs.recv().await.expect("a subscription");
+        if subject == a {
+            sid_a = Some(sid);
+        } else if subject == b {
+            sid_b = Some(sid);
+        }
+    }
+    (sid_a.unwrap(), sid_b.unwrap())
+}
+
+fn msg(sid: u64, subject: &'static str, n: u32) -> Frame {
+    Frame::Msg(MsgFrame {
+        sid,
+        subject: subject.into(),
+        payload: Bytes::from(n.to_string()),
+        ..MsgFrame::default()
+    })
+}
+
+/// The refusal the broker sends for a subscription it ends.
+fn refusal(sid: u64, subject: &'static str, reason: &'static str) -> Frame {
+    let mut headers = Metadata::new();
+    headers.insert(STATUS_HEADER, SUBSCRIPTION_REFUSED);
+    headers.insert(DESCRIPTION_HEADER, reason);
+    Frame::Msg(MsgFrame {
+        sid,
+        subject: subject.into(),
+        headers,
+        ..MsgFrame::default()
+    })
+}
+
+/// Sends `frames` in one write (the connection is idle), so that the client reads them
+/// together.
+async fn send_in_one_write(broker: &FrameSender, frames: &[Frame]) {
+    let mut batch = EncodedFrames::default();
+    for frame in frames {
+        broker.try_encode_into(frame, &mut batch).unwrap();
+    }
+    broker
+        .send_encoded_within(&mut batch, Duration::from_secs(5))
+        .await
+        .unwrap();
+}
+
+/// The next message's payload as a number; `None` once the subscription has ended.
+async fn next_n(sub: &mut Subscriber) -> Option<u32> {
+    let message = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a message, or the end, within 10 s")?;
+    let text = std::str::from_utf8(&message.payload).expect("a number");
+    Some(text.parse().expect("a number"))
+}
+
+#[tokio::test]
+async fn messages_read_together_reach_each_subscription_whole_and_in_order() {
+    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
+    let mut a = bus.subscribe("a").await.unwrap();
+    let mut b = bus.subscribe("b").await.unwrap();
+    let (sid_a, sid_b) = sids(&mut subs, "a", "b").await;
+
+    // More than a run's worth for `a` on each side of `b`'s, all in one write.
+    let mut frames: Vec<Frame> = (0..100).map(|n| msg(sid_a, "a", n)).collect();
+    frames.extend((0..3).map(|n| msg(sid_b, "b", n)));
+    frames.extend((100..200).map(|n| msg(sid_a, "a", n)));
+    send_in_one_write(&broker, &frames).await;
+
+    let mut got_a = Vec::new();
+    for _ in 0..200 {
+        got_a.push(next_n(&mut a).await.expect("a's subscription open"));
+    }
+    let mut got_b = Vec::new();
+    for _ in 0..3 {
+        got_b.push(next_n(&mut b).await.expect("b's subscription open"));
+    }
+    println!(
+        "a received {} of 200, b {} of 3; dropped: {} and {}",
+        got_a.len(),
+        got_b.len(),
+        a.dropped(),
+        b.dropped()
+    );
+    assert_eq!(got_a, (0..200).collect::<Vec<_>>(), "a's, in order");
+    assert_eq!(got_b, [0, 1, 2], "b's, in order");
+}
+
+#[tokio::test]
+async fn a_refusal_inside_a_run_ends_that_subscription_after_the_messages_before_it() {
+    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
+    let mut a = bus.subscribe("a").await.unwrap();
+    let mut b = bus.subscribe("b").await.unwrap();
+    let (sid_a, sid_b) = sids(&mut subs, "a", "b").await;
+
+    // One run for `a`: five messages, the refusal, and one more that must not reach the
+    // subscriber (a broker sends nothing after a refusal; the client must not deliver
+    // it if one did). Then, as the broker does, the end of `a`, and a message for `b`.
+    let mut frames: Vec<Frame> = (0..5).map(|n| msg(sid_a, "a", n)).collect();
+    frames.push(refusal(sid_a, "a", "over the scripted limit"));
+    frames.push(msg(sid_a, "a", 5));
+    frames.push(Frame::Unsub { sid: sid_a });
+    frames.push(msg(sid_b, "b", 0));
+    send_in_one_write(&broker, &frames).await;
+
+    let mut got_a = Vec::new();
+    while let Some(n) = next_n(&mut a).await {
+        got_a.push(n);
+    }
+    let got_b = next_n(&mut b).await;
+    println!(
+        "a received {:?} before its end ({:?}); delivered after the refusal: {}",
+        got_a,
+        a.ended_by_broker(),
+        got_a.iter().filter(|&&n| n >= 5).count()
+    );
+    assert_eq!(
+        got_a,
+        [0, 1, 2, 3, 4],
+        "the messages before the refusal, only"
+    );
+    assert_eq!(a.ended_by_broker(), Some("over the scripted limit"));
+    assert_eq!(got_b, Some(0), "the other subscription carries on");
+}
