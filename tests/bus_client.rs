@@ -53,19 +53,40 @@ async fn connect_to_scripted_broker() -> (Bus, FrameSender, mpsc::UnboundedRecei
     (bus, sender, subs_rx)
 }
 
-/// The sids of the subscriptions to `a` and `b` (the client's own, to its reply inbox,
-/// are passed over).
-async fn sids(subs: &mut mpsc::UnboundedReceiver<(String, u64)>, a: &str, b: &str) -> (u64, u64) {
+/// A bus subscribed to `a` and `b` through a scripted broker.
+struct Scripted {
+    /// Kept for the connection.
+    _bus: Bus,
+    /// Sends as the broker.
+    broker: FrameSender,
+    a: Subscriber,
+    b: Subscriber,
+    /// The sids the broker saw for them.
+    sid_a: u64,
+    sid_b: u64,
+}
+
+async fn subscribed_to_a_and_b() -> Scripted {
+    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
+    let a = bus.subscribe("a").await.unwrap();
+    let b = bus.subscribe("b").await.unwrap();
+    // The client's own subscription, to its reply inbox, is passed over.
     let (mut sid_a, mut sid_b) = (None, None);
     while sid_a.is_none() || sid_b.is_none() {
-        let (subject, sid) = subs.recv().await.expect("a subscription");
-        if subject == a {
-            sid_a = Some(sid);
-        } else if subject == b {
-            sid_b = Some(sid);
+        match subs.recv().await.expect("a subscription") {
+            (subject, sid) if subject == "a" => sid_a = Some(sid),
+            (subject, sid) if subject == "b" => sid_b = Some(sid),
+            _ => {}
         }
     }
-    (sid_a.unwrap(), sid_b.unwrap())
+    Scripted {
+        _bus: bus,
+        broker,
+        a,
+        b,
+        sid_a: sid_a.unwrap(),
+        sid_b: sid_b.unwrap(),
+    }
 }
 
 fn msg(sid: u64, subject: &'static str, n: u32) -> Frame {
@@ -114,31 +135,28 @@ async fn next_n(sub: &mut Subscriber) -> Option<u32> {
 
 #[tokio::test]
 async fn messages_read_together_reach_each_subscription_whole_and_in_order() {
-    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
-    let mut a = bus.subscribe("a").await.unwrap();
-    let mut b = bus.subscribe("b").await.unwrap();
-    let (sid_a, sid_b) = sids(&mut subs, "a", "b").await;
+    let mut s = subscribed_to_a_and_b().await;
 
     // More than a run's worth for `a` on each side of `b`'s, all in one write.
-    let mut frames: Vec<Frame> = (0..100).map(|n| msg(sid_a, "a", n)).collect();
-    frames.extend((0..3).map(|n| msg(sid_b, "b", n)));
-    frames.extend((100..200).map(|n| msg(sid_a, "a", n)));
-    send_in_one_write(&broker, &frames).await;
+    let mut frames: Vec<Frame> = (0..100).map(|n| msg(s.sid_a, "a", n)).collect();
+    frames.extend((0..3).map(|n| msg(s.sid_b, "b", n)));
+    frames.extend((100..200).map(|n| msg(s.sid_a, "a", n)));
+    send_in_one_write(&s.broker, &frames).await;
 
     let mut got_a = Vec::new();
     for _ in 0..200 {
-        got_a.push(next_n(&mut a).await.expect("a's subscription open"));
+        got_a.push(next_n(&mut s.a).await.expect("a's subscription open"));
     }
     let mut got_b = Vec::new();
     for _ in 0..3 {
-        got_b.push(next_n(&mut b).await.expect("b's subscription open"));
+        got_b.push(next_n(&mut s.b).await.expect("b's subscription open"));
     }
     println!(
         "a received {} of 200, b {} of 3; dropped: {} and {}",
         got_a.len(),
         got_b.len(),
-        a.dropped(),
-        b.dropped()
+        s.a.dropped(),
+        s.b.dropped()
     );
     assert_eq!(got_a, (0..200).collect::<Vec<_>>(), "a's, in order");
     assert_eq!(got_b, [0, 1, 2], "b's, in order");
@@ -146,30 +164,27 @@ async fn messages_read_together_reach_each_subscription_whole_and_in_order() {
 
 #[tokio::test]
 async fn a_refusal_inside_a_run_ends_that_subscription_after_the_messages_before_it() {
-    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
-    let mut a = bus.subscribe("a").await.unwrap();
-    let mut b = bus.subscribe("b").await.unwrap();
-    let (sid_a, sid_b) = sids(&mut subs, "a", "b").await;
+    let mut s = subscribed_to_a_and_b().await;
 
     // One run for `a`: five messages, the refusal, and one more that must not reach the
     // subscriber (a broker sends nothing after a refusal; the client must not deliver
     // it if one did). Then, as the broker does, the end of `a`, and a message for `b`.
-    let mut frames: Vec<Frame> = (0..5).map(|n| msg(sid_a, "a", n)).collect();
-    frames.push(refusal(sid_a, "a", "over the scripted limit"));
-    frames.push(msg(sid_a, "a", 5));
-    frames.push(Frame::Unsub { sid: sid_a });
-    frames.push(msg(sid_b, "b", 0));
-    send_in_one_write(&broker, &frames).await;
+    let mut frames: Vec<Frame> = (0..5).map(|n| msg(s.sid_a, "a", n)).collect();
+    frames.push(refusal(s.sid_a, "a", "over the scripted limit"));
+    frames.push(msg(s.sid_a, "a", 5));
+    frames.push(Frame::Unsub { sid: s.sid_a });
+    frames.push(msg(s.sid_b, "b", 0));
+    send_in_one_write(&s.broker, &frames).await;
 
     let mut got_a = Vec::new();
-    while let Some(n) = next_n(&mut a).await {
+    while let Some(n) = next_n(&mut s.a).await {
         got_a.push(n);
     }
-    let got_b = next_n(&mut b).await;
+    let got_b = next_n(&mut s.b).await;
     println!(
         "a received {:?} before its end ({:?}); delivered after the refusal: {}",
         got_a,
-        a.ended_by_broker(),
+        s.a.ended_by_broker(),
         got_a.iter().filter(|&&n| n >= 5).count()
     );
     assert_eq!(
@@ -177,6 +192,6 @@ async fn a_refusal_inside_a_run_ends_that_subscription_after_the_messages_before
         [0, 1, 2, 3, 4],
         "the messages before the refusal, only"
     );
-    assert_eq!(a.ended_by_broker(), Some("over the scripted limit"));
+    assert_eq!(s.a.ended_by_broker(), Some("over the scripted limit"));
     assert_eq!(got_b, Some(0), "the other subscription carries on");
 }
