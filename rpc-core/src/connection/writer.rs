@@ -358,6 +358,8 @@ mod tests {
         max: usize,
         vectored: bool,
         writes: usize,
+        /// Of `writes`, those made with `poll_write_vectored`.
+        vectored_writes: usize,
     }
 
     impl AsyncWrite for Trickle {
@@ -382,6 +384,7 @@ mod tests {
                 let first = slices.iter().find(|s| !s.is_empty()).map_or(&[][..], |s| s);
                 return self.poll_write(cx, first);
             }
+            self.vectored_writes += 1;
             let mut left = self.max;
             for slice in slices {
                 let n = slice.len().min(left);
@@ -446,6 +449,7 @@ mod tests {
                 max,
                 vectored,
                 writes: 0,
+                vectored_writes: 0,
             };
             round.write_to(&mut io).await.unwrap();
             assert!(
@@ -454,6 +458,7 @@ mod tests {
             );
             if max == usize::MAX && vectored {
                 assert_eq!(io.writes, 1, "one vectored write for the whole round");
+                assert_eq!(io.vectored_writes, 1);
             }
             if !vectored {
                 // At least one write per slice: each in-place buffer, and the runs of
@@ -476,10 +481,12 @@ mod tests {
             max: usize::MAX,
             vectored: true,
             writes: 0,
+            vectored_writes: 0,
         };
         round.write_to(&mut io).await.unwrap();
         assert_eq!(io.written, b"abcdef");
         assert_eq!(io.writes, 1);
+        assert_eq!(io.vectored_writes, 0, "a plain write");
         round.written(&mut rx);
     }
 }
