@@ -347,9 +347,13 @@ impl<S: Service> Instance<S> {
         stop: CancellationToken,
     ) {
         let mut stopping = false;
+        // Pinned once: a fresh `cancelled()` per request would register a waiter with
+        // the token, and take it out again, for every call.
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = stop.cancelled(), if !stopping => {
+                _ = &mut stopped, if !stopping => {
                     stopping = true;
                     requests.drain().await;
                 }

@@ -152,7 +152,10 @@ impl Broker {
             stop.clone().cancelled_owned(),
             tracker.clone(),
             move |io, peer, slot| {
-                connection::serve(io, peer, serving.clone(), stopping.clone(), slot)
+                // A child token per connection: the connection polls it whenever it
+                // wakes, and polling a token takes its locks, which one token shared by
+                // every connection made a point of contention between worker threads.
+                connection::serve(io, peer, serving.clone(), stopping.child_token(), slot)
             },
             move |io, peer| connection::refuse(io, peer, refusing.clone()),
         );

@@ -155,7 +155,11 @@ impl Server {
             connections.clone(),
             move |io, peer, slot| {
                 let shared = shared.clone();
-                let (drain, abort) = (serve_drain.clone(), serve_abort.clone());
+                // Each connection's own child tokens: a connection polls its drain token
+                // whenever it waits for a read, and polling a token takes its locks. On
+                // tokens shared by every connection, those locks were contended by the
+                // connections of every worker thread.
+                let (drain, abort) = (serve_drain.child_token(), serve_abort.child_token());
                 async move {
                     connection::serve(io, peer, shared, drain, abort).await;
                     drop(slot);
