@@ -141,6 +141,12 @@ impl Reader {
 
     fn bytes(&mut self, field: &'static str, len: usize) -> Result<Bytes, ProtocolError> {
         self.need(field, len)?;
+        if len == 0 {
+            // An empty field (an answer's message, a message's reply subject) holds no
+            // reference to the read buffer: one count fewer to take, and to give back
+            // from whichever thread drops the frame.
+            return Ok(Bytes::new());
+        }
         Ok(self.buf.split_to(len))
     }
 
