@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -71,6 +72,9 @@ pub(super) async fn serve<T: Io>(
     // request of the read thus starts its deadline a little earlier than a clock read of
     // its own would (by the time its predecessors took), never later.
     let mut received: Option<Instant> = None;
+    // Whether no answer of the current read has been sent yet (see FIRST_BATCH_FRAMES).
+    let mut first_of_read = true;
+    let mut working = Working::new(&server.working);
     let ended: Option<ConnectionError> = loop {
         frames = frames.wrapping_add(1);
         if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
@@ -86,6 +90,8 @@ pub(super) async fn serve<T: Io>(
         if !buffered {
             // The next request comes from a read still to be made.
             received = None;
+            first_of_read = true;
+            working.stop();
         }
         let mut more = None;
         if !batch.is_empty() && !buffered {
@@ -145,14 +151,24 @@ pub(super) async fn serve<T: Io>(
                     };
                 }
                 let id = request.id;
-                let now = *received.get_or_insert_with(Instant::now);
+                let now = *received.get_or_insert_with(|| {
+                    working.start();
+                    Instant::now()
+                });
                 match conn.start_call(request, now, &mut slot) {
                     // Answered here, and sent with the others of its read: a peer that
                     // does not read its answers stops being read once a batch finds no
                     // room (see `Answers::flush`).
                     Ok(Started::Answered(result)) => {
                         conn.answers.add(&mut batch, id, result).await;
-                        if batch.len() >= BATCH_FRAMES || batch.bytes() >= BATCH_BYTES {
+                        // A connection working alone sends the first answers of a long
+                        // read early (see FIRST_BATCH_FRAMES).
+                        let early = first_of_read
+                            && batch.len() >= FIRST_BATCH_FRAMES
+                            && reader.has_frame()
+                            && working.alone();
+                        if early || batch.len() >= BATCH_FRAMES || batch.bytes() >= BATCH_BYTES {
+                            first_of_read = false;
                             conn.answers.flush(&mut batch).await;
                         }
                     }
@@ -202,6 +218,47 @@ pub(super) async fn serve<T: Io>(
 /// A connection with frames always waiting is checked for a drain at least once every
 /// this many frames.
 const DRAIN_CHECK: u32 = 64;
+
+/// Counts this connection among the server's connections that are answering the
+/// requests of a read, from its first request to the end of the read.
+struct Working<'a> {
+    count: &'a AtomicUsize,
+    counted: bool,
+}
+
+impl<'a> Working<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        Working {
+            count,
+            counted: false,
+        }
+    }
+
+    fn start(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.count.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.counted {
+            self.counted = false;
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether no other connection is at work.
+    fn alone(&self) -> bool {
+        self.count.load(Ordering::Relaxed) <= 1
+    }
+}
+
+impl Drop for Working<'_> {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
 
 /// Polls `future` once: its output if it is ready now, `None` if it would wait. For a
 /// cancel-safe future only: one that would wait is dropped.
@@ -339,6 +396,19 @@ struct Answers {
 /// [`BATCH_BYTES`] of them): a peer that does not read its answers is stopped being read
 /// after that many.
 const BATCH_FRAMES: usize = 64;
+/// A connection that no other connection of the server is working beside (none is
+/// answering the requests of a read) sends the first this many answers of a read that
+/// holds more at once, then the rest as above. Its peer works on those answers (a client
+/// wakes their callers, which send their next calls) while this task answers the rest,
+/// where it would otherwise wait for the whole read's answers: one connection with many
+/// calls in flight is a ping-pong of batches, with a core idle at each turn. When other
+/// connections are at work the cores are busy anyway, and the extra write only costs.
+/// Measured (`courier bench rpc`, 16 B, alternating pairs): `concurrent` (one
+/// connection, 64 in flight) 550k → 624k calls/s (medians of 8 pairs, all faster);
+/// `multi_conn` (four connections) unchanged (720k → 738k, 8 pairs), where sending the
+/// first 16 early on every connection cost 5%. The raw floor (`courier bench raw`) was
+/// slower with the same rule (6 pairs) and keeps one write per read.
+const FIRST_BATCH_FRAMES: usize = 16;
 /// See [`BATCH_FRAMES`]; encoded bytes, length prefixes included.
 const BATCH_BYTES: usize = 64 * 1024;
 
@@ -444,5 +514,147 @@ fn answer_not_sent(sender: &FrameSender, id: u64, error: ConnectionError) {
         }
         // The connection is gone; the caller learns that from its own side.
         e => tracing::debug!(id, error = %e, "answer not sent"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Mutex;
+    use std::task::Context;
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+    use tokio_util::codec::{Decoder, Encoder};
+
+    use super::*;
+    use crate::codec::FrameCodec;
+    use crate::server::{CallContext, CallFuture, Server, Service};
+
+    struct Echo;
+
+    impl Service for Echo {
+        fn name(&self) -> &'static str {
+            "Echo"
+        }
+
+        fn call(&self, _method: &str, _ctx: CallContext, payload: Bytes) -> CallFuture {
+            Box::pin(std::future::ready(Ok(payload)))
+        }
+    }
+
+    /// A stream that records the length of every write made on it.
+    struct Recorded {
+        io: DuplexStream,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    struct RecordingWriter {
+        inner: WriteHalf<DuplexStream>,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl connection::Io for Recorded {
+        type Read = ReadHalf<DuplexStream>;
+        type Write = RecordingWriter;
+
+        fn split_io(self) -> (Self::Read, Self::Write) {
+            let (read, write) = tokio::io::split(self.io);
+            let writes = self.writes;
+            (
+                read,
+                RecordingWriter {
+                    inner: write,
+                    writes,
+                },
+            )
+        }
+    }
+
+    impl AsyncWrite for RecordingWriter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if let Poll::Ready(Ok(n)) = polled {
+                self.writes.lock().unwrap().push(n);
+            }
+            polled
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// Sends 40 requests in one write to a server where `others` other connections are
+    /// at work; returns the number of answers in each of the server's writes.
+    async fn answers_per_write(others: usize) -> Vec<usize> {
+        let server = Server::new(ServerConfig::default()).add_service(Echo);
+        server.shared.working.fetch_add(others, Ordering::Relaxed);
+        let (mut ours, theirs) = tokio::io::duplex(64 * 1024);
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let io = Recorded {
+            io: theirs,
+            writes: writes.clone(),
+        };
+        tokio::spawn(async move { server.serve_connection(io, PeerAddr::Memory(1)).await });
+
+        let mut codec = FrameCodec::new(1 << 20);
+        let mut wire = BytesMut::new();
+        for id in 1..=40 {
+            let request = Frame::Request(Request {
+                id,
+                method: "Echo.echo".into(),
+                payload: Bytes::from_static(b"0123456789abcdef"),
+                ..Request::default()
+            });
+            codec.encode(&request, &mut wire).unwrap();
+        }
+        ours.write_all(&wire).await.unwrap();
+
+        let mut read = BytesMut::new();
+        let mut answers = Vec::new();
+        let mut answer_len = 0;
+        while answers.len() < 40 {
+            let before = read.len();
+            if let Some(frame) = codec.decode(&mut read).unwrap() {
+                answer_len = before - read.len();
+                match frame {
+                    Frame::Response(r) => answers.push(r.id),
+                    other => panic!("unexpected {other:?}"),
+                }
+                continue;
+            }
+            let n = ours.read_buf(&mut read).await.unwrap();
+            assert!(n > 0, "the server closed the connection");
+        }
+        answers.sort_unstable();
+        assert_eq!(answers, (1..=40).collect::<Vec<u64>>());
+        let writes = writes.lock().unwrap().clone();
+        writes.iter().map(|bytes| bytes / answer_len).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_working_alone_sends_the_first_answers_of_a_read_before_the_rest() {
+        let alone = answers_per_write(0).await;
+        println!("answers per write, working alone: {alone:?}");
+        assert_eq!(alone, vec![FIRST_BATCH_FRAMES, 40 - FIRST_BATCH_FRAMES]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_working_beside_another_answers_a_read_in_one_write() {
+        let beside = answers_per_write(1).await;
+        println!("answers per write, another connection at work: {beside:?}");
+        assert_eq!(beside, vec![40]);
     }
 }

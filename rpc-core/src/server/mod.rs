@@ -30,6 +30,7 @@ mod service;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -40,6 +41,7 @@ pub use self::call::{DuplicateCall, InFlight, IncomingCall, Responder, Started};
 pub use self::service::{CallContext, CallFuture, Service, ServiceError};
 use crate::connection::{ConnectionConfig, Io};
 use crate::frame::Status;
+use crate::sync::CacheLine;
 use crate::transport::{Listener, PeerAddr, accept_loop};
 
 /// Server settings. Every default is stated on its field.
@@ -95,6 +97,10 @@ struct Shared {
     /// fixed before it serves, so a fast unkeyed hash (FxHash) is safe: a caller's name
     /// can only miss or hit one of them, never add to the table.
     services: FxHashMap<&'static str, Arc<dyn Service>>,
+    /// Connections answering the requests of a read right now (see
+    /// `connection::Working`). On a line of its own: each read of every connection
+    /// changes it.
+    working: CacheLine<AtomicUsize>,
 }
 
 impl Server {
@@ -104,6 +110,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 services: FxHashMap::default(),
+                working: CacheLine::default(),
             }),
         }
     }
