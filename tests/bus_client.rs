@@ -160,6 +160,7 @@ async fn messages_read_together_reach_each_subscription_whole_and_in_order() {
     );
     assert_eq!(got_a, (0..200).collect::<Vec<_>>(), "a's, in order");
     assert_eq!(got_b, [0, 1, 2], "b's, in order");
+    assert_eq!((s.a.dropped(), s.b.dropped()), (0, 0), "none dropped");
 }
 
 #[tokio::test]

@@ -151,6 +151,8 @@ pub(super) async fn serve<T: Io>(
                     };
                 }
                 let id = request.id;
+                // The read's first request: the clock is read, and the connection
+                // counts as working until no whole request is left to read.
                 let now = *received.get_or_insert_with(|| {
                     working.start();
                     Instant::now()
