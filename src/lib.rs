@@ -124,7 +124,7 @@ pub use rpc_macros::service;
 
 pub use rpc_core::client::{self, Backoff, CallOptions, Client, ClientConfig};
 pub use rpc_core::server::{
-    self, CallContext, CallFuture, Server, ServerConfig, Service, ServiceError,
+    self, CallBox, CallContext, CallFuture, Server, ServerConfig, Service, ServiceError,
 };
 pub use rpc_core::{
     Bincode, ConnectionConfig, ConnectionError, Format, FormatError, Metadata, ProtocolError,
@@ -145,7 +145,7 @@ pub mod __private {
     pub use rpc_core;
     pub use rpc_core::client::{CallOptions, Client};
     pub use rpc_core::format::{Bincode, Format, FormatError};
-    pub use rpc_core::server::{CallContext, CallFuture, Service, ServiceError};
+    pub use rpc_core::server::{CallBox, CallContext, CallFuture, Service, ServiceError};
     pub use rpc_core::{ProtocolError, RpcError, Utf8Bytes};
 
     /// Arguments and return values of service methods cross the network.

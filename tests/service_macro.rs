@@ -215,3 +215,42 @@ fn method_name_constants_name_the_wire_methods() {
         &["Kv.put", "Kv.get", "Kv.wait", "Kv.clear"]
     );
 }
+
+/// Arguments named like the generated dispatch's own variables.
+#[courier::service]
+trait Shadow {
+    async fn join(&self, into: String, inner: String, payload: String) -> String;
+}
+
+struct Joiner;
+
+impl Shadow for Joiner {
+    async fn join(&self, into: String, inner: String, payload: String) -> String {
+        format!("{into}/{inner}/{payload}")
+    }
+}
+
+#[tokio::test]
+async fn arguments_named_like_the_dispatchs_variables_reach_the_handler_unchanged() {
+    let server = Server::new(ServerConfig::default()).add_service(ShadowService::new(Joiner));
+    let shadow = ShadowClient::new(serve_and_connect(Transport::Memory, server).await);
+    let joined = shadow.join("a".into(), "b".into(), "c".into()).await;
+    assert_eq!(joined.unwrap(), "a/b/c");
+}
+
+#[test]
+fn a_generated_service_called_directly_runs_its_handler() {
+    use courier::{Format, Service};
+    use futures_util::FutureExt;
+
+    let service = ShadowService::new(Joiner);
+    let args = courier::Bincode::encode(&("x", "y", "z")).unwrap();
+    let ctx = CallContext::new("Shadow.join", courier::transport::PeerAddr::Memory(0));
+    let answer = service
+        .call("join", ctx, args)
+        .now_or_never()
+        .unwrap()
+        .unwrap();
+    let joined: String = courier::Bincode::decode(&answer).unwrap();
+    assert_eq!(joined, "x/y/z");
+}

@@ -69,7 +69,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use rpc_core::client::{CancelOnDrop, Channel, ChannelFuture, Client, ClientConfig, OutgoingCall};
 use rpc_core::frame::Status;
-use rpc_core::server::{InFlight, IncomingCall, Responder, Service, ServiceError, Started};
+use rpc_core::server::{
+    CallBox, InFlight, IncomingCall, Responder, Service, ServiceError, Started,
+};
 use rpc_core::transport::PeerAddr;
 use rpc_core::{Metadata, RpcError, Utf8Bytes};
 use tokio::time::Instant;
@@ -347,6 +349,9 @@ impl<S: Service> Instance<S> {
         stop: CancellationToken,
     ) {
         let mut stopping = false;
+        // The box each call's future is made in, kept for the next while calls are
+        // answered at once.
+        let mut into = CallBox::new();
         // Pinned once: a fresh `cancelled()` per request would register a waiter with
         // the token, and take it out again, for every call.
         let stopped = stop.cancelled();
@@ -358,7 +363,7 @@ impl<S: Service> Instance<S> {
                     requests.drain().await;
                 }
                 request = requests.next() => match request {
-                    Some(request) => self.start(request).await,
+                    Some(request) => self.start(request, &mut into).await,
                     None => break,
                 },
                 Some(cancel) = cancels.next() => self.cancel(&cancel),
@@ -383,9 +388,9 @@ impl<S: Service> Instance<S> {
         }
     }
 
-    /// Runs one call; a handler that finished at once is answered here, before the next
-    /// request is taken.
-    async fn start(&self, request: Message) {
+    /// Runs one call, its future made in `into`; a handler that finished at once is
+    /// answered here, before the next request is taken.
+    async fn start(&self, request: Message, into: &mut CallBox) {
         let Some(reply) = request.reply.clone() else {
             tracing::debug!(subject = %request.subject, "call without a reply subject ignored");
             return;
@@ -425,7 +430,8 @@ impl<S: Service> Instance<S> {
         let started = self.calls.start(
             reply,
             call,
-            |ctx, payload| service.call(&method, ctx, payload),
+            |ctx, payload, into| service.call_in(&method, ctx, payload, into),
+            into,
             &answers,
             &mut None,
         );

@@ -4,7 +4,7 @@
 //! facade's `__private` module (through the `crate = "…"` path), so it works in a crate
 //! with `#![no_implicit_prelude]` and with a renamed courier dependency.
 
-use proc_macro2::{Ident, TokenStream};
+use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
 
@@ -282,6 +282,10 @@ fn server(service: &Service) -> TokenStream {
         "Server dispatch of the [`{ident}`] service: add it to a server with \
          `Server::add_service({server}::new(implementation))`."
     );
+    // The dispatch's own variables, hygienic: an argument of the user's named `into`
+    // or `inner` does not shadow them.
+    let into = Ident::new("into", Span::mixed_site());
+    let inner = Ident::new("inner", Span::mixed_site());
     let arms = service.methods.iter().map(|m| {
         let Method { cfgs, ident: method, args, .. } = m;
         let wire_method = &m.name;
@@ -304,12 +308,12 @@ fn server(service: &Service) -> TokenStream {
             #wire_method => {
                 let (#(#names,)*): (#(#types,)*) = match <F as #p::Format>::decode(&payload) {
                     ::core::result::Result::Ok(args) => args,
-                    ::core::result::Result::Err(e) => return #p::ServiceError::bad_request(e).into_future(),
+                    ::core::result::Result::Err(e) => return #into.put_error(#p::ServiceError::bad_request(e)),
                 };
                 #(#unwrap)*
-                let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&self.inner);
-                ::std::boxed::Box::pin(async move {
-                    let ret = <S as #ident>::#method(&*inner, #context #(#names),*).await;
+                let #inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&self.inner);
+                #into.put(async move {
+                    let ret = <S as #ident>::#method(&*#inner, #context #(#names),*).await;
                     #encode.map_err(#p::ServiceError::encode)
                 })
             }
@@ -364,10 +368,22 @@ fn server(service: &Service) -> TokenStream {
                 ctx: #p::CallContext,
                 payload: #p::bytes::Bytes,
             ) -> #p::CallFuture {
+                let mut #into = #p::CallBox::new();
+                #p::Service::call_in(self, method, ctx, payload, &mut #into);
+                ::std::boxed::Box::pin(#into)
+            }
+
+            fn call_in(
+                &self,
+                method: &str,
+                ctx: #p::CallContext,
+                payload: #p::bytes::Bytes,
+                #into: &mut #p::CallBox,
+            ) {
                 let _ = &ctx;
                 match method {
                     #(#arms)*
-                    _ => #p::ServiceError::unknown_method(#name, method).into_future(),
+                    _ => #into.put_error(#p::ServiceError::unknown_method(#name, method)),
                 }
             }
         }

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::{CallContext, CallFuture, ServiceError};
+use super::{CallBox, CallContext, ServiceError};
 use crate::frame::Status;
 use crate::transport::PeerAddr;
 use crate::{Metadata, Utf8Bytes};
@@ -141,21 +141,24 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
         handle
     }
 
-    /// Runs `call`: `start` turns its context and payload into the handler's future.
+    /// Runs `call`: `start` puts the handler's future, made of the call's context and
+    /// payload, in `into` (with [`crate::server::Service::call_in`]).
     ///
     /// The handler is polled once at once: one that finishes without waiting is
     /// [`Started::Answered`], with no task, timer or map entry, and costs neither the
-    /// responder nor the slot. One that waits becomes a task, registered under `key` for
-    /// [`InFlight::cancel`] and bounded by the deadline. That task takes a clone of
-    /// `responder` to send its answer, and takes `slot` (a place under an in-flight
-    /// limit), which it holds until the responder has queued its answer. A slot left in
-    /// place is the caller's to reuse for its next call. Fails, running nothing, when
-    /// `key` is in flight.
+    /// responder nor the slot; its box stays in `into`, for the caller's next call. One
+    /// that waits becomes a task, which takes the box (leaving an empty one), registered
+    /// under `key` for [`InFlight::cancel`] and bounded by the deadline. That task takes a
+    /// clone of `responder` to send its answer, and takes `slot` (a place under an
+    /// in-flight limit), which it holds until the responder has queued its answer. A
+    /// slot left in place is the caller's to reuse for its next call. Fails, running
+    /// nothing, when `key` is in flight.
     pub fn start<R: Responder>(
         self: &Arc<Self>,
         key: K,
         call: IncomingCall,
-        start: impl FnOnce(CallContext, Bytes) -> CallFuture,
+        start: impl FnOnce(CallContext, Bytes, &mut CallBox),
+        into: &mut CallBox,
         responder: &R,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, DuplicateCall> {
@@ -182,17 +185,23 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             metadata,
             peer,
         };
-        let mut future = AssertUnwindSafe(start(ctx, payload)).catch_unwind();
+        start(ctx, payload, into);
         let first = {
             let _entered = span.enter();
             let mut cx = Context::from_waker(Waker::noop());
-            std::pin::Pin::new(&mut future).poll(&mut cx)
+            std::panic::catch_unwind(AssertUnwindSafe(|| into.poll_unpin(&mut cx)))
         };
-        if let Poll::Ready(outcome) = first {
+        match first {
             // The caller holds its read loop until the answer is queued.
-            return Ok(Started::Answered(finish(outcome)));
+            Ok(Poll::Ready(result)) => return Ok(Started::Answered(finish(Ok(result)))),
+            Err(panic) => {
+                drop(into.take()); // not kept for the next call: its state is unknown
+                return Ok(Started::Answered(finish(Err(panic))));
+            }
+            Ok(Poll::Pending) => {}
         }
 
+        let future = AssertUnwindSafe(into.take()).catch_unwind();
         let slot = slot.take();
         let responder = responder.clone();
         let calls = self.clone();
@@ -295,6 +304,14 @@ mod tests {
     use tokio::sync::mpsc;
 
     use super::*;
+    use crate::server::CallFuture;
+
+    /// `start` for a handler that makes a boxed future.
+    fn put(
+        make: impl FnOnce(CallContext, Bytes) -> CallFuture,
+    ) -> impl FnOnce(CallContext, Bytes, &mut CallBox) {
+        move |ctx, payload, into| into.put(make(ctx, payload))
+    }
 
     #[derive(Clone)]
     struct Collect(mpsc::UnboundedSender<(u64, Result<Bytes, ServiceError>)>);
@@ -322,7 +339,8 @@ mod tests {
         let started = calls.start(
             7,
             call(7).with_deadline(Some(deadline)),
-            |_, _| Box::pin(std::future::pending()),
+            put(|_, _| Box::pin(std::future::pending())),
+            &mut CallBox::new(),
             &Collect(tx),
             &mut None,
         );
@@ -341,7 +359,14 @@ mod tests {
         let calls = InFlight::<u64>::new();
         let answers =
             |_, _| -> CallFuture { Box::pin(async { Ok(Bytes::from_static(b"at once")) }) };
-        let started = calls.start(1, call(1), answers, &Collect(tx.clone()), &mut slot);
+        let started = calls.start(
+            1,
+            call(1),
+            put(answers),
+            &mut CallBox::new(),
+            &Collect(tx.clone()),
+            &mut slot,
+        );
         assert!(matches!(started, Ok(Started::Answered(Ok(ref b))) if b == "at once"));
         assert!(slot.is_some(), "an answered call leaves the slot in place");
 
@@ -354,7 +379,14 @@ mod tests {
                 Ok(Bytes::new())
             })
         };
-        let started = calls.start(2, call(2), waits, &Collect(tx), &mut slot);
+        let started = calls.start(
+            2,
+            call(2),
+            put(waits),
+            &mut CallBox::new(),
+            &Collect(tx),
+            &mut slot,
+        );
         assert!(matches!(started, Ok(Started::Running)));
         assert!(slot.is_none(), "a running call takes the slot");
         assert_eq!(slots.available_permits(), 0, "and holds it while it runs");
@@ -363,6 +395,50 @@ mod tests {
         calls.close();
         calls.wait().await;
         assert_eq!(slots.available_permits(), 1, "given back once answered");
+    }
+
+    #[tokio::test]
+    async fn a_call_answered_at_once_leaves_its_box_for_the_next_and_a_running_one_takes_it() {
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let calls = InFlight::<u64>::new();
+        let mut into = CallBox::new();
+        let at_once = |_: CallContext, payload: Bytes, into: &mut CallBox| {
+            into.put(async move { Ok(payload) })
+        };
+        let started = calls.start(
+            1,
+            call(1),
+            at_once,
+            &mut into,
+            &Collect(tx.clone()),
+            &mut None,
+        );
+        assert!(matches!(started, Ok(Started::Answered(Ok(_)))));
+        let first = into.address();
+        let started = calls.start(
+            2,
+            call(2),
+            at_once,
+            &mut into,
+            &Collect(tx.clone()),
+            &mut None,
+        );
+        assert!(matches!(started, Ok(Started::Answered(Ok(_)))));
+        assert_eq!(
+            into.address(),
+            first,
+            "the second call's future reused the box"
+        );
+
+        let waits = |_: CallContext, _: Bytes, into: &mut CallBox| {
+            into.put(async move {
+                tokio::task::yield_now().await;
+                Ok(Bytes::new())
+            })
+        };
+        let started = calls.start(3, call(3), waits, &mut into, &Collect(tx), &mut None);
+        assert!(matches!(started, Ok(Started::Running)));
+        assert_ne!(into.address(), first, "the running call took the box");
     }
 
     #[tokio::test]
@@ -377,7 +453,14 @@ mod tests {
             })
         };
         let start = |f: fn(CallContext, Bytes) -> CallFuture| {
-            calls.start(4, call(4), f, &Collect(tx.clone()), &mut None)
+            calls.start(
+                4,
+                call(4),
+                put(f),
+                &mut CallBox::new(),
+                &Collect(tx.clone()),
+                &mut None,
+            )
         };
         assert!(matches!(start(waits), Ok(Started::Running)));
         assert!(matches!(start(waits), Err(DuplicateCall)));
@@ -407,17 +490,38 @@ mod tests {
             })
         };
         assert!(matches!(
-            calls.start(1, call(1), panics, &Collect(tx.clone()), &mut None),
+            calls.start(
+                1,
+                call(1),
+                put(panics),
+                &mut CallBox::new(),
+                &Collect(tx.clone()),
+                &mut None
+            ),
             Ok(Started::Running)
         ));
         let waits = |_, _| -> CallFuture { Box::pin(std::future::pending()) };
         assert!(matches!(
-            calls.start(2, call(2), waits, &Collect(tx), &mut None),
+            calls.start(
+                2,
+                call(2),
+                put(waits),
+                &mut CallBox::new(),
+                &Collect(tx),
+                &mut None
+            ),
             Ok(Started::Running)
         ));
         let (unused, _) = mpsc::unbounded_channel();
         assert!(matches!(
-            calls.start(2, call(2), waits, &Collect(unused), &mut None),
+            calls.start(
+                2,
+                call(2),
+                put(waits),
+                &mut CallBox::new(),
+                &Collect(unused),
+                &mut None
+            ),
             Err(DuplicateCall)
         ));
         assert!(calls.cancel(&2));

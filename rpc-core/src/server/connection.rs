@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::call::{InFlight, IncomingCall, Responder, Started};
-use super::{ServerConfig, ServiceError, Shared};
+use super::{CallBox, ServerConfig, ServiceError, Shared};
 use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
@@ -61,6 +61,9 @@ pub(super) async fn serve<T: Io>(
     // The in-flight slot for the next call. A call answered at once leaves it here for
     // the one after, so only calls that become tasks cost the semaphore anything.
     let mut slot: Option<OwnedSemaphorePermit> = None;
+    // The box the next call's future is made in: a call answered at once leaves it here
+    // for the next, so only calls that become tasks allocate one.
+    let mut into = CallBox::new();
     // Answers to the requests of one read, encoded as they are made and sent together
     // once no whole request is left to read (see `Answers::flush`).
     let mut batch = EncodedFrames::default();
@@ -157,7 +160,7 @@ pub(super) async fn serve<T: Io>(
                     working.start();
                     Instant::now()
                 });
-                match conn.start_call(request, now, &mut slot) {
+                match conn.start_call(request, now, &mut into, &mut slot) {
                     // Answered here, and sent with the others of its read: a peer that
                     // does not read its answers stops being read once a batch finds no
                     // room (see `Answers::flush`).
@@ -192,6 +195,7 @@ pub(super) async fn serve<T: Io>(
         }
     };
     drop(slot);
+    drop(into);
     drop(working);
 
     match ended {
@@ -285,11 +289,12 @@ struct Conn {
 }
 
 impl Conn {
-    /// Starts the call of `request`, received at `received`.
+    /// Starts the call of `request`, received at `received`, its future in `into`.
     fn start_call(
         &self,
         request: Request,
         received: Instant,
+        into: &mut CallBox,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
         let Request {
@@ -313,13 +318,14 @@ impl Conn {
             .start(
                 id,
                 call,
-                |ctx, payload| {
+                |ctx, payload, into| {
                     let method = ctx.method.clone(); // shares the frame's buffer; no copy
                     match server.route(method.as_str()) {
-                        Ok((service, name)) => service.call(name, ctx, payload),
-                        Err(e) => e.into_future(),
+                        Ok((service, name)) => service.call_in(name, ctx, payload, into),
+                        Err(e) => into.put_error(e),
                     }
                 },
+                into,
                 &self.answers,
                 slot,
             )

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::call::{DuplicateCall, InFlight, IncomingCall, Responder, Started};
-pub use self::service::{CallContext, CallFuture, Service, ServiceError};
+pub use self::service::{CallBox, CallContext, CallFuture, Service, ServiceError};
 use crate::connection::{ConnectionConfig, Io};
 use crate::frame::Status;
 use crate::sync::CacheLine;

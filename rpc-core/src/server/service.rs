@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+use tokio_util::sync::ReusableBoxFuture;
 
 use crate::format::FormatError;
 use crate::frame::Status;
@@ -48,9 +49,22 @@ pub trait Service: Send + Sync + 'static {
     fn name(&self) -> &'static str;
 
     /// Starts method `method` (the part after the dot) with serialized arguments
-    /// `payload`. The server runs the returned future as its own task, aborts it when the
-    /// caller cancels or the deadline passes, and turns a panic into an error answer.
+    /// `payload`. The server polls the returned future once; one that has not finished
+    /// then runs as its own task, which the server aborts when the caller cancels or the
+    /// deadline passes. A panic becomes an error answer.
     fn call(&self, method: &str, ctx: CallContext, payload: Bytes) -> CallFuture;
+
+    /// Starts `method` as [`Service::call`] does, with its future put in `into`. This is
+    /// what servers call: they keep one [`CallBox`] per connection, so a handler that
+    /// finishes at its first poll leaves the box's memory for the next call's future.
+    ///
+    /// The default puts [`Service::call`]'s future in the box, which costs an
+    /// allocation per call as before. `#[courier::service]` puts the handler's own
+    /// future in it: no allocation at all when the last future in the box had the same
+    /// size and alignment (the same method, most of the time).
+    fn call_in(&self, method: &str, ctx: CallContext, payload: Bytes, into: &mut CallBox) {
+        into.put(self.call(method, ctx, payload));
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
@@ -60,6 +74,94 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn call(&self, method: &str, ctx: CallContext, payload: Bytes) -> CallFuture {
         (**self).call(method, ctx, payload)
+    }
+
+    fn call_in(&self, method: &str, ctx: CallContext, payload: Bytes, into: &mut CallBox) {
+        (**self).call_in(method, ctx, payload, into)
+    }
+}
+
+/// The box a call's future runs in ([`Service::call_in`]), reused from call to call.
+///
+/// Putting a future in the box drops the one it held and reuses its memory when the two
+/// have the same size and alignment; otherwise the box is allocated anew. A future that
+/// finished stays in the box until the next is put in it (an `async` block has dropped
+/// what it captured by then). A new box holds nothing and allocates nothing.
+///
+/// ```
+/// use bytes::Bytes;
+/// use futures_util::FutureExt;
+/// use rpc_core::server::{CallBox, ServiceError};
+///
+/// let mut call = CallBox::new();
+/// call.put(async { Ok(Bytes::from_static(b"first")) });
+/// assert_eq!((&mut call).now_or_never().unwrap().unwrap(), "first");
+/// // A future of the same size and alignment: the box's memory is reused.
+/// call.put(async { Ok(Bytes::from_static(b"second")) });
+/// assert_eq!((&mut call).now_or_never().unwrap().unwrap(), "second");
+/// call.put_error(ServiceError::internal("no"));
+/// assert_eq!((&mut call).now_or_never().unwrap().unwrap_err().message, "no");
+/// ```
+pub struct CallBox {
+    future: ReusableBoxFuture<'static, Result<Bytes, ServiceError>>,
+}
+
+impl CallBox {
+    /// An empty box (its future never finishes); allocates nothing.
+    pub fn new() -> Self {
+        CallBox {
+            future: ReusableBoxFuture::new(std::future::pending()),
+        }
+    }
+
+    /// Puts `future` in the box, dropping the one there.
+    pub fn put<F>(&mut self, future: F)
+    where
+        F: Future<Output = Result<Bytes, ServiceError>> + Send + 'static,
+    {
+        self.future.set(future);
+    }
+
+    /// Puts in the box a future that has already failed with `error`.
+    pub fn put_error(&mut self, error: ServiceError) {
+        self.put(std::future::ready(Err(error)));
+    }
+
+    /// The box, leaving an empty one in its place: for a call that goes on running
+    /// after its first poll.
+    pub(crate) fn take(&mut self) -> CallBox {
+        std::mem::take(self)
+    }
+
+    /// Where the box's future is (tests: whether its memory was reused).
+    #[cfg(test)]
+    pub(crate) fn address(&mut self) -> *const () {
+        let future: &(dyn Future<Output = Result<Bytes, ServiceError>> + Send) =
+            &*self.future.get_pin();
+        (future as *const (dyn Future<Output = Result<Bytes, ServiceError>> + Send)).cast()
+    }
+}
+
+impl Default for CallBox {
+    fn default() -> Self {
+        CallBox::new()
+    }
+}
+
+impl fmt::Debug for CallBox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallBox")
+    }
+}
+
+impl Future for CallBox {
+    type Output = Result<Bytes, ServiceError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        self.future.poll(cx)
     }
 }
 
