@@ -214,6 +214,12 @@ fn method_name_constants_name_the_wire_methods() {
         KvClient::METHODS,
         &["Kv.put", "Kv.get", "Kv.wait", "Kv.clear"]
     );
+    let server = KvService::new(Arc::<Store>::default());
+    assert_eq!(
+        courier::Service::methods(&server),
+        &["put", "get", "wait", "clear"],
+        "the server routes these by their whole names"
+    );
 }
 
 /// Arguments named like the generated dispatch's own variables.

@@ -319,6 +319,11 @@ fn server(service: &Service) -> TokenStream {
             }
         }
     });
+    let listed = service.methods.iter().map(|m| {
+        let cfgs = &m.cfgs;
+        let wire_method = &m.name;
+        quote!(#(#cfgs)* #wire_method,)
+    });
     quote! {
         #[doc = #doc]
         #vis struct #server<S, F = #p::Bincode> {
@@ -385,6 +390,10 @@ fn server(service: &Service) -> TokenStream {
                     #(#arms)*
                     _ => #into.put_error(#p::ServiceError::unknown_method(#name, method)),
                 }
+            }
+
+            fn methods(&self) -> &'static [&'static str] {
+                &[#(#listed)*]
             }
         }
     }

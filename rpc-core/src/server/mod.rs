@@ -97,6 +97,11 @@ struct Shared {
     /// fixed before it serves, so a fast unkeyed hash (FxHash) is safe: a caller's name
     /// can only miss or hit one of them, never add to the table.
     services: FxHashMap<&'static str, Arc<dyn Service>>,
+    /// Every listed method ([`Service::methods`]) by its whole name, `"Service.method"`:
+    /// a call is routed with one lookup, and its method named by the service's own
+    /// `&'static str` (the name need not be split off the call's). Same hash, same
+    /// reason.
+    methods: FxHashMap<Box<str>, Method>,
     /// Connections answering the requests of a read right now (see
     /// `connection::Working`). On a line of its own: each read of every connection
     /// changes it.
@@ -110,6 +115,7 @@ impl Server {
             shared: Arc::new(Shared {
                 config,
                 services: FxHashMap::default(),
+                methods: FxHashMap::default(),
                 working: CacheLine::default(),
             }),
         }
@@ -123,7 +129,23 @@ impl Server {
     pub fn add_service(mut self, service: impl Service) -> Self {
         let shared = Arc::get_mut(&mut self.shared)
             .expect("Server::add_service called after the server was cloned");
-        shared.services.insert(service.name(), Arc::new(service));
+        let name = service.name();
+        let service: Arc<dyn Service> = Arc::new(service);
+        if let Some(replaced) = shared.services.insert(name, service.clone()) {
+            // Its methods go with it: the new service answers for the name alone.
+            shared
+                .methods
+                .retain(|_, method| !Arc::ptr_eq(&method.service, &replaced));
+        }
+        for &method in service.methods() {
+            let route = Method {
+                service: service.clone(),
+                name: method,
+            };
+            shared
+                .methods
+                .insert(format!("{name}.{method}").into(), route);
+        }
         self
     }
 
@@ -205,7 +227,20 @@ impl Server {
     }
 }
 
+/// Where a listed method's calls go.
+struct Method {
+    service: Arc<dyn Service>,
+    /// The method's name as the service listed it (the part after the dot).
+    name: &'static str,
+}
+
 impl Shared {
+    /// The service and method name of a listed method ([`Shared::methods`]).
+    fn listed(&self, method: &str) -> Option<(&Arc<dyn Service>, &'static str)> {
+        let route = self.methods.get(method)?;
+        Some((&route.service, route.name))
+    }
+
     fn route<'a>(&self, method: &'a str) -> Result<(&Arc<dyn Service>, &'a str), ServiceError> {
         let Some((service, name)) = method.split_once('.') else {
             return Err(ServiceError::new(
@@ -227,5 +262,83 @@ impl Shared {
                 ))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    /// A service named `Echo` that lists `methods` and answers every call with `tag`.
+    struct Tagged {
+        tag: &'static str,
+        methods: &'static [&'static str],
+    }
+
+    impl Service for Tagged {
+        fn name(&self) -> &'static str {
+            "Echo"
+        }
+
+        fn call(&self, _method: &str, _ctx: CallContext, _payload: Bytes) -> CallFuture {
+            let tag = self.tag;
+            Box::pin(async move { Ok(Bytes::from_static(tag.as_bytes())) })
+        }
+
+        fn methods(&self) -> &'static [&'static str] {
+            self.methods
+        }
+    }
+
+    /// Which service a call of `method` reaches, and under what name.
+    fn routed(server: &Server, method: &str) -> (&'static str, String) {
+        let shared = &server.shared;
+        let (service, name) = match shared.listed(method) {
+            Some((service, name)) => (service, name.to_owned()),
+            None => {
+                let (service, name) = shared.route(method).unwrap();
+                (service, name.to_owned())
+            }
+        };
+        let ctx = CallContext::new(method.to_owned(), PeerAddr::Memory(0));
+        let mut into = CallBox::new();
+        service.call_in(&name, ctx, Bytes::new(), &mut into);
+        let answer = futures_util::FutureExt::now_or_never(into)
+            .unwrap()
+            .unwrap();
+        (if answer == "first" { "first" } else { "second" }, name)
+    }
+
+    #[test]
+    fn a_listed_method_is_routed_by_its_whole_name_and_others_by_splitting_it() {
+        let server = Server::new(ServerConfig::default()).add_service(Tagged {
+            tag: "first",
+            methods: &["listed"],
+        });
+        assert!(server.shared.listed("Echo.listed").is_some());
+        assert!(server.shared.listed("Echo.other").is_none());
+        assert_eq!(routed(&server, "Echo.listed"), ("first", "listed".into()));
+        assert_eq!(routed(&server, "Echo.other"), ("first", "other".into()));
+    }
+
+    #[test]
+    fn a_service_that_replaces_another_of_its_name_takes_its_methods_too() {
+        let server = Server::new(ServerConfig::default())
+            .add_service(Tagged {
+                tag: "first",
+                methods: &["a", "both"],
+            })
+            .add_service(Tagged {
+                tag: "second",
+                methods: &["both"],
+            });
+        assert!(
+            server.shared.listed("Echo.a").is_none(),
+            "the replaced service's methods are gone"
+        );
+        assert_eq!(routed(&server, "Echo.a"), ("second", "a".into()));
+        assert_eq!(routed(&server, "Echo.both"), ("second", "both".into()));
     }
 }

@@ -65,6 +65,15 @@ pub trait Service: Send + Sync + 'static {
     fn call_in(&self, method: &str, ctx: CallContext, payload: Bytes, into: &mut CallBox) {
         into.put(self.call(method, ctx, payload));
     }
+
+    /// The methods the service answers (each the part after the dot), for routing: a
+    /// server finds a call of one of these by its whole name (`"Service.method"`) in one
+    /// lookup, and passes this list's `&'static str` as `method`. A call of a method not
+    /// listed reaches [`Service::call_in`] as well, with the name it was sent with.
+    /// `#[courier::service]` lists every method; the default lists none.
+    fn methods(&self) -> &'static [&'static str] {
+        &[]
+    }
 }
 
 impl<S: Service + ?Sized> Service for Arc<S> {
@@ -78,6 +87,10 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn call_in(&self, method: &str, ctx: CallContext, payload: Bytes, into: &mut CallBox) {
         (**self).call_in(method, ctx, payload, into)
+    }
+
+    fn methods(&self) -> &'static [&'static str] {
+        (**self).methods()
     }
 }
 
