@@ -15,16 +15,43 @@ use crate::codec::FrameCodec;
 use crate::error::ConnectionError;
 use crate::frame::Frame;
 
+/// What ends a writer's wait, besides frames and its keepalive tick.
+enum Signal {
+    Abort,
+    Close,
+    /// A direct write left bytes to write.
+    Tail,
+}
+
+/// Whether `abort`, `close` or `tail_ready` is set; `Pending` if none is, with the task
+/// registered to be woken when one is. Registered before the flags are read, so that
+/// one set in between wakes it (each is set before the wake).
+fn signalled(shared: &Shared, cx: &mut std::task::Context<'_>) -> std::task::Poll<Signal> {
+    shared.writer_waiting.register(cx.waker());
+    if shared.abort.is_set() {
+        std::task::Poll::Ready(Signal::Abort)
+    } else if shared.close.is_set() {
+        std::task::Poll::Ready(Signal::Close)
+    } else if shared
+        .tail_ready
+        .swap(false, std::sync::atomic::Ordering::AcqRel)
+    {
+        std::task::Poll::Ready(Signal::Tail)
+    } else {
+        std::task::Poll::Pending
+    }
+}
+
 /// Frames taken from the queue per batch.
 const MAX_BATCH: usize = 256;
 /// Once this many bytes are encoded, write them out before encoding more.
 const FLUSH_AT: usize = 256 * 1024;
 /// The buffer's usual size; it is shrunk back to this after carrying a large frame.
 const BUF_CAPACITY: usize = 16 * 1024;
-/// How long an aborting writer tries to deliver its go-away.
 /// Writes closer together than this mean the connection is busy: the writer yields once
 /// before writing, to gather more frames. A call's round trip on loopback is ~60 µs.
 const BUSY_GAP: Duration = Duration::from_micros(20);
+/// How long an aborting writer tries to deliver its go-away.
 const ABORT_GO_AWAY_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Frames that senders encoded ([`Item::Appended`]) and that take at least this many
@@ -159,9 +186,9 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     let mut ping =
         tokio::time::interval_at(Instant::now() + keepalive_interval, keepalive_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // Pinned once: a fresh `cancelled()` per loop would register a waiter per write.
-    let close = shared.close.wait_owned();
-    tokio::pin!(close);
+    // For a write that waits: pinned once, as a fresh `cancelled()` per write would
+    // register a waiter each time. A wait for frames watches the latches through
+    // `Shared::writer_waiting` instead (`signalled`).
     let abort = shared.abort.wait_owned();
     tokio::pin!(abort);
 
@@ -199,12 +226,16 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
             } else {
                 tokio::select! {
                 biased;
-                _ = &mut abort => return Ok(End::AbortedIdle),
-                _ = &mut close => {
-                    // Write what was queued before the close, then stop.
-                    rx.try_recv_many(&mut batch, usize::MAX);
-                    true
-                }
+                signal = std::future::poll_fn(|cx| signalled(&shared, cx)) => match signal {
+                    Signal::Abort => return Ok(End::AbortedIdle),
+                    Signal::Close => {
+                        // Write what was queued before the close, then stop.
+                        rx.try_recv_many(&mut batch, usize::MAX);
+                        true
+                    }
+                    // a sender's direct write left bytes to write
+                    Signal::Tail => false,
+                },
                 n = rx.recv_many(&mut batch, MAX_BATCH) => {
                     if n == 0 {
                         return Ok(End::Done); // every sender is gone
@@ -225,8 +256,6 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
                     }
                     false
                 }
-                // a sender's direct write left bytes to write
-                _ = shared.tail_ready.notified() => false,
                 }
             };
             // The write half, held until this round is written: a sender that finds it
