@@ -37,7 +37,6 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -49,7 +48,6 @@ use self::conn::{Answer, Conn};
 use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
 use crate::frame::{Frame, Request, Status};
-use crate::sync::CacheLine;
 pub use crate::transport::Backoff;
 use crate::transport::{Connector, Reconnected, reconnect};
 use crate::{Metadata, Utf8Bytes};
@@ -196,8 +194,6 @@ struct Inner {
 }
 
 #[derive(Debug)]
-// One per client: the padding of `Direct::next_id` costs nothing worth a box.
-#[allow(clippy::large_enum_variant)]
 enum Route {
     /// A courier connection, reconnected by a supervisor task.
     Connection(Direct),
@@ -207,8 +203,6 @@ enum Route {
 
 #[derive(Debug)]
 struct Direct {
-    /// Every call takes an id: on a line of its own, apart from what calls only read.
-    next_id: CacheLine<AtomicU64>,
     state: watch::Receiver<State>,
     shutdown: CancellationToken,
     _stop_on_drop: DropGuard,
@@ -267,7 +261,6 @@ impl Client {
                 config,
                 peer,
                 route: Route::Connection(Direct {
-                    next_id: CacheLine(AtomicU64::new(1)),
                     state: rx,
                     _stop_on_drop: shutdown.clone().drop_guard(),
                     shutdown,
@@ -350,8 +343,7 @@ impl Client {
             Some(conn) => (conn, false),
             None => (self.connection(direct, deadline).await?, true),
         };
-        let id = direct.next_id.fetch_add(1, Ordering::Relaxed);
-        let (reply, lone) = conn.register(id, deadline)?;
+        let (id, reply, lone) = conn.register(deadline)?;
         // Until the answer or a failure arrives (either removes the call from the
         // connection's map), dropping this sends a cancel. A call answered, failed or
         // never sent is no longer in the map, and nothing is sent.
