@@ -410,3 +410,70 @@ async fn requests_arriving_while_a_busy_connections_answers_wait_a_turn_share_th
         "all four answers in one write"
     );
 }
+
+/// A client takes the answers of one read together: each caller still gets its own, and a
+/// go-away read right after them is still heard (the connection takes no more calls).
+#[tokio::test]
+async fn answers_read_together_reach_their_callers_and_a_go_away_after_them_is_heard() {
+    use bytes::BytesMut;
+    use courier::Client;
+    use courier::frame::{Frame, GoAway, Response};
+    use courier::transport::TcpConnector;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_util::codec::{Decoder, Encoder};
+
+    const CALLS: u8 = 40;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A server that reads every request, then writes every answer (last first) and a
+    // go-away in one write. It takes one connection: a reconnect is refused.
+    tokio::spawn(async move {
+        let (mut io, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut codec = courier::codec::FrameCodec::new(1 << 20);
+        let mut read = BytesMut::new();
+        let mut requests = Vec::new();
+        while requests.len() < usize::from(CALLS) {
+            if let Some(frame) = codec.decode(&mut read).unwrap() {
+                if let Frame::Request(request) = frame {
+                    requests.push((request.id, request.payload));
+                }
+                continue;
+            }
+            assert!(io.read_buf(&mut read).await.unwrap() > 0, "client left");
+        }
+        let mut wire = BytesMut::new();
+        for (id, payload) in requests.into_iter().rev() {
+            let answer = Response {
+                id,
+                status: Status::OK,
+                message: Default::default(),
+                payload,
+            };
+            codec.encode(&Frame::Response(answer), &mut wire).unwrap();
+        }
+        let go_away = GoAway::new(GoAway::SHUTDOWN, "draining");
+        codec.encode(&Frame::GoAway(go_away), &mut wire).unwrap();
+        io.write_all(&wire).await.unwrap();
+        let _ = io.read_buf(&mut read).await; // open until the client goes
+    });
+
+    let client = Client::connect(TcpConnector::from(addr), ClientConfig::default())
+        .await
+        .unwrap();
+    let calls = (0..CALLS).map(|n| {
+        let client = client.clone();
+        async move {
+            let sent = Bytes::from(vec![n; 3]);
+            let echoed = client.call("Lab.echo", sent.clone(), &no_options()).await;
+            (sent, echoed)
+        }
+    });
+    for (sent, echoed) in futures_util::future::join_all(calls).await {
+        assert_eq!(echoed.unwrap(), sent);
+    }
+    common::wait_for("the go-away to retire the connection", || {
+        !client.is_connected()
+    })
+    .await;
+}

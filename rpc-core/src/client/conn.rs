@@ -12,7 +12,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::connection::{FrameReader, FrameSender};
-use crate::error::{ProtocolError, RpcError};
+use crate::error::{ConnectionError, ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response, Status};
 use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
@@ -45,6 +45,14 @@ impl Answer {
 /// after another is swept once per millisecond, not once per call. Tokio's timer has
 /// the same resolution.
 const SWEEP_GAP: Duration = Duration::from_millis(1);
+
+/// The answers of one read whose callers are looked up under one lock of the pending
+/// map, at most. Every call takes that lock as it registers, on either core; taking it
+/// for each answer as well made two contended acquisitions per call. Measured
+/// (`courier bench rpc`, 16 B, alternating pairs): `multi_conn` +5.4% and +7.3% calls/s
+/// in two sets of 8 (11 of 16 faster), `concurrent` +1.2% (3 of 6). Bounded, so that
+/// the first callers of a long read are not kept waiting for the rest to be decoded.
+const ANSWERS_PER_LOCK: usize = 16;
 
 /// A call waiting for its answer.
 #[derive(Debug)]
@@ -218,20 +226,53 @@ impl Conn {
         }
     }
 
+    /// Hands each of `answers` (which it leaves empty) to its caller: their waiters are
+    /// taken out of the map under one lock, then answered. Unknown ids are answers to
+    /// calls that timed out or were dropped.
+    fn answer(&self, answers: &mut Vec<Response>, answered: &mut Vec<(Waiter, Response)>) {
+        {
+            let mut pending = self.pending();
+            for response in answers.drain(..) {
+                if let Some(waiter) = pending.calls.remove(&response.id) {
+                    answered.push((waiter, response));
+                }
+            }
+        }
+        for (waiter, response) in answered.drain(..) {
+            let _ = waiter.reply.send(Answer::of(response));
+        }
+    }
+
     /// Reads answers until the connection ends, then fails what is still pending.
     pub(super) async fn read_loop<R: AsyncRead + Unpin>(
         self: Arc<Self>,
         mut reader: FrameReader<R>,
     ) {
         let mut going_away: Option<RpcError> = None;
+        // The answers already read, whose callers are found under one lock (see
+        // ANSWERS_PER_LOCK), and a frame read after them that is not an answer.
+        let mut answers: Vec<Response> = Vec::new();
+        let mut answered: Vec<(Waiter, Response)> = Vec::new();
+        let mut after: Option<Option<Result<Frame, ConnectionError>>> = None;
         let error = loop {
-            match reader.next().await {
+            let frame = match after.take() {
+                Some(frame) => frame,
+                None => reader.next().await,
+            };
+            match frame {
                 Some(Ok(Frame::Response(response))) => {
-                    // Unknown ids are answers to calls that timed out or were dropped.
-                    let waiter = self.pending().calls.remove(&response.id);
-                    if let Some(waiter) = waiter {
-                        let _ = waiter.reply.send(Answer::of(response));
+                    answers.push(response);
+                    while answers.len() < ANSWERS_PER_LOCK && reader.has_frame() {
+                        // Buffered: returned without waiting.
+                        match reader.next().await {
+                            Some(Ok(Frame::Response(response))) => answers.push(response),
+                            other => {
+                                after = Some(other);
+                                break;
+                            }
+                        }
                     }
+                    self.answer(&mut answers, &mut answered);
                 }
                 Some(Ok(Frame::GoAway(g))) => {
                     tracing::info!(peer = %self.peer, code = g.code, message = %g.message, "server is going away");
