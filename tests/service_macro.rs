@@ -226,6 +226,7 @@ fn method_name_constants_name_the_wire_methods() {
 #[courier::service]
 trait Shadow {
     async fn join(&self, into: String, inner: String, payload: String) -> String;
+    async fn named(&self, context: &CallContext, ctx: String) -> String;
 }
 
 struct Joiner;
@@ -233,6 +234,10 @@ struct Joiner;
 impl Shadow for Joiner {
     async fn join(&self, into: String, inner: String, payload: String) -> String {
         format!("{into}/{inner}/{payload}")
+    }
+
+    async fn named(&self, context: &CallContext, ctx: String) -> String {
+        format!("{}:{ctx}", context.method())
     }
 }
 
@@ -242,6 +247,8 @@ async fn arguments_named_like_the_dispatchs_variables_reach_the_handler_unchange
     let shadow = ShadowClient::new(serve_and_connect(Transport::Memory, server).await);
     let joined = shadow.join("a".into(), "b".into(), "c".into()).await;
     assert_eq!(joined.unwrap(), "a/b/c");
+    let named = shadow.named("d".into()).await;
+    assert_eq!(named.unwrap(), "Shadow.named:d");
 }
 
 #[test]

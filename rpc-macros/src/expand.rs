@@ -282,10 +282,11 @@ fn server(service: &Service) -> TokenStream {
         "Server dispatch of the [`{ident}`] service: add it to a server with \
          `Server::add_service({server}::new(implementation))`."
     );
-    // The dispatch's own variables, hygienic: an argument of the user's named `into`
-    // or `inner` does not shadow them.
+    // The dispatch's own variables, hygienic: an argument of the user's named `into`,
+    // `inner` or `ctx` does not shadow them.
     let into = Ident::new("into", Span::mixed_site());
     let inner = Ident::new("inner", Span::mixed_site());
+    let ctx = Ident::new("ctx", Span::mixed_site());
     let arms = service.methods.iter().map(|m| {
         let Method { cfgs, ident: method, args, .. } = m;
         let wire_method = &m.name;
@@ -297,7 +298,7 @@ fn server(service: &Service) -> TokenStream {
             .iter()
             .filter(|(_, ty)| is_byte_vec(ty))
             .map(|(name, _)| quote!(let #name = #name.0;));
-        let context = m.context.as_ref().map(|c| if c.by_ref { quote!(&ctx,) } else { quote!(ctx,) });
+        let context = m.context.as_ref().map(|c| if c.by_ref { quote!(&#ctx,) } else { quote!(#ctx,) });
         let encode = if is_byte_vec(&m.output) {
             quote!(<F as #p::Format>::encode(&#p::AsBytes(&ret)))
         } else {
@@ -381,11 +382,11 @@ fn server(service: &Service) -> TokenStream {
             fn call_in(
                 &self,
                 method: &str,
-                ctx: #p::CallContext,
+                #ctx: #p::CallContext,
                 payload: #p::bytes::Bytes,
                 #into: &mut #p::CallBox,
             ) {
-                let _ = &ctx;
+                let _ = &#ctx;
                 match method {
                     #(#arms)*
                     _ => #into.put_error(#p::ServiceError::unknown_method(#name, method)),

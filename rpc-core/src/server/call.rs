@@ -405,30 +405,24 @@ mod tests {
         let at_once = |_: CallContext, payload: Bytes, into: &mut CallBox| {
             into.put(async move { Ok(payload) })
         };
-        let started = calls.start(
-            1,
-            call(1),
-            at_once,
-            &mut into,
-            &Collect(tx.clone()),
-            &mut None,
-        );
-        assert!(matches!(started, Ok(Started::Answered(Ok(_)))));
-        let first = into.address();
-        let started = calls.start(
-            2,
-            call(2),
-            at_once,
-            &mut into,
-            &Collect(tx.clone()),
-            &mut None,
-        );
-        assert!(matches!(started, Ok(Started::Answered(Ok(_)))));
+        let mut boxes = Vec::new();
+        for id in [1, 2] {
+            let started = calls.start(
+                id,
+                call(id),
+                at_once,
+                &mut into,
+                &Collect(tx.clone()),
+                &mut None,
+            );
+            assert!(matches!(started, Ok(Started::Answered(Ok(_)))));
+            boxes.push(into.address());
+        }
         assert_eq!(
-            into.address(),
-            first,
+            boxes[0], boxes[1],
             "the second call's future reused the box"
         );
+        let first = boxes[0];
 
         let waits = |_: CallContext, _: Bytes, into: &mut CallBox| {
             into.put(async move {
