@@ -12,7 +12,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::connection::{FrameReader, FrameSender};
-use crate::error::{ConnectionError, ProtocolError, RpcError};
+use crate::error::{ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response, Status};
 use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
@@ -253,7 +253,7 @@ impl Conn {
         // ANSWERS_PER_LOCK), and a frame read after them that is not an answer.
         let mut answers: Vec<Response> = Vec::new();
         let mut answered: Vec<(Waiter, Response)> = Vec::new();
-        let mut after: Option<Option<Result<Frame, ConnectionError>>> = None;
+        let mut after = None;
         let error = loop {
             let frame = match after.take() {
                 Some(frame) => frame,

@@ -318,18 +318,7 @@ impl Conn {
             .start(
                 id,
                 call,
-                |ctx, payload, into| {
-                    // A listed method (every method of a generated service) comes with a
-                    // name of its own; another is named by a slice of the call's.
-                    if let Some((service, name)) = server.listed(ctx.method.as_str()) {
-                        return service.call_in(name, ctx, payload, into);
-                    }
-                    let method = ctx.method.clone(); // shares the frame's buffer; no copy
-                    match server.route(method.as_str()) {
-                        Ok((service, name)) => service.call_in(name, ctx, payload, into),
-                        Err(e) => into.put_error(e),
-                    }
-                },
+                |ctx, payload, into| server.dispatch(ctx, payload, into),
                 into,
                 &self.answers,
                 slot,
