@@ -267,3 +267,30 @@ fn a_generated_service_called_directly_runs_its_handler() {
     let joined: String = courier::Bincode::decode(&answer).unwrap();
     assert_eq!(joined, "x/y/z");
 }
+
+#[test]
+fn a_generated_services_connection_copy_shares_its_implementation() {
+    use courier::{Format, Service};
+    use futures_util::FutureExt;
+
+    let service = KvService::new(Arc::<Store>::default());
+    let copy = service
+        .local_copy()
+        .expect("a generated service makes copies");
+    let call = |on: &dyn Service, method: &str, args: bytes::Bytes| {
+        let ctx = CallContext::new(
+            format!("Kv.{method}"),
+            courier::transport::PeerAddr::Memory(0),
+        );
+        on.call(method, ctx, args).now_or_never().unwrap().unwrap()
+    };
+    let put = courier::Bincode::encode(&("k", b"v".to_vec())).unwrap();
+    call(&*copy, "put", put);
+    let got = call(&service, "get", courier::Bincode::encode(&("k",)).unwrap());
+    let got: Result<Vec<u8>, KvError> = courier::Bincode::decode(&got).unwrap();
+    assert_eq!(
+        got.unwrap(),
+        b"v",
+        "what the copy stored, the original reads"
+    );
+}

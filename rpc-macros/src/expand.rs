@@ -312,9 +312,10 @@ fn server(service: &Service) -> TokenStream {
                     ::core::result::Result::Err(e) => return #into.put_error(#p::ServiceError::bad_request(e)),
                 };
                 #(#unwrap)*
-                let #inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&self.inner);
+                // This copy's own pointer (see `local_copy`).
+                let #inner = <::std::sync::Arc<::std::sync::Arc<S>> as ::core::clone::Clone>::clone(&self.inner);
                 #into.put(async move {
-                    let ret = <S as #ident>::#method(&*#inner, #context #(#names),*).await;
+                    let ret = <S as #ident>::#method(&**#inner, #context #(#names),*).await;
                     #encode.map_err(#p::ServiceError::encode)
                 })
             }
@@ -328,7 +329,9 @@ fn server(service: &Service) -> TokenStream {
     quote! {
         #[doc = #doc]
         #vis struct #server<S, F = #p::Bincode> {
-            inner: ::std::sync::Arc<S>,
+            // The implementation, behind a pointer that each call's future clones: a
+            // connection's copy (`local_copy`) has a pointer of its own.
+            inner: ::std::sync::Arc<::std::sync::Arc<S>>,
             format: ::core::marker::PhantomData<fn() -> F>,
         }
 
@@ -347,7 +350,7 @@ fn server(service: &Service) -> TokenStream {
 
             /// Serves a shared `service`.
             pub fn from_arc(service: ::std::sync::Arc<S>) -> Self {
-                #server { inner: service, format: ::core::marker::PhantomData }
+                #server { inner: ::std::sync::Arc::new(service), format: ::core::marker::PhantomData }
             }
         }
 
@@ -395,6 +398,14 @@ fn server(service: &Service) -> TokenStream {
 
             fn methods(&self) -> &'static [&'static str] {
                 &[#(#listed)*]
+            }
+
+            fn local_copy(&self) -> ::core::option::Option<::std::boxed::Box<dyn #p::Service>> {
+                let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&*self.inner);
+                let inner = ::std::sync::Arc::new(inner);
+                ::core::option::Option::Some(::std::boxed::Box::new(
+                    #server::<S, F> { inner, format: ::core::marker::PhantomData },
+                ))
             }
         }
     }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::call::{InFlight, IncomingCall, Responder, Started};
-use super::{CallBox, ServerConfig, ServiceError, Shared};
+use super::{CallBox, Copies, ServerConfig, ServiceError, Shared};
 use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError};
 use crate::frame::{Frame, GoAway, Request, Response, Status};
@@ -64,6 +64,8 @@ pub(super) async fn serve<T: Io>(
     // The box the next call's future is made in: a call answered at once leaves it here
     // for the next, so only calls that become tasks allocate one.
     let mut into = CallBox::new();
+    // This connection's copies of the services it calls (`Service::local_copy`).
+    let mut copies = Copies::default();
     // Answers to the requests of one read, encoded as they are made and sent together
     // once no whole request is left to read (see `Answers::flush`).
     let mut batch = EncodedFrames::default();
@@ -160,7 +162,7 @@ pub(super) async fn serve<T: Io>(
                     working.start();
                     Instant::now()
                 });
-                match conn.start_call(request, now, &mut into, &mut slot) {
+                match conn.start_call(request, now, &mut into, &mut copies, &mut slot) {
                     // Answered here, and sent with the others of its read: a peer that
                     // does not read its answers stops being read once a batch finds no
                     // room (see `Answers::flush`).
@@ -289,12 +291,14 @@ struct Conn {
 }
 
 impl Conn {
-    /// Starts the call of `request`, received at `received`, its future in `into`.
+    /// Starts the call of `request`, received at `received`, on the connection's copy of
+    /// its service in `copies`, its future in `into`.
     fn start_call(
         &self,
         request: Request,
         received: Instant,
         into: &mut CallBox,
+        copies: &mut Copies,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
         let Request {
@@ -318,7 +322,7 @@ impl Conn {
             .start(
                 id,
                 call,
-                |ctx, payload, into| server.dispatch(ctx, payload, into),
+                |ctx, payload, into| server.dispatch(ctx, payload, into, copies),
                 into,
                 &self.answers,
                 slot,

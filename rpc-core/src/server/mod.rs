@@ -96,12 +96,14 @@ struct Shared {
     /// By name. Every call looks its service up here; the keys are the server's own,
     /// fixed before it serves, so a fast unkeyed hash (FxHash) is safe: a caller's name
     /// can only miss or hit one of them, never add to the table.
-    services: FxHashMap<&'static str, Arc<dyn Service>>,
+    services: FxHashMap<&'static str, Hosted>,
     /// Every listed method ([`Service::methods`]) by its whole name, `"Service.method"`:
     /// a call is routed with one lookup, and its method named by the service's own
     /// `&'static str` (the name need not be split off the call's). Same hash, same
     /// reason.
     methods: FxHashMap<Box<str>, Method>,
+    /// Services added so far, replaced ones included: the next one's slot.
+    slots: usize,
     /// Connections answering the requests of a read right now (see
     /// `connection::Working`). On a line of its own: each read of every connection
     /// changes it.
@@ -116,6 +118,7 @@ impl Server {
                 config,
                 services: FxHashMap::default(),
                 methods: FxHashMap::default(),
+                slots: 0,
                 working: CacheLine::default(),
             }),
         }
@@ -130,16 +133,20 @@ impl Server {
         let shared = Arc::get_mut(&mut self.shared)
             .expect("Server::add_service called after the server was cloned");
         let name = service.name();
-        let service: Arc<dyn Service> = Arc::new(service);
-        if let Some(replaced) = shared.services.insert(name, service.clone()) {
+        let hosted = Hosted {
+            service: Arc::new(service),
+            slot: shared.slots,
+        };
+        shared.slots += 1;
+        if let Some(replaced) = shared.services.insert(name, hosted.clone()) {
             // Its methods go with it: the new service answers for the name alone.
             shared
                 .methods
-                .retain(|_, method| !Arc::ptr_eq(&method.service, &replaced));
+                .retain(|_, method| method.hosted.slot != replaced.slot);
         }
-        for &method in service.methods() {
+        for &method in hosted.service.methods() {
             let route = Method {
-                service: service.clone(),
+                hosted: hosted.clone(),
                 name: method,
             };
             shared
@@ -227,36 +234,75 @@ impl Server {
     }
 }
 
+/// A service as the server hosts it.
+#[derive(Clone)]
+struct Hosted {
+    /// Shared by every connection until it makes its copy ([`Service::local_copy`]).
+    service: Arc<dyn Service>,
+    /// Where each connection keeps its copy ([`Copies`]): the services' order of
+    /// addition.
+    slot: usize,
+}
+
 /// Where a listed method's calls go.
 struct Method {
-    service: Arc<dyn Service>,
+    hosted: Hosted,
     /// The method's name as the service listed it (the part after the dot).
     name: &'static str,
 }
 
+/// One connection's copies of the services it has called ([`Service::local_copy`]), by
+/// slot, each made at its service's first call. A service without copies is kept here
+/// as the shared one. Allocates nothing until the connection's first call.
+#[derive(Default)]
+pub(crate) struct Copies(Vec<Option<Box<dyn Service>>>);
+
+impl Copies {
+    /// The connection's copy of `hosted`, made now if this is its first call.
+    fn of(&mut self, hosted: &Hosted) -> &dyn Service {
+        if self.0.len() <= hosted.slot {
+            self.0.resize_with(hosted.slot + 1, || None);
+        }
+        let copy = self.0[hosted.slot].get_or_insert_with(|| {
+            hosted
+                .service
+                .local_copy()
+                .unwrap_or_else(|| Box::new(hosted.service.clone()))
+        });
+        &**copy
+    }
+}
+
 impl Shared {
-    /// Starts the call of `ctx`'s method, its future put in `into`: a service's error
-    /// answer when nothing here answers that name.
-    fn dispatch(&self, ctx: CallContext, payload: bytes::Bytes, into: &mut CallBox) {
+    /// Starts the call of `ctx`'s method on the connection's copy of its service in
+    /// `copies`, its future put in `into`: a service's error answer when nothing here
+    /// answers that name.
+    fn dispatch(
+        &self,
+        ctx: CallContext,
+        payload: bytes::Bytes,
+        into: &mut CallBox,
+        copies: &mut Copies,
+    ) {
         // A listed method (every method of a generated service) comes with a name of its
         // own; another is named by a slice of the call's.
-        if let Some((service, name)) = self.listed(ctx.method.as_str()) {
-            return service.call_in(name, ctx, payload, into);
+        if let Some((hosted, name)) = self.listed(ctx.method.as_str()) {
+            return copies.of(hosted).call_in(name, ctx, payload, into);
         }
         let method = ctx.method.clone(); // shares the frame's buffer; no copy
         match self.route(method.as_str()) {
-            Ok((service, name)) => service.call_in(name, ctx, payload, into),
+            Ok((hosted, name)) => copies.of(hosted).call_in(name, ctx, payload, into),
             Err(e) => into.put_error(e),
         }
     }
 
     /// The service and method name of a listed method ([`Shared::methods`]).
-    fn listed(&self, method: &str) -> Option<(&Arc<dyn Service>, &'static str)> {
+    fn listed(&self, method: &str) -> Option<(&Hosted, &'static str)> {
         let route = self.methods.get(method)?;
-        Some((&route.service, route.name))
+        Some((&route.hosted, route.name))
     }
 
-    fn route<'a>(&self, method: &'a str) -> Result<(&Arc<dyn Service>, &'a str), ServiceError> {
+    fn route<'a>(&self, method: &'a str) -> Result<(&Hosted, &'a str), ServiceError> {
         let Some((service, name)) = method.split_once('.') else {
             return Err(ServiceError::new(
                 Status::UNKNOWN_METHOD,
@@ -311,9 +357,14 @@ mod tests {
     /// What a call of `method` gets through the server's dispatch: `"<tag>:<name>"`, the
     /// tag of the service it reached and the method name that service was given.
     fn routed(server: &Server, method: &str) -> String {
+        routed_on(server, method, &mut Copies::default())
+    }
+
+    /// [`routed`], on a connection whose copies of the services are `copies`.
+    fn routed_on(server: &Server, method: &str, copies: &mut Copies) -> String {
         let ctx = CallContext::new(method.to_owned(), PeerAddr::Memory(0));
         let mut into = CallBox::new();
-        server.shared.dispatch(ctx, Bytes::new(), &mut into);
+        server.shared.dispatch(ctx, Bytes::new(), &mut into, copies);
         let answer = futures_util::FutureExt::now_or_never(into)
             .unwrap()
             .unwrap();
@@ -349,5 +400,65 @@ mod tests {
         );
         assert_eq!(routed(&server, "Echo.a"), "second:a");
         assert_eq!(routed(&server, "Echo.both"), "second:both");
+    }
+
+    /// A service named `Copied` whose copies count themselves and answer with their
+    /// number; the original answers `0`.
+    struct Copied {
+        number: usize,
+        made: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Service for Copied {
+        fn name(&self) -> &'static str {
+            "Copied"
+        }
+
+        fn call(&self, _method: &str, _ctx: CallContext, _payload: Bytes) -> CallFuture {
+            let answer = Bytes::from(self.number.to_string());
+            Box::pin(async move { Ok(answer) })
+        }
+
+        fn methods(&self) -> &'static [&'static str] {
+            &["listed"]
+        }
+
+        fn local_copy(&self) -> Option<Box<dyn Service>> {
+            let number = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            Some(Box::new(Copied {
+                number,
+                made: self.made.clone(),
+            }))
+        }
+    }
+
+    #[test]
+    fn each_connection_calls_its_own_copy_of_a_service_made_at_its_first_call() {
+        let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let server = Server::new(ServerConfig::default())
+            .add_service(Tagged {
+                tag: "shared",
+                methods: &["listed"],
+            })
+            .add_service(Copied {
+                number: 0,
+                made: made.clone(),
+            });
+        let (mut first, mut second) = (Copies::default(), Copies::default());
+        assert_eq!(routed_on(&server, "Copied.listed", &mut first), "1");
+        assert_eq!(routed_on(&server, "Copied.listed", &mut first), "1");
+        assert_eq!(routed_on(&server, "Copied.other", &mut first), "1");
+        assert_eq!(routed_on(&server, "Copied.other", &mut second), "2");
+        assert_eq!(routed_on(&server, "Copied.listed", &mut second), "2");
+        assert_eq!(made.load(std::sync::atomic::Ordering::Relaxed), 2);
+        // A service without copies is called as it is, on every connection.
+        assert_eq!(
+            routed_on(&server, "Echo.listed", &mut first),
+            "shared:listed"
+        );
+        assert_eq!(
+            routed_on(&server, "Echo.listed", &mut second),
+            "shared:listed"
+        );
     }
 }
