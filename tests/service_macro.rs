@@ -269,7 +269,7 @@ fn a_generated_service_called_directly_runs_its_handler() {
 }
 
 #[test]
-fn a_generated_services_connection_copy_shares_its_implementation() {
+fn a_generated_services_copies_and_clones_share_its_implementation() {
     use courier::{Format, Service};
     use futures_util::FutureExt;
 
@@ -277,6 +277,7 @@ fn a_generated_services_connection_copy_shares_its_implementation() {
     let copy = service
         .local_copy()
         .expect("a generated service makes copies");
+    let clone = service.clone();
     let call = |on: &dyn Service, method: &str, args: bytes::Bytes| {
         let ctx = CallContext::new(
             format!("Kv.{method}"),
@@ -284,13 +285,28 @@ fn a_generated_services_connection_copy_shares_its_implementation() {
         );
         on.call(method, ctx, args).now_or_never().unwrap().unwrap()
     };
-    let put = courier::Bincode::encode(&("k", b"v".to_vec())).unwrap();
-    call(&*copy, "put", put);
-    let got = call(&service, "get", courier::Bincode::encode(&("k",)).unwrap());
-    let got: Result<Vec<u8>, KvError> = courier::Bincode::decode(&got).unwrap();
+    let get = |on: &dyn Service, key: &str| {
+        let got = call(on, "get", courier::Bincode::encode(&(key,)).unwrap());
+        courier::Bincode::decode::<Result<Vec<u8>, KvError>>(&got).unwrap()
+    };
+    call(
+        &*copy,
+        "put",
+        courier::Bincode::encode(&("k", b"v".to_vec())).unwrap(),
+    );
     assert_eq!(
-        got.unwrap(),
+        get(&service, "k").unwrap(),
         b"v",
         "what the copy stored, the original reads"
+    );
+    call(
+        &clone,
+        "put",
+        courier::Bincode::encode(&("c", b"w".to_vec())).unwrap(),
+    );
+    assert_eq!(
+        get(&*copy, "c").unwrap(),
+        b"w",
+        "what a clone stored, the copy reads"
     );
 }

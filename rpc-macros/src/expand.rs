@@ -330,7 +330,7 @@ fn server(service: &Service) -> TokenStream {
         #[doc = #doc]
         #vis struct #server<S, F = #p::Bincode> {
             // The implementation, behind a pointer that each call's future clones: a
-            // connection's copy (`local_copy`) has a pointer of its own.
+            // clone, and so a connection's copy (`local_copy`), has a pointer of its own.
             inner: ::std::sync::Arc<::std::sync::Arc<S>>,
             format: ::core::marker::PhantomData<fn() -> F>,
         }
@@ -354,9 +354,13 @@ fn server(service: &Service) -> TokenStream {
             }
         }
 
+        /// A clone shares the implementation behind a pointer of its own (see
+        /// `Service::local_copy`): serving the clones on several connections, servers or
+        /// bus instances does not make their calls write one shared count.
         impl<S, F> ::core::clone::Clone for #server<S, F> {
             fn clone(&self) -> Self {
-                #server { inner: ::core::clone::Clone::clone(&self.inner), format: ::core::marker::PhantomData }
+                let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&*self.inner);
+                #server { inner: ::std::sync::Arc::new(inner), format: ::core::marker::PhantomData }
             }
         }
 
@@ -401,11 +405,7 @@ fn server(service: &Service) -> TokenStream {
             }
 
             fn local_copy(&self) -> ::core::option::Option<::std::boxed::Box<dyn #p::Service>> {
-                let inner = <::std::sync::Arc<S> as ::core::clone::Clone>::clone(&*self.inner);
-                let inner = ::std::sync::Arc::new(inner);
-                ::core::option::Option::Some(::std::boxed::Box::new(
-                    #server::<S, F> { inner, format: ::core::marker::PhantomData },
-                ))
+                ::core::option::Option::Some(::std::boxed::Box::new(::core::clone::Clone::clone(self)))
             }
         }
     }
