@@ -85,11 +85,11 @@ pub trait Service: Send + Sync + 'static {
     /// first call of the service and calls the copy from then on: a copy with a count of
     /// its own keeps those writes on the connection's own line.
     ///
-    /// `#[courier::service]` returns a clone of itself: it shares the implementation
-    /// behind a pointer of its own. In a profile of `courier bench rpc` (`multi_conn`, 16 B, four
-    /// connections on two cores), the count's increment and decrement had 10.5% of the
-    /// server's samples on the shared pointer and 3.6% on the copies'. The default
-    /// returns `None`.
+    /// `#[courier::service]` returns a clone of itself, which shares the implementation
+    /// behind a pointer of its own. In a profile of `courier bench rpc` (`multi_conn`,
+    /// 16 B, four connections on two cores), the count's increment and decrement had
+    /// 10.5% of the server's samples on the shared pointer and 3.6% on the copies'. The
+    /// default returns `None`.
     ///
     /// ```
     /// use std::sync::Arc;
