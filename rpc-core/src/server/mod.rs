@@ -255,7 +255,7 @@ struct Method {
 /// slot, each made at its service's first call. A service without copies is kept here
 /// as the shared one. Allocates nothing until the connection's first call.
 #[derive(Default)]
-pub(crate) struct Copies(Vec<Option<Box<dyn Service>>>);
+struct Copies(Vec<Option<Box<dyn Service>>>);
 
 impl Copies {
     /// The connection's copy of `hosted`, made now if this is its first call.

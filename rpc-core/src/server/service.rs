@@ -109,7 +109,7 @@ pub trait Service: Send + Sync + 'static {
     ///     }
     ///
     ///     fn call(&self, _method: &str, _ctx: CallContext, _payload: Bytes) -> CallFuture {
-    ///         // The future owns a pointer: a connection's copy counts its own clones.
+    ///         // The future owns a pointer: on a copy, one with a count of its own.
     ///         let calls = self.calls.clone();
     ///         Box::pin(async move {
     ///             let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
