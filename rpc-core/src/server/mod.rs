@@ -102,8 +102,6 @@ struct Shared {
     /// `&'static str` (the name need not be split off the call's). Same hash, same
     /// reason.
     methods: FxHashMap<Box<str>, Method>,
-    /// Services added so far, replaced ones included: the next one's slot.
-    slots: usize,
     /// Connections answering the requests of a read right now (see
     /// `connection::Working`). On a line of its own: each read of every connection
     /// changes it.
@@ -118,7 +116,6 @@ impl Server {
                 config,
                 services: FxHashMap::default(),
                 methods: FxHashMap::default(),
-                slots: 0,
                 working: CacheLine::default(),
             }),
         }
@@ -133,16 +130,21 @@ impl Server {
         let shared = Arc::get_mut(&mut self.shared)
             .expect("Server::add_service called after the server was cloned");
         let name = service.name();
+        // A service that replaces another takes its slot (no connection holds copies
+        // yet: the server has not been cloned to serve); a new one takes the next.
+        let slot = shared
+            .services
+            .get(name)
+            .map_or(shared.services.len(), |replaced| replaced.slot);
         let hosted = Hosted {
             service: Arc::new(service),
-            slot: shared.slots,
+            slot,
         };
-        shared.slots += 1;
-        if let Some(replaced) = shared.services.insert(name, hosted.clone()) {
+        if shared.services.insert(name, hosted.clone()).is_some() {
             // Its methods go with it: the new service answers for the name alone.
             shared
                 .methods
-                .retain(|_, method| method.hosted.slot != replaced.slot);
+                .retain(|_, method| method.hosted.slot != slot);
         }
         for &method in hosted.service.methods() {
             let route = Method {
@@ -239,8 +241,8 @@ impl Server {
 struct Hosted {
     /// Shared by every connection until it makes its copy ([`Service::local_copy`]).
     service: Arc<dyn Service>,
-    /// Where each connection keeps its copy ([`Copies`]): the services' order of
-    /// addition.
+    /// Where each connection keeps its copy ([`Copies`]): the order in which the
+    /// services' names were added.
     slot: usize,
 }
 
