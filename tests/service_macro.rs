@@ -269,6 +269,30 @@ fn a_generated_service_called_directly_runs_its_handler() {
 }
 
 #[test]
+fn a_generated_services_small_answer_is_held_inline_and_a_large_one_in_bytes() {
+    use courier::{Format, Service};
+    use futures_util::FutureExt;
+
+    let service = ShadowService::new(Joiner);
+    let mut into = courier::CallBox::new();
+    let mut join = |part: &str| {
+        let args = courier::Bincode::encode(&(part, "y", "z")).unwrap();
+        let ctx = CallContext::new("Shadow.join", courier::transport::PeerAddr::Memory(0));
+        service.call_in("join", ctx, args, &mut into);
+        (&mut into).now_or_never().unwrap().unwrap()
+    };
+    // "x/y/z": a 1-byte length and 5 bytes.
+    let small = join("x");
+    assert!(small.is_inline());
+    assert_eq!(courier::Bincode::decode::<String>(&small).unwrap(), "x/y/z");
+    let long = "x".repeat(100);
+    let large = join(&long);
+    assert!(!large.is_inline());
+    let joined = courier::Bincode::decode::<String>(&large).unwrap();
+    assert_eq!(joined, format!("{long}/y/z"));
+}
+
+#[test]
 fn a_generated_services_copies_and_clones_share_its_implementation() {
     use courier::{Format, Service};
     use futures_util::FutureExt;

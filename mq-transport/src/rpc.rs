@@ -68,6 +68,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rpc_core::client::{CancelOnDrop, Channel, ChannelFuture, Client, ClientConfig, OutgoingCall};
+use rpc_core::format::Encoded;
 use rpc_core::frame::Status;
 use rpc_core::server::{
     CallBox, InFlight, IncomingCall, Responder, Service, ServiceError, Started,
@@ -455,10 +456,11 @@ struct Answers {
 }
 
 impl Responder for Answers {
-    async fn respond(&self, _id: u64, result: Result<Bytes, ServiceError>) {
+    async fn respond(&self, _id: u64, result: Result<Encoded, ServiceError>) {
         let reply = self.reply.clone();
         let answer = match result {
-            Ok(payload) => Message::new(reply, payload),
+            // A message owns its payload: an answer held inline is copied into one.
+            Ok(payload) => Message::new(reply, payload.into_bytes()),
             Err(error) => Message::new(reply, Bytes::new())
                 .with_header(STATUS_HEADER, error.status.0.to_string())
                 .with_header(MESSAGE_HEADER, error.message),

@@ -35,6 +35,153 @@ pub trait Format: Copy + Default + Send + Sync + fmt::Debug + 'static {
 
     /// Deserializes a `T` from all of `bytes`; leftover bytes are an error.
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError>;
+
+    /// Serializes `value` as an [`Encoded`]: held inline, with no allocation, when it
+    /// takes at most [`Encoded::INLINE`] bytes. A server's answers are made this way
+    /// (`#[courier::service]`): a small answer is copied into its connection's write
+    /// buffer from where it lies, never allocated and freed.
+    ///
+    /// The bytes are those of [`Format::encode`]. The default calls it; [`Bincode`]
+    /// writes a small value in place.
+    ///
+    /// ```
+    /// use rpc_core::format::{Bincode, Format};
+    ///
+    /// let small = Bincode::encode_small(&("hi", 7u8)).unwrap();
+    /// assert!(small.is_inline());
+    /// assert_eq!(small.as_slice(), &Bincode::encode(&("hi", 7u8)).unwrap()[..]);
+    /// let large = Bincode::encode_small(&vec![1u8; 100]).unwrap();
+    /// assert!(!large.is_inline());
+    /// assert_eq!(large.len(), 101);
+    /// ```
+    fn encode_small<T: Serialize + ?Sized>(value: &T) -> Result<Encoded, FormatError> {
+        Self::encode(value).map(Encoded::from)
+    }
+}
+
+/// A serialized value: up to [`Encoded::INLINE`] bytes held in the value itself, longer
+/// ones in [`Bytes`] ([`Format::encode_small`]).
+///
+/// ```
+/// use bytes::Bytes;
+/// use rpc_core::format::Encoded;
+///
+/// let small = Encoded::copy_from_slice(b"seventeen bytes!!");
+/// assert!(small.is_inline());
+/// assert_eq!(small.as_slice(), b"seventeen bytes!!");
+/// let shared = Encoded::from(Bytes::from(vec![0u8; 1000]));
+/// assert!(!shared.is_inline());
+/// assert_eq!(shared.into_bytes().len(), 1000);
+/// ```
+#[derive(Clone)]
+pub struct Encoded(Repr);
+
+#[derive(Clone)]
+enum Repr {
+    /// `bytes[..len]`, `len` at most `INLINE`.
+    Inline {
+        len: u8,
+        bytes: [u8; Encoded::INLINE],
+    },
+    Shared(Bytes),
+}
+
+impl Encoded {
+    /// The most bytes held inline: 46, which makes an `Encoded` 48 bytes long, half
+    /// again a [`Bytes`].
+    pub const INLINE: usize = 46;
+
+    /// A copy of `bytes`: inline when they fit, otherwise in a new [`Bytes`].
+    pub fn copy_from_slice(bytes: &[u8]) -> Self {
+        let inline = Self::inline_with(bytes.len(), |inline| {
+            inline.copy_from_slice(bytes);
+            Ok::<(), std::convert::Infallible>(())
+        });
+        match inline {
+            Some(Ok(encoded)) => encoded,
+            _ => Encoded(Repr::Shared(Bytes::copy_from_slice(bytes))),
+        }
+    }
+
+    /// `len` bytes inline, written by `write` into a slice of exactly that length; `None`
+    /// when `len` is over [`Encoded::INLINE`].
+    fn inline_with<E>(
+        len: usize,
+        write: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Option<Result<Self, E>> {
+        let short = u8::try_from(len)
+            .ok()
+            .filter(|&l| usize::from(l) <= Self::INLINE)?;
+        let mut bytes = [0u8; Self::INLINE];
+        Some(write(&mut bytes[..len]).map(|()| Encoded(Repr::Inline { len: short, bytes })))
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.0 {
+            Repr::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Repr::Shared(bytes) => bytes,
+        }
+    }
+
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the bytes are held inline (no allocation).
+    pub fn is_inline(&self) -> bool {
+        matches!(self.0, Repr::Inline { .. })
+    }
+
+    /// The bytes as [`Bytes`]: those it holds, or inline ones copied into a new
+    /// allocation.
+    pub fn into_bytes(self) -> Bytes {
+        match self.0 {
+            Repr::Inline { len, bytes } => Bytes::copy_from_slice(&bytes[..usize::from(len)]),
+            Repr::Shared(bytes) => bytes,
+        }
+    }
+}
+
+impl From<Bytes> for Encoded {
+    fn from(bytes: Bytes) -> Self {
+        Encoded(Repr::Shared(bytes))
+    }
+}
+
+impl AsRef<[u8]> for Encoded {
+    fn as_ref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl std::ops::Deref for Encoded {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.as_slice()
+    }
+}
+
+impl PartialEq for Encoded {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
+impl Eq for Encoded {}
+
+impl fmt::Debug for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A byte string, as `Bytes` shows itself, whichever way the bytes are held.
+        write!(f, "b\"{}\"", self.as_slice().escape_ascii())
+    }
 }
 
 /// A value could not be serialized or deserialized.
@@ -101,6 +248,25 @@ impl<const LIMIT: usize> BincodeWithLimit<LIMIT> {
     > = bincode::config::standard().with_limit::<LIMIT>();
 }
 
+impl<const LIMIT: usize> BincodeWithLimit<LIMIT> {
+    /// How many bytes `value` encodes to.
+    fn size<T: Serialize + ?Sized>(value: &T) -> Result<usize, bincode::error::EncodeError> {
+        let mut size = bincode::enc::write::SizeWriter::default();
+        bincode::serde::encode_into_writer(value, &mut size, Self::CONFIG)?;
+        Ok(size.bytes_written)
+    }
+
+    /// `value`, of `size` bytes, written into one allocation of that length.
+    fn encode_sized<T: Serialize + ?Sized>(
+        value: &T,
+        size: usize,
+    ) -> Result<Bytes, bincode::error::EncodeError> {
+        let mut encoded = Vec::with_capacity(size);
+        bincode::serde::encode_into_std_write(value, &mut encoded, Self::CONFIG)?;
+        Ok(Bytes::from(encoded))
+    }
+}
+
 impl<const LIMIT: usize> Format for BincodeWithLimit<LIMIT> {
     const NAME: &'static str = "bincode";
 
@@ -111,11 +277,31 @@ impl<const LIMIT: usize> Format for BincodeWithLimit<LIMIT> {
         // grows a Vec from empty instead: an allocation, a reallocation and a copy per
         // value, ~10% of a 16-byte echo server's instructions. A Vec whose length is its
         // capacity also becomes `Bytes` without another allocation.
-        let mut size = bincode::enc::write::SizeWriter::default();
-        bincode::serde::encode_into_writer(value, &mut size, Self::CONFIG).map_err(error)?;
-        let mut encoded = Vec::with_capacity(size.bytes_written);
-        bincode::serde::encode_into_std_write(value, &mut encoded, Self::CONFIG).map_err(error)?;
-        Ok(Bytes::from(encoded))
+        let size = Self::size(value).map_err(error)?;
+        Self::encode_sized(value, size).map_err(error)
+    }
+
+    /// A value of at most [`Encoded::INLINE`] bytes is written in place: no allocation.
+    fn encode_small<T: Serialize + ?Sized>(value: &T) -> Result<Encoded, FormatError> {
+        let error = |e| FormatError::new(Self::NAME, "encode", e);
+        let size = Self::size(value).map_err(error)?;
+        let inline = Encoded::inline_with(size, |slot| {
+            let written = bincode::serde::encode_into_slice(value, slot, Self::CONFIG)?;
+            // A value that writes other than it sizes (a `Serialize` that is not
+            // deterministic) would leave zeros or be cut short: refused, as a value.
+            if written != slot.len() {
+                return Err(bincode::error::EncodeError::Other(
+                    "value encoded to a different length than it was sized",
+                ));
+            }
+            Ok(())
+        });
+        match inline {
+            Some(encoded) => encoded.map_err(error),
+            None => Self::encode_sized(value, size)
+                .map(Encoded::from)
+                .map_err(error),
+        }
     }
 
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
@@ -205,6 +391,63 @@ mod tests {
             proptest::prop_assert_eq!(&ours[..], &theirs[..]);
             let back: (String, Vec<u64>, Vec<u8>, Option<i32>) = Bincode::decode(&ours).unwrap();
             proptest::prop_assert_eq!(back, value);
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn bincode_encode_small_writes_the_bytes_of_encode_inline_up_to_46_bytes(
+            name in ".{0,40}",
+            blob in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80),
+        ) {
+            let value = (name, blob);
+            let whole = Bincode::encode(&value).unwrap();
+            let small = Bincode::encode_small(&value).unwrap();
+            proptest::prop_assert_eq!(small.as_slice(), &whole[..]);
+            proptest::prop_assert_eq!(small.is_inline(), whole.len() <= Encoded::INLINE);
+            proptest::prop_assert_eq!(small.clone().into_bytes(), whole);
+        }
+    }
+
+    #[test]
+    fn an_encoded_value_holds_46_bytes_inline_and_47_in_bytes() {
+        assert_eq!(std::mem::size_of::<Encoded>(), 48);
+        // A string of n bytes: a 1-byte length, then the bytes.
+        let at_limit = Bincode::encode_small(&"x".repeat(45)).unwrap();
+        assert_eq!((at_limit.len(), at_limit.is_inline()), (46, true));
+        let over = Bincode::encode_small(&"x".repeat(46)).unwrap();
+        assert_eq!((over.len(), over.is_inline()), (47, false));
+        assert!(Encoded::copy_from_slice(&[1; 46]).is_inline());
+        assert!(!Encoded::copy_from_slice(&[1; 47]).is_inline());
+        assert_eq!(
+            format!("{:?}", Encoded::copy_from_slice(b"a\n")),
+            "b\"a\\n\""
+        );
+    }
+
+    /// Serializes as a byte string that changes length by `step` each time it is asked.
+    struct Unsteady {
+        len: std::cell::Cell<usize>,
+        step: isize,
+    }
+
+    impl Serialize for Unsteady {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            let len = self.len.get();
+            self.len.set(len.saturating_add_signed(self.step));
+            serializer.serialize_bytes(&vec![0; len])
+        }
+    }
+
+    #[test]
+    fn a_value_that_encodes_to_another_length_than_it_sized_is_an_encode_error() {
+        for step in [1, -1] {
+            let value = Unsteady {
+                len: std::cell::Cell::new(5),
+                step,
+            };
+            let err = Bincode::encode_small(&value).unwrap_err();
+            assert_eq!(err.action, "encode", "step {step}");
         }
     }
 

@@ -300,9 +300,9 @@ fn server(service: &Service) -> TokenStream {
             .map(|(name, _)| quote!(let #name = #name.0;));
         let context = m.context.as_ref().map(|c| if c.by_ref { quote!(&#ctx,) } else { quote!(#ctx,) });
         let encode = if is_byte_vec(&m.output) {
-            quote!(<F as #p::Format>::encode(&#p::AsBytes(&ret)))
+            quote!(<F as #p::Format>::encode_small(&#p::AsBytes(&ret)))
         } else {
-            quote!(<F as #p::Format>::encode(&ret))
+            quote!(<F as #p::Format>::encode_small(&ret))
         };
         quote! {
             #(#cfgs)*
@@ -383,7 +383,7 @@ fn server(service: &Service) -> TokenStream {
             ) -> #p::CallFuture {
                 let mut #into = #p::CallBox::new();
                 #p::Service::call_in(self, method, ctx, payload, &mut #into);
-                ::std::boxed::Box::pin(#into)
+                #p::CallBox::into_call_future(#into)
             }
 
             fn call_in(

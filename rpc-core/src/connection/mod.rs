@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_body_len, check_frame_len};
 use crate::error::ConnectionError;
-use crate::frame::{Delivery, Frame, GoAway};
+use crate::frame::{Delivery, Frame, GoAway, Response};
 use crate::sync::{CacheLine, Latch};
 
 /// Settings of one connection, on either side.
@@ -760,6 +760,27 @@ impl FrameSender {
         };
         self.shared.queued_after_direct();
         Ok(Some((frame, bytes)))
+    }
+
+    /// [`FrameSender::encode_into`] for an answer to call `id` with status OK and
+    /// `payload`, borrowed: a small answer a server holds inline goes into the batch
+    /// from where it lies, with no [`Frame`] (and no [`bytes::Bytes`]) made for it.
+    pub(crate) fn encode_ok_response_into(
+        &self,
+        id: u64,
+        payload: &[u8],
+        batch: &mut EncodedFrames,
+    ) -> Result<(), ConnectionError> {
+        if self.shared.close.is_set() {
+            return Err(self.shared.closed_error());
+        }
+        let len = check_body_len(Response::ok_len(payload.len()), self.max_frame_len())?;
+        batch.buf.reserve(LENGTH_PREFIX_LEN + len);
+        // At most `max_frame_len`, which is at most `u32::MAX`.
+        batch.buf.put_u32(len as u32);
+        Response::encode_ok(id, payload, &mut batch.buf);
+        batch.frames += 1;
+        Ok(())
     }
 
     /// Encodes `frame` at the end of `batch`, checked as a send checks it (a frame over

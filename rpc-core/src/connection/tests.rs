@@ -746,6 +746,48 @@ async fn a_frame_too_large_is_not_encoded_into_a_batch_and_leaves_it_as_it_was()
 }
 
 #[tokio::test(flavor = "current_thread")]
+async fn an_answer_encoded_from_a_borrowed_payload_is_the_response_frame_and_checked_alike() {
+    use crate::frame::{Response, Status};
+
+    // A 46-byte payload: a 60-byte body (preamble 2, id 8, status 2, message length 2).
+    let payload = [7u8; 46];
+    for limit in [59, 60] {
+        let (a, _b) = tokio::io::duplex(1 << 16);
+        let config = ConnectionConfig {
+            max_frame_len: limit,
+            ..ConnectionConfig::default()
+        };
+        let (_reader, sender) = start(a, &config);
+        let mut batch = cancel_batch(&sender, 0..1);
+        let added = sender.encode_ok_response_into(9, &payload, &mut batch);
+        if limit == 59 {
+            assert!(
+                matches!(
+                    added,
+                    Err(ConnectionError::FrameTooLarge {
+                        size: 60,
+                        limit: 59
+                    })
+                ),
+                "{added:?}"
+            );
+            assert_eq!((batch.len(), batch.bytes()), (1, cancel_len()));
+            continue;
+        }
+        added.unwrap();
+        let response = Frame::Response(Response {
+            id: 9,
+            status: Status::OK,
+            message: Default::default(),
+            payload: Bytes::copy_from_slice(&payload),
+        });
+        let mut expected = cancel_batch(&sender, 0..1);
+        sender.encode_into(&response, &mut expected).unwrap();
+        assert_eq!((batch.len(), &batch.buf[..]), (2, &expected.buf[..]));
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
 async fn an_encoded_batch_cut_short_by_a_full_stream_is_finished_by_the_writer_task() {
     // A 16-byte pipe: the sender writes what fits and leaves the rest, counted as
     // queued, to the writer task.

@@ -4,11 +4,25 @@ use bytes::{BufMut, BytesMut};
 
 use super::{
     BODY_PREAMBLE_LEN, Connect, Frame, GoAway, Kind, Message, ProtocolError, Publish, Request,
-    Response, Subscribe, VERSION,
+    Response, Status, Subscribe, VERSION,
 };
 use crate::{Metadata, Utf8Bytes};
 
 const U16_MAX: usize = u16::MAX as usize;
+
+/// A `Response` body: its fixed fields, preamble included, go in as one slice. The
+/// caller has checked that `message` fits its `u16` length.
+fn put_response(dst: &mut BytesMut, id: u64, status: Status, message: &[u8], payload: &[u8]) {
+    let mut head = [0u8; 14];
+    head[0] = VERSION;
+    head[1] = Kind::Response as u8;
+    head[2..10].copy_from_slice(&id.to_be_bytes());
+    head[10..12].copy_from_slice(&status.0.to_be_bytes());
+    head[12..14].copy_from_slice(&(message.len() as u16).to_be_bytes());
+    dst.put_slice(&head);
+    dst.put_slice(message);
+    dst.put_slice(payload);
+}
 const U32_MAX: usize = u32::MAX as usize;
 
 impl Publish {
@@ -89,6 +103,21 @@ impl<'a> Delivery<'a> {
         dst.put_u8(Kind::Msg as u8);
         dst.put_u64(sid);
         put_message_fields(dst, &p.subject, &p.reply, &p.headers, &p.payload);
+    }
+}
+
+impl Response {
+    /// The body length (no length prefix) of an answer with status OK, no message and a
+    /// payload of `payload_len` bytes.
+    pub(crate) const fn ok_len(payload_len: usize) -> usize {
+        BODY_PREAMBLE_LEN + 8 + 2 + 2 + payload_len
+    }
+
+    /// Appends the body (no length prefix) of an answer to call `id` with status OK, no
+    /// message and `payload`: the bytes of that [`Frame::Response`], made from a
+    /// borrowed payload. [`Response::ok_len`] long.
+    pub(crate) fn encode_ok(id: u64, payload: &[u8], dst: &mut BytesMut) {
+        put_response(dst, id, Status::OK, &[], payload);
     }
 }
 
@@ -182,17 +211,7 @@ impl Frame {
                 status,
                 message,
                 payload,
-            }) => {
-                let mut head = [0u8; 14];
-                head[0] = VERSION;
-                head[1] = Kind::Response as u8;
-                head[2..10].copy_from_slice(&id.to_be_bytes());
-                head[10..12].copy_from_slice(&status.0.to_be_bytes());
-                head[12..14].copy_from_slice(&(message.len() as u16).to_be_bytes());
-                dst.put_slice(&head);
-                dst.put_slice(message.as_bytes());
-                dst.put_slice(payload);
-            }
+            }) => put_response(dst, *id, *status, message.as_bytes(), payload),
             Frame::Cancel { id } => dst.put_u64(*id),
             Frame::Unsub { sid } => dst.put_u64(*sid),
             Frame::Ping { nonce } | Frame::Pong { nonce } => dst.put_u64(*nonce),

@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use super::{CallBox, CallContext, ServiceError};
+use crate::format::Encoded;
 use crate::frame::Status;
 use crate::transport::PeerAddr;
 use crate::{Metadata, Utf8Bytes};
@@ -81,7 +82,7 @@ pub trait Responder: Clone + Send + Sync + 'static {
     fn respond(
         &self,
         id: u64,
-        result: Result<Bytes, ServiceError>,
+        result: Result<Encoded, ServiceError>,
     ) -> impl std::future::Future<Output = ()> + Send;
 }
 
@@ -92,7 +93,7 @@ pub enum Started {
     /// The handler finished at its first poll: this is its answer, for the caller to
     /// send from the loop that reads calls, so that a peer that does not read its
     /// answers stops that loop (backpressure) instead of piling answers up.
-    Answered(Result<Bytes, ServiceError>),
+    Answered(Result<Encoded, ServiceError>),
     /// The handler runs as a task, which sends its answer through the responder.
     Running,
 }
@@ -285,8 +286,8 @@ fn deadline_exceeded() -> ServiceError {
 
 /// A handler's outcome as the answer to send: a panic becomes `INTERNAL`.
 fn finish(
-    outcome: Result<Result<Bytes, ServiceError>, Box<dyn std::any::Any + Send>>,
-) -> Result<Bytes, ServiceError> {
+    outcome: Result<Result<Encoded, ServiceError>, Box<dyn std::any::Any + Send>>,
+) -> Result<Encoded, ServiceError> {
     let result = outcome.unwrap_or_else(|_| {
         tracing::error!("handler panicked");
         Err(ServiceError::internal("handler panicked"))
@@ -314,10 +315,10 @@ mod tests {
     }
 
     #[derive(Clone)]
-    struct Collect(mpsc::UnboundedSender<(u64, Result<Bytes, ServiceError>)>);
+    struct Collect(mpsc::UnboundedSender<(u64, Result<Encoded, ServiceError>)>);
 
     impl Responder for Collect {
-        async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
+        async fn respond(&self, id: u64, result: Result<Encoded, ServiceError>) {
             let _ = self.0.send((id, result));
         }
     }
@@ -367,7 +368,7 @@ mod tests {
             &Collect(tx.clone()),
             &mut slot,
         );
-        assert!(matches!(started, Ok(Started::Answered(Ok(ref b))) if b == "at once"));
+        assert!(matches!(started, Ok(Started::Answered(Ok(ref b))) if b.as_slice() == b"at once"));
         assert!(slot.is_some(), "an answered call leaves the slot in place");
 
         let (release, released) = tokio::sync::oneshot::channel::<()>();

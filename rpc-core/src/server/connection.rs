@@ -15,6 +15,7 @@ use super::call::{InFlight, IncomingCall, Responder, Started};
 use super::{CallBox, Copies, ServerConfig, ServiceError, Shared};
 use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError};
+use crate::format::Encoded;
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
 
@@ -422,11 +423,17 @@ const BATCH_BYTES: usize = 64 * 1024;
 
 impl Answers {
     /// Adds the answer to call `id` to `batch`, encoded now: what it holds is freed
-    /// here, on the thread that made it, rather than after the batch is written. An
-    /// answer too large to send is replaced by an error answer saying so, sent after the
-    /// answers before it.
-    async fn add(&self, batch: &mut EncodedFrames, id: u64, result: Result<Bytes, ServiceError>) {
-        if let Err(e) = self.sender.encode_into(&response(id, result), batch) {
+    /// here, on the thread that made it, rather than after the batch is written; an
+    /// answer held inline is copied from where it lies. An answer too large to send is
+    /// replaced by an error answer saying so, sent after the answers before it.
+    async fn add(&self, batch: &mut EncodedFrames, id: u64, result: Result<Encoded, ServiceError>) {
+        let added = match result {
+            Ok(answer) if answer.is_inline() => {
+                self.sender.encode_ok_response_into(id, &answer, batch)
+            }
+            result => self.sender.encode_into(&response(id, result), batch),
+        };
+        if let Err(e) = added {
             self.flush(batch).await;
             answer_not_sent(&self.sender, id, e);
         }
@@ -462,7 +469,7 @@ impl Answers {
     /// `max_queued_bytes` of answers wait for it, so the memory it costs is bounded. No
     /// room within `keepalive_timeout`: the connection is closed with a go-away saying
     /// why ([`FrameSender::send_or_abort`]).
-    async fn answer(&self, id: u64, result: Result<Bytes, ServiceError>) {
+    async fn answer(&self, id: u64, result: Result<Encoded, ServiceError>) {
         let frame = match self.sender.try_send_encoded(response(id, result)) {
             Ok(()) => return,
             Err(TrySendError::Failed(e)) => return answer_not_sent(&self.sender, id, e),
@@ -481,18 +488,18 @@ impl Answers {
 
 impl Responder for Answers {
     /// Queues the answer of a call that ran as a task ([`Answers::answer`]).
-    async fn respond(&self, id: u64, result: Result<Bytes, ServiceError>) {
+    async fn respond(&self, id: u64, result: Result<Encoded, ServiceError>) {
         self.answer(id, result).await
     }
 }
 
-fn response(id: u64, result: Result<Bytes, ServiceError>) -> Frame {
+fn response(id: u64, result: Result<Encoded, ServiceError>) -> Frame {
     Frame::Response(match result {
         Ok(payload) => Response {
             id,
             status: Status::OK,
             message: Default::default(),
-            payload,
+            payload: payload.into_bytes(),
         },
         Err(e) => Response {
             id,

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tokio_util::sync::ReusableBoxFuture;
 
-use crate::format::FormatError;
+use crate::format::{Encoded, FormatError};
 use crate::frame::Status;
 use crate::transport::PeerAddr;
 use crate::{Metadata, Utf8Bytes};
@@ -157,22 +157,31 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 /// finished stays in the box until the next is put in it (an `async` block has dropped
 /// what it captured by then). A new box holds nothing and allocates nothing.
 ///
+/// The box's future gives the answer as an [`Encoded`]: a future that gives [`Bytes`]
+/// has them wrapped, one that encodes its answer with
+/// [`Format::encode_small`](crate::Format::encode_small) (as `#[courier::service]`'s do)
+/// gives a small one inline, which its connection copies into its write buffer without
+/// an allocation.
+///
 /// ```
 /// use bytes::Bytes;
 /// use futures_util::FutureExt;
+/// use rpc_core::format::Encoded;
 /// use rpc_core::server::{CallBox, ServiceError};
 ///
 /// let mut call = CallBox::new();
 /// call.put(async { Ok(Bytes::from_static(b"first")) });
-/// assert_eq!((&mut call).now_or_never().unwrap().unwrap(), "first");
+/// assert_eq!((&mut call).now_or_never().unwrap().unwrap().as_slice(), b"first");
 /// // A future of the same size and alignment: the box's memory is reused.
 /// call.put(async { Ok(Bytes::from_static(b"second")) });
-/// assert_eq!((&mut call).now_or_never().unwrap().unwrap(), "second");
+/// assert_eq!((&mut call).now_or_never().unwrap().unwrap().as_slice(), b"second");
+/// call.put(async { Ok(Encoded::copy_from_slice(b"third")) });
+/// assert!((&mut call).now_or_never().unwrap().unwrap().is_inline());
 /// call.put_error(ServiceError::internal("no"));
 /// assert_eq!((&mut call).now_or_never().unwrap().unwrap_err().message, "no");
 /// ```
 pub struct CallBox {
-    future: ReusableBoxFuture<'static, Result<Bytes, ServiceError>>,
+    future: ReusableBoxFuture<'static, Result<Encoded, ServiceError>>,
 }
 
 impl CallBox {
@@ -183,17 +192,30 @@ impl CallBox {
         }
     }
 
-    /// Puts `future` in the box, dropping the one there.
-    pub fn put<F>(&mut self, future: F)
+    /// Puts `future` in the box, dropping the one there. Its answer is [`Bytes`] or
+    /// [`Encoded`].
+    pub fn put<F, A>(&mut self, future: F)
     where
-        F: Future<Output = Result<Bytes, ServiceError>> + Send + 'static,
+        F: Future<Output = Result<A, ServiceError>> + Send + 'static,
+        A: Into<Encoded>,
     {
-        self.future.set(future);
+        self.future
+            .set(futures_util::FutureExt::map(future, |answer| {
+                answer.map(Into::into)
+            }));
     }
 
     /// Puts in the box a future that has already failed with `error`.
     pub fn put_error(&mut self, error: ServiceError) {
-        self.put(std::future::ready(Err(error)));
+        self.put(std::future::ready(Err::<Encoded, _>(error)));
+    }
+
+    /// The box as a [`CallFuture`], its answer as [`Bytes`] (an inline one copied into
+    /// an allocation of its own): [`Service::call`] made of [`Service::call_in`].
+    pub fn into_call_future(self) -> CallFuture {
+        Box::pin(futures_util::FutureExt::map(self, |answer| {
+            answer.map(Encoded::into_bytes)
+        }))
     }
 
     /// The box, leaving an empty one in its place: for a call that goes on running
@@ -205,9 +227,9 @@ impl CallBox {
     /// Where the box's future is (tests: whether its memory was reused).
     #[cfg(test)]
     pub(crate) fn address(&mut self) -> *const () {
-        let future: &(dyn Future<Output = Result<Bytes, ServiceError>> + Send) =
+        let future: &(dyn Future<Output = Result<Encoded, ServiceError>> + Send) =
             &*self.future.get_pin();
-        (future as *const (dyn Future<Output = Result<Bytes, ServiceError>> + Send)).cast()
+        (future as *const (dyn Future<Output = Result<Encoded, ServiceError>> + Send)).cast()
     }
 }
 
@@ -224,7 +246,7 @@ impl fmt::Debug for CallBox {
 }
 
 impl Future for CallBox {
-    type Output = Result<Bytes, ServiceError>;
+    type Output = Result<Encoded, ServiceError>;
 
     fn poll(
         mut self: Pin<&mut Self>,
