@@ -9,6 +9,7 @@ use super::{
 use crate::{Metadata, Utf8Bytes};
 
 const U16_MAX: usize = u16::MAX as usize;
+const U32_MAX: usize = u32::MAX as usize;
 
 /// A `Response` body: its fixed fields, preamble included, go in as one slice. The
 /// caller has checked that `message` fits its `u16` length.
@@ -23,7 +24,6 @@ fn put_response(dst: &mut BytesMut, id: u64, status: Status, message: &[u8], pay
     dst.put_slice(message);
     dst.put_slice(payload);
 }
-const U32_MAX: usize = u32::MAX as usize;
 
 impl Publish {
     /// How much longer the `Msg` frame that delivers a publish is than the `Pub` frame:
