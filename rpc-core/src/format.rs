@@ -246,9 +246,7 @@ impl<const LIMIT: usize> BincodeWithLimit<LIMIT> {
         bincode::config::Varint,
         bincode::config::Limit<LIMIT>,
     > = bincode::config::standard().with_limit::<LIMIT>();
-}
 
-impl<const LIMIT: usize> BincodeWithLimit<LIMIT> {
     /// How many bytes `value` encodes to.
     fn size<T: Serialize + ?Sized>(value: &T) -> Result<usize, bincode::error::EncodeError> {
         let mut size = bincode::enc::write::SizeWriter::default();
