@@ -41,8 +41,8 @@ pub trait Format: Copy + Default + Send + Sync + fmt::Debug + 'static {
     /// (`#[courier::service]`): a small answer is copied into its connection's write
     /// buffer from where it lies, never allocated and freed.
     ///
-    /// The bytes are those of [`Format::encode`]. The default calls it; [`Bincode`]
-    /// writes a small value in place.
+    /// The bytes are those of [`Format::encode`]. The default calls it; [`Bincode`] and
+    /// `Postcard` write a small value in place.
     ///
     /// ```
     /// use rpc_core::format::{Bincode, Format};
@@ -332,6 +332,18 @@ impl Format for Postcard {
             .map_err(|e| FormatError::new(Self::NAME, "encode", e))
     }
 
+    /// A value that fits in [`Encoded::INLINE`] bytes is written in place. postcard does
+    /// not size a value first: a larger one stops where the inline bytes end and is
+    /// written again into an allocation of its own.
+    fn encode_small<T: Serialize + ?Sized>(value: &T) -> Result<Encoded, FormatError> {
+        let mut inline = [0u8; Encoded::INLINE];
+        match postcard::to_slice(value, &mut inline) {
+            Ok(written) => Ok(Encoded::copy_from_slice(written)),
+            Err(postcard::Error::SerializeBufferFull) => Self::encode(value).map(Encoded::from),
+            Err(e) => Err(FormatError::new(Self::NAME, "encode", e)),
+        }
+    }
+
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
         let (value, rest) = postcard::take_from_bytes(bytes)
             .map_err(|e| FormatError::new(Self::NAME, "decode", e))?;
@@ -455,6 +467,22 @@ mod tests {
         bytes.push(0);
         let err = Bincode::decode::<u8>(&bytes).unwrap_err();
         assert!(err.message.contains("1 bytes left over"), "{err}");
+    }
+
+    #[cfg(feature = "postcard")]
+    #[test]
+    fn postcard_encode_small_writes_the_bytes_of_encode_inline_up_to_46_bytes() {
+        // A string of n bytes: a varint length (one byte below 128), then the bytes.
+        for (len, inline) in [(0, true), (45, true), (46, false), (300, false)] {
+            let value = "p".repeat(len);
+            let small = Postcard::encode_small(&value).unwrap();
+            assert_eq!(
+                small.as_slice(),
+                &Postcard::encode(&value).unwrap()[..],
+                "{len}"
+            );
+            assert_eq!(small.is_inline(), inline, "{len}");
+        }
     }
 
     #[cfg(feature = "postcard")]
