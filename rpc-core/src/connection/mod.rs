@@ -771,9 +771,7 @@ impl FrameSender {
         payload: &[u8],
         batch: &mut EncodedFrames,
     ) -> Result<(), ConnectionError> {
-        if self.shared.close.is_set() {
-            return Err(self.shared.closed_error());
-        }
+        self.check_open()?;
         let len = check_body_len(Response::ok_len(payload.len()), self.max_frame_len())?;
         batch.buf.reserve(LENGTH_PREFIX_LEN + len);
         // At most `max_frame_len`, which is at most `u32::MAX`.
@@ -1431,10 +1429,17 @@ impl FrameSender {
 
     /// Checks `frame` against the limits; returns what it adds to the queued bytes.
     fn check(&self, frame: &Frame) -> Result<usize, ConnectionError> {
+        self.check_open()?;
+        self.check_len(frame)
+    }
+
+    /// [`ConnectionError::Closed`], with the reason it closed, once the connection is
+    /// closed.
+    fn check_open(&self) -> Result<(), ConnectionError> {
         if self.shared.close.is_set() {
             return Err(self.shared.closed_error());
         }
-        self.check_len(frame)
+        Ok(())
     }
 
     /// Checks `frame` against the maximum frame length (and its fields against their

@@ -11,6 +11,12 @@ use crate::{Metadata, Utf8Bytes};
 const U16_MAX: usize = u16::MAX as usize;
 const U32_MAX: usize = u32::MAX as usize;
 
+/// The length of a `Response` body after its preamble: id, status, the message as a
+/// `str16` of `message_len` bytes (its length prefix included), and the payload.
+const fn response_fields_len(message_len: usize, payload_len: usize) -> usize {
+    8 + 2 + message_len + payload_len
+}
+
 /// A `Response` body: its fixed fields, preamble included, go in as one slice. The
 /// caller has checked that `message` fits its `u16` length.
 fn put_response(dst: &mut BytesMut, id: u64, status: Status, message: &[u8], payload: &[u8]) {
@@ -110,7 +116,8 @@ impl Response {
     /// The body length (no length prefix) of an answer with status OK, no message and a
     /// payload of `payload_len` bytes.
     pub(crate) const fn ok_len(payload_len: usize) -> usize {
-        BODY_PREAMBLE_LEN + 8 + 2 + 2 + payload_len
+        // The empty message is its 2-byte length alone.
+        BODY_PREAMBLE_LEN + response_fields_len(2, payload_len)
     }
 
     /// Appends the body (no length prefix) of an answer to call `id` with status OK, no
@@ -136,7 +143,9 @@ impl Frame {
                     + metadata_len(kind, &r.metadata)?
                     + r.payload.len()
             }
-            Frame::Response(r) => 8 + 2 + str16_len(kind, "message", &r.message)? + r.payload.len(),
+            Frame::Response(r) => {
+                response_fields_len(str16_len(kind, "message", &r.message)?, r.payload.len())
+            }
             Frame::Cancel { .. }
             | Frame::Unsub { .. }
             | Frame::Ping { .. }
