@@ -220,6 +220,11 @@ fn method_name_constants_name_the_wire_methods() {
         &["put", "get", "wait", "clear"],
         "the server routes these by their whole names"
     );
+    assert_eq!(
+        courier::Service::method_paths(&server),
+        KvClient::METHODS,
+        "and names their calls with these"
+    );
 }
 
 /// Arguments named like the generated dispatch's own variables.

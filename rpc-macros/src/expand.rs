@@ -326,6 +326,11 @@ fn server(service: &Service) -> TokenStream {
         let wire_method = &m.name;
         quote!(#(#cfgs)* #wire_method,)
     });
+    let paths = service.methods.iter().map(|m| {
+        let cfgs = &m.cfgs;
+        let wire_method = &m.name;
+        quote!(#(#cfgs)* ::core::concat!(#name, ".", #wire_method),)
+    });
     quote! {
         #[doc = #doc]
         #vis struct #server<S, F = #p::Bincode> {
@@ -402,6 +407,10 @@ fn server(service: &Service) -> TokenStream {
 
             fn methods(&self) -> &'static [&'static str] {
                 &[#(#listed)*]
+            }
+
+            fn method_paths(&self) -> &'static [&'static str] {
+                &[#(#paths)*]
             }
 
             fn local_copy(&self) -> ::core::option::Option<::std::boxed::Box<dyn #p::Service>> {

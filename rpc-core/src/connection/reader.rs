@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -13,9 +13,10 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnectionConfig, FrameSender, Shared};
+use crate::Utf8Bytes;
 use crate::codec::FrameCodec;
 use crate::error::{ConnectionError, ProtocolError};
-use crate::frame::{Frame, GoAway, Kind};
+use crate::frame::{Frame, GoAway, Kind, RequestHead};
 
 /// The read half of a connection; see [`super::start`].
 ///
@@ -37,6 +38,18 @@ pub struct FrameReader<R> {
     /// the pong waited for room leaves it to the next call.
     unanswered_ping: Option<u64>,
     finished: bool,
+}
+
+/// A request [`FrameReader::take_request`] took from the read buffer.
+#[derive(Debug)]
+pub(crate) struct BufferedRequest<T> {
+    pub(crate) id: u64,
+    pub(crate) timeout: Option<Duration>,
+    /// `"Service.method"`: the name `route` was given.
+    pub(crate) method: Utf8Bytes,
+    pub(crate) payload: Bytes,
+    /// What `route` made of the name.
+    pub(crate) routed: T,
 }
 
 /// The read buffer of a quiet connection, and of a new one.
@@ -164,6 +177,65 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// that task run first.
     pub fn may_have_more(&self) -> bool {
         self.has_frame() || self.framed.get_ref().last_filled
+    }
+
+    /// The next frame, taken straight from the read buffer when it is a request
+    /// without metadata whose bytes are all buffered and whose method name `route`
+    /// knows: its fields, with `route`'s answer for the name, and no [`Frame`] made on
+    /// the way (a server's read loop routes the call as it takes it). `None` leaves
+    /// everything as it was: [`FrameReader::next`] then returns that frame, or the
+    /// error it makes, as it always did.
+    ///
+    /// `route` is given the name's bytes, which need not be UTF-8: a route knows
+    /// names made of strings, and a name that is not UTF-8 is left to `next`, which
+    /// refuses it. With its answer it may give a `'static` string equal to the name,
+    /// which then names the request: its bytes are neither checked nor held.
+    pub(crate) fn take_request<T>(
+        &mut self,
+        route: impl FnOnce(&[u8]) -> Option<(T, Option<&'static str>)>,
+    ) -> Option<BufferedRequest<T>> {
+        if self.finished || self.unanswered_ping.is_some() {
+            return None;
+        }
+        let buf = self.framed.read_buffer();
+        let prefix = crate::codec::LENGTH_PREFIX_LEN;
+        let len = crate::codec::announced_len(buf)?;
+        if len > self.decoder.max_frame_len() || buf.len() - prefix < len {
+            return None;
+        }
+        let body = &buf[prefix..prefix + len];
+        let head = RequestHead::parse(body)?;
+        let name = &body[head.method.clone()];
+        let (routed, path) = route(name)?;
+        debug_assert!(path.is_none_or(|path| path.as_bytes() == name));
+        let buf = self.framed.read_buffer_mut();
+        let mut frame = buf.split_to(prefix + len).freeze();
+        let method = match path {
+            Some(path) => Utf8Bytes::from_static(path),
+            None => {
+                let name = prefix + head.method.start..prefix + head.method.end;
+                match Utf8Bytes::try_from(frame.slice(name)) {
+                    Ok(method) => method,
+                    // A name the route knew is UTF-8. Were it not, the frame goes
+                    // back where it was, for `next`.
+                    Err(_) => {
+                        let mut restored = BytesMut::from(&frame[..]);
+                        restored.unsplit(std::mem::take(buf));
+                        *buf = restored;
+                        return None;
+                    }
+                }
+            }
+        };
+        bytes::Buf::advance(&mut frame, prefix + head.payload);
+        self.keepalive.seen = true;
+        Some(BufferedRequest {
+            id: head.id,
+            timeout: head.timeout,
+            method,
+            payload: frame,
+            routed,
+        })
     }
 
     /// The next frame other than ping and pong.

@@ -1082,3 +1082,120 @@ async fn a_reader_may_have_more_with_a_frame_buffered_or_after_a_read_that_fille
         "all taken, the last read was short"
     );
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_to_next() {
+    use crate::frame::Request;
+    use crate::{Metadata, Utf8Bytes};
+    use tokio::io::AsyncWriteExt;
+    use tokio_util::codec::Encoder;
+    let config = ConnectionConfig {
+        max_frame_len: 200,
+        ..ConnectionConfig::default()
+    };
+    let (a, mut peer) = tokio::io::duplex(1 << 16);
+    let (mut reader, _sender) = start(a, &config);
+    let request = |id: u64, method: &'static str, metadata: Metadata| {
+        Frame::Request(Request {
+            id,
+            timeout: id.is_multiple_of(2).then(|| Duration::from_millis(id)),
+            method: Utf8Bytes::from_static(method),
+            metadata,
+            payload: Bytes::from(vec![id as u8; 3]),
+        })
+    };
+    let mut traced = Metadata::new();
+    traced.insert("trace", "t");
+    let frames = [
+        Frame::Ping { nonce: 9 },
+        request(1, "Echo.echo", Metadata::new()),
+        request(2, "Echo.unknown", Metadata::new()),
+        request(3, "Echo.echo", traced.clone()),
+        request(4, "Echo.echo", Metadata::new()),
+        Frame::Cancel { id: 4 },
+    ];
+    let mut buf = BytesMut::new();
+    let mut codec = FrameCodec::new(1 << 20);
+    for frame in &frames {
+        codec.encode(frame, &mut buf).unwrap();
+    }
+    // one over the reader's limit, last
+    codec
+        .encode(&request(5, "Echo.echo", Metadata::new()), &mut buf)
+        .unwrap();
+    let big = Frame::Request(Request {
+        id: 6,
+        timeout: None,
+        method: Utf8Bytes::from_static("Echo.echo"),
+        metadata: Metadata::new(),
+        payload: Bytes::from(vec![0; 300]),
+    });
+    codec.encode(&big, &mut buf).unwrap();
+    peer.write_all(&buf).await.unwrap();
+
+    let route = |method: &[u8]| (method == b"Echo.echo").then_some(("routed", None));
+    // Nothing is read yet: nothing to take.
+    assert!(reader.take_request(route).is_none());
+    // The ping comes first: it is `next`'s (which answers it and returns the request
+    // after it).
+    assert_eq!(
+        reader.next().await.unwrap().unwrap(),
+        request(1, "Echo.echo", Metadata::new())
+    );
+    // A method the route does not know, then one with metadata: left in place, whole.
+    assert!(reader.take_request(route).is_none());
+    assert_eq!(
+        reader.next().await.unwrap().unwrap(),
+        request(2, "Echo.unknown", Metadata::new())
+    );
+    assert!(reader.take_request(route).is_none());
+    assert_eq!(
+        reader.next().await.unwrap().unwrap(),
+        request(3, "Echo.echo", traced)
+    );
+    // A request the route knows is taken, with what `decode` would have made of it.
+    let taken = reader.take_request(route).expect("taken in place");
+    assert_eq!(
+        (
+            taken.id,
+            taken.timeout,
+            taken.method.as_str(),
+            &taken.payload[..],
+            taken.routed
+        ),
+        (
+            4,
+            Some(Duration::from_millis(4)),
+            "Echo.echo",
+            &[4u8; 3][..],
+            "routed"
+        )
+    );
+    // The frame after it is intact.
+    assert!(reader.take_request(route).is_none());
+    assert_eq!(
+        reader.next().await.unwrap().unwrap(),
+        Frame::Cancel { id: 4 }
+    );
+    // A route may name the request with a string of its own, equal to its bytes.
+    static PATH: &str = "Echo.echo";
+    let taken = reader
+        .take_request(|method: &[u8]| (method == PATH.as_bytes()).then_some(("routed", Some(PATH))))
+        .expect("taken in place");
+    assert_eq!((taken.id, taken.timeout), (5, None));
+    assert_eq!(
+        taken.method.as_str().as_ptr(),
+        PATH.as_ptr(),
+        "the route's string"
+    );
+    // Over the frame limit: `next` refuses it as ever.
+    assert!(reader.take_request(route).is_none());
+    assert!(matches!(
+        reader.next().await,
+        Some(Err(ConnectionError::FrameTooLarge { limit: 200, .. }))
+    ));
+    assert!(
+        reader.take_request(route).is_none(),
+        "a failed reader takes nothing"
+    );
+}

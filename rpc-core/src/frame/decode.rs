@@ -105,6 +105,49 @@ impl Frame {
     }
 }
 
+/// Where the fields of a request body lie: what a server's read loop needs to take a
+/// request from its read buffer without making a [`Frame`] of it
+/// (`FrameReader::take_request`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RequestHead {
+    pub(crate) id: u64,
+    pub(crate) timeout: Option<Duration>,
+    /// The method name's bytes within the body (not checked as UTF-8 here).
+    pub(crate) method: std::ops::Range<usize>,
+    /// Where the payload starts; it runs to the end of the body.
+    pub(crate) payload: usize,
+}
+
+impl RequestHead {
+    /// The fields of `body` when it is a request without metadata, or `None` for any
+    /// other body: another kind, a request with metadata, or one [`Frame::decode`]
+    /// would refuse (truncated, another version). For a request it accepts, `decode`
+    /// gives the same id, timeout, method bytes and payload.
+    pub(crate) fn parse(body: &[u8]) -> Option<RequestHead> {
+        const FIXED: usize = 2 + 8 + 8 + 2; // version, kind, id, timeout, method length
+        let fixed = body.get(..FIXED)?;
+        if fixed[0] != VERSION || fixed[1] != Kind::Request as u8 {
+            return None;
+        }
+        let id = u64::from_be_bytes(fixed[2..10].try_into().ok()?);
+        let micros = u64::from_be_bytes(fixed[10..18].try_into().ok()?);
+        let method_len = usize::from(u16::from_be_bytes([fixed[18], fixed[19]]));
+        let method = FIXED..FIXED + method_len;
+        // the metadata count, which must be 0 here
+        let count = body.get(method.end..method.end + 2)?;
+        if count != [0, 0] {
+            return None;
+        }
+        let payload = method.end + 2;
+        Some(RequestHead {
+            id,
+            timeout: (micros != 0).then(|| Duration::from_micros(micros)),
+            method,
+            payload,
+        })
+    }
+}
+
 /// A cursor over a frame body whose every read is bounds-checked.
 struct Reader {
     kind: Kind,

@@ -419,3 +419,98 @@ proptest! {
         let _ = codec.decode_eof(&mut buf);
     }
 }
+
+/// The body of `frame`, without its length prefix.
+fn body_of(frame: &Frame) -> Bytes {
+    let mut buf = BytesMut::new();
+    frame.encode(&mut buf).unwrap();
+    buf.freeze()
+}
+
+#[test]
+fn a_request_head_is_found_in_place_only_for_a_request_without_metadata() {
+    let request = |metadata: Metadata| {
+        Frame::Request(Request {
+            id: 7,
+            timeout: Some(Duration::from_micros(1500)),
+            method: Utf8Bytes::from_static("Echo.echo"),
+            metadata,
+            payload: Bytes::from_static(b"args"),
+        })
+    };
+    let body = body_of(&request(Metadata::new()));
+    let head = RequestHead::parse(&body).unwrap();
+    assert_eq!(head.id, 7);
+    assert_eq!(head.timeout, Some(Duration::from_micros(1500)));
+    assert_eq!(&body[head.method.clone()], b"Echo.echo");
+    assert_eq!(&body[head.payload..], b"args");
+
+    let mut metadata = Metadata::new();
+    metadata.insert("trace", "1");
+    assert_eq!(RequestHead::parse(&body_of(&request(metadata))), None);
+    assert_eq!(RequestHead::parse(&body_of(&Frame::Cancel { id: 7 })), None);
+    let mut other_version = body.to_vec();
+    other_version[0] = VERSION + 1;
+    assert_eq!(RequestHead::parse(&other_version), None);
+}
+
+proptest! {
+    #[test]
+    fn a_request_head_found_in_place_agrees_with_decode(frame in arb_frame()) {
+        let body = body_of(&frame);
+        let head = RequestHead::parse(&body);
+        match &frame {
+            Frame::Request(request) if request.metadata.is_empty() => {
+                let head = head.expect("a request without metadata is found in place");
+                prop_assert_eq!(head.id, request.id);
+                prop_assert_eq!(head.timeout, request.timeout);
+                prop_assert_eq!(&body[head.method.clone()], request.method.as_str().as_bytes());
+                prop_assert_eq!(&body[head.payload..], &request.payload[..]);
+            }
+            _ => prop_assert_eq!(head, None),
+        }
+    }
+
+    #[test]
+    fn a_request_head_is_found_only_where_decode_finds_the_same_request(
+        id in any::<u64>(),
+        micros in prop_oneof![Just(0u64), any::<u64>()],
+        method in proptest::collection::vec(any::<u8>(), 0..12),
+        // the method length as sent: right, or off by a little
+        skew in -2i32..3,
+        count in prop_oneof![Just(0u16), any::<u16>()],
+        rest in proptest::collection::vec(any::<u8>(), 0..24),
+    ) {
+        let mut body = vec![VERSION, Kind::Request as u8];
+        body.extend(id.to_be_bytes());
+        body.extend(micros.to_be_bytes());
+        let sent_len = u16::try_from((method.len() as i32 + skew).max(0)).unwrap();
+        body.extend(sent_len.to_be_bytes());
+        body.extend(&method);
+        body.extend(count.to_be_bytes());
+        body.extend(rest);
+        if let Some(head) = RequestHead::parse(&body) {
+            // A name that is not UTF-8 is the one thing left to check (the reader does).
+            if std::str::from_utf8(&body[head.method.clone()]).is_ok() {
+                let Ok(Frame::Request(request)) = Frame::decode(Bytes::from(body.clone())) else {
+                    panic!("found in place, refused by decode: {body:?}");
+                };
+                prop_assert_eq!(head.id, request.id);
+                prop_assert_eq!(head.timeout, request.timeout);
+                prop_assert_eq!(&body[head.method.clone()], request.method.as_str().as_bytes());
+                prop_assert!(request.metadata.is_empty());
+                prop_assert_eq!(&body[head.payload..], &request.payload[..]);
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_of_a_request_is_found_in_place_or_not_without_panicking(
+        frame in arb_frame(),
+    ) {
+        let body = body_of(&frame);
+        for cut in 0..body.len() {
+            let _ = RequestHead::parse(&body[..cut]);
+        }
+    }
+}

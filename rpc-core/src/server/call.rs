@@ -171,14 +171,6 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             payload,
             peer,
         } = call;
-        // Nothing running (every call so far answered at once) needs no lookup, nor the
-        // lock: the key is hashed only when there is something to find. Only `start`
-        // adds to the count, so its caller (the one loop that reads the calls) always
-        // sees its own additions; other tasks only take away.
-        if self.count.load(Ordering::Acquire) != 0 && self.running().contains_key(&key) {
-            return Err(DuplicateCall);
-        }
-        let span = tracing::info_span!("call", method = %method, id, peer = %peer);
         let ctx = CallContext {
             request_id: id,
             method,
@@ -186,6 +178,32 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             metadata,
             peer,
         };
+        self.start_in(key, ctx, payload, start, into, responder, slot)
+    }
+
+    /// [`InFlight::start`] for a call whose context is made already: a server's read
+    /// loop builds it from the request, with no [`IncomingCall`] on the way.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn start_in<R: Responder>(
+        self: &Arc<Self>,
+        key: K,
+        ctx: CallContext,
+        payload: Bytes,
+        start: impl FnOnce(CallContext, Bytes, &mut CallBox),
+        into: &mut CallBox,
+        responder: &R,
+        slot: &mut Option<OwnedSemaphorePermit>,
+    ) -> Result<Started, DuplicateCall> {
+        let id = ctx.request_id;
+        let deadline = ctx.deadline;
+        // Nothing running (every call so far answered at once) needs no lookup, nor the
+        // lock: the key is hashed only when there is something to find. Only `start`
+        // adds to the count, so its caller (the one loop that reads the calls) always
+        // sees its own additions; other tasks only take away.
+        if self.count.load(Ordering::Acquire) != 0 && self.running().contains_key(&key) {
+            return Err(DuplicateCall);
+        }
+        let span = tracing::info_span!("call", method = %ctx.method, id, peer = %ctx.peer);
         start(ctx, payload, into);
         let first = {
             let _entered = span.enter();

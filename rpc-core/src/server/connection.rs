@@ -5,19 +5,23 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::call::{InFlight, IncomingCall, Responder, Started};
-use super::{CallBox, Copies, ServerConfig, ServiceError, Shared};
-use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
+use super::call::{InFlight, Responder, Started};
+use super::{CallBox, CallContext, Copies, Listed, ServerConfig, ServiceError, Shared};
+use crate::connection::{
+    self, BufferedRequest, EncodedFrames, FrameReader, FrameSender, Io, TrySendError,
+};
 use crate::error::{ConnectionError, ProtocolError};
 use crate::format::Encoded;
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
+use crate::{Metadata, Utf8Bytes};
 
 /// Answers a connection over the limit with a go-away naming the limit, then closes it.
 pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, server: Arc<Shared>) {
@@ -81,6 +85,8 @@ pub(super) async fn serve<T: Io>(
     // Whether no answer of the current read has been sent yet (see FIRST_BATCH_FRAMES).
     let mut first_of_read = true;
     let mut working = Working::new(&server.working);
+    // The listed method of the last request taken in place (see `Taken::Routed`).
+    let mut last_listed: Option<Listed<'_>> = None;
     let ended: Option<ConnectionError> = loop {
         frames = frames.wrapping_add(1);
         if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
@@ -119,75 +125,36 @@ pub(super) async fn serve<T: Io>(
             }
         }
         let frame = match more {
-            Some(frame) => frame,
-            // A whole request is buffered: `next` returns it without waiting, and the
+            Some(frame) => frame.map(|frame| frame.map(Taken::Frame)),
+            // A whole frame is buffered. A request of a listed method (every method of
+            // a generated service) is taken from the buffer and routed as it is read,
+            // with no `Frame` made; anything else `next` returns without waiting. The
             // drain is looked at every DRAIN_CHECK frames.
-            None if buffered => reader.next().await,
+            None if buffered => match reader.take_request(|name| {
+                // A connection calls the same method again and again, most of the time.
+                let listed = last_listed
+                    .filter(|last| **last.name == *name)
+                    .or_else(|| server.listed(name))?;
+                last_listed = Some(listed);
+                Some((listed, listed.path()))
+            }) {
+                Some(request) => Some(Ok(Taken::Routed(request))),
+                None => reader.next().await.map(|frame| frame.map(Taken::Frame)),
+            },
             None => tokio::select! {
                 biased;
-                frame = reader.next() => frame,
+                frame = reader.next() => frame.map(|frame| frame.map(Taken::Frame)),
                 _ = &mut draining => break None,
             },
         };
-        match frame {
-            Some(Ok(Frame::Request(request))) => {
-                // A peer whose requests fill every read is served in turns with the
-                // runtime's other tasks: each request spends a unit of the coop budget
-                // (as waiting for a slot did), and the loop yields when it runs out.
-                tokio::task::consume_budget().await;
-                // Backpressure: at the in-flight limit, stop reading until a call ends.
-                if slot.is_none() {
-                    slot = match conn.slots.clone().try_acquire_owned() {
-                        Ok(free) => Some(free),
-                        Err(_) => {
-                            // What was answered goes out before this waits.
-                            conn.answers.flush(&mut batch).await;
-                            tokio::select! {
-                                biased;
-                                _ = &mut draining => {
-                                    conn.refuse_shutting_down(request.id).await;
-                                    break None;
-                                }
-                                freed = conn.slots.clone().acquire_owned() => match freed {
-                                    Ok(freed) => Some(freed),
-                                    Err(_) => break None, // never closed
-                                },
-                            }
-                        }
-                    };
-                }
-                let id = request.id;
-                // The read's first request: the clock is read, and the connection
-                // counts as working until no whole request is left to read.
-                let now = *received.get_or_insert_with(|| {
-                    working.start();
-                    Instant::now()
-                });
-                match conn.start_call(request, now, &mut into, &mut copies, &mut slot) {
-                    // Answered here, and sent with the others of its read: a peer that
-                    // does not read its answers stops being read once a batch finds no
-                    // room (see `Answers::flush`).
-                    Ok(Started::Answered(result)) => {
-                        conn.answers.add(&mut batch, id, result).await;
-                        // A connection working alone sends the first answers of a long
-                        // read early (see FIRST_BATCH_FRAMES).
-                        let early = first_of_read
-                            && batch.len() >= FIRST_BATCH_FRAMES
-                            && reader.has_frame()
-                            && working.alone();
-                        if early || batch.len() >= BATCH_FRAMES || batch.bytes() >= BATCH_BYTES {
-                            first_of_read = false;
-                            conn.answers.flush(&mut batch).await;
-                        }
-                    }
-                    Ok(Started::Running) => {}
-                    Err(e) => break Some(reader.protocol_violation(e)),
-                }
-            }
-            Some(Ok(frame)) => {
+        let call = match frame {
+            Some(Ok(Taken::Routed(request))) => Call::routed(request),
+            Some(Ok(Taken::Frame(Frame::Request(request)))) => Call::unrouted(request),
+            Some(Ok(Taken::Frame(frame))) => {
                 if let Err(e) = conn.on_other_frame(frame) {
                     break Some(reader.protocol_violation(e));
                 }
+                continue;
             }
             Some(Err(e)) => break Some(e),
             None => {
@@ -195,6 +162,58 @@ pub(super) async fn serve<T: Io>(
                     reason: "peer closed the connection".into(),
                 });
             }
+        };
+        // A peer whose requests fill every read is served in turns with the
+        // runtime's other tasks: each request spends a unit of the coop budget
+        // (as waiting for a slot did), and the loop yields when it runs out.
+        tokio::task::consume_budget().await;
+        // Backpressure: at the in-flight limit, stop reading until a call ends.
+        if slot.is_none() {
+            slot = match conn.slots.clone().try_acquire_owned() {
+                Ok(free) => Some(free),
+                Err(_) => {
+                    // What was answered goes out before this waits.
+                    conn.answers.flush(&mut batch).await;
+                    tokio::select! {
+                        biased;
+                        _ = &mut draining => {
+                            conn.refuse_shutting_down(call.id).await;
+                            break None;
+                        }
+                        freed = conn.slots.clone().acquire_owned() => match freed {
+                            Ok(freed) => Some(freed),
+                            Err(_) => break None, // never closed
+                        },
+                    }
+                }
+            };
+        }
+        let id = call.id;
+        // The read's first request: the clock is read, and the connection
+        // counts as working until no whole request is left to read.
+        let now = *received.get_or_insert_with(|| {
+            working.start();
+            Instant::now()
+        });
+        match conn.start_call(call, now, &mut into, &mut copies, &mut slot) {
+            // Answered here, and sent with the others of its read: a peer that
+            // does not read its answers stops being read once a batch finds no
+            // room (see `Answers::flush`).
+            Ok(Started::Answered(result)) => {
+                conn.answers.add(&mut batch, id, result).await;
+                // A connection working alone sends the first answers of a long
+                // read early (see FIRST_BATCH_FRAMES).
+                let early = first_of_read
+                    && batch.len() >= FIRST_BATCH_FRAMES
+                    && reader.has_frame()
+                    && working.alone();
+                if early || batch.len() >= BATCH_FRAMES || batch.bytes() >= BATCH_BYTES {
+                    first_of_read = false;
+                    conn.answers.flush(&mut batch).await;
+                }
+            }
+            Ok(Started::Running) => {}
+            Err(e) => break Some(reader.protocol_violation(e)),
         }
     };
     drop(slot);
@@ -223,6 +242,64 @@ pub(super) async fn serve<T: Io>(
     sender
         .close_within(server.config.connection.keepalive_timeout)
         .await;
+}
+
+/// What the read loop took from its reader.
+enum Taken<'s> {
+    /// A request of a listed method, routed as it was read ([`FrameReader::take_request`]).
+    Routed(BufferedRequest<Listed<'s>>),
+    /// Any other frame ([`FrameReader::next`]).
+    Frame(Frame),
+}
+
+/// A request to start, however it was read.
+struct Call<'s> {
+    id: u64,
+    timeout: Option<Duration>,
+    method: Utf8Bytes,
+    metadata: Metadata,
+    payload: Bytes,
+    /// Its service and method name, when routed as it was read; otherwise the
+    /// dispatch routes it ([`Shared::dispatch`]).
+    route: Option<Listed<'s>>,
+}
+
+impl<'s> Call<'s> {
+    fn routed(request: BufferedRequest<Listed<'s>>) -> Self {
+        let BufferedRequest {
+            id,
+            timeout,
+            method,
+            payload,
+            routed,
+        } = request;
+        Call {
+            id,
+            timeout,
+            method,
+            metadata: Metadata::new(),
+            payload,
+            route: Some(routed),
+        }
+    }
+
+    fn unrouted(request: Request) -> Self {
+        let Request {
+            id,
+            timeout,
+            method,
+            metadata,
+            payload,
+        } = request;
+        Call {
+            id,
+            timeout,
+            method,
+            metadata,
+            payload,
+            route: None,
+        }
+    }
 }
 
 /// A connection with frames always waiting is checked for a drain at least once every
@@ -292,38 +369,46 @@ struct Conn {
 }
 
 impl Conn {
-    /// Starts the call of `request`, received at `received`, on the connection's copy of
-    /// its service in `copies`, its future in `into`.
+    /// Starts `call`, received at `received`, on the connection's copy of its service
+    /// in `copies`, its future in `into`.
     fn start_call(
         &self,
-        request: Request,
+        call: Call<'_>,
         received: Instant,
         into: &mut CallBox,
         copies: &mut Copies,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
-        let Request {
+        let Call {
             id,
             timeout,
             method,
             metadata,
             payload,
-        } = request;
-        // Built whole, not through its builder: each `with_` moves the call.
-        let call = IncomingCall {
-            id,
+            route,
+        } = call;
+        // Built whole, not through its builder: each `with_` moves the context.
+        let ctx = CallContext {
+            request_id: id,
             method,
             deadline: timeout.map(|t| received + t),
             metadata,
-            payload,
             peer: self.peer.clone(),
         };
         let server = &self.server;
         self.calls
-            .start(
+            .start_in(
                 id,
-                call,
-                |ctx, payload, into| server.dispatch(ctx, payload, into, copies),
+                ctx,
+                payload,
+                |ctx, payload, into| match route {
+                    Some(listed) => {
+                        copies
+                            .of(listed.hosted())
+                            .call_in(listed.method(), ctx, payload, into)
+                    }
+                    None => server.dispatch(ctx, payload, into, copies),
+                },
                 into,
                 &self.answers,
                 slot,

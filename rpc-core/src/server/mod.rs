@@ -101,7 +101,7 @@ struct Shared {
     /// a call is routed with one lookup, and its method named by the service's own
     /// `&'static str` (the name need not be split off the call's). Same hash, same
     /// reason.
-    methods: FxHashMap<Box<str>, Method>,
+    methods: FxHashMap<Box<[u8]>, Method>,
     /// Connections answering the requests of a read right now (see
     /// `connection::Working`). On a line of its own: each read of every connection
     /// changes it.
@@ -146,14 +146,15 @@ impl Server {
                 .methods
                 .retain(|_, method| method.hosted.slot != slot);
         }
-        for &method in hosted.service.methods() {
+        let paths = hosted.service.method_paths();
+        for (i, &method) in hosted.service.methods().iter().enumerate() {
+            let whole = format!("{name}.{method}");
             let route = Method {
                 hosted: hosted.clone(),
                 name: method,
+                path: paths.get(i).copied().filter(|&path| path == whole),
             };
-            shared
-                .methods
-                .insert(format!("{name}.{method}").into(), route);
+            shared.methods.insert(whole.into_bytes().into(), route);
         }
         self
     }
@@ -251,6 +252,35 @@ struct Method {
     hosted: Hosted,
     /// The method's name as the service listed it (the part after the dot).
     name: &'static str,
+    /// Its whole name as the service gave it ([`Service::method_paths`]), if it did.
+    path: Option<&'static str>,
+}
+
+/// A listed method, as [`Shared::listed`] found it. Two thin pointers: the read loop
+/// moves it with every request.
+#[derive(Clone, Copy)]
+struct Listed<'a> {
+    /// Its whole name, `"Service.method"` (UTF-8: it was made of strings). The map's
+    /// key itself: one word, where `&[u8]` takes two.
+    #[allow(clippy::borrowed_box)]
+    name: &'a Box<[u8]>,
+    route: &'a Method,
+}
+
+impl Listed<'_> {
+    fn hosted(&self) -> &Hosted {
+        &self.route.hosted
+    }
+
+    /// The method's name as the service listed it.
+    fn method(&self) -> &'static str {
+        self.route.name
+    }
+
+    /// Its whole name as the service's own string, if it gave one.
+    fn path(&self) -> Option<&'static str> {
+        self.route.path
+    }
 }
 
 /// One connection's copies of the services it has called ([`Service::local_copy`]), by
@@ -288,8 +318,10 @@ impl Shared {
     ) {
         // A listed method (every method of a generated service) comes with a name of its
         // own; another is named by a slice of the call's.
-        if let Some((hosted, name)) = self.listed(ctx.method.as_str()) {
-            return copies.of(hosted).call_in(name, ctx, payload, into);
+        if let Some(listed) = self.listed(ctx.method.as_bytes()) {
+            return copies
+                .of(listed.hosted())
+                .call_in(listed.method(), ctx, payload, into);
         }
         let method = ctx.method.clone(); // shares the frame's buffer; no copy
         match self.route(method.as_str()) {
@@ -298,10 +330,11 @@ impl Shared {
         }
     }
 
-    /// The service and method name of a listed method ([`Shared::methods`]).
-    fn listed(&self, method: &str) -> Option<(&Hosted, &'static str)> {
-        let route = self.methods.get(method)?;
-        Some((&route.hosted, route.name))
+    /// Where the calls of a listed method ([`Shared::methods`]) go, by the method's
+    /// whole name (its bytes, which need not be UTF-8: a name that is not misses).
+    fn listed(&self, method: &[u8]) -> Option<Listed<'_>> {
+        let (name, route) = self.methods.get_key_value(method)?;
+        Some(Listed { name, route })
     }
 
     fn route<'a>(&self, method: &'a str) -> Result<(&Hosted, &'a str), ServiceError> {
@@ -379,8 +412,8 @@ mod tests {
             tag: "first",
             methods: &["listed"],
         });
-        assert!(server.shared.listed("Echo.listed").is_some());
-        assert!(server.shared.listed("Echo.other").is_none());
+        assert!(server.shared.listed(b"Echo.listed").is_some());
+        assert!(server.shared.listed(b"Echo.other").is_none());
         assert_eq!(routed(&server, "Echo.listed"), "first:listed");
         assert_eq!(routed(&server, "Echo.other"), "first:other");
     }
@@ -397,11 +430,42 @@ mod tests {
                 methods: &["both"],
             });
         assert!(
-            server.shared.listed("Echo.a").is_none(),
+            server.shared.listed(b"Echo.a").is_none(),
             "the replaced service's methods are gone"
         );
         assert_eq!(routed(&server, "Echo.a"), "second:a");
         assert_eq!(routed(&server, "Echo.both"), "second:both");
+    }
+
+    /// A service named `Echo` listing `a`, `b` and `c`, with a path for `a`, a wrong one
+    /// for `b` and none for `c`.
+    struct Pathed;
+
+    impl Service for Pathed {
+        fn name(&self) -> &'static str {
+            "Echo"
+        }
+
+        fn call(&self, _method: &str, _ctx: CallContext, _payload: Bytes) -> CallFuture {
+            Box::pin(async move { Ok(Bytes::new()) })
+        }
+
+        fn methods(&self) -> &'static [&'static str] {
+            &["a", "b", "c"]
+        }
+
+        fn method_paths(&self) -> &'static [&'static str] {
+            &["Echo.a", "Other.b"]
+        }
+    }
+
+    #[test]
+    fn a_listed_method_keeps_the_path_its_service_gave_only_when_it_is_the_whole_name() {
+        let server = Server::new(ServerConfig::default()).add_service(Pathed);
+        let path = |name: &[u8]| server.shared.listed(name).unwrap().path();
+        assert_eq!(path(b"Echo.a"), Some("Echo.a"));
+        assert_eq!(path(b"Echo.b"), None, "not its whole name");
+        assert_eq!(path(b"Echo.c"), None, "none given");
     }
 
     /// A service named `Copied` whose copies count themselves and answer with their

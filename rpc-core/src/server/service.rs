@@ -75,6 +75,41 @@ pub trait Service: Send + Sync + 'static {
         &[]
     }
 
+    /// The whole names of [`Service::methods`], `"Service.method"`, in the same order.
+    /// A server names a call of a listed method with its path from here
+    /// ([`CallContext::method`]) rather than with the request's bytes, which it then
+    /// need neither check as UTF-8 nor hold on to. A path that is not the service's
+    /// name, a dot and the method's is not used. `#[courier::service]` gives every
+    /// path; the default gives none.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use rpc_core::server::{CallContext, CallFuture, Service};
+    ///
+    /// struct Echo;
+    ///
+    /// impl Service for Echo {
+    ///     fn name(&self) -> &'static str {
+    ///         "Echo"
+    ///     }
+    ///
+    ///     fn call(&self, _method: &str, _ctx: CallContext, payload: Bytes) -> CallFuture {
+    ///         Box::pin(async move { Ok(payload) })
+    ///     }
+    ///
+    ///     fn methods(&self) -> &'static [&'static str] {
+    ///         &["echo", "ping"]
+    ///     }
+    ///
+    ///     fn method_paths(&self) -> &'static [&'static str] {
+    ///         &["Echo.echo", "Echo.ping"]
+    ///     }
+    /// }
+    /// ```
+    fn method_paths(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// A copy of this service for the calls of one connection, sharing its state, or
     /// `None` to have them call this one.
     ///
@@ -143,6 +178,10 @@ impl<S: Service + ?Sized> Service for Arc<S> {
 
     fn methods(&self) -> &'static [&'static str] {
         (**self).methods()
+    }
+
+    fn method_paths(&self) -> &'static [&'static str] {
+        (**self).method_paths()
     }
 
     fn local_copy(&self) -> Option<Box<dyn Service>> {
