@@ -860,7 +860,8 @@ async fn a_durable_consumer_resumes_where_it_was_after_a_restart(mut fx: Fixture
             let got = match got {
                 Ok(got) if !got.is_empty() => got,
                 other => panic!(
-                    "{other:?} within 10 s: came {came:?} of {owed:?}, after the restart {info:?}"
+                    "no message from a fetch of 10 s ({other:?}): came {came:?} of {owed:?}, \
+                     after the restart {info:?}"
                 ),
             };
             for d in got {

@@ -1119,10 +1119,10 @@ async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_t
     for frame in &frames {
         codec.encode(frame, &mut buf).unwrap();
     }
-    // one over the reader's limit, last
     codec
         .encode(&request(5, "Echo.echo", Metadata::new()), &mut buf)
         .unwrap();
+    // one over the reader's limit, last
     let big = Frame::Request(Request {
         id: 6,
         timeout: None,
