@@ -41,7 +41,6 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use self::reader::BufferedRequest;
 pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_body_len, check_frame_len};
 use crate::error::ConnectionError;

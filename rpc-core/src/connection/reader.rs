@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -13,10 +13,10 @@ use tokio_util::codec::{Decoder, FramedRead};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::{ConnectionConfig, FrameSender, Shared};
-use crate::Utf8Bytes;
 use crate::codec::FrameCodec;
 use crate::error::{ConnectionError, ProtocolError};
-use crate::frame::{Frame, GoAway, Kind, RequestHead};
+use crate::frame::{Frame, GoAway, Kind, Request, RequestHead};
+use crate::{Metadata, Utf8Bytes};
 
 /// The read half of a connection; see [`super::start`].
 ///
@@ -38,18 +38,6 @@ pub struct FrameReader<R> {
     /// the pong waited for room leaves it to the next call.
     unanswered_ping: Option<u64>,
     finished: bool,
-}
-
-/// A request [`FrameReader::take_request`] took from the read buffer.
-#[derive(Debug)]
-pub(crate) struct BufferedRequest<T> {
-    pub(crate) id: u64,
-    pub(crate) timeout: Option<Duration>,
-    /// `"Service.method"`: the name `route` was given.
-    pub(crate) method: Utf8Bytes,
-    pub(crate) payload: Bytes,
-    /// What `route` made of the name.
-    pub(crate) routed: T,
 }
 
 /// The read buffer of a quiet connection, and of a new one.
@@ -181,19 +169,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame, taken straight from the read buffer when it is a request
     /// without metadata whose bytes are all buffered and whose method name `route`
-    /// knows: its fields, with `route`'s answer for the name, and no [`Frame`] made on
+    /// knows: the request, with `route`'s answer for the name, and no [`Frame`] made on
     /// the way (a server's read loop routes the call as it takes it). `None` leaves
     /// everything as it was: [`FrameReader::next`] then returns that frame, or the
     /// error it makes, as it always did.
     ///
-    /// `route` is given the name's bytes, which need not be UTF-8: a route knows
-    /// names made of strings, and a name that is not UTF-8 is left to `next`, which
-    /// refuses it. With its answer it may give a `'static` string equal to the name,
-    /// which then names the request: its bytes are neither checked nor held.
+    /// `route` is given the name's bytes, which need not be UTF-8, and answers with its
+    /// own `'static` string equal to them, which names the request: the name's bytes
+    /// are neither checked nor held.
     pub(crate) fn take_request<T>(
         &mut self,
-        route: impl FnOnce(&[u8]) -> Option<(T, Option<&'static str>)>,
-    ) -> Option<BufferedRequest<T>> {
+        route: impl FnOnce(&[u8]) -> Option<(T, &'static str)>,
+    ) -> Option<(Request, T)> {
         if self.finished || self.unanswered_ping.is_some() {
             return None;
         }
@@ -205,37 +192,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let body = &buf[prefix..prefix + len];
         let head = RequestHead::parse(body)?;
-        let name = &body[head.method.clone()];
-        let (routed, path) = route(name)?;
-        debug_assert!(path.is_none_or(|path| path.as_bytes() == name));
+        let name = &body[head.method];
+        let (routed, method) = route(name)?;
+        debug_assert_eq!(method.as_bytes(), name);
         let buf = self.framed.read_buffer_mut();
-        let mut frame = buf.split_to(prefix + len).freeze();
-        let method = match path {
-            Some(path) => Utf8Bytes::from_static(path),
-            None => {
-                let name = prefix + head.method.start..prefix + head.method.end;
-                match Utf8Bytes::try_from(frame.slice(name)) {
-                    Ok(method) => method,
-                    // A name the route knew is UTF-8. Were it not, the frame goes
-                    // back where it was, for `next`.
-                    Err(_) => {
-                        let mut restored = BytesMut::from(&frame[..]);
-                        restored.unsplit(std::mem::take(buf));
-                        *buf = restored;
-                        return None;
-                    }
-                }
-            }
-        };
-        bytes::Buf::advance(&mut frame, prefix + head.payload);
+        let mut payload = buf.split_to(prefix + len).freeze();
+        bytes::Buf::advance(&mut payload, prefix + head.payload);
         self.keepalive.seen = true;
-        Some(BufferedRequest {
+        let request = Request {
             id: head.id,
             timeout: head.timeout,
-            method,
-            payload: frame,
-            routed,
-        })
+            method: Utf8Bytes::from_static(method),
+            metadata: Metadata::new(),
+            payload,
+        };
+        Some((request, routed))
     }
 
     /// The next frame other than ping and pong.

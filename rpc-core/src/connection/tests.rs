@@ -1133,7 +1133,9 @@ async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_t
     codec.encode(&big, &mut buf).unwrap();
     peer.write_all(&buf).await.unwrap();
 
-    let route = |method: &[u8]| (method == b"Echo.echo").then_some(("routed", None));
+    // The route names what it knows with a string of its own.
+    static PATH: &str = "Echo.echo";
+    let route = |method: &[u8]| (method == PATH.as_bytes()).then_some(("routed", PATH));
     // Nothing is read yet: nothing to take.
     assert!(reader.take_request(route).is_none());
     // The ping comes first: it is `next`'s (which answers it and returns the request
@@ -1153,23 +1155,18 @@ async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_t
         reader.next().await.unwrap().unwrap(),
         request(3, "Echo.echo", traced)
     );
-    // A request the route knows is taken, with what `decode` would have made of it.
-    let taken = reader.take_request(route).expect("taken in place");
+    // A request the route knows is taken: what `decode` makes of it, named by the
+    // route's string.
+    let (taken, routed) = reader.take_request(route).expect("taken in place");
+    assert_eq!(routed, "routed");
     assert_eq!(
-        (
-            taken.id,
-            taken.timeout,
-            taken.method.as_str(),
-            &taken.payload[..],
-            taken.routed
-        ),
-        (
-            4,
-            Some(Duration::from_millis(4)),
-            "Echo.echo",
-            &[4u8; 3][..],
-            "routed"
-        )
+        taken.method.as_str().as_ptr(),
+        PATH.as_ptr(),
+        "the route's string"
+    );
+    assert_eq!(
+        Frame::Request(taken),
+        request(4, "Echo.echo", Metadata::new())
     );
     // The frame after it is intact.
     assert!(reader.take_request(route).is_none());
@@ -1177,16 +1174,10 @@ async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_t
         reader.next().await.unwrap().unwrap(),
         Frame::Cancel { id: 4 }
     );
-    // A route may name the request with a string of its own, equal to its bytes.
-    static PATH: &str = "Echo.echo";
-    let taken = reader
-        .take_request(|method: &[u8]| (method == PATH.as_bytes()).then_some(("routed", Some(PATH))))
-        .expect("taken in place");
-    assert_eq!((taken.id, taken.timeout), (5, None));
+    let (taken, _) = reader.take_request(route).expect("taken in place");
     assert_eq!(
-        taken.method.as_str().as_ptr(),
-        PATH.as_ptr(),
-        "the route's string"
+        Frame::Request(taken),
+        request(5, "Echo.echo", Metadata::new())
     );
     // Over the frame limit: `next` refuses it as ever.
     assert!(reader.take_request(route).is_none());

@@ -122,9 +122,10 @@ impl RequestHead {
     /// The fields of `body` when it is a request without metadata, or `None` for any
     /// other body: another kind, a request with metadata, or one [`Frame::decode`]
     /// would refuse as truncated or of another version. The method name is not checked
-    /// as UTF-8 (the caller does, or `decode` refuses the frame); for a request it
-    /// accepts whose name is UTF-8, `decode` gives the same id, timeout, method and
-    /// payload.
+    /// as UTF-8: a caller names the request with a string of its own that equals these
+    /// bytes, or leaves the frame to `decode`, which refuses a name that is not. For a
+    /// request it accepts whose name is UTF-8, `decode` gives the same id, timeout,
+    /// method and payload.
     pub(crate) fn parse(body: &[u8]) -> Option<RequestHead> {
         const FIXED: usize = 2 + 8 + 8 + 2; // version, kind, id, timeout, method length
         let fixed = body.get(..FIXED)?;

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -14,14 +13,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::call::{InFlight, Responder, Started};
 use super::{CallBox, CallContext, Copies, Listed, ServerConfig, ServiceError, Shared};
-use crate::connection::{
-    self, BufferedRequest, EncodedFrames, FrameReader, FrameSender, Io, TrySendError,
-};
+use crate::connection::{self, EncodedFrames, FrameReader, FrameSender, Io, TrySendError};
 use crate::error::{ConnectionError, ProtocolError};
 use crate::format::Encoded;
 use crate::frame::{Frame, GoAway, Request, Response, Status};
 use crate::transport::PeerAddr;
-use crate::{Metadata, Utf8Bytes};
 
 /// Answers a connection over the limit with a go-away naming the limit, then closes it.
 pub(super) async fn refuse<T: Io>(io: T, peer: PeerAddr, server: Arc<Shared>) {
@@ -136,9 +132,9 @@ pub(super) async fn serve<T: Io>(
                     .filter(|last| **last.name == *name)
                     .or_else(|| server.listed(name))?;
                 last_listed = Some(listed);
-                Some((listed, listed.path()))
+                Some((listed, listed.path()?))
             }) {
-                Some(request) => Some(Ok(Taken::Routed(request))),
+                Some((request, listed)) => Some(Ok(Taken::Routed(request, listed))),
                 None => reader.next().await.map(|frame| frame.map(Taken::Frame)),
             },
             None => tokio::select! {
@@ -147,9 +143,9 @@ pub(super) async fn serve<T: Io>(
                 _ = &mut draining => break None,
             },
         };
-        let call = match frame {
-            Some(Ok(Taken::Routed(request))) => Call::routed(request),
-            Some(Ok(Taken::Frame(Frame::Request(request)))) => Call::unrouted(request),
+        let (request, route) = match frame {
+            Some(Ok(Taken::Routed(request, listed))) => (request, Some(listed)),
+            Some(Ok(Taken::Frame(Frame::Request(request)))) => (request, None),
             Some(Ok(Taken::Frame(frame))) => {
                 if let Err(e) = conn.on_other_frame(frame) {
                     break Some(reader.protocol_violation(e));
@@ -177,7 +173,7 @@ pub(super) async fn serve<T: Io>(
                     tokio::select! {
                         biased;
                         _ = &mut draining => {
-                            conn.refuse_shutting_down(call.id).await;
+                            conn.refuse_shutting_down(request.id).await;
                             break None;
                         }
                         freed = conn.slots.clone().acquire_owned() => match freed {
@@ -188,14 +184,14 @@ pub(super) async fn serve<T: Io>(
                 }
             };
         }
-        let id = call.id;
+        let id = request.id;
         // The read's first request: the clock is read, and the connection
         // counts as working until no whole request is left to read.
         let now = *received.get_or_insert_with(|| {
             working.start();
             Instant::now()
         });
-        match conn.start_call(call, now, &mut into, &mut copies, &mut slot) {
+        match conn.start_call(request, route, now, &mut into, &mut copies, &mut slot) {
             // Answered here, and sent with the others of its read: a peer that
             // does not read its answers stops being read once a batch finds no
             // room (see `Answers::flush`).
@@ -247,59 +243,9 @@ pub(super) async fn serve<T: Io>(
 /// What the read loop took from its reader.
 enum Taken<'s> {
     /// A request of a listed method, routed as it was read ([`FrameReader::take_request`]).
-    Routed(BufferedRequest<Listed<'s>>),
+    Routed(Request, Listed<'s>),
     /// Any other frame ([`FrameReader::next`]).
     Frame(Frame),
-}
-
-/// A request to start, however it was read.
-struct Call<'s> {
-    id: u64,
-    timeout: Option<Duration>,
-    method: Utf8Bytes,
-    metadata: Metadata,
-    payload: Bytes,
-    /// Its service and method name, when routed as it was read; otherwise the
-    /// dispatch routes it ([`Shared::dispatch`]).
-    route: Option<Listed<'s>>,
-}
-
-impl<'s> Call<'s> {
-    fn routed(request: BufferedRequest<Listed<'s>>) -> Self {
-        let BufferedRequest {
-            id,
-            timeout,
-            method,
-            payload,
-            routed,
-        } = request;
-        Call {
-            id,
-            timeout,
-            method,
-            metadata: Metadata::new(),
-            payload,
-            route: Some(routed),
-        }
-    }
-
-    fn unrouted(request: Request) -> Self {
-        let Request {
-            id,
-            timeout,
-            method,
-            metadata,
-            payload,
-        } = request;
-        Call {
-            id,
-            timeout,
-            method,
-            metadata,
-            payload,
-            route: None,
-        }
-    }
 }
 
 /// A connection with frames always waiting is checked for a drain at least once every
@@ -369,24 +315,25 @@ struct Conn {
 }
 
 impl Conn {
-    /// Starts `call`, received at `received`, on the connection's copy of its service
-    /// in `copies`, its future in `into`.
+    /// Starts the call of `request`, received at `received`, on the connection's copy
+    /// of its service in `copies`, its future in `into`: the service of `route` when
+    /// the read loop routed it, otherwise the one [`Shared::dispatch`] finds.
     fn start_call(
         &self,
-        call: Call<'_>,
+        request: Request,
+        route: Option<Listed<'_>>,
         received: Instant,
         into: &mut CallBox,
         copies: &mut Copies,
         slot: &mut Option<OwnedSemaphorePermit>,
     ) -> Result<Started, ProtocolError> {
-        let Call {
+        let Request {
             id,
             timeout,
             method,
             metadata,
             payload,
-            route,
-        } = call;
+        } = request;
         // Built whole, not through its builder: each `with_` moves the context.
         let ctx = CallContext {
             request_id: id,

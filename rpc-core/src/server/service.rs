@@ -76,11 +76,12 @@ pub trait Service: Send + Sync + 'static {
     }
 
     /// The whole names of [`Service::methods`], `"Service.method"`, in the same order.
-    /// A server names a call of a listed method with its path from here
-    /// ([`CallContext::method`]) rather than with the request's bytes, which it then
-    /// need neither check as UTF-8 nor hold on to. A path that is not the service's
-    /// name, a dot and the method's is not used. `#[courier::service]` gives every
-    /// path; the default gives none.
+    /// A server takes a request of a method with a path here straight from its read
+    /// buffer and names the call with the path ([`CallContext::method`]): the
+    /// request's bytes for the name are neither checked as UTF-8 nor held on to. A
+    /// call of a listed method without one is decoded whole first, as any other. A
+    /// path that is not the service's name, a dot and the method's is not used.
+    /// `#[courier::service]` gives every path; the default gives none.
     ///
     /// ```
     /// use bytes::Bytes;
