@@ -26,6 +26,7 @@ on_every_backend!(
     a_reading_subscriber_gets_every_message_while_another_never_reads,
     a_full_wildcard_subscriber_sees_only_what_applications_published,
     a_subscription_made_between_publishes_to_one_subject_gets_the_later_ones,
+    replies_to_one_inbox_follow_its_subscriptions_as_they_change,
 );
 
 /// Reads until a message with payload `end` arrives on `end_subject`; returns the subjects
@@ -274,6 +275,39 @@ async fn a_subscription_made_between_publishes_to_one_subject_gets_the_later_one
     publisher.publish("news.today", "later").await.unwrap();
     assert_eq!(next(&mut first).await.payload, "later");
     assert_eq!(next(&mut second).await.payload, "later");
+}
+
+async fn replies_to_one_inbox_follow_its_subscriptions_as_they_change(fx: Fixture) {
+    // (a broker keeps what the last inbox replied to matched until the subscriptions
+    // change, for every reply subject of that inbox: each change must show)
+    let responder = fx.bus().await;
+    let requester = fx.bus().await;
+    let mut inbox = requester.subscribe("_INBOX.conform.*").await.unwrap();
+    requester.flush().await.unwrap();
+    responder.publish("_INBOX.conform.1", "one").await.unwrap();
+    assert_eq!(next(&mut inbox).await.payload, "one");
+    // a subscription to one reply subject of the inbox: that subject alone reaches it
+    let other = fx.bus().await;
+    let mut only_two = other.subscribe("_INBOX.conform.2").await.unwrap();
+    other.flush().await.unwrap();
+    for (subject, payload) in [("1", "again"), ("2", "two"), ("3", "three")] {
+        let subject = format!("_INBOX.conform.{subject}");
+        responder.publish(subject, payload).await.unwrap();
+    }
+    for payload in ["again", "two", "three"] {
+        assert_eq!(next(&mut inbox).await.payload, payload);
+    }
+    assert_eq!(next(&mut only_two).await.payload, "two");
+    // the inbox's subscriber leaves, another comes: the replies go to the newcomer
+    drop(inbox);
+    requester.flush().await.unwrap();
+    let mut newcomer = other.subscribe("_INBOX.conform.*").await.unwrap();
+    other.flush().await.unwrap();
+    responder.publish("_INBOX.conform.4", "four").await.unwrap();
+    responder.publish("_INBOX.conform.2", "end").await.unwrap();
+    assert_eq!(next(&mut newcomer).await.payload, "four");
+    assert_eq!(next(&mut newcomer).await.payload, "end");
+    assert_eq!(next(&mut only_two).await.payload, "end");
 }
 
 async fn dropping_a_subscriber_unsubscribes(fx: Fixture) {

@@ -9,7 +9,9 @@
 //! Results are cached per subject (up to [`CACHE_CAPACITY`] subjects). Adding or removing
 //! a subscription evicts exactly the cached subjects its filter matches; the trie's write
 //! lock is held while doing so, and a lookup fills the cache under the read lock, so a
-//! stale result can never be cached.
+//! stale result can never be cached. Reply subjects, each used once, are kept by their
+//! inbox instead (up to [`INBOX_CAPACITY`] inboxes; see [`Sublist::matches_inbox`]), and
+//! every change drops them all.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +23,9 @@ use crate::subject;
 
 /// Subjects whose match results are kept.
 pub const CACHE_CAPACITY: usize = 4096;
+
+/// Inbox prefixes whose match results are kept ([`Sublist::matches_inbox`]).
+pub const INBOX_CAPACITY: usize = 1024;
 
 /// The subscriptions one subject reaches.
 #[derive(Debug)]
@@ -312,8 +317,21 @@ impl<T> KeptMatch<T> {
 pub struct Sublist<T> {
     trie: RwLock<Trie<T>>,
     cache: Mutex<HashMap<Box<str>, Arc<Match<T>>>>,
-    /// Bumped by every change, after the cache dropped what it made stale.
+    /// Matches of reply subjects by inbox prefix (`_INBOX.<id>.`), for subjects whose
+    /// match does not depend on their last token; emptied by every change.
+    inboxes: Mutex<HashMap<Box<str>, Arc<Match<T>>>>,
+    /// Bumped by every change, after the caches dropped what it made stale.
     generation: AtomicU64,
+}
+
+/// What a lookup keeps of its result.
+enum Keep<'a> {
+    Nothing,
+    /// In the cache, under the subject.
+    Subject,
+    /// In the inboxes, under this prefix of the subject, if the match does not depend
+    /// on the subject's last token.
+    Inbox(&'a str),
 }
 
 impl<T: Clone> Default for Sublist<T> {
@@ -340,6 +358,7 @@ impl<T: Clone> Sublist<T> {
                 len: 0,
             }),
             cache: Mutex::new(HashMap::new()),
+            inboxes: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
         }
     }
@@ -384,10 +403,13 @@ impl<T: Clone> Sublist<T> {
         kept.found.upgrade()
     }
 
-    /// Marks a change (the trie's write lock is held, the cache already evicted): a
-    /// reader that sees the new generation finds no stale result in the cache.
+    /// Marks a change (the trie's write lock is held, the cache already evicted): the
+    /// inboxes' matches are dropped, and a reader that sees the new generation finds no
+    /// stale result in either.
     fn changed(&self) {
+        let dropped = std::mem::take(&mut *lock(&self.inboxes));
         self.generation.fetch_add(1, Ordering::Release);
+        drop(dropped); // (their routes let go outside the inboxes' lock)
     }
 
     /// Adds a subscription. The filter and queue name are validated here.
@@ -505,14 +527,48 @@ impl<T: Clone> Sublist<T> {
         if let Some(hit) = lock(&self.cache).get(subject) {
             return hit.clone();
         }
-        self.collect(subject, true).0
+        self.collect(subject, Keep::Subject).0
     }
 
     /// [`Sublist::matches`] for a subject used once (a request's reply subject): neither
     /// looked up in the cache nor added to it, where it would only push out the subjects
     /// that come back.
     pub fn matches_once(&self, subject: &str) -> Arc<Match<T>> {
-        self.collect(subject, false).0
+        self.collect(subject, Keep::Nothing).0
+    }
+
+    /// [`Sublist::matches_once`] for a reply subject, `<inbox>.<last token>`: the match
+    /// is kept by its inbox, the subject up to its last `.`, when it does not depend on
+    /// the last token (see [`Sublist::matches_reply`]), and found there for the next
+    /// reply to that inbox until a subscription is added or removed. The replies to one
+    /// requester (`_INBOX.<id>.1`, `_INBOX.<id>.2`, …) are then matched once. True with
+    /// a match that is kept, and so right for every subject of its inbox while the
+    /// [generation](Sublist::generation) read before this call holds.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use mq_transport::sublist::Sublist;
+    ///
+    /// let list = Sublist::new();
+    /// list.insert("_INBOX.a.*", None, 1, "requester").unwrap();
+    /// let (first, kept) = list.matches_inbox("_INBOX.a.1");
+    /// assert!(kept);
+    /// assert!(Arc::ptr_eq(&first, &list.matches_inbox("_INBOX.a.2").0), "matched once");
+    /// list.insert("_INBOX.a.3", None, 2, "one reply only").unwrap();
+    /// let (third, kept) = list.matches_inbox("_INBOX.a.3");
+    /// assert_eq!((third.plain.len(), kept), (2, false));
+    /// assert_eq!(list.matches_inbox("_INBOX.a.4").0.plain, ["requester"]);
+    /// ```
+    pub fn matches_inbox(&self, subject: &str) -> (Arc<Match<T>>, bool) {
+        let Some(dot) = subject.rfind('.') else {
+            return (self.matches_once(subject), false);
+        };
+        let inbox = &subject[..=dot];
+        if let Some(hit) = lock(&self.inboxes).get(inbox) {
+            return (hit.clone(), true);
+        }
+        let (found, by_last) = self.collect(subject, Keep::Inbox(inbox));
+        (found, !by_last)
     }
 
     /// [`Sublist::matches_once`], and whether the same subscriptions match every subject
@@ -531,11 +587,13 @@ impl<T: Clone> Sublist<T> {
     /// assert!(!list.matches_reply("_INBOX.a.7").1);
     /// ```
     pub fn matches_reply(&self, subject: &str) -> (Arc<Match<T>>, bool) {
-        let (found, by_last) = self.collect(subject, false);
+        let (found, by_last) = self.collect(subject, Keep::Nothing);
         (found, !by_last)
     }
 
-    fn collect(&self, subject: &str, cache_it: bool) -> (Arc<Match<T>>, bool) {
+    /// The match of `subject`, kept as `keep` says (under the trie's read lock, so that
+    /// no change comes in between), and whether it depends on the subject's last token.
+    fn collect(&self, subject: &str, keep: Keep<'_>) -> (Arc<Match<T>>, bool) {
         let trie = read(&self.trie);
         let tokens: Vec<&str> = subject.split('.').collect();
         let mut out = Match {
@@ -546,16 +604,19 @@ impl<T: Clone> Sublist<T> {
         let mut by_last = false;
         trie.root.collect(&tokens, &mut out, &mut by_last);
         let out = Arc::new(out);
-        if !cache_it {
-            return (out, by_last);
-        }
-        let mut cache = lock(&self.cache);
-        if cache.len() >= CACHE_CAPACITY {
+        let (kept, key, capacity) = match keep {
+            Keep::Nothing => return (out, by_last),
+            Keep::Inbox(_) if by_last => return (out, by_last),
+            Keep::Inbox(inbox) => (&self.inboxes, inbox, INBOX_CAPACITY),
+            Keep::Subject => (&self.cache, subject, CACHE_CAPACITY),
+        };
+        let mut kept = lock(kept);
+        if kept.len() >= capacity {
             // Simple and bounded: start over. Hot subjects come back on their next use.
-            cache.clear();
+            kept.clear();
         }
-        cache.insert(subject.into(), out.clone());
-        drop(cache);
+        kept.insert(key.into(), out.clone());
+        drop(kept);
         drop(trie);
         (out, by_last)
     }
@@ -633,6 +694,29 @@ mod tests {
         assert!(lock(&list.cache).is_empty(), "nothing cached");
         assert_eq!(all_keys(&list.matches("_INBOX.x.7")), all_keys(&once));
         assert!(all_keys(&list.matches_once("_INBOX")).is_empty());
+    }
+
+    #[test]
+    fn an_inbox_match_is_kept_until_any_change_and_then_let_go() {
+        let list = Sublist::new();
+        list.insert("_INBOX.x.*", None, 1, 1u64).unwrap();
+        let (found, kept) = list.matches_inbox("_INBOX.x.1");
+        assert!(kept);
+        let held = Arc::downgrade(&found);
+        drop(found);
+        assert!(held.upgrade().is_some(), "held by the inboxes");
+        let (again, _) = list.matches_inbox("_INBOX.x.2");
+        assert!(Arc::ptr_eq(&again, &held.upgrade().unwrap()), "found there");
+        drop(again);
+        // a change that has nothing to do with the inbox still drops it (and its routes)
+        list.insert("other", None, 2, 2).unwrap();
+        assert!(held.upgrade().is_none(), "let go");
+        assert!(lock(&list.cache).is_empty(), "never in the subject cache");
+        list.remove("_INBOX.x.*", None, 1).unwrap();
+        assert!(
+            list.matches_inbox("_INBOX.x.3").0.is_empty(),
+            "matched anew"
+        );
     }
 
     #[test]
@@ -854,6 +938,34 @@ mod tests {
                     .collect();
                 let m = list.matches(s);
                 prop_assert_eq!(all_keys(&m), sorted(expected), "subject {}", s);
+            }
+        }
+
+        /// Inbox matches, looked up between changes, always find what the naive
+        /// matcher finds: no change leaves one stale.
+        #[test]
+        fn inbox_matches_agree_with_the_naive_matcher_across_changes(
+            steps in prop::collection::vec((filter(), any::<bool>()), 1..40),
+            subjects in prop::collection::vec(subject_(), 1..10),
+        ) {
+            let list = Sublist::new();
+            let mut live: Vec<(u64, String)> = Vec::new();
+            for (key, (f, remove)) in steps.into_iter().enumerate() {
+                if remove && !live.is_empty() {
+                    let (key, f) = live.remove(key % live.len());
+                    prop_assert_eq!(list.remove(&f, None, key), Some(key));
+                } else {
+                    list.insert(&f, None, key as u64, key as u64).unwrap();
+                    live.push((key as u64, f));
+                }
+                for s in &subjects {
+                    let expected: Vec<u64> = live
+                        .iter()
+                        .filter(|(_, f)| subject::matches(f, s))
+                        .map(|(k, _)| *k)
+                        .collect();
+                    prop_assert_eq!(all_keys(&list.matches_inbox(s).0), sorted(expected), "subject {}", s);
+                }
             }
         }
 

@@ -12,7 +12,7 @@ use super::Shared;
 use super::connection::Conn;
 use crate::message::{NO_RESPONDERS, status_headers};
 use crate::subject::{SubjectError, validate_subject};
-use crate::sublist::{KeptMatch, Match, Offered};
+use crate::sublist::{KeptMatch, Match, Offered, Sublist};
 
 /// One subscription's way out: its connection and its sid there.
 #[derive(Clone, Debug)]
@@ -34,11 +34,19 @@ pub(super) struct ReplyRoutes {
 /// until a subscription comes or goes. (The shared cache costs a lock and a hash per
 /// publish.) The match is held weakly, so a change that evicts it frees it (and the
 /// connections its routes hold) even while this publisher is idle.
+///
+/// Reply subjects differ in their last token from one reply to the next: the match of
+/// the last inbox replied to (`_INBOX.<id>.`) is kept the same way, weakly, while the
+/// broker's [`Sublist::matches_inbox`] keeps it.
+///
+/// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
 #[derive(Default)]
 pub(super) struct PublishRoutes {
     /// Validated already.
     subject: Utf8Bytes,
     found: Option<KeptMatch<Route>>,
+    /// The last inbox replied to, up to and including its last `.`, and its match.
+    inbox: Option<(Box<str>, KeptMatch<Route>)>,
 }
 
 impl PublishRoutes {
@@ -51,6 +59,30 @@ impl PublishRoutes {
             self.found = None;
         }
         Ok(())
+    }
+
+    /// The subscriptions the reply subject `subject` reaches: the last inbox's match if
+    /// `subject` is in that inbox and nothing changed since, else the broker's
+    /// ([`Sublist::matches_inbox`]), read after `generation`.
+    ///
+    /// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
+    fn inbox_match(
+        &mut self,
+        subs: &Sublist<Route>,
+        subject: &str,
+        generation: u64,
+    ) -> Arc<Match<Route>> {
+        let inbox = subject.rfind('.').map_or(0, |dot| dot + 1);
+        if let Some((last, kept)) = &self.inbox
+            && last.len() == inbox
+            && subject.starts_with(&**last)
+            && let Some(found) = subs.kept(kept)
+        {
+            return found;
+        }
+        let (found, kept) = subs.matches_inbox(subject);
+        self.inbox = kept.then(|| (subject[..inbox].into(), KeptMatch::new(generation, &found)));
+        found
     }
 }
 
@@ -218,8 +250,12 @@ impl Shared {
         let found = cached.unwrap_or_else(|| {
             // the generation first: a change after it shows as a new one next time
             let generation = self.subs.generation();
-            let found = self.lookup(&publish.subject);
-            // (a reply inbox's match is not in the cache: it is looked up again)
+            let subject = &publish.subject;
+            let found = if subject.starts_with(crate::delivery::INBOX_PREFIX) {
+                routes.inbox_match(&self.subs, subject, generation)
+            } else {
+                self.subs.matches(subject)
+            };
             routes.found = Some(KeptMatch::new(generation, &found));
             found
         });
@@ -304,9 +340,9 @@ impl Shared {
 
     /// The subscriptions `subject` reaches.
     fn lookup(&self, subject: &str) -> Arc<Match<Route>> {
-        // a reply goes to an inbox subject used once: caching it would only churn
+        // a reply goes to an inbox subject used once: matched by its inbox, not cached
         if subject.starts_with(crate::delivery::INBOX_PREFIX) {
-            self.subs.matches_once(subject)
+            self.subs.matches_inbox(subject).0
         } else {
             self.subs.matches(subject)
         }
