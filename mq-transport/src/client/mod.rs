@@ -503,34 +503,33 @@ impl Remote {
     /// there is one, and leaves `run` empty. One look-up and one lock of the
     /// subscription's queue serve the whole run; a refusal from the broker (a status
     /// message, never in a run of ordinary ones in practice) ends the subscription, and
-    /// what follows it in the run is dropped. True when at least one went to a
-    /// subscriber's queue (not to the inbox of requests waiting for replies).
-    fn deliver_run(&self, sid: u64, run: &mut Vec<Message>) -> bool {
+    /// what follows it in the run is dropped.
+    fn deliver_run(&self, sid: u64, run: &mut Vec<Message>) {
         let mut subs = self.lock_subs();
         let Some(entry) = subs.get(&sid) else {
             run.clear();
-            return false;
+            return;
         };
         match &entry.target {
             Target::Queue(queue) => match run.iter().position(delivery::is_refusal) {
-                None => queue.deliver_all(run) > 0,
+                None => {
+                    queue.deliver_all(run);
+                }
                 Some(at) => {
                     // What came before it is delivered; what came after it is not.
                     let refusal = run.remove(at);
                     run.truncate(at);
-                    let queued = queue.deliver_all(run) > 0;
+                    queue.deliver_all(run);
                     queue.refuse(&refusal);
                     tracing::warn!(subject = %entry.filter, reason = queue.state.refused().unwrap_or(""), "the broker ended a subscription");
                     subs.remove(&sid);
                     run.clear();
-                    queued
                 }
             },
             Target::Inbox(inbox) => {
                 for message in run.drain(..) {
                     inbox.deliver(message);
                 }
-                false
             }
         }
     }
@@ -538,8 +537,6 @@ impl Remote {
     /// Returns why the connection ended.
     async fn read_loop(&self, reader: &mut FrameReader<BoxRead>) -> LinkDown {
         let mut go_away = None;
-        // messages handed out since the stream was last found drained
-        let mut delivered = 0usize;
         // Messages read one after the other for one subscription, not handed to it yet:
         // they go together once no whole frame is left in the read buffer, another
         // subscription's message or another frame comes, or RUN_MAX of them wait.
@@ -556,28 +553,18 @@ impl Remote {
                 Some(Ok(Frame::Msg(m))) => {
                     run_sid = m.sid;
                     run.push(wire_message(m.subject, m.reply, m.headers, m.payload));
-                    delivered += 1;
                     // Held back only while the next frame is read already: `next`
                     // then returns it without waiting for the peer.
+                    //
+                    // No yield after a lone message: the task it woke (a subscriber's)
+                    // runs on this thread as soon as this one waits, and the wait costs
+                    // no system call (tokio notes that a read which did not fill its
+                    // buffer drained the socket). A yield here made tokio wake the
+                    // other worker for nothing on every request a subscriber answered
+                    // (`req_seq`: 4.4 context switches per request in the bench
+                    // process, 3.0 without; the floor's `bus-raw` makes 3.0).
                     if !reader.has_frame() || run.len() >= RUN_MAX {
-                        let queued = self.deliver_run(run_sid, &mut run);
-                        if !reader.may_have_more() {
-                            // A lone message (a request, say) to a subscription: the
-                            // task reading it runs on this thread once this one waits,
-                            // so it goes first, rather than after a read that most
-                            // likely finds the socket empty, and its answer leaves that
-                            // much sooner. After several, the tasks they woke run
-                            // together, and what they send shares a write. A reply goes
-                            // to whoever waits for it, often not a task of the runtime
-                            // at all (`block_on`, or `#[tokio::main]`'s body): a yield
-                            // then would only wake an idle worker to find nothing (two
-                            // futex calls and a context switch per request, on a
-                            // durable publish's round trip).
-                            if delivered == 1 && queued {
-                                tokio::task::yield_now().await;
-                            }
-                            delivered = 0;
-                        }
+                        self.deliver_run(run_sid, &mut run);
                     }
                     continue;
                 }

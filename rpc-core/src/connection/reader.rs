@@ -159,10 +159,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Whether more is likely at hand without waiting for the peer: a whole frame is
     /// buffered ([`FrameReader::has_frame`]), or the last read from the stream filled
     /// all the room it had (the peer had more to say than it took). When neither holds,
-    /// [`FrameReader::next`] would most likely find the stream empty, at the cost of a
-    /// read that returns nothing: a reader that sends what it gathered from one read (a
-    /// broker's messages) sends it first, and one that woke a task with a frame lets
-    /// that task run first.
+    /// [`FrameReader::next`] would most likely find the stream empty: a reader that
+    /// sends what it gathered from one read (a broker's messages) sends it first.
     pub fn may_have_more(&self) -> bool {
         self.has_frame() || self.framed.get_ref().last_filled
     }
