@@ -21,54 +21,32 @@ pub(super) struct Route {
     pub(super) sid: u64,
 }
 
-/// The last inbox a connection replied to (`_INBOX.<id>.`, its subject up to and
-/// including the last `.`) and what it matched, for the next reply to it: replies differ
-/// in their last token from one to the next, so a subject's match would not serve the
-/// next. Held weakly, with the generation it was got at, as [`PublishRoutes`] holds its
-/// match, while the broker's [`Sublist::matches_inbox`] keeps it; a subscription made or
-/// dropped meanwhile makes it stale.
-///
-/// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
+/// The match of the last reply's inbox prefix, for the next reply of the same batch
+/// (see [`Shared::route_reply`]). Kept for one batch only: a subscription made meanwhile
+/// is as if made just after the batch.
 #[derive(Default)]
-pub(super) struct InboxRoutes {
-    last: Option<(Box<str>, KeptMatch<Route>)>,
-}
-
-impl InboxRoutes {
-    /// The subscriptions the reply subject `subject` reaches: the last inbox's match if
-    /// `subject` is in that inbox and nothing changed since, else the broker's
-    /// ([`Sublist::matches_inbox`]).
-    ///
-    /// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
-    fn matches(&mut self, subs: &Sublist<Route>, subject: &str) -> Arc<Match<Route>> {
-        let inbox = subject.rfind('.').map_or(0, |dot| dot + 1);
-        if let Some((last, kept)) = &self.last
-            && last.len() == inbox
-            && subject.starts_with(&**last)
-            && let Some(found) = subs.kept(kept)
-        {
-            return found;
-        }
-        // the generation first: a change after it shows as a new one next time
-        let generation = subs.generation();
-        let (found, kept) = subs.matches_inbox(subject);
-        self.last = kept.then(|| (subject[..inbox].into(), KeptMatch::new(generation, &found)));
-        found
-    }
+pub(super) struct ReplyRoutes {
+    last: Option<(Box<str>, Arc<Match<Route>>)>,
 }
 
 /// A connection's last publish subject, and what it matched ([`KeptMatch`]): a
 /// publisher that sends to one subject again and again is validated and matched once,
 /// until a subscription comes or goes. (The shared cache costs a lock and a hash per
 /// publish.) The match is held weakly, so a change that evicts it frees it (and the
-/// connections its routes hold) even while this publisher is idle. A reply subject
-/// (an inbox's) is matched through the connection's [`InboxRoutes`].
+/// connections its routes hold) even while this publisher is idle.
+///
+/// Reply subjects differ in their last token from one reply to the next: the match of
+/// the last inbox replied to (`_INBOX.<id>.`) is kept the same way, weakly, while the
+/// broker's [`Sublist::matches_inbox`] keeps it.
+///
+/// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
 #[derive(Default)]
 pub(super) struct PublishRoutes {
     /// Validated already.
     subject: Utf8Bytes,
     found: Option<KeptMatch<Route>>,
-    inbox: InboxRoutes,
+    /// The last inbox replied to, up to and including its last `.`, and its match.
+    inbox: Option<(Box<str>, KeptMatch<Route>)>,
 }
 
 impl PublishRoutes {
@@ -81,6 +59,30 @@ impl PublishRoutes {
             self.found = None;
         }
         Ok(())
+    }
+
+    /// The subscriptions the reply subject `subject` reaches: the last inbox's match if
+    /// `subject` is in that inbox and nothing changed since, else the broker's
+    /// ([`Sublist::matches_inbox`]), read after `generation`.
+    ///
+    /// [`Sublist::matches_inbox`]: crate::sublist::Sublist::matches_inbox
+    fn inbox_match(
+        &mut self,
+        subs: &Sublist<Route>,
+        subject: &str,
+        generation: u64,
+    ) -> Arc<Match<Route>> {
+        let inbox = subject.rfind('.').map_or(0, |dot| dot + 1);
+        if let Some((last, kept)) = &self.inbox
+            && last.len() == inbox
+            && subject.starts_with(&**last)
+            && let Some(found) = subs.kept(kept)
+        {
+            return found;
+        }
+        let (found, kept) = subs.matches_inbox(subject);
+        self.inbox = kept.then(|| (subject[..inbox].into(), KeptMatch::new(generation, &found)));
+        found
     }
 }
 
@@ -250,7 +252,7 @@ impl Shared {
             let generation = self.subs.generation();
             let subject = &publish.subject;
             let found = if subject.starts_with(crate::delivery::INBOX_PREFIX) {
-                routes.inbox.matches(&self.subs, subject)
+                routes.inbox_match(&self.subs, subject, generation)
             } else {
                 self.subs.matches(subject)
             };
@@ -346,9 +348,11 @@ impl Shared {
         }
     }
 
-    /// [`Shared::route`] for a reply (a connection's publish acknowledgements, one per
-    /// publish, each to its own inbox subject), matched through `routes`: once per inbox
-    /// while nothing changes.
+    /// [`Shared::route`] for a reply of a batch (a connection's publish acknowledgements,
+    /// one per publish, each to its own inbox subject): matched once per inbox prefix
+    /// while the match does not depend on the last token (see [`Sublist::matches_reply`]).
+    ///
+    /// [`Sublist::matches_reply`]: crate::sublist::Sublist::matches_reply
     ///
     /// With `batches`, into them, as the messages of a read are: sent by
     /// [`Shared::flush`], by this task when the connection is idle. Without, through
@@ -358,10 +362,24 @@ impl Shared {
     pub(super) async fn route_reply(
         &self,
         publish: &Publish,
-        routes: &mut InboxRoutes,
+        routes: &mut ReplyRoutes,
         batches: Option<&mut Batches>,
     ) {
-        let found = routes.matches(&self.subs, &publish.subject);
+        let subject = &publish.subject;
+        let prefix = subject.rfind('.').map_or(0, |dot| dot + 1);
+        let found = match &routes.last {
+            Some((cached, found))
+                if prefix > 0 && cached.len() == prefix && subject.starts_with(&**cached) =>
+            {
+                found.clone()
+            }
+            _ => {
+                let (found, any_last) = self.subs.matches_reply(subject);
+                routes.last =
+                    (prefix > 0 && any_last).then(|| (subject[..prefix].into(), found.clone()));
+                found
+            }
+        };
         match batches {
             Some(batches) => self.route_batched(publish, &found, batches).await,
             None => self.route_match(publish, &found).await,

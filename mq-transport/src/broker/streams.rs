@@ -29,7 +29,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::fanout::{Batches, InboxRoutes};
+use super::fanout::{Batches, ReplyRoutes};
 use crate::lock;
 use crate::message::{DESCRIPTION_HEADER, STATUS_HEADER};
 use crate::streams::wire::{
@@ -228,7 +228,7 @@ impl StreamSession {
         // one reads on, and gathers the acknowledgements of several reads into one
         // write (batched here, `js_pub_async` 16 B lost a quarter of its rate).
         let mut batches = (self.deferred_acks.len() == 1).then_some(batches);
-        let mut routes = InboxRoutes::default();
+        let mut routes = ReplyRoutes::default();
         while let Some((ack, _)) = self.deferred_acks.front_mut() {
             if self.in_pipeline.load(Ordering::Acquire) > 0 {
                 break;
