@@ -27,6 +27,20 @@ pub const CACHE_CAPACITY: usize = 4096;
 /// Inbox prefixes whose match results are kept ([`Sublist::matches_inbox`]).
 pub const INBOX_CAPACITY: usize = 1024;
 
+/// A reply subject's inbox: the subject up to and including its last `.`
+/// (`_INBOX.<id>.` of `_INBOX.<id>.7`), or `None` for a subject of one token. Replies
+/// to one inbox differ in their last token only.
+///
+/// ```
+/// use mq_transport::sublist::inbox_of;
+///
+/// assert_eq!(inbox_of("_INBOX.a.7"), Some("_INBOX.a."));
+/// assert_eq!(inbox_of("orders"), None);
+/// ```
+pub fn inbox_of(subject: &str) -> Option<&str> {
+    subject.rfind('.').map(|dot| &subject[..=dot])
+}
+
 /// The subscriptions one subject reaches.
 #[derive(Debug)]
 pub struct Match<T> {
@@ -560,10 +574,9 @@ impl<T: Clone> Sublist<T> {
     /// assert_eq!(list.matches_inbox("_INBOX.a.4").0.plain, ["requester"]);
     /// ```
     pub fn matches_inbox(&self, subject: &str) -> (Arc<Match<T>>, bool) {
-        let Some(dot) = subject.rfind('.') else {
+        let Some(inbox) = inbox_of(subject) else {
             return (self.matches_once(subject), false);
         };
-        let inbox = &subject[..=dot];
         if let Some(hit) = lock(&self.inboxes).get(inbox) {
             return (hit.clone(), true);
         }

@@ -12,7 +12,7 @@ use super::Shared;
 use super::connection::Conn;
 use crate::message::{NO_RESPONDERS, status_headers};
 use crate::subject::{SubjectError, validate_subject};
-use crate::sublist::{KeptMatch, Match, Offered, Sublist};
+use crate::sublist::{KeptMatch, Match, Offered, Sublist, inbox_of};
 
 /// One subscription's way out: its connection and its sid there.
 #[derive(Clone, Debug)]
@@ -72,16 +72,17 @@ impl PublishRoutes {
         subject: &str,
         generation: u64,
     ) -> Arc<Match<Route>> {
-        let inbox = subject.rfind('.').map_or(0, |dot| dot + 1);
+        let inbox = inbox_of(subject);
         if let Some((last, kept)) = &self.inbox
-            && last.len() == inbox
-            && subject.starts_with(&**last)
+            && inbox == Some(&**last)
             && let Some(found) = subs.kept(kept)
         {
             return found;
         }
         let (found, kept) = subs.matches_inbox(subject);
-        self.inbox = kept.then(|| (subject[..inbox].into(), KeptMatch::new(generation, &found)));
+        self.inbox = inbox
+            .filter(|_| kept)
+            .map(|inbox| (inbox.into(), KeptMatch::new(generation, &found)));
         found
     }
 }
@@ -251,11 +252,11 @@ impl Shared {
             // the generation first: a change after it shows as a new one next time
             let generation = self.subs.generation();
             let subject = &publish.subject;
-            let found = if subject.starts_with(crate::delivery::INBOX_PREFIX) {
-                routes.inbox_match(&self.subs, subject, generation)
-            } else {
-                self.subs.matches(subject)
-            };
+            if subject.starts_with(crate::delivery::INBOX_PREFIX) {
+                // a reply subject is used once: its inbox's match is kept, not its own
+                return routes.inbox_match(&self.subs, subject, generation);
+            }
+            let found = self.subs.matches(subject);
             routes.found = Some(KeptMatch::new(generation, &found));
             found
         });
@@ -371,17 +372,14 @@ impl Shared {
         batches: Option<&mut Batches>,
     ) {
         let subject = &publish.subject;
-        let prefix = subject.rfind('.').map_or(0, |dot| dot + 1);
+        let inbox = inbox_of(subject);
         let found = match &routes.last {
-            Some((cached, found))
-                if prefix > 0 && cached.len() == prefix && subject.starts_with(&**cached) =>
-            {
-                found.clone()
-            }
+            Some((cached, found)) if inbox == Some(&**cached) => found.clone(),
             _ => {
                 let (found, any_last) = self.subs.matches_reply(subject);
-                routes.last =
-                    (prefix > 0 && any_last).then(|| (subject[..prefix].into(), found.clone()));
+                routes.last = inbox
+                    .filter(|_| any_last)
+                    .map(|inbox| (inbox.into(), found.clone()));
                 found
             }
         };
