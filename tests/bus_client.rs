@@ -12,18 +12,24 @@ use common::raw_peer;
 use courier::Metadata;
 use courier::bus::{Bus, DESCRIPTION_HEADER, STATUS_HEADER, SUBSCRIPTION_REFUSED, Subscriber};
 use courier::connection::{EncodedFrames, FrameSender};
-use courier::frame::{Connect, Frame, Message as MsgFrame};
+use courier::frame::{Connect, Frame, Message as MsgFrame, Publish};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 
+/// What a scripted broker reports: each subscription (subject and sid) and each publish.
+struct Seen {
+    subs: mpsc::UnboundedReceiver<(String, u64)>,
+    publishes: mpsc::UnboundedReceiver<Publish>,
+}
+
 /// A bus connected to a broker that the test scripts: it answers the hello, reports each
-/// subscription (subject and sid), answers pings, and sends only what the test sends
-/// with the returned sender.
-async fn connect_to_scripted_broker() -> (Bus, FrameSender, mpsc::UnboundedReceiver<(String, u64)>)
-{
+/// subscription and publish, answers pings, and sends only what the test sends with the
+/// returned sender.
+async fn connect_to_scripted_broker() -> (Bus, FrameSender, Seen) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let (subs_tx, subs_rx) = mpsc::unbounded_channel();
+    let (subs_tx, subs) = mpsc::unbounded_channel();
+    let (publishes_tx, publishes) = mpsc::unbounded_channel();
     let (sender_tx, sender_rx) = oneshot::channel();
     tokio::spawn(async move {
         let (stream, _) = listener.accept().await.unwrap();
@@ -43,14 +49,30 @@ async fn connect_to_scripted_broker() -> (Bus, FrameSender, mpsc::UnboundedRecei
         let _ = sender_tx.send(sender);
         // Reading answers the client's pings (a subscribe waits for one round trip).
         while let Some(Ok(frame)) = reader.next().await {
-            if let Frame::Sub(sub) = frame {
-                let _ = subs_tx.send((sub.subject.to_string(), sub.sid));
+            match frame {
+                Frame::Sub(sub) => {
+                    let _ = subs_tx.send((sub.subject.to_string(), sub.sid));
+                }
+                Frame::Pub(publish) => {
+                    let _ = publishes_tx.send(publish);
+                }
+                _ => {}
             }
         }
     });
     let bus = Bus::connect(addr).await.unwrap();
     let sender = sender_rx.await.unwrap();
-    (bus, sender, subs_rx)
+    (bus, sender, Seen { subs, publishes })
+}
+
+/// The sid the scripted broker saw for a subscription to `subject`.
+async fn sid_of(seen: &mut Seen, subject: &str) -> u64 {
+    loop {
+        match seen.subs.recv().await.expect("a subscription") {
+            (s, sid) if s == subject => return sid,
+            _ => {} // the client's own, to its reply inbox
+        }
+    }
 }
 
 /// A bus subscribed to `a` and `b` through a scripted broker.
@@ -67,25 +89,18 @@ struct Scripted {
 }
 
 async fn subscribed_to_a_and_b() -> Scripted {
-    let (bus, broker, mut subs) = connect_to_scripted_broker().await;
+    let (bus, broker, mut seen) = connect_to_scripted_broker().await;
     let a = bus.subscribe("a").await.unwrap();
+    let sid_a = sid_of(&mut seen, "a").await;
     let b = bus.subscribe("b").await.unwrap();
-    // The client's own subscription, to its reply inbox, is passed over.
-    let (mut sid_a, mut sid_b) = (None, None);
-    while sid_a.is_none() || sid_b.is_none() {
-        match subs.recv().await.expect("a subscription") {
-            (subject, sid) if subject == "a" => sid_a = Some(sid),
-            (subject, sid) if subject == "b" => sid_b = Some(sid),
-            _ => {}
-        }
-    }
+    let sid_b = sid_of(&mut seen, "b").await;
     Scripted {
         _bus: bus,
         broker,
         a,
         b,
-        sid_a: sid_a.unwrap(),
-        sid_b: sid_b.unwrap(),
+        sid_a,
+        sid_b,
     }
 }
 
@@ -195,4 +210,64 @@ async fn a_refusal_inside_a_run_ends_that_subscription_after_the_messages_before
     );
     assert_eq!(s.a.ended_by_broker(), Some("over the scripted limit"));
     assert_eq!(got_b, Some(0), "the other subscription carries on");
+}
+
+#[tokio::test]
+async fn the_reply_to_a_request_read_alone_reaches_the_broker_in_publish_order() {
+    // A request read alone is answered by a write of the responder's own (when nothing
+    // is queued on the connection); its reply must still keep its place among the
+    // responder's publishes: after those made before it, before those made after it.
+    let (bus, broker, mut seen) = connect_to_scripted_broker().await;
+    let mut service = bus.subscribe("svc").await.unwrap();
+    let sid = sid_of(&mut seen, "svc").await;
+
+    // Round 0: the reply first, then a burst. Round 1: a burst, the reply, a burst.
+    for (round, before) in [(0u32, 0u32), (1, 50)] {
+        let inbox = format!("_INBOX.scripted.{round}");
+        broker
+            .send(Frame::Msg(MsgFrame {
+                sid,
+                subject: "svc".into(),
+                reply: inbox.clone().into(),
+                payload: Bytes::from("request"),
+                ..MsgFrame::default()
+            }))
+            .await
+            .unwrap();
+        let request = tokio::time::timeout(Duration::from_secs(10), service.next())
+            .await
+            .expect("the request within 10 s")
+            .expect("the subscription open");
+        let reply_to = request.reply.clone().expect("a reply subject");
+        let mut expected = Vec::new();
+        for n in 0..before {
+            bus.publish("before", n.to_string()).await.unwrap();
+            expected.push(format!("before {n}"));
+        }
+        bus.publish(reply_to.to_string(), "answer").await.unwrap();
+        expected.push(format!("{inbox} answer"));
+        for n in 0..50u32 {
+            bus.publish("after", n.to_string()).await.unwrap();
+            expected.push(format!("after {n}"));
+        }
+        let mut got = Vec::new();
+        while got.len() < expected.len() {
+            let publish = tokio::time::timeout(Duration::from_secs(10), seen.publishes.recv())
+                .await
+                .expect("every publish within 10 s")
+                .expect("the scripted broker running");
+            let payload = std::str::from_utf8(&publish.payload).unwrap().to_owned();
+            got.push(format!("{} {payload}", publish.subject));
+        }
+        let at = got.iter().position(|p| p.starts_with("_INBOX."));
+        println!(
+            "round {round}: {} publishes received of {}, the reply at {at:?} (expected at {before})",
+            got.len(),
+            expected.len()
+        );
+        assert_eq!(
+            got, expected,
+            "round {round}: each publish once, in publish order"
+        );
+    }
 }

@@ -8,7 +8,7 @@
 mod link;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -110,6 +110,7 @@ impl Client {
             state: Mutex::new(State::Connected(Arc::new(link.sender.clone()))),
             subs: Mutex::default(),
             max_payload: AtomicUsize::new(link.broker.max_payload as usize),
+            lone_request: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
             options,
             core,
@@ -281,6 +282,11 @@ pub(crate) struct Remote {
     subs: Mutex<FxHashMap<u64, SubEntry>>,
     /// The broker's limit, from its connect frame (0: not stated).
     max_payload: AtomicUsize,
+    /// The last message read was a request read alone: it carried a reply subject, and
+    /// nothing more was read or waiting in the socket as it was handed to its
+    /// subscription. The first reply published after it, to an inbox, is then written
+    /// by its sender if the connection is idle ([`Remote::publish_frame`]).
+    lone_request: AtomicBool,
     shutdown: CancellationToken,
     options: ConnectOptions,
     core: Arc<Core>,
@@ -385,8 +391,19 @@ impl Remote {
     /// answer) is written by its sender when the connection is idle: one thread
     /// hand-off less per round trip. Requests sent in a stream are queued, for the
     /// writer to gather into one write.
+    ///
+    /// So is the answer to a request read alone ([`Remote::note_lone_request`]): a
+    /// responder's reply to the one request it was given, which its requester waits for.
+    /// One reply per such request: replies that follow it go through the queue.
     fn publish_frame(&self, message: Message) -> (Frame, bool) {
-        let lone = message.reply.is_some() && self.core.inbox.in_flight() == 1;
+        let lone = match &message.reply {
+            Some(_) => self.core.inbox.in_flight() == 1,
+            None => {
+                message.subject.starts_with(crate::delivery::INBOX_PREFIX)
+                    && self.lone_request.load(Ordering::Relaxed)
+                    && self.lone_request.swap(false, Ordering::Relaxed)
+            }
+        };
         let publish = Publish {
             subject: message.subject,
             reply: message.reply.unwrap_or_default(),
@@ -534,6 +551,17 @@ impl Remote {
         }
     }
 
+    /// Notes whether `run`, about to be handed to its subscription, is a request read
+    /// alone (`drained`: nothing more is buffered or likely waiting in the socket), for
+    /// [`Remote::publish_frame`]. Stored only when it changes: the flag is read by the
+    /// publishing tasks, on other threads.
+    fn note_lone_request(&self, run: &[Message], drained: bool) {
+        let lone = drained && run.len() == 1 && run[0].reply.is_some();
+        if self.lone_request.load(Ordering::Relaxed) != lone {
+            self.lone_request.store(lone, Ordering::Relaxed);
+        }
+    }
+
     /// Returns why the connection ended.
     async fn read_loop(&self, reader: &mut FrameReader<BoxRead>) -> LinkDown {
         let mut go_away = None;
@@ -547,6 +575,7 @@ impl Remote {
             if !run.is_empty() && !matches!(&frame, Some(Ok(Frame::Msg(m))) if m.sid == run_sid) {
                 // Before anything else that was read after them (an unsubscribe, the
                 // end): nothing read is left behind.
+                self.note_lone_request(&run, false);
                 self.deliver_run(run_sid, &mut run);
             }
             let error = match frame {
@@ -564,6 +593,7 @@ impl Remote {
                     // (`req_seq`: 4.4 context switches per request in the bench
                     // process, 3.0 without; the floor's `bus-raw` makes 3.0).
                     if !reader.has_frame() || run.len() >= RUN_MAX {
+                        self.note_lone_request(&run, !reader.may_have_more());
                         self.deliver_run(run_sid, &mut run);
                     }
                     continue;
