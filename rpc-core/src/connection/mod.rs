@@ -38,7 +38,6 @@ use futures_util::task::AtomicWaker;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use self::reader::FrameReader;
@@ -167,8 +166,9 @@ struct Shared {
     abort: Latch,
     /// The go-away the writer tries to send when aborting.
     abort_go_away: OnceLock<GoAway>,
-    /// The writer has stopped: nothing more will be written.
-    writer_done: CancellationToken,
+    /// The writer has stopped: nothing more will be written. A [`Latch`]: a waiting
+    /// reader checks it whenever it wakes.
+    writer_done: Latch,
     /// Why the connection ended, when it ended with an error (first cause wins).
     error: OnceLock<Arc<str>>,
     /// The largest frame this side sends: [`ConnectionConfig::max_frame_len`], lowered to
@@ -350,7 +350,7 @@ pub fn start<T: Io>(io: T, config: &ConnectionConfig) -> (FrameReader<T::Read>, 
         close: Latch::new(),
         abort: Latch::new(),
         abort_go_away: OnceLock::new(),
-        writer_done: CancellationToken::new(),
+        writer_done: Latch::new(),
         error: OnceLock::new(),
         max_frame_len: AtomicUsize::new(config.max_frame_len),
         soon,
@@ -1320,7 +1320,7 @@ impl FrameSender {
                 if self.queued_bytes() <= self.shared.max_queued_bytes / 2 {
                     break;
                 }
-                let stopped = self.shared.writer_done.cancelled();
+                let stopped = self.shared.writer_done.wait();
                 tokio::select! {
                     _ = &mut written => {}
                     _ = stopped => return Err(TrySendError::Failed(self.shared.closed_error())),
@@ -1344,7 +1344,7 @@ impl FrameSender {
             if self.queued_bytes() <= bytes {
                 return true;
             }
-            let stopped = self.shared.writer_done.cancelled();
+            let stopped = self.shared.writer_done.wait();
             tokio::select! {
                 _ = written => {}
                 _ = stopped => return true,
@@ -1422,7 +1422,7 @@ impl FrameSender {
             }
             tokio::select! {
                 _ = written => {}
-                _ = self.shared.writer_done.cancelled() => return Err(self.shared.closed_error()),
+                _ = self.shared.writer_done.wait() => return Err(self.shared.closed_error()),
             }
         }
     }
@@ -1539,7 +1539,7 @@ impl FrameSender {
 
     /// Resolves once the writer stopped: the connection is closed for writing.
     pub async fn closed(&self) {
-        self.shared.writer_done.cancelled().await;
+        self.shared.writer_done.wait().await;
     }
 }
 

@@ -369,7 +369,7 @@ pub(super) async fn run<W: AsyncWrite + Unpin>(
     }
     rx.close();
     shared.close();
-    shared.writer_done.cancel();
+    shared.writer_done.set();
 }
 
 #[cfg(test)]
