@@ -157,10 +157,10 @@ impl WriterDone {
 /// The waker a future that fires once (a timer, a cancellation) was last polled with.
 /// Such a future keeps the waker it was given, and wakes it when it fires; until then,
 /// polling it again with the same waker only registers that waker anew. A reader polls
-/// two of them each time it waits for the peer, and that re-registration cost a waiting
-/// reader more than the rest of its wait (about 230 of its instructions under callgrind,
-/// in `courier bench bus --only req_seq`): they are polled again only when they fired,
-/// or when the task polling them changed.
+/// two of them each time it waits for the peer, and registering anew cost it 240 to 270
+/// instructions per wait (callgrind, `courier bench bus --only req_seq`): they are
+/// polled again only when they fired, or when the waker differs (another task, or a
+/// caller's own waker, as a poll that must not wait gives).
 #[derive(Debug, Default)]
 struct Registered(Option<Waker>);
 
