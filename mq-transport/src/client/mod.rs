@@ -398,9 +398,10 @@ impl Remote {
     fn publish_frame(&self, message: Message) -> (Frame, bool) {
         let lone = match &message.reply {
             Some(_) => self.core.inbox.in_flight() == 1,
+            // the flag first: it is unset for nearly every publish
             None => {
-                message.subject.starts_with(crate::delivery::INBOX_PREFIX)
-                    && self.lone_request.load(Ordering::Relaxed)
+                self.lone_request.load(Ordering::Relaxed)
+                    && message.subject.starts_with(crate::delivery::INBOX_PREFIX)
                     && self.lone_request.swap(false, Ordering::Relaxed)
             }
         };

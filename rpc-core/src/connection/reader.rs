@@ -107,20 +107,10 @@ impl Keepalive {
     /// Ready once per interval, counted from the inspection before (a late one delays
     /// the next). The timer is polled only when it fired or another task waits on it.
     fn poll_tick(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.registered.holds(cx) && !self.tick.is_elapsed() {
-            return Poll::Pending;
-        }
-        match self.tick.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.registered.clear();
-                self.tick.as_mut().reset(Instant::now() + self.interval);
-                Poll::Ready(())
-            }
-            Poll::Pending => {
-                self.registered.note(cx);
-                Poll::Pending
-            }
-        }
+        let fired = self.tick.is_elapsed();
+        std::task::ready!(self.registered.poll(fired, self.tick.as_mut(), cx));
+        self.tick.as_mut().reset(Instant::now() + self.interval);
+        Poll::Ready(())
     }
 }
 
@@ -143,14 +133,8 @@ impl WriterDone {
     /// Ready once the writer stopped; `shared` is the connection's, whose latch says so
     /// with one load.
     fn poll(&mut self, shared: &Shared, cx: &mut Context<'_>) -> Poll<()> {
-        if self.registered.holds(cx) && !shared.writer_done.is_set() {
-            return Poll::Pending;
-        }
-        let polled = self.stopped.as_mut().poll(cx);
-        if polled.is_pending() {
-            self.registered.note(cx);
-        }
-        polled
+        let fired = shared.writer_done.is_set();
+        self.registered.poll(fired, self.stopped.as_mut(), cx)
     }
 }
 
@@ -165,23 +149,27 @@ impl WriterDone {
 struct Registered(Option<Waker>);
 
 impl Registered {
-    /// Whether the future was last polled with a waker that wakes `cx`'s task.
-    fn holds(&self, cx: &Context<'_>) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|waker| waker.will_wake(cx.waker()))
-    }
-
-    /// The future was just polled with `cx`'s waker, and is pending.
-    fn note(&mut self, cx: &Context<'_>) {
-        if !self.holds(cx) {
+    /// Polls `future`, whose waker this is, unless it is pending with a waker that wakes
+    /// `cx`'s task already and has not `fired` (as its owner can tell with one load).
+    fn poll<F: Future + ?Sized>(
+        &mut self,
+        fired: bool,
+        future: Pin<&mut F>,
+        cx: &mut Context<'_>,
+    ) -> Poll<F::Output> {
+        let holds = |registered: &Option<Waker>, cx: &Context<'_>| {
+            registered.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+        };
+        if !fired && holds(&self.0, cx) {
+            return Poll::Pending;
+        }
+        let polled = future.poll(cx);
+        if polled.is_ready() {
+            self.0 = None; // to be polled again, for its next wait
+        } else if !holds(&self.0, cx) {
             self.0 = Some(cx.waker().clone());
         }
-    }
-
-    /// The future fired: it is to be polled again.
-    fn clear(&mut self) {
-        self.0 = None;
+        polled
     }
 }
 
