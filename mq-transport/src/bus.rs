@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 
 use crate::backend::{Backend, Core, dispatch};
 use crate::client::ConnectOptions;
-use crate::delivery::{SubQueue, Subscriber, Waiting};
+use crate::delivery::{SubQueue, Subscriber, Unanswered, Waiting};
 use crate::embedded::{Embedded, EmbeddedConfig};
 use crate::error::BusError;
 use crate::event::Event;
@@ -339,40 +339,44 @@ impl Bus {
         timeout: Duration,
     ) -> Result<Message, BusError> {
         let subject = message.subject.clone();
-        let (_reply, waiting) = self.send_request(message).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let (_reply, waiting) = self.send_request(message, Some(deadline)).await?;
         self.await_reply(waiting, &subject, timeout).await
     }
 
     /// Publishes `message` with a fresh reply subject of this handle's inbox; returns the
-    /// reply subject and the registration that receives the answer.
+    /// reply subject and the registration that receives the answer, which ends at
+    /// `deadline` if one is given.
     pub(crate) async fn send_request(
         &self,
         mut message: Message,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<(Utf8Bytes, Waiting), BusError> {
-        let (reply, waiting) = self.inbox().register();
+        let (reply, waiting) = self.inbox().register(deadline);
         message.reply = Some(reply.clone());
         self.publish_checked(message, false).await?;
         Ok((reply, waiting))
     }
 
-    /// Waits up to `timeout` for the answer to a request sent with
-    /// [`Bus::send_request`].
+    /// Waits for the answer to a request sent with [`Bus::send_request`], until the
+    /// deadline it was sent with (`timeout` is that deadline as it was given, for the
+    /// error).
     pub(crate) async fn await_reply(
         &self,
         mut waiting: Waiting,
         subject: &str,
         timeout: Duration,
     ) -> Result<Message, BusError> {
-        match tokio::time::timeout(timeout, &mut waiting.rx).await {
-            Ok(Ok(reply)) if reply.status() == Some(NO_RESPONDERS) => Err(BusError::NoResponders {
+        match waiting.reply().await {
+            Ok(reply) if reply.status() == Some(NO_RESPONDERS) => Err(BusError::NoResponders {
                 subject: subject.to_string(),
             }),
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(BusError::ConnectionLost {
+            Ok(reply) => Ok(reply),
+            Err(Unanswered::Lost) => Err(BusError::ConnectionLost {
                 subject: subject.to_string(),
                 reason: self.disconnect_reason(),
             }),
-            Err(_) => Err(BusError::Timeout {
+            Err(Unanswered::TimedOut) => Err(BusError::Timeout {
                 subject: subject.to_string(),
                 timeout,
             }),

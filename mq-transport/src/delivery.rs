@@ -1,6 +1,5 @@
 //! Where messages end up: subscription queues, the request inbox, and [`Subscriber`].
 
-use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -10,7 +9,9 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use rpc_core::Utf8Bytes;
+use rustc_hash::FxHashMap;
 use tokio::sync::{broadcast, oneshot};
+use tokio::time::Instant;
 
 use crate::event::Event;
 use crate::message::{DESCRIPTION_HEADER, Message, SUBSCRIPTION_REFUSED};
@@ -210,24 +211,67 @@ impl Target {
 
 /// Request/reply: one wildcard subscription (`_INBOX.<random>.*`) per bus handle, one
 /// child subject per request, and a map from child to the waiting request.
+///
+/// The requests' deadlines are watched by one task per inbox (the sweeper, started by
+/// the first request with a deadline), not by a timer per request: registering and
+/// cancelling a tokio timer for each request showed as about 1,100 instructions of a
+/// `req_seq` round trip (callgrind), and a timer of its own is still what a request
+/// gets when the sweeper runs on another runtime than the one it is made on.
 #[derive(Debug)]
 pub(crate) struct Inbox {
     /// `_INBOX.<random>.`
     prefix: String,
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<Message>>>,
+    /// What the sweeper shares: it does not hold the inbox, which ends it when dropped.
+    shared: Arc<InboxShared>,
+}
+
+#[derive(Debug)]
+struct InboxShared {
+    waiting: Mutex<Waits>,
     /// `waiting`'s length, stored after each change: read without the lock, which the
     /// connection's reader takes for every reply.
     in_flight: AtomicUsize,
+    /// Wakes the sweeper: a deadline earlier than it sleeps for, or the inbox dropped.
+    sweep: tokio::sync::Notify,
 }
+
+#[derive(Debug, Default)]
+struct Waits {
+    /// By request id: this inbox's own sequence, so a fast unkeyed hash is safe.
+    requests: FxHashMap<u64, Pending>,
+    /// No swept request's deadline is earlier than this (it may be earlier than all of
+    /// them: an answered request leaves it be); `None` once a sweep found none left.
+    earliest: Option<Instant>,
+    /// The runtime the sweeper runs on, while it runs.
+    sweeper: Option<tokio::runtime::Id>,
+    /// The inbox was dropped: the sweeper ends.
+    closed: bool,
+}
+
+/// A registered request: where its reply goes, and its deadline if the sweeper
+/// watches it.
+#[derive(Debug)]
+struct Pending {
+    reply: oneshot::Sender<Message>,
+    swept_at: Option<Instant>,
+}
+
+/// Deadline sweeps this close together at most: requests timing out one after another
+/// are ended once per millisecond, not one wake-up each. Tokio's timer has the same
+/// resolution.
+const SWEEP_GAP: Duration = Duration::from_millis(1);
 
 impl Inbox {
     pub(crate) fn new() -> Inbox {
         Inbox {
             prefix: format!("{}.", new_inbox()),
             next: AtomicU64::new(1),
-            waiting: Mutex::new(HashMap::new()),
-            in_flight: AtomicUsize::new(0),
+            shared: Arc::new(InboxShared {
+                waiting: Mutex::new(Waits::default()),
+                in_flight: AtomicUsize::new(0),
+                sweep: tokio::sync::Notify::new(),
+            }),
         }
     }
 
@@ -237,14 +281,49 @@ impl Inbox {
     }
 
     /// Registers a request: its reply subject and where its reply will arrive. The
-    /// registration ends when the returned [`Waiting`] is dropped.
-    pub(crate) fn register(self: &Arc<Self>) -> (Utf8Bytes, Waiting) {
+    /// registration ends when the returned [`Waiting`] is dropped. A request with a
+    /// `deadline` is ended then ([`Waiting::reply`] says it timed out): by the inbox's
+    /// sweeper if it runs on this task's runtime (it is started if none runs), or by a
+    /// timer of the request's own.
+    pub(crate) fn register(self: &Arc<Self>, deadline: Option<Instant>) -> (Utf8Bytes, Waiting) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (reply, rx) = oneshot::channel();
+        // Outside the lock: a thread-local read and a reference count.
+        let runtime = deadline.and(tokio::runtime::Handle::try_current().ok());
+        let mut start = false;
+        let mut wake = false;
+        let mut swept_at = None;
         {
-            let mut waiting = self.lock();
-            waiting.insert(id, tx);
-            self.in_flight.store(waiting.len(), Ordering::Relaxed);
+            let mut waits = self.lock();
+            if let (Some(at), Some(runtime)) = (deadline, &runtime) {
+                let here = runtime.id();
+                let swept = match waits.sweeper {
+                    Some(there) => there == here,
+                    None => {
+                        waits.sweeper = Some(here);
+                        start = true;
+                        true
+                    }
+                };
+                if swept {
+                    swept_at = Some(at);
+                    if waits.earliest.is_none_or(|earliest| at < earliest) {
+                        waits.earliest = Some(at);
+                        wake = true;
+                    }
+                }
+            }
+            waits.requests.insert(id, Pending { reply, swept_at });
+            self.shared
+                .in_flight
+                .store(waits.requests.len(), Ordering::Relaxed);
+        }
+        if start {
+            if let Some(runtime) = runtime {
+                runtime.spawn(sweep(self.shared.clone()));
+            }
+        } else if wake {
+            self.shared.sweep.notify_one();
         }
         let reply = Utf8Bytes::from(crate::numbered(&self.prefix, id));
         (
@@ -253,13 +332,15 @@ impl Inbox {
                 inbox: self.clone(),
                 id,
                 rx,
+                deadline,
+                own_timer: deadline.is_some() && swept_at.is_none(),
             },
         )
     }
 
     /// Requests registered and not answered or given up yet.
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        self.shared.in_flight.load(Ordering::Relaxed)
     }
 
     pub(crate) fn deliver(&self, message: Message) -> bool {
@@ -271,28 +352,118 @@ impl Inbox {
             return false;
         };
         match self.remove(id) {
-            Some(tx) => tx.send(message).is_ok(),
+            Some(pending) => pending.reply.send(message).is_ok(),
             None => false, // a reply after its request gave up, or a second reply
         }
     }
 
     /// Fails every waiting request (the connection their replies would use is gone).
     pub(crate) fn fail_all(&self) {
-        let mut waiting = self.lock();
-        waiting.clear();
-        self.in_flight.store(0, Ordering::Relaxed);
+        let failed = {
+            let mut waits = self.lock();
+            self.shared.in_flight.store(0, Ordering::Relaxed);
+            std::mem::take(&mut waits.requests)
+        };
+        drop(failed); // outside the lock: each wakes its request
     }
 
-    fn remove(&self, id: u64) -> Option<oneshot::Sender<Message>> {
-        let mut waiting = self.lock();
-        let tx = waiting.remove(&id);
-        self.in_flight.store(waiting.len(), Ordering::Relaxed);
-        tx
+    fn remove(&self, id: u64) -> Option<Pending> {
+        let mut waits = self.lock();
+        let pending = waits.requests.remove(&id);
+        self.shared
+            .in_flight
+            .store(waits.requests.len(), Ordering::Relaxed);
+        pending
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Message>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waits> {
+        self.shared.lock()
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.lock().closed = true;
+        self.shared.sweep.notify_one();
+    }
+}
+
+impl InboxShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Waits> {
+        // Inserts and removes only: a panic elsewhere cannot leave the map half-updated.
         crate::lock(&self.waiting)
     }
+}
+
+/// The sweeper: ends every swept request whose deadline passed (its reply sender is
+/// dropped), until the inbox is dropped. Sleeps until the earliest deadline, or
+/// [`SWEEP_GAP`] after the last sweep if later. If its runtime shuts down first, the
+/// next request with a deadline starts another.
+async fn sweep(shared: Arc<InboxShared>) {
+    /// Marks the sweeper gone when its task ends or is dropped with its runtime.
+    struct Gone(Arc<InboxShared>);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            self.0.lock().sweeper = None;
+        }
+    }
+    let shared = Gone(shared);
+    let shared = &shared.0;
+    let mut not_before = Instant::now();
+    loop {
+        // Registered before reading `earliest`, so that an earlier deadline registered
+        // in between is not missed.
+        let woken = shared.sweep.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let earliest = {
+            let waits = shared.lock();
+            if waits.closed {
+                return;
+            }
+            waits.earliest
+        };
+        match earliest {
+            Some(at) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.max(not_before)) => {}
+                    _ = woken => continue,
+                }
+            }
+            None => {
+                woken.await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        not_before = now + SWEEP_GAP;
+        let expired: Vec<(u64, Pending)> = {
+            let mut waits = shared.lock();
+            let expired = waits
+                .requests
+                .extract_if(|_, pending| pending.swept_at.is_some_and(|at| at <= now))
+                .collect();
+            waits.earliest = waits
+                .requests
+                .values()
+                .filter_map(|pending| pending.swept_at)
+                .min();
+            shared
+                .in_flight
+                .store(waits.requests.len(), Ordering::Relaxed);
+            expired
+        };
+        drop(expired); // outside the lock: each wakes its request, which timed out
+    }
+}
+
+/// Why a request ended without a reply ([`Waiting::reply`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unanswered {
+    /// Its deadline passed.
+    TimedOut,
+    /// The connection its reply would come on is gone.
+    Lost,
 }
 
 /// A request waiting for its reply.
@@ -301,6 +472,33 @@ pub(crate) struct Waiting {
     inbox: Arc<Inbox>,
     id: u64,
     pub(crate) rx: oneshot::Receiver<Message>,
+    /// The deadline it was registered with.
+    deadline: Option<Instant>,
+    /// Its deadline is not the sweeper's to watch: [`Waiting::reply`] starts a timer.
+    own_timer: bool,
+}
+
+impl Waiting {
+    /// The reply, or why none came: the deadline it was registered with passed, or the
+    /// connection was lost. Without a deadline, waits until one of the others.
+    pub(crate) async fn reply(&mut self) -> Result<Message, Unanswered> {
+        let answer = match self.deadline {
+            Some(at) if self.own_timer => match tokio::time::timeout_at(at, &mut self.rx).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(Unanswered::TimedOut),
+            },
+            _ => (&mut self.rx).await,
+        };
+        answer.map_err(|_| {
+            // Dropped unanswered: by the sweeper once the deadline passed (it takes
+            // out only those), or because the connection was lost.
+            if self.deadline.is_some_and(|at| Instant::now() >= at) {
+                Unanswered::TimedOut
+            } else {
+                Unanswered::Lost
+            }
+        })
+    }
 }
 
 impl Drop for Waiting {
@@ -485,13 +683,13 @@ mod tests {
     #[tokio::test]
     async fn a_request_leaves_the_inbox_when_answered_failed_or_given_up() {
         let inbox = Arc::new(Inbox::new());
-        let (answered_to, mut answered) = inbox.register();
-        let (_, given_up) = inbox.register();
-        let (_, mut failed) = inbox.register();
+        let (answered_to, mut answered) = inbox.register(None);
+        let (_, given_up) = inbox.register(None);
+        let (_, mut failed) = inbox.register(None);
         assert_eq!(inbox.in_flight(), 3);
 
         assert!(inbox.deliver(Message::new(answered_to.clone(), "ok")));
-        assert_eq!((&mut answered.rx).await.unwrap().payload, "ok");
+        assert_eq!(answered.reply().await.unwrap().payload, "ok");
         assert_eq!(inbox.in_flight(), 2);
         drop(answered);
         assert_eq!(inbox.in_flight(), 2, "the others stay registered");
@@ -504,10 +702,134 @@ mod tests {
         assert_eq!(inbox.in_flight(), 1, "a request given up leaves at once");
 
         inbox.fail_all();
-        assert!((&mut failed.rx).await.is_err());
+        assert_eq!(failed.reply().await.unwrap_err(), Unanswered::Lost);
         drop(failed);
         assert_eq!(inbox.in_flight(), 0);
-        assert!(crate::lock(&inbox.waiting).is_empty());
+        assert!(inbox.lock().requests.is_empty());
+    }
+
+    /// Whether `waiting` has its reply or its end by now, after the tasks that can run
+    /// have run.
+    async fn ended(waiting: &mut Waiting) -> Option<Result<Message, Unanswered>> {
+        tokio::task::yield_now().await;
+        let reply = waiting.reply();
+        tokio::pin!(reply);
+        std::future::poll_fn(|cx| match reply.as_mut().poll(cx) {
+            Poll::Ready(end) => Poll::Ready(Some(end)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+    }
+
+    /// `at` is `after` a test's start, to tokio's timer resolution.
+    fn at_about(at: Instant, start: Instant, after: Duration) -> bool {
+        let elapsed = at - start;
+        elapsed >= after && elapsed < after + Duration::from_millis(2)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweeper_ends_each_request_at_its_own_deadline_and_no_sooner() {
+        let inbox = Arc::new(Inbox::new());
+        let start = Instant::now();
+        let (_, mut late) = inbox.register(Some(start + Duration::from_secs(10)));
+        // An earlier deadline after a later one: the sweeper is woken for it.
+        let (_, mut early) = inbox.register(Some(start + Duration::from_secs(1)));
+        let (answered_to, mut answered) = inbox.register(Some(start + Duration::from_millis(500)));
+        assert!(
+            !early.own_timer && !late.own_timer,
+            "the sweeper watches both"
+        );
+
+        tokio::time::sleep_until(start + Duration::from_millis(400)).await;
+        assert!(inbox.deliver(Message::new(answered_to, "in time")));
+        assert_eq!(answered.reply().await.unwrap().payload, "in time");
+
+        tokio::time::sleep_until(start + Duration::from_millis(999)).await;
+        assert!(ended(&mut early).await.is_none(), "not before its deadline");
+        assert_eq!(early.reply().await.unwrap_err(), Unanswered::TimedOut);
+        assert!(at_about(Instant::now(), start, Duration::from_secs(1)));
+        assert_eq!(inbox.in_flight(), 1, "the late one is still waiting");
+
+        assert!(ended(&mut late).await.is_none());
+        assert_eq!(late.reply().await.unwrap_err(), Unanswered::TimedOut);
+        assert!(at_about(Instant::now(), start, Duration::from_secs(10)));
+        assert_eq!(inbox.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_one_after_another_are_swept_without_a_wake_up_each() {
+        let inbox = Arc::new(Inbox::new());
+        for _ in 0..100 {
+            let (to, mut waiting) = inbox.register(Some(Instant::now() + Duration::from_secs(5)));
+            assert!(inbox.deliver(Message::new(to, "ok")));
+            waiting.reply().await.unwrap();
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // The first request's deadline is still the one slept for: the others were
+        // later, so registering them woke nobody.
+        let waits = inbox.lock();
+        assert_eq!(waits.requests.len(), 0);
+        assert!(
+            waits
+                .earliest
+                .is_some_and(|at| at <= Instant::now() + Duration::from_secs(4))
+        );
+    }
+
+    #[test]
+    fn a_request_made_on_another_runtime_than_the_sweepers_keeps_its_own_timer() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap()
+        };
+        let inbox = Arc::new(Inbox::new());
+        let first = runtime();
+        let swept = first.block_on(async {
+            let (_, waiting) = inbox.register(Some(Instant::now() + Duration::from_secs(60)));
+            tokio::task::yield_now().await; // the sweeper starts on this runtime
+            waiting
+        });
+        assert!(!swept.own_timer);
+
+        let second = runtime();
+        second.block_on(async {
+            let (_, mut own) = inbox.register(Some(Instant::now() + Duration::from_millis(20)));
+            assert!(own.own_timer, "the sweeper runs on the first runtime");
+            assert_eq!(own.reply().await.unwrap_err(), Unanswered::TimedOut);
+        });
+
+        drop(first); // its sweeper with it
+        assert_eq!(inbox.lock().sweeper, None);
+        second.block_on(async {
+            let (_, mut late) = inbox.register(Some(Instant::now() + Duration::from_millis(20)));
+            assert!(!late.own_timer, "a sweeper started on this runtime");
+            assert_eq!(late.reply().await.unwrap_err(), Unanswered::TimedOut);
+            // The first runtime's request is swept here now.
+            let mut swept = swept;
+            assert_eq!(swept.reply().await.unwrap_err(), Unanswered::TimedOut);
+        });
+    }
+
+    #[tokio::test]
+    async fn a_dropped_inbox_ends_its_sweeper() {
+        let inbox = Arc::new(Inbox::new());
+        let shared = inbox.shared.clone();
+        drop(inbox.register(Some(Instant::now() + Duration::from_secs(60))));
+        tokio::task::yield_now().await;
+        assert!(shared.lock().sweeper.is_some());
+        drop(inbox);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(shared.lock().sweeper, None);
+        assert_eq!(
+            Arc::strong_count(&shared),
+            1,
+            "nothing holds it but this test"
+        );
     }
 
     /// The next event is the one `SlowConsumer` of an episode on subject `s`, with

@@ -234,7 +234,7 @@ impl Nats {
     /// with [`PROBE_HEADER`]: courier subscribers (a `>` monitor included) drop it; other
     /// NATS clients subscribed to `_INBOX.>` or `>` see it.
     async fn round_trip(&self) -> Result<(), BusError> {
-        let (subject, waiting) = self.core.inbox.register();
+        let (subject, waiting) = self.core.inbox.register(None);
         let mut marker = async_nats::HeaderMap::new();
         marker.insert(PROBE_HEADER, "flush");
         self.client

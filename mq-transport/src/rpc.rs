@@ -206,7 +206,7 @@ async fn call_over_bus(
             payload: call.payload.clone(),
         };
         let (reply, waiting) = bus
-            .send_request(message)
+            .send_request(message, Some(call.deadline))
             .await
             .map_err(|e| channel_error(&call, e))?;
         // Until an answer or a failure arrives, dropping this future cancels the call.

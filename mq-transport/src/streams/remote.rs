@@ -91,7 +91,9 @@ impl Future for RemoteAck {
             let bus = this.bus.clone();
             let message = this.message.clone();
             this.resend = Some(Box::pin(async move {
-                bus.send_request(message).await.map(|(_, waiting)| waiting)
+                bus.send_request(message, None)
+                    .await
+                    .map(|(_, waiting)| waiting)
             }));
         }
     }
@@ -322,7 +324,7 @@ impl Remote {
             let id = crate::numbered(prefix, n);
             message.headers.insert(mq_store::MSG_ID_HEADER, id);
         }
-        let (_reply, waiting) = self.bus.send_request(message.clone()).await?;
+        let (_reply, waiting) = self.bus.send_request(message.clone(), None).await?;
         Ok(PubAckFuture::remote(RemoteAck {
             bus: self.bus.clone(),
             message,
