@@ -60,11 +60,24 @@ pub(crate) use rpc_core::sync::lock;
 /// `prefix` then `n` in decimal, in a string of exactly that capacity, so that it
 /// becomes `Bytes` without another allocation (inbox subjects, message ids).
 pub(crate) fn numbered(prefix: &str, n: u64) -> String {
-    use std::fmt::Write;
-    let digits = n.checked_ilog10().map_or(1, |d| d as usize + 1);
-    let mut out = String::with_capacity(prefix.len() + digits);
+    // Digits written by hand: `write!` through `core::fmt` was two thirds of a
+    // request's inbox registration (callgrind, `req_seq`).
+    let mut digits = [0u8; 20]; // u64::MAX has 20
+    let mut start = digits.len();
+    let mut rest = n;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[start..];
+    let mut out = String::with_capacity(prefix.len() + digits.len());
     out.push_str(prefix);
-    let _ = write!(out, "{n}");
+    // ASCII digits only
+    out.push_str(std::str::from_utf8(digits).unwrap_or_default());
     out
 }
 
