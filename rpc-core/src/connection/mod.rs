@@ -280,9 +280,18 @@ impl Shared {
             .is_ok()
     }
 
+    /// Now, in nanoseconds since `epoch`: the clock of [`WriteTimes`].
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
     /// Notes a write to the stream, now.
     fn wrote(&self) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+        self.wrote_at(self.now());
+    }
+
+    /// Notes a write to the stream at `now` ([`Shared::now`]).
+    fn wrote_at(&self, now: u64) {
         self.times.last_write.store(now.max(1), Ordering::Relaxed);
     }
 
@@ -302,15 +311,12 @@ impl Shared {
         }
     }
 
-    /// Whether the stream was written to in the last [`QUIET`]. A stream never written
-    /// to is not busy, however young the connection is.
-    fn busy(&self) -> bool {
+    /// Whether the stream was written to in the [`QUIET`] before `now`
+    /// ([`Shared::now`]). A stream never written to is not busy, however young the
+    /// connection is.
+    fn busy(&self, now: u64) -> bool {
         let last = self.times.last_write.load(Ordering::Relaxed);
-        if last == 0 {
-            return false;
-        }
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        now.saturating_sub(last) < QUIET.as_nanos() as u64
+        last != 0 && now.saturating_sub(last) < QUIET.as_nanos() as u64
     }
 
     fn closed_error(&self) -> ConnectionError {
@@ -503,15 +509,18 @@ impl<W> std::fmt::Debug for DirectWriter<W> {
 
 impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
     /// Whether a lone frame may be written directly: direct writes are not paused, the
-    /// stream was not written to within [`QUIET`], and nothing is queued.
-    fn idle(&self) -> bool {
+    /// stream was not written to within [`QUIET`], and nothing is queued. If so, the
+    /// time it looked ([`Shared::now`]), which the write is noted at: one clock read
+    /// per direct write.
+    fn idle(&self) -> Option<u64> {
         let shared = &self.shared;
         if shared.direct_paused.load(Ordering::Relaxed) > 0 {
             // (racing senders may both take one: a pause a little shorter or longer)
             let _ = shared.direct_paused.fetch_sub(1, Ordering::Relaxed);
-            return false;
+            return None;
         }
-        !shared.busy() && shared.pending.load(Ordering::Acquire) == 0
+        let now = shared.now();
+        (!shared.busy(now) && shared.pending.load(Ordering::Acquire) == 0).then_some(now)
     }
 
     /// The write half, if a direct write may go now: nothing is queued or being
@@ -535,7 +544,11 @@ impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
     /// Writes what `encode` puts in the output's (empty) tail now, if a direct write
     /// may go ([`DirectWriter::output`]); `false` when it may not, or `encode` fails.
     /// What the stream does not take at once stays in the tail, for the writer task.
-    fn write_encoded(&self, encode: impl FnOnce(&mut FrameCodec, &mut BytesMut) -> bool) -> bool {
+    fn write_encoded(
+        &self,
+        now: u64,
+        encode: impl FnOnce(&mut FrameCodec, &mut BytesMut) -> bool,
+    ) -> bool {
         let Some(mut output) = self.output() else {
             return false;
         };
@@ -547,7 +560,7 @@ impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
             tail.clear();
             return false; // the queued path reports it
         }
-        let (written, flushed) = self.write_without_waiting(io, tail);
+        let (written, flushed) = self.write_without_waiting(io, tail, now);
         if flushed {
             tail.clear();
             if tail.capacity() > TAIL_KEEP {
@@ -561,14 +574,12 @@ impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
     }
 
     /// Writes as much of `bytes` as the stream takes now, then flushes; returns how many
-    /// bytes it took and whether all were flushed. Notes the write.
-    fn write_without_waiting(&self, io: &mut W, bytes: &[u8]) -> (usize, bool) {
+    /// bytes it took and whether all were flushed. Notes the write at `now`
+    /// ([`Shared::now`], read just before).
+    fn write_without_waiting(&self, io: &mut W, bytes: &[u8], now: u64) -> (usize, bool) {
         let shared = &self.shared;
-        shared.wrote();
-        shared.times.direct_at.store(
-            shared.times.last_write.load(Ordering::Relaxed),
-            Ordering::Relaxed,
-        );
+        shared.wrote_at(now);
+        shared.times.direct_at.store(now.max(1), Ordering::Relaxed);
         let mut cx = Context::from_waker(Waker::noop());
         let mut written = 0;
         while written < bytes.len() {
@@ -599,10 +610,10 @@ impl<W: AsyncWrite + Send + Unpin + 'static> DirectWriter<W> {
 
 impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
     fn write_now(&self, frame: Frame) -> Result<(), Frame> {
-        if !self.idle() {
+        let Some(now) = self.idle() else {
             return Err(frame);
-        }
-        if self.write_encoded(|codec, buf| codec.encode_checked(&frame, buf).is_ok()) {
+        };
+        if self.write_encoded(now, |codec, buf| codec.encode_checked(&frame, buf).is_ok()) {
             Ok(())
         } else {
             Err(frame)
@@ -610,14 +621,20 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
     }
 
     fn write_encoded_now(&self, frames: &[u8], lone: bool) -> bool {
-        if lone && !self.idle() {
-            return false;
-        }
+        let looked = if lone {
+            match self.idle() {
+                Some(now) => Some(now),
+                None => return false,
+            }
+        } else {
+            None
+        };
         let Some(mut output) = self.output() else {
             return false;
         };
+        let now = looked.unwrap_or_else(|| self.shared.now());
         // Written from where they are; only what the stream does not take is copied.
-        let (written, flushed) = self.write_without_waiting(&mut output.io, frames);
+        let (written, flushed) = self.write_without_waiting(&mut output.io, frames, now);
         if !flushed {
             output.tail.extend_from_slice(&frames[written..]);
             self.leave_tail(&mut output);
