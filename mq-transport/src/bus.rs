@@ -332,7 +332,8 @@ impl Bus {
     }
 
     /// Sends `message` as a request (its reply subject is replaced by an inbox) and waits
-    /// up to `timeout` for the first reply.
+    /// for the first reply, until `timeout` after the call: the time the send itself
+    /// waits (for room in a full send queue) counts.
     pub async fn request_message(
         &self,
         message: Message,

@@ -30,7 +30,7 @@ mod service;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use rustc_hash::FxHashMap;
@@ -102,10 +102,9 @@ struct Shared {
     /// `&'static str` (the name need not be split off the call's). Same hash, same
     /// reason.
     methods: FxHashMap<Box<[u8]>, Method>,
-    /// Connections answering the requests of a read right now (see
-    /// `connection::Working`). On a line of its own: each read of every connection
-    /// changes it.
-    working: CacheLine<AtomicUsize>,
+    /// The connection whose read the server began last (see `connection::Reads`). On a
+    /// line of its own: reads of connections taking turns change it.
+    last_reader: CacheLine<AtomicU64>,
 }
 
 impl Server {
@@ -116,7 +115,7 @@ impl Server {
                 config,
                 services: FxHashMap::default(),
                 methods: FxHashMap::default(),
-                working: CacheLine::default(),
+                last_reader: CacheLine::default(),
             }),
         }
     }
