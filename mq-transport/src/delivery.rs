@@ -413,52 +413,34 @@ async fn sweep(shared: Arc<InboxShared>, runtime: tokio::runtime::Id) {
     }
     let shared = Gone(shared, runtime);
     let shared = &shared.0;
-    let mut not_before = Instant::now();
-    loop {
-        // Registered before reading `earliest`, so that an earlier deadline registered
-        // in between is not missed.
-        let woken = shared.sweep.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        let earliest = {
+    rpc_core::sync::sweep_deadlines(
+        &shared.sweep,
+        SWEEP_GAP,
+        || {
             let waits = shared.lock();
-            if waits.closed {
-                return;
-            }
-            waits.earliest
-        };
-        match earliest {
-            Some(at) => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at.max(not_before)) => {}
-                    _ = woken => continue,
-                }
-            }
-            None => {
-                woken.await;
-                continue;
-            }
-        }
-        let now = Instant::now();
-        not_before = now + SWEEP_GAP;
-        let expired: Vec<(u64, Pending)> = {
-            let mut waits = shared.lock();
-            let expired = waits
-                .requests
-                .extract_if(|_, pending| pending.swept_at.is_some_and(|at| at <= now))
-                .collect();
-            waits.earliest = waits
-                .requests
-                .values()
-                .filter_map(|pending| pending.swept_at)
-                .min();
-            shared
-                .in_flight
-                .store(waits.requests.len(), Ordering::Relaxed);
-            expired
-        };
-        drop(expired); // outside the lock: each wakes its request, which timed out
-    }
+            (!waits.closed).then_some(waits.earliest)
+        },
+        |now| {
+            let expired: Vec<(u64, Pending)> = {
+                let mut waits = shared.lock();
+                let expired = waits
+                    .requests
+                    .extract_if(|_, pending| pending.swept_at.is_some_and(|at| at <= now))
+                    .collect();
+                waits.earliest = waits
+                    .requests
+                    .values()
+                    .filter_map(|pending| pending.swept_at)
+                    .min();
+                shared
+                    .in_flight
+                    .store(waits.requests.len(), Ordering::Relaxed);
+                expired
+            };
+            drop(expired); // outside the lock: each wakes its request, which timed out
+        },
+    )
+    .await;
 }
 
 /// Why a request ended without a reply ([`Waiting::reply`]).

@@ -1,10 +1,14 @@
 //! Small synchronisation pieces used across courier: [`Latch`], a one-way flag that is
-//! cheap to read and can be awaited, and [`lock`], [`read`] and [`write`](fn@write), which go on
-//! after a panic elsewhere.
+//! cheap to read and can be awaited, [`lock`], [`read`] and [`write`](fn@write), which go on
+//! after a panic elsewhere, and [`sweep_deadlines`], one task's watch over many deadlines.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// A flag that goes from unset to set once, and stays set.
@@ -97,6 +101,83 @@ pub fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 /// Write-locks `lock`, going on after a panic elsewhere (see [`lock`]).
 pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Watches many deadlines with one task and one timer, instead of a timer for each: the
+/// loop of an RPC client connection's and a bus inbox's deadline sweeper. Until `next`
+/// says to stop (`None`), it sleeps until the earliest deadline `next` gives (or `gap`
+/// after the last sweep, if later; none: until woken), then calls `sweep` with the time
+/// it woke at. `wake` is notified by whoever registers a deadline earlier than the one
+/// last given (or wants `next` asked again); it is listened to before `next` is asked,
+/// so such a deadline is not missed.
+///
+/// ```
+/// use std::sync::{Arc, Mutex};
+/// use std::time::Duration;
+/// use tokio::sync::Notify;
+/// use tokio::time::Instant;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+/// let start = Instant::now();
+/// let deadlines = Arc::new(Mutex::new(vec![start + Duration::from_secs(2)]));
+/// let wake = Arc::new(Notify::new());
+/// let expired: Arc<Mutex<Vec<Instant>>> = Arc::default();
+/// let sweeper = {
+///     let (deadlines, wake, expired) = (deadlines.clone(), wake.clone(), expired.clone());
+///     tokio::spawn(async move {
+///         rpc_core::sync::sweep_deadlines(
+///             &wake,
+///             Duration::from_millis(1),
+///             || {
+///                 let deadlines = deadlines.lock().unwrap();
+///                 // stop once every deadline passed
+///                 (!deadlines.is_empty()).then(|| deadlines.iter().min().copied())
+///             },
+///             |now| {
+///                 let mut deadlines = deadlines.lock().unwrap();
+///                 expired.lock().unwrap().extend(deadlines.iter().filter(|at| **at <= now));
+///                 deadlines.retain(|at| *at > now);
+///             },
+///         )
+///         .await
+///     })
+/// };
+/// // an earlier deadline than the one slept for: the sweeper is woken for it
+/// deadlines.lock().unwrap().push(start + Duration::from_secs(1));
+/// wake.notify_one();
+/// sweeper.await.unwrap();
+/// let expired = expired.lock().unwrap();
+/// assert_eq!(*expired, [start + Duration::from_secs(1), start + Duration::from_secs(2)]);
+/// # }
+/// ```
+pub async fn sweep_deadlines(
+    wake: &Notify,
+    gap: Duration,
+    mut next: impl FnMut() -> Option<Option<Instant>>,
+    mut sweep: impl FnMut(Instant),
+) {
+    let mut not_before = Instant::now();
+    loop {
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        match next() {
+            None => return,
+            Some(Some(at)) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at.max(not_before)) => {}
+                    _ = woken => continue,
+                }
+            }
+            Some(None) => {
+                woken.await;
+                continue;
+            }
+        }
+        let now = Instant::now();
+        not_before = now + gap;
+        sweep(now);
+    }
 }
 
 #[cfg(test)]

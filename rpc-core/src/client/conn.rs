@@ -180,50 +180,32 @@ impl Conn {
     /// answered [`Answer::TimedOut`] and the server is sent a cancel. Sleeps until the
     /// earliest deadline, or [`SWEEP_GAP`] after the last sweep if later.
     pub(super) async fn sweep_deadlines(self: Arc<Self>) {
-        let mut not_before = Instant::now();
-        loop {
-            // Registered before reading `earliest`, so that an earlier deadline
-            // registered in between is not missed.
-            let woken = self.sweep.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            let earliest = {
+        crate::sync::sweep_deadlines(
+            &self.sweep,
+            SWEEP_GAP,
+            || {
                 let pending = self.pending();
-                if pending.closed.is_some() {
-                    return;
+                pending.closed.is_none().then_some(pending.earliest)
+            },
+            |now| {
+                let expired: Vec<(u64, Waiter)> = {
+                    let mut pending = self.pending();
+                    let expired = pending
+                        .calls
+                        .extract_if(|_, waiter| waiter.deadline <= now)
+                        .collect();
+                    pending.earliest = pending.calls.values().map(|waiter| waiter.deadline).min();
+                    expired
+                };
+                for (id, waiter) in expired {
+                    let _ = waiter.reply.send(Answer::TimedOut);
+                    // Never waits: a full queue takes it from a task. The server stops
+                    // the handler at the deadline it was told anyway.
+                    let _ = self.sender.send_soon(Frame::Cancel { id });
                 }
-                pending.earliest
-            };
-            match earliest {
-                Some(at) => {
-                    tokio::select! {
-                        _ = tokio::time::sleep_until(at.max(not_before)) => {}
-                        _ = woken => continue,
-                    }
-                }
-                None => {
-                    woken.await;
-                    continue;
-                }
-            }
-            let now = Instant::now();
-            not_before = now + SWEEP_GAP;
-            let expired: Vec<(u64, Waiter)> = {
-                let mut pending = self.pending();
-                let expired = pending
-                    .calls
-                    .extract_if(|_, waiter| waiter.deadline <= now)
-                    .collect();
-                pending.earliest = pending.calls.values().map(|waiter| waiter.deadline).min();
-                expired
-            };
-            for (id, waiter) in expired {
-                let _ = waiter.reply.send(Answer::TimedOut);
-                // Never waits: a full queue takes it from a task. The server stops the
-                // handler at the deadline it was told anyway.
-                let _ = self.sender.send_soon(Frame::Cancel { id });
-            }
-        }
+            },
+        )
+        .await;
     }
 
     /// Hands each of `answers` (which it leaves empty) to its caller: their waiters are
