@@ -621,11 +621,13 @@ impl<W: AsyncWrite + Send + Unpin + 'static> Direct for DirectWriter<W> {
     }
 
     fn write_encoded_now(&self, frames: &[u8], lone: bool) -> bool {
+        // A lone frame goes only to an idle connection; the time that was found at is
+        // the write's.
         let looked = if lone {
-            match self.idle() {
-                Some(now) => Some(now),
-                None => return false,
-            }
+            let Some(now) = self.idle() else {
+                return false;
+            };
+            Some(now)
         } else {
             None
         };
