@@ -98,3 +98,24 @@ async fn byte_vectors_of_every_size_round_trip_through_a_service() {
         );
     }
 }
+
+/// Calls made among others are encoded into the connection's send queue from their
+/// arguments where they lie: held inline up to 46 encoded bytes (45 bytes of data and
+/// their length), in `Bytes` beyond that, and sent as a whole frame past what the queue
+/// takes encoded (16 KiB). Every size comes back whole, to its own caller.
+#[tokio::test]
+async fn calls_in_flight_together_of_every_size_each_get_their_own_bytes_back() {
+    let server = Server::new(ServerConfig::default()).add_service(Store.into_service());
+    let client = BlobsClient::new(serve_and_connect(Transport::Tcp, server).await);
+    let sizes = [0usize, 1, 44, 45, 46, 47, 300, 16 * 1024, 40_000];
+    let calls = (0..180).map(|n| {
+        let client = client.clone();
+        let size = sizes[n % sizes.len()];
+        async move {
+            let data: Vec<u8> = (0..size).map(|i| ((i + n) % 251) as u8).collect();
+            let back = client.echo(data.clone()).await.unwrap();
+            assert!(back == data, "call {n} ({size} bytes) got other bytes back");
+        }
+    });
+    futures_util::future::join_all(calls).await;
+}

@@ -220,7 +220,8 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
         #(#carried)*
         #default_doc
         pub async fn #ident(&self, #(#params),*) -> ::core::result::Result<#output, #p::RpcError> {
-            let payload = <F as #p::Format>::encode(&(#(#sent,)*))
+            // Small arguments are held inline: copied into the send queue, never allocated.
+            let payload = <F as #p::Format>::encode_small(&(#(#sent,)*))
                 .map_err(|e| <#p::RpcError as ::core::convert::From<#p::FormatError>>::from(e.context("request")))?;
             let answer = self
                 .client

@@ -47,6 +47,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use self::conn::{Answer, Conn};
 use crate::connection::{self, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
+use crate::format::Encoded;
 use crate::frame::{Frame, Request, Status};
 pub use crate::transport::Backoff;
 use crate::transport::{Connector, Reconnected, reconnect};
@@ -309,13 +310,19 @@ impl Client {
     /// Calls `method` (`"Service.method"`) with serialized arguments; returns the
     /// serialized return value. Generated clients call this; see the module docs for
     /// deadlines, cancellation and reconnects.
+    ///
+    /// The arguments are [`Bytes`] or an [`Encoded`]: generated clients serialize them
+    /// with [`Format::encode_small`](crate::format::Format::encode_small), so that a
+    /// small call's arguments are held inline and copied into the connection's send
+    /// queue from there, never allocated.
     pub async fn call(
         &self,
         method: impl Into<Utf8Bytes>,
-        payload: Bytes,
+        payload: impl Into<Encoded>,
         options: &CallOptions,
     ) -> Result<Bytes, RpcError> {
         let method = method.into();
+        let payload = payload.into();
         let timeout = options.timeout.unwrap_or(self.inner.config.default_timeout);
         let deadline = Instant::now() + timeout;
         let direct = match &self.inner.route {
@@ -324,7 +331,7 @@ impl Client {
                 let metadata = merged(&self.inner.config.metadata, &options.metadata);
                 let call = OutgoingCall {
                     method,
-                    payload,
+                    payload: payload.into_bytes(),
                     deadline,
                     timeout,
                     metadata,
@@ -356,28 +363,51 @@ impl Client {
         });
 
         let metadata = merged(&self.inner.config.metadata, &options.metadata);
-        let request = Request {
-            id,
-            timeout: Some(if waited {
-                deadline.saturating_duration_since(Instant::now())
-            } else {
-                timeout
-            }),
-            method: method.clone(),
-            metadata,
-            payload,
-        };
-        // Queued at once when there is room (the common case: no timer needed for it).
-        // The only call in flight is written by this task if the connection is idle:
-        // one hand-off less on its way out. Calls among others are encoded into the
-        // send queue by this task (`try_send_encoded`: their payloads are freed here, not
-        // by the writer on another thread) and written by the writer task, which
-        // gathers them into one write.
-        let frame = Frame::Request(request);
-        let tried = if lone {
-            conn.sender.try_send_direct(frame)
+        let timeout_left = Some(if waited {
+            deadline.saturating_duration_since(Instant::now())
         } else {
-            conn.sender.try_send_encoded(frame)
+            timeout
+        });
+        // A call among others is encoded into the send queue by this task, from where
+        // its fields lie (`try_encode_request`: nothing to free afterwards, and small
+        // arguments were never allocated), and written by the writer task, which
+        // gathers the queued calls into one write. The only call in flight is written
+        // by this task if the connection is idle: one hand-off less on its way out. A
+        // call that finds no room (or is too large to encode into the queue) goes as a
+        // frame, below.
+        let queued = if lone {
+            false
+        } else {
+            match conn.sender.try_encode_request(
+                id,
+                timeout_left,
+                &method,
+                &metadata,
+                payload.as_slice(),
+            ) {
+                Ok(queued) => queued,
+                Err(e) => {
+                    conn.unregister(id); // never sent: nothing to cancel
+                    return Err(e.into());
+                }
+            }
+        };
+        let tried = if queued {
+            Ok(())
+        } else {
+            let frame = Frame::Request(Request {
+                id,
+                timeout: timeout_left,
+                method: method.clone(),
+                metadata,
+                payload: payload.into_bytes(),
+            });
+            // Queued at once when there is room (no timer needed for it).
+            if lone {
+                conn.sender.try_send_direct(frame)
+            } else {
+                conn.sender.try_send_encoded(frame)
+            }
         };
         let sent = match tried {
             Ok(()) => Ok(()),

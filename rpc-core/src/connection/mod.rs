@@ -43,8 +43,9 @@ use tokio_util::task::TaskTracker;
 pub use self::reader::FrameReader;
 use crate::codec::{FrameCodec, LENGTH_PREFIX_LEN, check_body_len, check_frame_len};
 use crate::error::ConnectionError;
-use crate::frame::{Delivery, Frame, GoAway, Response};
+use crate::frame::{Delivery, Frame, GoAway, Request, Response};
 use crate::sync::{CacheLine, Latch};
+use crate::{Metadata, Utf8Bytes};
 
 /// Settings of one connection, on either side.
 ///
@@ -1214,40 +1215,86 @@ impl FrameSender {
             Err(e) => return Err(TryUnsent::Unsent(Unsent::new(e, frame))),
         };
         let wire = len + LENGTH_PREFIX_LEN;
-        let bytes = queued_cost(wire);
-        if !self.try_count(bytes) {
-            return Err(TryUnsent::Full(frame));
-        }
         if wire > APPEND_FRAME_MAX {
+            let bytes = queued_cost(wire);
+            if !self.try_count(bytes) {
+                return Err(TryUnsent::Full(frame));
+            }
             return self.push_counted(frame, bytes).map_err(|e| match e {
                 queue::PushError::Full(frame) => TryUnsent::Full(frame),
                 queue::PushError::Closed(frame) => self.closed_unsent(frame),
             });
         }
+        self.try_append(len, |buf| frame.encode_validated(buf))
+            .map_err(|refused| match refused {
+                queue::PushError::Full(()) => TryUnsent::Full(frame),
+                queue::PushError::Closed(()) => self.closed_unsent(frame),
+            })
+    }
+
+    /// Encodes a frame body of `len` bytes (checked, and at most [`APPEND_FRAME_MAX`]
+    /// with its length prefix), written by `encode`, at the end of the send queue, if
+    /// there is room now; counted as queued exactly as a queued frame is. Refused, with
+    /// nothing counted, when the queue is full or closed.
+    fn try_append(
+        &self,
+        len: usize,
+        encode: impl FnOnce(&mut BytesMut),
+    ) -> Result<(), queue::PushError<()>> {
+        let wire = len + LENGTH_PREFIX_LEN;
+        let bytes = queued_cost(wire);
+        if !self.try_count(bytes) {
+            return Err(queue::PushError::Full(()));
+        }
         let pending = &self.shared.pending;
-        let appended = self.tx.try_append(
-            bytes,
-            |buf| {
-                buf.reserve(wire);
-                // At most `max_frame_len`, which is at most `u32::MAX`.
-                buf.put_u32(len as u32);
-                let start = buf.len();
-                frame.encode_validated(buf);
-                debug_assert_eq!(buf.len() - start, len, "{frame:?}");
-            },
-            || {
-                pending.fetch_add(1, Ordering::AcqRel);
-            },
-        );
-        match appended {
-            Ok(()) => Ok(()),
-            Err(refused) => {
-                self.shared.unqueue(bytes);
-                Err(match refused {
-                    queue::PushError::Full(()) => TryUnsent::Full(frame),
-                    queue::PushError::Closed(()) => self.closed_unsent(frame),
-                })
-            }
+        self.tx
+            .try_append(
+                bytes,
+                |buf| {
+                    buf.reserve(wire);
+                    // At most `max_frame_len`, which is at most `u32::MAX`.
+                    buf.put_u32(len as u32);
+                    let start = buf.len();
+                    encode(buf);
+                    debug_assert_eq!(buf.len() - start, len);
+                },
+                || {
+                    pending.fetch_add(1, Ordering::AcqRel);
+                },
+            )
+            .inspect_err(|_| self.shared.unqueue(bytes))
+    }
+
+    /// [`FrameSender::try_send_encoded`] for a request made of borrowed fields: encoded
+    /// into the queue from where they lie, with no [`Frame`] made. A client's call
+    /// among others sends its request this way, its arguments serialized in place
+    /// ([`crate::format::Encoded`]): a small call allocates nothing to be sent.
+    ///
+    /// `Ok(true)` once queued. `Ok(false)`, with nothing queued, when there is no room
+    /// now or the request is larger than the queue takes encoded ([`APPEND_FRAME_MAX`]):
+    /// the caller sends it as a frame, which waits for room or is queued whole. Fails,
+    /// as a send does, when the connection is closed or the request is over the maximum
+    /// frame length.
+    pub(crate) fn try_encode_request(
+        &self,
+        id: u64,
+        timeout: Option<Duration>,
+        method: &Utf8Bytes,
+        metadata: &Metadata,
+        payload: &[u8],
+    ) -> Result<bool, ConnectionError> {
+        self.check_open()?;
+        let len = Request::encoded_len_of(method, metadata, payload.len())?;
+        let len = check_body_len(len, self.max_frame_len())?;
+        if len + LENGTH_PREFIX_LEN > APPEND_FRAME_MAX {
+            return Ok(false);
+        }
+        match self.try_append(len, |buf| {
+            Request::encode_fields(id, timeout, method, metadata, payload, buf)
+        }) {
+            Ok(()) => Ok(true),
+            Err(queue::PushError::Full(())) => Ok(false),
+            Err(queue::PushError::Closed(())) => Err(self.shared.closed_error()),
         }
     }
 

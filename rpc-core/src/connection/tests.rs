@@ -1190,3 +1190,106 @@ async fn a_reader_takes_a_routed_request_in_place_and_leaves_every_other_frame_t
         "a failed reader takes nothing"
     );
 }
+
+fn request(id: u64, payload: &[u8]) -> Request {
+    let mut metadata = Metadata::new();
+    metadata.insert("authorization", "Bearer t0ken");
+    Request {
+        id,
+        timeout: Some(Duration::from_millis(1500)),
+        method: "Lab.echo".into(),
+        metadata,
+        payload: Bytes::copy_from_slice(payload),
+    }
+}
+
+/// [`FrameSender::try_encode_request`] with `request`'s fields, borrowed.
+fn try_encode(sender: &FrameSender, request: &Request) -> Result<bool, ConnectionError> {
+    sender.try_encode_request(
+        request.id,
+        request.timeout,
+        &request.method,
+        &request.metadata,
+        &request.payload,
+    )
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_encoded_from_borrowed_fields_arrives_as_that_request_frame_in_its_place() {
+    let (_reader, sender, mut peer, _peer_sender) = pair(1 << 16);
+    let first = request(1, b"small");
+    let second = Request {
+        timeout: None,
+        metadata: Metadata::new(),
+        ..request(2, &[7u8; 300])
+    };
+    assert!(try_encode(&sender, &first).unwrap());
+    sender.try_send_encoded(Frame::Cancel { id: 9 }).unwrap();
+    assert!(try_encode(&sender, &second).unwrap());
+    assert_eq!(peer.next().await.unwrap().unwrap(), Frame::Request(first));
+    assert_eq!(read_cancels(&mut peer, 1).await, [9]);
+    assert_eq!(peer.next().await.unwrap().unwrap(), Frame::Request(second));
+    assert_nothing_left_queued(&sender).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_too_large_to_encode_into_the_queue_is_left_to_its_caller_uncounted() {
+    let (_reader, sender, _peer, _peer_sender) = pair(1 << 16);
+    let large = request(1, &vec![0u8; APPEND_FRAME_MAX]);
+    assert!(!try_encode(&sender, &large).unwrap());
+    assert_eq!(sender.queued_bytes(), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_finding_the_queue_full_is_left_to_its_caller_and_counts_nothing() {
+    let (a, _b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    let mut taken = 0;
+    while try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap() {
+        taken += 1;
+        assert!(taken < 100, "the byte limit was never applied");
+    }
+    assert!(
+        taken >= 9,
+        "only {taken} requests of ~1 KB fit in 10,000 bytes"
+    );
+    let queued = sender.queued_bytes();
+    assert!(queued <= 10_000, "{queued}");
+    assert!(!try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap());
+    assert_eq!(
+        sender.queued_bytes(),
+        queued,
+        "a refused request counts nothing"
+    );
+}
+
+#[tokio::test]
+async fn a_request_over_the_frame_limit_or_on_a_closed_connection_fails_as_a_send_does() {
+    let (a, _b) = tokio::io::duplex(1 << 16);
+    let config = ConnectionConfig {
+        max_frame_len: 200,
+        ..ConnectionConfig::default()
+    };
+    let (_reader, sender) = start(a, &config);
+    match try_encode(&sender, &request(1, &[0u8; 200])) {
+        Err(ConnectionError::FrameTooLarge { limit: 200, .. }) => {}
+        other => panic!("expected FrameTooLarge, got {other:?}"),
+    }
+    assert!(
+        try_encode(&sender, &request(2, b"fits")).unwrap(),
+        "the connection stays up"
+    );
+
+    sender.close();
+    tokio::time::timeout(Duration::from_secs(5), sender.closed())
+        .await
+        .expect("closed");
+    match try_encode(&sender, &request(3, b"late")) {
+        Err(ConnectionError::Closed { .. }) => {}
+        other => panic!("expected Closed, got {other:?}"),
+    }
+}

@@ -112,6 +112,59 @@ impl<'a> Delivery<'a> {
     }
 }
 
+/// The length of a `Request` body after its preamble: id, timeout, the method as a
+/// `str16`, the metadata and a payload of `payload_len` bytes. Fails as
+/// [`Frame::encoded_len`] does.
+fn request_fields_len(
+    method: &Utf8Bytes,
+    metadata: &Metadata,
+    payload_len: usize,
+) -> Result<usize, ProtocolError> {
+    Ok(8 + 8
+        + str16_len(Kind::Request, "method", method)?
+        + metadata_len(Kind::Request, metadata)?
+        + payload_len)
+}
+
+impl Request {
+    /// The body length (no length prefix) of a request with these fields and a payload
+    /// of `payload_len` bytes: [`Frame::encoded_len`] of that [`Frame::Request`].
+    pub(crate) fn encoded_len_of(
+        method: &Utf8Bytes,
+        metadata: &Metadata,
+        payload_len: usize,
+    ) -> Result<usize, ProtocolError> {
+        Ok(BODY_PREAMBLE_LEN + request_fields_len(method, metadata, payload_len)?)
+    }
+
+    /// Appends the body (no length prefix) of a request with these fields, made from
+    /// borrowed ones: the bytes of that [`Frame::Request`]. The caller has checked
+    /// [`Request::encoded_len_of`].
+    pub(crate) fn encode_fields(
+        id: u64,
+        timeout: Option<std::time::Duration>,
+        method: &Utf8Bytes,
+        metadata: &Metadata,
+        payload: &[u8],
+        dst: &mut BytesMut,
+    ) {
+        // 0 means "no deadline", so a zero timeout is sent as 1 µs: still expired.
+        let micros = timeout.map_or(0, |t| {
+            u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1)
+        });
+        let mut head = [0u8; 20];
+        head[0] = VERSION;
+        head[1] = Kind::Request as u8;
+        head[2..10].copy_from_slice(&id.to_be_bytes());
+        head[10..18].copy_from_slice(&micros.to_be_bytes());
+        head[18..20].copy_from_slice(&(method.len() as u16).to_be_bytes());
+        dst.put_slice(&head);
+        dst.put_slice(method.as_bytes());
+        put_metadata(dst, metadata);
+        dst.put_slice(payload);
+    }
+}
+
 impl Response {
     /// The body length (no length prefix) of an answer with status OK, no message and a
     /// payload of `payload_len` bytes.
@@ -137,12 +190,7 @@ impl Frame {
     pub fn encoded_len(&self) -> Result<usize, ProtocolError> {
         let kind = self.kind();
         let header = match self {
-            Frame::Request(r) => {
-                8 + 8
-                    + str16_len(kind, "method", &r.method)?
-                    + metadata_len(kind, &r.metadata)?
-                    + r.payload.len()
-            }
+            Frame::Request(r) => request_fields_len(&r.method, &r.metadata, r.payload.len())?,
             Frame::Response(r) => {
                 response_fields_len(str16_len(kind, "message", &r.message)?, r.payload.len())
             }
@@ -199,22 +247,7 @@ impl Frame {
                 method,
                 metadata,
                 payload,
-            }) => {
-                // 0 means "no deadline", so a zero timeout is sent as 1 µs: still expired.
-                let micros = timeout.map_or(0, |t| {
-                    u64::try_from(t.as_micros()).unwrap_or(u64::MAX).max(1)
-                });
-                let mut head = [0u8; 20];
-                head[0] = VERSION;
-                head[1] = Kind::Request as u8;
-                head[2..10].copy_from_slice(&id.to_be_bytes());
-                head[10..18].copy_from_slice(&micros.to_be_bytes());
-                head[18..20].copy_from_slice(&(method.len() as u16).to_be_bytes());
-                dst.put_slice(&head);
-                dst.put_slice(method.as_bytes());
-                put_metadata(dst, metadata);
-                dst.put_slice(payload);
-            }
+            }) => Request::encode_fields(*id, *timeout, method, metadata, payload, dst),
             Frame::Response(Response {
                 id,
                 status,
