@@ -411,8 +411,10 @@ async fn requests_arriving_while_a_busy_connections_answers_wait_a_turn_share_th
     );
 }
 
-/// A client takes the answers of one read together: each caller still gets its own, and a
-/// go-away read right after them is still heard (the connection takes no more calls).
+/// A client takes the answers of one read together: each caller still gets its own,
+/// whether it is an OK answer without a message (taken from the read buffer in place),
+/// one with a message, or an error; and a go-away read right after them is still heard
+/// (the connection takes no more calls).
 #[tokio::test]
 async fn answers_read_together_reach_their_callers_and_a_go_away_after_them_is_heard() {
     use bytes::BytesMut;
@@ -444,10 +446,17 @@ async fn answers_read_together_reach_their_callers_and_a_go_away_after_them_is_h
         }
         let mut wire = BytesMut::new();
         for (id, payload) in requests.into_iter().rev() {
+            // Call n (its payload is n, three times): an OK answer without a message, one
+            // with a message, or an error (without one), in turn.
+            let (status, message) = match payload[0] % 3 {
+                0 => (Status::OK, ""),
+                1 => (Status::OK, "noted"),
+                _ => (Status(77), ""),
+            };
             let answer = Response {
                 id,
-                status: Status::OK,
-                message: Default::default(),
+                status,
+                message: message.into(),
                 payload,
             };
             codec.encode(&Frame::Response(answer), &mut wire).unwrap();
@@ -470,7 +479,16 @@ async fn answers_read_together_reach_their_callers_and_a_go_away_after_them_is_h
         }
     });
     for (sent, echoed) in futures_util::future::join_all(calls).await {
-        assert_eq!(echoed.unwrap(), sent);
+        if sent[0] % 3 == 2 {
+            match echoed {
+                Err(RpcError::Remote { status, message }) => {
+                    assert_eq!((status, message.as_str()), (Status(77), ""))
+                }
+                other => panic!("call {}: expected its error, got {other:?}", sent[0]),
+            }
+        } else {
+            assert_eq!(echoed.unwrap(), sent);
+        }
     }
     common::wait_for("the go-away to retire the connection", || {
         !client.is_connected()

@@ -12,7 +12,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::connection::{FrameReader, FrameSender};
-use crate::error::{ProtocolError, RpcError};
+use crate::error::{ConnectionError, ProtocolError, RpcError};
 use crate::frame::{Frame, GoAway, Response, Status};
 use crate::sync::{CacheLine, Latch};
 use crate::transport::PeerAddr;
@@ -211,18 +211,42 @@ impl Conn {
     /// Hands each of `answers` (which it leaves empty) to its caller: their waiters are
     /// taken out of the map under one lock, then answered. Unknown ids are answers to
     /// calls that timed out or were dropped.
-    fn answer(&self, answers: &mut Vec<Response>, answered: &mut Vec<(Waiter, Response)>) {
+    fn answer(&self, answers: &mut Vec<(u64, Answer)>, answered: &mut Vec<(Waiter, Answer)>) {
         {
             let mut pending = self.pending();
-            for response in answers.drain(..) {
-                if let Some(waiter) = pending.calls.remove(&response.id) {
-                    answered.push((waiter, response));
+            for (id, answer) in answers.drain(..) {
+                if let Some(waiter) = pending.calls.remove(&id) {
+                    answered.push((waiter, answer));
                 }
             }
         }
-        for (waiter, response) in answered.drain(..) {
-            let _ = waiter.reply.send(Answer::of(response));
+        for (waiter, answer) in answered.drain(..) {
+            let _ = waiter.reply.send(answer);
         }
+    }
+
+    /// Takes the answers already buffered after one just read, up to
+    /// [`ANSWERS_PER_LOCK`] in all, without waiting; returns the frame read after them
+    /// that is not an answer, if one was. An answer with status OK is taken from the
+    /// read buffer as it lies, with no [`Frame`] made (`take_ok_response`).
+    async fn gather<R: AsyncRead + Unpin>(
+        reader: &mut FrameReader<R>,
+        answers: &mut Vec<(u64, Answer)>,
+    ) -> Option<Option<Result<Frame, ConnectionError>>> {
+        while answers.len() < ANSWERS_PER_LOCK && reader.has_frame() {
+            if let Some((id, payload)) = reader.take_ok_response() {
+                answers.push((id, Answer::Ok(payload)));
+                continue;
+            }
+            // Buffered: returned without waiting.
+            match reader.next().await {
+                Some(Ok(Frame::Response(response))) => {
+                    answers.push((response.id, Answer::of(response)));
+                }
+                other => return Some(other),
+            }
+        }
+        None
     }
 
     /// Reads answers until the connection ends, then fails what is still pending.
@@ -233,27 +257,26 @@ impl Conn {
         let mut going_away: Option<RpcError> = None;
         // The answers already read, whose callers are found under one lock (see
         // ANSWERS_PER_LOCK), and a frame read after them that is not an answer.
-        let mut answers: Vec<Response> = Vec::new();
-        let mut answered: Vec<(Waiter, Response)> = Vec::new();
+        let mut answers: Vec<(u64, Answer)> = Vec::new();
+        let mut answered: Vec<(Waiter, Answer)> = Vec::new();
         let mut after = None;
         let error = loop {
             let frame = match after.take() {
                 Some(frame) => frame,
-                None => reader.next().await,
+                None => match reader.take_ok_response() {
+                    Some((id, payload)) => {
+                        answers.push((id, Answer::Ok(payload)));
+                        after = Self::gather(&mut reader, &mut answers).await;
+                        self.answer(&mut answers, &mut answered);
+                        continue;
+                    }
+                    None => reader.next().await,
+                },
             };
             match frame {
                 Some(Ok(Frame::Response(response))) => {
-                    answers.push(response);
-                    while answers.len() < ANSWERS_PER_LOCK && reader.has_frame() {
-                        // Buffered: returned without waiting.
-                        match reader.next().await {
-                            Some(Ok(Frame::Response(response))) => answers.push(response),
-                            other => {
-                                after = Some(other);
-                                break;
-                            }
-                        }
-                    }
+                    answers.push((response.id, Answer::of(response)));
+                    after = Self::gather(&mut reader, &mut answers).await;
                     self.answer(&mut answers, &mut answered);
                 }
                 Some(Ok(Frame::GoAway(g))) => {

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
@@ -15,7 +15,7 @@ use tokio_util::sync::WaitForCancellationFutureOwned;
 use super::{ConnectionConfig, FrameSender, Shared};
 use crate::codec::FrameCodec;
 use crate::error::{ConnectionError, ProtocolError};
-use crate::frame::{Frame, GoAway, Kind, Request, RequestHead};
+use crate::frame::{Frame, GoAway, Kind, OkResponseHead, Request, RequestHead};
 use crate::{Metadata, Utf8Bytes};
 
 /// The read half of a connection; see [`super::start`].
@@ -278,6 +278,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             payload,
         };
         Some((request, routed))
+    }
+
+    /// The next frame, taken straight from the read buffer when it is an answer with
+    /// status OK and no message whose bytes are all buffered: the call id and the
+    /// payload, with no [`Frame`] made on the way (a client's read loop hands the
+    /// payload to the caller). `None` leaves everything as it was:
+    /// [`FrameReader::next`] then returns that frame, or the error it makes, as it
+    /// always did.
+    pub(crate) fn take_ok_response(&mut self) -> Option<(u64, Bytes)> {
+        if self.finished || self.unanswered_ping.is_some() {
+            return None;
+        }
+        let buf = self.framed.read_buffer();
+        let prefix = crate::codec::LENGTH_PREFIX_LEN;
+        let len = crate::codec::announced_len(buf)?;
+        if len > self.decoder.max_frame_len() || buf.len() - prefix < len {
+            return None;
+        }
+        let id = OkResponseHead::parse(&buf[prefix..prefix + len])?;
+        let buf = self.framed.read_buffer_mut();
+        let mut payload = buf.split_to(prefix + len).freeze();
+        bytes::Buf::advance(&mut payload, prefix + OkResponseHead::LEN);
+        self.keepalive.seen = true;
+        Some((id, payload))
     }
 
     /// The next frame other than ping and pong.

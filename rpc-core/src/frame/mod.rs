@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-pub(crate) use self::decode::RequestHead;
+pub(crate) use self::decode::{OkResponseHead, RequestHead};
 pub use self::encode::Delivery;
 pub use crate::error::ProtocolError;
 use crate::{Metadata, Utf8Bytes};

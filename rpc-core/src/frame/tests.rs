@@ -514,3 +514,78 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_ok_answer_is_found_in_place_only_with_status_ok_and_no_message() {
+    let answer = |status: Status, message: &'static str| {
+        Frame::Response(Response {
+            id: 9,
+            status,
+            message: Utf8Bytes::from_static(message),
+            payload: Bytes::from_static(b"result"),
+        })
+    };
+    let body = body_of(&answer(Status::OK, ""));
+    assert_eq!(OkResponseHead::parse(&body), Some(9));
+    assert_eq!(&body[OkResponseHead::LEN..], b"result");
+
+    assert_eq!(
+        OkResponseHead::parse(&body_of(&answer(Status(1), ""))),
+        None
+    );
+    assert_eq!(
+        OkResponseHead::parse(&body_of(&answer(Status::OK, "note"))),
+        None
+    );
+    assert_eq!(
+        OkResponseHead::parse(&body_of(&Frame::Cancel { id: 9 })),
+        None
+    );
+    let mut other_version = body.to_vec();
+    other_version[0] = VERSION + 1;
+    assert_eq!(OkResponseHead::parse(&other_version), None);
+    assert_eq!(
+        OkResponseHead::parse(&body[..OkResponseHead::LEN - 1]),
+        None
+    );
+}
+
+proptest! {
+    #[test]
+    fn an_ok_answer_found_in_place_agrees_with_decode(frame in arb_frame()) {
+        let body = body_of(&frame);
+        match &frame {
+            Frame::Response(r) if r.status == Status::OK && r.message.is_empty() => {
+                prop_assert_eq!(OkResponseHead::parse(&body), Some(r.id));
+                prop_assert_eq!(&body[OkResponseHead::LEN..], &r.payload[..]);
+            }
+            _ => prop_assert_eq!(OkResponseHead::parse(&body), None),
+        }
+    }
+
+    #[test]
+    fn an_ok_answer_is_found_in_place_only_where_decode_finds_the_same_answer(
+        head in proptest::collection::vec(any::<u8>(), 0..16),
+        kind in prop_oneof![Just(Kind::Response as u8), any::<u8>()],
+        status in prop_oneof![Just(0u16), any::<u16>()],
+        message_len in prop_oneof![Just(0u16), 0u16..4],
+        rest in proptest::collection::vec(any::<u8>(), 0..24),
+    ) {
+        // A body shaped like an answer (the first bytes of `head` stand in for the id,
+        // or cut it short), with the kind, status and message length varied.
+        let mut body = vec![VERSION, kind];
+        body.extend(head.iter().take(8));
+        body.extend(status.to_be_bytes());
+        body.extend(message_len.to_be_bytes());
+        body.extend(rest);
+        if let Some(id) = OkResponseHead::parse(&body) {
+            let Ok(Frame::Response(answer)) = Frame::decode(Bytes::from(body.clone())) else {
+                panic!("found in place, refused by decode: {body:?}");
+            };
+            prop_assert_eq!(answer.id, id);
+            prop_assert_eq!(answer.status, Status::OK);
+            prop_assert!(answer.message.is_empty());
+            prop_assert_eq!(&body[OkResponseHead::LEN..], &answer.payload[..]);
+        }
+    }
+}
