@@ -211,8 +211,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> InFlight<K> {
             std::panic::catch_unwind(AssertUnwindSafe(|| into.poll_unpin(&mut cx)))
         };
         match first {
-            // The caller holds its read loop until the answer is queued.
-            Ok(Poll::Ready(result)) => return Ok(Started::Answered(finish(Ok(result)))),
+            // The caller holds its read loop until the answer is queued. An answer is
+            // handed on as it is (the read loop's calls move it as little as they can);
+            // a failure goes through `finish`, which logs it.
+            Ok(Poll::Ready(Ok(answer))) => return Ok(Started::Answered(Ok(answer))),
+            Ok(Poll::Ready(failed)) => return Ok(Started::Answered(finish(Ok(failed)))),
             Err(panic) => {
                 drop(into.take()); // not kept for the next call: its state is unknown
                 return Ok(Started::Answered(finish(Err(panic))));

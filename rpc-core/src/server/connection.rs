@@ -198,7 +198,9 @@ pub(super) async fn serve<T: Io>(
             // does not read its answers stops being read once a batch finds no
             // room (see `Answers::flush`).
             Ok(Started::Answered(result)) => {
-                conn.answers.add(&mut batch, id, result).await;
+                if let Err(e) = conn.answers.add(&mut batch, id, result) {
+                    conn.answers.not_added(&mut batch, id, e).await;
+                }
                 // A connection reading alone sends the first answers of a long
                 // read early (see FIRST_BATCH_FRAMES).
                 let early = first_of_read
@@ -452,19 +454,28 @@ const BATCH_BYTES: usize = 64 * 1024;
 impl Answers {
     /// Adds the answer to call `id` to `batch`, encoded now: what it holds is freed
     /// here, on the thread that made it, rather than after the batch is written; an
-    /// answer held inline is copied from where it lies. An answer too large to send is
-    /// replaced by an error answer saying so, sent after the answers before it.
-    async fn add(&self, batch: &mut EncodedFrames, id: u64, result: Result<Encoded, ServiceError>) {
-        let added = match result {
+    /// answer held inline is copied from where it lies. Not a future: the read loop
+    /// moves each answer once, into here. An answer that cannot be added (too large to
+    /// send) is given back as the error, for [`Answers::not_added`].
+    fn add(
+        &self,
+        batch: &mut EncodedFrames,
+        id: u64,
+        result: Result<Encoded, ServiceError>,
+    ) -> Result<(), ConnectionError> {
+        match result {
             Ok(answer) if answer.is_inline() => {
                 self.sender.encode_ok_response_into(id, &answer, batch)
             }
             result => self.sender.encode_into(&response(id, result), batch),
-        };
-        if let Err(e) = added {
-            self.flush(batch).await;
-            answer_not_sent(&self.sender, id, e);
         }
+    }
+
+    /// An answer [`Answers::add`] refused: replaced by an error answer saying why,
+    /// sent after the answers before it in `batch`.
+    async fn not_added(&self, batch: &mut EncodedFrames, id: u64, error: ConnectionError) {
+        self.flush(batch).await;
+        answer_not_sent(&self.sender, id, error);
     }
 
     /// Sends the answers in `batch`, which it leaves empty, as one: written now, in one
