@@ -84,9 +84,9 @@ pub(super) async fn serve<T: Io>(
     // connection's too (see FIRST_BATCH_FRAMES).
     let reads = Reads::new(&server.last_reader);
     let mut read_alone = false;
-    // The listed method of the last request taken in place (see `Taken::Routed`).
+    // The listed method of the last request taken in place (`FrameReader::take_request`).
     let mut last_listed: Option<Listed<'_>> = None;
-    let ended: Option<ConnectionError> = loop {
+    let ended: Option<ConnectionError> = 'serve: loop {
         frames = frames.wrapping_add(1);
         if frames.is_multiple_of(DRAIN_CHECK) && drain.is_cancelled() {
             break None;
@@ -122,43 +122,49 @@ pub(super) async fn serve<T: Io>(
                 conn.answers.flush(&mut batch).await;
             }
         }
-        let frame = match more {
-            Some(frame) => frame.map(|frame| frame.map(Taken::Frame)),
-            // A whole frame is buffered. A request of a listed method (every method of
-            // a generated service) is taken from the buffer and routed as it is read,
-            // with no `Frame` made; anything else `next` returns without waiting. The
-            // drain is looked at every DRAIN_CHECK frames.
-            None if buffered => match reader.take_request(|name| {
-                // A connection calls the same method again and again, most of the time.
-                let listed = last_listed
-                    .filter(|last| **last.name == *name)
-                    .or_else(|| server.listed(name))?;
-                last_listed = Some(listed);
-                Some((listed, listed.path()?))
-            }) {
-                Some((request, listed)) => Some(Ok(Taken::Routed(request, listed))),
-                None => reader.next().await.map(|frame| frame.map(Taken::Frame)),
-            },
-            None => tokio::select! {
-                biased;
-                frame = reader.next() => frame.map(|frame| frame.map(Taken::Frame)),
-                _ = &mut draining => break None,
-            },
-        };
-        let (request, route) = match frame {
-            Some(Ok(Taken::Routed(request, listed))) => (request, Some(listed)),
-            Some(Ok(Taken::Frame(Frame::Request(request)))) => (request, None),
-            Some(Ok(Taken::Frame(frame))) => {
-                if let Err(e) = conn.on_other_frame(frame) {
-                    break Some(reader.protocol_violation(e));
+        // The next request, and its route when it was taken in place. A request of a
+        // listed method (every method of a generated service) whose bytes are all
+        // buffered is taken from the buffer and routed as it is read, with no `Frame`
+        // made; anything else `next` returns (without waiting when a whole frame is
+        // buffered). The drain is looked at every DRAIN_CHECK frames.
+        let (request, route) = 'taken: {
+            let frame = match more {
+                Some(frame) => frame,
+                None if buffered => {
+                    let routed = reader.take_request(|name| {
+                        // A connection calls the same method again and again, most of
+                        // the time.
+                        let listed = last_listed
+                            .filter(|last| **last.name == *name)
+                            .or_else(|| server.listed(name))?;
+                        last_listed = Some(listed);
+                        Some((listed, listed.path()?))
+                    });
+                    if let Some((request, listed)) = routed {
+                        break 'taken (request, Some(listed));
+                    }
+                    reader.next().await
                 }
-                continue;
-            }
-            Some(Err(e)) => break Some(e),
-            None => {
-                break Some(ConnectionError::Closed {
-                    reason: "peer closed the connection".into(),
-                });
+                None => tokio::select! {
+                    biased;
+                    frame = reader.next() => frame,
+                    _ = &mut draining => break 'serve None,
+                },
+            };
+            match frame {
+                Some(Ok(Frame::Request(request))) => (request, None),
+                Some(Ok(frame)) => {
+                    if let Err(e) = conn.on_other_frame(frame) {
+                        break 'serve Some(reader.protocol_violation(e));
+                    }
+                    continue 'serve;
+                }
+                Some(Err(e)) => break 'serve Some(e),
+                None => {
+                    break 'serve Some(ConnectionError::Closed {
+                        reason: "peer closed the connection".into(),
+                    });
+                }
             }
         };
         // A peer whose requests fill every read is served in turns with the
@@ -241,14 +247,6 @@ pub(super) async fn serve<T: Io>(
     sender
         .close_within(server.config.connection.keepalive_timeout)
         .await;
-}
-
-/// What the read loop took from its reader.
-enum Taken<'s> {
-    /// A request of a listed method, routed as it was read ([`FrameReader::take_request`]).
-    Routed(Request, Listed<'s>),
-    /// Any other frame ([`FrameReader::next`]).
-    Frame(Frame),
 }
 
 /// A connection with frames always waiting is checked for a drain at least once every
