@@ -252,24 +252,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self,
         route: impl FnOnce(&[u8]) -> Option<(T, &'static str)>,
     ) -> Option<(Request, T)> {
-        if self.finished || self.unanswered_ping.is_some() {
-            return None;
-        }
-        let buf = self.framed.read_buffer();
-        let prefix = crate::codec::LENGTH_PREFIX_LEN;
-        let len = crate::codec::announced_len(buf)?;
-        if len > self.decoder.max_frame_len() || buf.len() - prefix < len {
-            return None;
-        }
-        let body = &buf[prefix..prefix + len];
+        let body = self.buffered_body()?;
         let head = RequestHead::parse(body)?;
         let name = &body[head.method];
         let (routed, method) = route(name)?;
         debug_assert_eq!(method.as_bytes(), name);
-        let buf = self.framed.read_buffer_mut();
-        let mut payload = buf.split_to(prefix + len).freeze();
-        bytes::Buf::advance(&mut payload, prefix + head.payload);
-        self.keepalive.seen = true;
+        let payload = self.take_body(body.len(), head.payload);
         let request = Request {
             id: head.id,
             timeout: head.timeout,
@@ -287,6 +275,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// [`FrameReader::next`] then returns that frame, or the error it makes, as it
     /// always did.
     pub(crate) fn take_ok_response(&mut self) -> Option<(u64, Bytes)> {
+        let body = self.buffered_body()?;
+        let id = OkResponseHead::parse(body)?;
+        let payload = self.take_body(body.len(), OkResponseHead::LEN);
+        Some((id, payload))
+    }
+
+    /// The body of the next frame, for a caller to read in place, when the frame is all
+    /// buffered and within the frame limit and nothing comes before it (a pong still to
+    /// send, the end of the connection). `None` when [`FrameReader::next`] has to
+    /// decide.
+    fn buffered_body(&self) -> Option<&[u8]> {
         if self.finished || self.unanswered_ping.is_some() {
             return None;
         }
@@ -296,12 +295,21 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         if len > self.decoder.max_frame_len() || buf.len() - prefix < len {
             return None;
         }
-        let id = OkResponseHead::parse(&buf[prefix..prefix + len])?;
-        let buf = self.framed.read_buffer_mut();
-        let mut payload = buf.split_to(prefix + len).freeze();
-        bytes::Buf::advance(&mut payload, prefix + OkResponseHead::LEN);
+        Some(&buf[prefix..prefix + len])
+    }
+
+    /// Takes the frame [`FrameReader::buffered_body`] found, of a `len`-byte body, off
+    /// the read buffer; returns its payload, the body from `payload_at` on.
+    fn take_body(&mut self, len: usize, payload_at: usize) -> Bytes {
+        let prefix = crate::codec::LENGTH_PREFIX_LEN;
+        let mut payload = self
+            .framed
+            .read_buffer_mut()
+            .split_to(prefix + len)
+            .freeze();
+        bytes::Buf::advance(&mut payload, prefix + payload_at);
         self.keepalive.seen = true;
-        Some((id, payload))
+        payload
     }
 
     /// The next frame other than ping and pong.

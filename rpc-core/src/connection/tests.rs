@@ -25,6 +25,18 @@ fn pair(pipe: usize) -> (Reader, FrameSender, Reader, FrameSender) {
 
 type Reader = FrameReader<<tokio::io::DuplexStream as Io>::Read>;
 
+/// A sender allowed 10,000 queued bytes (`max_queued_bytes`) whose peer reads nothing:
+/// this side's reader and sender, and the peer's end of a 64-byte pipe.
+fn unread_with_10_000_bytes_queued_at_most() -> (Reader, FrameSender, tokio::io::DuplexStream) {
+    let (a, b) = tokio::io::duplex(64);
+    let config = ConnectionConfig {
+        max_queued_bytes: 10_000,
+        ..ConnectionConfig::default()
+    };
+    let (reader, sender) = start(a, &config);
+    (reader, sender, b)
+}
+
 #[tokio::test]
 async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
     fill_until_full(FrameSender::try_send).await;
@@ -34,12 +46,7 @@ async fn try_send_reports_full_once_the_queued_bytes_reach_the_limit() {
 /// 10,000-byte limit refuses one: it comes back whole, and about as many frames as fit
 /// were taken.
 async fn fill_until_full(send: fn(&FrameSender, Frame) -> Result<(), TrySendError>) {
-    let (a, _b) = tokio::io::duplex(64);
-    let config = ConnectionConfig {
-        max_queued_bytes: 10_000,
-        ..ConnectionConfig::default()
-    };
-    let (_reader, sender) = start(a, &config);
+    let (_reader, sender, _b) = unread_with_10_000_bytes_queued_at_most();
     let mut accepted = 0;
     let back = loop {
         match send(&sender, msg(1000)) {
@@ -847,12 +854,7 @@ async fn a_frame_its_sender_encodes_comes_back_whole_when_full_or_closed() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_frame_past_the_byte_limit_beside_the_batch_is_refused_as_full_and_leaves_the_batch() {
-    let (a, _b) = tokio::io::duplex(64);
-    let config = ConnectionConfig {
-        max_queued_bytes: 10_000,
-        ..ConnectionConfig::default()
-    };
-    let (_reader, sender) = start(a, &config);
+    let (_reader, sender, _b) = unread_with_10_000_bytes_queued_at_most();
     // Nothing is queued: the batch alone fills the limit, though none of it is sent yet.
     let mut batch = EncodedFrames::default();
     let mut taken = 0;
@@ -932,12 +934,7 @@ async fn a_delivery_is_encoded_counted_and_refused_as_its_msg_frame_would_be() {
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn a_batch_that_finds_no_room_within_the_wait_is_full_and_leaves_nothing_counted() {
-    let (a, _b) = tokio::io::duplex(64);
-    let config = ConnectionConfig {
-        max_queued_bytes: 10_000,
-        ..ConnectionConfig::default()
-    };
-    let (_reader, sender) = start(a, &config);
+    let (_reader, sender, _b) = unread_with_10_000_bytes_queued_at_most();
     // The peer reads nothing: fill the queue, to the last small frame.
     while sender.try_send(msg(1000)).is_ok() {}
     while sender.try_send(Frame::Cancel { id: 99 }).is_ok() {}
@@ -1242,12 +1239,7 @@ async fn a_request_too_large_to_encode_into_the_queue_is_left_to_its_caller_unco
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_request_finding_the_queue_full_is_left_to_its_caller_and_counts_nothing() {
-    let (a, _b) = tokio::io::duplex(64);
-    let config = ConnectionConfig {
-        max_queued_bytes: 10_000,
-        ..ConnectionConfig::default()
-    };
-    let (_reader, sender) = start(a, &config);
+    let (_reader, sender, _b) = unread_with_10_000_bytes_queued_at_most();
     let mut taken = 0;
     while try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap() {
         taken += 1;
