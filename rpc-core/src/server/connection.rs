@@ -453,8 +453,9 @@ impl Answers {
     /// Adds the answer to call `id` to `batch`, encoded now: what it holds is freed
     /// here, on the thread that made it, rather than after the batch is written; an
     /// answer held inline is copied from where it lies. Not a future: the read loop
-    /// moves each answer once, into here. An answer that cannot be added (too large to
-    /// send) is given back as the error, for [`Answers::not_added`].
+    /// moves each answer once, into here. Fails, adding nothing, when the answer cannot
+    /// be sent (too large, or the connection closed); the read loop then calls
+    /// [`Answers::not_added`].
     fn add(
         &self,
         batch: &mut EncodedFrames,
@@ -469,8 +470,9 @@ impl Answers {
         }
     }
 
-    /// An answer [`Answers::add`] refused: replaced by an error answer saying why,
-    /// sent after the answers before it in `batch`.
+    /// After [`Answers::add`] failed with `error`: sends the answers before it in
+    /// `batch`, then, for an answer too large to send, an error answer saying so (a
+    /// closed connection has nobody to tell).
     async fn not_added(&self, batch: &mut EncodedFrames, id: u64, error: ConnectionError) {
         self.flush(batch).await;
         answer_not_sent(&self.sender, id, error);
