@@ -220,7 +220,8 @@ fn client_method(service: &Service, m: &Method) -> TokenStream {
         #(#carried)*
         #default_doc
         pub async fn #ident(&self, #(#params),*) -> ::core::result::Result<#output, #p::RpcError> {
-            // Small arguments are held inline: copied into the send queue, never allocated.
+            // Small arguments are held inline: a call among others is encoded into the
+            // send queue from there, with no allocation.
             let payload = <F as #p::Format>::encode_small(&(#(#sent,)*))
                 .map_err(|e| <#p::RpcError as ::core::convert::From<#p::FormatError>>::from(e.context("request")))?;
             let answer = self
