@@ -276,9 +276,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// always did.
     pub(crate) fn take_ok_response(&mut self) -> Option<(u64, Bytes)> {
         let body = self.buffered_body()?;
-        let id = OkResponseHead::parse(body)?;
+        let head = OkResponseHead::parse(body)?;
         let payload = self.take_body(body.len(), OkResponseHead::LEN);
-        Some((id, payload))
+        Some((head.id, payload))
     }
 
     /// The body of the next frame, for a caller to read in place, when the frame is all

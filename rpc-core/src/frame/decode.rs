@@ -154,18 +154,21 @@ impl RequestHead {
 /// An answer with status OK and no message, read in place: what a client's read loop
 /// needs to hand a call its answer without making a [`Frame`] of it
 /// (`FrameReader::take_ok_response`).
-pub(crate) struct OkResponseHead;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OkResponseHead {
+    pub(crate) id: u64,
+}
 
 impl OkResponseHead {
     /// The preamble, id, status and the empty message's length: the payload follows.
     pub(crate) const LEN: usize = 2 + 8 + 2 + 2;
 
-    /// The call id of `body` when it is an answer with status OK and an empty message,
-    /// or `None` for any other body: another kind or version, another status, a
-    /// message, or one too short for these fields. For a body it accepts, [`Frame::decode`]
+    /// The head of `body` when it is an answer with status OK and an empty message, or
+    /// `None` for any other body: another kind or version, another status, a message,
+    /// or one too short for these fields. For a body it accepts, [`Frame::decode`]
     /// gives a [`Response`] with that id, status OK, no message, and the bytes from
     /// [`OkResponseHead::LEN`] on as its payload.
-    pub(crate) fn parse(body: &[u8]) -> Option<u64> {
+    pub(crate) fn parse(body: &[u8]) -> Option<OkResponseHead> {
         let head: &[u8; Self::LEN] = body.get(..Self::LEN)?.try_into().ok()?;
         let [version, kind, id @ .., s0, s1, m0, m1] = *head;
         if version != VERSION
@@ -175,7 +178,9 @@ impl OkResponseHead {
         {
             return None;
         }
-        Some(u64::from_be_bytes(id))
+        Some(OkResponseHead {
+            id: u64::from_be_bytes(id),
+        })
     }
 }
 

@@ -526,7 +526,7 @@ fn an_ok_answer_is_found_in_place_only_with_status_ok_and_no_message() {
         })
     };
     let body = body_of(&answer(Status::OK, ""));
-    assert_eq!(OkResponseHead::parse(&body), Some(9));
+    assert_eq!(OkResponseHead::parse(&body), Some(OkResponseHead { id: 9 }));
     assert_eq!(&body[OkResponseHead::LEN..], b"result");
 
     assert_eq!(
@@ -556,7 +556,7 @@ proptest! {
         let body = body_of(&frame);
         match &frame {
             Frame::Response(r) if r.status == Status::OK && r.message.is_empty() => {
-                prop_assert_eq!(OkResponseHead::parse(&body), Some(r.id));
+                prop_assert_eq!(OkResponseHead::parse(&body), Some(OkResponseHead { id: r.id }));
                 prop_assert_eq!(&body[OkResponseHead::LEN..], &r.payload[..]);
             }
             _ => prop_assert_eq!(OkResponseHead::parse(&body), None),
@@ -578,7 +578,7 @@ proptest! {
         body.extend(status.to_be_bytes());
         body.extend(message_len.to_be_bytes());
         body.extend(rest);
-        if let Some(id) = OkResponseHead::parse(&body) {
+        if let Some(OkResponseHead { id }) = OkResponseHead::parse(&body) {
             let Ok(Frame::Response(answer)) = Frame::decode(Bytes::from(body.clone())) else {
                 panic!("found in place, refused by decode: {body:?}");
             };
