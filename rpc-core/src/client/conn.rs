@@ -227,23 +227,20 @@ impl Conn {
 
     /// Takes the answers already buffered after one just read, up to
     /// [`ANSWERS_PER_LOCK`] in all, without waiting; returns the frame read after them
-    /// that is not an answer, if one was. An answer with status OK is taken from the
-    /// read buffer as it lies, with no [`Frame`] made (`take_ok_response`).
+    /// that is not an answer, if one was.
     async fn gather<R: AsyncRead + Unpin>(
         reader: &mut FrameReader<R>,
         answers: &mut Vec<(u64, Answer)>,
     ) -> Option<Option<Result<Frame, ConnectionError>>> {
         while answers.len() < ANSWERS_PER_LOCK && reader.has_frame() {
-            if let Some((id, payload)) = reader.take_ok_response() {
-                answers.push((id, Answer::Ok(payload)));
-                continue;
-            }
-            // Buffered: returned without waiting.
-            match reader.next().await {
-                Some(Ok(Frame::Response(response))) => {
-                    answers.push((response.id, Answer::of(response)));
-                }
-                other => return Some(other),
+            // Buffered: read without waiting.
+            let read = match reader.take_ok_response() {
+                Some((id, payload)) => Read::Answer(id, Answer::Ok(payload)),
+                None => Read::of(reader.next().await),
+            };
+            match read {
+                Read::Answer(id, answer) => answers.push((id, answer)),
+                Read::Other(frame) => return Some(frame),
             }
         }
         None
@@ -261,24 +258,25 @@ impl Conn {
         let mut answered: Vec<(Waiter, Answer)> = Vec::new();
         let mut after = None;
         let error = loop {
-            let frame = match after.take() {
-                Some(frame) => frame,
+            // An answer with status OK and no message is taken from the read buffer as
+            // it lies, with no `Frame` made (`take_ok_response`).
+            let read = match after.take() {
+                Some(frame) => Read::Other(frame),
                 None => match reader.take_ok_response() {
-                    Some((id, payload)) => {
-                        answers.push((id, Answer::Ok(payload)));
-                        after = Self::gather(&mut reader, &mut answers).await;
-                        self.answer(&mut answers, &mut answered);
-                        continue;
-                    }
-                    None => reader.next().await,
+                    Some((id, payload)) => Read::Answer(id, Answer::Ok(payload)),
+                    None => Read::of(reader.next().await),
                 },
             };
-            match frame {
-                Some(Ok(Frame::Response(response))) => {
-                    answers.push((response.id, Answer::of(response)));
+            let frame = match read {
+                Read::Answer(id, answer) => {
+                    answers.push((id, answer));
                     after = Self::gather(&mut reader, &mut answers).await;
                     self.answer(&mut answers, &mut answered);
+                    continue;
                 }
+                Read::Other(frame) => frame,
+            };
+            match frame {
                 Some(Ok(Frame::GoAway(g))) => {
                     tracing::info!(peer = %self.peer, code = g.code, message = %g.message, "server is going away");
                     if g.code == GoAway::SHUTDOWN {
@@ -317,5 +315,22 @@ impl Conn {
         tracing::info!(peer = %self.peer, %reason, "disconnected");
         self.fail_all(reason);
         self.sender.close();
+    }
+}
+
+/// What a client's read loop reads: an answer, or anything else (another frame, the
+/// end of the connection, an error).
+enum Read {
+    Answer(u64, Answer),
+    Other(Option<Result<Frame, ConnectionError>>),
+}
+
+impl Read {
+    /// A frame read: an answer, or something else.
+    fn of(frame: Option<Result<Frame, ConnectionError>>) -> Read {
+        match frame {
+            Some(Ok(Frame::Response(response))) => Read::Answer(response.id, Answer::of(response)),
+            other => Read::Other(other),
+        }
     }
 }
