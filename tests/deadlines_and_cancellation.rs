@@ -296,3 +296,68 @@ async fn a_call_past_its_deadline_sends_the_server_a_cancel_and_each_call_ends_a
         );
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn calls_that_find_the_send_queue_full_wait_for_room_and_are_then_all_answered() {
+    // A server that reads nothing until told to: 200 calls of 1,000 bytes are more than
+    // the in-memory stream (64 KiB) and the client's queue (10,000 bytes) hold, so some
+    // find no room and wait for it.
+    const CALLS: usize = 200;
+    let (mut listener, connector) = memory::listen();
+    let (go, told) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        use courier::transport::Listener;
+        let (io, _) = listener.accept().await.unwrap();
+        told.await.unwrap();
+        let (mut reader, sender) = raw_peer(io);
+        for _ in 0..CALLS {
+            let Some(Ok(Frame::Request(request))) = reader.next().await else {
+                panic!("expected a request");
+            };
+            sender
+                .send(Frame::Response(courier::frame::Response {
+                    id: request.id,
+                    status: Status::OK,
+                    message: Default::default(),
+                    payload: request.payload,
+                }))
+                .await
+                .unwrap();
+        }
+        reader
+    });
+    let mut config = ClientConfig::default();
+    config.connection.max_queued_bytes = 10_000;
+    let client = Client::connect(connector, config).await.unwrap();
+    let calls: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let sent = Bytes::from(vec![i as u8; 1000]);
+                let got = client
+                    .call("Lab.echo", sent.clone(), &timeout(Duration::from_secs(5)))
+                    .await;
+                (sent, got)
+            })
+        })
+        .collect();
+
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ended = calls.iter().filter(|call| call.is_finished()).count();
+    println!("calls ended while the server read nothing: {ended}");
+    assert_eq!(
+        ended, 0,
+        "a call that found no room failed instead of waiting"
+    );
+
+    go.send(()).unwrap();
+    let mut answered = 0;
+    for call in calls {
+        let (sent, got) = call.await.unwrap();
+        assert_eq!(got.unwrap(), sent, "each call gets its own bytes back");
+        answered += 1;
+    }
+    println!("calls answered once the server read: {answered} of {CALLS}");
+    assert_eq!(answered, CALLS);
+    server.await.unwrap();
+}

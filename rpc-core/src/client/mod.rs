@@ -45,7 +45,7 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use self::conn::{Answer, Conn};
-use crate::connection::{self, ConnectionConfig, TrySendError};
+use crate::connection::{self, Appended, ConnectionConfig, TrySendError};
 use crate::error::RpcError;
 use crate::format::Encoded;
 use crate::frame::{Frame, Request, Status};
@@ -375,8 +375,8 @@ impl Client {
         // by this task if the connection is idle: one hand-off less on its way out. A
         // call that finds no room (or is too large to encode into the queue) goes as a
         // frame, below.
-        let queued = if lone {
-            false
+        let appended = if lone {
+            None
         } else {
             match conn.sender.try_encode_request(
                 id,
@@ -385,14 +385,14 @@ impl Client {
                 &metadata,
                 payload.as_slice(),
             ) {
-                Ok(queued) => queued,
+                Ok(appended) => Some(appended),
                 Err(e) => {
                     conn.unregister(id); // never sent: nothing to cancel
                     return Err(e.into());
                 }
             }
         };
-        let tried = if queued {
+        let tried = if appended == Some(Appended::Queued) {
             Ok(())
         } else {
             let frame = Frame::Request(Request {
@@ -402,11 +402,13 @@ impl Client {
                 metadata,
                 payload: payload.into_bytes(),
             });
-            // Queued at once when there is room (no timer needed for it).
-            if lone {
-                conn.sender.try_send_direct(frame)
-            } else {
-                conn.sender.try_send_encoded(frame)
+            match appended {
+                // Found no room just now: it waits for room, below, without a second try.
+                Some(Appended::NoRoom) => Err(TrySendError::Full(frame)),
+                // Too large to encode into the queue (`Queued` went above): queued
+                // whole at once when there is room (no timer needed for it).
+                Some(Appended::TooLarge | Appended::Queued) => conn.sender.try_send_encoded(frame),
+                None => conn.sender.try_send_direct(frame),
             }
         };
         let sent = match tried {

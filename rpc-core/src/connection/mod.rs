@@ -493,6 +493,18 @@ trait Direct: Send + Sync + std::fmt::Debug {
 /// encodes into the queue; larger ones are queued whole, for the writer to encode.
 pub(crate) const APPEND_FRAME_MAX: usize = 16 * 1024;
 
+/// What [`FrameSender::try_encode_request`] did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Appended {
+    /// Encoded into the send queue, counted as queued.
+    Queued,
+    /// No room now, in frames or in bytes: the caller waits for room (with the request
+    /// as a frame), rather than trying again at once.
+    NoRoom,
+    /// Larger than [`APPEND_FRAME_MAX`]: the caller queues it as a frame, whole.
+    TooLarge,
+}
+
 /// What a direct write keeps of its buffer, the output's tail, once written: a larger
 /// one (a large frame's) is given back.
 const TAIL_KEEP: usize = 16 * 1024;
@@ -1270,10 +1282,9 @@ impl FrameSender {
     /// among others sends its request this way, its arguments serialized in place
     /// ([`crate::format::Encoded`]): a small call allocates nothing to be sent.
     ///
-    /// `Ok(true)` once queued. `Ok(false)`, with nothing queued, when there is no room
-    /// now or the request is larger than the queue takes encoded ([`APPEND_FRAME_MAX`]):
-    /// the caller sends it as a frame, which waits for room or is queued whole. Fails,
-    /// as a send does, when the connection is closed or the request is over the maximum
+    /// What became of it ([`Appended`]); with nothing queued unless
+    /// [`Appended::Queued`], in which case the caller sends it as a frame. Fails, as a
+    /// send does, when the connection is closed or the request is over the maximum
     /// frame length.
     pub(crate) fn try_encode_request(
         &self,
@@ -1282,18 +1293,18 @@ impl FrameSender {
         method: &Utf8Bytes,
         metadata: &Metadata,
         payload: &[u8],
-    ) -> Result<bool, ConnectionError> {
+    ) -> Result<Appended, ConnectionError> {
         self.check_open()?;
         let len = Request::encoded_len_of(method, metadata, payload.len())?;
         let len = check_body_len(len, self.max_frame_len())?;
         if len + LENGTH_PREFIX_LEN > APPEND_FRAME_MAX {
-            return Ok(false);
+            return Ok(Appended::TooLarge);
         }
         match self.try_append(len, |buf| {
             Request::encode_fields(id, timeout, method, metadata, payload, buf)
         }) {
-            Ok(()) => Ok(true),
-            Err(queue::PushError::Full(())) => Ok(false),
+            Ok(()) => Ok(Appended::Queued),
+            Err(queue::PushError::Full(())) => Ok(Appended::NoRoom),
             Err(queue::PushError::Closed(())) => Err(self.shared.closed_error()),
         }
     }

@@ -1201,7 +1201,7 @@ fn request(id: u64, payload: &[u8]) -> Request {
 }
 
 /// [`FrameSender::try_encode_request`] with `request`'s fields, borrowed.
-fn try_encode(sender: &FrameSender, request: &Request) -> Result<bool, ConnectionError> {
+fn try_encode(sender: &FrameSender, request: &Request) -> Result<Appended, ConnectionError> {
     sender.try_encode_request(
         request.id,
         request.timeout,
@@ -1220,9 +1220,9 @@ async fn a_request_encoded_from_borrowed_fields_arrives_as_that_request_frame_in
         metadata: Metadata::new(),
         ..request(2, &[7u8; 300])
     };
-    assert!(try_encode(&sender, &first).unwrap());
+    assert_eq!(try_encode(&sender, &first).unwrap(), Appended::Queued);
     sender.try_send_encoded(Frame::Cancel { id: 9 }).unwrap();
-    assert!(try_encode(&sender, &second).unwrap());
+    assert_eq!(try_encode(&sender, &second).unwrap(), Appended::Queued);
     assert_eq!(peer.next().await.unwrap().unwrap(), Frame::Request(first));
     assert_eq!(read_cancels(&mut peer, 1).await, [9]);
     assert_eq!(peer.next().await.unwrap().unwrap(), Frame::Request(second));
@@ -1233,7 +1233,7 @@ async fn a_request_encoded_from_borrowed_fields_arrives_as_that_request_frame_in
 async fn a_request_too_large_to_encode_into_the_queue_is_left_to_its_caller_uncounted() {
     let (_reader, sender, _peer, _peer_sender) = pair(1 << 16);
     let large = request(1, &vec![0u8; APPEND_FRAME_MAX]);
-    assert!(!try_encode(&sender, &large).unwrap());
+    assert_eq!(try_encode(&sender, &large).unwrap(), Appended::TooLarge);
     assert_eq!(sender.queued_bytes(), 0);
 }
 
@@ -1241,7 +1241,7 @@ async fn a_request_too_large_to_encode_into_the_queue_is_left_to_its_caller_unco
 async fn a_request_finding_the_queue_full_is_left_to_its_caller_and_counts_nothing() {
     let (_reader, sender, _b) = unread_with_10_000_bytes_queued_at_most();
     let mut taken = 0;
-    while try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap() {
+    while try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap() == Appended::Queued {
         taken += 1;
         assert!(taken < 100, "the byte limit was never applied");
     }
@@ -1251,7 +1251,10 @@ async fn a_request_finding_the_queue_full_is_left_to_its_caller_and_counts_nothi
     );
     let queued = sender.queued_bytes();
     assert!(queued <= 10_000, "{queued}");
-    assert!(!try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap());
+    assert_eq!(
+        try_encode(&sender, &request(taken, &[0u8; 1000])).unwrap(),
+        Appended::NoRoom
+    );
     assert_eq!(
         sender.queued_bytes(),
         queued,
@@ -1271,8 +1274,9 @@ async fn a_request_over_the_frame_limit_or_on_a_closed_connection_fails_as_a_sen
         Err(ConnectionError::FrameTooLarge { limit: 200, .. }) => {}
         other => panic!("expected FrameTooLarge, got {other:?}"),
     }
-    assert!(
+    assert_eq!(
         try_encode(&sender, &request(2, b"fits")).unwrap(),
+        Appended::Queued,
         "the connection stays up"
     );
 
