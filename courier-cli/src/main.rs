@@ -203,9 +203,10 @@ struct BrokerArgs {
 /// freed once they are not. With the default, freeing a chunk that size gives the free
 /// top of the heap back to the kernel, and the next buffers touch those pages anew: in
 /// `courier bench bus --only pubsub_1to1 --sizes 1024`, the bench process took 48,000 to
-/// 119,000 page faults per million messages, most of them inside `recv`. With 8 MiB kept
-/// it took about 5,600, and delivered 11.5% more messages per second (issue 16's
-/// closing note has the runs).
+/// 121,000 page faults per million messages, most of them inside `recv`. With 8 MiB kept
+/// it took 15,000 to 46,000, used 11–22% less CPU and delivered 8–14% more messages per
+/// second (README, Performance, has the runs). A larger threshold saved more faults but
+/// no more CPU in those runs, and keeps more free memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const TRIM_THRESHOLD: libc::c_int = 8 * 1024 * 1024;
 

@@ -1282,10 +1282,10 @@ impl FrameSender {
     /// among others sends its request this way, its arguments serialized in place
     /// ([`crate::format::Encoded`]): a small call allocates nothing to be sent.
     ///
-    /// What became of it ([`Appended`]); with nothing queued unless
-    /// [`Appended::Queued`], in which case the caller sends it as a frame. Fails, as a
-    /// send does, when the connection is closed or the request is over the maximum
-    /// frame length.
+    /// What became of it ([`Appended`]). Unless it was [`Appended::Queued`], nothing was
+    /// queued or counted, and the caller sends the request as a frame. Fails, as a send
+    /// does, when the connection is closed or the request is over the maximum frame
+    /// length.
     pub(crate) fn try_encode_request(
         &self,
         id: u64,
