@@ -204,7 +204,7 @@ struct BrokerArgs {
 /// top of the heap back to the kernel, and the next buffers touch those pages anew: in
 /// `courier bench bus --only pubsub_1to1 --sizes 1024`, the bench process took 48,000 to
 /// 121,000 page faults per million messages, most of them inside `recv`. With 8 MiB kept
-/// it took 15,000 to 46,000, used 11–22% less CPU and delivered 8–14% more messages per
+/// it took 15,000 to 46,000, used 11–22% less CPU and delivered 6–14% more messages per
 /// second (README, Performance, has the runs). A larger threshold saved more faults but
 /// no more CPU in those runs, and keeps more free memory.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
