@@ -12,6 +12,8 @@
 //! This crate is the facade users depend on; it re-exports the runtime from `rpc-core`,
 //! the macro from `rpc-macros` and the bus from `mq-transport`.
 
+#![forbid(unsafe_code)]
+
 /// Turns a trait of `async fn` methods into a courier service.
 ///
 /// ```

@@ -32,6 +32,8 @@
 //! # });
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod clock;
 mod config;
 mod consumer;

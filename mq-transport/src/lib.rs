@@ -19,6 +19,8 @@
 //! The wire frames are rpc-core's (`Connect`, `Pub`, `Sub`, `Unsub`, `Msg`), over its
 //! connection engine; `docs/PROTOCOL.md` at the repository root describes them.
 
+#![forbid(unsafe_code)]
+
 mod backend;
 mod broker;
 mod bus;

@@ -11,6 +11,8 @@
 //!
 //! Most users depend on the `courier` facade crate instead and never name this one.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod codec;
 pub mod connection;

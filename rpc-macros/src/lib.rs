@@ -7,6 +7,8 @@
 //!    tokens and saying what to write instead), and builds the `model`;
 //! 3. `expand`: generates the trait, the client stub and the server dispatch from the model.
 
+#![forbid(unsafe_code)]
+
 mod expand;
 mod model;
 mod parse;
