@@ -411,8 +411,13 @@ async fn a_hundred_connections_each_holding_a_partial_maximum_frame_cost_what_th
             mib(grew) / 100.0
         ),
     );
+    // Each connection may cost its frame, its read buffer's 64 KiB, and what glibc keeps
+    // of that buffer's smaller sizes as it grew: the `courier` binary takes buffers under
+    // 4 MiB from glibc's heaps, whose free chunks stay with the process (`MMAP_THRESHOLD`
+    // in `src/main.rs`). Measured at a fifth of the frame; a quarter is allowed.
+    let per_connection = max_frame as u64 + max_frame as u64 / 4 + 64 * 1024;
     assert!(
-        grew <= 100 * (max_frame as u64 + 64 * 1024) + SLACK,
+        grew <= 100 * per_connection + SLACK,
         "{:.1} MiB for 100 partial frames of {:.2} MiB",
         mib(grew),
         mib(max_frame as u64)
