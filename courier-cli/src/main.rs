@@ -223,8 +223,8 @@ const TRIM_THRESHOLD: libc::c_int = 8 * 1024 * 1024;
 /// 4,404 with this as well (README, Performance, has these and the bus's runs).
 ///
 /// Buffers under 4 MiB then come from glibc's heaps, whose free chunks stay with the
-/// process: a connection holding a partial 1 MiB frame costs the broker 1.27 to 1.28 MiB,
-/// against 1.12 MiB with every such buffer mapped (`tests/hostile.rs`).
+/// process: a connection holding a partial 1 MiB frame cost the broker 1.23 to 1.28 MiB
+/// in six runs, against 1.12 MiB with every such buffer mapped (`tests/hostile.rs`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 const MMAP_THRESHOLD: libc::c_int = 4 * 1024 * 1024;
 
