@@ -233,7 +233,7 @@ const MMAP_THRESHOLD: libc::c_int = 4 * 1024 * 1024;
 #[allow(unsafe_code)]
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: `mallopt` sets one of glibc's malloc parameters, under malloc's own lock;
+    // SAFETY: each `mallopt` call sets one of glibc's malloc parameters, under its own lock;
     // it takes no pointers. If it fails (returns 0) that parameter's default stays,
     // which is only slower.
     unsafe {
