@@ -477,7 +477,8 @@ pub(crate) fn pub_ack_body(ack: &mq_store::PubAck) -> Bytes {
     body.push_str(r#"{"stream":""#);
     body.push_str(&ack.stream);
     body.push_str(r#"","seq":"#);
-    let _ = std::fmt::Write::write_fmt(&mut body, format_args!("{}", ack.seq));
+    // by hand, not through `core::fmt`: one of these is written per durable publish
+    body.push_str(crate::decimal(ack.seq, &mut [0; 20]));
     body.push_str(if ack.duplicate {
         r#","duplicate":true}"#
     } else {
