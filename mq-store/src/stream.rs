@@ -607,8 +607,8 @@ impl Stream {
         }
         state.ticket += 1;
         // Copied, not formatted: `to_string` on an `Arc<str>` goes through `core::fmt`
-        // and grows the string from empty (about 300 of the broker's instructions per
-        // publish, callgrind, `js_pub_async`).
+        // and grows the string from empty. That was 324 of the broker's instructions per
+        // publish; copied, `enqueue` takes 152 fewer (callgrind, `js_pub_async` 1 KiB).
         let ack = PubAck {
             stream: String::from(&**name),
             seq,
