@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::config::{MAX_MSG_SIZE, StreamConfig};
+use crate::config::{Fsync, MAX_MSG_SIZE, StreamConfig};
 use crate::error::StoreError;
 use crate::fs::{File, Fs};
 use crate::message::StoredMessage;
@@ -110,9 +110,9 @@ pub(crate) enum Op {
     },
     /// Remove a segment file (after syncing what was written before it).
     Remove { path: PathBuf },
-    /// Sync a segment that is sealed, whatever the stream's `fsync` setting: a power
-    /// loss may tear only the last segment, where recovery can tell a torn write from
-    /// damage.
+    /// Sync a segment that is sealed, under `Fsync::Always`: a power loss may then tear
+    /// only the last segment, where recovery can tell a torn write from damage. (Under
+    /// `Every(d)` and `Never` the periodic sync or the close syncs it.)
     Sync { file: Arc<dyn File>, path: PathBuf },
     /// Sync the stream's directory.
     SyncDir,
@@ -521,6 +521,10 @@ pub(crate) struct Log {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
     segment_size: u64,
+    /// Whether [`Log::roll`] syncs the segment it seals: under [`Fsync::Always`] only.
+    /// Under `Every(d)` and `Never` the sealed segment is left to the stream's periodic
+    /// sync (or the close), as the last one is.
+    sync_sealed: bool,
     config_json: Vec<u8>,
     segments: VecDeque<Segment>,
     next_seq: u64,
@@ -586,6 +590,7 @@ impl Log {
             fs,
             dir: dir.to_owned(),
             segment_size: config.segment_size,
+            sync_sealed: config.fsync == Fsync::Always,
             config_json: serde_json::to_vec(config).expect("a config serializes"),
             segments: VecDeque::new(),
             next_seq: 1,
@@ -875,11 +880,14 @@ impl Log {
                 .push_back(Segment::new(*first, salt, path.clone(), file.clone()));
         }
         // What a killed process wrote but never synced is about to be served and
-        // counted on: make it durable first, with the directory entries.
-        if let Some(last) = log.segments.back() {
-            last.file
+        // counted on: make it durable first, with the directory entries. That may be
+        // in any segment: under `Every(d)` and `Never` a sealed segment is not synced
+        // when the next one starts. (A segment already synced costs little here.)
+        for segment in &log.segments {
+            segment
+                .file
                 .sync_data()
-                .map_err(|e| StoreError::io("fsync", &last.path, e))?;
+                .map_err(|e| StoreError::io("fsync", &segment.path, e))?;
         }
         if dir_changed || !log.segments.is_empty() {
             fs.sync_dir(dir)
@@ -1057,6 +1065,7 @@ impl Log {
     /// writing it now (recovery found none on disk).
     pub(crate) fn use_config(&mut self, config: &StreamConfig) {
         self.segment_size = config.segment_size;
+        self.sync_sealed = config.fsync == Fsync::Always;
         self.config_json = serde_json::to_vec(config).expect("a config serializes");
     }
 
@@ -1078,6 +1087,7 @@ impl Log {
     /// Replaces the configuration written at the start of every segment; appends it.
     pub(crate) fn set_config(&mut self, config: &StreamConfig) {
         self.segment_size = config.segment_size;
+        self.sync_sealed = config.fsync == Fsync::Always;
         self.config_json = serde_json::to_vec(config).expect("a config serializes");
         // a clone: the append may roll, and the new segment starts with this config too
         let json = self.config_json.clone();
@@ -1105,7 +1115,8 @@ impl Log {
             .fs
             .open(&path, true)
             .map_err(|e| StoreError::io("create segment", &path, e))?;
-        if let Some(sealed) = self.segments.back()
+        if self.sync_sealed
+            && let Some(sealed) = self.segments.back()
             && sealed.len > 0
         {
             self.ops.push(Op::Sync {

@@ -1054,11 +1054,21 @@ impl Shared {
         } else {
             state.config.fsync
         };
+        // Files left unsynced (segments sealed under `Every(d)` or `Never`) are synced
+        // with this batch when it is synced (`Always`, after an update to it: what is
+        // acknowledged then is never behind an unsynced segment) or removes a segment
+        // (what says its messages are gone may sit in one of them).
+        let removes = ops.iter().any(|op| matches!(op, Op::Remove { .. }));
+        let carried = if fsync == Fsync::Always || removes {
+            std::mem::take(&mut state.unsynced)
+        } else {
+            Vec::new()
+        };
         drop(state);
         let mut batch = Batch {
             first_writes: Vec::new(),
         };
-        let result = self.execute(ops, fsync, &mut batch);
+        let result = self.execute(ops, fsync, &mut batch, &carried);
         state = self.lock();
         let completed = match result {
             Ok(written) => {
@@ -1092,7 +1102,15 @@ impl Shared {
                     .map(|w| (w, None))
                     .collect::<Vec<_>>()
             }
-            Err(error) => self.poison(&mut state, error, batch.first_writes),
+            Err(error) => {
+                // not synced after all: still for the periodic sync or the close
+                for (file, path) in carried {
+                    if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                        state.unsynced.push((file, path));
+                    }
+                }
+                self.poison(&mut state, error, batch.first_writes)
+            }
         };
         state.committing = false;
         drop(state);
@@ -1222,6 +1240,7 @@ impl Shared {
         ops: Vec<Op>,
         fsync: Fsync,
         batch: &mut Batch,
+        carried: &[Written],
     ) -> Result<Vec<Written>, StoreError> {
         for op in &ops {
             if let Op::Write {
@@ -1274,6 +1293,7 @@ impl Shared {
                     // with the name of a segment it was written into (created in this
                     // batch); once it is, a later failure of the batch must not cut it
                     // away.
+                    sync(carried)?;
                     sync(&written)?;
                     if std::mem::take(&mut created) {
                         self.fs
@@ -1307,6 +1327,7 @@ impl Shared {
             }
         }
         if fsync == Fsync::Always {
+            sync(carried)?;
             sync(&written)?;
         }
         if sync_dir {

@@ -822,6 +822,106 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
 }
 
 #[tokio::test]
+async fn under_fsync_every_and_never_a_new_segment_starts_without_syncing_the_one_before() {
+    for fsync in [Fsync::Every(Duration::from_secs(3600)), Fsync::Never] {
+        let (fs, clock) = (SimFs::default(), clock());
+        let store = open(&fs, &clock);
+        let stream = store
+            .create(StreamConfig {
+                fsync,
+                segment_size: 4096,
+                ..StreamConfig::new("R", ["r"])
+            })
+            .unwrap();
+        let (_, syncs0, _) = fs.counts();
+        for _ in 0..12 {
+            publish(&stream, "r", &[7; 1000]).await.unwrap();
+        }
+        let segments = stream.info().state.segments;
+        assert!(
+            segments >= 3,
+            "{fsync:?}: 12 KB in 4 KiB segments, {segments} segments"
+        );
+        assert_eq!(
+            fs.counts().1,
+            syncs0,
+            "{fsync:?}: no file synced when {} segments were started",
+            segments - 1
+        );
+        drop((stream, store)); // a clean close syncs them all
+        let after = fs.power_loss(None);
+        let store = open(&after, &clock);
+        let stream = store.stream("R").unwrap();
+        assert_eq!(stream.info().state.msgs, 12, "{fsync:?}");
+        assert!(
+            stream.damage().is_empty(),
+            "{fsync:?}: {:?}",
+            stream.damage()
+        );
+    }
+}
+
+#[tokio::test]
+async fn opening_after_a_killed_process_syncs_every_segment_it_left_unsynced() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let stream = store
+        .create(StreamConfig {
+            fsync: Fsync::Every(Duration::from_secs(3600)),
+            segment_size: 4096,
+            ..StreamConfig::new("K", ["k"])
+        })
+        .unwrap();
+    for _ in 0..12 {
+        publish(&stream, "k", &[7; 1000]).await.unwrap();
+    }
+    // Killed: no close, so nothing is synced; the OS still has every byte written.
+    std::mem::forget((stream, store));
+    let store = open(&fs, &clock);
+    assert_eq!(store.stream("K").unwrap().info().state.msgs, 12);
+    // Then power goes: what the reopened store serves was made durable when it opened.
+    let after = fs.power_loss(None);
+    drop(store);
+    let store = open(&after, &clock);
+    let stream = store.stream("K").unwrap();
+    assert_eq!(stream.info().state.msgs, 12);
+    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+}
+
+#[tokio::test]
+async fn an_update_to_fsync_always_syncs_the_segments_sealed_before_it_with_its_first_batch() {
+    let (fs, clock) = (SimFs::default(), clock());
+    let store = open(&fs, &clock);
+    let config = StreamConfig {
+        fsync: Fsync::Every(Duration::from_secs(3600)),
+        segment_size: 4096,
+        ..StreamConfig::new("U", ["u"])
+    };
+    let stream = store.create(config.clone()).unwrap();
+    for _ in 0..12 {
+        publish(&stream, "u", &[7; 1000]).await.unwrap();
+    }
+    store
+        .update(StreamConfig {
+            fsync: Fsync::Always,
+            ..config
+        })
+        .await
+        .unwrap();
+    let stream = store.stream("U").unwrap();
+    let ack = publish(&stream, "u", b"durable").await.unwrap();
+    assert_eq!(ack.seq, 13);
+    // Power goes before any close: what `always` acknowledged is on disk, and so is
+    // everything before it.
+    let after = fs.power_loss(None);
+    drop((stream, store));
+    let store = open(&after, &clock);
+    let stream = store.stream("U").unwrap();
+    assert_eq!(stream.info().state.msgs, 13);
+    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+}
+
+#[tokio::test]
 async fn deferred_publishes_are_written_by_the_caller_with_one_write_under_fsync_every() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
