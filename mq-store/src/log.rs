@@ -880,10 +880,17 @@ impl Log {
                 .push_back(Segment::new(*first, salt, path.clone(), file.clone()));
         }
         // What a killed process wrote but never synced is about to be served and
-        // counted on: make it durable first, with the directory entries. That may be
-        // in any segment: under `Every(d)` and `Never` a sealed segment is not synced
-        // when the next one starts. (A segment already synced costs little here.)
-        for segment in &log.segments {
+        // counted on: make it durable first, with the directory entries. Under
+        // `Always` only the last segment can hold such bytes (a segment is synced when
+        // the next one starts, and an update to `Always` syncs what the setting before
+        // left); under `Every(d)` and `Never` any segment can.
+        let always = config.as_ref().is_some_and(|c| c.fsync == Fsync::Always);
+        let synced = if always {
+            log.segments.len().saturating_sub(1)
+        } else {
+            0
+        };
+        for segment in log.segments.iter().skip(synced) {
             segment
                 .file
                 .sync_data()
