@@ -821,27 +821,43 @@ async fn fsync_every_and_never_acknowledge_once_written_and_sync_on_close() {
     }
 }
 
+/// Creates stream `name` (subject `name` in lower case) in 4 KiB segments under
+/// `fsync`; `fill` then publishes 12 messages of 1,000 bytes: three segments or more.
+fn small_segments(store: &Store, name: &str, fsync: Fsync) -> (Stream, StreamConfig) {
+    let config = StreamConfig {
+        fsync,
+        segment_size: 4096,
+        ..StreamConfig::new(name, [name.to_lowercase().as_str()])
+    };
+    (store.create(config.clone()).unwrap(), config)
+}
+
+async fn fill(stream: &Stream) {
+    let subject = stream.config().subjects[0].clone();
+    for _ in 0..12 {
+        publish(stream, &subject, &[7; 1000]).await.unwrap();
+    }
+}
+
+/// Opens the disk that `power_loss` left and checks that stream `name` holds `msgs`
+/// messages and reports no damage.
+fn assert_survived(disk: &SimFs, clock: &ManualClock, name: &str, msgs: u64, case: &str) {
+    let store = open(disk, clock);
+    let stream = store.stream(name).unwrap();
+    assert_eq!(stream.info().state.msgs, msgs, "{case}");
+    assert!(stream.damage().is_empty(), "{case}: {:?}", stream.damage());
+}
+
 #[tokio::test]
 async fn under_fsync_every_and_never_a_new_segment_starts_without_syncing_the_one_before() {
     for fsync in [Fsync::Every(Duration::from_secs(3600)), Fsync::Never] {
         let (fs, clock) = (SimFs::default(), clock());
         let store = open(&fs, &clock);
-        let stream = store
-            .create(StreamConfig {
-                fsync,
-                segment_size: 4096,
-                ..StreamConfig::new("R", ["r"])
-            })
-            .unwrap();
+        let (stream, _) = small_segments(&store, "R", fsync);
         let (_, syncs0, _) = fs.counts();
-        for _ in 0..12 {
-            publish(&stream, "r", &[7; 1000]).await.unwrap();
-        }
+        fill(&stream).await;
         let segments = stream.info().state.segments;
-        assert!(
-            segments >= 3,
-            "{fsync:?}: 12 KB in 4 KiB segments, {segments} segments"
-        );
+        assert!(segments >= 3, "{fsync:?}: {segments} segments");
         assert_eq!(
             fs.counts().1,
             syncs0,
@@ -849,15 +865,7 @@ async fn under_fsync_every_and_never_a_new_segment_starts_without_syncing_the_on
             segments - 1
         );
         drop((stream, store)); // a clean close syncs them all
-        let after = fs.power_loss(None);
-        let store = open(&after, &clock);
-        let stream = store.stream("R").unwrap();
-        assert_eq!(stream.info().state.msgs, 12, "{fsync:?}");
-        assert!(
-            stream.damage().is_empty(),
-            "{fsync:?}: {:?}",
-            stream.damage()
-        );
+        assert_survived(&fs.power_loss(None), &clock, "R", 12, &format!("{fsync:?}"));
     }
 }
 
@@ -865,16 +873,9 @@ async fn under_fsync_every_and_never_a_new_segment_starts_without_syncing_the_on
 async fn opening_after_a_killed_process_syncs_every_segment_it_left_unsynced() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
-    let stream = store
-        .create(StreamConfig {
-            fsync: Fsync::Every(Duration::from_secs(3600)),
-            segment_size: 4096,
-            ..StreamConfig::new("K", ["k"])
-        })
-        .unwrap();
-    for _ in 0..12 {
-        publish(&stream, "k", &[7; 1000]).await.unwrap();
-    }
+    let every = Fsync::Every(Duration::from_secs(3600));
+    let (stream, _) = small_segments(&store, "K", every);
+    fill(&stream).await;
     // Killed: no close, so nothing is synced; the OS still has every byte written.
     std::mem::forget((stream, store));
     let store = open(&fs, &clock);
@@ -882,25 +883,16 @@ async fn opening_after_a_killed_process_syncs_every_segment_it_left_unsynced() {
     // Then power goes: what the reopened store serves was made durable when it opened.
     let after = fs.power_loss(None);
     drop(store);
-    let store = open(&after, &clock);
-    let stream = store.stream("K").unwrap();
-    assert_eq!(stream.info().state.msgs, 12);
-    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+    assert_survived(&after, &clock, "K", 12, "killed, reopened, power lost");
 }
 
 #[tokio::test]
 async fn an_update_to_fsync_always_syncs_the_segments_sealed_before_it_with_its_first_batch() {
     let (fs, clock) = (SimFs::default(), clock());
     let store = open(&fs, &clock);
-    let config = StreamConfig {
-        fsync: Fsync::Every(Duration::from_secs(3600)),
-        segment_size: 4096,
-        ..StreamConfig::new("U", ["u"])
-    };
-    let stream = store.create(config.clone()).unwrap();
-    for _ in 0..12 {
-        publish(&stream, "u", &[7; 1000]).await.unwrap();
-    }
+    let every = Fsync::Every(Duration::from_secs(3600));
+    let (stream, config) = small_segments(&store, "U", every);
+    fill(&stream).await;
     store
         .update(StreamConfig {
             fsync: Fsync::Always,
@@ -915,10 +907,7 @@ async fn an_update_to_fsync_always_syncs_the_segments_sealed_before_it_with_its_
     // everything before it.
     let after = fs.power_loss(None);
     drop((stream, store));
-    let store = open(&after, &clock);
-    let stream = store.stream("U").unwrap();
-    assert_eq!(stream.info().state.msgs, 13);
-    assert!(stream.damage().is_empty(), "{:?}", stream.damage());
+    assert_survived(&after, &clock, "U", 13, "updated to always");
 }
 
 #[tokio::test]
