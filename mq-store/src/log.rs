@@ -881,9 +881,11 @@ impl Log {
         }
         // What a killed process wrote but never synced is about to be served and
         // counted on: make it durable first, with the directory entries. Under
-        // `Always` only the last segment can hold such bytes (a segment is synced when
-        // the next one starts, and an update to `Always` syncs what the setting before
-        // left); under `Every(d)` and `Never` any segment can.
+        // `Every(d)` and `Never` that can be in any segment. Under `Always` only the
+        // last is synced here: a sealed segment was synced when the next one started,
+        // or with the first batch after an update to `Always` (a kill inside that
+        // batch can leave older segments unsynced, holding what the setting before
+        // acknowledged, within what that setting may lose).
         let always = config.as_ref().is_some_and(|c| c.fsync == Fsync::Always);
         let synced = if always {
             log.segments.len().saturating_sub(1)
