@@ -477,8 +477,8 @@ pub(crate) fn pub_ack_body(ack: &mq_store::PubAck) -> Bytes {
     body.push_str(r#"{"stream":""#);
     body.push_str(&ack.stream);
     body.push_str(r#"","seq":"#);
-    // by hand, not through `core::fmt`: one of these is written per durable publish
-    body.push_str(crate::decimal(ack.seq, &mut [0; 20]));
+    // through `itoa`, not `core::fmt`: one of these is written per durable publish
+    body.push_str(itoa::Buffer::new().format(ack.seq));
     body.push_str(if ack.duplicate {
         r#","duplicate":true}"#
     } else {
