@@ -350,11 +350,17 @@ async fn stored_ids(streams: &Streams, stream: &str) -> Vec<u64> {
 /// at a time, each waiting for its acknowledgement: the broker answers each from the
 /// read that brought it, written by the connection's task (its read batches) rather than
 /// by the writer task, the path this covers.
+///
+/// The segments are small (16 KiB, a few hundred messages), so the run starts many, and
+/// under `Every` a segment sealed is not synced: each restart opens a stream of segments
+/// the killed broker left unsynced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills() {
+async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills_across_segment_rolls()
+ {
     const CYCLES: usize = 5;
     let mut config = StreamConfig::new("ORDERS", ["orders.>"]);
     config.fsync = Fsync::Every(Duration::from_secs(120));
+    config.segment_size = 16 * 1024;
     let (dir, port, mut broker, streams) = broker_with_stream(config).await;
 
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -390,17 +396,23 @@ async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills(
 
     let stored = stored_ids(&streams, "ORDERS").await;
     let stored_set: BTreeSet<u64> = stored.iter().copied().collect();
+    let segments = segments(dir.path(), "ORDERS").len();
     let t = tally.lock().unwrap();
     let lost = t.acked.difference(&stored_set).count();
     let duplicates = stored.len() - stored_set.len();
     println!(
-        "{CYCLES} SIGKILL/restart cycles, fsync every 120 s, one publish in flight; \
-         acknowledged {} (before each kill: {acked_before_kill:?}), failed {}; stored {} \
-         ({} distinct); acknowledged but lost: {lost}; stored twice: {duplicates}",
+        "{CYCLES} SIGKILL/restart cycles, fsync every 120 s, 16 KiB segments, one publish in \
+         flight; acknowledged {} (before each kill: {acked_before_kill:?}), failed {}; stored {} \
+         ({} distinct) in {segments} segments; acknowledged but lost: {lost}; stored twice: \
+         {duplicates}",
         t.acked.len(),
         t.failed,
         stored.len(),
         stored_set.len(),
+    );
+    assert!(
+        segments > CYCLES,
+        "the run started a new segment more often than the broker was killed: {segments}"
     );
     // publishes were acknowledged between every two kills, not only before the first
     assert!(
@@ -414,15 +426,20 @@ async fn one_at_a_time_publishes_acknowledged_under_every_survive_five_sigkills(
     drop(broker);
 }
 
-/// The newest segment file of stream `stream` in `dir`.
-fn tail_segment(dir: &Path, stream: &str) -> std::path::PathBuf {
+/// The segment files of stream `stream` in `dir`, oldest first.
+fn segments(dir: &Path, stream: &str) -> Vec<std::path::PathBuf> {
     let mut segments: Vec<_> = std::fs::read_dir(dir.join("streams").join(stream))
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "log"))
         .collect();
     segments.sort();
-    segments.pop().expect("a segment")
+    segments
+}
+
+/// The newest segment file of stream `stream` in `dir`.
+fn tail_segment(dir: &Path, stream: &str) -> std::path::PathBuf {
+    segments(dir, stream).pop().expect("a segment")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
