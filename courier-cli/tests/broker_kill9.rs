@@ -4,7 +4,8 @@
 //!   publisher and a consumer that confirms its acks, and restarted on the same
 //!   directory and port each time;
 //! * a broker whose stream acknowledges once written to the OS (`Fsync::Every`) is killed
-//!   5 times under a publisher that waits for each acknowledgement before the next;
+//!   5 times under a publisher that waits for each acknowledgement before the next, on
+//!   segments small enough that every restart opens many sealed without a sync;
 //! * the tail segment is cut mid-record between two runs;
 //! * the disk is full (the broker runs under `ulimit -f`, so its writes fail with
 //!   EFBIG as they would with ENOSPC).
