@@ -529,6 +529,8 @@ impl Journal {
             q.waiters.push(tx);
         }
         if idle || waited_for {
+            // after the lock is let go, so that the writer, woken, does not find it held
+            drop(q);
             self.shared.wake.notify_one();
         }
     }

@@ -382,15 +382,17 @@ impl Stream {
             && state.config.fsync != Fsync::Always
             && state.log.has_ops()
             && state.log.only_appends();
-        if !inline {
-            if state.log.has_ops() {
-                self.shared.wake.notify_one();
-            }
-            return;
-        }
-        let state = self.shared.commit(state);
-        if state.log.has_ops() {
-            // queued while the batch was written: the committer takes them
+        // The committer is woken after the lock is let go, so that it does not find the
+        // lock held, sleep on it and need a second wake.
+        let state = if inline {
+            self.shared.commit(state)
+        } else {
+            state
+        };
+        // (inline: queued while the batch was written; the committer takes them)
+        let wake = state.log.has_ops();
+        drop(state);
+        if wake {
             self.shared.wake.notify_one();
         }
     }
@@ -510,8 +512,8 @@ impl Stream {
                 [(crate::message::DELIVER_AT_HEADER, at.to_string().as_bytes())],
             );
         }
-        let mut state = lock(&shared.state);
-        let state = &mut *state;
+        let mut guard = lock(&shared.state);
+        let state = &mut *guard;
         if state.closed {
             return Err(StoreError::Closed(name.to_string()));
         }
@@ -627,6 +629,9 @@ impl Stream {
             AckInner::Ready(Some(Ok(ack)))
         };
         if wake {
+            // after the lock is let go: the committer, woken, takes it at once rather
+            // than finding it held, sleeping on it and being woken a second time
+            drop(guard);
             shared.wake.notify_one();
         }
         Ok((inner, false))
