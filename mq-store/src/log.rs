@@ -1095,9 +1095,7 @@ impl Log {
 
     /// Replaces the configuration written at the start of every segment; appends it.
     pub(crate) fn set_config(&mut self, config: &StreamConfig) {
-        self.segment_size = config.segment_size;
-        self.sync_sealed = config.fsync == Fsync::Always;
-        self.config_json = serde_json::to_vec(config).expect("a config serializes");
+        self.use_config(config);
         // a clone: the append may roll, and the new segment starts with this config too
         let json = self.config_json.clone();
         self.append_record(Kind::Config, self.next_seq, 0, "", &[], &json);

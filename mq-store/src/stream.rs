@@ -132,6 +132,17 @@ struct State {
     last_expiry: i64,
 }
 
+impl State {
+    /// Adds `files` to those the periodic sync or the close will sync, each once.
+    fn remember_unsynced(&mut self, files: Vec<Written>) {
+        for (file, path) in files {
+            if !self.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                self.unsynced.push((file, path));
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Poison {
     cause: String,
@@ -1092,11 +1103,7 @@ impl Shared {
                     }
                 }
                 if fsync != Fsync::Always {
-                    for (file, path) in written {
-                        if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
-                            state.unsynced.push((file, path));
-                        }
-                    }
+                    state.remember_unsynced(written);
                 }
                 // taken out in place: the waiting keep the list and its room, and the
                 // done are collected once (a partition into two new lists, then a third
@@ -1109,11 +1116,7 @@ impl Shared {
             }
             Err(error) => {
                 // not synced after all: still for the periodic sync or the close
-                for (file, path) in carried {
-                    if !state.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
-                        state.unsynced.push((file, path));
-                    }
-                }
+                state.remember_unsynced(carried);
                 self.poison(&mut state, error, batch.first_writes)
             }
         };
