@@ -703,6 +703,8 @@ impl Stream {
             ack,
             tx: Some(tx),
         });
+        // after the lock is let go, as in `enqueue`
+        drop(state);
         self.shared.wake.notify_one();
         Ok((value, Some(Settled(rx))))
     }
