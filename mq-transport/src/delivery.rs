@@ -505,10 +505,13 @@ pub fn new_inbox() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let state = std::collections::hash_map::RandomState::new();
+    // the process id tells a forked child's inboxes from its parent's (both start from
+    // the same counter and hash keys); asked once, as it is a system call
+    let pid = std::process::id();
     let mut id = String::with_capacity(7 + 22);
     id.push_str(INBOX_PREFIX);
     for half in 0..2u64 {
-        let mut bits = state.hash_one((n, half, std::process::id()));
+        let mut bits = state.hash_one((n, half, pid));
         for _ in 0..11 {
             id.push(ALPHABET[(bits % 62) as usize] as char);
             bits /= 62;
