@@ -132,17 +132,6 @@ struct State {
     last_expiry: i64,
 }
 
-impl State {
-    /// Adds `files` to those the periodic sync or the close will sync, each once.
-    fn remember_unsynced(&mut self, files: Vec<Written>) {
-        for (file, path) in files {
-            if !self.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
-                self.unsynced.push((file, path));
-            }
-        }
-    }
-}
-
 #[derive(Debug)]
 struct Poison {
     cause: String,
@@ -1026,6 +1015,15 @@ fn check_expectations(
 }
 
 impl State {
+    /// Adds `files` to those the periodic sync or the close will sync, each once.
+    fn remember_unsynced(&mut self, files: Vec<Written>) {
+        for (file, path) in files {
+            if !self.unsynced.iter().any(|(f, _)| Arc::ptr_eq(f, &file)) {
+                self.unsynced.push((file, path));
+            }
+        }
+    }
+
     /// Removes the oldest messages while the stream holds more than its `max_msgs` or
     /// `max_bytes`.
     fn trim(&mut self) {
